@@ -1,0 +1,3 @@
+"""dydit_dist: dynamic diffusion transformers, distributed with Ray and DeepSpeed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""Typed config: presets, overrides, and the errors a user sees for bad keys and values."""
+
+import pytest
+
+from dydit_dist import config
+from dydit_dist.config import ConfigError, load
+
+
+@pytest.mark.parametrize("name", config.presets())
+def test_every_preset_loads(name):
+    cfg = load(name)
+    assert cfg.model.image_size % (cfg.model.vae_downsample * 2) == 0
+
+
+def test_overrides_are_typed():
+    cfg = load("debug", ["train.lr=3e-4", "train.max_steps=7", "model.dynamic.target_lambda=0.7"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.model.dynamic.target_lambda == pytest.approx(0.7)
+
+
+def test_int_becomes_float_but_bool_is_not_int():
+    assert load("debug", ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load("debug", ["train.max_steps=true"])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load("debug", ["model.hiden_size=3"])
+    assert "model.hiden_size" in str(err.value) and "image_size" in str(err.value)
+    with pytest.raises(ConfigError, match="valid keys in the top level"):
+        load("debug", ["modle.name=x"])
+
+
+def test_wrong_choice_lists_choices():
+    with pytest.raises(ConfigError, match=r"sample.sampler='euler'.*'ddpm'"):
+        load("debug", ["sample.sampler=euler"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        load("debug", ["deepspeed.zero_stage=4"])
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="DiT-XL/2"):
+        load("debug", ["model.name=DiT-XXL/2"])
+
+
+def test_image_size_must_divide_by_vae_and_patch():
+    with pytest.raises(ConfigError, match=r"model.image_size=260 .* 8 x 2 = 16"):
+        load("dit_xl2_256", ["model.image_size=260"])
+
+
+def test_global_batch_must_divide_by_workers_and_micro_batch():
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 .* 2 x 4 = 8"):
+        load("debug", ["train.global_batch_size=10"])
+    cfg = load("debug", ["train.global_batch_size=16"])
+    assert cfg.grad_accumulation == 2
+
+
+def test_yaml_path_with_base(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("_base_: debug\ntrain:\n  max_steps: 3\n")
+    cfg = load(str(path), ["sample.steps=5"])
+    assert cfg.train.max_steps == 3 and cfg.sample.steps == 5 and cfg.model.name == "debug"
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="debug"):
+        load("no_such_preset")
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load("pixart_xl2_512")
+    assert config.from_dict(cfg.to_dict()) == cfg
+    config.save(cfg, str(tmp_path / "config.yaml"))
+    assert load(str(tmp_path / "config.yaml")) == cfg
