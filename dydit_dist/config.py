@@ -121,7 +121,7 @@ class SampleConfig:
     num_samples: int = 50_000
     shard_size: int = 1000
     batch_size: int = 64
-    sampler: Literal["ddpm", "ddim", "dpm_solver"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddpm"
     steps: int = 250
     cfg_scale: float = 1.5
     guidance_channels: int | None = 3  # DiT guides only the first 3 channels; None = all

@@ -1,7 +1,8 @@
 """Model variants as data: a name maps to the constructor keywords of the official code.
 
 `DiT_models` follows facebookresearch/DiT (`DiT-XL/2` ... `DiT-S/8`) plus a tiny `debug` flavour;
-`PixArt_models` follows PixArt-alpha (`PixArt-XL/2`, `PixArtMS-XL/2`) plus `PixArt-debug`.
+`PixArt_models` follows PixArt-alpha (`PixArt-XL/2`, `PixArtMS-XL/2`) plus `PixArt-debug` and
+`PixArtMS-debug`.
 The entries are architecture only; `input_size`, `num_classes`, `learn_sigma` and friends are
 given by the caller (the config), with the official defaults.
 """
@@ -29,6 +30,8 @@ PIXART_ARCHS: dict[str, dict] = {
     "PixArt-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
     "PixArtMS-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
     "PixArt-debug": dict(depth=4, hidden_size=64, patch_size=2, num_heads=4),
+    # PixArtMS splits D into three size embeddings, so its hidden size must be divisible by 3.
+    "PixArtMS-debug": dict(depth=4, hidden_size=96, patch_size=2, num_heads=4),
 }
 
 

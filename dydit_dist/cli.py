@@ -1,0 +1,42 @@
+"""What every job shares: `--config NAME_OR_PATH` plus dotlist overrides, and where outputs go."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dydit_dist import config as config_lib
+from dydit_dist import storage
+from dydit_dist.config import Config
+
+
+def parse(argv: list[str] | None, description: str) -> Config:
+    """`--config NAME_OR_PATH key=value ...` -> a validated Config, with storage configured."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="debug", help="preset name or YAML path (default: debug)")
+    parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as err:
+        parser.error(str(err))
+    storage.configure_from(cfg.storage)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return cfg
+
+
+def run_url(cfg: Config, *parts: str) -> str:
+    """`{storage.root}/runs/{storage.run}/...`"""
+    return storage.join(cfg.storage.root, "runs", cfg.storage.run, *parts)
+
+
+def data_url(cfg: Config) -> str:
+    """`data.uri`, or `{storage.root}/data/{storage.run}` when it is not set."""
+    return cfg.data.uri or storage.join(cfg.storage.root, "data", cfg.storage.run)
+
+
+def save_resolved_config(cfg: Config, job: str) -> str:
+    """Write the resolved config next to the job's outputs; returns its URL."""
+    url = run_url(cfg, f"config.{job}.yaml")
+    config_lib.save(cfg, url)
+    return url

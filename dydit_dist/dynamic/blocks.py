@@ -1,0 +1,123 @@
+"""Dynamic-width and dynamic-token computation for one transformer block, on the static block's weights.
+
+Two paths with the same math:
+- masked: every head, MLP channel and token is computed, then multiplied by its mask (training, and
+  the reference the fast path is tested against);
+- fast: only the active heads' rows of `qkv` and columns of `proj`, only the active groups' rows of
+  `fc1` and columns of `fc2`, and only the kept tokens of the whole batch (a ragged (K, D) list) go
+  through the MLP; their output is scattered back.
+
+Blocks are duck-typed: `norm1, attn (qkv, proj, num_heads), norm2, mlp (fc1, act, fc2)`, plus
+`cross_attn(x, y, mask)` for PixArt. Modulation tensors are passed in already shaped (B, 1, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3 * h * hd) -> q, k, v each (B, h, N, hd)."""
+    B, N, _ = qkv.shape
+    qkv = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def attention_masked(attn: nn.Module, h: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
+    """Full self-attention with each head's output scaled by head_mask (B, H) before `proj`. h: (B, N, D)."""
+    B, N, D = h.shape
+    q, k, v = _split_heads(attn.qkv(h), attn.num_heads)
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    if head_mask is not None:
+        o = o * head_mask[:, :, None, None].to(o.dtype)
+    return attn.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+def mlp_masked(mlp: nn.Module, h: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
+    """MLP with fc1's output scaled per channel group by group_mask (B, G) before the activation."""
+    hidden = mlp.fc1(h)  # (B, N, 4D)
+    if group_mask is not None:
+        B, G = group_mask.shape
+        channel_mask = group_mask.repeat_interleave(hidden.shape[-1] // G, dim=1)  # (B, 4D)
+        hidden = hidden * channel_mask[:, None, :].to(hidden.dtype)
+    return mlp.fc2(mlp.act(hidden))
+
+
+@dataclass
+class SlicedBlock:
+    """A block's weights restricted to its active heads and MLP groups (what the fast path multiplies).
+
+    qkv_w (3*h*hd, D), qkv_b (3*h*hd,), proj_w (D, h*hd); fc1_w (g*c, D), fc1_b (g*c,), fc2_w (D, g*c).
+    `num_heads` is the active head count h.
+    """
+
+    num_heads: int
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    proj_w: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor | None
+    fc2_w: torch.Tensor
+
+    @classmethod
+    def from_block(cls, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, num_groups: int) -> SlicedBlock:
+        """Copy out the rows and columns of the active `heads` (h,) and `groups` (g,) (sorted indices)."""
+        attn, mlp = block.attn, block.mlp
+        D = attn.proj.weight.shape[0]
+        H = attn.num_heads
+        hd = D // H
+        head_cols = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).reshape(-1)  # (h*hd,)
+        qkv_rows = torch.cat([s * D + head_cols for s in range(3)])
+        width = mlp.fc1.weight.shape[0] // num_groups
+        group_cols = (groups[:, None] * width + torch.arange(width, device=groups.device)).reshape(-1)
+        take = lambda b, idx: None if b is None else b.index_select(0, idx)  # noqa: E731
+        return cls(
+            num_heads=int(heads.numel()),
+            qkv_w=attn.qkv.weight.index_select(0, qkv_rows),
+            qkv_b=take(attn.qkv.bias, qkv_rows),
+            proj_w=attn.proj.weight.index_select(1, head_cols),
+            fc1_w=mlp.fc1.weight.index_select(0, group_cols),
+            fc1_b=take(mlp.fc1.bias, group_cols),
+            fc2_w=mlp.fc2.weight.index_select(1, group_cols),
+        )
+
+
+def attention_fast(attn: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+    """Self-attention over the active heads only. h: (B, N, D) -> (B, N, D)."""
+    B, N, _ = h.shape
+    q, k, v = _split_heads(F.linear(h, w.qkv_w, w.qkv_b), w.num_heads)
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
+    return F.linear(o.transpose(1, 2).reshape(B, N, -1), w.proj_w, attn.proj.bias)
+
+
+def mlp_fast(mlp: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+    """MLP over the active channel groups only. h: (..., D) -> (..., D)."""
+    return F.linear(mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, mlp.fc2.bias)
+
+
+def mlp_on_kept_tokens(
+    block: nn.Module,
+    x: torch.Tensor,
+    keep: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    gate: torch.Tensor,
+    w: SlicedBlock,
+) -> torch.Tensor:
+    """x + gate * MLP(modulate(norm2(x))) for the kept tokens only; the others pass unchanged.
+
+    x: (B, N, D); keep: (B, N) bool or None (all kept); shift/scale/gate: (B, 1, D).
+    The kept tokens of the whole batch form one ragged (K, D) list with their own sample's modulation.
+    """
+    if keep is None:
+        h = block.norm2(x) * (1 + scale) + shift
+        return x + gate * mlp_fast(block.mlp, h, w)
+    b_idx, n_idx = keep.nonzero(as_tuple=True)  # (K,), (K,)
+    xk = x[b_idx, n_idx]  # (K, D)
+    h = block.norm2(xk) * (1 + scale[b_idx, 0]) + shift[b_idx, 0]
+    delta = gate[b_idx, 0] * mlp_fast(block.mlp, h, w)  # (K, D)
+    return x.index_put((b_idx, n_idx), delta, accumulate=True)

@@ -1,0 +1,48 @@
+"""Static single-device networks (DiT, PixArt-alpha), their registry and checkpoint loading.
+
+    model = build_model("DiT-XL/2", input_size=32, num_classes=1000)
+    load_into(model, "DiT-XL-2-256x256.pt")
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from .checkpoint import LoadResult, load_into, load_state_dict_file, save_safetensors
+from .dit import DiT, DiTBlock, DiT_models
+from .pixart import PixArt, PixArtBlock, PixArtInputs, PixArt_models, PixArtMS
+from .registry import arch, family
+
+__all__ = [
+    "DiT",
+    "DiTBlock",
+    "DiT_models",
+    "LoadResult",
+    "PixArt",
+    "PixArtBlock",
+    "PixArtInputs",
+    "PixArtMS",
+    "PixArt_models",
+    "build_model",
+    "load_into",
+    "load_state_dict_file",
+    "save_safetensors",
+]
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A registered model ("DiT-XL/2", "debug", "PixArt-XL/2", "PixArtMS-XL/2", ...) with constructor keywords
+    (input_size, num_classes, learn_sigma / pred_sigma, caption_channels, model_max_length, ...).
+
+    Unknown names or keywords (including the architecture's own: depth, hidden_size, ...) are ValueErrors.
+    """
+    fixed = arch(name)  # ValueError listing the valid names
+    cls = {"dit": DiT, "pixart": PixArt, "pixart_ms": PixArtMS}[family(name)]
+    valid = [n for n in inspect.signature(DiT if cls is DiT else PixArt).parameters if n not in fixed]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown keywords {unknown} for {name!r}; valid: {', '.join(valid)}")
+    factories = DiT_models if cls is DiT else PixArt_models
+    return factories[name](**kwargs)

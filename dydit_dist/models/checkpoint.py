@@ -1,0 +1,157 @@
+"""Loading and saving weights: official DiT / PixArt checkpoints, our safetensors exports.
+
+Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`), and a
+checkpoint that does not fit the model is refused with the file named and the differences listed.
+Paths may be local or any URL that `dydit_dist.storage` reads (`file://`, `s3://`, `memory://`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import io
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+from torch import nn
+
+# Official containers, in order of preference: PixArt `.pth` files hold {"state_dict": ...};
+# DiT training checkpoints hold {"model", "ema", "opt", "args"}, of which DiT samples with "ema".
+_CONTAINER_KEYS = ("state_dict", "ema", "model")
+_SHOW = 10  # how many keys of each kind an error lists
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def load_state_dict_file(path_or_url: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat {name: tensor} dict from a checkpoint file, on CPU.
+
+    `.safetensors` files are read with safetensors; anything else with
+    `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`, `{"ema": ...}`,
+    `{"model": ...}`) are unwrapped. Raises FileNotFoundError or ValueError naming the file.
+    """
+    from dydit_dist import storage  # fsspec lives there; imported here to keep models/ light
+
+    src = os.fspath(path_or_url)
+    is_safetensors = src.endswith(".safetensors")
+    if not _is_url(src):
+        local = src.removeprefix("file://")
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"{src}: no such checkpoint file")
+        if is_safetensors:
+            obj = safetensors.torch.load_file(local, device="cpu")
+        else:
+            obj = _torch_load(local, src)
+    elif is_safetensors:
+        obj = safetensors.torch.load(storage.read_bytes(src))
+    else:
+        with storage.open_file(src, "rb") as f:
+            obj = _torch_load(io.BytesIO(f.read()), src)
+    return _unwrap(obj, src)
+
+
+def _torch_load(f, src: str):
+    # DiT training checkpoints store their argparse Namespace under "args": allow that one class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types; the cause is kept
+            raise ValueError(
+                f"{src}: cannot read as a PyTorch checkpoint with weights_only=True "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
+
+
+def _unwrap(obj, src: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
+    for key in _CONTAINER_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{src}: not a state dict; entries that are not tensors: {not_tensors[:_SHOW]} "
+            f"(recognized containers: {', '.join(_CONTAINER_KEYS)})"
+        )
+    return dict(obj)
+
+
+@dataclass
+class LoadResult:
+    """What `load_into` did: keys allowed to be missing (left as initialized) and ignored extras."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def load_into(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
+    allow_missing: Iterable[str] = (),
+    strict: bool = True,
+    source: str | None = None,
+) -> LoadResult:
+    """Copy a checkpoint into `model`, refusing one that belongs to another model or size.
+
+    state_dict: a mapping, or a path / URL read with `load_state_dict_file`.
+    allow_missing: fnmatch patterns of model keys the checkpoint may lack (e.g. `"blocks.*.attn_rate.*"`
+      for DyDiT routers on a static checkpoint); those keep their current values.
+    strict: if False, other missing keys and unexpected keys are tolerated too (and reported).
+    Shape mismatches are always an error. The ValueError names `source` (the file) and lists the
+    first missing keys, unexpected keys and mismatched shapes (checkpoint vs model).
+    """
+    if not isinstance(state_dict, Mapping):
+        source = source or os.fspath(state_dict)
+        state_dict = load_state_dict_file(state_dict)
+    source = source or "state dict"
+    patterns = tuple(allow_missing)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    allowed = [k for k in missing if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    missing = [k for k in missing if k not in allowed]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"{source} does not fit {type(model).__name__}{_describe(model)}:"]
+        kinds = (("mismatched shapes", mismatched), ("missing keys", missing), ("unexpected keys", unexpected))
+        for title, keys in kinds:
+            if keys:
+                more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+                lines.append(f"  {len(keys)} {title}{more}: " + "; ".join(keys[:_SHOW]))
+        lines.append("  (a checkpoint of another model family or size, or built with other keywords?)")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    return LoadResult(missing=allowed + missing, unexpected=unexpected)
+
+
+def _describe(model: nn.Module) -> str:
+    kwargs = getattr(model, "constructor_kwargs", None)
+    if not callable(kwargs):
+        return ""
+    return "(" + ", ".join(f"{k}={v}" for k, v in kwargs().items()) + ")"
+
+
+def save_safetensors(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path_or_url: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write weights as one safetensors object, whole (temp-and-rename locally, one PUT on S3)."""
+    from dydit_dist import storage
+
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    # Contiguous CPU copies: safetensors refuses views and tensors sharing memory.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    data = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
+    storage.write_bytes(os.fspath(path_or_url), data)

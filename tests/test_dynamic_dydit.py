@@ -1,0 +1,324 @@
+"""DyDiT: masked path semantics, fast path == masked path, checkpoint keys, estimator, losses."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, cfg_model_fn, create_diffusion
+from dydit_dist.dynamic import (
+    ROUTER_KEY_PATTERNS,
+    DyDiT,
+    DyPixArt,
+    FastPath,
+    RouterOptions,
+    dydit_loss_terms,
+    flops_ratio,
+    lambda_schedule,
+    stratified_timesteps,
+)
+from dydit_dist.dynamic.losses import block_costs
+from dydit_dist.models import DiT, PixArt, load_into
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+DIT_KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+PIXART_KW = dict(
+    input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+    caption_channels=16, model_max_length=6,
+)
+
+
+def _randomize(model, router_std=0.0):
+    """Non-trivial weights everywhere (official init zeroes adaLN and the output layer)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_router = any(k in name for k in ("attn_rate", "mlp_rate", "token_selection"))
+            if not is_router:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif router_std:
+                p.copy_(torch.randn(p.shape, generator=g) * router_std)
+    return model
+
+
+def _mixed_routers(model, token_bias=0.3):
+    """Routers that switch off a mix of heads, groups and tokens, differently per block and timestep."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for router in (block.attn_rate.router, block.mlp_rate.router):
+                router.weight.copy_(torch.randn(router.weight.shape, generator=g))
+                router.bias.copy_(torch.randn(router.bias.shape, generator=g))
+            head = block.token_selection.mlp_head
+            for layer in (head[0], head[2]):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.5)
+                layer.bias.zero_()
+            head[2].bias.fill_(token_bias)
+    return model
+
+
+def _dit_inputs(batch=4):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 999, 999][:batch])
+    y = torch.tensor([1, 2, 3, 10][:batch])
+    return x, t, y
+
+
+def _pixart_inputs(batch=3):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999][:batch])
+    y = torch.randn(batch, 1, 6, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]][:batch])
+    return x, t, y, mask
+
+
+# ----------------------------------------------------------------------------- all on == static
+
+
+def test_fresh_routers_equal_static_dit():
+    model = _randomize(DyDiT(**DIT_KW)).eval()
+    x, t, y = _dit_inputs()
+    result = model(x, t, y)
+    assert torch.equal(result.out, model.static_forward(x, t, y))
+    assert result.head_masks.shape == (4, 3, 4) and result.token_masks.shape == (4, 3, 16)
+    assert bool((result.head_masks == 1).all() and (result.mlp_masks == 1).all() and (result.token_masks == 1).all())
+
+
+def test_fresh_routers_equal_static_in_training_mode():
+    """Bias 15 (35 for tokens) against Gumbel noise at temperature 5: every unit stays on."""
+    model = _randomize(DyDiT(**DIT_KW)).train()
+    x, t, y = _dit_inputs()
+    result = model(x, t, y, generator=torch.Generator().manual_seed(0))
+    assert bool((result.head_masks == 1).all() and (result.token_masks == 1).all())
+
+
+def test_fresh_routers_equal_static_pixart():
+    model = _randomize(DyPixArt(**PIXART_KW)).eval()
+    x, t, y, mask = _pixart_inputs()
+    assert torch.equal(model(x, t, y, mask).out, model.static_forward(x, t, y, mask))
+
+
+def test_from_static_shares_weights_and_matches():
+    static = _randomize(DiT(**DIT_KW)).eval()
+    dyn = DyDiT.from_static(static).eval()
+    assert dyn.blocks[0].attn.qkv.weight is static.blocks[0].attn.qkv.weight
+    x, t, y = _dit_inputs()
+    assert torch.equal(dyn(x, t, y).out, static(x, t, y))
+    static_px = _randomize(PixArt(**PIXART_KW)).eval()
+    dyn_px = DyPixArt.from_static(static_px).eval()
+    x, t, y, mask = _pixart_inputs()
+    assert torch.equal(dyn_px(x, t, y, mask).out, static_px(x, t, y, mask))
+
+
+# ----------------------------------------------------------------------------- official semantics
+
+
+def _force(model, heads_on, groups_on, tokens_on: bool):
+    """Routers with zero weights whose biases switch units 1.. on/off as given (same for every block)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for router, on in ((block.attn_rate.router, heads_on), (block.mlp_rate.router, groups_on)):
+                router.weight.zero_()
+                router.bias.copy_(torch.tensor([10.0 if u in on else -10.0 for u in range(1, 4)]))
+            block.token_selection.mlp_head[2].weight.zero_()
+            block.token_selection.mlp_head[2].bias.fill_(10.0 if tokens_on else -10.0)
+
+
+def test_head_mask_acts_before_proj_and_head0_always_on():
+    dyn = _randomize(DyDiT(**DIT_KW)).eval()
+    _force(dyn, heads_on={2}, groups_on={1, 2, 3}, tokens_on=True)
+    x, t, y = _dit_inputs()
+    result = dyn(x, t, y)
+    assert result.head_masks[0, 0].tolist() == [1, 0, 1, 0]
+    # Independent reference: the static model with the off heads' columns of proj zeroed.
+    static = DiT(**DIT_KW).eval()
+    static.load_state_dict(dyn.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in static.blocks:
+            for head in (1, 3):
+                block.attn.proj.weight[:, head * 16 : (head + 1) * 16] = 0
+    torch.testing.assert_close(result.out, static(x, t, y), rtol=0, atol=1e-6)
+
+
+def test_group_mask_acts_on_fc1_output_and_group0_always_on():
+    dyn = _randomize(DyDiT(**DIT_KW)).eval()
+    _force(dyn, heads_on={1, 2, 3}, groups_on={3}, tokens_on=True)
+    x, t, y = _dit_inputs()
+    result = dyn(x, t, y)
+    assert result.mlp_masks[0, 0].tolist() == [1, 0, 0, 1]
+    # Reference: group g owns hidden channels [64g, 64(g+1)) of the 256; zero them in fc1 (rows, bias).
+    static = DiT(**DIT_KW).eval()
+    static.load_state_dict(dyn.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in static.blocks:
+            for group in (1, 2):
+                block.mlp.fc1.weight[group * 64 : (group + 1) * 64] = 0
+                block.mlp.fc1.bias[group * 64 : (group + 1) * 64] = 0
+    torch.testing.assert_close(result.out, static(x, t, y), rtol=0, atol=1e-6)
+
+
+def test_token_mask_skips_the_mlp_branch_only():
+    dyn = _randomize(DyDiT(**DIT_KW)).eval()
+    _force(dyn, heads_on={1, 2, 3}, groups_on={1, 2, 3}, tokens_on=False)
+    x, t, y = _dit_inputs()
+    result = dyn(x, t, y)
+    assert bool((result.token_masks == 0).all())
+    # Every token skips every MLP: the static model with the MLP output zeroed; attention unchanged.
+    static = DiT(**DIT_KW).eval()
+    static.load_state_dict(dyn.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in static.blocks:
+            block.mlp.fc2.weight.zero_()
+            block.mlp.fc2.bias.zero_()
+    torch.testing.assert_close(result.out, static(x, t, y), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fast == masked
+
+
+def test_fast_path_equals_masked_path_dit():
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    x, t, y = _dit_inputs()
+    masked = model(x, t, y)
+    off = lambda m: float((m == 0).float().mean())  # noqa: E731
+    assert 0 < off(masked.head_masks) < 1 and 0 < off(masked.mlp_masks) < 1 and 0 < off(masked.token_masks) < 1
+    fast = FastPath(model)
+    torch.testing.assert_close(fast(x, t, y=y), masked.out, rtol=0, atol=1e-4)
+
+
+def test_fast_path_equals_masked_path_with_guidance():
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    x, _, y = _dit_inputs()
+    x2, y2 = cfg_class_batch(x, y.clamp(max=9), num_classes=10)
+    t2 = torch.full((8,), 640)
+    masked = cfg_model_fn(lambda a, b, **kw: model(a, b, **kw).out, 4.0)(x2, t2, y=y2)
+    fast = cfg_model_fn(FastPath(model), 4.0)(x2, t2, y=y2)
+    torch.testing.assert_close(fast, masked, rtol=0, atol=1e-4)
+
+
+def test_fast_path_equals_masked_path_pixart():
+    model = _mixed_routers(_randomize(DyPixArt(**PIXART_KW))).eval()
+    x, t, y, mask = _pixart_inputs()
+    masked = model(x, t, y, mask)
+    assert 0 < float((masked.head_masks == 0).float().mean()) < 1
+    torch.testing.assert_close(FastPath(model)(x, t, y=y, mask=mask), masked.out, rtol=0, atol=1e-4)
+    # With guidance: null captions in the second half, one shared timestep.
+    x2, y2, m2 = cfg_caption_batch(x, y, model.y_embedder.y_embedding, mask)
+    t2 = torch.full((6,), 300)
+    ref = cfg_model_fn(lambda a, b, **kw: model(a, b, **kw).out, 4.5, None)(x2, t2, y=y2, mask=m2)
+    torch.testing.assert_close(cfg_model_fn(FastPath(model), 4.5, None)(x2, t2, y=y2, mask=m2), ref, rtol=0, atol=1e-4)
+
+
+def test_fast_path_plans_depend_on_timestep_only():
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    fast = FastPath(model)
+    plan = fast.plan(999)
+    assert fast.plan(999) is plan
+    assert all(h[0] == 0 for h in plan.heads) and all(g[0] == 0 for g in plan.groups)
+    masks = model(*_dit_inputs()).head_masks
+    assert [tuple(masks[2, i].nonzero().flatten().tolist()) for i in range(3)] == list(plan.heads)
+
+
+def test_fast_path_refuses_training_mode():
+    with pytest.raises(ValueError, match="eval"):
+        FastPath(DyDiT(**DIT_KW).train())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tsv(name):
+    rows = (REFERENCE / name).read_text().splitlines()[1:]
+    return {k: list(map(int, s.strip("[]").split(","))) for k, s in (r.split("\t") for r in rows)}
+
+
+def test_dydit_xl2_keys_are_official_dit_keys_plus_router_keys():
+    with torch.device("meta"):
+        model = DyDiT(input_size=32, patch_size=2, hidden_size=1152, depth=28, num_heads=16)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = _tsv("dit_xl2_256_state_dict_keys.tsv") | _tsv("dydit_xl2_256_router_keys.tsv")
+    assert ours == expected
+
+
+def test_static_checkpoint_loads_with_only_router_keys_missing(tmp_path):
+    static = _randomize(DiT(**DIT_KW))
+    path = tmp_path / "static.pt"
+    torch.save(static.state_dict(), path)
+    dyn = DyDiT(**DIT_KW)
+    from dydit_dist.models import load_state_dict_file
+
+    load_into(dyn, load_state_dict_file(str(path)), allow_missing=ROUTER_KEY_PATTERNS)
+    x, t, y = _dit_inputs()
+    assert torch.equal(dyn.eval()(x, t, y).out, static.eval()(x, t, y))
+    with pytest.raises(ValueError):
+        load_into(DyDiT(**DIT_KW), load_state_dict_file(str(path)))  # router keys are required by default
+
+
+# ----------------------------------------------------------------------------- training objective
+
+
+def test_gradients_reach_routers_through_straight_through_estimator():
+    model = _randomize(DyDiT(**DIT_KW), router_std=0.1)
+    with torch.no_grad():  # logits near 0 so the sigmoid is not saturated
+        for block in model.blocks:
+            block.attn_rate.router.bias.zero_()
+            block.mlp_rate.router.bias.zero_()
+            block.token_selection.mlp_head[2].bias.zero_()
+    model.train()
+    x, _, y = _dit_inputs()
+    cfg = RouterOptions()
+    from dydit_dist.config import DynamicConfig
+
+    terms = dydit_loss_terms(model, create_diffusion(), x, 5000, DynamicConfig(), y=y,
+                             generator=torch.Generator().manual_seed(0))
+    terms["loss"].backward()
+    for block in model.blocks:
+        assert block.attn_rate.router.weight.grad.abs().sum() > 0
+        assert block.mlp_rate.router.weight.grad.abs().sum() > 0
+        assert block.token_selection.mlp_head[0].weight.grad.abs().sum() > 0
+    assert cfg.tdw and set(terms) >= {"loss", "diffusion", "complete", "flops", "flops_ratio", "lambda_t"}
+
+
+def test_lambda_schedule():
+    assert lambda_schedule(0, 0.5) == 1.0 and lambda_schedule(99, 0.5) == 1.0
+    assert lambda_schedule(100, 0.5) == 1.0
+    assert lambda_schedule(600, 0.5) == pytest.approx(0.75)
+    assert lambda_schedule(1100, 0.5) == pytest.approx(0.5) and lambda_schedule(10**6, 0.5) == 0.5
+
+
+def test_flops_ratio_and_loss_follow_the_formula():
+    model = DyDiT(**DIT_KW)
+    from dydit_dist.dynamic import DynamicOutput
+
+    heads = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float)[None]  # (1, 3, 4)
+    groups = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.float)[None]
+    tokens = torch.zeros(1, 3, 16)
+    tokens[0, 0, :8] = 1
+    tokens[0, 1, :] = 1
+    tokens[0, 2, :4] = 1
+    result = DynamicOutput(torch.zeros(1), heads, groups, tokens)
+    attn, mlp = block_costs(model, 16)
+    assert attn == 4 * 16 * 64 * 64 + 2 * 16 * 16 * 64 and mlp == 2 * 16 * 64 * 256
+    expected = (attn * (0.5 + 0.25 + 1) + mlp * (0.25 * 0.5 + 1 * 1 + 0.75 * 0.25)) / (3 * (attn + mlp))
+    assert float(flops_ratio(model, result)[0]) == pytest.approx(expected)
+
+
+def test_stratified_timesteps_cover_quarters():
+    t = stratified_timesteps(64, 1000, torch.Generator().manual_seed(0))
+    quarter = torch.arange(64) % 4
+    assert bool(((t >= quarter * 250) & (t < (quarter + 1) * 250)).all())
+
+
+def test_stage_two_drops_the_complete_model_loss():
+    from dydit_dist.config import DynamicConfig
+
+    model = _randomize(DyDiT(**DIT_KW)).train()
+    x, _, y = _dit_inputs()
+    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DynamicConfig(stage=2), y=y)
+    assert float(terms["complete"]) == 0.0
+    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DynamicConfig(stage=1), y=y)
+    assert float(terms["complete"]) > 0.0
