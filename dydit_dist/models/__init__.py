@@ -1,7 +1,6 @@
 """Static single-device networks (DiT, PixArt-alpha), their registry and checkpoint loading.
 
-    model = build_model("DiT-XL/2", input_size=32, num_classes=1000)
-    load_into(model, "DiT-XL-2-256x256.pt")
+Typical use: `model = build_model("DiT-XL/2", input_size=32)`, then `load_into(model, path_or_url)`.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ import inspect
 from torch import nn
 
 from .checkpoint import LoadResult, load_into, load_state_dict_file, save_safetensors
-from .dit import DiT, DiTBlock, DiT_models
-from .pixart import PixArt, PixArtBlock, PixArtInputs, PixArt_models, PixArtMS
+from .dit import DiT, DiT_models, DiTBlock
+from .pixart import PixArt, PixArt_models, PixArtBlock, PixArtInputs, PixArtMS
 from .registry import arch, family
 
 __all__ = [

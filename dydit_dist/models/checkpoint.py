@@ -118,13 +118,17 @@ def load_into(
     missing = [k for k in missing if k not in allowed]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [
-        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"{source} does not fit {type(model).__name__}{_describe(model)}:"]
-        kinds = (("mismatched shapes", mismatched), ("missing keys", missing), ("unexpected keys", unexpected))
+        kinds = (
+            ("mismatched shapes", mismatched),
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+        )
         for title, keys in kinds:
             if keys:
                 more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
@@ -150,7 +154,11 @@ def save_safetensors(
     """Write weights as one safetensors object, whole (temp-and-rename locally, one PUT on S3)."""
     from dydit_dist import storage
 
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    sd = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, nn.Module)
+        else model_or_state_dict
+    )
     # Contiguous CPU copies: safetensors refuses views and tensors sharing memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     data = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)

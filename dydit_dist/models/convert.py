@@ -87,7 +87,10 @@ def _dit_block_pairs(i: int) -> list[tuple[str, str]]:
 
 _DIT_TOP = [("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
             ("final_layer.linear", "proj_out_2")]  # fmt: skip
-_DIT_EMB = [("t_embedder.mlp.0", "timestep_embedder.linear_1"), ("t_embedder.mlp.2", "timestep_embedder.linear_2")]
+_DIT_EMB = [
+    ("t_embedder.mlp.0", "timestep_embedder.linear_1"),
+    ("t_embedder.mlp.2", "timestep_embedder.linear_2"),
+]
 _DIT_LABELS = ("y_embedder.embedding_table.weight", "class_embedder.embedding_table.weight")
 
 
@@ -106,13 +109,17 @@ def dit_to_diffusers(sd: Mapping[str, torch.Tensor], depth: int | None = None) -
             for p in _WB:
                 out[f"{prefix}{b}.{p}"] = emb[f"{a}.{p}"].clone()
         out[prefix + _DIT_LABELS[1]] = labels.clone()
-        _split(src, out, f"blocks.{i}.attn.qkv", [f"transformer_blocks.{i}.attn1.to_{n}" for n in "qkv"], what)
+        _split(
+            src, out, f"blocks.{i}.attn.qkv", [f"transformer_blocks.{i}.attn1.to_{n}" for n in "qkv"], what
+        )
         _move(src, out, _dit_block_pairs(i), what)
     _done(src, what)
     return out
 
 
-def dit_from_diffusers(sd: Mapping[str, torch.Tensor], input_size: int | None = None) -> dict[str, torch.Tensor]:
+def dit_from_diffusers(
+    sd: Mapping[str, torch.Tensor], input_size: int | None = None
+) -> dict[str, torch.Tensor]:
     """`DiTTransformer2DModel` state dict -> official DiT state dict (+ pos_embed if input_size is given)."""
     src, out, what = dict(sd), {}, "diffusers DiT"
     depth = _blocks(src, "transformer_blocks.")
@@ -123,7 +130,9 @@ def dit_from_diffusers(sd: Mapping[str, torch.Tensor], input_size: int | None = 
         if i == 0:
             shared = tensors
         elif any(not torch.equal(shared[k], tensors[k]) for k in keys):
-            raise ValueError(f"block {i}'s timestep/label embedders differ from block 0's; official DiT shares one")
+            raise ValueError(
+                f"block {i}'s timestep/label embedders differ from block 0's; official DiT shares one"
+            )
     for a, b in _DIT_EMB:
         for p in _WB:
             out[f"{a}.{p}"] = shared[f"{b}.{p}"]
@@ -278,7 +287,9 @@ def pixart_diffusers_config(multi_scale: bool = False, **pixart_kwargs) -> dict:
     """Keywords for `PixArtTransformer2DModel` that match `PixArt(**kw)` (or `PixArtMS` if multi_scale)."""
     k = _with_defaults(PixArt, pixart_kwargs)
     if k["mlp_ratio"] != 4.0:
-        raise ValueError(f"PixArtTransformer2DModel has a fixed MLP ratio of 4, got mlp_ratio={k['mlp_ratio']}")
+        raise ValueError(
+            f"PixArtTransformer2DModel has a fixed MLP ratio of 4, got mlp_ratio={k['mlp_ratio']}"
+        )
     return dict(
         num_attention_heads=k["num_heads"],
         attention_head_dim=k["hidden_size"] // k["num_heads"],

@@ -102,7 +102,9 @@ class PatchEmbed(nn.Module):
     was built for it; with `img_size=None` (PixArtMS) any multiple of the patch size is accepted.
     """
 
-    def __init__(self, img_size: int | None, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
+    def __init__(
+        self, img_size: int | None, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True
+    ):
         super().__init__()
         self.img_size = img_size
         self.patch_size = (patch_size, patch_size)
@@ -231,7 +233,9 @@ def get_2d_sincos_pos_embed(
 def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """Positions (M,) -> (M, embed_dim): [sin(pos * w_i), cos(pos * w_i)], w_i = 10000 ** (-2i / embed_dim)."""
     if embed_dim % 2:
-        raise ValueError(f"sin-cos position embedding needs a hidden size divisible by 4, got {2 * embed_dim}")
+        raise ValueError(
+            f"sin-cos position embedding needs a hidden size divisible by 4, got {2 * embed_dim}"
+        )
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", pos.astype(np.float64), omega)

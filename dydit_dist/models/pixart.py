@@ -124,7 +124,9 @@ class PixArtBlock(nn.Module):
         """Self-attention on the modulated, normalized tokens, before gating: (B, N, D) -> (B, N, D)."""
         return self.attn(modulate(self.norm1(x), shift, scale))
 
-    def cross_attn_branch(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def cross_attn_branch(
+        self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Cross-attention of the (un-normalized) tokens to the caption: (B, N, D) -> (B, N, D), ungated."""
         return self.cross_attn(x, cond, mask)
 
@@ -204,7 +206,9 @@ class PixArt(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         rates = [r.item() for r in torch.linspace(0, drop_path, depth, device="cpu")]
-        self.blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio, rates[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [PixArtBlock(hidden_size, num_heads, mlp_ratio, rates[i]) for i in range(depth)]
+        )
         self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -258,7 +262,9 @@ class PixArt(nn.Module):
         if y.ndim == 3:
             y = y.unsqueeze(1)
         if y.ndim != 4 or y.shape[0] != b or y.shape[1] != 1:
-            raise ValueError(f"caption features y must be (B={b}, 1, L, C) or (B, L, C), got {tuple(y.shape)}")
+            raise ValueError(
+                f"caption features y must be (B={b}, 1, L, C) or (B, L, C), got {tuple(y.shape)}"
+            )
         cond = self.y_embedder(y, self.training).squeeze(1)
         return PixArtInputs(tokens, t0, t_emb, cond, _caption_mask(mask, b, cond.shape[1]), grid)
 
@@ -309,7 +315,9 @@ class PixArtMS(PixArt):
         super().__init__(*args, **kwargs)
         hidden_size = self.pos_embed.shape[-1]
         if hidden_size % 3:
-            raise ValueError(f"PixArtMS needs hidden_size divisible by 3 (size embeddings), got {hidden_size}")
+            raise ValueError(
+                f"PixArtMS needs hidden_size divisible by 3 (size embeddings), got {hidden_size}"
+            )
         self.csize_embedder = SizeEmbedder(hidden_size // 3)
         self.ar_embedder = SizeEmbedder(hidden_size // 3)
         for embedder in (self.csize_embedder, self.ar_embedder):

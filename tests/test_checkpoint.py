@@ -1,0 +1,122 @@
+"""Checkpoint files: formats, official containers, fsspec URLs, and clear errors for the wrong model."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+
+import pytest
+import torch
+
+from dydit_dist import storage
+from dydit_dist.models import DiT, build_model, load_into, load_state_dict_file, save_safetensors
+
+DEBUG = dict(input_size=8, num_classes=10)
+
+
+def _model(seed: int = 0, **overrides) -> DiT:
+    torch.manual_seed(seed)
+    arch = dict(depth=4, hidden_size=64, patch_size=2, num_heads=4)  # the "debug" entry
+    model = DiT(**{**DEBUG, **arch, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # also the zero-initialized layers, so equality means something
+    return model
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("container", ["flat.pt", "state_dict.pth", "dit_training.pt", "model.safetensors"])
+def test_round_trip(tmp_path, container):
+    source = _model(seed=1)
+    sd = source.state_dict()
+    path = tmp_path / container
+    if container == "flat.pt":
+        torch.save(sd, path)
+    elif container == "state_dict.pth":  # PixArt release format
+        torch.save({"state_dict": sd}, path)
+    elif container == "dit_training.pt":  # DiT train.py: the EMA weights are the ones to sample with
+        other = {k: torch.zeros_like(v) for k, v in sd.items()}
+        torch.save({"model": other, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    else:
+        save_safetensors(source, path)
+    assert _same(load_state_dict_file(path), sd)
+    target = _model(seed=2)
+    assert not _same(target.state_dict(), sd)
+    result = load_into(target, str(path))
+    assert _same(target.state_dict(), sd) and result.missing == [] and result.unexpected == []
+    with torch.no_grad():
+        x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([1, 10])
+        assert torch.equal(target.eval()(x, t, y), source.eval()(x, t, y))
+
+
+def test_other_size_lists_mismatched_shapes_and_the_file(tmp_path):
+    path = tmp_path / "dit_width48.safetensors"
+    save_safetensors(_model(hidden_size=48), path)
+    with pytest.raises(ValueError) as err:
+        load_into(_model(), path)
+    message = str(err.value)
+    assert "dit_width48.safetensors" in message and "mismatched shapes" in message
+    assert "x_embedder.proj.weight: checkpoint [48, 4, 2, 2] vs model [64, 4, 2, 2]" in message
+
+
+def test_other_family_lists_missing_and_unexpected_keys(tmp_path):
+    pixart = build_model("PixArt-debug", input_size=8, caption_channels=16, model_max_length=8)
+    path = tmp_path / "pixart.pth"
+    torch.save({"state_dict": pixart.state_dict()}, path)
+    with pytest.raises(ValueError) as err:
+        load_into(_model(), path)
+    message = str(err.value)
+    assert "pixart.pth" in message
+    assert re.search(r"missing keys.*y_embedder\.embedding_table\.weight", message)
+    assert re.search(r"unexpected keys.*t_block\.1\.weight", message)
+
+
+def test_allow_missing_patterns_and_non_strict(tmp_path):
+    source = _model(seed=3)
+    sd = dict(source.state_dict())
+    del sd["y_embedder.embedding_table.weight"]
+    target = _model(seed=4)
+    before = target.y_embedder.embedding_table.weight.clone()
+    with pytest.raises(ValueError, match="missing keys"):
+        load_into(target, sd)
+    result = load_into(target, sd, allow_missing=("y_embedder.*",))
+    assert result.missing == ["y_embedder.embedding_table.weight"]
+    assert torch.equal(target.y_embedder.embedding_table.weight, before)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    extra = {**source.state_dict(), "blocks.0.attn_rate.router.weight": torch.zeros(3, 64)}
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_into(target, extra)
+    assert load_into(target, extra, strict=False).unexpected == ["blocks.0.attn_rate.router.weight"]
+
+
+def test_memory_url():
+    source = _model(seed=5)
+    root = "memory://test_checkpoint_models"
+    try:
+        save_safetensors(source, f"{root}/ema.safetensors")
+        assert _same(load_state_dict_file(f"{root}/ema.safetensors"), source.state_dict())
+        buf = io.BytesIO()
+        torch.save({"ema": source.state_dict()}, buf)
+        storage.write_bytes(f"{root}/ckpt.pt", buf.getvalue())
+        target = _model(seed=6)
+        load_into(target, f"{root}/ckpt.pt")
+        assert _same(target.state_dict(), source.state_dict())
+    finally:
+        storage.remove(root)
+
+
+def test_unreadable_files_are_refused_with_their_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_state_dict_file(tmp_path / "nope.pt")
+    pickled = tmp_path / "object.pt"
+    torch.save({"weights": tmp_path}, pickled)  # a Path object: refused by weights_only loading
+    with pytest.raises(ValueError, match="object.pt.*weights_only"):
+        load_state_dict_file(pickled)
+    not_tensors = tmp_path / "numbers.pt"
+    torch.save({"step": 3, "lr": 0.1}, not_tensors)
+    with pytest.raises(ValueError, match="numbers.pt: not a state dict"):
+        load_state_dict_file(not_tensors)
