@@ -322,3 +322,34 @@ def test_stage_two_drops_the_complete_model_loss():
     assert float(terms["complete"]) == 0.0
     terms = dydit_loss_terms(model, create_diffusion(), x, 0, DynamicConfig(stage=1), y=y)
     assert float(terms["complete"]) > 0.0
+
+
+# ----------------------------------------------------------------------------- FLOPs and inspection
+
+
+def test_dynamic_flops_match_the_counter_and_include_routers():
+    from dydit_dist import flops
+    from dydit_dist.dynamic.dydit_flops import dynamic_flops, flops_of_output, static_flops
+
+    model = DyDiT(**DIT_KW).eval()
+    f_static = static_flops(model)
+    arch = dict(family="dit", depth=3, hidden_size=64, patch_size=2, num_heads=4)
+    assert f_static == flops.count(arch, 8, vae_downsample=1).total
+    full = dynamic_flops(model, [1.0] * 3, [1.0] * 3, [1.0] * 3)
+    D, H, N = 64, 4, 16
+    routers = 3 * (2 * (D * (H - 1)) + N * (D * 4 + 4 * 1))
+    assert full == pytest.approx(f_static + routers)
+    half = dynamic_flops(model, [0.5] * 3, [0.5] * 3, [1.0] * 3)
+    attn, mlp = block_costs(model, N)
+    assert full - half == pytest.approx(3 * 0.5 * (attn + mlp))  # attention and MLP scale with width
+    result = model(*_dit_inputs())
+    assert torch.allclose(flops_of_output(model, result), torch.tensor(full, dtype=torch.float32))
+
+
+def test_inspect_entry_point_writes_table_and_plot(tmp_path):
+    from dydit_dist.dynamic import inspect
+
+    summary = inspect.main(["--model", "debug", "--image-size", "8", "--vae-downsample", "1", "--num-classes",
+                            "10", "--steps", "10", "--tokens", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "width_vs_timestep.png").stat().st_size > 1000
+    assert 0 < summary["ratio"] <= 1.01 and len(summary["per_timestep_gflops"]) == 10
