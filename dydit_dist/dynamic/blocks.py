@@ -113,11 +113,12 @@ def mlp_on_kept_tokens(
     x: (B, N, D); keep: (B, N) bool or None (all kept); shift/scale/gate: (B, 1, D).
     The kept tokens of the whole batch form one ragged (K, D) list with their own sample's modulation.
     """
+    h = block.norm2(x) * (1 + scale) + shift  # (B, N, D): cheap next to the MLP, avoids 3 gathers
     if keep is None:
-        h = block.norm2(x) * (1 + scale) + shift
         return x + gate * mlp_fast(block.mlp, h, w)
-    b_idx, n_idx = keep.nonzero(as_tuple=True)  # (K,), (K,)
-    xk = x[b_idx, n_idx]  # (K, D)
-    h = block.norm2(xk) * (1 + scale[b_idx, 0]) + shift[b_idx, 0]
-    delta = gate[b_idx, 0] * mlp_fast(block.mlp, h, w)  # (K, D)
-    return x.index_put((b_idx, n_idx), delta, accumulate=True)
+    B, N, D = x.shape
+    flat = keep.reshape(-1).nonzero().squeeze(1)  # (K,) indices into the B*N tokens
+    hk = h.reshape(B * N, D).index_select(0, flat)  # (K, D)
+    gate_k = gate[:, 0].index_select(0, flat // N)  # (K, D): each token's own sample's gate
+    delta = gate_k * mlp_fast(block.mlp, hk, w)
+    return x.reshape(B * N, D).index_add(0, flat, delta).reshape(B, N, D)
