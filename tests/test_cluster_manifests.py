@@ -1,0 +1,417 @@
+"""Every YAML document in cluster/ against the KubeRay CRDs, strictly, and what the issue asks of each.
+
+The CRDs (`../shared/reference/kuberay-crds/`, or `$KUBERAY_CRD_DIR`) do not forbid unknown fields (the
+API server prunes them silently), so `strict` adds `additionalProperties: false` to every object schema
+that lists `properties`: a misspelled field fails here instead of vanishing on `kubectl apply`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from dydit_dist import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR", REPO.parent / "shared" / "reference" / "kuberay-crds"))
+JOBS = ("prepare", "finetune", "sample", "evaluate", "reproduce")
+PRESETS = config_lib.PRESET_DIR
+AUTH_SECRET = "dydit-ray-auth"
+S3_SECRET = "dydit-s3"
+MAX_RAYJOB_NAME = 47  # KubeRay's MaxRayJobNameLength; RayJob and RayCluster names are DNS-1035 labels
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DOTLIST = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=\S+$")
+
+OBJECT_META = {  # what a manifest may say in metadata (the CRDs only say `type: object`)
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+SECRET = {  # core/v1 Secret, the fields a manifest sets
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata"],
+    "properties": {
+        "apiVersion": {"enum": ["v1"]},
+        "kind": {"enum": ["Secret"]},
+        "metadata": OBJECT_META,
+        "type": {"type": "string"},
+        "immutable": {"type": "boolean"},
+        "stringData": {"type": "object", "additionalProperties": {"type": "string"}},
+        "data": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def strict(schema: dict) -> dict:
+    """A copy of an OpenAPI v3 schema in which objects that list `properties` allow nothing else."""
+    out = dict(schema)
+    for key in ("properties", "patternProperties"):
+        if key in out:
+            out[key] = {name: strict(sub) for name, sub in out[key].items()}
+    for key in ("additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict(out[key])
+    if isinstance(out.get("items"), dict):
+        out["items"] = strict(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out:
+            out[key] = [strict(sub) for sub in out[key]]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
+    """(apiVersion, kind) -> strict validator, for the KubeRay CRDs and Secret."""
+    if not CRD_DIR.is_dir():
+        raise FileNotFoundError(
+            f"KubeRay CRDs not found in {CRD_DIR}; set KUBERAY_CRD_DIR (see SOURCE.md there)"
+        )
+    validators = {("v1", "Secret"): jsonschema.Draft4Validator(strict(SECRET))}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = OBJECT_META
+            schema["properties"]["apiVersion"] = {"enum": [f"{group}/{version['name']}"]}
+            schema["properties"]["kind"] = {"enum": [kind]}
+            schema["required"] = sorted(
+                {*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"}
+            )
+            validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft4Validator(strict(schema))
+    return validators
+
+
+VALIDATORS = _crd_validators()
+FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
+DOCS = [(path, i, doc) for path in FILES for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
+DOC_IDS = [f"{path.relative_to(CLUSTER)}#{i}" for path, i, _ in DOCS]
+RAYJOBS = {
+    doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
+    for _, _, doc in DOCS
+    if doc["kind"] == "RayJob"
+}
+
+
+def errors(doc: dict) -> list[str]:
+    validator = VALIDATORS.get((doc.get("apiVersion"), doc.get("kind")))
+    if validator is None:
+        return [f"no schema for apiVersion={doc.get('apiVersion')!r} kind={doc.get('kind')!r}"]
+    found = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in found]
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    """(where, RayCluster spec) of the RayCluster and of every RayJob's cluster."""
+    specs = []
+    for path, i, doc in DOCS:
+        if doc["kind"] == "RayCluster":
+            specs.append((f"{path.name}#{i}", doc["spec"]))
+        elif doc["kind"] == "RayJob":
+            specs.append((f"{path.name}#{i}", doc["spec"]["rayClusterSpec"]))
+    return specs
+
+
+def pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])
+    ]
+    return [(name, group["template"]) for name, group in groups]
+
+
+def containers(doc: dict) -> list[dict]:
+    """Every container of a manifest, init containers included."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers"):
+                if isinstance(node.get(key), list):
+                    found.extend(node[key])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    return found
+
+
+def pyproject() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def pinned_ray_version() -> str:
+    for dep in pyproject()["dependencies"]:
+        match = re.fullmatch(r"ray(\[[^\]]*\])?==([\w.]+)", dep.replace(" ", ""))
+        if match:
+            return match[2]
+    raise AssertionError("pyproject.toml does not pin ray with ==")
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def test_manifests_exist():
+    kinds = sorted(doc["kind"] for _, _, doc in DOCS)
+    assert kinds.count("RayCluster") == 1
+    assert kinds.count("RayJob") == len(JOBS)
+    assert sorted(RAYJOBS) == sorted(JOBS)
+    assert {doc["metadata"]["name"] for _, _, doc in DOCS if doc["kind"] == "Secret"} == {
+        S3_SECRET,
+        AUTH_SECRET,
+    }
+
+
+@pytest.mark.parametrize("path, index, doc", DOCS, ids=DOC_IDS)
+def test_document_validates_strictly_against_its_crd(path, index, doc):
+    assert errors(doc) == []
+
+
+def test_strict_schema_rejects_a_misspelled_entrypoint():
+    doc = copy.deepcopy(RAYJOBS["finetune"])
+    doc["spec"]["entrypointt"] = doc["spec"].pop("entrypoint")
+    found = errors(doc)
+    assert len(found) == 1 and "'entrypointt' was unexpected" in found[0], found
+
+
+HEAD = ("headGroupSpec", "template", "spec", "containers", 0)
+WORKERS = ("workerGroupSpecs", 0)
+
+
+@pytest.mark.parametrize(
+    "where, field, value, expected",
+    [
+        (WORKERS, "rayStartParam", {}, "'rayStartParam' was unexpected"),
+        (HEAD, "imagePullPolicyy", "Always", "'imagePullPolicyy' was unexpected"),
+        (WORKERS, "maxReplicas", "four", "'four' is not of type 'integer'"),
+        (("authOptions",), "mode", "tokens", "'tokens' is not one of"),
+        ((*HEAD, "env", 0, "valueFrom", "secretKeyRef"), "nam", "x", "'nam' was unexpected"),
+    ],
+    ids=["group field", "container field", "wrong type", "enum", "secretKeyRef field"],
+)
+def test_strict_schema_rejects_deep_mistakes(where, field, value, expected):
+    doc = copy.deepcopy(RAYJOBS["sample"])
+    node = doc["spec"]["rayClusterSpec"]
+    for key in where:
+        node = node[key]
+    node[field] = value
+    found = errors(doc)
+    assert any(expected in e for e in found), found
+
+
+def test_unknown_kind_has_no_schema():
+    assert errors({"apiVersion": "ray.io/v1", "kind": "RayJobb", "metadata": {"name": "x"}, "spec": {}}) != []
+
+
+# ----------------------------------------------------------------------------- entrypoints
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(job):
+    doc = RAYJOBS[job]
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"] and argv[3] == "--config", f"entrypoint: {doc['spec']['entrypoint']}"
+    assert argv[2] == f"jobs.{job}"
+    preset, overrides = argv[4], argv[5:]
+    assert (PRESETS / f"{preset}.yaml").is_file(), f"{preset} is not in {sorted(config_lib.presets())}"
+    bad = [o for o in overrides if not DOTLIST.match(o)]
+    assert bad == [], f"not `key.path=value` dotlist overrides: {bad}"
+    config_lib.load(preset, overrides)  # every key exists, every value fits
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_entrypoint_job_module_exists(job):
+    module = REPO / "jobs" / f"{job}.py"
+    if not module.exists():
+        pytest.skip(
+            f"jobs/{job}.py does not exist yet; the entrypoint is checked against the fixed job list only"
+        )
+    assert module.is_file()
+
+
+def test_rayjob_names_and_files():
+    for path, _, doc in DOCS:
+        if doc["kind"] in ("RayJob", "RayCluster"):
+            name = doc["metadata"]["name"]
+            assert DNS_1035.match(name) and len(name) <= MAX_RAYJOB_NAME, name
+        if doc["kind"] == "RayJob":
+            job = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            assert path.name == f"rayjob-{job}.yaml"
+            assert doc["metadata"]["name"] == f"dydit-{job}"
+
+
+# ----------------------------------------------------------------------------- pins, auth, credentials
+
+
+def test_ray_version_and_image_are_pinned_and_the_same_everywhere():
+    ray_version = pinned_ray_version()
+    images = set()
+    for where, spec in cluster_specs():
+        assert spec["rayVersion"] == ray_version, where
+    for _, _, doc in DOCS:
+        images |= {c["image"] for c in containers(doc)}
+    assert len(images) == 1, f"containers run different images: {sorted(images)}"
+    image = images.pop()
+    assert "@sha256:" in image or image.rsplit(":", 1)[-1] == pyproject()["version"], (
+        f"{image}: pin the image by digest or by the project version {pyproject()['version']}"
+    )
+
+
+def test_token_authentication_is_on():
+    for where, spec in cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, where
+    secrets = {doc["metadata"]["name"]: doc for _, _, doc in DOCS if doc["kind"] == "Secret"}
+    assert set(secrets[AUTH_SECRET]["stringData"]) == {"auth_token"}  # the key KubeRay reads
+
+
+CREDENTIAL_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|^AWS_")
+CREDENTIAL_TEXT = [
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
+    re.compile(r"\b[0-9a-f]{32,}\b"),  # a hex token (Ray's are 64 hex digits)
+    re.compile(r"[A-Za-z0-9/+]{40}"),  # an AWS secret access key
+    re.compile(r"://[^/\s:@]+:[^/\s@]+@"),  # user:password@ in a URL
+]
+
+
+def strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in strings(k) + strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def credential_problems(doc: dict) -> list[str]:
+    """Credentials written in a manifest: a Secret may hold placeholders only, the rest references Secrets."""
+    if doc["kind"] == "Secret":
+        problems = ["data: the example Secret holds placeholders in stringData only"] if "data" in doc else []
+        problems += [
+            f"stringData.{key}: {value!r} is not a <placeholder>"
+            for key, value in doc.get("stringData", {}).items()
+            if not (value.startswith("<") and value.endswith(">"))
+        ]
+        return problems
+    problems = []
+    for container in containers(doc):
+        if "envFrom" in container:
+            problems.append(f"{container['name']}: envFrom; name each variable and its Secret key")
+        for env in container.get("env", []):
+            if not CREDENTIAL_NAME.search(env["name"]):
+                continue
+            ref = env.get("valueFrom", {}).get("secretKeyRef", {})
+            if "value" in env or ref.get("name") != S3_SECRET:
+                problems.append(f"{container['name']}: {env['name']} must come from the Secret {S3_SECRET}")
+    leaks = sorted({s for s in strings(doc) if any(p.search(s) for p in CREDENTIAL_TEXT)})
+    problems += [f"credential-like text: {s!r}" for s in leaks]
+    return problems
+
+
+@pytest.mark.parametrize("path, index, doc", DOCS, ids=DOC_IDS)
+def test_no_credentials_in_manifests(path, index, doc):
+    assert credential_problems(doc) == []
+
+
+def test_credentials_written_in_a_manifest_are_found():
+    doc = copy.deepcopy(RAYJOBS["evaluate"])
+    head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"})
+    head["env"].append({"name": "RAY_AUTH_TOKEN", "value": "0123456789abcdef" * 4})
+    doc["spec"]["entrypoint"] += " storage.root=s3://user:hunter2@bucket/x"
+    problems = credential_problems(doc)
+    assert sum("must come from the Secret" in p for p in problems) == 2
+    assert sum("credential-like text" in p for p in problems) == 3
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}, "stringData": {"k": "real"}}
+    assert credential_problems(secret) == ["stringData.k: 'real' is not a <placeholder>"]
+
+
+def test_s3_settings_reach_every_ray_container():
+    expected = {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    secret = next(
+        doc for _, _, doc in DOCS if doc["kind"] == "Secret" and doc["metadata"]["name"] == S3_SECRET
+    )
+    assert set(secret["stringData"]) == expected
+    for where, spec in cluster_specs():
+        for group, template in pod_templates(spec):
+            env = {e["name"] for e in template["spec"]["containers"][0].get("env", [])}
+            assert expected <= env, f"{where} {group}: missing {sorted(expected - env)}"
+
+
+# ----------------------------------------------------------------------------- cluster shape and job lifecycle
+
+
+def test_cluster_shape():
+    for where, spec in cluster_specs():
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"].get("num-gpus") == "0", f"{where}: the head must not offer GPUs"
+        head_resources = head["template"]["spec"]["containers"][0]["resources"]
+        assert all("nvidia.com/gpu" not in head_resources.get(k, {}) for k in ("requests", "limits")), where
+        assert spec.get("enableInTreeAutoscaling") is True, where
+        gpu_groups = [
+            g
+            for g in spec["workerGroupSpecs"]
+            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+        ]
+        assert gpu_groups, f"{where}: no GPU worker group"
+        for group in gpu_groups:
+            pod = group["template"]["spec"]
+            resources = pod["containers"][0]["resources"]
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
+            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
+            assert group["maxReplicas"] >= 1, where
+            shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert any(mounts.get(v["name"]) == "/dev/shm" for v in shm), (
+                f"{where}: no shared memory for NCCL"
+            )
+
+
+def test_rayjob_lifecycle():
+    for job, doc in RAYJOBS.items():
+        spec = doc["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True, job
+        assert spec["ttlSecondsAfterFinished"] > 0, job
+        assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", job
+        assert "clusterSelector" not in spec and "runtimeEnvYAML" not in spec, job
+
+
+def test_rayjob_clusters_are_the_raycluster():
+    raycluster = next(doc for _, _, doc in DOCS if doc["kind"] == "RayCluster")
+    for job, doc in RAYJOBS.items():
+        assert doc["spec"]["rayClusterSpec"] == raycluster["spec"], (
+            f"rayjob-{job}.yaml: rayClusterSpec differs from raycluster.yaml's spec; keep them the same"
+        )
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CLUSTER)) for p in FILES])
+def test_each_file_starts_with_a_header_saying_what_it_runs_and_what_to_change(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert len(header) >= 5, (
+        f"{path.name}: start with a comment saying what it runs and which values to change"
+    )
+    assert any(line.startswith("# Change:") for line in header), f"{path.name}: no '# Change:' paragraph"
