@@ -1,0 +1,152 @@
+"""`{data.uri}/manifest.json`: what a folder of shards holds, and the checks against a model config.
+
+    {
+      "format": "dydit_dist.latents/1",
+      "complete": true,                 # false while prepare is still running (or was interrupted)
+      "settings": {                     # everything that decides the bytes of a shard
+        "conditioning": "class" | "caption",
+        "latent_shape": [C, h, w],      # what the model sees
+        "stored_shape": [2, C, h, w],   # [mean, std] for mean_std storage, else [C, h, w]
+        "latent_dtype": "float16", "latent_storage": "mean_std" | "sample" | "pixels",
+        "vae": "stabilityai/sd-vae-ft-ema" | "none", "scale_factor": 0.18215 (1.0 for pixels),
+        "flip": false, "image_size": 256, "seed": 0,
+        "num_classes": 1000, "classes": [...],                      # class-conditional
+        "text_encoder": ..., "tokenizer": ..., "text_len": 120, "text_dim": 4096,   # captions
+        "source": url, "source_format": ..., "num_inputs": N, "inputs_digest": sha256, "shard_size": ...
+      },
+      "num_shards": S,                  # planned
+      "shards": [{"index": 0, "name": "shard-000000.tar", "count": 1000, "sha256": ..., "bytes": ...,
+                  "bad": [{"source": url, "error": "..."}]}, ...],
+      "bad_inputs": 3                   # unreadable inputs, each listed under its shard's "bad"
+    }
+
+The latent is stored unscaled and `scale_factor` is recorded once; the reader multiplies by it, so
+it is never applied twice. `data.vae: none` means pixel-space data: images as float arrays in
+[-1, 1] of shape (C, H, W), scale factor 1, yielded unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dydit_dist import storage
+from dydit_dist.data.shards import DataError, shard_name
+
+FORMAT = "dydit_dist.latents/1"
+MANIFEST = "manifest.json"
+
+
+class ManifestError(DataError):
+    """A missing or incomplete manifest, or one that does not match the model config."""
+
+
+@dataclass
+class Manifest:
+    settings: dict
+    num_shards: int
+    shards: list[dict] = field(default_factory=list)  # sorted by index
+    complete: bool = False
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["count"] for s in self.shards)
+
+    @property
+    def bad_inputs(self) -> int:
+        return sum(len(s["bad"]) for s in self.shards)
+
+    def done(self) -> set[int]:
+        return {s["index"] for s in self.shards}
+
+    def add(self, record: dict) -> None:
+        self.shards = sorted([s for s in self.shards if s["index"] != record["index"]] + [record],
+                             key=lambda s: s["index"])
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "complete": self.complete, "settings": self.settings,
+                "num_shards": self.num_shards, "shards": self.shards, "num_samples": self.num_samples,
+                "bad_inputs": self.bad_inputs}
+
+    @classmethod
+    def from_json(cls, value: dict, url: str) -> Manifest:
+        if not isinstance(value, dict) or value.get("format") != FORMAT:
+            raise ManifestError(f"{url} is not a {FORMAT} manifest (format: {value.get('format')!r})")
+        return cls(value["settings"], value["num_shards"], value["shards"], value["complete"])
+
+
+def manifest_url(uri: str) -> str:
+    return storage.join(uri, MANIFEST)
+
+
+def shard_url(uri: str, index: int) -> str:
+    return storage.join(uri, shard_name(index))
+
+
+def read_manifest(uri: str, require_complete: bool = True) -> Manifest:
+    """The manifest under a data folder URL; ManifestError naming the URL when absent or incomplete."""
+    url = manifest_url(uri)
+    try:
+        value = storage.read_json(url)
+    except FileNotFoundError:
+        raise ManifestError(f"{url} not found: prepare the data first (python -m jobs.prepare ...)") from None
+    manifest = Manifest.from_json(value, url)
+    if require_complete and not manifest.complete:
+        raise ManifestError(
+            f"{url} is incomplete ({len(manifest.shards)} of {manifest.num_shards} shards): "
+            "rerun the prepare job with the same config to finish it"
+        )
+    return manifest
+
+
+def write_manifest(uri: str, manifest: Manifest) -> None:
+    storage.write_json(manifest_url(uri), manifest.to_json())
+
+
+def conditioning(model_name: str) -> str:
+    """'class' for DiT-family models, 'caption' for PixArt-family models."""
+    from dydit_dist.models.registry import family
+
+    return "class" if family(model_name) == "dit" else "caption"
+
+
+def expected_latent_shape(model_cfg) -> list[int]:
+    return [model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size]
+
+
+def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
+    """The complete manifest under `uri`, checked against a `ModelConfig` and `DataConfig`.
+
+    Raises ManifestError listing every mismatch: conditioning (class labels for DiT, T5 features for
+    PixArt), latent shape (in_channels, image_size / vae_downsample), VAE id and scale factor, number
+    of classes, text encoder id, caption length and width.
+    """
+    manifest = read_manifest(uri)
+    s, m = manifest.settings, model_cfg
+    problems = []
+    cond = conditioning(m.name)
+    if s["conditioning"] != cond:
+        problems.append(f"conditioning {s['conditioning']!r} != {cond!r} needed by model.name={m.name!r}")
+    want = expected_latent_shape(m)
+    if list(s["latent_shape"]) != want:
+        problems.append(
+            f"latent shape {s['latent_shape']} != {want} from model.in_channels={m.in_channels}, "
+            f"model.image_size={m.image_size} / model.vae_downsample={m.vae_downsample}"
+        )
+    if s["vae"] != data_cfg.vae:
+        problems.append(f"VAE {s['vae']!r} != data.vae={data_cfg.vae!r}")
+    scale = 1.0 if data_cfg.vae == "none" else data_cfg.vae_scale_factor
+    if not math.isclose(s["scale_factor"], scale, rel_tol=1e-6):
+        problems.append(f"scale factor {s['scale_factor']} != data.vae_scale_factor={scale}")
+    if cond == "class" and s["conditioning"] == "class" and s["num_classes"] != m.num_classes:
+        problems.append(f"{s['num_classes']} classes != model.num_classes={m.num_classes}")
+    if cond == "caption" and s["conditioning"] == "caption":
+        if s["text_encoder"] != data_cfg.text_encoder:
+            problems.append(f"text encoder {s['text_encoder']!r} != data.text_encoder={data_cfg.text_encoder!r}")
+        if s["text_dim"] != m.caption_channels:
+            problems.append(f"T5 width {s['text_dim']} != model.caption_channels={m.caption_channels}")
+        if s["text_len"] != m.model_max_length:
+            problems.append(f"caption length {s['text_len']} != model.model_max_length={m.model_max_length}")
+    if problems:
+        raise ManifestError(f"{manifest_url(uri)} does not match the model config: " + "; ".join(problems))
+    return manifest

@@ -1,0 +1,258 @@
+"""The prepare job: images (and captions) -> latent (and T5) shards under `data.uri`, fanned out on Ray.
+
+    1. Plan and validate, before any work: list the source (`sources.plan_source`), check the VAE
+       (latent channels, downsampling, scale factor) and T5 width against the model config, and
+       compare with the manifest already there (a rerun with other settings is an error).
+    2. Skip every shard the manifest lists and storage holds: a rerun of a finished job does nothing,
+       an interrupted one resumes (a shard written but not yet recorded is encoded again, and its
+       object replaced whole).
+    3. Encode the remaining chunks as Ray tasks (`encode_chunk`, one chunk each, on a GPU with
+       `ray.use_gpu`; at most `data.prepare_workers` in flight, by default one per GPU or per
+       `ray.cpus_per_worker` CPUs). Each task writes its shard itself; a worker process loads the
+       VAE / T5 once and keeps them for the next chunks (Ray reuses worker processes, which also
+       spares each task the imports). The driver records each finished shard in the manifest and
+       shows images/s and ETA.
+    4. Mark the manifest complete.
+
+Unreadable or truncated images are skipped, counted and listed (source URL and error) under their
+shard in the manifest, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dydit_dist import cli, storage
+from dydit_dist import config as config_lib
+from dydit_dist.config import Config
+from dydit_dist.data import sources
+from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
+from dydit_dist.data.manifest import (
+    Manifest,
+    conditioning,
+    expected_latent_shape,
+    manifest_url,
+    read_manifest,
+    shard_url,
+    write_manifest,
+)
+from dydit_dist.data.shards import DataError, pack, sample_files, shard_name
+
+log = logging.getLogger(__name__)
+MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
+
+
+@dataclass
+class PrepareResult:
+    uri: str
+    manifest: Manifest
+    encoded: int  # shards encoded by this run
+    skipped: int  # shards already done
+
+
+def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
+    """The manifest settings and the source chunks; DataError for input that does not fit the model."""
+    d, m = cfg.data, cfg.model
+    cond = conditioning(m.name)
+    source_plan = sources.plan_source(cfg, cond)
+    if d.vae == "none":
+        if m.vae_downsample != 1:
+            raise DataError(f"data.vae=none stores pixels: model.vae_downsample must be 1, got {m.vae_downsample}")
+        storage_kind, scale = "pixels", 1.0
+    else:
+        vae = vae_properties(d.vae)
+        problems = []
+        if vae["downsample"] != m.vae_downsample:
+            problems.append(f"downsamples by {vae['downsample']}, model.vae_downsample={m.vae_downsample}")
+        if vae["latent_channels"] != m.in_channels:
+            problems.append(f"has {vae['latent_channels']} latent channels, model.in_channels={m.in_channels}")
+        if not math.isclose(vae["scaling_factor"], d.vae_scale_factor, rel_tol=1e-6):
+            problems.append(f"scaling_factor {vae['scaling_factor']} != data.vae_scale_factor={d.vae_scale_factor}")
+        if problems:
+            raise DataError(f"data.vae={d.vae} does not fit the config: " + "; ".join(problems))
+        storage_kind, scale = d.latent_storage, d.vae_scale_factor
+    shape = expected_latent_shape(m)
+    settings = {
+        "conditioning": cond, "latent_shape": shape, "latent_dtype": d.latent_dtype,
+        "stored_shape": [2, *shape] if storage_kind == "mean_std" else shape, "latent_storage": storage_kind,
+        "vae": d.vae, "scale_factor": scale, "flip": d.flip, "image_size": m.image_size, "seed": d.seed,
+        "source": d.source, "source_format": d.source_format, "num_inputs": source_plan.num_inputs,
+        "inputs_digest": source_plan.digest,
+        "shard_size": None if d.source_format == "webdataset" else d.shard_size,
+    }
+    if cond == "class":
+        settings.update(num_classes=m.num_classes, classes=list(source_plan.classes))
+    else:
+        text_dim = text_properties(d.text_encoder)["text_dim"]
+        if text_dim != m.caption_channels:
+            raise DataError(f"data.text_encoder={d.text_encoder} gives {text_dim}-wide features, "
+                            f"model.caption_channels={m.caption_channels}")
+        settings.update(text_encoder=d.text_encoder, tokenizer=d.tokenizer or d.text_encoder,
+                        text_len=m.model_max_length, text_dim=text_dim)
+    return settings, source_plan
+
+
+def _seed_of(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+class ShardEncoder:
+    """The VAE (and T5) of one worker process, and the encoding of a chunk into one whole shard."""
+
+    def __init__(self, cfg_dict: dict, settings: dict):
+        import torch
+
+        cfg = config_lib.from_dict(cfg_dict)
+        storage.configure_from(cfg.storage)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+        self.cfg, self.settings = cfg, settings
+        d = cfg.data
+        self.images = ImageEncoder(d.vae, cfg.model.in_channels, d.latent_storage, d.latent_dtype, d.seed)
+        self.text = None
+        if settings["conditioning"] == "caption":
+            self.text = TextEncoder(d.text_encoder, d.tokenizer, cfg.model.model_max_length)
+
+    def encode(self, chunk: sources.Chunk, uri: str) -> dict:
+        """Encode one chunk into `shard-{index}.tar`; returns its manifest record."""
+        cond, num_classes = self.settings["conditioning"], self.cfg.model.num_classes
+        good, bad = [], []
+        for item, data, error in sources.iter_chunk(chunk, cond):
+            image = None
+            if error is None and cond == "class" and not 0 <= item.label < num_classes:
+                error = f"class {item.label} outside [0, model.num_classes={num_classes})"
+            if error is None:
+                try:
+                    image = sources.load_image(data, self.cfg.model.image_size, self.images.mode)
+                except Exception as err:  # noqa: BLE001 - image decoders raise many types for bad files
+                    error = f"unreadable image ({type(err).__name__}: {err})"
+            if error is None:
+                good.append((item, image))
+            else:
+                bad.append({"source": item.url, "error": error})
+        samples = []
+        batch_size = self.cfg.data.encode_batch_size
+        for start in range(0, len(good), batch_size):
+            batch = good[start : start + batch_size]
+            images = np.stack([image for _, image in batch])  # (B, H, W, C) uint8
+            seeds = [_seed_of(item.key) for item, _ in batch]
+            latents = self.images(images, seeds)
+            flipped = self.images(images[:, :, ::-1], seeds, flipped=True) if self.cfg.data.flip else None
+            t5, masks = self.text([item.caption for item, _ in batch]) if self.text else (None, None)
+            for j, (item, _) in enumerate(batch):
+                samples.append(sample_files(
+                    item.key, latents[j], label=item.label,
+                    latent_flip=None if flipped is None else flipped[j],
+                    t5=None if t5 is None else t5[j], t5_mask=None if masks is None else masks[j],
+                    meta={"source": item.url, **({"caption": item.caption} if item.caption is not None else {})},
+                ))
+        data = pack(samples)
+        storage.write_bytes(shard_url(uri, chunk.index), data)
+        return {"index": chunk.index, "name": shard_name(chunk.index), "count": len(samples),
+                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "bad": bad,
+                "inputs": len(good) + len(bad)}
+
+
+def _existing(uri: str, settings: dict, num_shards: int) -> Manifest:
+    """The manifest to continue: the one there (same settings, only shards storage still holds) or a new one."""
+    if not storage.exists(manifest_url(uri)):  # a missing bucket fails here, before any work
+        return Manifest(settings, num_shards)
+    manifest = read_manifest(uri, require_complete=False)
+    changed = [f"{k}: {manifest.settings.get(k)!r} -> {v!r}" for k, v in settings.items()
+               if manifest.settings.get(k) != v]
+    if changed:
+        raise DataError(f"{uri} already holds shards prepared with other settings ({'; '.join(changed)}); "
+                        "use another data.uri or remove the folder")
+    present = {u.rsplit("/", 1)[-1] for u in storage.listdir(uri)}
+    manifest.shards = [s for s in manifest.shards if s["name"] in present]
+    return manifest
+
+
+def _concurrency(cfg: Config, num_chunks: int) -> int:
+    import ray
+
+    if cfg.data.prepare_workers > 0:
+        count = cfg.data.prepare_workers
+    elif cfg.ray.use_gpu:
+        count = int(ray.cluster_resources().get("GPU", 0) // cfg.ray.gpus_per_worker)
+        if count == 0:
+            raise DataError("ray.use_gpu=true but the Ray cluster has no GPUs")
+    else:
+        count = int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_worker)
+    return max(1, min(count, num_chunks))
+
+
+_ENCODERS: dict[str, ShardEncoder] = {}  # per worker process: loaded once, reused by later chunks
+
+
+def encode_chunk(cfg_dict: dict, settings: dict, chunk: sources.Chunk, uri: str) -> dict:
+    """A Ray task: encode one chunk into its shard with this process's (cached) encoders."""
+    key = json.dumps([settings, cfg_dict["data"], cfg_dict["model"], cfg_dict["storage"]], sort_keys=True)
+    if key not in _ENCODERS:
+        _ENCODERS.clear()  # one set of models per process
+        _ENCODERS[key] = ShardEncoder(cfg_dict, settings)
+    return _ENCODERS[key].encode(chunk, uri)
+
+
+def prepare(cfg: Config) -> PrepareResult:
+    """Encode `data.source` into shards under `data.uri` (or `{storage.root}/data/{storage.run}`)."""
+    import ray
+    from tqdm import tqdm
+
+    uri = cli.data_url(cfg)
+    # 1. Plan and validate
+    settings, source_plan = plan(cfg)
+    manifest = _existing(uri, settings, len(source_plan.chunks))
+    done = manifest.done()
+    todo = [c for c in source_plan.chunks if c.index not in done]
+    if not todo:
+        if not manifest.complete:
+            manifest.complete = True
+            write_manifest(uri, manifest)
+        log.info("%s: all %d shards already prepared", uri, manifest.num_shards)
+        return PrepareResult(uri, manifest, 0, len(done))
+    manifest.complete = False
+    write_manifest(uri, manifest)
+    config_lib.save(cfg, storage.join(uri, "prepare.config.yaml"))
+    # 2. Fan out
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address)
+    concurrency = _concurrency(cfg, len(todo))
+    task = ray.remote(encode_chunk).options(
+        num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0, max_retries=2)
+    cfg_ref, queue, running = ray.put(cfg.to_dict()), list(reversed(todo)), []
+    log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
+    last_write = time.monotonic()
+    try:
+        with tqdm(total=sum(c.size_hint for c in todo) or None, unit="img", desc=f"prepare {uri}",
+                  mininterval=2.0) as bar:
+            while queue or running:
+                while queue and len(running) < concurrency:
+                    running.append(task.remote(cfg_ref, settings, queue.pop(), uri))
+                finished, running = ray.wait(running, num_returns=1)
+                record = ray.get(finished[0])
+                manifest.add(record)
+                bar.update(record["inputs"])
+                if record["bad"]:
+                    log.warning("%s: %d unreadable inputs, e.g. %s", record["name"], len(record["bad"]),
+                                record["bad"][0])
+                if time.monotonic() - last_write > MANIFEST_EVERY_S:
+                    write_manifest(uri, manifest)
+                    last_write = time.monotonic()
+    finally:
+        write_manifest(uri, manifest)  # what finished survives an interruption
+        for ref in running:
+            ray.cancel(ref)
+    # 3. Complete
+    manifest.complete = True
+    write_manifest(uri, manifest)
+    log.info("%s: %d samples in %d shards, %d unreadable inputs", uri, manifest.num_samples,
+             manifest.num_shards, manifest.bad_inputs)
+    return PrepareResult(uri, manifest, len(todo), len(done))

@@ -1,0 +1,257 @@
+"""The streaming reader the trainer iterates: `LatentStream`, infinite batches from shards on any storage URL.
+
+    stream = LatentStream(cfg.data.uri, batch_size=32, rank=rank, world_size=world, seed=cfg.train.seed,
+                          num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                          on_error=cfg.data.on_error)
+    stream.load_state_dict(checkpoint["data"])     # or LatentStream(..., start_step=step)
+    for batch in stream:                           # batch["x"]: (B, C, H, W) float32, ready for the model
+        ...                                        # batch["y"]: (B,) int64, or batch["t5"]: (B, 1, L, C)
+        checkpoint["data"] = stream.state_dict()   # and batch["t5_mask"]: (B, L) int64
+
+`LatentStream.from_config(cfg, rank, world_size)` fills the arguments from a `Config`. `batch["index"]`
+(B,) int64 is each sample's position in the manifest's order (shard by shard), for bookkeeping.
+
+Shards are read whole through `storage` (fsspec: file://, s3://, memory://), checked against the
+manifest's size and sha256, and split over ranks and DataLoader workers as `order` describes, so
+every rank yields the same number of batches per epoch and training runs by steps, forever, over
+reshuffled shards. Batch i of a rank comes from its worker i mod num_workers; a batch's samples are
+a pure function of (seed, rank, step): `start_step` (or `load_state_dict`) resumes exactly.
+
+Per sample, with `default_rng([seed, epoch, index, 2])`: the flipped latent is taken with
+probability 1/2 (when prepared with `data.flip`), a `mean_std` latent is sampled as
+mean + std * noise, and the result is multiplied by the manifest's scale factor (1 for pixel data,
+which is therefore yielded unchanged).
+
+A missing or corrupt shard raises `ShardError` naming it; with `on_error="skip"` it is skipped,
+logged and counted (`metrics()`), and later batches fill up from the next samples. A resume is
+exact with skips too when it goes through `state_dict`, which records each worker's position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dydit_dist import storage
+from dydit_dist.data.manifest import Manifest, read_manifest, shard_url
+from dydit_dist.data.order import per_consumer, segment, shuffle_order
+from dydit_dist.data.shards import Decoded, ShardError, decode_sample, unpack
+
+log = logging.getLogger(__name__)
+
+
+class _Consumer:
+    """The sample stream of one DataLoader worker of one rank: (position, sample) pairs, forever."""
+
+    def __init__(self, uri: str, manifest: Manifest, seed: int, consumer: int, num_consumers: int,
+                 shuffle_buffer: int, on_error: str, prefetch: int):
+        self.uri, self.settings, self.shards = uri, manifest.settings, manifest.shards
+        self.counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
+        self.first_index = np.cumsum(self.counts) - self.counts  # global index of each shard's first sample
+        self.q = per_consumer(int(self.counts.sum()), num_consumers)
+        self.seed, self.consumer, self.num_consumers = seed, consumer, num_consumers
+        self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, max(1, prefetch)
+        self.skipped: list[tuple[str, int]] = []  # (shard, samples) since the last take_skipped()
+
+    def take_skipped(self) -> list[tuple[str, int]]:
+        skipped, self.skipped = self.skipped, []
+        return skipped
+
+    def samples(self, start: int):
+        epoch, position = divmod(start, self.q)
+        with ThreadPoolExecutor(max_workers=self.prefetch) as pool:
+            while True:
+                yield from self._epoch(pool, epoch, position)
+                epoch, position = epoch + 1, 0
+
+    def _fetch(self, shard: int) -> bytes:
+        url, entry = shard_url(self.uri, shard), self.shards[shard]
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise ShardError(f"missing shard {url} (listed in the manifest)") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise ShardError(f"corrupt shard {url}: {len(data)} bytes with sha256 {digest[:12]}..., the manifest "
+                             f"has {entry['bytes']} bytes with sha256 {entry['sha256'][:12]}...")
+        return data
+
+    def _epoch(self, pool: ThreadPoolExecutor, epoch: int, start: int):
+        q = self.q
+        order = shuffle_order(q, self.shuffle_buffer, self.seed, epoch, self.consumer)
+        emitted_at = np.empty(q, dtype=np.int64)
+        emitted_at[order] = np.arange(q)
+        pieces = [p for p in segment(self.counts, self.seed, epoch, self.consumer, self.num_consumers)
+                  if emitted_at[p.first : p.first + p.stop - p.start].max() >= start]
+        futures = deque(pool.submit(self._fetch, p.shard) for p in pieces[: self.prefetch])
+        pending: dict[int, tuple[Decoded, int]] = {}
+        missing: set[int] = set()
+        position = start
+        for i, piece in enumerate(pieces):
+            future = futures.popleft()
+            if i + self.prefetch < len(pieces):
+                futures.append(pool.submit(self._fetch, pieces[i + self.prefetch].shard))
+            positions = range(piece.first, piece.first + piece.stop - piece.start)
+            try:
+                pending.update(self._load(future.result(), piece, positions, start, emitted_at))
+            except ShardError as err:
+                if self.on_error != "skip":
+                    raise
+                lost = sum(1 for p in positions if emitted_at[p] >= start)
+                log.warning("skipping %s (%d samples): %s", shard_url(self.uri, piece.shard), lost, err)
+                self.skipped.append((self.shards[piece.shard]["name"], lost))
+                missing.update(positions)
+            while position < q and (int(order[position]) in pending or int(order[position]) in missing):
+                item = pending.pop(int(order[position]), None)
+                if item is not None:
+                    yield epoch * q + position, self._transform(*item, epoch)
+                position += 1
+        assert position == q, f"consumer {self.consumer} stopped at {position} of {q} in epoch {epoch}"
+
+    def _load(self, data: bytes, piece, positions: range, start: int, emitted_at: np.ndarray) -> dict:
+        url = shard_url(self.uri, piece.shard)
+        samples = unpack(data, url)
+        if len(samples) != self.counts[piece.shard]:
+            raise ShardError(f"corrupt shard {url}: {len(samples)} samples, the manifest says "
+                             f"{self.counts[piece.shard]}")
+        first = int(self.first_index[piece.shard])
+        return {p: (decode_sample(samples[piece.start + k], url), first + piece.start + k)
+                for k, p in enumerate(positions) if emitted_at[p] >= start}
+
+    def _transform(self, sample: Decoded, index: int, epoch: int) -> dict:
+        s = self.settings
+        rng = None
+        if s["flip"] or s["latent_storage"] == "mean_std":
+            rng = np.random.default_rng([self.seed, epoch, index, 2])
+        latent = sample.latent_flip if s["flip"] and rng.random() < 0.5 else sample.latent
+        x = latent.astype(np.float32)
+        if s["latent_storage"] == "mean_std":
+            x = x[0] + x[1] * rng.standard_normal(x.shape[1:], dtype=np.float32)  # (C, h, w)
+        if s["scale_factor"] != 1.0:
+            x *= np.float32(s["scale_factor"])
+        out = {"x": x, "index": index}
+        if sample.label is not None:
+            out["y"] = sample.label
+        if sample.t5 is not None:
+            out["t5"], out["t5_mask"] = sample.t5, sample.t5_mask
+        return out
+
+
+def _collate(samples: list[dict], settings: dict) -> dict:
+    out = {"x": torch.from_numpy(np.stack([s["x"] for s in samples])),  # (B, C, H, W)
+           "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+    if settings["conditioning"] == "class":
+        out["y"] = torch.tensor([s["y"] for s in samples], dtype=torch.int64)
+    else:
+        t5 = np.zeros((len(samples), 1, settings["text_len"], settings["text_dim"]), dtype=np.float32)
+        for i, s in enumerate(samples):
+            t5[i, 0, : len(s["t5"])] = s["t5"]  # stored without the padding rows
+        out["t5"] = torch.from_numpy(t5)  # (B, 1, L, C)
+        out["t5_mask"] = torch.from_numpy(np.stack([s["t5_mask"] for s in samples]).astype(np.int64))  # (B, L)
+    return out
+
+
+class _Batches(IterableDataset):
+    """Batches of one rank's workers; DataLoader worker j plays logical worker (j + rotation) mod W."""
+
+    def __init__(self, uri, manifest, batch_size, rank, num_workers, world_size, seed, shuffle_buffer,
+                 on_error, prefetch, positions, rotation):
+        super().__init__()
+        self.uri, self.manifest, self.batch_size = uri, manifest, batch_size
+        self.rank, self.num_workers, self.world_size, self.seed = rank, num_workers, world_size, seed
+        self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, prefetch
+        self.positions, self.rotation = positions, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % self.num_workers
+        consumer = _Consumer(self.uri, self.manifest, self.seed, self.rank * self.num_workers + worker,
+                             self.world_size * self.num_workers, self.shuffle_buffer, self.on_error, self.prefetch)
+        batch = []
+        for position, sample in consumer.samples(self.positions[worker]):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                out = _collate(batch, self.manifest.settings)
+                out.update(_worker=worker, _position=position + 1, _skipped=consumer.take_skipped())
+                yield out
+                batch = []
+
+
+class LatentStream:
+    """Infinite batches of one rank, deterministic for (seed, rank, step); see the module docstring."""
+
+    def __init__(self, uri: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_step: int = 0, num_workers: int = 2, shuffle_buffer: int = 1000, on_error: str = "raise",
+                 prefetch_shards: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None):
+        if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or start_step < 0:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, start_step >= 0; "
+                             f"got {batch_size}, {rank}, {world_size}, {num_workers}, {start_step}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r} is not one of ['raise', 'skip']")
+        self.uri, self.manifest = uri, read_manifest(uri)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.num_workers, self.loader_workers = max(1, num_workers), num_workers
+        self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, prefetch_shards
+        self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
+        self.samples_per_epoch = self.num_workers * per_consumer(self.manifest.num_samples,
+                                                                 world_size * self.num_workers)
+        self.skipped_shards, self.skipped_samples = 0, 0
+        self.seek(start_step)
+
+    @classmethod
+    def from_config(cls, cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, **kwargs) -> LatentStream:
+        """The stream of one rank for a `Config`: `cli.data_url(cfg)`, micro-batch, `train.seed`, `data.*`."""
+        from dydit_dist.cli import data_url
+
+        return cls(data_url(cfg), cfg.train.micro_batch_size, rank=rank, world_size=world_size,
+                   seed=cfg.train.seed, start_step=start_step, num_workers=cfg.data.num_workers,
+                   shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, **kwargs)
+
+    def seek(self, step: int) -> None:
+        """Continue at `step` (exact when no shard was skipped before it; else use load_state_dict)."""
+        self.step = step
+        self.positions = [(step - w + self.num_workers - 1) // self.num_workers * self.batch_size
+                          for w in range(self.num_workers)]
+
+    def _layout(self) -> dict:
+        return {"batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "seed": self.seed, "num_samples": self.manifest.num_samples}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "positions": list(self.positions), "skipped_shards": self.skipped_shards,
+                "skipped_samples": self.skipped_samples, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = {k: (v, state["layout"].get(k)) for k, v in self._layout().items() if state["layout"].get(k) != v}
+        if changed:
+            raise ValueError("the data stream cannot resume with a different layout: " +
+                             ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in changed.items()))
+        self.step, self.positions = state["step"], list(state["positions"])
+        self.skipped_shards, self.skipped_samples = state["skipped_shards"], state["skipped_samples"]
+
+    def metrics(self) -> dict:
+        return {"data/skipped_shards": self.skipped_shards, "data/skipped_samples": self.skipped_samples}
+
+    def __iter__(self):
+        dataset = _Batches(self.uri, self.manifest, self.batch_size, self.rank, self.num_workers, self.world_size,
+                           self.seed, self.shuffle_buffer, self.on_error, self.prefetch, list(self.positions),
+                           rotation=self.step % self.num_workers)
+        if self.loader_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.loader_workers,
+                                      pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context))
+        for batch in batches:
+            worker = batch.pop("_worker")
+            assert worker == self.step % self.num_workers, f"batch of worker {worker} at step {self.step}"
+            self.positions[worker] = batch.pop("_position")
+            for _name, lost in batch.pop("_skipped"):
+                self.skipped_shards, self.skipped_samples = self.skipped_shards + 1, self.skipped_samples + lost
+            self.step += 1
+            yield batch

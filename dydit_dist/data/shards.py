@@ -1,0 +1,192 @@
+"""One WebDataset shard: a plain tar whose members `{key}.{ext}` are grouped into samples by key.
+
+Members of a sample (all written by `sample_files`, read back by `decode_sample`):
+
+    {key}.latent.npy       the model input before scaling: (C, h, w) for `sample` and pixel storage,
+                           (2, C, h, w) = [mean, std] of the VAE posterior for `mean_std` storage
+    {key}.latent_flip.npy  the same for the horizontally flipped image (only with `data.flip`)
+    {key}.cls              class index as ASCII text (class-conditional data)
+    {key}.t5.npy           T5 features of the caption's real tokens, (n, C) with n = mask.sum()
+    {key}.t5mask.npy       the tokenizer's attention mask, (L,) uint8 (L = model_max_length)
+    {key}.json             where the sample came from: {"source": url, "caption": ...}
+
+Arrays are `.npy` (never pickles). Shards are built in memory and written whole by the caller, with
+fixed member metadata so that the same samples always give the same bytes (and sha256).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Input data that does not fit what was asked for; the message names the input."""
+
+
+class ShardError(DataError):
+    """A shard that is missing, truncated or does not match its manifest entry (named in the message)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}  # header bytes -> (dtype, shape, fortran)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An `.npy` payload as a (read-only) array; headers seen before are not parsed again."""
+    if data[:8] != b"\x93NUMPY\x01\x00":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    end = 10 + int.from_bytes(data[8:10], "little")
+    header = bytes(data[:end])
+    meta = _NPY_HEADERS.get(header)
+    if meta is None:
+        stream = io.BytesIO(data)
+        np.lib.format.read_magic(stream)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        meta = (dtype, shape, fortran)
+        if len(_NPY_HEADERS) < 1024:
+            _NPY_HEADERS[header] = meta
+    dtype, shape, fortran = meta
+    count = int(np.prod(shape))
+    if len(data) - end != count * dtype.itemsize:
+        raise ValueError(f"npy payload of {len(data) - end} bytes, expected {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape, order="F" if fortran else "C")
+
+
+def sample_files(
+    key: str,
+    latent: np.ndarray,
+    *,
+    latent_flip: np.ndarray | None = None,
+    label: int | None = None,
+    t5: np.ndarray | None = None,
+    t5_mask: np.ndarray | None = None,
+    meta: dict | None = None,
+) -> dict[str, bytes]:
+    """The members of one sample, extension -> bytes. `key` must not contain a dot."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+    files = {"latent.npy": npy_bytes(latent)}
+    if latent_flip is not None:
+        files["latent_flip.npy"] = npy_bytes(latent_flip)
+    if label is not None:
+        files["cls"] = str(int(label)).encode()
+    if t5 is not None:
+        assert t5_mask is not None, "T5 features need their mask"
+        files["t5.npy"] = npy_bytes(t5)
+        files["t5mask.npy"] = npy_bytes(t5_mask.astype(np.uint8))
+    files["json"] = json.dumps(meta or {}, sort_keys=True).encode()
+    return {"__key__": key.encode(), **files}
+
+
+def pack(samples: list[dict[str, bytes]]) -> bytes:
+    """Tar bytes of the samples, in order; same input, same bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for files in samples:
+            key = files["__key__"].decode()
+            for ext, data in files.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class _NotUstar(Exception):
+    """A member the fast path does not handle (long names, pax headers, links): use tarfile."""
+
+
+def _ustar_members(data: bytes):
+    """(name, payload) of a plain ustar archive's regular files; the fast path for shards we wrote."""
+    offset = 0
+    while offset + 512 <= len(data):
+        header = data[offset : offset + 512]
+        if header.count(0) == 512:
+            return
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0", b"5"):
+            raise _NotUstar
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.HeaderError(f"bad header checksum at byte {offset}")
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        start = offset + 512
+        if start + size > len(data):
+            raise EOFError(f"member {name.decode(errors='replace')} runs past the end of the archive")
+        if header[156:157] != b"5":
+            yield (prefix + b"/" + name if prefix else name).decode(), data[start : start + size]
+        offset = start + (size + 511) // 512 * 512
+    raise EOFError("archive ends without its end-of-archive blocks")
+
+
+def _tarfile_members(data: bytes):
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+
+
+def unpack(data: bytes, url: str) -> list[dict[str, bytes]]:
+    """Samples of a shard's bytes, in order, grouped by key as webdataset does (ShardError if broken)."""
+    try:
+        try:
+            members = list(_ustar_members(data))
+        except _NotUstar:
+            members = list(_tarfile_members(data))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise ShardError(f"corrupt shard {url}: not a readable tar ({type(err).__name__}: {err})") from err
+    samples: list[dict[str, bytes]] = []
+    for name, payload in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        key = (f"{folder}/{stem}" if folder else stem).encode()
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][ext] = payload
+    return samples
+
+
+@dataclass
+class Decoded:
+    """A sample's arrays as stored (before sampling, flipping or scaling)."""
+
+    latent: np.ndarray  # (C, h, w) or (2, C, h, w)
+    latent_flip: np.ndarray | None
+    label: int | None
+    t5: np.ndarray | None  # (n, C_text)
+    t5_mask: np.ndarray | None  # (L,)
+
+
+def decode_sample(files: dict[str, bytes], url: str) -> Decoded:
+    """Arrays of one sample's members; ShardError naming the shard and key when one is unreadable."""
+    key = files.get("__key__", b"?").decode()
+    try:
+        return Decoded(
+            latent=load_npy(files["latent.npy"]),
+            latent_flip=load_npy(files["latent_flip.npy"]) if "latent_flip.npy" in files else None,
+            label=int(files["cls"]) if "cls" in files else None,
+            t5=load_npy(files["t5.npy"]) if "t5.npy" in files else None,
+            t5_mask=load_npy(files["t5mask.npy"]) if "t5mask.npy" in files else None,
+        )
+    except (KeyError, ValueError, OSError, EOFError) as err:
+        raise ShardError(f"corrupt shard {url}: sample {key!r} unreadable ({type(err).__name__}: {err})") from err

@@ -1,0 +1,220 @@
+"""Inputs of the prepare job, listed and split into chunks (one output shard per chunk) before any work.
+
+`data.source_format`:
+- `imagefolder`: `data.source` is a folder with one subfolder per class (torchvision's ImageFolder:
+  class index = position of the folder name in sorted order, images found recursively).
+- `captions`: `data.source` is a `.csv` (header row) or `.jsonl` file with an image column (`path`,
+  `image` or `file_name`; relative to the file's folder, or a URL) and a caption column
+  (`caption` or `text`).
+- `webdataset`: `data.source` is a tar URL, a brace pattern (`.../train-{000000..000146}.tar`), a glob,
+  or a folder of `.tar` files; each sample has an image (`jpg`, `png`, ...) and `cls` or a caption
+  (`txt`, `caption`, or `json["caption"]`). One output shard per input tar.
+
+Images are center-cropped and resized as the DiT reference does (ADM's `center_crop_arr`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+
+from dydit_dist import storage
+from dydit_dist.data.shards import DataError, unpack
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "gif", "tif", "tiff")
+_PATH_COLUMNS = ("path", "image", "file_name")
+_CAPTION_COLUMNS = ("caption", "text")
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # unique, no dots: the sample key in the shard
+    url: str
+    label: int | None = None
+    caption: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int  # output shard index
+    items: tuple[Item, ...] = ()  # imagefolder / captions
+    tar: str | None = None  # webdataset: one input tar
+
+    @property
+    def size_hint(self) -> int:
+        return len(self.items) if self.tar is None else 0
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    chunks: tuple[Chunk, ...]
+    num_inputs: int  # images (imagefolder, captions) or tars (webdataset)
+    digest: str  # sha256 of the listing: a changed source cannot resume into old shards
+    classes: tuple[str, ...] = ()
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _is_image(url: str) -> bool:
+    return url.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _chunks(items: list[Item], shard_size: int) -> tuple[Chunk, ...]:
+    return tuple(Chunk(i, tuple(items[s : s + shard_size])) for i, s in enumerate(range(0, len(items), shard_size)))
+
+
+def plan_imagefolder(source: str, num_classes: int, shard_size: int) -> SourcePlan:
+    """One item per image, labels from sorted class folder names; DataError for a bad layout."""
+    fs, root = storage.filesystem(source)
+    if not storage.exists(source):
+        raise DataError(f"data.source={source} does not exist")
+    entries = fs.ls(root, detail=True)
+    folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+    stray = [e["name"] for e in entries if e["type"] != "directory" and _is_image(e["name"])]
+    if stray:
+        raise DataError(
+            f"data.source={source} has images outside class folders (e.g. {stray[0]}); the imagefolder "
+            "layout is one subfolder per class"
+        )
+    items, empty = [], []
+    for label, name in enumerate(folders):
+        urls = [u for u in storage.find(storage.join(source, name)) if _is_image(u)]
+        if not urls:
+            empty.append(name)
+        items += [Item(f"{len(items) + i:09d}", u, label=label) for i, u in enumerate(urls)]
+    if not items:
+        raise DataError(f"data.source={source} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders")
+    if empty:
+        raise DataError(f"data.source={source}: class folders without images: {', '.join(empty)}")
+    if len(folders) != num_classes:
+        raise DataError(
+            f"data.source={source} has {len(folders)} class folders but model.num_classes={num_classes}; "
+            f"folders: {', '.join(folders[:10])}{' ...' if len(folders) > 10 else ''}"
+        )
+    digest = _digest([f"{it.url}\t{it.label}" for it in items])
+    return SourcePlan(_chunks(items, shard_size), len(items), digest, tuple(folders))
+
+
+def _column(row: dict, names: tuple[str, ...], source: str, line: int) -> str:
+    for name in names:
+        if row.get(name) not in (None, ""):
+            return str(row[name])
+    raise DataError(f"{source} line {line}: needs one of the columns {list(names)}, got {sorted(row)}")
+
+
+def plan_captions(source: str, shard_size: int) -> SourcePlan:
+    """One item per row of a CSV or JSONL file of image path + caption."""
+    try:
+        text = storage.read_bytes(source).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data.source={source} does not exist") from None
+    if source.endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif source.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        raise DataError(f"data.source={source}: captions must be a .csv or .jsonl file")
+    folder = source.rsplit("/", 1)[0] if "/" in source else "."
+    items = []
+    for i, row in enumerate(rows):
+        path = _column(row, _PATH_COLUMNS, source, i + 2)
+        url = path if "://" in path or path.startswith("/") else storage.join(folder, path)
+        items.append(Item(f"{i:09d}", url, caption=_column(row, _CAPTION_COLUMNS, source, i + 2)))
+    if not items:
+        raise DataError(f"data.source={source} lists no images")
+    digest = _digest([f"{it.url}\t{it.caption}" for it in items])
+    return SourcePlan(_chunks(items, shard_size), len(items), digest)
+
+
+def plan_webdataset(source: str) -> SourcePlan:
+    """One chunk per input tar (brace patterns, globs and folders expanded, sorted)."""
+    urls: list[str] = []
+    for pattern in braceexpand(source):
+        if pattern.endswith(".tar") and not any(c in pattern for c in "*?["):
+            if storage.exists(pattern):
+                urls.append(pattern)
+        elif any(c in pattern for c in "*?["):
+            urls += storage.glob(pattern)
+        else:
+            urls += [u for u in storage.listdir(pattern) if u.endswith(".tar")]
+    urls = sorted(set(urls))
+    if not urls:
+        raise DataError(f"data.source={source} matches no .tar files")
+    return SourcePlan(tuple(Chunk(i, tar=u) for i, u in enumerate(urls)), len(urls), _digest(urls))
+
+
+def plan_source(cfg, conditioning: str) -> SourcePlan:
+    """The chunks of `cfg.data.source`; DataError when it is empty or does not fit the model."""
+    d = cfg.data
+    if not d.source:
+        raise DataError("data.source is not set: give the input images (folder, tar pattern, csv/jsonl)")
+    if d.source_format == "imagefolder":
+        if conditioning != "class":
+            raise DataError(f"data.source_format=imagefolder gives class labels; model.name={cfg.model.name} "
+                            "needs captions (data.source_format=captions)")
+        return plan_imagefolder(d.source, cfg.model.num_classes, d.shard_size)
+    if d.source_format == "captions":
+        if conditioning != "caption":
+            raise DataError(f"data.source_format=captions gives captions; model.name={cfg.model.name} "
+                            "needs class labels (data.source_format=imagefolder)")
+        return plan_captions(d.source, d.shard_size)
+    return plan_webdataset(d.source)
+
+
+def iter_chunk(chunk: Chunk, conditioning: str) -> Iterator[tuple[Item, bytes | None, str | None]]:
+    """(item, image bytes or None, error or None) for every input of a chunk, in order."""
+    if chunk.tar is None:
+        for item in chunk.items:
+            try:
+                yield item, storage.read_bytes(item.url), None
+            except FileNotFoundError as err:
+                yield item, None, str(err)
+        return
+    stem = chunk.tar.rsplit("/", 1)[-1].removesuffix(".tar")
+    for j, files in enumerate(unpack(storage.read_bytes(chunk.tar), chunk.tar)):
+        url = f"{chunk.tar}#{files['__key__'].decode()}"
+        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        label, caption, error = None, None, None
+        try:
+            if conditioning == "class":
+                label = int(files["cls"])
+            else:
+                caption = next((files[e].decode() for e in ("txt", "caption") if e in files), None)
+                caption = caption or json.loads(files["json"])["caption"]
+        except (KeyError, ValueError) as err:
+            error = f"no {'cls' if conditioning == 'class' else 'caption'} ({type(err).__name__}: {err})"
+        if image is None:
+            error = f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"
+        yield Item(f"{stem.replace('.', '_')}-{j:06d}", url, label, caption), image, error
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's center crop (guided-diffusion image_datasets.py), as in the DiT training script."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+def load_image(data: bytes, image_size: int, mode: str = "RGB") -> np.ndarray:
+    """Decoded, converted to `mode` ('RGB', 'L' or 'RGBA'), center-cropped: uint8 (H, W, C)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        image = image.convert(mode)
+    arr = np.asarray(center_crop_arr(image, image_size))
+    return arr[:, :, None] if arr.ndim == 2 else arr

@@ -1,0 +1,155 @@
+"""Shard format, source listing, ADM center crop, and the VAE / T5 / pixel encoders (no Ray)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dydit_dist import config
+from dydit_dist.data import DataError, ShardError, pipeline, sources
+from dydit_dist.data.encoders import ImageEncoder, TextEncoder
+from dydit_dist.data.shards import decode_sample, pack, sample_files, unpack
+
+
+def test_shard_round_trip_is_deterministic_and_webdataset_readable(tmp_path):
+    import webdataset as wds
+
+    samples = [sample_files(f"{i:09d}", np.full((2, 4, 2, 2), i, np.float16), label=i, meta={"source": f"s{i}"})
+               for i in range(3)]
+    data = pack(samples)
+    assert pack(samples) == data
+    back = [decode_sample(files, "x.tar") for files in unpack(data, "x.tar")]
+    assert [s.label for s in back] == [0, 1, 2] and back[2].latent.shape == (2, 4, 2, 2)
+    assert back[1].latent.dtype == np.float16 and float(back[1].latent.max()) == 1.0
+    (tmp_path / "s.tar").write_bytes(data)
+    keys = [(s["__key__"], s["cls"]) for s in wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False)]
+    assert keys == [("000000000", b"0"), ("000000001", b"1"), ("000000002", b"2")]
+    with pytest.raises(ShardError, match="corrupt shard bad.tar"):
+        unpack(data[:700], "bad.tar")
+
+
+def test_center_crop_matches_adm():
+    # A 96x64 image with a bright column in the middle: box-halved to 48x32, bicubic to 36x24... then cropped.
+    arr = np.zeros((64, 96, 3), np.uint8)
+    arr[:, 44:52] = 255
+    out = np.asarray(sources.center_crop_arr(Image.fromarray(arr), 16))
+    assert out.shape == (16, 16, 3)
+    assert out[:, 8].mean() > 200 and out[:, 0].mean() < 10  # the column stays centred
+    small = np.asarray(sources.center_crop_arr(Image.fromarray(arr[:20, :30]), 16))
+    assert small.shape == (16, 16, 3)
+
+
+def test_imagefolder_plan_and_layout_errors(image_source, tmp_path):
+    plan = sources.plan_imagefolder(image_source["folder"], num_classes=3, shard_size=8)
+    assert plan.num_inputs == 50 and len(plan.chunks) == 7 and plan.classes == ("class_0", "class_1", "class_2")
+    labels = [item.label for chunk in plan.chunks for item in chunk.items]
+    assert labels == sorted(labels) and set(labels) == {0, 1, 2}
+    with pytest.raises(DataError, match="3 class folders but model.num_classes=10"):
+        sources.plan_imagefolder(image_source["folder"], num_classes=10, shard_size=8)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        sources.plan_imagefolder(str(tmp_path / "empty"), num_classes=1, shard_size=8)
+    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / "stray.png")
+    with pytest.raises(DataError, match="images outside class folders"):
+        sources.plan_imagefolder(str(tmp_path / "empty"), num_classes=1, shard_size=8)
+
+
+def test_captions_and_webdataset_plans(image_source, tmp_path):
+    plan = sources.plan_captions(image_source["captions"], shard_size=16)
+    assert plan.num_inputs == 49 and plan.chunks[0].items[0].caption
+    assert plan.chunks[0].items[0].url.startswith(image_source["folder"])
+    (tmp_path / "bad.csv").write_text("file,words\nx.png,hello\n")
+    with pytest.raises(DataError, match=r"line 2: needs one of the columns \['path', 'image', 'file_name'\]"):
+        sources.plan_captions(str(tmp_path / "bad.csv"), shard_size=4)
+    for i in range(3):
+        (tmp_path / f"in-{i:03d}.tar").write_bytes(pack([]))
+    assert sources.plan_webdataset(str(tmp_path / "in-{000..002}.tar")).num_inputs == 3
+    assert sources.plan_webdataset(str(tmp_path / "in-*.tar")).num_inputs == 3
+    with pytest.raises(DataError, match="matches no .tar files"):
+        sources.plan_webdataset(str(tmp_path / "nothing-{0..3}.tar"))
+
+
+def test_plan_rejects_configs_that_do_not_fit(image_source, tiny_vae):
+    base = [f"data.source={image_source['folder']}", "model.num_classes=3", "model.image_size=32"]
+    with pytest.raises(DataError, match="data.vae=none stores pixels: model.vae_downsample must be 1"):
+        pipeline.plan(config.load("debug", [*base, "model.vae_downsample=8"]))
+    with pytest.raises(DataError, match="downsamples by 8, model.vae_downsample=4"):
+        pipeline.plan(config.load("debug", [*base, f"data.vae={tiny_vae}", "model.vae_downsample=4"]))
+    with pytest.raises(DataError, match="scaling_factor 0.18215 != data.vae_scale_factor=0.13025"):
+        pipeline.plan(config.load("debug", [*base, f"data.vae={tiny_vae}", "model.vae_downsample=8",
+                                            "data.vae_scale_factor=0.13025"]))
+    with pytest.raises(DataError, match="needs captions"):
+        pipeline.plan(config.load("pixart_xl2_256", [f"data.source={image_source['folder']}",
+                                                     "data.source_format=imagefolder"]))
+    with pytest.raises(config.ConfigError, match="divisible by model.vae_downsample x patch size"):
+        config.load("debug", [*base, f"data.vae={tiny_vae}", "model.vae_downsample=8", "model.image_size=40"])
+    settings, plan = pipeline.plan(config.load("debug", [*base, f"data.vae={tiny_vae}", "model.vae_downsample=8"]))
+    assert settings["latent_shape"] == [4, 4, 4] and settings["stored_shape"] == [2, 4, 4, 4]
+
+
+def test_pixel_encoder():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    out = ImageEncoder("none", channels=3, storage="mean_std")(images, [0, 1])
+    assert out.shape == (2, 3, 8, 8) and out.dtype == np.float16
+    np.testing.assert_allclose(out, images.transpose(0, 3, 1, 2) / 127.5 - 1, atol=1e-3)
+    with pytest.raises(ValueError, match="in_channels in"):
+        ImageEncoder("none", channels=2, storage="sample")
+
+
+def test_vae_encoder_stores_unscaled_posterior(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    mean_std = ImageEncoder(tiny_vae, 4, "mean_std", dtype="float32", device="cpu")(images, [5, 6])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        dist = AutoencoderKL.from_pretrained(tiny_vae).encode(x).latent_dist
+    assert mean_std.shape == (2, 2, 4, 4, 4)
+    np.testing.assert_allclose(mean_std[:, 0], dist.mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean_std[:, 1], dist.std.numpy(), rtol=1e-5, atol=1e-6)
+    sampler = ImageEncoder(tiny_vae, 4, "sample", dtype="float32", seed=3, device="cpu")
+    a, b = sampler(images, [5, 6]), sampler(images[::-1].copy(), [6, 5])
+    np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-6)  # noise follows the sample, not the batch
+    assert not np.allclose(a, mean_std[:, 0])
+
+
+def test_text_encoder_masks_and_truncates(tiny_t5):
+    encoder = TextEncoder(tiny_t5, None, max_length=6, device="cpu")
+    features, mask = encoder(["a red square", "a big blue circle on the noisy background"])
+    assert mask.shape == (2, 6) and mask.dtype == np.uint8
+    assert mask.sum(1).tolist() == [4, 6]  # 3 words + </s>; the long one truncated to 6
+    assert [f.shape for f in features] == [(4, 32), (6, 32)] and features[0].dtype == np.float16
+
+
+def test_load_image_modes():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 36), (255, 0, 0)).save(buf, format="PNG")
+    assert sources.load_image(buf.getvalue(), 16, "RGB").shape == (16, 16, 3)
+    assert sources.load_image(buf.getvalue(), 16, "L").shape == (16, 16, 1)
+    assert sources.load_image(buf.getvalue(), 16, "RGBA")[0, 0].tolist() == [255, 0, 0, 255]
+
+
+def test_unpack_reads_any_tar_and_npy_layout():
+    import tarfile
+
+    from dydit_dist.data.shards import load_npy, npy_bytes
+
+    buf = io.BytesIO()
+    long_key = "k" * 120  # needs a GNU long-name or pax header: tarfile reads it, not the ustar fast path
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ext, data in (("cls", b"3"), ("txt", b"caption")):
+            info = tarfile.TarInfo(f"dir/{long_key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = unpack(buf.getvalue(), "pax.tar")
+    assert sample == {"__key__": f"dir/{long_key}".encode(), "cls": b"3", "txt": b"caption"}
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    stored = io.BytesIO()
+    np.save(stored, fortran)
+    assert b"'fortran_order': True" in stored.getvalue()
+    assert np.array_equal(load_npy(stored.getvalue()), fortran)
+    assert np.array_equal(load_npy(stored.getvalue()), fortran)  # second time from the header cache
+    with pytest.raises(ValueError, match="npy payload"):
+        load_npy(npy_bytes(fortran)[:-4])

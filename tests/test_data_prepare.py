@@ -1,0 +1,141 @@
+"""The prepare job on a local Ray instance, into a local folder and an S3 bucket, and reading it back."""
+
+import os
+
+import pytest
+import torch
+
+from dydit_dist import config, storage
+from dydit_dist.data import LatentStream, ManifestError, prepare, verify_manifest
+from dydit_dist.data.manifest import shard_url
+from dydit_dist.data.shards import pack
+from dydit_dist.storage import StorageError
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(preset, source, uri, *overrides, endpoint=None):
+    extra = [f"storage.endpoint_url={endpoint}"] if endpoint else []
+    return config.load(preset, [f"data.source={source}", f"data.uri={uri}", "data.shard_size=8",
+                                "data.encode_batch_size=8", *extra, *overrides])
+
+
+def _dit(image_source, uri, tiny_vae, *overrides, endpoint=None):
+    return _cfg("debug", image_source["folder"], uri, "model.num_classes=3", "model.image_size=32",
+                "model.vae_downsample=8", f"data.vae={tiny_vae}", *overrides, endpoint=endpoint)
+
+
+def _read_epoch(uri, world_size=2, num_workers=2, batch_size=4):
+    """Each rank's first epoch of batches (48 samples over 2 ranks x 2 workers: 3 batches per worker)."""
+    out = []
+    for rank in range(world_size):
+        stream = LatentStream(uri, batch_size=batch_size, rank=rank, world_size=world_size, seed=0,
+                              num_workers=num_workers, shuffle_buffer=16)
+        steps = stream.samples_per_epoch // batch_size
+        out.append([batch for _, batch in zip(range(steps), stream, strict=False)])
+    return out
+
+
+def _mtimes(uri):
+    fs, path = storage.filesystem(uri)
+    return {info["name"]: info.get("ETag") or info.get("mtime") for info in fs.ls(path, detail=True)
+            if info["name"].endswith(".tar")}
+
+
+def test_prepare_local_then_read_back_and_rerun(ray_local, image_source, tiny_vae, tmp_path):
+    uri = str(tmp_path / "latents")
+    cfg = _dit(image_source, uri, tiny_vae, "data.flip=true")
+    result = prepare(cfg)
+    manifest = result.manifest
+    assert result.encoded == 7 and manifest.complete and manifest.num_samples == 48
+    assert manifest.settings["stored_shape"] == [2, 4, 4, 4] and manifest.settings["scale_factor"] == 0.18215
+    bad = sorted(b["source"].rsplit("/", 2)[-2] + "/" + b["source"].rsplit("/", 1)[-1]
+                 for s in manifest.shards for b in s["bad"])
+    assert bad == sorted(image_source["bad"]) and manifest.bad_inputs == 2
+    verify_manifest(uri, cfg.model, cfg.data)
+
+    ranks = _read_epoch(uri)
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    seen = [i for batches in ranks for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(48))
+    assert ranks[0][0]["x"].shape == (4, 4, 4, 4) and ranks[0][0]["y"].dtype == torch.int64
+
+    before = _mtimes(uri)
+    again = prepare(cfg)
+    assert again.encoded == 0 and again.skipped == 7 and _mtimes(uri) == before  # nothing redone
+
+    # An interrupted run: one shard lost. The rerun encodes only that one, to the same bytes.
+    lost = shard_url(uri, 4)
+    old = storage.read_bytes(lost)
+    storage.remove(lost)
+    resumed = prepare(cfg)
+    assert resumed.encoded == 1 and storage.read_bytes(lost) == old
+    assert {k: v for k, v in _mtimes(uri).items() if not k.endswith("shard-000004.tar")} == \
+        {k: v for k, v in before.items() if not k.endswith("shard-000004.tar")}
+
+    with pytest.raises(ManifestError, match="num_classes=10"):
+        verify_manifest(uri, config.load("debug", ["model.image_size=32", "model.vae_downsample=8"]).model, cfg.data)
+    with pytest.raises(ValueError, match="already holds shards prepared with other settings.*latent_storage"):
+        prepare(_dit(image_source, uri, tiny_vae, "data.flip=true", "data.latent_storage=sample"))
+
+
+def test_prepare_to_s3_and_stream_from_it(ray_local, image_source, tiny_vae, s3_bucket, s3_endpoint):
+    uri = f"{s3_bucket}/data/tiny"
+    cfg = _dit(image_source, uri, tiny_vae, "data.latent_storage=sample", endpoint=s3_endpoint)
+    assert prepare(cfg).manifest.num_samples == 48
+    assert storage.exists(f"{uri}/manifest.json") and storage.exists(f"{uri}/prepare.config.yaml")
+    ranks = _read_epoch(uri)
+    seen = [i for batches in ranks for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(48))
+    resumed = LatentStream(uri, batch_size=4, rank=1, world_size=2, seed=0, num_workers=2, shuffle_buffer=16,
+                           start_step=3)
+    for expected, (_, batch) in zip(ranks[1][3:], zip(range(3), resumed, strict=False), strict=True):
+        assert torch.equal(batch["x"], expected["x"]) and torch.equal(batch["y"], expected["y"])
+
+    etags = _mtimes(uri)
+    assert len(etags) == 7
+    assert prepare(cfg).encoded == 0 and _mtimes(uri) == etags
+
+    missing = _dit(image_source, "s3://no-such-bucket/data", tiny_vae, endpoint=s3_endpoint)
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/data/manifest.json: bucket s3://no-such-bucket"):
+        prepare(missing)
+
+
+def test_prepare_captions_with_t5(ray_local, image_source, tiny_vae, tiny_t5, tmp_path):
+    uri = str(tmp_path / "captions")
+    cfg = _cfg("pixart_xl2_256", image_source["captions"], uri, "model.name=PixArt-debug", "model.image_size=32",
+               f"data.vae={tiny_vae}", f"data.text_encoder={tiny_t5}", "model.caption_channels=32",
+               "model.model_max_length=8", "ray.use_gpu=false", "ray.num_workers=1", "train.global_batch_size=32")
+    manifest = prepare(cfg).manifest
+    assert manifest.num_samples == 48 and manifest.bad_inputs == 1
+    assert manifest.settings["text_dim"] == 32 and manifest.settings["text_len"] == 8
+    verify_manifest(uri, cfg.model, cfg.data)
+    batch = next(iter(LatentStream(uri, batch_size=6, num_workers=0)))
+    assert batch["t5"].shape == (6, 1, 8, 32) and batch["t5_mask"].shape == (6, 8)
+    assert (batch["t5_mask"].sum(1) >= 3).all()  # at least 2 words and </s>
+    wrong = config.load("pixart_xl2_256", ["model.name=PixArt-debug", "model.image_size=32",
+                                           f"data.vae={tiny_vae}", f"data.text_encoder={tiny_t5}"])
+    with pytest.raises(ManifestError, match=r"T5 width 32 != model.caption_channels=4096.*caption length 8"):
+        verify_manifest(uri, wrong.model, wrong.data)
+
+
+def test_prepare_webdataset_source_and_job_entry_point(ray_local, image_source, tmp_path, capsys):
+    from jobs.prepare import main
+
+    folder = image_source["folder"]
+    for t in range(2):  # 2 input tars of 5 pixel images with their class
+        samples = []
+        for i in range(5):
+            path = os.path.join(folder, f"class_{(t + i) % 3}", f"img_{i:02d}.png")
+            samples.append({"__key__": f"img{t}{i}".encode(), "png": open(path, "rb").read(),
+                            "cls": str((t + i) % 3).encode()})
+        (tmp_path / f"train-{t:03d}.tar").write_bytes(pack(samples))
+    uri = str(tmp_path / "pixels")
+    args = ["--config", "debug", f"data.source={tmp_path}/train-{{000..001}}.tar", "data.source_format=webdataset",
+            f"data.uri={uri}", "model.num_classes=3"]
+    assert main(args) == 0
+    assert "10 samples in 2 shards (2 encoded now" in capsys.readouterr().out
+    batch = next(iter(LatentStream(uri, batch_size=5, num_workers=0)))
+    assert batch["x"].shape == (5, 4, 16, 16) and batch["x"].min() >= -1 and batch["x"].max() <= 1
+    assert main([*args[:-1], "model.num_classes=5", f"data.source={tmp_path}/nothing-*.tar"]) == 2
+    assert "matches no .tar files" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""The streaming reader: rank/worker split, determinism, exact resume, values, and shard errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from dydit_dist import config, storage
+from dydit_dist.data import LatentStream, ManifestError, ShardError, verify_manifest
+from dydit_dist.data.manifest import read_manifest, shard_url, write_manifest
+from dydit_dist.data.order import segment, shuffle_order
+from dydit_dist.data.synthetic import random_dataset, write_dataset
+
+
+def take(stream, n):
+    return [batch for _, batch in zip(range(n), stream, strict=False)]
+
+
+def indices(batches):
+    return torch.cat([b["index"] for b in batches]).tolist()
+
+
+@pytest.fixture
+def pixels(tmp_path):
+    """50 pixel-space samples (4x4x4) in uneven shards of 7: 2 samples left over per epoch on 4 consumers."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(50, 4, 4, 4)).astype(np.float16)
+    uri = str(tmp_path / "pixels")
+    write_dataset(uri, x, labels=np.arange(50) % 10, shard_size=7, num_classes=10)
+    return uri, x
+
+
+def test_order_is_a_partition():
+    counts = np.array([7, 7, 3, 7, 0, 7, 5])
+    seen = []
+    for consumer in range(4):
+        pieces = segment(counts, seed=3, epoch=1, consumer=consumer, num_consumers=4)
+        assert sum(p.stop - p.start for p in pieces) == 36 // 4
+        seen += [(p.shard, i) for p in pieces for i in range(p.start, p.stop)]
+    assert len(set(seen)) == len(seen) == 36
+    order = shuffle_order(9, buffer_size=4, seed=0, epoch=0, consumer=0)
+    assert sorted(order.tolist()) == list(range(9)) and order.tolist() != list(range(9))
+
+
+@pytest.mark.parametrize(("num_workers", "batch_size"), [(0, 5), (2, 4)])
+def test_ranks_split_each_epoch_without_duplicates(pixels, num_workers, batch_size):
+    uri, _ = pixels
+    streams = [LatentStream(uri, batch_size=batch_size, rank=r, world_size=2, seed=1, num_workers=num_workers,
+                            shuffle_buffer=5) for r in range(2)]
+    workers = max(1, num_workers)
+    assert streams[0].samples_per_epoch == streams[1].samples_per_epoch == 50 // (2 * workers) * workers
+    steps_per_epoch = streams[0].samples_per_epoch // batch_size  # whole batches per worker epoch here
+    batches = [take(s, 2 * steps_per_epoch) for s in streams]
+    for epoch in range(2):
+        window = slice(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        seen = indices(batches[0][window]) + indices(batches[1][window])
+        assert len(seen) == len(set(seen)) == 2 * streams[0].samples_per_epoch  # 48 of 50, none twice
+    assert all(len(b) == 2 * steps_per_epoch for b in batches) and streams[0].step == streams[1].step
+
+
+def test_deterministic_and_resumes_exactly(pixels):
+    uri, _ = pixels
+    kwargs = dict(batch_size=3, rank=1, world_size=2, seed=7, num_workers=2, shuffle_buffer=6)
+    full = take(LatentStream(uri, **kwargs), 14)
+    assert indices(take(LatentStream(uri, **kwargs), 14)) == indices(full)
+    assert indices(take(LatentStream(uri, **{**kwargs, "seed": 8}), 14)) != indices(full)
+    resumed = take(LatentStream(uri, start_step=5, **kwargs), 9)
+    for a, b in zip(full[5:], resumed, strict=True):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    first = LatentStream(uri, **kwargs)
+    take(first, 9)
+    state = first.state_dict()
+    second = LatentStream(uri, **kwargs)
+    second.load_state_dict(state)
+    assert indices(take(second, 5)) == indices(full[9:])
+    other = LatentStream(uri, **{**kwargs, "num_workers": 1})
+    with pytest.raises(ValueError, match="num_workers: checkpoint 2, now 1"):
+        other.load_state_dict(state)
+
+
+def test_values_pixels_unchanged_and_latents_scaled_once(pixels, tmp_path):
+    uri, x = pixels
+    batch = take(LatentStream(uri, batch_size=8, num_workers=0), 1)[0]
+    assert batch["x"].shape == (8, 4, 4, 4) and batch["x"].dtype == torch.float32
+    assert torch.equal(batch["x"], torch.from_numpy(x[batch["index"].numpy()].astype(np.float32)))
+    assert torch.equal(batch["y"], batch["index"] % 10)
+
+    mean = np.random.default_rng(1).standard_normal((12, 4, 2, 2)).astype(np.float32)
+    stored = np.stack([mean, np.zeros_like(mean)], axis=1)  # std 0: a sample is the mean
+    latent_uri = str(tmp_path / "meanstd")
+    write_dataset(latent_uri, stored, labels=np.zeros(12, int), latent_storage="mean_std", vae="v", scale_factor=0.5)
+    batch = take(LatentStream(latent_uri, batch_size=4, num_workers=0), 1)[0]
+    assert torch.equal(batch["x"], torch.from_numpy(mean[batch["index"].numpy()] * 0.5))
+
+
+def test_mean_std_sampling_and_flip_are_per_sample(tmp_path):
+    rng = np.random.default_rng(2)
+    stored = np.stack([rng.standard_normal((16, 4, 2, 2)), np.ones((16, 4, 2, 2))], axis=1).astype(np.float32)
+    uri = str(tmp_path / "flip")
+    write_dataset(uri, stored, labels=np.zeros(16, int), latent_flips=stored + 100, latent_storage="mean_std",
+                  vae="v", scale_factor=1.0)
+    x = torch.cat([b["x"] for b in take(LatentStream(uri, batch_size=4, num_workers=0), 8)])
+    flipped = x.mean(dim=(1, 2, 3)) > 50
+    assert 0 < flipped.sum() < len(x)  # some flipped, some not
+    assert len({tuple(row.flatten().tolist()) for row in x}) == len(x)  # fresh noise for every sample
+
+
+def test_caption_batches(tmp_path):
+    cfg = config.load("pixart_xl2_256", ["model.name=PixArt-debug", "model.caption_channels=8",
+                                         "model.model_max_length=6", "model.image_size=32"])
+    uri = str(tmp_path / "captions")
+    random_dataset(uri, cfg, num_samples=10, shard_size=4)
+    verify_manifest(uri, cfg.model, cfg.data)
+    batch = take(LatentStream(uri, batch_size=5, num_workers=0), 1)[0]
+    assert batch["x"].shape == (5, 4, 4, 4) and batch["t5"].shape == (5, 1, 6, 8)
+    assert batch["t5_mask"].shape == (5, 6) and batch["t5_mask"].dtype == torch.int64
+    lengths = batch["t5_mask"].sum(1)
+    for row, n in zip(batch["t5"][:, 0], lengths.tolist(), strict=True):
+        assert row[n:].abs().sum() == 0 and row[:n].abs().sum() > 0  # zero padding after the real tokens
+
+
+def _corrupt(uri, index):
+    url = shard_url(uri, index)
+    data = bytearray(storage.read_bytes(url))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(url, bytes(data))
+    return url
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_shard_raises_naming_it(pixels, num_workers):
+    uri, _ = pixels
+    url = _corrupt(uri, 3)
+    with pytest.raises(ShardError, match=f"corrupt shard {url}"):
+        take(LatentStream(uri, batch_size=4, num_workers=num_workers), 30)
+
+
+def test_missing_shard_raises_naming_it(pixels):
+    uri, _ = pixels
+    storage.remove(shard_url(uri, 2))
+    with pytest.raises(ShardError, match=f"missing shard {shard_url(uri, 2)}"):
+        take(LatentStream(uri, batch_size=4, num_workers=0), 30)
+
+
+def test_skip_counts_and_resumes(pixels):
+    uri, _ = pixels
+    _corrupt(uri, 3)
+    bad = set(range(21, 28))  # shard 3 holds samples 21..27
+    kwargs = dict(batch_size=4, num_workers=2, on_error="skip", seed=0, shuffle_buffer=8)
+    stream = LatentStream(uri, **kwargs)
+    batches = take(stream, 24)  # two epochs of 48 (the corrupt shard is met in each)
+    assert not bad & set(indices(batches)) and all(len(b["x"]) == 4 for b in batches)
+    metrics = stream.metrics()
+    assert metrics["data/skipped_shards"] >= 2 and metrics["data/skipped_samples"] >= 14
+    first = LatentStream(uri, **kwargs)
+    take(first, 10)
+    again = LatentStream(uri, **kwargs)
+    again.load_state_dict(first.state_dict())
+    assert indices(take(again, 14)) == indices(batches[10:])
+
+
+def test_verify_manifest_names_the_mismatch(tmp_path):
+    cfg = config.load("debug")
+    uri = str(tmp_path / "debug")
+    random_dataset(uri, cfg, num_samples=8)
+    verify_manifest(uri, cfg.model, cfg.data)
+    bigger = config.load("debug", ["model.image_size=32"])
+    with pytest.raises(ManifestError, match=r"latent shape \[4, 16, 16\] != \[4, 32, 32\].*image_size=32"):
+        verify_manifest(uri, bigger.model, bigger.data)
+    latent = config.load("dit_xl2_256")
+    with pytest.raises(ManifestError, match=r"VAE 'none' != data.vae='stabilityai/sd-vae-ft-ema'.*1000"):
+        verify_manifest(uri, latent.model, latent.data)
+    manifest = read_manifest(uri)
+    manifest.complete = False
+    write_manifest(uri, manifest)
+    with pytest.raises(ManifestError, match="incomplete"):
+        LatentStream(uri, batch_size=2)
+    with pytest.raises(ManifestError, match=f"{tmp_path}/nothing/manifest.json not found"):
+        verify_manifest(str(tmp_path / "nothing"), cfg.model, cfg.data)
+
+
+def test_too_few_samples_for_the_layout(pixels):
+    uri, _ = pixels
+    with pytest.raises(ValueError, match="50 samples, fewer than ranks x workers = 64"):
+        LatentStream(uri, batch_size=2, world_size=32, num_workers=2)

@@ -1,0 +1,142 @@
+"""Storage: whole-object writes, listing, retries, and errors that name the URL (local, memory, S3)."""
+
+import os
+
+import pytest
+
+from dydit_dist import storage
+from dydit_dist.storage import StorageError
+
+
+@pytest.fixture(params=["file", "memory"])
+def root(request, tmp_path):
+    if request.param == "file":
+        return str(tmp_path / "store")
+    return f"memory://test-{os.getpid()}-{tmp_path.name}"
+
+
+def test_round_trip_and_listing(root):
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
+    storage.write_json(storage.join(root, "a", "b", "m.json"), {"k": [1, 2]})
+    assert storage.read_bytes(storage.join(root, "a", "x.bin")) == b"hello"
+    assert storage.read_json(storage.join(root, "a", "b", "m.json")) == {"k": [1, 2]}
+    assert storage.exists(storage.join(root, "a", "x.bin")) and storage.size(storage.join(root, "a", "x.bin")) == 5
+    names = [u.rsplit("/", 1)[-1] for u in storage.listdir(storage.join(root, "a"))]
+    assert names == ["b", "x.bin"]
+    found = storage.find(storage.join(root, "a"))
+    assert [u.rsplit("/", 1)[-1] for u in found] == ["m.json", "x.bin"]
+    assert storage.glob(storage.join(root, "a", "*.bin")) == [found[1]]
+    assert storage.read_bytes(found[1]) == b"hello"  # listed URLs open as they are
+    with storage.open_file(found[1]) as f:
+        assert f.read() == b"hello"
+    storage.remove(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a", "x.bin"))
+    assert storage.listdir(storage.join(root, "nothing")) == []
+
+
+def test_missing_object_is_file_not_found(root):
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.read_bytes(storage.join(root, "missing.bin"))
+
+
+def test_local_write_is_atomic(tmp_path, monkeypatch):
+    url = str(tmp_path / "obj.bin")
+    storage.write_bytes(url, b"old")
+
+    def crash(src, dst):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk went away"):
+        storage.write_bytes(url, b"new contents")
+    assert (tmp_path / "obj.bin").read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["obj.bin"]  # no temporary left behind
+
+
+def test_bad_protocol_and_write_mode():
+    with pytest.raises(StorageError, match="unsupported storage protocol 'gs'"):
+        storage.read_bytes("gs://bucket/x")
+    with pytest.raises(ValueError, match="write objects whole"):
+        storage.open_file("memory://x", "wb")
+
+
+class _FlakyFS:
+    def __init__(self, failures):
+        self.failures, self.calls = list(failures), 0
+
+    def cat_file(self, path):
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return b"ok"
+
+
+def test_transient_errors_are_retried_then_reported(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    flaky = _FlakyFS([OSError("503 SlowDown"), TimeoutError("read timed out")])
+    monkeypatch.setattr(storage, "filesystem", lambda url: (flaky, "b/x"))
+    assert storage.read_bytes("s3://b/x") == b"ok" and flaky.calls == 3
+
+    storage.configure(retries=2)
+    try:
+        always = _FlakyFS([OSError("503 SlowDown")] * 10)
+        monkeypatch.setattr(storage, "filesystem", lambda url: (always, "b/x"))
+        with pytest.raises(StorageError, match=r"reading s3://b/x failed: OSError: 503 SlowDown"):
+            storage.read_bytes("s3://b/x")
+        assert always.calls == 3
+        denied = _FlakyFS([PermissionError("AccessDenied")])
+        monkeypatch.setattr(storage, "filesystem", lambda url: (denied, "b/x"))
+        with pytest.raises(StorageError, match="s3://b/x.*AccessDenied"):
+            storage.read_bytes("s3://b/x")
+        assert denied.calls == 1  # not transient: no retry
+    finally:
+        storage.configure()
+
+
+@pytest.mark.integration
+def test_s3_round_trip(s3_bucket):
+    url = f"{s3_bucket}/data/shard-000000.tar"
+    storage.write_bytes(url, b"x" * 1000)
+    assert storage.exists(url) and storage.size(url) == 1000
+    assert storage.listdir(f"{s3_bucket}/data") == [url]
+    assert storage.read_bytes(url) == b"x" * 1000
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.read_bytes(f"{s3_bucket}/data/missing")
+    assert not storage.exists(f"{s3_bucket}/data/missing")
+
+
+@pytest.mark.integration
+def test_s3_missing_bucket_names_the_url(s3_endpoint):
+    storage.configure(endpoint_url=s3_endpoint)
+    try:
+        url = "s3://no-such-bucket-here/data/manifest.json"
+        for op in (storage.read_bytes, storage.exists, storage.listdir, lambda u: storage.write_bytes(u, b"1")):
+            with pytest.raises(StorageError, match=r"s3://no-such-bucket-here.*does not exist"):
+                op(url)
+    finally:
+        storage.configure()
+
+
+@pytest.mark.integration
+def test_s3_unreachable_endpoint_names_the_url():
+    with socket_closed_port() as port:
+        storage.configure(endpoint_url=f"http://127.0.0.1:{port}", retries=0)
+        try:
+            with pytest.raises(StorageError, match=r"s3://bucket/key.*(connect|Connect)"):
+                storage.read_bytes("s3://bucket/key")
+        finally:
+            storage.configure()
+
+
+class socket_closed_port:
+    """A localhost port nobody listens on, for the duration of the block."""
+
+    def __enter__(self):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        return False
