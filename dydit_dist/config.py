@@ -46,6 +46,18 @@ class DynamicConfig:
 
 
 @dataclass
+class FlexDiTConfig:
+    """FlexDiT: block layout and the timestep schedule of the sparse token grid (`dynamic.flexdit_schedule`)."""
+
+    layout: str | None = None  # a letter per block: P pooling, C/S/R sparse-dense module, D dense; None: by depth
+    grid_sizes: list[int] = field(default_factory=lambda: [10, 9, 8, 7, 6])  # sparse g x g grids, least pruned first
+    r_min: float | None = None  # pruning rate 1 - M/N for t < ramp_start * T; None: from grid_sizes[0]
+    r_max: float | None = None  # pruning rate at t = T; None: from grid_sizes[-1]
+    ramp_start: float = 0.25  # r rises linearly from r_min to r_max over [ramp_start * T, T)
+    num_intervals: int = 5  # [0, T) cut into equal intervals, one grid each (ray.num_workers: a multiple)
+
+
+@dataclass
 class ModelConfig:
     name: str = "debug"  # a name in dydit_dist.models.registry
     method: Literal["static", "dydit", "flexdit"] = "static"
@@ -60,6 +72,7 @@ class ModelConfig:
     lewei_scale: float = 1.0  # PixArt: positional-embedding scale
     checkpoint: str | None = None  # official file, fsspec URL or exported EMA weights
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    flexdit: FlexDiTConfig = field(default_factory=FlexDiTConfig)
 
     @property
     def input_size(self) -> int:
@@ -85,10 +98,14 @@ class DataConfig:
     flip: bool = False
     text_encoder: str = "DeepFloyd/t5-v1_1-xxl"
     tokenizer: str | None = None  # defaults to text_encoder
+    latent_dtype: Literal["float16", "float32"] = "float16"  # prepare: how latents are stored
+    seed: int = 0  # prepare: noise of stored posterior samples (latent_storage=sample)
+    encode_batch_size: int = 32  # prepare: images per VAE / T5 forward
+    prepare_workers: int = 0  # prepare: encoder actors; 0 = one per GPU (ray.use_gpu) or per CPU share
     shard_size: int = 1000
     shuffle_buffer: int = 1000
-    num_workers: int = 2
-    on_error: Literal["raise", "skip"] = "raise"
+    num_workers: int = 2  # reader: DataLoader worker processes per rank
+    on_error: Literal["raise", "skip"] = "raise"  # reader: a corrupt or missing shard
 
 
 @dataclass
@@ -107,6 +124,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     caption_dropout: float = 0.1  # PixArt: captions replaced by the null caption
+    record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
+    fault_exit_step: int | None = None  # test hook: rank fault_exit_rank exits its process here, once per run
+    fault_exit_rank: int = 0
 
 
 @dataclass
@@ -129,6 +149,12 @@ class SampleConfig:
     method: Literal["static", "dydit", "flexdit", "fora", "eb_cache", "at_edm"] = "static"
     prompts: str | None = None  # text-to-image: a file of prompts
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    method_options: dict = field(default_factory=dict)  # fields of the method's options (accel.options)
+    num_actors: int = 0  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
+    gpus_per_actor: float = 1.0  # fractions pack several actors on one GPU
+    cpus_per_actor: float = 1.0  # also the actor's torch threads
+    shards_in_flight: int = 2  # shards queued per actor (the next one starts without a round trip)
+    export_npz: str | None = None  # after sampling: the ADM evaluator's .npz (arr_0, N x H x W x 3), local path
 
 
 @dataclass
@@ -137,6 +163,14 @@ class EvalConfig:
     reference: str | None = None  # ADM reference batch (.npz) or a shard folder
     inception_weights: str | None = None
     feature_extractor: str = "inception-v3-compat"
+    feature_extractor_weights: str | None = None  # weights of a feature extractor other than Inception
+    samples: str | None = None  # samples folder to evaluate; default {run}/samples
+    batch_size: int = 64  # images per feature-extractor forward
+    isc_splits: int = 10
+    prc_neighborhood: int = 3
+    fidelity_cache: str | None = None  # torch-fidelity's local statistics cache; default its own
+    methods: list[str] = field(default_factory=lambda: ["static", "dydit"])  # reproduce: compared methods
+    pretrain_config: str | None = None  # reproduce: preset of a from-scratch static run to start from
 
 
 @dataclass
@@ -194,6 +228,17 @@ class Config:
             )
         if not 0.0 < m.dynamic.target_lambda <= 1.0:
             raise ConfigError(f"model.dynamic.target_lambda={m.dynamic.target_lambda} must be in (0, 1]")
+        if m.method == "flexdit" or self.sample.method == "flexdit":
+            from dydit_dist.dynamic.flexdit import FlexOptions, parse_layout
+
+            try:
+                parse_layout(m.flexdit.layout, arch(m.name)["depth"])
+                FlexOptions.from_config(m.flexdit, self.diffusion.num_timesteps).schedule(m.input_size // patch)
+            except ValueError as err:
+                raise ConfigError(f"model.flexdit: {err}") from None
+            if self.diffusion.num_timesteps != 1000:
+                raise ConfigError("model.flexdit: the grid schedule is defined over diffusion.num_timesteps=1000, "
+                                  f"got {self.diffusion.num_timesteps}")
         if self.sample.num_samples < 1 or self.sample.shard_size < 1:
             raise ConfigError("sample.num_samples and sample.shard_size must be positive")
         return self

@@ -1,0 +1,93 @@
+"""Resumable checkpoints (DeepSpeed state + trainer state) and the exported EMA weights.
+
+A checkpoint is a folder that every rank writes its own part of, then reports to Ray Train, which
+merges the parts into `{run}/checkpoints/step-{step:07d}/`:
+
+    deepspeed/...               DeepSpeed's files: model, ZeRO optimizer partitions, LR scheduler
+    trainer/rank-{r:05d}.pt     TrainerState of rank r: step, data position, RNG, EMA slice
+    meta.json                   step, world size, ZeRO stage, precision (rank 0)
+
+The EMA weights are exported next to them, once per checkpoint, for the sampling job:
+
+    {run}/checkpoints/ema-{step:07d}.safetensors    fp32, keys of `build_network(cfg.model)`
+    {run}/checkpoints/ema-latest.json               {"step", "file", "url", "model": cfg.model}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+from torch import nn
+
+from dydit_dist import storage
+from dydit_dist.models import save_safetensors
+from dydit_dist.train.network import EMA_POINTER
+from dydit_dist.train.state import TrainerState
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "deepspeed"
+EMA_NAME = re.compile(r"ema-(\d{7})\.safetensors$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save(engine, state: TrainerState, directory: str, cfg, rank: int, world_size: int) -> None:
+    """Write this rank's part of the checkpoint of `state.step` into a local `directory` (collective)."""
+    engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
+    os.makedirs(os.path.join(directory, "trainer"), exist_ok=True)
+    state.save(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+    if rank == 0:
+        meta = {"step": state.step, "world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": cfg.train.precision}
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+
+def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size: int) -> None:
+    """Restore DeepSpeed (model, optimizer, LR schedule) and the trainer state from a checkpoint folder."""
+    with open(os.path.join(directory, "meta.json")) as f:
+        meta = json.load(f)
+    now = {"world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage}
+    changed = [f"{k}: checkpoint {meta[k]}, now {v}" for k, v in now.items() if meta[k] != v]
+    if changed:
+        raise ValueError(f"checkpoint {directory} cannot be resumed by this run ({'; '.join(changed)}): keep "
+                         f"ray.num_workers={meta['world_size']} and deepspeed.zero_stage={meta['zero_stage']}, "
+                         "or start a new storage.run with train.init_from set to this run")
+    path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{directory}/{DS_TAG}: no DeepSpeed checkpoint to resume from")
+    state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+    if state.step != meta["step"]:
+        raise ValueError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
+
+
+def export_ema(state: TrainerState, network: nn.Module, checkpoints_url: str, model_cfg: dict,
+               keep: int | None) -> str | None:
+    """Gather the EMA on rank 0 and write it, with the network's buffers, as safetensors (collective).
+
+    Returns the URL on rank 0 (None elsewhere); keeps the newest `keep` exports (all when None).
+    """
+    weights = state.ema.gather(dst=0)
+    if weights is None:
+        return None
+    keys = network.state_dict(keep_vars=True).keys()
+    buffers = {name: b.detach() for name, b in network.named_buffers() if name in keys}
+    name = f"ema-{state.step:07d}.safetensors"
+    url = storage.join(checkpoints_url, name)
+    save_safetensors({**weights, **buffers}, url,
+                     metadata={"step": str(state.step), "model": json.dumps(model_cfg, sort_keys=True)})
+    storage.write_json(storage.join(checkpoints_url, EMA_POINTER),
+                       {"step": state.step, "file": name, "url": url, "model": model_cfg})
+    if keep:
+        exports = sorted(u for u in storage.listdir(checkpoints_url) if EMA_NAME.search(u))
+        for old in exports[:-keep]:
+            storage.remove(old)
+    log.info("exported EMA weights of step %d to %s", state.step, url)
+    return url

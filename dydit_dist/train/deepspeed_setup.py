@@ -1,0 +1,131 @@
+"""The one place where the typed config becomes a DeepSpeed config and `deepspeed.initialize` is called.
+
+    engine = initialize(DiffusionObjective(network, cfg), cfg, world_size)
+
+- ZeRO stage 0/1/2/3, optimizer offload (stage >= 1) and parameter offload (stage 3) to CPU.
+- Precision: fp32, or bf16 / fp16 through DeepSpeed's `torch_autocast` (fp32 master parameters,
+  matmuls in low precision, the diffusion loss math - q_sample, MSE, variational bound - in fp32).
+  DeepSpeed's pure bf16 mode would also quantize x_t and the noise target to bf16, which loses the
+  small-t noise the network must learn to predict.
+- AdamW from torch, handed to DeepSpeed: the same code runs on CPU (DS_ACCELERATOR=cpu, gloo), where
+  DeepSpeed's fused Adam kernels do not exist, and on GPUs. The learning rate warms up linearly over
+  `train.warmup_steps`, then stays constant (DyDiT's recipe).
+- global batch = world size x micro-batch x gradient accumulation, checked against the actual world.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+from torch import nn
+
+from dydit_dist.config import ConfigError
+
+_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def grad_accumulation(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank; ConfigError with the numbers when they do not divide."""
+    t = cfg.train
+    per_step = world_size * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of world size x "
+                          f"train.micro_batch_size = {world_size} x {t.micro_batch_size} = {per_step}")
+    return t.global_batch_size // per_step
+
+
+def check_deepspeed(cfg) -> None:
+    """Combinations DeepSpeed refuses, as ConfigErrors naming the keys."""
+    z = cfg.deepspeed
+    if z.offload_params and z.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params needs deepspeed.zero_stage=3, got {z.zero_stage}")
+    if z.offload_optimizer and z.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1, got 0")
+
+
+def ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed config dict for `cfg` on `world_size` ranks."""
+    check_deepspeed(cfg)
+    t, z = cfg.train, cfg.deepspeed
+    pin = torch.cuda.is_available()
+    zero: dict = {"stage": z.zero_stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    conf = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        # The optimizer is torch's AdamW (see the module docstring), also under offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the trainer reports its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if t.precision in _AUTOCAST_DTYPES:
+        conf["torch_autocast"] = {"enabled": True, "dtype": _AUTOCAST_DTYPES[t.precision]}
+    return conf
+
+
+def warmup_then_constant(warmup_steps: int):
+    """LR factor for optimizer step s (0-based): (s + 1) / warmup during warm-up, then 1."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def init_single_process(backend: str | None = None) -> None:
+    """A one-rank process group for running the engine outside Ray (tests, benchmarks)."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # DeepSpeed reads them from the environment
+        os.environ.setdefault(key, "1" if key == "WORLD_SIZE" else "0")
+
+
+def initialize(objective: nn.Module, cfg, world_size: int):
+    """`deepspeed.initialize` on the objective (network + loss) with torch AdamW; returns the engine.
+
+    The process group must exist (Ray Train's TorchTrainer, or `init_single_process`).
+    """
+    import deepspeed
+
+    conf = ds_config(cfg, world_size)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    actual = torch.distributed.get_world_size()
+    if actual != world_size:
+        raise ConfigError(f"ray.num_workers={world_size} but the process group has {actual} ranks")
+    t = cfg.train
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(t.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+    if cfg.deepspeed.zero_stage == 3:
+        _register_unhooked_parameters(engine.module)
+    return engine
+
+
+def _register_unhooked_parameters(root: nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters in that module's forward hooks. DyDiT's masked path
+    and the complete-model pass call block and network methods directly (`block.modulation`,
+    `DiT.forward(self, ...)`), so parameters owned by a module that also has submodules (DiT's
+    `pos_embed`, PixArt's `scale_shift_table`s) would be read while partitioned. They are small:
+    register them with the root, which holds them gathered for its whole forward."""
+    import deepspeed
+
+    for module in root.modules():
+        if module is root or not any(True for _ in module.children()):
+            continue
+        for param in module.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(root, param)

@@ -1,0 +1,111 @@
+"""Driver side of fine-tuning: pre-flight checks, then a Ray Train `TorchTrainer` built from the config.
+
+    preflight(cfg)                                   # config + data: fails before Ray is contacted
+    preflight_cluster(cfg, ray.cluster_resources())  # workers x resources vs the cluster
+    result = build_trainer(cfg).fit()
+
+Storage: Ray Train's run folder is `{storage.root}/runs/{storage.run}/checkpoints` (storage_path =
+the run folder, name = "checkpoints"), so the resumable checkpoints `step-{step:07d}/`, Ray's own
+snapshot and the exported EMA weights sit side by side. A second submission with the same
+`storage.run` finds Ray's snapshot there and resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from ray.train import UserCallback
+
+from dydit_dist import storage
+from dydit_dist.cli import data_url, run_url
+from dydit_dist.config import ConfigError
+from dydit_dist.data import verify_manifest
+from dydit_dist.models import family
+from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
+from dydit_dist.train.metrics import progress_line
+from dydit_dist.train.network import latest_ema
+
+RAY_RUN_NAME = "checkpoints"
+
+
+def preflight(cfg) -> None:
+    """Config and data checks, before Ray is even contacted; ConfigError / ManifestError with the numbers."""
+    r, m = cfg.ray, cfg.model
+    # 1. Batch arithmetic and DeepSpeed options
+    grad_accumulation(cfg, r.num_workers)
+    check_deepspeed(cfg)
+    if m.method not in ("static", "dydit", "flexdit"):
+        raise ConfigError(f"model.method={m.method!r} cannot be fine-tuned by this job; use 'static', 'dydit' or 'flexdit'")
+    if family(m.name) == "pixart_ms":
+        raise ConfigError(f"model.name={m.name!r}: multi-scale PixArt is not supported for fine-tuning")
+    if run_url(cfg).startswith("memory://"):
+        raise ConfigError(f"storage.root={cfg.storage.root!r}: Ray workers are separate processes; use a folder or s3://")
+    # 2. The data
+    manifest = verify_manifest(data_url(cfg), m, cfg.data)
+    consumers = r.num_workers * max(1, cfg.data.num_workers)
+    if manifest.num_samples < consumers:
+        raise ConfigError(f"{data_url(cfg)} has {manifest.num_samples} samples, fewer than ray.num_workers x "
+                          f"data.num_workers = {r.num_workers} x {max(1, cfg.data.num_workers)} = {consumers}")
+
+
+def preflight_cluster(cfg, cluster_resources: dict) -> None:
+    """The workers must fit the cluster (`ray.cluster_resources()`): ConfigError with the numbers."""
+    r = cfg.ray
+    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    for kind, per in per_worker.items():
+        need, have = r.num_workers * per, cluster_resources.get(kind, 0)
+        if need > have:
+            raise ConfigError(f"ray.num_workers={r.num_workers} x {per:g} {kind}s per worker "
+                              f"(ray.{kind.lower()}s_per_worker) = {need:g} {kind}s, but the cluster has {have:g}")
+
+
+def latest_ema_url(cfg) -> str:
+    """Where the newest exported EMA weights of this run are."""
+    return latest_ema(run_url(cfg))
+
+
+def ray_storage(url: str):
+    """(storage_path, storage_filesystem) for Ray Train: a local path, or an s3 path with a pyarrow
+    filesystem wrapping the same fsspec client `storage` uses (endpoint, retries, credentials)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    fs, path = storage.filesystem(url)
+    if protocol == "file":
+        return path, None
+    import pyarrow.fs
+
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg):
+    """A `TorchTrainer` running `train_loop_per_worker` on `ray.num_workers` workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dydit_dist.train.loop import train_loop_per_worker
+
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    path, filesystem = ray_storage(run_url(cfg))
+    env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    run_config = RunConfig(
+        name=RAY_RUN_NAME, storage_path=path, storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=r.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
+        worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=[ProgressCallback(cfg.train.max_steps)],
+    )
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=run_config, torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+    )
+
+
+class ProgressCallback(UserCallback):
+    """A progress line per report, printed by Ray Train's controller (its output reaches the driver)."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "step" in metrics[0]:
+            saved = f" | checkpoint {checkpoint.path}" if checkpoint is not None else ""
+            print(f"[finetune] {progress_line(metrics[0], self.max_steps)}{saved}", flush=True)

@@ -1,0 +1,131 @@
+"""The trainer on one rank, without Ray: DeepSpeed engine, checkpoints, exact resume, EMA export,
+initialization from a static checkpoint. Data are shards in memory:// written by the synthetic writer."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+
+from dydit_dist import config as config_lib
+from dydit_dist import storage
+from dydit_dist.data.synthetic import random_dataset
+from dydit_dist.models import build_model, load_into, save_safetensors
+from dydit_dist.train import build_network, latest_ema
+from dydit_dist.train.deepspeed_setup import init_single_process
+from dydit_dist.train.loop import Trainer
+from dydit_dist.train.ray_session import LocalSession
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank process group and one torch thread (the CI machine has 2 shared cores)."""
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    torch.set_num_threads(1)
+    init_single_process("gloo")
+    yield
+    torch.set_num_threads(threads)
+    for key, value in saved.items():  # later Ray workers must not inherit them
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _cfg(root: str, *overrides):
+    return config_lib.load("debug", [
+        "ray.num_workers=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=4",
+        "train.checkpoint_every=2", "train.log_every=1", "model.method=dydit", "data.num_workers=0",
+        f"storage.root={root}", f"data.uri={root}/data", "train.record_batches=true", *overrides])
+
+
+def _root() -> str:
+    return f"memory://train-{uuid.uuid4().hex[:8]}"
+
+
+def _run(cfg, folder) -> tuple[Trainer, LocalSession]:
+    session = LocalSession(str(folder))
+    trainer = Trainer(cfg, session)
+    trainer.train()
+    return trainer, session
+
+
+def _recorded(root: str, cfg) -> list:
+    urls = storage.find(f"{root}/runs/{cfg.storage.run}/batches")
+    return [storage.read_json(u)["index"] for u in urls]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_continues_exactly(one_rank, tmp_path, stage):
+    root_a, root_b = _root(), _root()
+    cfg_a = _cfg(root_a, f"deepspeed.zero_stage={stage}")
+    random_dataset(f"{root_a}/data", cfg_a, num_samples=24)
+    straight, _ = _run(cfg_a, tmp_path / "a")
+
+    cfg_b = _cfg(root_b, f"deepspeed.zero_stage={stage}", "train.max_steps=2")
+    random_dataset(f"{root_b}/data", cfg_b, num_samples=24)
+    first, session = _run(cfg_b, tmp_path / "b")
+    assert session.checkpoints() == ["step-0000002"]
+    resumed, session = _run(_cfg(root_b, f"deepspeed.zero_stage={stage}"), tmp_path / "b")
+    assert resumed.resumed_from == 2 and resumed.state.step == 4
+    assert [r["step"] for r in session.reports] == [3, 4]
+
+    # Same batches, same weights, same EMA as the uninterrupted run.
+    assert _recorded(root_a, cfg_a) == _recorded(root_b, cfg_b)
+    assert len({i for step in _recorded(root_a, cfg_a) for micro in step for i in micro}) == 4 * 4
+    ema_a, ema_b = straight.state.ema.gather(), resumed.state.ema.gather()
+    assert all(torch.allclose(ema_a[k], ema_b[k], atol=1e-6) for k in ema_a)
+    assert straight.session.reports[-1]["loss"] == pytest.approx(session.reports[-1]["loss"], rel=1e-5)
+
+
+def test_exported_ema_loads_into_the_sampler_network(one_rank, tmp_path):
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=3", "ray.num_to_keep=1")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    trainer, _ = _run(cfg, tmp_path)
+    url = latest_ema(f"{root}/runs/{cfg.storage.run}")
+    assert url.endswith("checkpoints/ema-0000003.safetensors")
+    exports = [u for u in storage.listdir(f"{root}/runs/{cfg.storage.run}/checkpoints") if u.endswith(".safetensors")]
+    assert exports == [url]  # num_to_keep=1 pruned ema-0000002
+    network = build_network(cfg.model)
+    load_into(network, url)  # strict: every key of the dynamic network, routers included
+    ema = trainer.state.ema.gather()
+    assert all(torch.equal(network.state_dict()[k], ema[k]) for k in ema)
+    assert storage.find(f"{root}/runs/{cfg.storage.run}/tensorboard")
+
+
+def test_init_from_static_checkpoint_only_routers_missing(one_rank, tmp_path):
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=1", f"model.checkpoint={root}/static.safetensors")
+    random_dataset(f"{root}/data", cfg, num_samples=8)
+    torch.manual_seed(3)
+    static = build_model("debug", input_size=16, num_classes=10)
+    save_safetensors(static, f"{root}/static.safetensors")
+    session = LocalSession(str(tmp_path))
+    trainer = Trainer(cfg, session)
+    assert torch.equal(trainer.network.blocks[1].mlp.fc1.weight, static.blocks[1].mlp.fc1.weight)
+
+    wrong = build_model("debug", input_size=8, num_classes=10)  # another latent size: pos_embed differs
+    save_safetensors(wrong, f"{root}/wrong.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)wrong.safetensors does not fit .*pos_embed: checkpoint \[1, 16, 64\] vs model \[1, 64, 64\]"):
+        Trainer(_cfg(root, f"train.init_from={root}/wrong.safetensors", "storage.run=other"), LocalSession(str(tmp_path / "x")))
+
+
+def test_static_pixart_zero0_with_accumulation(one_rank, tmp_path):
+    root = _root()
+    cfg = _cfg(root, "model.method=static", "model.name=PixArt-debug", "model.caption_channels=32",
+               "model.model_max_length=8", "deepspeed.zero_stage=0", "train.max_steps=2",
+               "train.global_batch_size=4", "train.micro_batch_size=1", "train.caption_dropout=0.5")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    trainer, session = _run(cfg, tmp_path)
+    assert trainer.accumulation == 4
+    recorded = _recorded(root, cfg)  # per step, 4 micro-batches of 1 sample, all different
+    assert [len(step) for step in recorded] == [4, 4] and len({i for s in recorded for (i,) in s}) == 8
+    last = session.reports[-1]
+    assert {"mse", "vb", "loss"} <= set(last) and last["grad_norm"] > 0
+    network = build_network(cfg.model)
+    load_into(network, latest_ema(f"{root}/runs/{cfg.storage.run}"))
+    assert torch.equal(network.y_embedder.y_embedding, trainer.network.y_embedder.y_embedding)
