@@ -1,0 +1,62 @@
+"""FlexDiT as a sampling method: a runner like the training-free ones (`accel.base.Runner`).
+
+    runner = FlexDiTRunner(flex_model.eval())        # or accel.build_runner("flexdit", flex_model)
+    runner.begin(num_steps)
+    x0 = sample(cfg_model_fn(runner, 1.5), shape, steps=num_steps, step_callback=runner.step_callback, ...)
+    runner.mean_flops()                              # MACs of one model call of one sample row, averaged
+
+The grid of each call comes from the timesteps it is given (the model's schedule); its FLOPs are
+those of `flexdit_flops.model_flops` for that grid, averaged over the rows when rows differ.
+"""
+
+from __future__ import annotations
+
+from dydit_dist.accel.backend import Backend
+from dydit_dist.accel.base import Runner
+
+from .flexdit import FlexDiT, FlexPixArt
+from .flexdit_flops import model_flops
+
+
+class FlexDiTRunner(Runner):
+    """Runs a `FlexDiT` / `FlexPixArt` (eval mode) and records the sparse grid of every call."""
+
+    method = "flexdit"
+
+    def __init__(self, model):
+        if not isinstance(model, FlexDiT | FlexPixArt):
+            raise ValueError(f"method 'flexdit' needs a FlexDiT / FlexPixArt model, got {type(model).__name__}")
+        if model.training:
+            raise ValueError("sampling runners need the model in eval mode (model.eval())")
+        super().__init__(Backend(model))
+        self._per_grid: dict[int, float] = {}
+
+    def forward(self, x, t, cond):
+        grids = self.model.grids_for(t)
+        out = self.model(x, t, **cond)
+        sizes, counts = grids.unique(return_counts=True)
+        share = {int(g): int(c) / grids.numel() for g, c in zip(sizes, counts, strict=True)}
+        return out, [share]  # the call's record: {grid: fraction of the rows}
+
+    def flops_per_step(self) -> list[float]:
+        """MACs of each model call since `begin`, for one sample row."""
+        if not self._calls:
+            raise ValueError("flexdit: no model call recorded yet; run a sampling pass first")
+        return [sum(frac * self.grid_flops(g) for g, frac in share.items()) for (share,) in self._calls]
+
+    def grid_flops(self, grid: int) -> float:
+        if grid not in self._per_grid:
+            self._per_grid[grid] = model_flops(self.model, grid)
+        return self._per_grid[grid]
+
+    def grids(self) -> list[dict[int, float]]:
+        """{grid: fraction of rows} of each model call since `begin`."""
+        return [share for (share,) in self._calls]
+
+    def static_flops(self) -> float:
+        """MACs of the static network on one sample (the baseline of the speedup)."""
+        return self.backend.count([{} for _ in range(self.backend.depth)], self._grid or self._token_grid())
+
+    def _token_grid(self) -> tuple[int, int]:
+        side = self.model.schedule.token_grid
+        return side, side

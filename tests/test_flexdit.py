@@ -1,0 +1,194 @@
+"""FlexDiT: conversion keeps the pretrained weights, the full-grid sparse path is the pretrained network,
+exact reorderings, the timestep schedule, grouped batches, FLOPs against the paper, the sampling runner."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dydit_dist import flops
+from dydit_dist.diffusion import sample
+from dydit_dist.dynamic.flexdit import (
+    FLEXDIT_KEY_PATTERNS,
+    FlexDiT,
+    FlexOptions,
+    FlexPixArt,
+    default_layout,
+    parse_layout,
+    pool_tokens,
+    pooled_attention,
+    upsample_tokens,
+)
+from dydit_dist.dynamic.flexdit_flops import flexdit_flops, model_flops, paper_comparison
+from dydit_dist.dynamic.flexdit_runner import FlexDiTRunner
+from dydit_dist.dynamic.flexdit_schedule import GridSchedule, flexdit_timestep_interval
+from dydit_dist.models import DiT, PixArt, load_into
+from dydit_dist.models.layers import Attention
+
+DIT_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4, num_classes=10)
+PIXART_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
+                 caption_channels=16, model_max_length=6)
+# 8x8 dense tokens; t < 500 -> 6x6 sparse tokens, t >= 500 -> 4x4
+OPTIONS = FlexOptions(layout="PCSRDD", grid_sizes=(6, 4), num_intervals=2)
+
+
+def _randomize(model, seed=0):
+    """Non-trivial weights everywhere (official init zeroes adaLN and the output layer)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _static(family):
+    torch.manual_seed(0)
+    if family == "dit":
+        return _randomize(DiT(**DIT_KW)), {"y": torch.tensor([1, 7, 3])}
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    return _randomize(PixArt(**PIXART_KW)), {"y": torch.randn(3, 1, 6, 16), "mask": mask}
+
+
+def _convert(static):
+    return (FlexDiT if isinstance(static, DiT) else FlexPixArt).from_static(static, OPTIONS)
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_converted_model_is_the_pretrained_one_plus_w1_w2(family):
+    static, _ = _static(family)
+    flex = _convert(static)
+    own, pretrained = flex.state_dict(keep_vars=True), static.state_dict(keep_vars=True)
+    added = sorted(set(own) - set(pretrained))
+    assert added == [f"blocks.3.merged_layer{j}.{w}" for j in (1, 2) for w in ("bias", "weight")]
+    assert all(own[k] is v for k, v in pretrained.items())  # the same tensors: shared, not copied
+    w1, w2 = flex.blocks[3].merged_layer1, flex.blocks[3].merged_layer2
+    assert torch.equal(w1.weight, torch.zeros(32, 32)) and torch.equal(w2.weight, torch.eye(32))
+    assert not w1.bias.any() and not w2.bias.any()
+    assert {id(p) for p in flex.merge_parameters()} == {id(own[k]) for k in added}
+
+    # A static checkpoint loads into a fresh FlexDiT with exactly W1 and W2 missing, and only then.
+    fresh = type(flex)(**static.constructor_kwargs(), flexdit=OPTIONS)
+    assert sorted(load_into(fresh, static.state_dict(), allow_missing=FLEXDIT_KEY_PATTERNS).missing) == added
+    with pytest.raises(ValueError, match="missing keys"):
+        load_into(fresh, static.state_dict())
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_full_grid_sparse_path_reproduces_the_pretrained_blocks(family):
+    """With g = the token grid, pooling is the identity: the cross-attention block (sparse queries,
+    dense keys) and the sparse blocks are the pretrained blocks they were initialised from."""
+    static, cond = _static(family)
+    flex = _convert(static).eval()
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([10, 700, 300])
+    tokens, ctx, grid = flex._embed(x, t, **cond)
+    assert torch.equal(pool_tokens(tokens, grid, 8), tokens)
+    ref = tokens
+    for i in (1, 2):  # C, S
+        ref = static.blocks[i](ref, ctx) if family == "dit" else static.blocks[i](ref, ctx.cond, ctx.t0, ctx.cond_mask)
+    out, dense = flex.flex_block(1, tokens, None, ctx, grid, 8)
+    assert dense is tokens
+    out, dense = flex.flex_block(2, out, dense, ctx, grid, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_all_dense_layout_is_the_static_network(family):
+    static, cond = _static(family)
+    flex = type(_convert(static)).from_static(static, FlexOptions(layout="DDDDDD", grid_sizes=(6, 4))).eval()
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([10, 700, 300])
+    torch.testing.assert_close(flex(x, t, **cond), static.eval()(x, t, **cond), rtol=1e-5, atol=1e-6)
+
+
+def test_reordered_ops_equal_the_papers_op_order():
+    torch.manual_seed(0)
+    attn, h = Attention(32, num_heads=4), torch.randn(2, 64, 32)
+    # Poolingformer: a uniform attention map (softmax of ones) over V, then proj, on every token
+    v = F.linear(h, attn.qkv.weight[64:], attn.qkv.bias[64:]).reshape(2, 64, 4, 8).transpose(1, 2)
+    uniform = torch.ones(2, 4, 64, 64).softmax(dim=-1) @ v
+    ref = attn.proj(uniform.transpose(1, 2).reshape(2, 64, 32))
+    torch.testing.assert_close(pooled_attention(attn, h).unsqueeze(1).expand(-1, 64, -1), ref, rtol=1e-5, atol=1e-6)
+    # Pooling is AdaptiveAvgPool2d; W1 before nearest upsampling equals W1 after it
+    image = h.transpose(1, 2).reshape(2, 32, 8, 8)
+    sparse = pool_tokens(h, (8, 8), 3)
+    torch.testing.assert_close(sparse, torch.nn.AdaptiveAvgPool2d(3)(image).flatten(2).transpose(1, 2))
+    w1 = torch.nn.Linear(32, 32)
+    up = F.interpolate(sparse.transpose(1, 2).reshape(2, 32, 3, 3), size=(8, 8), mode="nearest")
+    ref = w1(up.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(upsample_tokens(w1(sparse), (8, 8)), ref, rtol=0, atol=0)
+
+
+def test_schedule_gives_the_documented_grid_per_t():
+    s = GridSchedule(token_grid=16)  # DiT-XL/2 at 256px
+    assert s.intervals() == [(0, 200, 10), (200, 400, 9), (400, 600, 8), (600, 800, 7), (800, 1000, 6)]
+    assert s.grid(torch.tensor([0, 199, 200, 399.5, 400, 650, 999])).tolist() == [10, 10, 9, 9, 8, 7, 6]
+    r_min, r_max = s.rates
+    assert (r_min, r_max) == (1 - 100 / 256, 1 - 36 / 256)
+    assert s.pruning_rate(0) == s.pruning_rate(249) == r_min and s.pruning_rate(1000) == r_max
+    assert s.pruning_rate(625) == pytest.approx((r_min + r_max) / 2)
+    assert [g for *_, g in GridSchedule(token_grid=32).intervals()] == [10, 9, 8, 7, 6]  # 512px: the same grids
+    assert OPTIONS.schedule(8).intervals() == [(0, 500, 6), (500, 1000, 4)]
+
+    # Per-rank timestep intervals: together [0, T), each inside one grid when world % intervals == 0.
+    for world in (5, 10):
+        spans = [flexdit_timestep_interval(r, world, s) for r in range(world)]
+        assert spans[0][0] == 0 and spans[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert all(len(set(s.grid(torch.arange(lo, hi)).tolist())) == 1 for lo, hi in spans)
+    with pytest.raises(ValueError, match="rank 2"):
+        flexdit_timestep_interval(2, 2, s)
+    with pytest.raises(ValueError, match="must lie in 1..8"):
+        GridSchedule(token_grid=8)
+    with pytest.raises(ValueError, match="decreasing"):
+        GridSchedule(token_grid=16, grid_sizes=(6, 8))
+
+
+def test_layouts():
+    assert default_layout(28) == "PP" + "CSSSRD" * 4 + "DD"
+    assert default_layout(12) == "P" + "CSSRD" * 2 + "D"
+    assert default_layout(4) == "CSRD"
+    assert parse_layout("pp cssrd", 7) == "PPCSSRD"
+    for bad in ("PCSDD", "CSRP", "RCSD"):
+        with pytest.raises(ValueError, match="must read"):
+            parse_layout(bad, 5 if len(bad) == 5 else 4)
+    with pytest.raises(ValueError, match="depth 6"):
+        parse_layout("PCSRD", 6)
+
+
+def test_batch_with_several_grids_runs_in_groups():
+    static, cond = _static("dit")
+    flex = _randomize(_convert(static), seed=1).eval()  # W1, W2 non-trivial too
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([100, 900, 300])  # grids 6, 4, 6
+    assert flex.grids_for(t).tolist() == [6, 4, 6]
+    out = flex(x, t, **cond)
+    for b in range(3):
+        one = flex(x[b:b + 1], t[b:b + 1], y=cond["y"][b:b + 1])
+        torch.testing.assert_close(out[b:b + 1], one, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(flex(x, t, **cond, grid=4)[0], out[0])
+
+
+def test_flops_match_the_paper_within_2_percent():
+    for row in paper_comparison():
+        assert abs(row["static"] / row["paper_static"] - 1) < 0.005, row
+        assert abs(row["paper"] / row["paper_flexdit"] - 1) < 0.02, row  # the paper's op order
+        assert row["implemented"] < row["paper"]  # exact reorderings only remove work
+    full = flexdit_flops("DiT-XL/2", 256, 16, "D" * 28)
+    assert full.total == flops.count("DiT-XL/2", 256).total
+    # At the full grid the C and S blocks cost exactly the dense blocks they came from
+    sparse = flexdit_flops("DiT-XL/2", 256, 16, "CSSSRD" * 4 + "D" * 4)
+    assert sparse.per_block[0] == {**full.per_block[0], "norm": full.per_block[0]["norm"] + 4 * 256 * 1152}
+    assert sparse.per_block[1] == full.per_block[1]
+
+
+def test_runner_records_grids_and_flops():
+    static, cond = _static("dit")
+    model = _convert(static).eval()
+    runner = FlexDiTRunner(model)
+    runner.begin(4)
+    out = sample(runner, (3, 4, 16, 16), "ddpm", 4, generator=torch.Generator().manual_seed(0),
+                 model_kwargs=cond, step_callback=runner.step_callback)
+    assert torch.isfinite(out).all()
+    assert runner.grids() == [{4: 1.0}, {4: 1.0}, {6: 1.0}, {6: 1.0}]  # t = 999, 666, 333, 0
+    assert runner.mean_flops() == pytest.approx((model_flops(model, 4) + model_flops(model, 6)) / 2)
+    assert model_flops(model, 4) < model_flops(model, 6) < runner.static_flops()
+    with pytest.raises(ValueError, match="eval mode"):
+        FlexDiTRunner(model.train())
