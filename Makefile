@@ -27,3 +27,9 @@ lint: install
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# The whole pipeline offline on a tiny model (scikit-learn digits, local Ray, ./outputs as object
+# storage): prepare -> pretrain -> DyDiT fine-tune (2 workers, ZeRO-2) -> sample -> evaluate -> report.
+# A second run skips every stage whose outputs exist; `make clean` starts over.
+demo: install
+	$(BIN)/python -m jobs.reproduce --config demo storage.root=file://$(CURDIR)/outputs

@@ -1,0 +1,120 @@
+"""Per-block feature caching: EB-Cache (calibrated schedule + exposure-bias correction) and FORA.
+
+Each block's attention-branch and MLP-branch outputs are cached BEFORE their adaLN gates; the gates
+(and the block's modulation) are recomputed from the current step's conditioning every step. The
+state of a step (a character of the schedule) says what is recomputed:
+
+    0  both branches computed (and cached)
+    1  attention reused, MLP recomputed
+    2  both reused
+    3  attention recomputed, MLP reused (in the paper, missing from the released code)
+
+PixArt's cross-attention branch follows the self-attention branch (computed and cached with it).
+A reused branch is always the one of the last step that computed it. On a DyDiT the computed
+branches go through its fast path (active heads, groups and tokens only); a cached MLP branch keeps
+the token routing of the step that computed it.
+
+Exposure-bias correction multiplies the predicted noise (the first C output channels; not the
+learned variance values) by b(t) at every step, as the released code does with its 1 / 0.965.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import Backend
+from .base import Runner
+from .options import EBCacheOptions, FORAOptions, eps_scale_at, parse_eps_scale
+
+ATTN_FRESH = {0: True, 1: False, 2: False, 3: True}
+MLP_FRESH = {0: True, 1: True, 2: False, 3: False}
+
+
+@dataclass
+class BlockCache:
+    """One block's ungated branch outputs, each (B, N, D); `cross` is PixArt's cross-attention (else None)."""
+
+    attn: torch.Tensor
+    cross: torch.Tensor | None
+    mlp: torch.Tensor
+
+
+def forward_with_cache(backend: Backend, x, t, cond, timestep: int, state: int, cache: list[BlockCache] | None):
+    """One model call in cache `state`.
+
+    Returns (output (B, C_out, H, W), the updated cache (a new list; tensors are shared, never
+    written in place), per-block activities for the FLOPs counter). `cache` is not modified, so a
+    caller may try several states from the same cache (calibration does).
+    """
+    attn_fresh, mlp_fresh = ATTN_FRESH[state], MLP_FRESH[state]
+    if cache is None and not (attn_fresh and mlp_fresh):
+        raise ValueError(f"cache state {state} reuses branches but nothing is cached yet (the first step must be 0)")
+    if cache is not None and cache[0].attn.shape[0] != x.shape[0]:
+        raise ValueError(f"the cache holds a batch of {cache[0].attn.shape[0]} rows, this call has {x.shape[0]}; "
+                         "call runner.begin(num_steps) before every batch")
+    # 1. Input
+    tokens, ctx = backend.embed(x, t, cond)
+    w = backend.step_weights(timestep) if attn_fresh or mlp_fresh else None  # a DyDiT's slices, if used
+    new_cache, activities = [], []
+    # 2. Blocks: computed branches refresh the cache, the others read it
+    for i in range(backend.depth):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = backend.modulation(i, ctx)
+        old = cache[i] if cache is not None else None
+        attn = backend.attn(i, tokens, shift_msa, scale_msa, w) if attn_fresh else old.attn
+        tokens = tokens + gate_msa * attn
+        cross = backend.cross(i, tokens, ctx) if attn_fresh else old.cross
+        if cross is not None:
+            tokens = tokens + cross
+        keep = None
+        if mlp_fresh:
+            mlp, keep = backend.mlp(i, tokens, shift_mlp, scale_mlp, w)
+        else:
+            mlp = old.mlp
+        tokens = tokens + gate_mlp * mlp
+        new_cache.append(BlockCache(attn, cross, mlp))
+        activities.append(backend.activity(i, w, attn=attn_fresh, mlp=mlp_fresh, keep=keep))
+    # 3. Output
+    return backend.head(tokens, ctx), new_cache, activities
+
+
+def correct_eps(out: torch.Tensor, channels: int, factor: float) -> torch.Tensor:
+    """Multiply the predicted noise (the first `channels` channels of out (B, C_out, ...)) by `factor`."""
+    if factor == 1.0:
+        return out
+    return torch.cat([out[:, :channels] * factor, out[:, channels:]], dim=1)
+
+
+class CachingRunner(Runner):
+    """EB-Cache or FORA over any backend (see the module docstring)."""
+
+    needs_steps = True
+
+    def __init__(self, backend: Backend, options: EBCacheOptions | FORAOptions, method: str = "eb_cache",
+                 num_train_timesteps: int = 1000):
+        super().__init__(backend)
+        self.method = method
+        self.options = options
+        self.eps_knots = parse_eps_scale(options.eps_scale)
+        self.num_train_timesteps = num_train_timesteps
+        self.schedule: str | None = None
+        self._cache: list[BlockCache] | None = None
+
+    def reset(self) -> None:
+        self.schedule = self.options.schedule_for(self.num_steps)
+        self._cache = None
+
+    def eps_factor(self, timestep: int) -> float:
+        """b(t), the exposure-bias correction at original timestep t (1.0 without correction)."""
+        return eps_scale_at(self.eps_knots, timestep / (self.num_train_timesteps - 1))
+
+    def forward(self, x, t, cond):
+        state = int(self.schedule[self.step])
+        out, self._cache, activities = forward_with_cache(self.backend, x, t, cond, self.timestep, state, self._cache)
+        return correct_eps(out, self.backend.in_channels, self.eps_factor(self.timestep)), activities
+
+    @property
+    def full_steps(self) -> int:
+        """Steps of the current schedule that compute both branches."""
+        return self.schedule.count("0")

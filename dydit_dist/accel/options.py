@@ -1,0 +1,182 @@
+"""Options of the training-free methods: one frozen dataclass per method, validated when built.
+
+The sample config maps onto these one to one (see `from_mapping`); strings are the config's form of
+a cache schedule and of the exposure-bias correction, so a YAML file or a dotlist can carry them.
+
+Cache schedule: one character per sampling step, first (noisiest) step first:
+    0 compute both branches, 1 reuse attention + recompute MLP, 2 reuse both, 3 recompute attention
+    + reuse MLP. The released EB-Cache 50-step table is `RELEASED_TABLE_50`.
+
+Exposure-bias correction `eps_scale` (the predicted noise is MULTIPLIED by b(t) at every step):
+    "none"                            b = 1, the output is untouched
+    "paper"                           b(t/T): 1.0 at T, 0.98 at 0.4T, 0.96 at 0 (piecewise linear)
+    "released"                        b = 1 / 0.965 (the released code divides eps by 0.965)
+    "const:0.98"                      any constant
+    "1.0:1.0,0.4:0.98,0.0:0.96"       knots `t_fraction:value`, piecewise linear in t / (T - 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+RELEASED_TABLE_50 = "00000000000000000000002020202020202020202220220220"
+CACHE_STATES = "0123"
+
+EPS_SCALE_PRESETS = {
+    "none": (),
+    "paper": ((1.0, 1.0), (0.4, 0.98), (0.0, 0.96)),
+    "released": ((1.0, 1.0 / 0.965),),
+}
+
+
+def parse_schedule(schedule: str) -> str:
+    """Validate a cache schedule string (see the module docstring); returns it unchanged."""
+    if not isinstance(schedule, str) or not schedule:
+        raise ValueError(f"cache schedule must be a non-empty string over {CACHE_STATES!r}, got {schedule!r}")
+    bad = sorted({c for c in schedule if c not in CACHE_STATES})
+    if bad:
+        raise ValueError(f"cache schedule {schedule!r} has characters {bad}; valid states are {CACHE_STATES!r} "
+                         "(0 full, 1 reuse attention, 2 reuse both, 3 reuse MLP)")
+    if schedule[0] != "0":
+        raise ValueError(f"cache schedule {schedule!r} must start with a full step '0' (nothing is cached yet)")
+    return schedule
+
+
+def fora_schedule(num_steps: int, interval: int) -> str:
+    """FORA: a full step every `interval` steps (the first included), both branches reused in between."""
+    if interval < 1:
+        raise ValueError(f"FORA interval must be >= 1, got {interval}")
+    return "".join("0" if i % interval == 0 else "2" for i in range(num_steps))
+
+
+def parse_eps_scale(spec: str) -> tuple[tuple[float, float], ...]:
+    """`eps_scale` string -> knots ((t_fraction, value), ...) sorted by t_fraction; () means none."""
+    if spec in EPS_SCALE_PRESETS:
+        return tuple(sorted(EPS_SCALE_PRESETS[spec]))
+    try:
+        if spec.startswith("const:"):
+            knots = ((1.0, float(spec.removeprefix("const:"))),)
+        else:
+            knots = tuple((float(a), float(b)) for a, b in (item.split(":") for item in spec.split(",")))
+    except ValueError:
+        raise ValueError(
+            f"eps_scale {spec!r} is not one of {sorted(EPS_SCALE_PRESETS)}, 'const:VALUE' or "
+            "'T_FRACTION:VALUE,...' (e.g. '1.0:1.0,0.4:0.98,0.0:0.96')"
+        ) from None
+    for t, value in knots:
+        if not 0.0 <= t <= 1.0 or not value > 0:
+            raise ValueError(f"eps_scale {spec!r}: t fractions must lie in [0, 1] and values be > 0")
+    return tuple(sorted(knots))
+
+
+def eps_scale_at(knots: tuple[tuple[float, float], ...], t_fraction: float) -> float:
+    """Piecewise-linear b(t) through the knots, constant beyond the first and last."""
+    if not knots:
+        return 1.0
+    if t_fraction <= knots[0][0]:
+        return knots[0][1]
+    for (t0, v0), (t1, v1) in zip(knots[:-1], knots[1:], strict=True):
+        if t_fraction <= t1:
+            return v0 + (v1 - v0) * (t_fraction - t0) / (t1 - t0)
+    return knots[-1][1]
+
+
+@dataclass(frozen=True)
+class FORAOptions:
+    """FORA: recompute every `interval` steps, reuse both branches of every block in between."""
+
+    interval: int = 3
+    eps_scale = "none"  # not a field: FORA has no exposure-bias correction
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ValueError(f"FORA interval must be >= 1, got {self.interval}")
+
+    def schedule_for(self, num_steps: int) -> str:
+        return fora_schedule(num_steps, self.interval)
+
+
+@dataclass(frozen=True)
+class EBCacheOptions:
+    """EB-Cache: per-block branch caching on a calibrated schedule, with exposure-bias correction.
+
+    schedule: a cache schedule string, or the path / URL of a calibration table (`.json`, written by
+        `python -m dydit_dist.accel.calibrate`) whose schedule is used.
+    eps_scale: the exposure-bias correction of the predicted noise (see the module docstring).
+    """
+
+    schedule: str = RELEASED_TABLE_50
+    eps_scale: str = "paper"
+
+    def __post_init__(self):
+        if not self.schedule.endswith(".json"):
+            parse_schedule(self.schedule)
+        parse_eps_scale(self.eps_scale)
+
+    def schedule_for(self, num_steps: int) -> str:
+        """The schedule over `num_steps` sampling steps; it must have exactly that length."""
+        schedule = self.schedule
+        if schedule.endswith(".json"):
+            from .calibrate import load_table  # reads through dydit_dist.storage
+
+            schedule = parse_schedule(load_table(schedule)["schedule"])
+        if len(schedule) != num_steps:
+            raise ValueError(f"cache schedule has {len(schedule)} steps but sampling runs {num_steps}; "
+                             "calibrate one for this step count (python -m dydit_dist.accel.calibrate)")
+        return schedule
+
+
+@dataclass(frozen=True)
+class ATEDMOptions:
+    """AT-EDM token pruning on a DiT.
+
+    ratio: fraction of image tokens pruned in the middle blocks (after DSAP's early steps).
+    score_layer: block (0-based) whose self-attention map ranks the tokens; pruning starts after it.
+    dense_last: how many last blocks run on every token again (after recovery).
+    iterations: G-WPR power iterations.
+    recovery: "copy" (a pruned token takes the features of its most similar kept token, cosine
+        similarity at the scoring layer) or "freeze" (it keeps its scoring-layer features).
+    dsap_fraction, dsap_ratio: denoising-steps-aware pruning: the first `dsap_fraction` of the
+        sampling steps prune `dsap_ratio` (default nothing) instead of `ratio`.
+    """
+
+    ratio: float = 0.5
+    score_layer: int = 2
+    dense_last: int = 2
+    iterations: int = 5
+    recovery: Literal["copy", "freeze"] = "copy"
+    dsap_fraction: float = 0.2
+    dsap_ratio: float = 0.0
+
+    def __post_init__(self):
+        for name in ("ratio", "dsap_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"AT-EDM {name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.dsap_fraction <= 1.0:
+            raise ValueError(f"AT-EDM dsap_fraction must lie in [0, 1], got {self.dsap_fraction}")
+        if self.recovery not in ("copy", "freeze"):
+            raise ValueError(f"AT-EDM recovery must be 'copy' or 'freeze', got {self.recovery!r}")
+        if self.iterations < 1 or self.score_layer < 0 or self.dense_last < 0:
+            raise ValueError("AT-EDM iterations must be >= 1, score_layer and dense_last >= 0")
+
+    def ratio_at(self, step: int, num_steps: int) -> float:
+        """Pruning ratio of sampling step `step` (0 = noisiest) under DSAP."""
+        return self.dsap_ratio if step < round(self.dsap_fraction * num_steps) else self.ratio
+
+    def check_depth(self, depth: int) -> None:
+        if self.score_layer + 2 + self.dense_last > depth:
+            raise ValueError(f"AT-EDM score_layer={self.score_layer} and dense_last={self.dense_last} leave no "
+                             f"block to prune in a {depth}-block model (need score_layer + 2 + dense_last <= depth)")
+
+
+def from_mapping(cls, values: Mapping | None):
+    """Build an options dataclass from a plain mapping (a config section); unknown keys are errors."""
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid: {', '.join(names)}")
+    return cls(**values)

@@ -1,0 +1,22 @@
+"""Evaluation: torch-fidelity metrics on shards streamed from storage, reference statistics, the report.
+
+    record = evaluate(cfg)                                 # {run}/metrics.json
+    write_report(run_url, [record_static, record_dydit])   # {run}/report.md + plots/
+"""
+
+from .evaluate import evaluate
+from .extractors import FeatureExtractorUnavailable, register_extractors, resolve_extractor
+from .metrics import frechet_distance, inception_score, precision_recall, statistics
+from .report import write_report
+
+__all__ = [
+    "FeatureExtractorUnavailable",
+    "evaluate",
+    "frechet_distance",
+    "inception_score",
+    "precision_recall",
+    "register_extractors",
+    "resolve_extractor",
+    "statistics",
+    "write_report",
+]

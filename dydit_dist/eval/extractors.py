@@ -1,0 +1,145 @@
+"""The feature extractor of an evaluation: torch-fidelity's Inception-v3 (the one FIDs are published
+with) or another registered extractor, with its weights found offline or a clear error.
+
+Inception weights come from `eval.inception_weights` (a local path, a storage URL or an http(s) URL)
+or torch hub's cache, where torch-fidelity itself would put them; nothing else is downloaded. Pickled
+weights are opened with `weights_only=True` first, so a file holding anything but tensors is refused
+before torch-fidelity (which unpickles freely) sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+
+from dydit_dist import storage
+
+from . import digits
+
+INCEPTION = "inception-v3-compat"
+LABELS = {
+    INCEPTION: "Inception-v3 (torch-fidelity's TF-compatible port, pool3 / logits)",
+    digits.NAME: "digits-cnn: a small CNN classifier trained on scikit-learn's digits (NOT Inception; "
+                 "comparable only with numbers on the same features)",
+}
+METRIC_KEYS = ("fid", "isc", "prc")
+
+
+class FeatureExtractorUnavailable(RuntimeError):
+    """The feature extractor's weights cannot be had offline; the message says how to supply them."""
+
+
+def register_extractors() -> None:
+    """Register this project's extractors with torch-fidelity (once per process)."""
+    if digits.NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(digits.NAME, digits.DigitsFeatureExtractor)
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """name: torch-fidelity registry name; weights: local file handed to it; source: as configured."""
+
+    name: str
+    weights: str | None
+    source: str | None
+    label: str
+
+    @property
+    def is_inception(self) -> bool:
+        return self.name == INCEPTION
+
+    def layer(self, metric: str) -> str:
+        return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "label": self.label, "weights": self.source, "is_inception": self.is_inception,
+                "layers": {m: self.layer(m) for m in METRIC_KEYS}}
+
+    def create(self, device: str | torch.device, metrics: list[str]) -> torch.nn.Module:
+        """The torch-fidelity module producing the features of `metrics`, in eval mode on `device`."""
+        layers = sorted({self.layer(m) for m in metrics})
+        kwargs = {"feature_extractor_weights_path": self.weights, "verbose": False}
+        module = create_feature_extractor(self.name, layers, cuda=False, **kwargs)
+        return module.to(device)
+
+
+def _cache_dir() -> str:
+    return os.path.join(torch.hub.get_dir(), "dydit_dist")
+
+
+def _local_copy(source: str, what: str) -> str:
+    """A local file holding `source` (a path, a storage URL or an http(s) URL)."""
+    plain = source.removeprefix("file://")
+    if "://" not in plain or source.startswith("file://"):
+        if not os.path.isfile(plain):
+            raise FileNotFoundError(f"{what}: no such file {source}")
+        return plain
+    target = os.path.join(_cache_dir(), hashlib.sha256(source.encode()).hexdigest()[:16] + "-" + os.path.basename(plain))
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    if source.startswith(("http://", "https://")):
+        try:
+            torch.hub.download_url_to_file(source, tmp, progress=False)
+        except OSError as err:
+            raise FeatureExtractorUnavailable(
+                f"{what}: cannot download {source} ({type(err).__name__}: {err}); copy the file to this "
+                "machine and give its local path instead") from err
+    else:
+        with open(tmp, "wb") as f:
+            f.write(storage.read_bytes(source))
+    os.replace(tmp, target)
+    return target
+
+
+def _check_tensors_only(path: str, what: str) -> None:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; the cause is kept
+        raise ValueError(f"{what}: {path} is not a plain state dict loadable with weights_only=True "
+                         f"({type(err).__name__}); refusing to unpickle it") from err
+
+
+def inception_weights(configured: str | None) -> str:
+    """A local, checked Inception-v3 weights file, or FeatureExtractorUnavailable saying how to get one."""
+    if configured:
+        path = _local_copy(configured, "eval.inception_weights")
+    else:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+        if not os.path.isfile(path):
+            raise FeatureExtractorUnavailable(
+                "FID, IS and precision/recall need torch-fidelity's Inception-v3 weights, which are not on this "
+                f"machine and are not downloaded here. Fetch {URL_INCEPTION_V3} on a machine with internet, then "
+                "set eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth (a local path, "
+                f"an s3:// URL or an http(s) mirror), or put the file in {os.path.dirname(path)}/. "
+                f"For an offline smoke test use eval.feature_extractor={digits.NAME} (NOT Inception).")
+    _check_tensors_only(path, "eval.inception_weights")
+    return path
+
+
+def resolve_extractor(eval_cfg) -> Extractor:
+    """The extractor of an `EvalConfig`, its weights made local and checked."""
+    register_extractors()
+    name = eval_cfg.feature_extractor
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"eval.feature_extractor={name!r} is not registered with torch-fidelity "
+                         f"{torch_fidelity.__version__}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+    if name == INCEPTION:
+        return Extractor(name, inception_weights(eval_cfg.inception_weights), eval_cfg.inception_weights
+                         or "torch hub cache", LABELS[name])
+    source = eval_cfg.feature_extractor_weights
+    if name == digits.NAME and not source:
+        raise ValueError(f"eval.feature_extractor={name} needs eval.feature_extractor_weights "
+                         "(train them with dydit_dist.eval.digits.train_digits_classifier)")
+    weights = _local_copy(source, "eval.feature_extractor_weights") if source else None
+    if weights and not weights.endswith(".safetensors"):
+        _check_tensors_only(weights, "eval.feature_extractor_weights")
+    return Extractor(name, weights, source, LABELS.get(name, f"{name} (torch-fidelity extractor, NOT Inception)"))

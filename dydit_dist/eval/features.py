@@ -1,0 +1,113 @@
+"""Images streamed from storage in batches, and their features from a torch-fidelity extractor.
+
+Image sources (uint8 (B, H, W, 3) batches, never the whole set in memory):
+- a samples folder of the sampling job (`manifest.json` of format dydit_dist.samples/1);
+- a pixel-space data folder of the prepare job (`data.vae: none`; the stored [-1, 1] arrays are
+  quantized as the sampler quantizes its outputs, so a prepared image comes back bit for bit);
+- an `.npz` in the ADM evaluator's format (`arr_0`, N x H x W x 3 uint8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dydit_dist import storage
+from dydit_dist.sample.export import iter_npz_array, iter_samples
+from dydit_dist.sample.shards import to_rgb
+
+SAMPLES_FORMAT = "dydit_dist.samples/1"
+DATA_FORMAT = "dydit_dist.latents/1"
+
+
+def source_kind(url: str) -> str:
+    """'npz', 'samples' or 'data'; ValueError naming the URL for anything else."""
+    if url.endswith(".npz"):
+        return "npz"
+    manifest = storage.join(url, "manifest.json")
+    if not storage.exists(manifest):
+        raise ValueError(f"{url}: expected an ADM .npz file, or a samples or pixel-space data folder with a "
+                         "manifest.json")
+    fmt = storage.read_json(manifest).get("format")
+    if fmt == SAMPLES_FORMAT:
+        return "samples"
+    if fmt == DATA_FORMAT:
+        return "data"
+    raise ValueError(f"{manifest}: unknown manifest format {fmt!r} (expected {SAMPLES_FORMAT} or {DATA_FORMAT})")
+
+
+def count_images(url: str) -> int:
+    """How many images a source holds (from its manifest or the .npz header; nothing is decoded)."""
+    if source_kind(url) == "npz":
+        return _npz_rows(url)
+    return int(storage.read_json(storage.join(url, "manifest.json"))["num_samples"])
+
+
+def _npz_rows(url: str) -> int:
+    import zipfile
+
+    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            return 0
+        member = zf.open("arr_0.npy")
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return int(read(member)[0][0])
+
+
+def _pixels_to_uint8(x: np.ndarray) -> np.ndarray:
+    """(C, H, W) floats in [-1, 1] -> (H, W, C) uint8, as `sample.generate.ImageDecoder` quantizes."""
+    return np.clip(127.5 * x.astype(np.float32) + 128.0, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _iter_data_images(url: str) -> Iterator[np.ndarray]:
+    from dydit_dist.data.manifest import read_manifest
+    from dydit_dist.data.shards import decode_sample, unpack
+
+    manifest = read_manifest(url)
+    if manifest.settings.get("latent_storage") != "pixels":
+        raise ValueError(f"{url}: holds VAE latents ({manifest.settings.get('vae')}), not images; a reference "
+                         "must be images: an ADM .npz, a samples folder or pixel-space data (data.vae=none)")
+    for record in manifest.shards:
+        shard = storage.join(url, record["name"])
+        for files in unpack(storage.read_bytes(shard), shard):
+            yield _pixels_to_uint8(decode_sample(files, shard).latent)
+
+
+def image_batches(url: str, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches of every image of a source (see the module docstring)."""
+    kind = source_kind(url)
+    if kind == "npz":
+        for batch in iter_npz_array(url, "arr_0", batch_size):
+            if batch.ndim != 4 or batch.dtype != np.uint8:
+                raise ValueError(f"{url}: arr_0 must be uint8 (N, H, W, C), got {batch.dtype} {batch.shape}")
+            yield to_rgb(batch)
+        return
+    images = (s.image for s in iter_samples(url)) if kind == "samples" else _iter_data_images(url)
+    batch = []
+    for image in images:
+        batch.append(to_rgb(image))
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+@torch.no_grad()
+def extract_features(batches, module, device: str | torch.device, total: int | None = None,
+                     desc: str = "features") -> dict[str, torch.Tensor]:
+    """Run a torch-fidelity extractor over uint8 (B, H, W, 3) batches -> {layer: (N, D) float32 on CPU}."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in module.features_list}
+    with tqdm(total=total, unit="img", desc=desc, mininterval=2.0, disable=total is None) as bar:
+        for batch in batches:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W)
+            for name, value in module.convert_features_tuple_to_dict(module(x)).items():
+                out[name].append(value.float().cpu())
+            bar.update(len(batch))
+    if not out[module.features_list[0]]:
+        raise ValueError("no images to extract features from")
+    return {name: torch.cat(values) for name, values in out.items()}

@@ -1,0 +1,52 @@
+"""FID, Inception Score and precision/recall through torch-fidelity's own arithmetic.
+
+torch-fidelity computes its metrics from features; the features here come from shards streamed off
+storage (`features`), so its functions are called on them directly: `fid_features_to_statistics` and
+`fid_statistics_to_metric` (mean float32, covariance float64, trace of the matrix square root from
+the eigenvalues of sigma1 sigma2), `isc_features_to_metric`, `prc_features_to_metric`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_F_SCORE,
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
+
+SUPPORTED = ("fid", "isc", "prc")
+
+
+def check_metrics(metrics: list[str]) -> None:
+    unknown = sorted(set(metrics) - set(SUPPORTED))
+    if unknown or not metrics:
+        raise ValueError(f"eval.metrics={metrics}: valid metrics are {', '.join(SUPPORTED)} (at least one)")
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """(N, D) features -> {"mu": (D,) float32, "sigma": (D, D) float64}, as torch-fidelity makes them."""
+    return fid_features_to_statistics(features.float())
+
+
+def frechet_distance(stats_1: dict, stats_2: dict) -> float:
+    """FID between two {"mu", "sigma"} statistics, by torch-fidelity."""
+    return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID])
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over `splits` splits of (N, classes) logits (torch-fidelity's shuffle seed 2020)."""
+    out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def precision_recall(generated: torch.Tensor, real: torch.Tensor, neighborhood: int = 3) -> dict[str, float]:
+    """Improved precision/recall (Kynkaanniemi et al.) of generated against real (N, D) features."""
+    out = prc_features_to_metric(generated.float(), real.float(), prc_neighborhood=neighborhood,
+                                 prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL],
+            "f_score": out[KEY_METRIC_F_SCORE]}

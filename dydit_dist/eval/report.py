@@ -1,0 +1,156 @@
+"""`report.md` and `plots/` of a comparison: quality, FLOPs and measured speed of each method side by side.
+
+    write_report("s3://bucket/runs/demo", [metrics_static, metrics_dydit])   # metrics.json records
+
+Plots (matplotlib, Agg): FID against GFLOPs, DyDiT's active width against the timestep, and a grid
+of the first samples of every method. A number computed on features other than Inception's is
+labelled with its extractor ("FID [digits-cnn]"); it is never presented as an Inception FID.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+
+from dydit_dist import storage
+from dydit_dist.sample.export import iter_samples
+from dydit_dist.sample.manifest import read_manifest
+from dydit_dist.sample.shards import to_rgb
+
+log = logging.getLogger(__name__)
+ROWS, COLS = 8, 10  # samples in a method's grid
+
+
+def _fmt(value, digits: int = 2, spec: str = "f") -> str:
+    return "n/a" if value is None else f"{value:.{digits}{spec}}"
+
+
+def metric_name(record: dict, metric: str) -> str:
+    fe = record["feature_extractor"]
+    base = {"fid": "FID", "isc": "IS"}[metric]
+    return base if fe["is_inception"] else f"{base} [{fe['name']}]"
+
+
+def _save(fig, url: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    storage.write_bytes(url, buf.getvalue())
+
+
+def _fid_vs_flops(records, url):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for r in records:
+        if r.get("gflops") is not None and "fid" in r["metrics"]:
+            ax.scatter(r["gflops"], r["metrics"]["fid"], s=40)
+            ax.annotate(r["label"], (r["gflops"], r["metrics"]["fid"]), textcoords="offset points", xytext=(5, 5))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 4))
+    ax.set_xlabel("GFLOPs per network forward (one image)")
+    ax.set_ylabel(metric_name(records[0], "fid"))
+    ax.set_title("Quality against compute")
+    ax.grid(alpha=0.3)
+    _save(fig, url)
+    plt.close(fig)
+
+
+def _width(records, url) -> bool:
+    import matplotlib.pyplot as plt
+
+    curves = [(r["label"], r["width"]) for r in records if r.get("width")]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for label, width in curves:
+        t = [w["t"] for w in width]
+        ax.plot(t, [w["heads"] for w in width], label=f"{label}: heads")
+        ax.plot(t, [w["mlp"] for w in width], "--", label=f"{label}: MLP groups")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("active fraction (mean over blocks)")
+    ax.set_ylim(0, 1.05)
+    ax.invert_xaxis()  # sampling runs from t = 999 to 0
+    ax.legend(fontsize=7)
+    ax.set_title("DyDiT width against timestep")
+    _save(fig, url)
+    plt.close(fig)
+    return True
+
+
+def _grid(records, url) -> None:
+    """The first ROWS x COLS samples of every method, sample k in column k % COLS (one class per
+    column for 10-class models), 1-pixel grey separators, pixels shown as squares."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(records), figsize=(3.6 * len(records), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], records, strict=True):
+        images = []
+        for s in iter_samples(r["samples"]):
+            images.append(to_rgb(s.image))
+            if len(images) == ROWS * COLS:
+                break
+        h, w, _ = images[0].shape
+        canvas = np.full((ROWS * (h + 1) + 1, COLS * (w + 1) + 1, 3), 96, np.uint8)
+        for i, image in enumerate(images):
+            top, left = 1 + (i // COLS) * (h + 1), 1 + (i % COLS) * (w + 1)
+            canvas[top:top + h, left:left + w] = image
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_title(r["label"])
+        ax.axis("off")
+    _save(fig, url)
+    plt.close(fig)
+
+
+def write_report(run_url: str, records: list[dict], title: str = "Comparison", notes: list[str] = ()) -> str:
+    """Write `{run_url}/report.md` and `{run_url}/plots/*.png` for metrics.json records; returns the
+    report's URL. Each record may carry a "label" (default: its method); `notes` are extra bullets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not records:
+        raise ValueError("write_report needs at least one metrics record")
+    records = [dict(r) for r in records]
+    for r in records:
+        r.setdefault("label", r["method"])
+        r["width"] = read_manifest(r["samples"]).stats.get("width_by_timestep")
+    first = records[0]
+    fe = first["feature_extractor"]
+    # 1. Plots
+    plots = storage.join(run_url, "plots")
+    _fid_vs_flops(records, storage.join(plots, "fid_vs_flops.png"))
+    has_width = _width(records, storage.join(plots, "dydit_width.png"))
+    _grid(records, storage.join(plots, "samples_grid.png"))
+    # 2. The table
+    fid, isc = metric_name(first, "fid"), metric_name(first, "isc")
+    lines = [f"# {title}", "",
+             f"| method | GFLOPs | images/s | {fid} | {isc} | precision | recall | samples |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        m = r["metrics"]
+        lines.append(f"| {r['label']} | {_fmt(r.get('gflops'), 4, 'g')} | {_fmt(r.get('images_per_s'), 1)} | "
+                     f"{_fmt(m.get('fid'))} | {_fmt(m.get('isc_mean'))} | {_fmt(m.get('precision'), 3)} | "
+                     f"{_fmt(m.get('recall'), 3)} | {r['num_samples']} |")
+    ref = first.get("reference") or {}
+    s = first["sampling"]
+    lines += [
+        "",
+        "- GFLOPs: analytic, per network forward of one image (guidance doubles it per sampling step), "
+        "averaged over the sampling steps.",
+        "- images/s: measured on one sampling actor (sampling and decoding, storage writes excluded).",
+        f"- Features: {fe['label']}; weights: {fe['weights']}.",
+        f"- Reference: {ref.get('url')} ({ref.get('kind')}; statistics {ref.get('statistics')}).",
+        f"- Sampling: {s['sampler']}, {s['steps']} steps, guidance {s['cfg_scale']}, seed {s['seed']}, "
+        f"{s['num_samples']} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
+        *(f"- {note}" for note in notes),
+        "",
+        f"![{fid} against GFLOPs](plots/fid_vs_flops.png)",
+    ]
+    if has_width:
+        lines.append("![DyDiT width against timestep](plots/dydit_width.png)")
+    lines += ["![samples](plots/samples_grid.png)", ""]
+    url = storage.join(run_url, "report.md")
+    storage.write_bytes(url, "\n".join(lines).encode())
+    log.info("report at %s", url)
+    return url

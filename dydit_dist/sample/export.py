@@ -1,0 +1,114 @@
+"""The ADM evaluator's format (openai/guided-diffusion `evaluations/`): an `.npz` whose `arr_0` is
+uint8 (N, H, W, 3), written and read as a stream, never held in memory whole.
+
+    export_adm_npz("s3://bucket/runs/x/samples", "/data/x_samples.npz")   # 50k x 256 x 256 x 3 = 9.8 GB
+    for batch in iter_npz_array("VIRTUAL_imagenet256_labeled.npz", "arr_0", 500): ...
+
+Grey images are replicated to 3 channels and alpha is dropped, as the evaluator expects RGB.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from dydit_dist import storage
+
+from .manifest import SamplesError, read_manifest
+from .shards import iter_shard, to_rgb
+
+
+def iter_samples(samples_url: str, require_complete: bool = True):
+    """Every sample of a samples folder in index order, one at a time (shards streamed in turn)."""
+    manifest = read_manifest(samples_url)
+    if require_complete and not manifest.complete:
+        raise SamplesError(f"{samples_url}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
+                           "finish the sampling job first (rerun it: it makes only the missing shards)")
+    expected = 0
+    for index in sorted(manifest.shards):
+        record = manifest.shards[index]
+        if record["start"] != expected:
+            raise SamplesError(f"{samples_url}: samples {expected}..{record['start'] - 1} are missing")
+        for s in iter_shard(storage.join(samples_url, record["name"])):
+            if s.index != expected:
+                raise SamplesError(f"{samples_url}/{record['name']}: sample {s.index} where {expected} was expected")
+            yield s
+            expected += 1
+
+
+def export_adm_npz(samples_url: str, path: str) -> int:
+    """Write every sample of a complete samples folder into a local `.npz` (`arr_0`, N x H x W x 3
+    uint8, in index order); returns N. The file appears whole (written under a temporary name)."""
+    manifest = read_manifest(samples_url)
+    count = manifest.num_samples
+    samples = iter_samples(samples_url)
+    first = next(samples)
+    height, width = first.image.shape[:2]
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (count, height, width, 3)}
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    written = 0
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for s in _chain(first, samples):
+                    if s.image.shape[:2] != (height, width):
+                        raise SamplesError(f"{samples_url}: sample {s.index} is {s.image.shape[:2]}, "
+                                           f"not {(height, width)} like sample 0")
+                    f.write(np.ascontiguousarray(to_rgb(s.image)).tobytes())
+                    written += 1
+        if written != count:
+            raise SamplesError(f"{samples_url}: the manifest counts {count} samples, the shards hold {written}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def npz_keys(url: str) -> list[str]:
+    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+        return [n.removesuffix(".npy") for n in zf.namelist()]
+
+
+def read_npz_small(url: str, key: str) -> np.ndarray:
+    """One (small) array of an `.npz`, without pickles."""
+    with storage.open_file(url, "rb") as f, np.load(f, allow_pickle=False) as npz:
+        if key not in npz.files:
+            raise KeyError(f"{url} has no array {key!r} (arrays: {', '.join(npz.files)})")
+        return npz[key]
+
+
+def iter_npz_array(url: str, key: str, batch: int) -> Iterator[np.ndarray]:
+    """Batches of the first axis of one array of an `.npz`, streamed from any storage URL."""
+    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+        name = f"{key}.npy"
+        if name not in zf.namelist():
+            raise KeyError(f"{url} has no array {key!r} (arrays: {', '.join(n.removesuffix('.npy') for n in zf.namelist())})")
+        with zf.open(name) as member:
+            version = np.lib.format.read_magic(member)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise ValueError(f"{url}:{key}: .npy format version {version} is not supported")
+            shape, fortran, dtype = readers[version](member)
+            if fortran or dtype.hasobject:
+                raise ValueError(f"{url}:{key}: expected a C-ordered array of plain numbers")
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            for start in range(0, shape[0], batch):
+                rows = min(batch, shape[0] - start)
+                data = member.read(rows * row)
+                if len(data) != rows * row:
+                    raise ValueError(f"{url}:{key}: truncated at row {start}")
+                yield np.frombuffer(bytearray(data), dtype).reshape((rows, *shape[1:]))

@@ -1,0 +1,136 @@
+"""Making the samples of one shard in one process: network, method, sampler and decoder loaded once.
+
+    gen = ShardGenerator(cfg, device="cuda")      # what one sampling actor holds
+    samples, timing = gen.generate(ShardSpec(3, 3000, 4000))
+
+Batches are cut from the shard in order (`sample.batch_size`), so a shard is made of the same batches
+on every actor. Within a batch, sample k draws all of its noise from its own generator (see `plan`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from dydit_dist.config import Config
+from dydit_dist.diffusion import cfg_model_fn, randn_per_sample, sample
+from dydit_dist.dynamic import DyDiT, DyPixArt, FastPath
+from dydit_dist.models import family
+
+from .conditions import CaptionConditioner, ClassConditioner
+from .methods import build_method
+from .network import build_network
+from .plan import ShardSpec, load_prompts, sample_generators, sample_seed
+from .shards import GeneratedSample
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ImageDecoder:
+    """Model outputs (B, C, h, w) -> uint8 images (B, H, W, C'): the VAE's decoder, or pixels as they are.
+
+    Pixel-space models make images in [-1, 1] directly (C = 1, 3 or 4: L, RGB, RGBA); a latent model's
+    output is divided by the VAE scale factor and decoded. Quantization follows DiT's sampler:
+    clamp(127.5 x + 128, 0, 255), truncated to uint8 (the inverse of the data's x = p / 127.5 - 1).
+    """
+
+    def __init__(self, vae: str, scale_factor: float, device: str | torch.device):
+        self.vae = None
+        self.scale_factor = scale_factor
+        if vae != "none":
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(vae).to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        if self.vae is not None:
+            x = self.vae.decode(x.to(self.vae.dtype) / self.scale_factor).sample
+        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def _conditioner(cfg: Config, model, device):
+    if family(cfg.model.name) == "dit":
+        return ClassConditioner(cfg.model.num_classes)
+    if not cfg.sample.prompts:
+        raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
+    from dydit_dist.data.encoders import TextEncoder
+
+    encoder = TextEncoder(cfg.data.text_encoder, cfg.data.tokenizer, cfg.model.model_max_length, str(device))
+    return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
+
+
+class ShardGenerator:
+    """Everything one worker needs to turn shard specs into samples (see the module docstring)."""
+
+    def __init__(self, cfg: Config, device: str | torch.device = "cpu"):
+        start = time.perf_counter()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = build_network(cfg, self.device)
+        self.runner = build_method(cfg, self.model)
+        self.conditioner = _conditioner(cfg, self.model, self.device)
+        self.decoder = ImageDecoder(cfg.data.vae, cfg.data.vae_scale_factor, self.device)
+        self.timesteps: list[int] = []  # the original timesteps the sampler visits, in order
+        self.load_seconds = time.perf_counter() - start
+
+    def _autocast(self):
+        dtype = DTYPES[self.cfg.sample.precision]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _step_callback(self, i: int, t: int) -> None:
+        if len(self.timesteps) == i:
+            self.timesteps.append(t)
+        self.runner.step_callback(i, t)
+
+    @torch.no_grad()
+    def latents(self, indices: list[int]) -> torch.Tensor:
+        """(B, C, h, w) samples x_0 of the network for sample indices (one batch)."""
+        s, m = self.cfg.sample, self.cfg.model
+        generators = sample_generators(s.seed, indices)
+        shape = (len(indices), m.in_channels, m.input_size, m.input_size)
+        z = randn_per_sample(shape, generators).to(self.device)  # (B, C, h, w) initial noise
+        kwargs = self.conditioner.model_kwargs(indices, self.device)
+        model_fn, generator = self.runner, generators
+        if s.cfg_scale != 1.0:
+            z, kwargs = self.conditioner.doubled(z, kwargs)
+            model_fn = cfg_model_fn(self.runner, s.cfg_scale, s.guidance_channels)
+            generator = generators + generators  # row b and row B + b both draw from sample b's generator
+        self.runner.begin(s.steps)
+        with self._autocast():
+            x = sample(model_fn, z.shape, s.sampler, s.steps, generator=generator, noise=z,
+                       model_kwargs=kwargs, step_callback=self._step_callback)
+        return x[: len(indices)]
+
+    def generate(self, shard: ShardSpec) -> tuple[list[GeneratedSample], dict]:
+        """The samples of `shard` in index order, and {"sample_s": seconds of sampling and decoding,
+        "sample_cpu_s": CPU seconds this process spent on them (less than sample_s when starved)}."""
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = []
+        for first in range(shard.start, shard.stop, self.cfg.sample.batch_size):
+            indices = list(range(first, min(first + self.cfg.sample.batch_size, shard.stop)))
+            images = self.decoder(self.latents(indices))
+            for k, image, meta in zip(indices, images, self.conditioner.meta(indices), strict=True):
+                out.append(GeneratedSample(k, image, {"index": k, "seed": sample_seed(self.cfg.sample.seed, k), **meta}))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out, {"sample_s": time.perf_counter() - start, "sample_cpu_s": time.process_time() - cpu_start}
+
+    def stats(self) -> dict:
+        """What the report needs of the method: GFLOPs per network forward of one image, and for a
+        DyDiT the active width per timestep (fractions of heads and MLP groups, mean over blocks)."""
+        out = {"gflops": float(self.runner.mean_flops()) / 1e9}
+        if isinstance(self.model, DyDiT | DyPixArt) and self.timesteps:
+            plan = FastPath(self.model).plan  # routers only: cheap
+            widths = []
+            for t in self.timesteps:
+                fractions = plan(t).active_fractions(self.model.num_heads)
+                widths.append({"t": t, "heads": float(np.mean([h for h, _ in fractions])),
+                               "mlp": float(np.mean([g for _, g in fractions]))})
+            out["width_by_timestep"] = widths
+        return out

@@ -1,0 +1,234 @@
+"""The sampling fan-out: a pool of Ray actors taking shards from a queue, and the driver that keeps books.
+
+    manifest = run_sampling(cfg)            # writes {run}/samples/shard-*.tar and manifest.json
+
+One actor per GPU (or per `sample.gpus_per_actor` share of one), CPU actors when the cluster has no
+GPU. Each actor loads the network, method, sampler and decoder once, then makes whole shards: it
+writes the shard as one object, then its marker (see `manifest`). The driver hands each actor up to
+`sample.shards_in_flight` shards, merges the records into the manifest (it alone writes it) and
+shows samples/s and ETA. Shards already recorded are skipped. A shard whose actor died goes back to
+the queue for another actor, and the dead actor is replaced, `ray.max_failures` times at most; an
+error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from dydit_dist import cli, storage
+from dydit_dist import config as config_lib
+from dydit_dist.config import Config
+
+from .manifest import SamplesManifest, resume, settings_digest, write_manifest, write_marker
+from .network import is_dynamic, resolve_checkpoint
+from .plan import ShardSpec, plan_shards
+from .shards import pack
+
+log = logging.getLogger(__name__)
+MANIFEST_EVERY_S = 5.0  # markers keep every finished shard in between
+
+
+def samples_url(cfg: Config) -> str:
+    return cli.run_url(cfg, "samples")
+
+
+def absolute_root(cfg: Config) -> Config:
+    """`cfg` with a relative local `storage.root` (`file://./outputs`, `outputs`) made absolute, so that
+    Ray workers, whose working directory may differ, write where the driver reads."""
+    root = cfg.storage.root
+    if "://" in root and not root.startswith("file://"):
+        return cfg
+    path = os.path.abspath(root.removeprefix("file://"))
+    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=f"file://{path}"))
+
+
+def sampling_settings(cfg: Config) -> dict:
+    """Everything that decides the bytes of the samples; a folder never mixes two of these."""
+    s, m = cfg.sample, cfg.model
+    return {
+        "model": m.name, "image_size": m.image_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
+        "checkpoint": m.checkpoint, "dynamic": dataclasses.asdict(m.dynamic) if is_dynamic(cfg) else None,
+        "vae": cfg.data.vae, "method": s.method, "method_options": dict(s.method_options),
+        "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
+        "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
+        "precision": s.precision, "prompts": s.prompts,
+    }  # fmt: skip
+
+
+class SamplingWorker:
+    """One sampling actor's state: a `ShardGenerator` on its device, and where shards go."""
+
+    def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
+        from .generate import ShardGenerator
+
+        cfg = config_lib.from_dict(cfg_dict)
+        storage.configure_from(cfg.storage)
+        torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
+        self.url = url
+        self.digest = settings_digest(sampling_settings(cfg))
+        self.generator = ShardGenerator(cfg, "cuda" if use_gpu else "cpu")
+
+    def ready(self) -> float:
+        """Seconds the network, method and decoder took to load."""
+        return self.generator.load_seconds
+
+    def run(self, shard: ShardSpec) -> dict:
+        """Make, write and mark one shard; returns its manifest record."""
+        samples, timing = self.generator.generate(shard)
+        start = time.perf_counter()
+        data = pack(samples)
+        timing["encode_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        storage.write_bytes(storage.join(self.url, shard.name), data)
+        record = {
+            "index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "settings_sha256": self.digest,
+            "actor": _actor_id(), "timing": timing,
+        }  # fmt: skip
+        write_marker(self.url, record)
+        record["timing"]["write_s"] = time.perf_counter() - start  # the manifest's copy adds the write time
+        return record
+
+    def stats(self) -> dict:
+        return self.generator.stats()
+
+
+def _actor_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() or "local"
+
+
+class SamplingPool:
+    """Actors and their in-flight shards; replaces actors that die (see the module docstring)."""
+
+    def __init__(self, cfg: Config, url: str, num_todo: int):
+        import ray
+        from ray.exceptions import RayActorError
+
+        s = cfg.sample
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.use_gpu = gpus > 0
+        if s.num_actors > 0:
+            count = s.num_actors
+        elif self.use_gpu:
+            count = int(gpus // s.gpus_per_actor)
+        else:
+            count = int(ray.cluster_resources().get("CPU", 1) // s.cpus_per_actor)
+        self.num_actors = max(1, min(count, num_todo))
+        self.actor_cls = ray.remote(SamplingWorker).options(
+            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if self.use_gpu else 0, max_restarts=0)
+        self.args = (cfg.to_dict(), url, self.use_gpu)
+        self.max_failures = cfg.ray.max_failures
+        self.failures = 0
+        self.actors = [self.actor_cls.remote(*self.args) for _ in range(self.num_actors)]
+        try:
+            self.load_seconds = ray.get([a.ready.remote() for a in self.actors])  # a bad checkpoint fails here
+        except RayActorError as err:
+            self.shutdown()
+            raise RuntimeError(f"sampling actors could not load the network, method or decoder: {err}") from None
+
+    def replace(self, actor) -> None:
+        """Drop a dead actor; start another while the failure budget lasts."""
+        self.actors.remove(actor)
+        self.failures += 1
+        if self.failures <= self.max_failures:
+            self.actors.append(self.actor_cls.remote(*self.args))
+        elif not self.actors:
+            raise RuntimeError(f"every sampling actor died ({self.failures} failures > ray.max_failures="
+                               f"{self.max_failures}); see the actor logs")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def run_sampling(cfg: Config, url: str | None = None,
+                 on_shard: Callable[[SamplingPool, dict], None] | None = None) -> SamplesManifest:
+    """Make every missing shard of `cfg.sample` under `url` (default `{run}/samples`); returns the
+    complete manifest. `on_shard(pool, record)` runs on the driver after each finished shard."""
+    import ray
+    from ray.exceptions import RayActorError
+    from tqdm import tqdm
+
+    cfg = resolve_checkpoint(absolute_root(cfg))
+    url = url or samples_url(cfg)
+    # 1. Plan, and what is already done
+    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
+    manifest = resume(url, sampling_settings(cfg), len(shards))
+    todo = deque(s for s in shards if s.index not in manifest.shards)
+    if not todo:
+        write_manifest(url, manifest)
+        log.info("%s: all %d samples already made", url, manifest.num_samples)
+        return manifest
+    write_manifest(url, manifest)
+    # 2. Fan out
+    start = time.monotonic()
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address)
+    pool = SamplingPool(cfg, url, len(todo))
+    manifest.stats["model_load_s"] = pool.load_seconds
+    manifest.stats["startup_s"] = time.monotonic() - start
+    sampling_start = time.monotonic()
+    log.info("%s: %d shards to make on %d actors (%s), %d already done", url, len(todo), pool.num_actors,
+             "GPU" if pool.use_gpu else "CPU", len(manifest.shards))
+    pending: dict = {}  # ObjectRef -> (actor, shard)
+    worked: set = set()  # actors that finished a shard: they can tell the method's FLOPs and widths
+    last_write = time.monotonic()
+    try:
+        with tqdm(total=cfg.sample.num_samples, initial=manifest.num_samples, unit="img", desc="sample",
+                  mininterval=1.0, smoothing=0.1) as bar:
+            while todo or pending:
+                for actor in list(pool.actors):
+                    busy = sum(1 for a, _ in pending.values() if a is actor)
+                    for _ in range(cfg.sample.shards_in_flight - busy):
+                        if not todo:
+                            break
+                        shard = todo.popleft()
+                        pending[actor.run.remote(shard)] = (actor, shard)
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                actor, shard = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except RayActorError as err:
+                    lost = [r for r, (a, _) in pending.items() if a is actor]
+                    todo.extendleft(pending.pop(r)[1] for r in lost)
+                    todo.appendleft(shard)
+                    log.warning("sampling actor died (%s); %d shards go back to the queue",
+                                type(err).__name__, len(lost) + 1)
+                    pool.replace(actor)
+                    continue
+                manifest.add(record)
+                worked.add(actor)
+                bar.update(record["count"])
+                if on_shard is not None:
+                    on_shard(pool, record)
+                if time.monotonic() - last_write > MANIFEST_EVERY_S:
+                    write_manifest(url, manifest)
+                    last_write = time.monotonic()
+        # An actor runs one call at a time: asking it for stats mid-run would wait behind its shards.
+        live = [a for a in pool.actors if a in worked]
+        if live:
+            manifest.stats.update(ray.get(live[0].stats.remote()))
+    finally:
+        write_manifest(url, manifest)  # what finished survives an interruption
+        pool.shutdown()
+    # 3. Complete
+    manifest.stats["sampling_wall_s"] = time.monotonic() - sampling_start  # actors ready to last shard
+    manifest.stats["wall_s"] = time.monotonic() - start
+    manifest.stats["actors"] = pool.num_actors
+    manifest.stats["actor_failures"] = pool.failures
+    write_manifest(url, manifest)
+    log.info("%s: %d samples in %d shards", url, manifest.num_samples, manifest.num_shards)
+    return manifest

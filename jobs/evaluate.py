@@ -1,0 +1,33 @@
+"""FID, IS and precision/recall of a samples folder: `python -m jobs.evaluate --config NAME key=value ...`.
+
+    python -m jobs.evaluate --config dit_xl2_256 storage.root=s3://bucket storage.run=dydit-0.5 \
+        eval.reference=s3://bucket/VIRTUAL_imagenet256_labeled.npz eval.inception_weights=/weights/pt_inception.pth
+
+Writes `{storage.root}/runs/{storage.run}/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dydit_dist import cli
+from dydit_dist.eval import FeatureExtractorUnavailable, evaluate
+from dydit_dist.sample import SamplesError
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse(argv, "Evaluate generated samples with torch-fidelity against reference statistics")
+    cli.save_resolved_config(cfg, "evaluate")
+    try:
+        record = evaluate(cfg)
+    except (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    values = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+    print(f"{cli.run_url(cfg, 'metrics.json')}: {values} on {record['num_samples']} samples "
+          f"[{record['feature_extractor']['name']}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""EB-Cache calibration: the tolerance decides the states, the entry point writes a table the runner reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dydit_dist.accel import Backend, EBCacheOptions, build_runner, parse_schedule
+from dydit_dist.accel.calibrate import calibrate, load_table, main, state_error
+from dydit_dist.accel.synthetic import randomize_zero_init
+from dydit_dist.models import build_model
+
+
+def setup():
+    model = build_model("debug", input_size=8, num_classes=10)
+    randomize_zero_init(model, torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return Backend(model.eval()), noise, {"y": torch.tensor([1, 2])}
+
+
+def test_state_error_criteria():
+    ref = torch.tensor([[3.0, 4.0]])
+    assert state_error(torch.tensor([[4.0, 3.0]]), ref, "norm") == 0.0  # same norm, other direction
+    assert state_error(torch.tensor([[4.0, 3.0]]), ref, "l2") == pytest.approx(2**0.5 / 5)
+    assert state_error(torch.zeros(1, 2), torch.zeros(1, 2), "norm") == 0.0
+
+
+# ddim5 visits t = 800, 600, 400, 200, 0; the tolerance at t = 0 is tolerance_at_zero = 0
+@pytest.mark.parametrize("tolerance, expected", [(0.0, "00000"), (10.0, "02220")])
+def test_tolerance_decides_between_full_and_cheapest_state(tolerance, expected):
+    backend, noise, cond = setup()
+    table = calibrate(backend, noise, cond, sampler="ddim", steps=5, tolerance=tolerance, criterion="l2")
+    assert table["schedule"] == expected
+    assert table["steps"][1]["errors"]["2"] > 0
+    speedup = table["flops_ideal_speedup"]
+    assert speedup == pytest.approx(1.0) if tolerance == 0 else speedup > 2
+
+
+def test_tolerance_grows_with_t():
+    backend, noise, cond = setup()
+    table = calibrate(backend, noise, cond, sampler="ddim", steps=5, tolerance=0.5, tolerance_at_zero=0.1)
+    assert [row["timestep"] for row in table["steps"]] == [800, 600, 400, 200, 0]
+    for row in table["steps"]:
+        assert row["tolerance"] == pytest.approx(0.1 + 0.4 * row["timestep"] / 999)
+
+
+def test_entry_point_writes_a_table_the_runner_reads(tmp_path):
+    out = tmp_path / "table.json"
+    main(["--random-init", "--num-samples", "2", "--tolerance", "0.3", "--out", str(out),
+          "sample.steps=5", "model.image_size=8"])
+    table = json.loads(out.read_text())
+    assert table == load_table(str(out))
+    assert parse_schedule(table["schedule"]) and len(table["schedule"]) == 5 == table["num_steps"]
+    assert table["model"] == "debug" and table["sampler"] == "ddpm" and table["cfg_scale"] == 1.5
+    assert table["full_steps"] == table["schedule"].count("0")
+    model = build_model("debug", input_size=8, num_classes=10).eval()
+    runner = build_runner("eb_cache", model, EBCacheOptions(schedule=str(out)))
+    runner.begin(5)
+    assert runner.schedule == table["schedule"]
+
+
+def test_entry_point_refuses_random_weights_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="random-init"):
+        main(["--out", str(tmp_path / "t.json"), "sample.steps=2", "model.image_size=8"])
+    bad = tmp_path / "other.json"
+    bad.write_text('{"schedule": "00"}')
+    with pytest.raises(ValueError, match="not an EB-Cache calibration table"):
+        load_table(str(bad))

@@ -1,0 +1,152 @@
+"""FID arithmetic, reference statistics, the offline feature-extractor error, evaluation from S3."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from sampling_util import random_checkpoint, tiny_config
+
+from dydit_dist import storage
+from dydit_dist.eval.digits import DigitsNet
+from dydit_dist.eval.evaluate import evaluate
+from dydit_dist.eval.extractors import FeatureExtractorUnavailable, resolve_extractor
+from dydit_dist.eval.metrics import frechet_distance, statistics
+from dydit_dist.models import save_safetensors
+from dydit_dist.sample import pack, plan_shards, sampling_settings
+from dydit_dist.sample.generate import ShardGenerator
+from dydit_dist.sample.manifest import SamplesManifest, write_manifest
+
+
+def scipy_fid(mu1, sigma1, mu2, sigma2) -> float:
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def test_fid_matches_scipy_and_the_closed_form():
+    rng = np.random.default_rng(0)
+    d = 16
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    m1, m2 = rng.normal(size=d).astype(np.float32), rng.normal(size=d).astype(np.float32)
+    ours = frechet_distance({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2})
+    assert ours == pytest.approx(scipy_fid(m1.astype(np.float64), s1, m2.astype(np.float64), s2), rel=1e-6)
+    # Diagonal covariances: FID = |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
+    v1, v2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    known = float(((m1.astype(np.float64) - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
+    assert frechet_distance({"mu": m1, "sigma": np.diag(v1)}, {"mu": m2, "sigma": np.diag(v2)}) == pytest.approx(known, rel=1e-6)
+    # Statistics of features: float32 mean, float64 covariance, as torch-fidelity makes them.
+    stats = statistics(torch.from_numpy(rng.normal(size=(500, d)).astype(np.float32)))
+    assert stats["mu"].dtype == np.float32 and stats["sigma"].dtype == np.float64
+
+
+def test_inception_without_weights_is_a_clear_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cfg = tiny_config(str(tmp_path))
+    with pytest.raises(FeatureExtractorUnavailable, match="eval.inception_weights=/path/to/weights-inception"):
+        resolve_extractor(cfg.eval)
+    bad = tmp_path / "evil.pth"
+    torch.save({"weights": object()}, bad)
+    cfg = tiny_config(str(tmp_path), f"eval.inception_weights={bad}")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        resolve_extractor(cfg.eval)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Random (untrained) digits-cnn weights and a static debug checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    weights = str(root / "digits-cnn.safetensors")
+    save_safetensors(DigitsNet(), weights)
+    return {"weights": weights, "checkpoint": random_checkpoint(str(root / "static.safetensors"))}
+
+
+def _make_samples(cfg, url: str) -> None:
+    torch.set_num_threads(1)
+    gen = ShardGenerator(cfg)
+    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
+    manifest = SamplesManifest(sampling_settings(cfg), len(shards))
+    for shard in shards:
+        samples, timing = gen.generate(shard)
+        storage.write_bytes(storage.join(url, shard.name), pack(samples))
+        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
+                      "timing": timing})
+    manifest.stats.update(gen.stats())
+    write_manifest(url, manifest)
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_adm_reference_statistics_are_used_as_given(tmp_path, setup):
+    overrides = [f"model.checkpoint={setup['checkpoint']}", "eval.feature_extractor=digits-cnn",
+                 f"eval.feature_extractor_weights={setup['weights']}", f"eval.fidelity_cache={tmp_path / 'fc'}",
+                 "eval.metrics=[fid]"]
+    cfg = tiny_config(str(tmp_path), *overrides)
+    _make_samples(cfg, str(tmp_path / "runs/t/samples"))
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(64, 64))
+    mu, sigma = rng.normal(size=64), a @ a.T / 64  # float64, as the ADM evaluator writes them
+    # arr_0 holds other images: FID must come from mu and sigma, never from them.
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    ref.write_bytes(_npz_bytes(arr_0=images, mu=mu, sigma=sigma))
+    record = evaluate(tiny_config(str(tmp_path), *overrides, f"eval.reference={ref}"))
+    gen = _features_of_samples(cfg, str(tmp_path / "runs/t/samples"), setup["weights"])
+    stats = statistics(gen)
+    # 16 samples of 64-dim features: a singular covariance, so the trace of the root via eigenvalues.
+    diff = stats["mu"].astype(np.float64) - mu
+    root = np.sqrt(np.linalg.eigvals(stats["sigma"] @ sigma).astype(complex)).real.sum()
+    expected = diff @ diff + np.trace(stats["sigma"]) + np.trace(sigma) - 2 * root
+    assert record["metrics"]["fid"] == pytest.approx(expected, rel=1e-5)
+    assert record["reference"]["kind"] == "adm-npz" and "as given" in record["reference"]["statistics"]
+    cached = torch.load(record["reference"]["fidelity_cache"], weights_only=False)  # torch-fidelity's format
+    assert cached["mu"].dtype == np.float32 and cached["sigma"].dtype == np.float64
+    assert np.array_equal(cached["sigma"], sigma)
+    assert record["torch_fidelity_version"] == "0.4.0" and record["num_samples"] == 16
+    assert "NOT Inception" in record["feature_extractor"]["label"]
+
+
+def _features_of_samples(cfg, url, weights):
+    from dydit_dist.eval.extractors import resolve_extractor
+    from dydit_dist.eval.features import extract_features, image_batches
+
+    cfg.eval.feature_extractor_weights = weights
+    extractor = resolve_extractor(cfg.eval)
+    module = extractor.create("cpu", ["fid"])
+    return extract_features(image_batches(url, 5), module, "cpu")[extractor.layer("fid")]
+
+
+@pytest.mark.integration
+def test_evaluate_reads_shards_and_reference_from_s3(s3_bucket, s3_endpoint, tmp_path, setup):
+    overrides = [f"model.checkpoint={setup['checkpoint']}", "eval.feature_extractor=digits-cnn",
+                 f"eval.feature_extractor_weights={setup['weights']}", f"eval.fidelity_cache={tmp_path / 'fc'}",
+                 f"storage.endpoint_url={s3_endpoint}", "eval.isc_splits=2"]
+    cfg = tiny_config(s3_bucket, *overrides)
+    _make_samples(cfg, f"{s3_bucket}/runs/t/samples")
+    # The reference: another sample set, given as an ADM .npz with images only (statistics computed, cached).
+    other = tiny_config(s3_bucket, *overrides, "sample.seed=5", "storage.run=ref")
+    _make_samples(other, f"{s3_bucket}/runs/ref/samples")
+    from dydit_dist.sample import export_adm_npz
+
+    local = str(tmp_path / "ref.npz")
+    export_adm_npz(f"{s3_bucket}/runs/ref/samples", local)
+    storage.write_bytes(f"{s3_bucket}/ref.npz", open(local, "rb").read())
+    record = evaluate(tiny_config(s3_bucket, *overrides, f"eval.reference={s3_bucket}/ref.npz"))
+    assert set(record["metrics"]) == {"fid", "isc_mean", "isc_std", "precision", "recall", "f_score"}
+    assert record["metrics"]["fid"] > 0 and record["reference"]["num_images"] == 16
+    assert storage.read_json(f"{s3_bucket}/runs/t/metrics.json")["metrics"] == record["metrics"]
+    cache = record["reference"]["features_cache"]
+    assert cache.startswith(s3_bucket) and storage.exists(cache)
+    # A samples folder as the reference gives the same numbers as its ADM export.
+    again = evaluate(tiny_config(s3_bucket, *overrides, f"eval.reference={s3_bucket}/runs/ref/samples"))
+    assert again["metrics"]["fid"] == pytest.approx(record["metrics"]["fid"], rel=1e-6)
+    assert os.path.exists(again["reference"]["fidelity_cache"])

@@ -1,0 +1,117 @@
+"""Making shards in one process: per-sample reproducibility, methods, the ADM export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sampling_util import random_checkpoint, tiny_config
+
+from dydit_dist import storage
+from dydit_dist.sample import (
+    export_adm_npz,
+    iter_npz_array,
+    iter_samples,
+    pack,
+    plan_shards,
+    sampling_settings,
+)
+from dydit_dist.sample.generate import ShardGenerator
+from dydit_dist.sample.manifest import SamplesError, SamplesManifest, write_manifest
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"static": random_checkpoint(str(root / "static.safetensors")),
+            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "sample.method=dydit")}
+
+
+@pytest.mark.parametrize("method", ["static", "dydit"])
+def test_sample_does_not_depend_on_its_batch(tmp_path, checkpoints, method):
+    torch.set_num_threads(1)
+    cfg = tiny_config(str(tmp_path), f"sample.method={method}", f"model.checkpoint={checkpoints[method]}")
+    gen = ShardGenerator(cfg)
+    batch = gen.latents([0, 1, 2, 3])
+    alone = gen.latents([2])
+    assert batch.shape == (4, 4, 16, 16)
+    torch.testing.assert_close(batch[2:3], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batch[0], batch[1])
+    assert torch.equal(gen.latents([0, 1, 2, 3]), batch)  # same batch, same bits
+
+
+def test_dydit_reports_width_and_fewer_flops(tmp_path, checkpoints):
+    torch.set_num_threads(1)
+    stats = {}
+    for method in ("static", "dydit"):
+        cfg = tiny_config(str(tmp_path), f"sample.method={method}", f"model.checkpoint={checkpoints[method]}")
+        gen = ShardGenerator(cfg)
+        gen.generate(plan_shards(4, 4)[0])
+        stats[method] = gen.stats()
+    widths = stats["dydit"]["width_by_timestep"]
+    assert len(widths) == 4 and all(0 < w["heads"] <= 1 and 0 < w["mlp"] <= 1 for w in widths)
+    assert any(w["heads"] < 1 or w["mlp"] < 1 for w in widths)
+    assert stats["dydit"]["gflops"] < stats["static"]["gflops"]
+    assert "width_by_timestep" not in stats["static"]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, checkpoints):
+    cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoints['static']}", "model.num_classes=7")
+    with pytest.raises(ValueError, match="static.safetensors does not fit"):
+        ShardGenerator(cfg)
+
+
+def _write_samples(cfg, url: str) -> None:
+    gen = ShardGenerator(cfg)
+    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
+    manifest = SamplesManifest(sampling_settings(cfg), len(shards))
+    for shard in shards:
+        samples, timing = gen.generate(shard)
+        storage.write_bytes(storage.join(url, shard.name), pack(samples))
+        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
+                      "timing": timing})
+    write_manifest(url, manifest)
+
+
+def test_adm_export_round_trips(tmp_path, checkpoints):
+    torch.set_num_threads(1)
+    cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoints['static']}", "sample.num_samples=10")
+    url = str(tmp_path / "samples")
+    _write_samples(cfg, url)
+    path = str(tmp_path / "out" / "samples.npz")
+    assert export_adm_npz(url, path) == 10
+    with np.load(path, allow_pickle=False) as npz:
+        arr = npz["arr_0"]
+    assert arr.shape == (10, 16, 16, 3) and arr.dtype == np.uint8
+    expected = np.stack([s.image[..., :3] for s in iter_samples(url)])  # RGBA made RGB
+    assert np.array_equal(arr, expected)
+    assert np.array_equal(np.concatenate(list(iter_npz_array(path, "arr_0", 3))), arr)  # the streamed reader
+
+
+def test_export_refuses_unfinished_samples(tmp_path):
+    url = str(tmp_path / "samples")
+    manifest = SamplesManifest({"seed": 0}, 2)
+    manifest.add({"index": 0, "name": "shard-000000.tar", "start": 0, "count": 4})
+    write_manifest(url, manifest)
+    with pytest.raises(SamplesError, match="1 of 2 shards are done"):
+        export_adm_npz(url, str(tmp_path / "x.npz"))
+
+
+def test_text_to_image_samples_record_their_prompts(tmp_path, tiny_t5):
+    torch.set_num_threads(1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle on the background\nsmall green\n")
+    cfg = tiny_config(str(tmp_path), "model.name=PixArt-debug", "model.caption_channels=32",
+                      "model.model_max_length=8", f"data.text_encoder={tiny_t5}", f"sample.prompts={prompts}",
+                      "sample.sampler=dpm-solver++", "sample.cfg_scale=4.5", "sample.guidance_channels=null")
+    gen = ShardGenerator(cfg)
+    samples, _ = gen.generate(plan_shards(8, 4)[1])  # samples 4..7
+    assert [s.meta["prompt_index"] for s in samples] == [1, 2, 0, 1]
+    assert samples[0].meta["prompt"] == "a blue circle on the background"
+    assert samples[0].image.shape == (16, 16, 4)
+    alone = gen.decoder(gen.latents([4]))[0]  # independent of its batch (up to float rounding)
+    assert np.abs(samples[0].image.astype(int) - alone).max() <= 1
+    from dydit_dist.sample import unpack
+
+    back = unpack(pack(samples))
+    assert back[1].meta["prompt"] == "small green"

@@ -1,0 +1,80 @@
+"""Planning samples into shards, per-sample seeds, shard packing and the samples manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dydit_dist import storage
+from dydit_dist.sample.manifest import SamplesError, SamplesManifest, resume, write_manifest, write_marker
+from dydit_dist.sample.plan import class_label, load_prompts, plan_shards, sample_generators, sample_seed
+from dydit_dist.sample.shards import GeneratedSample, pack, unpack
+
+
+def test_shards_cover_every_index_once():
+    shards = plan_shards(50_000, 1000)
+    assert len(shards) == 50
+    indices = [k for s in shards for k in s.indices]
+    assert indices == list(range(50_000))
+    last = plan_shards(10, 4)[-1]
+    assert (last.start, last.stop, last.name) == (8, 10, "shard-000002.tar")
+    with pytest.raises(ValueError, match="must be positive"):
+        plan_shards(0, 4)
+
+
+def test_fifty_per_class_in_a_fixed_order():
+    labels = [class_label(k, 1000) for k in range(50_000)]
+    assert np.bincount(labels).tolist() == [50] * 1000
+    assert labels[:3] == [0, 1, 2] and labels[1000] == 0
+
+
+def test_seeds_depend_on_seed_and_index_only():
+    assert sample_seed(0, 7) == sample_seed(0, 7)
+    seeds = {sample_seed(s, k) for s in range(3) for k in range(1000)}
+    assert len(seeds) == 3000  # (seed, index) pairs never collide by arithmetic
+    a = torch.randn(4, generator=sample_generators(0, [5])[0])
+    b = torch.randn(4, generator=sample_generators(0, [9, 5])[1])
+    assert torch.equal(a, b)
+
+
+def test_prompts_file(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"caption": "a dog"}\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")) == ["a cat", "a dog"]
+    (tmp_path / "bad.txt").write_text("a cat\n\na dog\n")
+    with pytest.raises(ValueError, match="bad.txt:2: empty prompt"):
+        load_prompts(str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_pack_round_trip_is_exact_and_deterministic(channels):
+    rng = np.random.default_rng(0)
+    samples = [GeneratedSample(k, rng.integers(0, 256, (6, 5, channels), dtype=np.uint8), {"index": k, "class": k % 3})
+               for k in (4, 5, 6)]
+    data = pack(samples)
+    assert pack(samples) == data
+    back = unpack(data)
+    assert [s.index for s in back] == [4, 5, 6]
+    for a, b in zip(samples, back, strict=True):
+        assert np.array_equal(a.image, b.image) and a.meta == b.meta
+
+
+def test_resume_merges_markers_and_refuses_other_settings(tmp_path):
+    url = str(tmp_path / "samples")
+    settings = {"seed": 0, "num_samples": 8}
+    manifest = SamplesManifest(settings, 2)
+    manifest.add({"index": 0, "count": 4})
+    write_manifest(url, manifest)
+    digest = resume(url, settings, 2)  # nothing beyond the manifest yet
+    assert sorted(digest.shards) == [0]
+    from dydit_dist.sample.manifest import settings_digest
+
+    # A driver that died after an actor's marker but before its manifest write loses nothing.
+    write_marker(url, {"index": 1, "count": 4, "settings_sha256": settings_digest(settings)})
+    merged = resume(url, settings, 2)
+    assert sorted(merged.shards) == [0, 1] and merged.complete
+    with pytest.raises(SamplesError, match="seed: 0 there vs 1 now"):
+        resume(url, {"seed": 1, "num_samples": 8}, 2)
+    assert storage.exists(url + "/done/shard-000001.json")
