@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml cluster/image/requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c cluster/image/requirements.lock -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,7 +23,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not integration and not e2e"
 
 lint: install
-	$(BIN)/ruff check dydit_dist jobs tests benchmarks
+	$(BIN)/ruff check dydit_dist jobs tests benchmarks cluster/image
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -51,11 +51,11 @@ def calibrate_token_bias(model, x, t, y, keep: float) -> None:
     """Shift each block's token-router bias so that about `keep` of the tokens pass at this input."""
     with torch.no_grad():
         for block in model.blocks:  # in order: block i's logits depend on the calibrated blocks before it
-            captured = {}
-            hook = block.token_selection.register_forward_hook(lambda m, a, o: captured.setdefault("o", o))
+            captured: list[torch.Tensor] = []
+            hook = block.token_selection.register_forward_hook(lambda m, a, o, out=captured: out.append(o))
             model(x, t, y)
             hook.remove()
-            block.token_selection.mlp_head[2].bias -= torch.quantile(captured["o"].flatten(), 1 - keep)
+            block.token_selection.mlp_head[2].bias -= torch.quantile(captured[0].flatten(), 1 - keep)
 
 
 def randomize_weights(model, seed=0) -> None:

@@ -97,6 +97,7 @@ def in_dtype(runner, dtype):
 
 
 def speed_table(args, dtype) -> dict:
+    torch.manual_seed(args.seed)  # the models' own initialization draws from the global generator
     g = torch.Generator().manual_seed(args.seed)
     size = args.image_size // 8
     static = build_model(args.model, input_size=size, num_classes=1000)
@@ -171,6 +172,7 @@ def frechet_to(samples: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> 
 
 
 def exposure_study(args) -> dict:
+    torch.manual_seed(args.seed + 1)
     g = torch.Generator().manual_seed(args.seed + 1)
     spec = toy_spec(g)
     model = build_model("debug", input_size=8, num_classes=10, learn_sigma=False, class_dropout_prob=0.0)

@@ -96,7 +96,7 @@ class Backend:
         if not self.dynamic:
             return None
         plan = self.fast.plan(timestep)
-        blocks = [self.fast._sliced(i, plan.heads[i], plan.groups[i]) for i in range(self.depth)]
+        blocks = [self.fast.sliced(i, plan) for i in range(self.depth)]
         return StepWeights(plan, blocks)
 
     # 2. Block pieces ------------------------------------------------------------------------------

@@ -99,10 +99,13 @@ class CachingRunner(Runner):
         self.eps_knots = parse_eps_scale(options.eps_scale)
         self.num_train_timesteps = num_train_timesteps
         self.schedule: str | None = None
+        self._schedules: dict[int, str] = {}  # by step count: a table is read once, not every batch
         self._cache: list[BlockCache] | None = None
 
     def reset(self) -> None:
-        self.schedule = self.options.schedule_for(self.num_steps)
+        if self.num_steps not in self._schedules:
+            self._schedules[self.num_steps] = self.options.schedule_for(self.num_steps)
+        self.schedule = self._schedules[self.num_steps]
         self._cache = None
 
     def eps_factor(self, timestep: int) -> float:

@@ -140,29 +140,18 @@ def _conditioning(model, n: int, generator: torch.Generator, guided: bool, noise
     return x, {"y": y}
 
 
-def _model_from_config(m, allow_random: bool):
-    """The static or DyDiT network of a `config.ModelConfig`, with its checkpoint loaded."""
-    from dydit_dist.dynamic import DyDiT, DyPixArt, RouterOptions
-    from dydit_dist.models import build_model, load_into
-    from dydit_dist.models.registry import family
+def _network(cfg, allow_random: bool, seed: int):
+    """The sample job's network for `cfg` (static or DyDiT, checkpoint loaded, eval mode)."""
+    from dydit_dist.sample.network import build_network, resolve_checkpoint
 
-    if family(m.name) == "dit":
-        kwargs = dict(num_classes=m.num_classes, learn_sigma=m.learn_sigma)
-    else:
-        kwargs = dict(pred_sigma=m.learn_sigma, caption_channels=m.caption_channels,
-                      model_max_length=m.model_max_length, lewei_scale=m.lewei_scale)
-    model = build_model(m.name, input_size=m.input_size, in_channels=m.in_channels,
-                        class_dropout_prob=m.class_dropout_prob, **kwargs)
-    if m.method == "dydit":
-        dynamic = DyDiT if family(m.name) == "dit" else DyPixArt
-        model = dynamic.from_static(model, RouterOptions.from_config(m.dynamic))
-    elif m.method != "static":
-        raise ValueError(f"EB-Cache calibration supports model.method 'static' and 'dydit', got {m.method!r}")
-    if m.checkpoint:
-        load_into(model, m.checkpoint)
-    elif not allow_random:
+    from .synthetic import randomize_zero_init
+
+    if not cfg.model.checkpoint and not allow_random:
         raise ValueError("model.checkpoint is not set: calibrating random weights gives a meaningless table "
                          "(pass --random-init to do it anyway)")
+    model = build_network(resolve_checkpoint(cfg))
+    if not cfg.model.checkpoint:  # adaLN-Zero init makes every block the identity: give them random work
+        randomize_zero_init(model, torch.Generator().manual_seed(seed))
     return model
 
 
@@ -179,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="table URL (default: the run folder's eb_cache/)")
     parser.add_argument("--random-init", action="store_true",
-                        help="allow a model without checkpoint (random weights: tests and benchmarks only)")
+                        help="allow a model without checkpoint: random weights, with the zero-initialized "
+                             "adaLN / output layers randomized too (tests and benchmarks only)")
     parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. sample.steps=50")
     args = parser.parse_args(argv)
     try:
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--num-samples must be >= 1")
     storage.configure_from(cfg.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    model = _model_from_config(cfg.model, allow_random=args.random_init).eval()
+    model = _network(cfg, args.random_init, args.seed)
     s = cfg.sample
     generator = torch.Generator().manual_seed(args.seed)
     size = cfg.model.input_size

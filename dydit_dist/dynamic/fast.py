@@ -66,7 +66,9 @@ class FastPath:
             self._plans[timestep] = WidthPlan(timestep, tuple(heads), tuple(groups))
         return self._plans[timestep]
 
-    def _sliced(self, index: int, heads: tuple[int, ...], groups: tuple[int, ...]) -> SlicedBlock:
+    def sliced(self, index: int, plan: WidthPlan) -> SlicedBlock:
+        """Block `index`'s weights restricted to the plan's active heads and groups (an LRU per block)."""
+        heads, groups = plan.heads[index], plan.groups[index]
         cache = self._slices[index]
         key = (heads, groups)
         if key in cache:
@@ -110,7 +112,7 @@ class FastPath:
         tokens, ctx, _ = model._embed(x, t, **cond)
         # 2. Blocks on the active heads, groups and tokens only
         for i, block in enumerate(model.blocks):
-            w = self._sliced(i, plan.heads[i], plan.groups[i])
+            w = self.sliced(i, plan)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = model._mods(block, ctx)
             h = block.norm1(tokens) * (1 + scale_msa) + shift_msa
             tokens = tokens + gate_msa * attention_fast(block.attn, h, w)
