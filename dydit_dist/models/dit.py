@@ -25,8 +25,10 @@ from .layers import (
     PatchEmbed,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
+    guided_halves,
     modulate,
     unpatchify,
+    xavier_init_linears,
 )
 from .registry import DIT_ARCHS
 
@@ -118,13 +120,7 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         """Official init: xavier Linear layers, N(0, 0.02) embedders, zeroed adaLN and output layers."""
 
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        self.apply(xavier_init_linears)
         grid = self.input_size // self.patch_size
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
@@ -189,10 +185,7 @@ class DiT(nn.Module):
             raise ValueError(f"guidance_channels={guidance_channels} outside 1..{self.out_channels}")
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = model_out[:, :g], model_out[:, g:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return guided_halves(model_out, cfg_scale, g)
 
 
 def _factory(name: str):

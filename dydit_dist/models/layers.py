@@ -20,6 +20,26 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def xavier_init_linears(module: nn.Module) -> None:
+    """The official DiT / PixArt basic init, for `model.apply`: xavier-uniform Linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+
+
+def guided_halves(model_out: torch.Tensor, cfg_scale: float, guided_channels: int) -> torch.Tensor:
+    """Classifier-free guidance of a doubled batch's output, as the official `forward_with_cfg`.
+
+    model_out (2B, C_out, H, W), conditional rows first: the first `guided_channels` channels become
+    uncond + s * (cond - uncond) in both halves; the rest (variance values) are kept per row.
+    """
+    eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in GLIDE and DiT.
 

@@ -32,8 +32,10 @@ from .layers import (
     SizeEmbedder,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
+    guided_halves,
     modulate,
     unpatchify,
+    xavier_init_linears,
 )
 from .registry import PIXART_ARCHS
 
@@ -219,13 +221,7 @@ class PixArt(nn.Module):
     def initialize_weights(self) -> None:
         """Official init: xavier Linear layers, N(0, 0.02) embedders, zeroed cross-attn output and final linear."""
 
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        self.apply(xavier_init_linears)
         self.pos_embed.copy_(self._pos_table(self.base_size, self.base_size))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -294,10 +290,7 @@ class PixArt(nn.Module):
             raise ValueError(f"guidance_channels={guidance_channels} outside 1..{self.out_channels}")
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), timestep, y, mask, data_info)
-        eps, rest = model_out[:, :g], model_out[:, g:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return guided_halves(model_out, cfg_scale, g)
 
 
 class PixArtMS(PixArt):
