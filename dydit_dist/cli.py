@@ -10,11 +10,17 @@ from dydit_dist import storage
 from dydit_dist.config import Config
 
 
-def parse(argv: list[str] | None, description: str) -> Config:
-    """`--config NAME_OR_PATH key=value ...` -> a validated Config, with storage configured."""
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """The parser every job shares: `--config NAME_OR_PATH` and dotlist overrides; add job options to it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="debug", help="preset name or YAML path (default: debug)")
     parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. train.lr=1e-4")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    """Parse with a `job_parser` (plus any options added to it) -> (validated Config, all arguments),
+    with storage and logging configured."""
     args = parser.parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.overrides)
@@ -22,7 +28,12 @@ def parse(argv: list[str] | None, description: str) -> Config:
         parser.error(str(err))
     storage.configure_from(cfg.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return cfg
+    return cfg, args
+
+
+def parse(argv: list[str] | None, description: str) -> Config:
+    """`--config NAME_OR_PATH key=value ...` -> a validated Config, with storage configured."""
+    return parse_args(job_parser(description), argv)[0]
 
 
 def run_url(cfg: Config, *parts: str) -> str:

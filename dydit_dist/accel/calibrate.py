@@ -20,7 +20,6 @@ reads. The sampler, step count and guidance scale come from the config's `sample
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Literal
 
@@ -157,10 +156,8 @@ def _network(cfg, allow_random: bool, seed: int):
 
 def main(argv: list[str] | None = None) -> dict:
     from dydit_dist import cli
-    from dydit_dist import config as config_lib
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="debug", help="preset name or YAML path (default: debug)")
+    parser = cli.job_parser(__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=0.05, help="tolerance at the noisiest timestep")
     parser.add_argument("--tolerance-at-zero", type=float, default=0.0, help="tolerance at t = 0")
     parser.add_argument("--criterion", choices=CRITERIA, default="norm")
@@ -170,16 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-init", action="store_true",
                         help="allow a model without checkpoint: random weights, with the zero-initialized "
                              "adaLN / output layers randomized too (tests and benchmarks only)")
-    parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. sample.steps=50")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.overrides)
-    except config_lib.ConfigError as err:
-        parser.error(str(err))
+    cfg, args = cli.parse_args(parser, argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
-    storage.configure_from(cfg.storage)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model = _network(cfg, args.random_init, args.seed)
     s = cfg.sample
     generator = torch.Generator().manual_seed(args.seed)

@@ -24,6 +24,7 @@ from .layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    check_dimensions,
     get_2d_sincos_pos_embed,
     guided_halves,
     modulate,
@@ -89,12 +90,7 @@ class DiT(nn.Module):
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma,
         )  # fmt: skip
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position table)")
+        check_dimensions(input_size, patch_size, hidden_size, num_heads)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

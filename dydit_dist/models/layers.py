@@ -20,6 +20,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def check_dimensions(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
+    """Constructor checks shared by DiT and PixArt; ValueError naming the keyword that does not fit."""
+    if input_size % patch_size:
+        raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position table)")
+
+
 def xavier_init_linears(module: nn.Module) -> None:
     """The official DiT / PixArt basic init, for `model.apply`: xavier-uniform Linear weights, zero biases."""
     if isinstance(module, nn.Linear):

@@ -31,6 +31,7 @@ from .layers import (
     PatchEmbed,
     SizeEmbedder,
     TimestepEmbedder,
+    check_dimensions,
     get_2d_sincos_pos_embed,
     guided_halves,
     modulate,
@@ -185,12 +186,7 @@ class PixArt(nn.Module):
             pred_sigma=pred_sigma, drop_path=drop_path, caption_channels=caption_channels,
             lewei_scale=lewei_scale, model_max_length=model_max_length,
         )  # fmt: skip
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position table)")
+        check_dimensions(input_size, patch_size, hidden_size, num_heads)
         self.pred_sigma = pred_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if pred_sigma else in_channels
