@@ -9,12 +9,24 @@ losses) in
   2. `jobs.finetune` with 1 worker, ZeRO-0 (Ray Train + DeepSpeed + the shard reader + EMA + metrics);
   3. `jobs.finetune` with 2 workers, ZeRO-2 (gloo all-reduce / reduce-scatter between them).
 Each worker has 1 CPU (1 torch thread), like the bare loop; the job's throughput is read back from its
-TensorBoard event files (median over log windows, the first one dropped as warm-up). Runs are
-interleaved (bare, job 1, bare, job 2, bare): each job is compared with the mean of the bare runs on
-either side. On a shared machine wall-clock throughput mostly measures the neighbours, so the
-overhead is computed on samples per CPU-second of the process (the job reports its CPU seconds per
-step): overhead = 1 - job samples per CPU-s per worker / bare samples per CPU-s; `overhead_wall` is
-the same on wall-clock samples/s.
+TensorBoard event files (median over log windows, the first one dropped as warm-up). The runs are
+interleaved in `--rounds` rounds of (bare, bare pair, job 1, job 2), closed by a last (bare, bare pair):
+each job run is compared with the mean of the references on either side of its round, and the table
+gives the median round with the range, because on a shared 2-core machine one run's wall clock can
+move by 10%.
+
+  overhead_wall = 1 - job samples/s per worker / bare samples/s          (the criterion: < 15%)
+  overhead_cpu  = the same on samples per CPU-second of the worker process (the job reports its CPU
+                  seconds per step): the job's own work, without the time it waits for a core.
+
+While each job trains, a sampler reads every process's CPU time from /proc once a second; over the
+training window (first to last TensorBoard window) it splits the machine's CPU between the training
+workers, Ray's other processes (controller, raylet, GCS, idle actors, the driver) and everything else.
+With 2 workers on 2 cores there is no idle core left for Ray's processes, so their share comes out of
+the workers' wall clock; it is reported beside the overheads. Two busy processes also slow each other
+down on a small VM (shared caches, memory bandwidth, the hypervisor): each round also times two bare
+loops at once in two processes ("bare pair"), and `overhead_vs_pair` compares the 2-worker job with
+that, so the machine's own cost of having both cores busy is told apart from the job's.
 
 `step` (any device, one process, world size 1): the training step of a model at a micro-batch under
 each ZeRO stage: samples/s and peak device memory. On a GPU this is the DiT-XL/2 DyDiT measurement.
@@ -68,7 +80,8 @@ def bare_loop(cfg, steps: int, warmup: int = 5) -> dict:
 
 
 def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, steps: int, log_every: int) -> dict:
-    """Run jobs.finetune and read its per-window samples/s and CPU s/step back from TensorBoard."""
+    """Run jobs.finetune and read its per-window samples/s and CPU s/step back from TensorBoard; the
+    machine's CPU split over the training window (see `ProcessSampler`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from jobs import finetune
@@ -79,19 +92,86 @@ def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, st
             f"deepspeed.zero_stage={stage}", "data.num_workers=0", f"data.uri={root}/data",
             f"storage.root={root}", f"storage.run={run}"]
     start = time.perf_counter()
-    finetune.run(argv)
+    with ProcessSampler() as sampler:
+        finetune.run(argv)
     wall = time.perf_counter() - start
-    values, cpu = [], []
+    events = []
     for name in sorted(os.listdir(f"{root}/runs/{run}/tensorboard")):
         acc = EventAccumulator(f"{root}/runs/{run}/tensorboard/{name}")
         acc.Reload()
         if "samples_per_s" in acc.Tags()["scalars"]:  # a restarted run that had nothing left to do logs none
-            values += [e.value for e in acc.Scalars("samples_per_s")]
-            cpu += [e.value for e in acc.Scalars("cpu_s_per_step")]
+            events += list(zip(acc.Scalars("samples_per_s"), acc.Scalars("cpu_s_per_step"), strict=True))
+    values, cpu = [e.value for e, _ in events], [c.value for _, c in events]
     total = statistics.median(values[1:] or values)
+    # The training window: from the end of the first (warm-up) log window to the last one.
+    window = (events[0][0].wall_time, events[-1][0].wall_time) if len(events) > 1 else None
     return {"samples_per_s": total, "per_worker": total / workers,
             "per_worker_per_cpu_s": micro / statistics.median(cpu[1:] or cpu),
-            "windows": values, "cpu_s_per_step": cpu, "job_wall_s": wall}
+            "windows": values, "cpu_s_per_step": cpu, "job_wall_s": wall,
+            "machine": sampler.split(window, worker_prefix="ray::RayTrainWorker") if window else None}
+
+
+class ProcessSampler:
+    """Every process's CPU seconds (utime + stime from /proc), sampled once a second in a thread.
+
+    `split((t0, t1), worker_prefix)` -> CPU share of the machine over [t0, t1] used by the processes
+    whose name starts with `worker_prefix`, by Ray's other processes and by everything else, as
+    fractions of (t1 - t0) x CPUs (the rest is idle). Linux only; None elsewhere.
+    """
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.interval, self.snapshots = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __enter__(self):
+        if os.path.isdir("/proc/self"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.snapshots.append((time.time(), self._read()))
+            self._stop.wait(self.interval)
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:  # the process ended between listdir and open
+                continue
+            out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / self._tick)
+        return out
+
+    def split(self, window: tuple[float, float], worker_prefix: str) -> dict | None:
+        inside = [s for s in self.snapshots if window[0] <= s[0] <= window[1]]
+        if len(inside) < 2:
+            return None
+        (t0, a), (t1, b) = inside[0], inside[-1]
+        capacity = (t1 - t0) * (os.cpu_count() or 1)
+        used = {"workers": 0.0, "ray_other": 0.0, "other": 0.0}
+        for pid, (cmd, cpu) in b.items():
+            delta = cpu - a[pid][1] if pid in a else cpu  # a process started inside the window: all of it
+            kind = ("workers" if cmd.startswith(worker_prefix) else
+                    "ray_other" if cmd.startswith("ray::") or "/ray/" in cmd or "jobs.finetune" in cmd
+                    or "train_throughput" in cmd else "other")
+            used[kind] += delta
+        return {"seconds": t1 - t0, **{k: v / capacity for k, v in used.items()},
+                "idle": max(0.0, 1 - sum(used.values()) / capacity)}
 
 
 def compare(args) -> None:
@@ -106,38 +186,97 @@ def compare(args) -> None:
     random_dataset(f"{root}/data", cfg, num_samples=2048, shard_size=512)
     ray.init(address="local", num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              include_dashboard=False, logging_level=logging.WARNING)
-    # Interleaved (bare, job, bare, job, bare): each job is compared with the bare runs on either side.
-    bare = [bare_loop(cfg, args.steps)]
-    one = job_throughput(root, "one", 1, 0, args.micro_batch, args.steps, args.log_every)
-    bare.append(bare_loop(cfg, args.steps))
-    two = job_throughput(root, "two", 2, 2, args.micro_batch, args.steps, args.log_every)
-    bare.append(bare_loop(cfg, args.steps))
+    # Interleaved rounds of (bare, bare pair, job 1, job 2), closed by a last (bare, bare pair): each job
+    # run is compared with the mean of the references on either side of its round.
+    bare, pair = [bare_loop(cfg, args.steps)], [bare_pair(cfg, args.steps)]
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for r in range(args.rounds):
+        jobs = {w: job_throughput(root, f"w{w}-r{r}", w, stage, args.micro_batch, args.steps, args.log_every)
+                for w, stage in ((1, 0), (2, 2))}
+        bare.append(bare_loop(cfg, args.steps))
+        pair.append(bare_pair(cfg, args.steps))
+        for w, job in jobs.items():
+            runs[w].append(_summary(job, _mean(bare[-2:]), _mean(pair[-2:])))
+            last = runs[w][-1]
+            print(f"round {r + 1}/{args.rounds}, {w} worker(s): {last['per_worker']:.1f} samples/s per worker, "
+                  f"overhead {last['overhead_wall']:.1%} wall (vs a bare pair {last['overhead_vs_pair']:.1%}) / "
+                  f"{last['overhead_cpu']:.1%} CPU", flush=True)
     ray.shutdown()
-    ref_one = {k: (bare[0][k] + bare[1][k]) / 2 for k in bare[0]}
-    ref_two = {k: (bare[1][k] + bare[2][k]) / 2 for k in bare[0]}
-    mean = {k: statistics.mean(r[k] for r in bare) for k in bare[0]}
+    single, both = _mean(bare), _mean(pair)
     rows = [
         {"setup": "bare PyTorch loop, 1 process, 1 thread", "workers": 1, "zero": "-",
-         "samples_per_s": mean["samples_per_s"], "per_worker": mean["samples_per_s"], "overhead_wall": 0.0,
-         "per_worker_per_cpu_s": mean["samples_per_cpu_s"], "overhead": 0.0, "detail": {"runs": bare}},
-        {"setup": "jobs.finetune, 1 worker", "workers": 1, "zero": 0, **_summary(one, ref_one)},
-        {"setup": "jobs.finetune, 2 workers", "workers": 2, "zero": 2, **_summary(two, ref_two)},
+         "samples_per_s": single["samples_per_s"], "per_worker": single["samples_per_s"], "overhead_wall": 0.0,
+         "overhead_wall_range": "-", "overhead_vs_pair": "-", "overhead_cpu": 0.0, "ray_other_cpu": "-",
+         "idle_cpu": "-", "detail": {"runs": bare}},
+        {"setup": "2 bare loops at once, 2 processes", "workers": 2, "zero": "-",
+         "samples_per_s": 2 * both["samples_per_s"], "per_worker": both["samples_per_s"],
+         "overhead_wall": 1 - both["samples_per_s"] / single["samples_per_s"], "overhead_wall_range": "-",
+         "overhead_vs_pair": 0.0, "overhead_cpu": 1 - both["samples_per_cpu_s"] / single["samples_per_cpu_s"],
+         "ray_other_cpu": "-", "idle_cpu": "-", "detail": {"runs": pair}},
     ]
+    for workers, stage in ((1, 0), (2, 2)):
+        rows.append({"setup": f"jobs.finetune, {workers} worker{'s' * (workers > 1)}", "workers": workers,
+                     "zero": stage, **_median_of(runs[workers], workers)})
     header = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; debug DyDiT stage 1 (fp32), "
-              f"micro-batch {args.micro_batch} per worker, {args.steps} steps, samples/s = median of "
-              f"{args.log_every}-step windows after the first; 1 CPU and 1 thread per worker. overhead = 1 - "
-              "per-worker samples per CPU-second of the worker process / the bare loop's (CPU time does not "
-              "count waiting for a core on a shared machine); overhead_wall is the same on wall-clock samples/s.")
+              f"micro-batch {args.micro_batch} per worker, {args.steps} steps per run, {args.rounds} interleaved "
+              f"rounds; samples/s = median of {args.log_every}-step windows after the first; 1 CPU and 1 thread "
+              "per worker. Job rows: the median round (overhead_wall_range: lowest and highest round). "
+              "overhead_wall = 1 - per-worker samples/s / the single bare loop's; overhead_vs_pair = the same "
+              "against one process of the bare pair (both cores busy, as with 2 workers); overhead_cpu = on "
+              "samples per CPU-second of the worker process; ray_other_cpu / idle_cpu = share of the machine's "
+              "CPUs used by Ray's other processes / left idle while the job trained.")
     _write("train_throughput", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
-                                              "overhead_wall", "per_worker_per_cpu_s", "overhead"])
+                                              "overhead_wall", "overhead_wall_range", "overhead_vs_pair",
+                                              "overhead_cpu", "ray_other_cpu", "idle_cpu"])
 
 
-def _summary(job: dict, bare: dict) -> dict:
+def _pair_child(cfg, steps: int, barrier, queue) -> None:
+    torch.set_num_threads(1)
+    barrier.wait()
+    queue.put(bare_loop(cfg, steps))
+
+
+def bare_pair(cfg, steps: int) -> dict:
+    """Two bare loops at once in two processes (both cores busy, as under the 2-worker job) -> the mean
+    per-process samples/s and samples per CPU-second."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_pair_child, args=(cfg, steps, barrier, queue)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return _mean(results)
+
+
+def _mean(runs: list[dict]) -> dict:
+    return {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+
+
+def _summary(job: dict, bare: dict, pair: dict) -> dict:
     return {"samples_per_s": job["samples_per_s"], "per_worker": job["per_worker"],
             "overhead_wall": 1 - job["per_worker"] / bare["samples_per_s"],
+            "overhead_vs_pair": 1 - job["per_worker"] / pair["samples_per_s"],
             "per_worker_per_cpu_s": job["per_worker_per_cpu_s"],
-            "overhead": 1 - job["per_worker_per_cpu_s"] / bare["samples_per_cpu_s"],
-            "detail": {**job, "bare_reference": bare}}
+            "overhead_cpu": 1 - job["per_worker_per_cpu_s"] / bare["samples_per_cpu_s"],
+            "machine": job["machine"], "detail": {**job, "bare_reference": bare, "pair_reference": pair}}
+
+
+def _median_of(runs: list[dict], workers: int) -> dict:
+    """The median round (by wall-clock overhead) of a job's runs, with the range over rounds."""
+    ordered = sorted(runs, key=lambda r: r["overhead_wall"])
+    mid = ordered[(len(ordered) - 1) // 2]
+    lo, hi = ordered[0]["overhead_wall"], ordered[-1]["overhead_wall"]
+    machine = [r["machine"] for r in runs if r["machine"]]
+    share = (lambda key: f"{statistics.median(m[key] for m in machine):.1%}") if machine else (lambda key: "n/a")
+    return {"samples_per_s": mid["samples_per_s"], "per_worker": mid["per_worker"],
+            "overhead_wall": mid["overhead_wall"], "overhead_wall_range": f"{lo:.1%} .. {hi:.1%}",
+            "overhead_vs_pair": statistics.median(r["overhead_vs_pair"] for r in runs) if workers > 1 else "-",
+            "overhead_cpu": statistics.median(r["overhead_cpu"] for r in runs),
+            "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"), "detail": {"rounds": runs}}
 
 
 def step(args) -> None:
@@ -192,7 +331,7 @@ def _write(stem: str, rows: list[dict], header: str, columns: list[str]) -> None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     def fmt(column: str, v) -> str:
-        if column.startswith("overhead"):
+        if column.startswith("overhead") and isinstance(v, float):
             return f"{v:.1%}"
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
@@ -210,6 +349,7 @@ def main() -> None:
     c.add_argument("--micro-batch", type=int, default=32)
     c.add_argument("--steps", type=int, default=60)
     c.add_argument("--log-every", type=int, default=10)
+    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (job 1, bare, job 2, bare)")
     s = sub.add_parser("step", help="one device: the training step under each ZeRO stage")
     s.add_argument("--model", default="DiT-XL/2")
     s.add_argument("--micro-batch", type=int, default=32)
