@@ -95,6 +95,8 @@ def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, st
     with ProcessSampler() as sampler:
         finetune.run(argv)
     wall = time.perf_counter() - start
+    _wait_for_exit(("ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner",
+                    "ray::SynchronizationActor", "ray::DatasetManager", "ray::PreemptionWatcher"))
     events = []
     for name in sorted(os.listdir(f"{root}/runs/{run}/tensorboard")):
         acc = EventAccumulator(f"{root}/runs/{run}/tensorboard/{name}")
@@ -109,6 +111,17 @@ def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, st
             "per_worker_per_cpu_s": micro / statistics.median(cpu[1:] or cpu),
             "windows": values, "cpu_s_per_step": cpu, "job_wall_s": wall,
             "machine": sampler.split(window, worker_prefix="ray::RayTrainWorker") if window else None}
+
+
+def _wait_for_exit(prefixes: tuple[str, ...], timeout: float = 60.0) -> None:
+    """Wait until no process named with one of `prefixes` is left: the run's actors outlive `fit()` by a
+    few seconds, and the next bare loop must not share the machine with them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and os.path.isdir("/proc/self"):
+        names = [cmd for cmd, _ in ProcessSampler()._read().values()]
+        if not any(name.startswith(prefixes) for name in names):
+            return
+        time.sleep(0.5)
 
 
 class ProcessSampler:
@@ -225,7 +238,7 @@ def compare(args) -> None:
               "against one process of the bare pair (both cores busy, as with 2 workers); overhead_cpu = on "
               "samples per CPU-second of the worker process; ray_other_cpu / idle_cpu = share of the machine's "
               "CPUs used by Ray's other processes / left idle while the job trained.")
-    _write("train_throughput", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
+    _write(f"train_throughput{args.tag}", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
                                               "overhead_wall", "overhead_wall_range", "overhead_vs_pair",
                                               "overhead_cpu", "ray_other_cpu", "idle_cpu"])
 
@@ -266,9 +279,10 @@ def _summary(job: dict, bare: dict, pair: dict) -> dict:
 
 
 def _median_of(runs: list[dict], workers: int) -> dict:
-    """The median round (by wall-clock overhead) of a job's runs, with the range over rounds."""
+    """The median round (by wall-clock overhead; of an even count, the upper one) of a job's runs, with the
+    range over rounds."""
     ordered = sorted(runs, key=lambda r: r["overhead_wall"])
-    mid = ordered[(len(ordered) - 1) // 2]
+    mid = ordered[len(ordered) // 2]
     lo, hi = ordered[0]["overhead_wall"], ordered[-1]["overhead_wall"]
     machine = [r["machine"] for r in runs if r["machine"]]
     share = (lambda key: f"{statistics.median(m[key] for m in machine):.1%}") if machine else (lambda key: "n/a")
@@ -349,7 +363,8 @@ def main() -> None:
     c.add_argument("--micro-batch", type=int, default=32)
     c.add_argument("--steps", type=int, default=60)
     c.add_argument("--log-every", type=int, default=10)
-    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (job 1, bare, job 2, bare)")
+    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (bare, bare pair, job 1, job 2)")
+    c.add_argument("--tag", default="", help="suffix of the result files")
     s = sub.add_parser("step", help="one device: the training step under each ZeRO stage")
     s.add_argument("--model", default="DiT-XL/2")
     s.add_argument("--micro-batch", type=int, default=32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Callable
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
@@ -34,6 +36,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple
 def parse(argv: list[str] | None, description: str) -> Config:
     """`--config NAME_OR_PATH key=value ...` -> a validated Config, with storage configured."""
     return parse_args(job_parser(description), argv)[0]
+
+
+def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Exception], ...]) -> int:
+    """A job's exit status: 0, with `work()`'s one-line summary (if any) on stdout; or 2, with
+    `name: message` on stderr, for the bad-input errors the job names (anything else is a bug and raises)."""
+    try:
+        summary = work()
+    except errors as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(summary)
+    return 0
 
 
 def run_url(cfg: Config, *parts: str) -> str:

@@ -18,15 +18,14 @@ from dydit_dist.sample import SamplesError
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(argv, "Evaluate generated samples with torch-fidelity against reference statistics")
     cli.save_resolved_config(cfg, "evaluate")
-    try:
+
+    def work() -> str:
         record = evaluate(cfg)
-    except (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
-    values = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
-    print(f"{cli.run_url(cfg, 'metrics.json')}: {values} on {record['num_samples']} samples "
-          f"[{record['feature_extractor']['name']}]")
-    return 0
+        values = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+        return (f"{cli.run_url(cfg, 'metrics.json')}: {values} on {record['num_samples']} samples "
+                f"[{record['feature_extractor']['name']}]")
+
+    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

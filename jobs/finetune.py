@@ -34,12 +34,10 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except (ConfigError, DataError) as err:
-        print(f"finetune: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def work() -> None:
+        run(argv)  # prints its own summary line
+
+    return cli.run_job("finetune", work, (ConfigError, DataError))
 
 
 if __name__ == "__main__":

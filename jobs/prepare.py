@@ -14,15 +14,14 @@ from dydit_dist.data import DataError, prepare
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(argv, "Encode images (and captions) into VAE-latent (and T5) WebDataset shards")
-    try:
+
+    def work() -> str:
         result = prepare(cfg)
-    except DataError as err:
-        print(f"prepare: {err}", file=sys.stderr)
-        return 2
-    manifest = result.manifest
-    print(f"{result.uri}: {manifest.num_samples} samples in {manifest.num_shards} shards "
-          f"({result.encoded} encoded now, {result.skipped} already done, {manifest.bad_inputs} unreadable inputs)")
-    return 0
+        manifest = result.manifest
+        return (f"{result.uri}: {manifest.num_samples} samples in {manifest.num_shards} shards ({result.encoded} "
+                f"encoded now, {result.skipped} already done, {manifest.bad_inputs} unreadable inputs)")
+
+    return cli.run_job("prepare", work, (DataError,))
 
 
 if __name__ == "__main__":

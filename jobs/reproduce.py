@@ -24,13 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     cfg = cli.parse(argv, "prepare -> finetune -> sample -> evaluate -> report, each stage skipped when done")
     cli.save_resolved_config(cfg, "reproduce")
-    try:
+
+    def work() -> str:
         report = reproduce(cfg)
-    except (ConfigError, DataError, SamplesError, FeatureExtractorUnavailable) as err:
-        print(f"reproduce: {err}", file=sys.stderr)
-        return 2
-    print(f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}")
-    return 0
+        return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
+
+    return cli.run_job("reproduce", work, (ConfigError, DataError, SamplesError, FeatureExtractorUnavailable))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling, sample
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(argv, "Generate N samples across the Ray cluster into sharded tars on object storage")
     cli.save_resolved_config(cfg, "sample")
-    try:
+
+    def work() -> str:
         manifest = run_sampling(cfg)
         if cfg.sample.export_npz:
             export_adm_npz(samples_url(cfg), cfg.sample.export_npz)
-    except (SamplesError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"sample: {err}", file=sys.stderr)
-        return 2
-    print(f"{samples_url(cfg)}: {manifest.num_samples} samples in {manifest.num_shards} shards"
-          + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
-    return 0
+        return (f"{samples_url(cfg)}: {manifest.num_samples} samples in {manifest.num_shards} shards"
+                + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
+
+    return cli.run_job("sample", work, (SamplesError, ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,9 @@ def test_rows_are_independent_of_their_batch_companions():
         runner.begin(4)
         outs.append(sample(runner, (x[rows].shape), "ddim", 4, noise=x[rows], model_kwargs={"y": cond["y"][rows]},
                            step_callback=runner.step_callback))
-    torch.testing.assert_close(outs[0][:1], outs[1], rtol=1e-5, atol=1e-5)
+    # float32 matmul kernels may block a 1-row and a 2-row batch differently (more so after an earlier test
+    # changed the thread count): ~1e-5 differences; a row mixed with its companion would be far off.
+    torch.testing.assert_close(outs[0][:1], outs[1], rtol=1e-4, atol=1e-4)
 
 
 def test_misuse_is_reported():

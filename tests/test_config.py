@@ -74,3 +74,23 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert config.from_dict(cfg.to_dict()) == cfg
     config.save(cfg, str(tmp_path / "config.yaml"))
     assert load(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_run_job_exit_status_and_messages(capsys):
+    from dydit_dist.cli import run_job
+
+    assert run_job("sample", lambda: "s3://b/runs/x/samples: 8 samples", (ConfigError,)) == 0
+    assert capsys.readouterr().out == "s3://b/runs/x/samples: 8 samples\n"
+
+    def bad_input():
+        raise ConfigError("train.global_batch_size=6 is not a multiple of 4")
+
+    assert run_job("finetune", bad_input, (ConfigError,)) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "finetune: train.global_batch_size=6 is not a multiple of 4\n" and captured.out == ""
+
+    def bug():
+        raise KeyError("not an input error")
+
+    with pytest.raises(KeyError):  # an error the job does not name is a bug: it propagates
+        run_job("finetune", bug, (ConfigError,))

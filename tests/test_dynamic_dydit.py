@@ -197,6 +197,10 @@ def test_fast_path_equals_masked_path_with_guidance():
     masked = cfg_model_fn(lambda a, b, **kw: model(a, b, **kw).out, 4.0)(x2, t2, y=y2)
     fast = cfg_model_fn(FastPath(model), 4.0)(x2, t2, y=y2)
     torch.testing.assert_close(fast, masked, rtol=0, atol=1e-4)
+    # A sampler passing the shared timestep (no grouping by t, no host sync) gets the same values.
+    shared = FastPath(model)
+    told = cfg_model_fn(lambda a, b, **kw: shared(a, b, timestep=640, **kw), 4.0)(x2, t2, y=y2)
+    torch.testing.assert_close(told, masked, rtol=0, atol=1e-4)
 
 
 def test_fast_path_equals_masked_path_pixart():

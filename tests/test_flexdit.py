@@ -4,6 +4,7 @@ exact reorderings, the timestep schedule, grouped batches, FLOPs against the pap
 import pytest
 import torch
 import torch.nn.functional as F
+from model_util import randomize_
 
 from dydit_dist import flops
 from dydit_dist.diffusion import sample
@@ -31,22 +32,12 @@ PIXART_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, dep
 OPTIONS = FlexOptions(layout="PCSRDD", grid_sizes=(6, 4), num_intervals=2)
 
 
-def _randomize(model, seed=0):
-    """Non-trivial weights everywhere (official init zeroes adaLN and the output layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 def _static(family):
     torch.manual_seed(0)
     if family == "dit":
-        return _randomize(DiT(**DIT_KW)), {"y": torch.tensor([1, 7, 3])}
+        return randomize_(DiT(**DIT_KW), std=0.1), {"y": torch.tensor([1, 7, 3])}
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
-    return _randomize(PixArt(**PIXART_KW)), {"y": torch.randn(3, 1, 6, 16), "mask": mask}
+    return randomize_(PixArt(**PIXART_KW), std=0.1), {"y": torch.randn(3, 1, 6, 16), "mask": mask}
 
 
 def _convert(static):
@@ -156,7 +147,7 @@ def test_layouts():
 
 def test_batch_with_several_grids_runs_in_groups():
     static, cond = _static("dit")
-    flex = _randomize(_convert(static), seed=1).eval()  # W1, W2 non-trivial too
+    flex = randomize_(_convert(static), seed=1, std=0.1).eval()  # W1, W2 non-trivial too
     x, t = torch.randn(3, 4, 16, 16), torch.tensor([100, 900, 300])  # grids 6, 4, 6
     assert flex.grids_for(t).tolist() == [6, 4, 6]
     out = flex(x, t, **cond)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from model_util import randomize_
 
 from dydit_dist.models import DiT, DiT_models, build_model
 from dydit_dist.models.convert import (
@@ -28,16 +28,6 @@ def read_keys_tsv(name: str) -> dict[str, list[int]]:
         pytest.skip(f"reference data not found at {path}")
     rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
     return {key: [int(s) for s in shape.strip("[]").split(",")] for key, shape in rows}
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Overwrite every trainable tensor (incl. the zero-initialized adaLN and output layers) with noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                std = 1 / math.sqrt(p.shape[1]) if p.ndim > 1 else 0.1
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture

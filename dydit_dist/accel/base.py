@@ -127,7 +127,7 @@ class FastPathRunner(Runner):
                 hook = lambda _m, _inp, logits: keeps.append((logits > 0).float().mean())  # noqa: E731
                 handles.append(block.token_selection.register_forward_hook(hook))
         try:
-            out = backend.fast(x, t, **cond)
+            out = backend.fast(x, t, timestep=self.timestep, **cond)  # None: grouped by t
         finally:
             for h in handles:
                 h.remove()

@@ -88,11 +88,14 @@ class FastPath:
         return sliced
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, timestep: int | None = None, **cond) -> torch.Tensor:
         """x (B, C, H, W), t (B,) original timesteps, cond: y (and mask for PixArt) -> (B, C_out, H, W).
 
-        Samples are grouped by timestep (a sampler passes one; a guided batch shares it).
+        Samples are grouped by timestep. A sampler that knows the batch shares one timestep passes it as
+        `timestep` (every t must equal it): that skips `t.unique()`, a host sync on a GPU.
         """
+        if timestep is not None:
+            return self._forward_one_timestep(x, t, int(timestep), **cond)
         values = t.unique()
         if values.numel() == 1:
             return self._forward_one_timestep(x, t, int(values.item()), **cond)
