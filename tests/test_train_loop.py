@@ -129,3 +129,12 @@ def test_static_pixart_zero0_with_accumulation(one_rank, tmp_path):
     network = build_network(cfg.model)
     load_into(network, latest_ema(f"{root}/runs/{cfg.storage.run}"))
     assert torch.equal(network.y_embedder.y_embedding, trainer.network.y_embedder.y_embedding)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux / glibc only")
+def test_retain_freed_memory_is_accepted_by_glibc():
+    """The worker's malloc settings (see `retain_freed_memory`) are values glibc accepts; the page faults
+    they save are measured by benchmarks/train_throughput.py, not asserted here."""
+    from dydit_dist.train.loop import retain_freed_memory
+
+    assert retain_freed_memory() is True
