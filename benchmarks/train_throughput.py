@@ -21,7 +21,8 @@ move by 10%.
 
 While each job trains, a sampler reads every process's CPU time from /proc once a second; over the
 training window (first to last TensorBoard window) it splits the machine's CPU between the training
-workers, Ray's other processes (controller, raylet, GCS, idle actors, the driver) and everything else.
+workers, Ray's other processes (controller, raylet, GCS, idle actors, the driver) and everything else,
+and counts the workers' minor page faults and kernel CPU share (the bare loop's come from getrusage).
 With 2 workers on 2 cores there is no idle core left for Ray's processes, so their share comes out of
 the workers' wall clock; it is reported beside the overheads. Two busy processes also slow each other
 down on a small VM (shared caches, memory bandwidth, the hypervisor): each round also times two bare
@@ -41,10 +42,12 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -66,17 +69,21 @@ def bare_loop(cfg, steps: int, warmup: int = 5) -> dict:
     batches = [{"x": torch.randn(b, m.in_channels, m.input_size, m.input_size),
                 "y": torch.randint(0, m.num_classes, (b,))} for _ in range(8)]
     start = cpu = 0.0
+    usage = None
     for step in range(warmup + steps):
         if step == warmup:
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         g = step_generator(0, 0, step, 0, "cpu")
         terms = objective(**draw_inputs(batches[step % 8], network, cfg, g, "cpu"), step=step, generator=g)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
         optimizer.step()
-    return {"samples_per_s": steps * b / (time.perf_counter() - start),
-            "samples_per_cpu_s": steps * b / (time.process_time() - cpu)}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    return {"samples_per_s": steps * b / wall, "samples_per_cpu_s": steps * b / cpu,
+            "faults_per_s": (end.ru_minflt - usage.ru_minflt) / wall,
+            "system_share": (end.ru_stime - usage.ru_stime) / cpu}
 
 
 def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, steps: int, log_every: int) -> dict:
@@ -113,13 +120,38 @@ def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, st
             "machine": sampler.split(window, worker_prefix="ray::RayTrainWorker") if window else None}
 
 
+class Proc(NamedTuple):
+    cmd: str
+    cpu: float  # user + system seconds
+    system: float  # system seconds
+    faults: int  # minor page faults
+
+
+def read_processes() -> dict[int, Proc]:
+    """Every process's command line, CPU seconds and minor page faults, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # the process ended between listdir and open
+            continue
+        user, system = int(fields[11]) / tick, int(fields[12]) / tick
+        out[int(pid)] = Proc(cmd, user + system, system, int(fields[7]))
+    return out
+
+
 def _wait_for_exit(prefixes: tuple[str, ...], timeout: float = 60.0) -> None:
     """Wait until no process named with one of `prefixes` is left: the run's actors outlive `fit()` by a
     few seconds, and the next bare loop must not share the machine with them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and os.path.isdir("/proc/self"):
-        names = [cmd for cmd, _ in ProcessSampler()._read().values()]
-        if not any(name.startswith(prefixes) for name in names):
+        if not any(p.cmd.startswith(prefixes) for p in read_processes().values()):
             return
         time.sleep(0.5)
 
@@ -129,7 +161,8 @@ class ProcessSampler:
 
     `split((t0, t1), worker_prefix)` -> CPU share of the machine over [t0, t1] used by the processes
     whose name starts with `worker_prefix`, by Ray's other processes and by everything else, as
-    fractions of (t1 - t0) x CPUs (the rest is idle). Linux only; None elsewhere.
+    fractions of (t1 - t0) x CPUs (the rest is idle); and the workers' minor page faults per second and
+    the share of their CPU spent in the kernel. Linux only; None elsewhere.
     """
 
     def __init__(self, interval: float = 1.0):
@@ -138,7 +171,6 @@ class ProcessSampler:
         self.interval, self.snapshots = interval, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def __enter__(self):
         if os.path.isdir("/proc/self"):
@@ -152,23 +184,8 @@ class ProcessSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.snapshots.append((time.time(), self._read()))
+            self.snapshots.append((time.time(), read_processes()))
             self._stop.wait(self.interval)
-
-    def _read(self) -> dict[int, tuple[str, float]]:
-        out = {}
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:  # the process ended between listdir and open
-                continue
-            out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / self._tick)
-        return out
 
     def split(self, window: tuple[float, float], worker_prefix: str) -> dict | None:
         inside = [s for s in self.snapshots if window[0] <= s[0] <= window[1]]
@@ -177,14 +194,23 @@ class ProcessSampler:
         (t0, a), (t1, b) = inside[0], inside[-1]
         capacity = (t1 - t0) * (os.cpu_count() or 1)
         used = {"workers": 0.0, "ray_other": 0.0, "other": 0.0}
-        for pid, (cmd, cpu) in b.items():
-            delta = cpu - a[pid][1] if pid in a else cpu  # a process started inside the window: all of it
-            kind = ("workers" if cmd.startswith(worker_prefix) else
-                    "ray_other" if cmd.startswith("ray::") or "/ray/" in cmd or "jobs.finetune" in cmd
-                    or "train_throughput" in cmd else "other")
-            used[kind] += delta
+        worker_system = worker_faults = 0.0
+        for pid, proc in b.items():
+            before = a.get(pid, Proc(proc.cmd, 0.0, 0.0, 0))  # a process started inside the window: all of it
+            if proc.cmd.startswith(worker_prefix):
+                kind = "workers"
+                worker_system += proc.system - before.system
+                worker_faults += proc.faults - before.faults
+            elif (proc.cmd.startswith("ray::") or "/ray/" in proc.cmd or "jobs.finetune" in proc.cmd
+                  or "train_throughput" in proc.cmd):
+                kind = "ray_other"
+            else:
+                kind = "other"
+            used[kind] += proc.cpu - before.cpu
         return {"seconds": t1 - t0, **{k: v / capacity for k, v in used.items()},
-                "idle": max(0.0, 1 - sum(used.values()) / capacity)}
+                "idle": max(0.0, 1 - sum(used.values()) / capacity),
+                "worker_system_share": worker_system / max(used["workers"], 1e-9),
+                "worker_faults_per_s": worker_faults / (t1 - t0)}
 
 
 def compare(args) -> None:
@@ -220,12 +246,14 @@ def compare(args) -> None:
         {"setup": "bare PyTorch loop, 1 process, 1 thread", "workers": 1, "zero": "-",
          "samples_per_s": single["samples_per_s"], "per_worker": single["samples_per_s"], "overhead_wall": 0.0,
          "overhead_wall_range": "-", "overhead_vs_pair": "-", "overhead_cpu": 0.0, "ray_other_cpu": "-",
-         "idle_cpu": "-", "detail": {"runs": bare}},
+         "idle_cpu": "-", "faults_per_s": single["faults_per_s"], "system_share": single["system_share"],
+         "detail": {"runs": bare}},
         {"setup": "2 bare loops at once, 2 processes", "workers": 2, "zero": "-",
          "samples_per_s": 2 * both["samples_per_s"], "per_worker": both["samples_per_s"],
          "overhead_wall": 1 - both["samples_per_s"] / single["samples_per_s"], "overhead_wall_range": "-",
          "overhead_vs_pair": 0.0, "overhead_cpu": 1 - both["samples_per_cpu_s"] / single["samples_per_cpu_s"],
-         "ray_other_cpu": "-", "idle_cpu": "-", "detail": {"runs": pair}},
+         "ray_other_cpu": "-", "idle_cpu": "-", "faults_per_s": both["faults_per_s"],
+         "system_share": both["system_share"], "detail": {"runs": pair}},
     ]
     for workers, stage in ((1, 0), (2, 2)):
         rows.append({"setup": f"jobs.finetune, {workers} worker{'s' * (workers > 1)}", "workers": workers,
@@ -240,7 +268,8 @@ def compare(args) -> None:
               "CPUs used by Ray's other processes / left idle while the job trained.")
     _write(f"train_throughput{args.tag}", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
                                               "overhead_wall", "overhead_wall_range", "overhead_vs_pair",
-                                              "overhead_cpu", "ray_other_cpu", "idle_cpu"])
+                                              "overhead_cpu", "ray_other_cpu", "idle_cpu", "faults_per_s",
+                                              "system_share"])
 
 
 def _pair_child(cfg, steps: int, barrier, queue) -> None:
@@ -290,7 +319,10 @@ def _median_of(runs: list[dict], workers: int) -> dict:
             "overhead_wall": mid["overhead_wall"], "overhead_wall_range": f"{lo:.1%} .. {hi:.1%}",
             "overhead_vs_pair": statistics.median(r["overhead_vs_pair"] for r in runs) if workers > 1 else "-",
             "overhead_cpu": statistics.median(r["overhead_cpu"] for r in runs),
-            "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"), "detail": {"rounds": runs}}
+            "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"),
+            "faults_per_s": statistics.median(m["worker_faults_per_s"] / workers for m in machine) if machine else "n/a",
+            "system_share": statistics.median(m["worker_system_share"] for m in machine) if machine else "n/a",
+            "detail": {"rounds": runs}}
 
 
 def step(args) -> None:
@@ -345,7 +377,7 @@ def _write(stem: str, rows: list[dict], header: str, columns: list[str]) -> None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     def fmt(column: str, v) -> str:
-        if column.startswith("overhead") and isinstance(v, float):
+        if (column.startswith("overhead") or column == "system_share") and isinstance(v, float):
             return f"{v:.1%}"
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
 

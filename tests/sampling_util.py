@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dydit_dist import config
+from dydit_dist import config, storage
+from dydit_dist.sample import pack, plan_shards, sampling_settings
+from dydit_dist.sample.manifest import SamplesManifest, write_manifest
 from dydit_dist.sample.network import build_network
 
 # A few steps and samples of the debug model (16x16x4 pixels, 10 classes): a shard in ~0.1 s.
@@ -28,3 +30,19 @@ def random_checkpoint(path: str, *overrides: str, seed: int = 0) -> str:
 
     save_safetensors(model, path)
     return path
+
+
+def write_samples(cfg: config.Config, url: str) -> None:
+    """Every shard of `cfg.sample` generated in this process (no Ray) and written to `url` with its manifest."""
+    from dydit_dist.sample.generate import ShardGenerator
+
+    gen = ShardGenerator(cfg)
+    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
+    manifest = SamplesManifest(sampling_settings(cfg), len(shards))
+    for shard in shards:
+        samples, timing = gen.generate(shard)
+        storage.write_bytes(storage.join(url, shard.name), pack(samples))
+        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
+                      "timing": timing})
+    manifest.stats.update(gen.stats())
+    write_manifest(url, manifest)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from sampling_util import random_checkpoint, tiny_config
+from sampling_util import random_checkpoint, tiny_config, write_samples
 
 from dydit_dist import storage
 from dydit_dist.eval.digits import DigitsNet
@@ -17,9 +17,6 @@ from dydit_dist.eval.evaluate import evaluate
 from dydit_dist.eval.extractors import FeatureExtractorUnavailable, resolve_extractor
 from dydit_dist.eval.metrics import frechet_distance, statistics
 from dydit_dist.models import save_safetensors
-from dydit_dist.sample import pack, plan_shards, sampling_settings
-from dydit_dist.sample.generate import ShardGenerator
-from dydit_dist.sample.manifest import SamplesManifest, write_manifest
 
 
 def scipy_fid(mu1, sigma1, mu2, sigma2) -> float:
@@ -66,20 +63,6 @@ def setup(tmp_path_factory):
     return {"weights": weights, "checkpoint": random_checkpoint(str(root / "static.safetensors"))}
 
 
-def _make_samples(cfg, url: str) -> None:
-    torch.set_num_threads(1)
-    gen = ShardGenerator(cfg)
-    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
-    manifest = SamplesManifest(sampling_settings(cfg), len(shards))
-    for shard in shards:
-        samples, timing = gen.generate(shard)
-        storage.write_bytes(storage.join(url, shard.name), pack(samples))
-        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
-                      "timing": timing})
-    manifest.stats.update(gen.stats())
-    write_manifest(url, manifest)
-
-
 def _npz_bytes(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -91,7 +74,8 @@ def test_adm_reference_statistics_are_used_as_given(tmp_path, setup):
                  f"eval.feature_extractor_weights={setup['weights']}", f"eval.fidelity_cache={tmp_path / 'fc'}",
                  "eval.metrics=[fid]"]
     cfg = tiny_config(str(tmp_path), *overrides)
-    _make_samples(cfg, str(tmp_path / "runs/t/samples"))
+    torch.set_num_threads(1)
+    write_samples(cfg, str(tmp_path / "runs/t/samples"))
     rng = np.random.default_rng(1)
     a = rng.normal(size=(64, 64))
     mu, sigma = rng.normal(size=64), a @ a.T / 64  # float64, as the ADM evaluator writes them
@@ -131,10 +115,11 @@ def test_evaluate_reads_shards_and_reference_from_s3(s3_bucket, s3_endpoint, tmp
                  f"eval.feature_extractor_weights={setup['weights']}", f"eval.fidelity_cache={tmp_path / 'fc'}",
                  f"storage.endpoint_url={s3_endpoint}", "eval.isc_splits=2"]
     cfg = tiny_config(s3_bucket, *overrides)
-    _make_samples(cfg, f"{s3_bucket}/runs/t/samples")
+    torch.set_num_threads(1)
+    write_samples(cfg, f"{s3_bucket}/runs/t/samples")
     # The reference: another sample set, given as an ADM .npz with images only (statistics computed, cached).
     other = tiny_config(s3_bucket, *overrides, "sample.seed=5", "storage.run=ref")
-    _make_samples(other, f"{s3_bucket}/runs/ref/samples")
+    write_samples(other, f"{s3_bucket}/runs/ref/samples")
     from dydit_dist.sample import export_adm_npz
 
     local = str(tmp_path / "ref.npz")

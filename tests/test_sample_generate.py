@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sampling_util import random_checkpoint, tiny_config
+from sampling_util import random_checkpoint, tiny_config, write_samples
 
-from dydit_dist import storage
 from dydit_dist.sample import (
     export_adm_npz,
     iter_npz_array,
     iter_samples,
     pack,
     plan_shards,
-    sampling_settings,
 )
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest, write_manifest
@@ -61,23 +59,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, checkpoints):
         ShardGenerator(cfg)
 
 
-def _write_samples(cfg, url: str) -> None:
-    gen = ShardGenerator(cfg)
-    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
-    manifest = SamplesManifest(sampling_settings(cfg), len(shards))
-    for shard in shards:
-        samples, timing = gen.generate(shard)
-        storage.write_bytes(storage.join(url, shard.name), pack(samples))
-        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
-                      "timing": timing})
-    write_manifest(url, manifest)
-
-
 def test_adm_export_round_trips(tmp_path, checkpoints):
     torch.set_num_threads(1)
     cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoints['static']}", "sample.num_samples=10")
     url = str(tmp_path / "samples")
-    _write_samples(cfg, url)
+    write_samples(cfg, url)
     path = str(tmp_path / "out" / "samples.npz")
     assert export_adm_npz(url, path) == 10
     with np.load(path, allow_pickle=False) as npz:

@@ -56,15 +56,10 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
     which a long-lived process whose malloc thresholds have grown does not pay. -> False where there is
     no glibc (the call does nothing there)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc on Linux
     except (OSError, AttributeError):
-        return False
-    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
