@@ -48,21 +48,29 @@ def train_loop_per_worker(config_dict: dict) -> None:
     Trainer(cfg, RaySession()).train()
 
 
-def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """glibc malloc: serve tensors up to `mmap_threshold` bytes from the heap and keep up to
-    `trim_threshold` bytes of freed heap in the process. PyTorch's CPU allocator frees every step's
-    activations; in a fresh Ray worker glibc gave those pages back to the kernel and faulted them in
-    again on the next step (about 3,000 page faults and 4-11% system time per step of the debug model),
-    which a long-lived process whose malloc thresholds have grown does not pay. -> False where there is
-    no glibc (the call does nothing there)."""
+def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
+                        top_pad: int = 64 << 20) -> bool:
+    """glibc malloc: keep the memory of freed tensors in the process instead of handing it back to the
+    kernel and faulting it in again on the next step. PyTorch's CPU allocator frees every step's
+    activations; in a fresh Ray worker (about 3,000 page faults and 4-11% system time per step of the
+    debug model, which a long-lived process whose malloc thresholds have grown does not pay):
+
+    - `mmap_threshold`: tensors up to this size come from the heap, not from their own mmap;
+    - `trim_threshold`: up to this much free memory at the top of the main heap stays mapped;
+    - `top_pad`: Ray Train runs the training function on a thread of its own, whose allocations come
+      from a per-thread arena made of 64 MiB heaps; glibc unmaps such a heap as soon as it is free,
+      whatever the trim threshold, unless the top pad is at least a heap's size.
+
+    -> False where there is no glibc (the call does nothing there)."""
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc on Linux
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(bool(mallopt(option, value)) for option, value in
+               ((m_mmap_threshold, mmap_threshold), (m_trim_threshold, trim_threshold), (m_top_pad, top_pad)))
 
 
 class Trainer:
