@@ -1,33 +1,36 @@
 """Fine-tuning throughput: the bare PyTorch loop against the Ray Train + DeepSpeed job, side by side.
 
-    python benchmarks/train_throughput.py compare [--micro-batch 32] [--steps 60] [--log-every 10]
+    python benchmarks/train_throughput.py compare [--micro-batch 32] [--slices 8] [--slice-steps 50]
     python benchmarks/train_throughput.py step --model DiT-XL/2 --micro-batch 32 --precision bf16 --stages 1 2 3
 
 `compare` (CPU, one run): samples/s of the `debug` DyDiT (stage 1: dynamic + complete-model + FLOPs
 losses) in
-  1. a bare single-process loop: the same objective, torch AdamW, batches already in memory, 1 thread;
+  1. a bare single-process loop: the same objective, torch AdamW, batches already in memory, 1 thread,
+     alone ("bare") and two at once in two processes ("bare pair": both cores busy);
   2. `jobs.finetune` with 1 worker, ZeRO-0 (Ray Train + DeepSpeed + the shard reader + EMA + metrics);
-  3. `jobs.finetune` with 2 workers, ZeRO-2 (gloo all-reduce / reduce-scatter between them).
-Each worker has 1 CPU (1 torch thread), like the bare loop; the job's throughput is read back from its
-TensorBoard event files (median over log windows, the first one dropped as warm-up). The runs are
-interleaved in `--rounds` rounds of (bare, bare pair, job 1, job 2), closed by a last (bare, bare pair):
-each job run is compared with the mean of the references on either side of its round, and the table
-gives the median round with the range, because on a shared 2-core machine one run's wall clock can
-move by 10%.
+  3. `jobs.finetune` with 2 workers, ZeRO-2 (gloo reduce / all-gather between them).
+Each worker has 1 CPU (1 torch thread), like the bare loop.
 
-  overhead_wall = 1 - job samples/s per worker / bare samples/s          (the criterion: < 15%)
-  overhead_cpu  = the same on samples per CPU-second of the worker process (the job reports its CPU
-                  seconds per step): the job's own work, without the time it waits for a core.
+On a shared 2-core VM the speed of the cores moves by 10-25% within minutes, so references timed a
+minute away from the job are not a fair comparison. Each job is therefore cut into `--slices` slices of
+`--slice-steps` steps: after each slice the benchmark stops the job's workers (SIGSTOP), times the
+references (`--bare-steps` steps of the bare loop, then of the bare pair), and lets the workers go on
+(SIGCONT). A slice's throughput is the median of the job's log windows (read back from its TensorBoard
+files) that began and ended inside it, and it is compared with the mean of the references just before
+and just after it. The table gives medians over the slices and the quartiles of the wall-clock overhead.
 
-While each job trains, a sampler reads every process's CPU time from /proc once a second; over the
-training window (first to last TensorBoard window) it splits the machine's CPU between the training
-workers, Ray's other processes (controller, raylet, GCS, idle actors, the driver) and everything else,
-and counts the workers' minor page faults and kernel CPU share (the bare loop's come from getrusage).
-With 2 workers on 2 cores there is no idle core left for Ray's processes, so their share comes out of
-the workers' wall clock; it is reported beside the overheads. Two busy processes also slow each other
-down on a small VM (shared caches, memory bandwidth, the hypervisor): each round also times two bare
-loops at once in two processes ("bare pair"), and `overhead_vs_pair` compares the 2-worker job with
-that, so the machine's own cost of having both cores busy is told apart from the job's.
+  overhead_wall    = 1 - job samples/s per worker / bare samples/s      (the criterion: < 15%)
+  overhead_vs_pair = the same against one process of the bare pair: the machine's own cost of having
+                     both cores busy taken out
+  overhead_cpu     = the same on samples per CPU-second of the worker process (the job reports its CPU
+                     seconds per step): the job's own work, without the time it waits
+
+While each job trains, a sampler reads every process's CPU time from /proc once a second and splits the
+machine's CPU over each slice between the training workers, Ray's other processes (controller, raylet,
+GCS, idle actors, the driver) and everything else, and counts the workers' minor page faults and kernel
+CPU share (the bare loop's come from getrusage). With 2 workers on 2 cores no core is left for Ray's
+processes, so their share comes out of the workers' wall clock. Ray's processes keep running while the
+workers are stopped, so the references share the machine with an idle Ray as well.
 
 `step` (any device, one process, world size 1): the training step of a model at a micro-batch under
 each ZeRO stage: samples/s and peak device memory. On a GPU this is the DiT-XL/2 DyDiT measurement.
@@ -38,6 +41,7 @@ Results: benchmarks/results/train_throughput[_step].{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -86,38 +90,123 @@ def bare_loop(cfg, steps: int, warmup: int = 5) -> dict:
             "system_share": (end.ru_stime - usage.ru_stime) / cpu}
 
 
-def job_throughput(root: str, run: str, workers: int, stage: int, micro: int, steps: int, log_every: int) -> dict:
-    """Run jobs.finetune and read its per-window samples/s and CPU s/step back from TensorBoard; the
-    machine's CPU split over the training window (see `ProcessSampler`)."""
+WORKER = "ray::RayTrainWorker"
+
+
+class Window(NamedTuple):
+    """One TensorBoard log window of the job: it ended at `wall` (time.time() on the worker)."""
+    wall: float
+    step: int
+    samples_per_s: float  # of the whole job
+    cpu_s_per_step: float  # of rank 0's process
+
+
+def read_windows(folder: str) -> list[Window]:
+    """The run's log windows from its TensorBoard event files, in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    windows = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        acc = EventAccumulator(os.path.join(folder, name))
+        acc.Reload()
+        if "samples_per_s" in acc.Tags()["scalars"]:  # a restarted run that had nothing left to do logs none
+            windows += [Window(e.wall_time, e.step, e.value, c.value)
+                        for e, c in zip(acc.Scalars("samples_per_s"), acc.Scalars("cpu_s_per_step"), strict=True)]
+    return sorted(windows, key=lambda w: w.step)
+
+
+def windows_inside(windows: list[Window], interval: tuple[float, float]) -> list[Window]:
+    """The windows that began and ended inside `interval` (a window begins where the one before it ended;
+    the first window of the run, which includes the warm-up, has no beginning and is never inside)."""
+    return [w for prev, w in itertools.pairwise(windows) if interval[0] <= prev.wall and w.wall <= interval[1]]
+
+
+def sliced_job(root: str, run: str, workers: int, stage: int, args, cfg) -> dict:
+    """Run jobs.finetune in a thread for `slices x slice_steps` steps; after each slice, stop its workers
+    (SIGSTOP), time the references (a bare loop, then a bare pair), and let them go on (SIGCONT).
+    -> the job's running intervals, its log windows, the references before / between / after the slices
+    and the machine's CPU split over each interval."""
+    import signal
+    import threading
 
     from jobs import finetune
 
+    steps = args.slices * args.slice_steps
     argv = ["--config", "debug", "model.method=dydit", f"ray.num_workers={workers}", "ray.cpus_per_worker=1",
-            f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * workers}",
-            f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
+            f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch * workers}",
+            f"train.max_steps={steps}", f"train.log_every={args.log_every}", f"train.checkpoint_every={steps}",
             f"deepspeed.zero_stage={stage}", "data.num_workers=0", f"data.uri={root}/data",
             f"storage.root={root}", f"storage.run={run}"]
-    start = time.perf_counter()
+    folder = f"{root}/runs/{run}/tensorboard"
+    references = [reference(cfg, args.bare_steps)]
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            finetune.run(argv)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the benchmark's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=fit, name="finetune", daemon=True)
+    intervals, begin = [], 0.0
     with ProcessSampler() as sampler:
-        finetune.run(argv)
-    wall = time.perf_counter() - start
-    _wait_for_exit(("ray::TrainController", "ray::RayTrainWorker", "ray::PlacementGroupCleaner",
-                    "ray::SynchronizationActor", "ray::DatasetManager", "ray::PreemptionWatcher"))
-    events = []
-    for name in sorted(os.listdir(f"{root}/runs/{run}/tensorboard")):
-        acc = EventAccumulator(f"{root}/runs/{run}/tensorboard/{name}")
-        acc.Reload()
-        if "samples_per_s" in acc.Tags()["scalars"]:  # a restarted run that had nothing left to do logs none
-            events += list(zip(acc.Scalars("samples_per_s"), acc.Scalars("cpu_s_per_step"), strict=True))
-    values, cpu = [e.value for e, _ in events], [c.value for _, c in events]
-    total = statistics.median(values[1:] or values)
-    # The training window: from the end of the first (warm-up) log window to the last one.
-    window = (events[0][0].wall_time, events[-1][0].wall_time) if len(events) > 1 else None
-    return {"samples_per_s": total, "per_worker": total / workers,
-            "per_worker_per_cpu_s": micro / statistics.median(cpu[1:] or cpu),
-            "windows": values, "cpu_s_per_step": cpu, "job_wall_s": wall,
-            "machine": sampler.split(window, worker_prefix="ray::RayTrainWorker") if window else None}
+        thread.start()
+        for k in range(1, args.slices):
+            while thread.is_alive() and max((w.step for w in read_windows(folder)), default=0) < k * args.slice_steps:
+                time.sleep(0.25)
+            if not thread.is_alive():
+                break
+            pids = [pid for pid, proc in read_processes().items() if proc.cmd.startswith(WORKER)]
+            end = time.time()
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                intervals.append((begin, end))
+                references.append(reference(cfg, args.bare_steps))
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            begin = time.time()
+        thread.join()
+        intervals.append((begin, time.time()))
+    if errors:
+        raise errors[0]
+    _wait_for_exit(("ray::TrainController", WORKER, "ray::PlacementGroupCleaner", "ray::SynchronizationActor",
+                    "ray::DatasetManager", "ray::PreemptionWatcher"))
+    references.append(reference(cfg, args.bare_steps))
+    windows = read_windows(folder)
+    # The machine's CPU split over the training inside each interval: the first interval begins when the
+    # warm-up window ends, the last one ends at the last window (not at the end of the final checkpoint).
+    spans = [(max(a, windows[0].wall), min(b, windows[-1].wall)) for a, b in intervals] if windows else []
+    return {"workers": workers, "zero": stage, "intervals": intervals, "windows": windows,
+            "references": references, "machine": [sampler.split(span, worker_prefix=WORKER) for span in spans]}
+
+
+def reference(cfg, steps: int) -> dict:
+    """The bare loop alone, then two at once."""
+    return {"single": bare_loop(cfg, steps), "pair": bare_pair(cfg, steps)}
+
+
+def slice_rows(job: dict, micro: int) -> list[dict]:
+    """Per slice: the job's per-worker samples/s (median of its windows inside the slice) and samples per
+    CPU-second, against the mean of the references timed just before and just after the slice."""
+    workers, out = job["workers"], []
+    for i, interval in enumerate(job["intervals"]):
+        inside = windows_inside(job["windows"], interval)
+        if not inside:
+            continue
+        before, after = job["references"][i], job["references"][i + 1]
+        single = _mean([before["single"], after["single"]])
+        pair = _mean([before["pair"], after["pair"]])
+        per_worker = statistics.median(w.samples_per_s for w in inside) / workers
+        per_cpu_s = micro / statistics.median(w.cpu_s_per_step for w in inside)
+        out.append({"slice": i, "windows": len(inside), "per_worker": per_worker,
+                    "bare": single["samples_per_s"], "pair": pair["samples_per_s"],
+                    "overhead_wall": 1 - per_worker / single["samples_per_s"],
+                    "overhead_vs_pair": 1 - per_worker / pair["samples_per_s"],
+                    "overhead_cpu": 1 - per_cpu_s / single["samples_per_cpu_s"],
+                    "machine": job["machine"][i]})
+    return out
 
 
 class Proc(NamedTuple):
@@ -225,49 +314,45 @@ def compare(args) -> None:
     random_dataset(f"{root}/data", cfg, num_samples=2048, shard_size=512)
     ray.init(address="local", num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              include_dashboard=False, logging_level=logging.WARNING)
-    # Interleaved rounds of (bare, bare pair, job 1, job 2), closed by a last (bare, bare pair): each job
-    # run is compared with the mean of the references on either side of its round.
-    bare, pair = [bare_loop(cfg, args.steps)], [bare_pair(cfg, args.steps)]
-    runs: dict[int, list[dict]] = {1: [], 2: []}
-    for r in range(args.rounds):
-        jobs = {w: job_throughput(root, f"w{w}-r{r}", w, stage, args.micro_batch, args.steps, args.log_every)
-                for w, stage in ((1, 0), (2, 2))}
-        bare.append(bare_loop(cfg, args.steps))
-        pair.append(bare_pair(cfg, args.steps))
-        for w, job in jobs.items():
-            runs[w].append(_summary(job, _mean(bare[-2:]), _mean(pair[-2:])))
-            last = runs[w][-1]
-            print(f"round {r + 1}/{args.rounds}, {w} worker(s): {last['per_worker']:.1f} samples/s per worker, "
-                  f"overhead {last['overhead_wall']:.1%} wall (vs a bare pair {last['overhead_vs_pair']:.1%}) / "
-                  f"{last['overhead_cpu']:.1%} CPU", flush=True)
+    jobs = {}
+    for workers, stage in ((1, 0), (2, 2)):
+        jobs[workers] = job = sliced_job(root, f"w{workers}", workers, stage, args, cfg)
+        for r in slice_rows(job, args.micro_batch):
+            print(f"{workers} worker(s), slice {r['slice'] + 1}: {r['per_worker']:.1f} samples/s per worker, bare "
+                  f"{r['bare']:.1f}, overhead {r['overhead_wall']:.1%} wall (vs a bare pair {r['overhead_vs_pair']:.1%})"
+                  f" / {r['overhead_cpu']:.1%} CPU", flush=True)
     ray.shutdown()
-    single, both = _mean(bare), _mean(pair)
+    references = [r for job in jobs.values() for r in job["references"]]
+    single, both = _mean([r["single"] for r in references]), _mean([r["pair"] for r in references])
     rows = [
         {"setup": "bare PyTorch loop, 1 process, 1 thread", "workers": 1, "zero": "-",
          "samples_per_s": single["samples_per_s"], "per_worker": single["samples_per_s"], "overhead_wall": 0.0,
-         "overhead_wall_range": "-", "overhead_vs_pair": "-", "overhead_cpu": 0.0, "ray_other_cpu": "-",
+         "overhead_wall_iqr": "-", "overhead_vs_pair": "-", "overhead_cpu": 0.0, "ray_other_cpu": "-",
          "idle_cpu": "-", "faults_per_s": single["faults_per_s"], "system_share": single["system_share"],
-         "detail": {"runs": bare}},
+         "detail": {"runs": [r["single"] for r in references]}},
         {"setup": "2 bare loops at once, 2 processes", "workers": 2, "zero": "-",
          "samples_per_s": 2 * both["samples_per_s"], "per_worker": both["samples_per_s"],
-         "overhead_wall": 1 - both["samples_per_s"] / single["samples_per_s"], "overhead_wall_range": "-",
+         "overhead_wall": 1 - both["samples_per_s"] / single["samples_per_s"], "overhead_wall_iqr": "-",
          "overhead_vs_pair": 0.0, "overhead_cpu": 1 - both["samples_per_cpu_s"] / single["samples_per_cpu_s"],
          "ray_other_cpu": "-", "idle_cpu": "-", "faults_per_s": both["faults_per_s"],
-         "system_share": both["system_share"], "detail": {"runs": pair}},
+         "system_share": both["system_share"], "detail": {"runs": [r["pair"] for r in references]}},
     ]
-    for workers, stage in ((1, 0), (2, 2)):
+    for workers, job in jobs.items():
         rows.append({"setup": f"jobs.finetune, {workers} worker{'s' * (workers > 1)}", "workers": workers,
-                     "zero": stage, **_median_of(runs[workers], workers)})
+                     "zero": job["zero"], **_median_of(slice_rows(job, args.micro_batch), workers)})
     header = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; debug DyDiT stage 1 (fp32), "
-              f"micro-batch {args.micro_batch} per worker, {args.steps} steps per run, {args.rounds} interleaved "
-              f"rounds; samples/s = median of {args.log_every}-step windows after the first; 1 CPU and 1 thread "
-              "per worker. Job rows: the median round (overhead_wall_range: lowest and highest round). "
-              "overhead_wall = 1 - per-worker samples/s / the single bare loop's; overhead_vs_pair = the same "
-              "against one process of the bare pair (both cores busy, as with 2 workers); overhead_cpu = on "
-              "samples per CPU-second of the worker process; ray_other_cpu / idle_cpu = share of the machine's "
-              "CPUs used by Ray's other processes / left idle while the job trained.")
+              f"micro-batch {args.micro_batch} per worker, 1 CPU and 1 thread per worker. Each job runs "
+              f"{args.slices} slices of {args.slice_steps} steps; between slices its workers are stopped (SIGSTOP) "
+              f"while the references run ({args.bare_steps} steps of the bare loop, then of two at once). A slice's "
+              f"samples/s = median of its {args.log_every}-step log windows; it is compared with the mean of the "
+              "references just before and after it. Job rows: medians over the slices, overhead_wall_iqr = "
+              "its first to third quartile. overhead_wall = 1 - per-worker samples/s / the single bare loop's (the "
+              "criterion: < 15%); overhead_vs_pair = the same against one process of the bare pair (both cores "
+              "busy, as with 2 workers); overhead_cpu = on samples per CPU-second of the worker process; "
+              "ray_other_cpu / idle_cpu = share of the machine's CPUs used by Ray's other processes / left idle "
+              "while the job trained. Bare rows: the mean of all references.")
     _write(f"train_throughput{args.tag}", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
-                                              "overhead_wall", "overhead_wall_range", "overhead_vs_pair",
+                                              "overhead_wall", "overhead_wall_iqr", "overhead_vs_pair",
                                               "overhead_cpu", "ray_other_cpu", "idle_cpu", "faults_per_s",
                                               "system_share"])
 
@@ -298,31 +383,22 @@ def _mean(runs: list[dict]) -> dict:
     return {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
 
 
-def _summary(job: dict, bare: dict, pair: dict) -> dict:
-    return {"samples_per_s": job["samples_per_s"], "per_worker": job["per_worker"],
-            "overhead_wall": 1 - job["per_worker"] / bare["samples_per_s"],
-            "overhead_vs_pair": 1 - job["per_worker"] / pair["samples_per_s"],
-            "per_worker_per_cpu_s": job["per_worker_per_cpu_s"],
-            "overhead_cpu": 1 - job["per_worker_per_cpu_s"] / bare["samples_per_cpu_s"],
-            "machine": job["machine"], "detail": {**job, "bare_reference": bare, "pair_reference": pair}}
+def _median_of(slices: list[dict], workers: int) -> dict:
+    """Medians over the slices, and the middle half (first to third quartile) of the wall-clock overhead."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in slices)
 
-
-def _median_of(runs: list[dict], workers: int) -> dict:
-    """The median round (by wall-clock overhead; of an even count, the upper one) of a job's runs, with the
-    range over rounds."""
-    ordered = sorted(runs, key=lambda r: r["overhead_wall"])
-    mid = ordered[len(ordered) // 2]
-    lo, hi = ordered[0]["overhead_wall"], ordered[-1]["overhead_wall"]
-    machine = [r["machine"] for r in runs if r["machine"]]
+    walls = [r["overhead_wall"] for r in slices]
+    q1, _, q3 = statistics.quantiles(walls, n=4, method="inclusive") if len(walls) > 1 else walls * 3
+    machine = [r["machine"] for r in slices if r["machine"]]
     share = (lambda key: f"{statistics.median(m[key] for m in machine):.1%}") if machine else (lambda key: "n/a")
-    return {"samples_per_s": mid["samples_per_s"], "per_worker": mid["per_worker"],
-            "overhead_wall": mid["overhead_wall"], "overhead_wall_range": f"{lo:.1%} .. {hi:.1%}",
-            "overhead_vs_pair": statistics.median(r["overhead_vs_pair"] for r in runs) if workers > 1 else "-",
-            "overhead_cpu": statistics.median(r["overhead_cpu"] for r in runs),
-            "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"),
+    return {"samples_per_s": median("per_worker") * workers, "per_worker": median("per_worker"),
+            "overhead_wall": median("overhead_wall"), "overhead_wall_iqr": f"{q1:.1%} .. {q3:.1%}",
+            "overhead_vs_pair": median("overhead_vs_pair") if workers > 1 else "-",
+            "overhead_cpu": median("overhead_cpu"), "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"),
             "faults_per_s": statistics.median(m["worker_faults_per_s"] / workers for m in machine) if machine else "n/a",
             "system_share": statistics.median(m["worker_system_share"] for m in machine) if machine else "n/a",
-            "detail": {"rounds": runs}}
+            "detail": {"slices": slices}}
 
 
 def step(args) -> None:
@@ -393,9 +469,10 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="bare loop vs the job with 1 worker (ZeRO-0) and 2 workers (ZeRO-2)")
     c.add_argument("--micro-batch", type=int, default=32)
-    c.add_argument("--steps", type=int, default=60)
-    c.add_argument("--log-every", type=int, default=10)
-    c.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (bare, bare pair, job 1, job 2)")
+    c.add_argument("--slices", type=int, default=8, help="slices of each job, references between them")
+    c.add_argument("--slice-steps", type=int, default=50)
+    c.add_argument("--bare-steps", type=int, default=40, help="steps of each reference loop")
+    c.add_argument("--log-every", type=int, default=5)
     c.add_argument("--tag", default="", help="suffix of the result files")
     s = sub.add_parser("step", help="one device: the training step under each ZeRO stage")
     s.add_argument("--model", default="DiT-XL/2")

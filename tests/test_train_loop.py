@@ -138,3 +138,22 @@ def test_retain_freed_memory_is_accepted_by_glibc():
     from dydit_dist.train.loop import retain_freed_memory
 
     assert retain_freed_memory() is True
+
+
+def test_a_session_gets_reports_no_more_often_than_it_takes_them(one_rank, tmp_path):
+    """Ray Train's controller collects one report per poll; a session that says so gets the checkpoints'
+    reports only (here), while TensorBoard still gets every log window."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=5", "train.checkpoint_every=4", f"storage.root={tmp_path}/store")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    session = LocalSession(str(tmp_path / "session"))
+    session.min_report_interval_s = 3600.0
+    Trainer(cfg, session).train()
+    assert [r["step"] for r in session.reports] == [4, 5]
+    (events,) = [os.path.join(d, f) for d, _, files in os.walk(f"{tmp_path}/store") for f in files
+                 if f.startswith("events.out.tfevents")]
+    acc = EventAccumulator(events)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5]

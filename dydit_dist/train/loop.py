@@ -6,8 +6,9 @@ Setup: the network (static or DyDiT) and its loss as one module, initial weights
 run), the DeepSpeed engine, the partitioned EMA, then the latest checkpoint when there is one
 (DeepSpeed state + step, data position, RNG and EMA), then the data stream at the restored position.
 Each optimizer step runs `accumulation` micro-batches; every `log_every` steps the metrics (averaged
-over ranks) are reported and written to TensorBoard; every `checkpoint_every` steps and at the last
-step a checkpoint is reported and the EMA weights exported. Every rank reports at the same steps.
+over ranks) are written to TensorBoard and reported to the session, no more often than it takes them
+(`min_report_interval_s`); every `checkpoint_every` steps and at the last step a checkpoint is reported
+and the EMA weights exported. Every rank reports at the same steps.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Trainer:
         t = self.cfg.train
         last, window_steps = None, 0
         window_start, window_cpu = time.perf_counter(), time.process_time()
+        reported_at = time.monotonic()
         sums: dict[str, torch.Tensor] = {}
         if self.state.step >= t.max_steps:
             log.info("rank %d: already at step %d of train.max_steps=%d, nothing to do", self.rank, self.state.step,
@@ -164,27 +166,40 @@ class Trainer:
             checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
             if not (log_now or checkpoint_now):
                 continue
-            elapsed, cpu = time.perf_counter() - window_start, time.process_time() - window_cpu
-            last = self._metrics(sums, window_steps, elapsed, cpu)
-            sums, window_steps = {}, 0
+            now, now_cpu = time.perf_counter(), time.process_time()
+            last, report_due = self._metrics(sums, window_steps, now - window_start, now_cpu - window_cpu,
+                                             time.monotonic() - reported_at)
+            # The next window starts here, so its samples/s includes this window's logging and report.
+            window_start, window_cpu, sums, window_steps = now, now_cpu, {}, 0
             self.tensorboard.log(step, {k: v for k, v in last.items() if k != "step" and v is not None})
             if checkpoint_now:
                 self._checkpoint(last)
+                window_start, window_cpu = time.perf_counter(), time.process_time()  # not part of throughput
+            elif not report_due:
+                continue
             else:
                 self.session.report(last)
-            window_start, window_cpu = time.perf_counter(), time.process_time()
+            reported_at = time.monotonic()
         self.tensorboard.close()
         return last
 
-    def _metrics(self, sums: dict, steps: int, elapsed: float, cpu: float) -> dict:
+    def _metrics(self, sums: dict, steps: int, elapsed: float, cpu: float, since_report: float) -> tuple[dict, bool]:
         """Loss terms averaged over the window and the ranks, learning rate, gradient norm, throughput
-        (samples/s of the whole job; cpu_s_per_step: this process's CPU seconds per step, rank 0's kept)."""
+        (samples/s of the whole job; cpu_s_per_step: this process's CPU seconds per step, rank 0's kept).
+
+        -> (metrics, whether they go to the session too). A session may take reports no more often than
+        `session.min_report_interval_s` (Ray Train's controller collects one per poll, and a worker
+        that reports again before that blocks until it has); the time since the last report rides along
+        the ranks' all-reduce, so every rank makes the same choice and reports the same number of times.
+        """
         names = sorted(sums)
         values = torch.stack([sums[k] / steps for k in names]).to(self.device)
+        values = torch.cat([values, values.new_tensor([since_report])])
         if self.world_size > 1:
             dist.all_reduce(values)
             values /= self.world_size
-        metrics = {k: float(v) for k, v in zip(names, values.tolist(), strict=True)}
+        *terms, since_report = values.tolist()
+        metrics = dict(zip(names, terms, strict=True))
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self._grad_norm
         metrics.update(step=self.state.step, lr=float(self.engine.get_lr()[0]),
                        grad_norm=None if grad_norm is None else float(grad_norm),
@@ -195,7 +210,7 @@ class Trainer:
             metrics["flops_target"] = self.cfg.model.dynamic.target_lambda
         if self.rank == 0:
             log.info(progress_line(metrics, self.cfg.train.max_steps))
-        return metrics
+        return metrics, since_report >= self.session.min_report_interval_s
 
     def _checkpoint(self, metrics: dict) -> None:
         """Every rank writes its part locally and reports it; rank 0 exports the EMA weights first."""
