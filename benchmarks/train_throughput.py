@@ -106,7 +106,8 @@ def read_windows(folder: str) -> list[Window]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     windows = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in (n for n in names if n.startswith("events.out.tfevents")):  # not the writer's temporary files
         acc = EventAccumulator(os.path.join(folder, name))
         acc.Reload()
         if "samples_per_s" in acc.Tags()["scalars"]:  # a restarted run that had nothing left to do logs none
