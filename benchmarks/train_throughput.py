@@ -1,6 +1,6 @@
 """Fine-tuning throughput: the bare PyTorch loop against the Ray Train + DeepSpeed job, side by side.
 
-    python benchmarks/train_throughput.py compare [--micro-batch 32] [--slices 8] [--slice-steps 50]
+    python benchmarks/train_throughput.py compare [--micro-batch 32] [--slices 8] [--slice-steps 50] [--jobs 1:0 2:2]
     python benchmarks/train_throughput.py step --model DiT-XL/2 --micro-batch 32 --precision bf16 --stages 1 2 3
 
 `compare` (CPU, one run): samples/s of the `debug` DyDiT (stage 1: dynamic + complete-model + FLOPs
@@ -316,7 +316,7 @@ def compare(args) -> None:
     ray.init(address="local", num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              include_dashboard=False, logging_level=logging.WARNING)
     jobs = {}
-    for workers, stage in ((1, 0), (2, 2)):
+    for workers, stage in (map(int, j.split(":")) for j in args.jobs):
         jobs[workers] = job = sliced_job(root, f"w{workers}", workers, stage, args, cfg)
         for r in slice_rows(job, args.micro_batch):
             print(f"{workers} worker(s), slice {r['slice'] + 1}: {r['per_worker']:.1f} samples/s per worker, bare "
@@ -474,6 +474,8 @@ def main() -> None:
     c.add_argument("--slice-steps", type=int, default=50)
     c.add_argument("--bare-steps", type=int, default=40, help="steps of each reference loop")
     c.add_argument("--log-every", type=int, default=5)
+    c.add_argument("--jobs", nargs="+", default=["1:0", "2:2"], metavar="WORKERS:ZERO",
+                   help="the jobs to time: workers and ZeRO stage (the issue's rows: 1:0 2:2)")
     c.add_argument("--tag", default="", help="suffix of the result files")
     s = sub.add_parser("step", help="one device: the training step under each ZeRO stage")
     s.add_argument("--model", default="DiT-XL/2")
