@@ -102,7 +102,9 @@ class Window(NamedTuple):
 
 
 def read_windows(folder: str) -> list[Window]:
-    """The run's log windows from its TensorBoard event files, in step order."""
+    """The run's log windows from its TensorBoard event files, in step order. Each call reads the files
+    whole: the trainer replaces them on every upload (an atomic rename), so a loader kept open would
+    not see new events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     windows = []
@@ -315,10 +317,11 @@ def compare(args) -> None:
     random_dataset(f"{root}/data", cfg, num_samples=2048, shard_size=512)
     ray.init(address="local", num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              include_dashboard=False, logging_level=logging.WARNING)
-    jobs = {}
+    jobs, slices = {}, {}
     for workers, stage in (map(int, j.split(":")) for j in args.jobs):
-        jobs[workers] = job = sliced_job(root, f"w{workers}", workers, stage, args, cfg)
-        for r in slice_rows(job, args.micro_batch):
+        jobs[workers] = sliced_job(root, f"w{workers}", workers, stage, args, cfg)
+        slices[workers] = slice_rows(jobs[workers], args.micro_batch)
+        for r in slices[workers]:
             print(f"{workers} worker(s), slice {r['slice'] + 1}: {r['per_worker']:.1f} samples/s per worker, bare "
                   f"{r['bare']:.1f}, overhead {r['overhead_wall']:.1%} wall (vs a bare pair {r['overhead_vs_pair']:.1%})"
                   f" / {r['overhead_cpu']:.1%} CPU", flush=True)
@@ -340,7 +343,7 @@ def compare(args) -> None:
     ]
     for workers, job in jobs.items():
         rows.append({"setup": f"jobs.finetune, {workers} worker{'s' * (workers > 1)}", "workers": workers,
-                     "zero": job["zero"], **_median_of(slice_rows(job, args.micro_batch), workers)})
+                     "zero": job["zero"], **_median_of(slices[workers], workers)})
     header = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; debug DyDiT stage 1 (fp32), "
               f"micro-batch {args.micro_batch} per worker, 1 CPU and 1 thread per worker. Each job runs "
               f"{args.slices} slices of {args.slice_steps} steps; between slices its workers are stopped (SIGSTOP) "
@@ -392,14 +395,20 @@ def _median_of(slices: list[dict], workers: int) -> dict:
     walls = [r["overhead_wall"] for r in slices]
     q1, _, q3 = statistics.quantiles(walls, n=4, method="inclusive") if len(walls) > 1 else walls * 3
     machine = [r["machine"] for r in slices if r["machine"]]
-    share = (lambda key: f"{statistics.median(m[key] for m in machine):.1%}") if machine else (lambda key: "n/a")
+
+    def machine_median(key: str, scale: float = 1.0) -> float | str:
+        return statistics.median(m[key] * scale for m in machine) if machine else "n/a"
+
+    def share(key: str) -> str:
+        value = machine_median(key)
+        return value if isinstance(value, str) else f"{value:.1%}"
+
     return {"samples_per_s": median("per_worker") * workers, "per_worker": median("per_worker"),
             "overhead_wall": median("overhead_wall"), "overhead_wall_iqr": f"{q1:.1%} .. {q3:.1%}",
             "overhead_vs_pair": median("overhead_vs_pair") if workers > 1 else "-",
             "overhead_cpu": median("overhead_cpu"), "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"),
-            "faults_per_s": statistics.median(m["worker_faults_per_s"] / workers for m in machine) if machine else "n/a",
-            "system_share": statistics.median(m["worker_system_share"] for m in machine) if machine else "n/a",
-            "detail": {"slices": slices}}
+            "faults_per_s": machine_median("worker_faults_per_s", 1 / workers),
+            "system_share": machine_median("worker_system_share"), "detail": {"slices": slices}}
 
 
 def step(args) -> None:

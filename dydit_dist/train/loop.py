@@ -151,7 +151,7 @@ class Trainer:
         t = self.cfg.train
         last, window_steps = None, 0
         window_start, window_cpu = time.perf_counter(), time.process_time()
-        reported_at = time.monotonic()
+        reported_at = window_start
         sums: dict[str, torch.Tensor] = {}
         if self.state.step >= t.max_steps:
             log.info("rank %d: already at step %d of train.max_steps=%d, nothing to do", self.rank, self.state.step,
@@ -168,18 +168,18 @@ class Trainer:
                 continue
             now, now_cpu = time.perf_counter(), time.process_time()
             last, report_due = self._metrics(sums, window_steps, now - window_start, now_cpu - window_cpu,
-                                             time.monotonic() - reported_at)
+                                             now - reported_at)
             # The next window starts here, so its samples/s includes this window's logging and report.
             window_start, window_cpu, sums, window_steps = now, now_cpu, {}, 0
             self.tensorboard.log(step, {k: v for k, v in last.items() if k != "step" and v is not None})
             if checkpoint_now:
                 self._checkpoint(last)
                 window_start, window_cpu = time.perf_counter(), time.process_time()  # not part of throughput
-            elif not report_due:
-                continue
-            else:
+            elif report_due:
                 self.session.report(last)
-            reported_at = time.monotonic()
+            else:
+                continue
+            reported_at = time.perf_counter()
         self.tensorboard.close()
         return last
 
