@@ -30,6 +30,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from dydit_dist.models import DiT, PixArt, PixArtMS
 from dydit_dist.models.registry import DIT_ARCHS, PIXART_ARCHS, arch, family
 
 FREQ_EMBED = 256  # TimestepEmbedder / SizeEmbedder sin-cos feature width
@@ -143,6 +144,14 @@ def resolve_arch(model: str | Mapping | Arch, **model_kwargs) -> Arch:
     if base.family not in ("dit", "pixart", "pixart_ms"):
         raise ValueError(f"family must be 'dit', 'pixart' or 'pixart_ms', got {base.family!r}")
     return base
+
+
+def arch_of(model: DiT | PixArt) -> Arch:
+    """The `Arch` of a network object (static or dynamic): its family and constructor keywords."""
+    if not isinstance(model, DiT | PixArt):
+        raise ValueError(f"expected a DiT or PixArt model, got {type(model).__name__}")
+    fam = "pixart_ms" if isinstance(model, PixArtMS) else "pixart" if isinstance(model, PixArt) else "dit"
+    return resolve_arch({"family": fam, **model.constructor_kwargs()})
 
 
 @dataclass

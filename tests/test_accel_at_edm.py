@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dydit_dist.accel import ATEDMOptions, Backend, build_runner, gwpr, recover
+from dydit_dist.accel import ATEDMOptions, Backend, BlockRecord, ScoringBranches, build_runner, gwpr, recover
 from dydit_dist.accel.synthetic import randomize_routers, randomize_zero_init
 from dydit_dist.diffusion import sample
+from dydit_dist.flops import BlockActivity
 from dydit_dist.dynamic import DyDiT
 from dydit_dist.models import build_model
 
@@ -42,12 +43,14 @@ def test_explicit_attention_of_the_scoring_layer_matches_the_fused_one(dynamic):
         model.eval()
     backend = Backend(model)
     x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 300)
-    tokens, c = backend.embed(x, t, {"y": torch.tensor([1, 2])})
-    w = backend.step_weights(300)
-    shift, scale = backend.modulation(1, c)[:2]
+    inp = model.embed(x, t, torch.tensor([1, 2]))
+    branches = backend.branches(300)
+    scoring = ScoringBranches(branches)
+    mod = model.blocks[1].modulation(inp)
     with torch.no_grad():
-        out, attn_map = backend.attn_with_map(1, tokens, shift, scale, w)
-        torch.testing.assert_close(out, backend.attn(1, tokens, shift, scale, w), rtol=1e-5, atol=1e-5)
+        out = scoring.attn(1, model.blocks[1], inp.tokens, mod)
+        torch.testing.assert_close(out, branches.attn(1, model.blocks[1], inp.tokens, mod), rtol=1e-5, atol=1e-5)
+    attn_map = scoring.attn_map
     assert attn_map.shape == (2, 16, 16)
     torch.testing.assert_close(attn_map.sum(-1), torch.ones(2, 16))
 
@@ -125,7 +128,7 @@ def test_pruning_runs_on_pixart():
     runner.step_callback(0, 400)
     out = runner(x, t, **cond)
     assert out.shape == model(x, t, **cond).shape and torch.isfinite(out).all()
-    assert runner.mean_flops() < build_runner("static", model).backend.count([{}] * 4, (4, 4))
+    assert runner.mean_flops() < build_runner("static", model).backend.count([BlockRecord(BlockActivity())] * 4, (4, 4))
 
 
 def test_rows_are_ranked_independently():

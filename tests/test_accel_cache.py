@@ -80,16 +80,17 @@ def test_guided_sampling_with_fora_interval_1_is_exact():
 
 def reference_call(model, x, t, y, state, cache):
     """The cache semantics written out on a static DiT: -> (output, cache of ungated branch outputs)."""
-    tokens, c, _ = model.embed(x, t, y)
+    inp = model.embed(x, t, y)
+    tokens = inp.tokens
     new = []
     for i, block in enumerate(model.blocks):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
-        attn = block.attn_branch(tokens, shift_msa, scale_msa) if state in (0, 3) else cache[i][0]
-        tokens = tokens + gate_msa[:, None] * attn
-        mlp = block.mlp_branch(tokens, shift_mlp, scale_mlp) if state in (0, 1) else cache[i][1]
-        tokens = tokens + gate_mlp[:, None] * mlp
+        mod = block.modulation(inp)
+        attn = block.attn_branch(tokens, mod) if state in (0, 3) else cache[i][0]
+        tokens = tokens + mod.gate_msa * attn
+        mlp = block.mlp_branch(tokens, mod) if state in (0, 1) else cache[i][1]
+        tokens = tokens + mod.gate_mlp * mlp
         new.append((attn, mlp))
-    return model.head(tokens, c), new
+    return model.head(tokens, inp), new
 
 
 @pytest.mark.parametrize("schedule", ["0222", "0123", "0312", "0101"])

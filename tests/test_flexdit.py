@@ -9,6 +9,7 @@ from model_util import randomize_
 from dydit_dist import flops
 from dydit_dist.diffusion import sample
 from dydit_dist.dynamic.flexdit import (
+    FlexBranches,
     FLEXDIT_KEY_PATTERNS,
     FlexDiT,
     FlexOptions,
@@ -20,9 +21,9 @@ from dydit_dist.dynamic.flexdit import (
     upsample_tokens,
 )
 from dydit_dist.dynamic.flexdit_flops import flexdit_flops, model_flops, paper_comparison
-from dydit_dist.dynamic.flexdit_runner import FlexDiTRunner
+from dydit_dist.accel import build_runner
 from dydit_dist.dynamic.flexdit_schedule import GridSchedule, flexdit_timestep_interval
-from dydit_dist.models import DiT, PixArt, load_into
+from dydit_dist.models import DiT, PixArt, block_forward, load_into
 from dydit_dist.models.layers import Attention
 
 DIT_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4, num_classes=10)
@@ -71,14 +72,16 @@ def test_full_grid_sparse_path_reproduces_the_pretrained_blocks(family):
     static, cond = _static(family)
     flex = _convert(static).eval()
     x, t = torch.randn(3, 4, 16, 16), torch.tensor([10, 700, 300])
-    tokens, ctx, grid = flex._embed(x, t, **cond)
-    assert torch.equal(pool_tokens(tokens, grid, 8), tokens)
+    inp = flex.embed(x, t, **cond)
+    tokens = inp.tokens
+    assert torch.equal(pool_tokens(tokens, inp.grid, 8), tokens)
     ref = tokens
     for i in (1, 2):  # C, S
-        ref = static.blocks[i](ref, ctx) if family == "dit" else static.blocks[i](ref, ctx.cond, ctx.t0, ctx.cond_mask)
-    out, dense = flex.flex_block(1, tokens, None, ctx, grid, 8)
-    assert dense is tokens
-    out, dense = flex.flex_block(2, out, dense, ctx, grid, 8)
+        ref = static.blocks[i](ref, inp)
+    branches = FlexBranches(flex.layout, inp.grid, 8)
+    out = block_forward(flex.blocks[1], 1, tokens, inp, branches)
+    assert branches.dense is tokens
+    out = block_forward(flex.blocks[2], 2, out, inp, branches)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -173,7 +176,7 @@ def test_flops_match_the_paper_within_2_percent():
 def test_runner_records_grids_and_flops():
     static, cond = _static("dit")
     model = _convert(static).eval()
-    runner = FlexDiTRunner(model)
+    runner = build_runner("flexdit", model)
     runner.begin(4)
     out = sample(runner, (3, 4, 16, 16), "ddpm", 4, generator=torch.Generator().manual_seed(0),
                  model_kwargs=cond, step_callback=runner.step_callback)
@@ -182,4 +185,4 @@ def test_runner_records_grids_and_flops():
     assert runner.mean_flops() == pytest.approx((model_flops(model, 4) + model_flops(model, 6)) / 2)
     assert model_flops(model, 4) < model_flops(model, 6) < runner.static_flops()
     with pytest.raises(ValueError, match="eval mode"):
-        FlexDiTRunner(model.train())
+        build_runner("flexdit", model.train())

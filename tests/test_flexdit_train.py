@@ -10,9 +10,9 @@ from dydit_dist import config as config_lib
 from dydit_dist.accel import build_runner
 from dydit_dist.config import ConfigError
 from dydit_dist.dynamic.flexdit import FlexDiT
-from dydit_dist.dynamic.flexdit_runner import FlexDiTRunner
-from dydit_dist.models import build_model, load_into, load_state_dict_file, save_safetensors
-from dydit_dist.train.network import build_network, init_weights
+from dydit_dist.accel import FlexDiTRunner
+from dydit_dist.models import build_model, load_into
+from dydit_dist.network import build_network, init_weights, latest_ema, read_weights, save_weights
 from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
 
 # The debug model has 8x8 tokens: t < 500 -> 6x6 sparse tokens, t >= 500 -> 4x4 (layout "CSRD").
@@ -25,7 +25,7 @@ def _static_checkpoint(path) -> str:
     with torch.no_grad():  # a "pretrained" model: the official init zeroes adaLN and the output layer
         for p in static.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    save_safetensors(static.state_dict(), str(path))
+    save_weights(static.state_dict(), str(path))
     return str(path)
 
 
@@ -73,7 +73,6 @@ def test_sampling_method_flexdit(tmp_path):
 @pytest.mark.slow
 def test_two_worker_finetune_uses_per_rank_intervals(ray_local, s3_bucket, s3_endpoint, tmp_path):
     from dydit_dist.data.synthetic import random_dataset
-    from dydit_dist.train import latest_ema
     from jobs import finetune
 
     argv = ["--config", "debug", *FLEX, "ray.num_workers=2", "ray.cpus_per_worker=1", "train.max_steps=4",
@@ -87,6 +86,6 @@ def test_two_worker_finetune_uses_per_rank_intervals(ray_local, s3_bucket, s3_en
     # rank 0 trains on t in [0, 500) (6x6 = 36 sparse tokens), rank 1 on [500, 1000) (4x4 = 16): the
     # rank-averaged mean is exactly 26 only if every batch stayed in its rank's interval
     assert result.metrics["sparse_tokens"] == pytest.approx(26.0)
-    ema = load_state_dict_file(latest_ema(f"{s3_bucket}/runs/flex"))
+    ema = read_weights(latest_ema(f"{s3_bucket}/runs/flex"))
     assert {"blocks.2.merged_layer1.weight", "blocks.2.merged_layer2.weight"} <= set(ema)
     load_into(build_network(cfg.model), ema)  # strict: the sampler's network takes the export as it is

@@ -90,14 +90,18 @@ def test_split_api_composes_to_forward():
     model = DiT(**TINY).eval()
     randomize_(model, seed=1)
     x, t, y = _inputs(500)
-    tokens, c, t_emb = model.embed(x, t, y)
-    assert tokens.shape == (3, 16, 32) and c.shape == t_emb.shape == (3, 32)
-    assert torch.equal(t_emb, model.t_embedder(t))
+    inp = model.embed(x, t, y)
+    tokens, c = inp.tokens, inp.cond
+    assert tokens.shape == (3, 16, 32) and c.shape == inp.t_emb.shape == (3, 32) and inp.grid == (4, 4)
+    assert torch.equal(inp.t_emb, model.t_embedder(t))
+    assert inp.head_cond is c and inp.caption is None
     for block in model.blocks:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
-        tokens = tokens + gate_msa[:, None] * block.attn_branch(tokens, shift_msa, scale_msa)
-        tokens = tokens + gate_mlp[:, None] * block.mlp_branch(tokens, shift_mlp, scale_mlp)
-    assert torch.equal(model.head(tokens, c), model(x, t, y))
+        mod = block.modulation(inp)
+        assert mod.gate_msa.shape == (3, 1, 32)
+        tokens = tokens + mod.gate_msa * block.attn_branch(tokens, mod)
+        assert block.cross_attn_branch(tokens, inp) is None
+        tokens = tokens + mod.gate_mlp * block.mlp_branch(tokens, mod)
+    assert torch.equal(model.head(tokens, inp), model(x, t, y))
 
 
 @torch.no_grad()

@@ -108,15 +108,15 @@ def test_split_api_composes_to_forward():
     randomize_(model, seed=3)
     x, t, y = _inputs(20)
     inp = model.embed(x, t, y, MASK)
-    assert inp.t0.shape == (3, 6 * 32) and inp.cond.shape == (3, 8, 32) and inp.grid == (4, 4)
-    assert torch.equal(inp.t_emb, model.t_embedder(t))
+    assert inp.cond.shape == (3, 6 * 32) and inp.caption.shape == (3, 8, 32) and inp.grid == (4, 4)
+    assert torch.equal(inp.t_emb, model.t_embedder(t)) and inp.head_cond is inp.t_emb
     tokens = inp.tokens
     for block in model.blocks:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(inp.t0)
-        tokens = tokens + gate_msa[:, None] * block.attn_branch(tokens, shift_msa, scale_msa)
-        tokens = tokens + block.cross_attn_branch(tokens, inp.cond, inp.cond_mask)
-        tokens = tokens + gate_mlp[:, None] * block.mlp_branch(tokens, shift_mlp, scale_mlp)
-    assert torch.equal(model.head(tokens, inp.t_emb), model(x, t, y, MASK))
+        mod = block.modulation(inp)
+        tokens = tokens + mod.gate_msa * block.attn_branch(tokens, mod)
+        tokens = tokens + block.cross_attn_branch(tokens, inp)
+        tokens = tokens + mod.gate_mlp * block.mlp_branch(tokens, mod)
+    assert torch.equal(model.head(tokens, inp), model(x, t, y, MASK))
 
 
 @torch.no_grad()

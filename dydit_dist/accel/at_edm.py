@@ -17,8 +17,14 @@ steps and `ratio` after them. A step with nothing to prune runs the plain networ
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from dydit_dist.dynamic import FastBranches
+from dydit_dist.models import Branches, block_forward, run_blocks
+from dydit_dist.models.layers import modulate
 
 from .backend import Backend
 from .base import Runner
@@ -61,6 +67,45 @@ def recover(features: torch.Tensor, kept: torch.Tensor, keep_idx: torch.Tensor, 
     return full.scatter(1, drop_idx.unsqueeze(-1).expand(-1, -1, d), _take(kept, source))
 
 
+class ScoringBranches(Branches):
+    """The scoring layer's branches: its self-attention computed head by head with an explicit softmax,
+    keeping the map averaged over the (active) heads in `attn_map` (B, N, N), rows = queries. Only one
+    head's (B, N, N) probabilities live at a time besides the running mean."""
+
+    def __init__(self, inner: Branches):
+        self.inner = inner
+        self.attn_map: torch.Tensor | None = None
+
+    def attn(self, i, block, tokens, mod):
+        attn = block.attn
+        h = modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa)
+        if isinstance(self.inner, FastBranches):
+            s = self.inner.slices[i]
+            qkv_w, qkv_b, proj_w, heads = s.qkv_w, s.qkv_b, s.proj_w, s.num_heads
+        else:
+            qkv_w, qkv_b, proj_w, heads = attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.num_heads
+        B, N, _ = h.shape
+        q, k, v = F.linear(h, qkv_w, qkv_b).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        scale_qk = 1.0 / math.sqrt(q.shape[-1])
+        outs, mean = [], None
+        for head in range(heads):
+            probs = torch.softmax((q[:, head] @ k[:, head].transpose(1, 2)) * scale_qk, dim=-1)  # (B, N, N)
+            outs.append(probs @ v[:, head])
+            mean = probs if mean is None else mean + probs
+        out = torch.stack(outs, dim=2).reshape(B, N, -1)  # (B, N, heads * hd), heads in order
+        self.attn_map = mean / heads
+        return F.linear(out, proj_w, attn.proj.bias)
+
+    def cross(self, i, block, tokens, inp):
+        return self.inner.cross(i, block, tokens, inp)
+
+    def mlp(self, i, block, tokens, mod):
+        return self.inner.mlp(i, block, tokens, mod)
+
+    def mlp_update(self, i, block, tokens, mod):
+        return self.inner.mlp_update(i, block, tokens, mod)
+
+
 class PruningRunner(Runner):
     """AT-EDM token pruning over any backend (static DiT / PixArt, or a DyDiT's fast path)."""
 
@@ -77,49 +122,34 @@ class PruningRunner(Runner):
         return round(self.options.ratio_at(step, self.num_steps) * num_tokens)
 
     def forward(self, x, t, cond):
-        o, backend = self.options, self.backend
+        o, backend, model = self.options, self.backend, self.model
         # 1. Input
-        tokens, ctx = backend.embed(x, t, cond)
-        w = backend.step_weights(self.timestep)
+        inp = model.embed(x, t, **cond)
+        branches = backend.branches(self.timestep)
+        tokens = inp.tokens
         n = tokens.shape[1]
         pruned = self.num_pruned(n, self.step)
-        acts = []
-
-        def dense(i, tokens):
-            tokens, keep = backend.block(i, tokens, ctx, w)
-            acts.append(backend.activity(i, w, keep=keep))
-            return tokens
-
         if pruned == 0:
-            for i in range(backend.depth):
-                tokens = dense(i, tokens)
-            return backend.head(tokens, ctx), acts
+            tokens = run_blocks(model.blocks, inp, branches)
+            return model.head(tokens, inp), [backend.record(i, branches) for i in range(backend.depth)]
         # 2. Dense blocks, then the scoring layer with an explicit attention map
         s, first_dense = o.score_layer, backend.depth - o.dense_last
-        for i in range(s):
-            tokens = dense(i, tokens)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = backend.modulation(s, ctx)
-        attn, attn_map = backend.attn_with_map(s, tokens, shift_msa, scale_msa, w)
-        tokens = tokens + gate_msa * attn
-        cross = backend.cross(s, tokens, ctx)
-        if cross is not None:
-            tokens = tokens + cross
-        mlp, keep = backend.mlp(s, tokens, shift_mlp, scale_mlp, w)
-        tokens = tokens + gate_mlp * mlp
-        acts.append(backend.activity(s, w, keep=keep, extra={"gwpr": o.iterations * n * n}))
+        tokens = run_blocks(model.blocks, inp, branches, stop=s)
+        scoring = ScoringBranches(branches)
+        tokens = block_forward(model.blocks[s], s, tokens, inp, scoring)
         # 3. Rank per sample; the middle blocks see each sample's top-K tokens only
-        order = gwpr(attn_map, o.iterations).argsort(dim=1, descending=True, stable=True)
+        order = gwpr(scoring.attn_map, o.iterations).argsort(dim=1, descending=True, stable=True)
         keep_idx, drop_idx = order[:, : n - pruned], order[:, n - pruned :]
-        features = tokens
-        kept = _take(tokens, keep_idx)
-        frac = (n - pruned) / n
-        for i in range(s + 1, first_dense):
-            kept, keep = backend.block(i, kept, ctx, w)
-            acts.append(backend.activity(i, w, tokens=frac, keep=keep))
+        kept = run_blocks(model.blocks, inp, branches, tokens=_take(tokens, keep_idx), start=s + 1, stop=first_dense)
         # 4. Recovery, last dense blocks, output
-        tokens = recover(features, kept, keep_idx, drop_idx, o.recovery)
-        if o.recovery == "copy":
-            acts[-1]["extra"]["recovery"] = pruned * (n - pruned) * tokens.shape[-1]  # similarity matmul
-        for i in range(first_dense, backend.depth):
-            tokens = dense(i, tokens)
-        return backend.head(tokens, ctx), acts
+        tokens = run_blocks(model.blocks, inp, branches, tokens=recover(tokens, kept, keep_idx, drop_idx, o.recovery),
+                            start=first_dense)
+        frac = (n - pruned) / n
+        records = []
+        for i in range(backend.depth):
+            middle = s < i < first_dense
+            extra = {"gwpr": o.iterations * n * n} if i == s else {}
+            if i == first_dense - 1 and o.recovery == "copy":
+                extra["recovery"] = pruned * (n - pruned) * tokens.shape[-1]  # similarity matmul
+            records.append(backend.record(i, branches, tokens=frac if middle else 1.0, extra=extra))
+        return model.head(tokens, inp), records

@@ -1,6 +1,7 @@
 """The sampling-time method interface, and the runners that change nothing (static) or use DyDiT's fast path.
 
-A runner is callable like the static network and keeps per-run state:
+A runner is callable like the static network and keeps per-run state (`accel.methods.build_runner`
+builds one by name):
 
     runner = build_runner("eb_cache", model, EBCacheOptions(schedule=..., eps_scale="paper"))
     runner.begin(num_steps)                         # before every sampling run (every batch)
@@ -15,20 +16,19 @@ each row's own features, token pruning ranks each row's own tokens (a fixed coun
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from .backend import Backend
+from dydit_dist.flops import BlockActivity
+from dydit_dist.models import run_blocks
 
-METHODS = ("static", "dydit", "fora", "eb_cache", "at_edm", "flexdit")
+from .backend import Backend, BlockRecord
 
 
 class Runner:
     """Base runner: `__call__(x, t, **cond)`, `begin`, `step_callback`, `flops_per_step`, `mean_flops`.
 
-    Subclasses implement `forward(x, t, cond) -> (output, activities)` where `activities` is one
-    `Backend.activity(...)` dict per block, and `reset()` to drop per-run state.
+    Subclasses implement `forward(x, t, cond) -> (output, records)` where `records` is one
+    `BlockRecord` per block (`Backend.record`), and `reset()` to drop per-run state.
     """
 
     method = "static"
@@ -39,7 +39,7 @@ class Runner:
         self.num_steps: int | None = None
         self.step: int | None = None  # index of the current sampling step (0 = noisiest)
         self.timestep: int | None = None  # its original timestep (0..999)
-        self._calls: list[list[dict]] = []
+        self._calls: list[list[BlockRecord]] = []
         self._grid: tuple[int, int] | None = None
 
     @property
@@ -78,19 +78,20 @@ class Runner:
                 raise ValueError(f"{self.method}: call runner.step_callback(i, t) before each model call "
                                  "(pass step_callback=runner.step_callback to sample())")
         self._grid = self.backend.set_grid(x)
-        out, activities = self.forward(x, t, cond)
-        self._calls.append(activities)
+        out, records = self.forward(x, t, cond)
+        if records is not None:
+            self._calls.append(records)
         self.step = None  # the next call needs its own step_callback
         return out
 
-    def forward(self, x, t, cond) -> tuple[torch.Tensor, list[dict]]:
+    def forward(self, x, t, cond) -> tuple[torch.Tensor, list[BlockRecord] | None]:
         raise NotImplementedError
 
     def flops_per_step(self) -> list[float]:
         """MACs of each model call of the current run (since `begin` or step 0), for one sample row."""
         if not self._calls:
             raise ValueError(f"{self.method}: no model call recorded yet; run a sampling pass first")
-        return [self.backend.count(acts, self._grid) for acts in self._calls]
+        return [self.backend.count(records, self._grid) for records in self._calls]
 
     def mean_flops(self) -> float:
         per_step = self.flops_per_step()
@@ -105,73 +106,29 @@ class StaticRunner(Runner):
     def forward(self, x, t, cond):
         model = self.model
         out = model.static_forward(x, t, **cond) if self.backend.dynamic else model(x, t, **cond)
-        return out, [{} for _ in range(self.backend.depth)]
+        return out, [BlockRecord(BlockActivity()) for _ in range(self.backend.depth)]
 
 
 class FastPathRunner(Runner):
-    """DyDiT's own `FastPath` (only active heads, groups and tokens computed), with its FLOPs recorded.
-
-    The token routers' keep fractions are read by forward hooks that live only during a call.
-    """
+    """DyDiT's fast path (only active heads, groups and tokens computed), with its FLOPs recorded."""
 
     method = "dydit"
 
+    def __init__(self, backend: Backend):
+        if not backend.dynamic:
+            raise ValueError(f"method 'dydit' needs a DyDiT / DyPixArt model, got {type(backend.model).__name__}")
+        super().__init__(backend)
+
     def forward(self, x, t, cond):
-        backend = self.backend
-        if not backend.dynamic:
-            raise ValueError("method 'dydit' needs a DyDiT / DyPixArt model")
-        keeps: list[torch.Tensor] = []
-        handles = []
-        if backend.sdt:
-            for block in self.model.blocks:
-                hook = lambda _m, _inp, logits: keeps.append((logits > 0).float().mean())  # noqa: E731
-                handles.append(block.token_selection.register_forward_hook(hook))
-        try:
-            out = backend.fast(x, t, timestep=self.timestep, **cond)  # None: grouped by t
-        finally:
-            for h in handles:
-                h.remove()
+        backend, model = self.backend, self.model
+        # A sampler shares one timestep per call; without step_callback the first row's is read (a host sync).
         timestep = self.timestep if self.timestep is not None else int(t[0])
-        w = backend.step_weights(timestep)
-        acts = [backend.activity(i, w, keep=keeps[i] if keeps else None) for i in range(backend.depth)]
-        return out, acts
-
-
-def build_runner(method: str, model, options=None) -> Runner:
-    """A runner for `method` on `model` (DiT, PixArt, or a DyDiT / DyPixArt in eval mode).
-
-    options: the method's options dataclass (`FORAOptions`, `EBCacheOptions`, `ATEDMOptions`), a
-    plain mapping of its fields, or None for the defaults. On a DyDiT, "fora", "eb_cache" and
-    "at_edm" run on top of its fast path (dynamic width and tokens); "static" runs its full width.
-    """
-    from .at_edm import PruningRunner
-    from .cache import CachingRunner
-    from .options import ATEDMOptions, EBCacheOptions, FORAOptions, from_mapping
-
-    if method not in METHODS:
-        raise ValueError(f"unknown acceleration method {method!r}; valid methods: {', '.join(METHODS)}")
-    option_types = {"fora": FORAOptions, "eb_cache": EBCacheOptions, "at_edm": ATEDMOptions}
-    if method in option_types:
-        cls = option_types[method]
-        if options is None or isinstance(options, Mapping):
-            options = from_mapping(cls, options)
-        elif not isinstance(options, cls):
-            raise ValueError(f"method {method!r} takes {cls.__name__}, got {type(options).__name__}")
-    elif options is not None:
-        raise ValueError(f"method {method!r} takes no options, got {options!r}")
-    if model.training:
-        raise ValueError("sampling runners need the model in eval mode (model.eval())")
-    if method == "flexdit":  # a trained FlexDiT / FlexPixArt; its grid per step comes from its schedule
-        from dydit_dist.dynamic.flexdit_runner import FlexDiTRunner
-
-        return FlexDiTRunner(model)
-    backend = Backend(model)
-    if method == "static":
-        return StaticRunner(backend)
-    if method == "dydit":
-        if not backend.dynamic:
-            raise ValueError(f"method 'dydit' needs a DyDiT / DyPixArt model, got {type(model).__name__}")
-        return FastPathRunner(backend)
-    if method == "at_edm":
-        return PruningRunner(backend, options)
-    return CachingRunner(backend, options, method=method)
+        if self.timestep is None and not bool((t == timestep).all()):
+            return backend.fast(x, t, **cond), None  # rows at several timesteps: grouped by FastPath, not counted
+        # 1. Input
+        inp = model.embed(x, t, **cond)
+        # 2. Blocks on the active heads, groups and tokens only
+        branches = backend.branches(timestep)
+        tokens = run_blocks(model.blocks, inp, branches)
+        # 3. Output
+        return model.head(tokens, inp), [backend.record(i, branches) for i in range(backend.depth)]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dydit_dist.models import Branches, run_blocks
+
 from .backend import Backend
 from .base import Runner
 from .options import EBCacheOptions, FORAOptions, eps_scale_at, parse_eps_scale
@@ -41,42 +43,54 @@ class BlockCache:
     mlp: torch.Tensor
 
 
+class CachingBranches(Branches):
+    """One call in a cache state: the fresh branches come from `inner` (static or a DyDiT's fast
+    branches) and are cached; the others are read from `cache`. Builds the updated cache in `new`."""
+
+    def __init__(self, inner: Branches, state: int, cache: list[BlockCache] | None):
+        self.inner, self.cache = inner, cache
+        self.attn_fresh, self.mlp_fresh = ATTN_FRESH[state], MLP_FRESH[state]
+        self.new: list[dict] = []
+
+    def attn(self, i, block, tokens, mod):
+        attn = self.inner.attn(i, block, tokens, mod) if self.attn_fresh else self.cache[i].attn
+        self.new.append({"attn": attn})
+        return attn
+
+    def cross(self, i, block, tokens, inp):
+        cross = self.inner.cross(i, block, tokens, inp) if self.attn_fresh else self.cache[i].cross
+        self.new[i]["cross"] = cross
+        return cross
+
+    def mlp(self, i, block, tokens, mod):
+        mlp = self.inner.mlp(i, block, tokens, mod) if self.mlp_fresh else self.cache[i].mlp
+        self.new[i]["mlp"] = mlp
+        return mlp
+
+
 def forward_with_cache(backend: Backend, x, t, cond, timestep: int, state: int, cache: list[BlockCache] | None):
     """One model call in cache `state`.
 
     Returns (output (B, C_out, H, W), the updated cache (a new list; tensors are shared, never
-    written in place), per-block activities for the FLOPs counter). `cache` is not modified, so a
+    written in place), per-block `BlockRecord`s for the FLOPs counter). `cache` is not modified, so a
     caller may try several states from the same cache (calibration does).
     """
-    attn_fresh, mlp_fresh = ATTN_FRESH[state], MLP_FRESH[state]
-    if cache is None and not (attn_fresh and mlp_fresh):
+    if cache is None and not (ATTN_FRESH[state] and MLP_FRESH[state]):
         raise ValueError(f"cache state {state} reuses branches but nothing is cached yet (the first step must be 0)")
     if cache is not None and cache[0].attn.shape[0] != x.shape[0]:
         raise ValueError(f"the cache holds a batch of {cache[0].attn.shape[0]} rows, this call has {x.shape[0]}; "
                          "call runner.begin(num_steps) before every batch")
+    model = backend.model
     # 1. Input
-    tokens, ctx = backend.embed(x, t, cond)
-    w = backend.step_weights(timestep) if attn_fresh or mlp_fresh else None  # a DyDiT's slices, if used
-    new_cache, activities = [], []
+    inp = model.embed(x, t, **cond)
+    inner = backend.branches(timestep) if ATTN_FRESH[state] or MLP_FRESH[state] else Branches()  # DyDiT slices
+    caching = CachingBranches(inner, state, cache)
     # 2. Blocks: computed branches refresh the cache, the others read it
-    for i in range(backend.depth):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = backend.modulation(i, ctx)
-        old = cache[i] if cache is not None else None
-        attn = backend.attn(i, tokens, shift_msa, scale_msa, w) if attn_fresh else old.attn
-        tokens = tokens + gate_msa * attn
-        cross = backend.cross(i, tokens, ctx) if attn_fresh else old.cross
-        if cross is not None:
-            tokens = tokens + cross
-        keep = None
-        if mlp_fresh:
-            mlp, keep = backend.mlp(i, tokens, shift_mlp, scale_mlp, w)
-        else:
-            mlp = old.mlp
-        tokens = tokens + gate_mlp * mlp
-        new_cache.append(BlockCache(attn, cross, mlp))
-        activities.append(backend.activity(i, w, attn=attn_fresh, mlp=mlp_fresh, keep=keep))
+    tokens = run_blocks(model.blocks, inp, caching)
+    new_cache = [BlockCache(**entry) for entry in caching.new]
+    records = [backend.record(i, inner, attn=caching.attn_fresh, mlp=caching.mlp_fresh) for i in range(backend.depth)]
     # 3. Output
-    return backend.head(tokens, ctx), new_cache, activities
+    return model.head(tokens, inp), new_cache, records
 
 
 def correct_eps(out: torch.Tensor, channels: int, factor: float) -> torch.Tensor:
@@ -114,8 +128,8 @@ class CachingRunner(Runner):
 
     def forward(self, x, t, cond):
         state = int(self.schedule[self.step])
-        out, self._cache, activities = forward_with_cache(self.backend, x, t, cond, self.timestep, state, self._cache)
-        return correct_eps(out, self.backend.in_channels, self.eps_factor(self.timestep)), activities
+        out, self._cache, records = forward_with_cache(self.backend, x, t, cond, self.timestep, state, self._cache)
+        return correct_eps(out, self.backend.in_channels, self.eps_factor(self.timestep)), records
 
     @property
     def full_steps(self) -> int:

@@ -1,18 +1,27 @@
-"""Trained dynamic compute: DyDiT routers with masked (training) and fast (inference) paths."""
+"""Trained dynamic compute: DyDiT routers with masked (training) and fast (inference) paths, FlexDiT."""
 
-from .dydit import ROUTER_KEY_PATTERNS, DyDiT, DynamicOutput, DyPixArt, RouterOptions
-from .fast import FastPath, WidthPlan
+from .dydit import ROUTER_KEY_PATTERNS, DyDiT, DynamicModel, DynamicOutput, DyPixArt, RouterOptions
+from .fast import FastBranches, FastPath, WidthPlan
+from .flexdit import FLEXDIT_KEY_PATTERNS, FlexDiT, FlexModel, FlexOptions, FlexPixArt, flexdit_from_static
 from .losses import dydit_loss_terms, flops_ratio, lambda_schedule, stratified_timesteps
 
 __all__ = [
+    "FLEXDIT_KEY_PATTERNS",
     "ROUTER_KEY_PATTERNS",
     "DyDiT",
     "DyPixArt",
+    "DynamicModel",
     "DynamicOutput",
+    "FastBranches",
     "FastPath",
+    "FlexDiT",
+    "FlexModel",
+    "FlexOptions",
+    "FlexPixArt",
     "RouterOptions",
     "WidthPlan",
     "dydit_loss_terms",
+    "flexdit_from_static",
     "flops_ratio",
     "lambda_schedule",
     "stratified_timesteps",

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dydit_dist.models.dit import DiT
-from dydit_dist.models.pixart import PixArt
+from dydit_dist.models import Branches, DiT, PixArt, run_blocks
+from dydit_dist.models.layers import modulate
 
+from .adopt import adopt
 from .blocks import attention_masked, mlp_masked
 from .routers import TokenRouter, WidthRouter, token_mask, width_mask
 
@@ -38,6 +39,7 @@ class RouterOptions:
         return cls(dyn.tdw, dyn.sdt, dyn.gumbel_temperature, dyn.router_bias_init, dyn.token_router_bias_init)
 
 
+
 @dataclass
 class DynamicOutput:
     """out (B, C_out, H, W); head_masks (B, depth, H); mlp_masks (B, depth, H); token_masks (B, depth, N).
@@ -54,30 +56,66 @@ class DynamicOutput:
 ROUTER_KEY_PATTERNS = ("blocks.*.attn_rate.*", "blocks.*.mlp_rate.*", "blocks.*.token_selection.*")  # fnmatch
 
 
-class _DynamicMixin:
-    """Router attachment and the masked forward, shared by DyDiT and DyPixArt.
+class MaskedBranches(Branches):
+    """The masked (training) path of one forward pass: every head, MLP channel and token is computed,
+    then multiplied by its router's mask. Collects the masks of every block, in block order."""
 
-    Subclasses provide `_embed(x, t, **cond) -> (tokens, ctx, t_emb)`, `_mods(block, ctx)` -> six
-    (B, 1, D) modulation tensors, `_between(block, tokens, ctx)` (PixArt's cross-attention) and
-    `_head(tokens, ctx)`.
+    def __init__(self, model: DynamicModel, t_emb: torch.Tensor, generator: torch.Generator | None):
+        self.model, self.t_emb, self.generator = model, t_emb, generator
+        self.head_masks: list[torch.Tensor] = []
+        self.mlp_masks: list[torch.Tensor] = []
+        self.token_masks: list[torch.Tensor] = []
+
+    def attn(self, i, block, tokens, mod):
+        heads, groups = self.model.width_masks(block, self.t_emb, self.generator)
+        self.head_masks.append(heads)
+        self.mlp_masks.append(groups)
+        return attention_masked(block.attn, modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa), heads)
+
+    def mlp_update(self, i, block, tokens, mod):
+        o = self.model.router_options
+        if o.sdt:
+            keep = token_mask(block.token_selection(tokens), self.model.training, o.gumbel_temperature, self.generator)
+        else:
+            keep = tokens.new_ones(tokens.shape[:2])
+        self.token_masks.append(keep)
+        h = modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp)
+        return tokens + block.drop_path(keep[..., None] * mod.gate_mlp * mlp_masked(block.mlp, h, self.mlp_masks[-1]))
+
+
+class DynamicModel:
+    """DyDiT routers on any model of the block protocol (`DyDiT`, `DyPixArt`), and its masked forward.
+
+    `forward(x, t, *cond, generator=None)` -> `DynamicOutput` (the masked path); `static_forward(x, t,
+    *cond)` is the full-width static network on the same weights (stage 1's "complete model").
     """
 
-    def _attach_routers(self, options: RouterOptions) -> None:
-        self.router_options = options
+    def __init__(self, *args, router: RouterOptions | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attach(router=router or RouterOptions())
+
+    def _attach(self, router: RouterOptions) -> list[nn.Module]:
+        """Fresh routers on every block (all units on); returns them."""
+        self.router_options = router
+        added = []
         for block in self.blocks:
             D = block.attn.proj.weight.shape[0]
             H = block.attn.num_heads
-            block.attn_rate = WidthRouter(D, H, options.router_bias_init)
-            block.mlp_rate = WidthRouter(D, H, options.router_bias_init)
-            block.token_selection = TokenRouter(D, options.token_router_bias_init)
+            block.attn_rate = WidthRouter(D, H, router.router_bias_init)
+            block.mlp_rate = WidthRouter(D, H, router.router_bias_init)
+            block.token_selection = TokenRouter(D, router.token_router_bias_init)
+            added += [block.attn_rate, block.mlp_rate, block.token_selection]
+        return added
+
+    @classmethod
+    def from_static(cls, static: nn.Module, router: RouterOptions | None = None):
+        """Add routers to a static model, sharing (not copying) its weights."""
+        return adopt(cls, static, router=router or RouterOptions())
 
     @property
     def num_groups(self) -> int:
         """MLP channel groups per block (= heads, as in DyDiT)."""
         return self.blocks[0].attn.num_heads
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if any(k in n for k in ("attn_rate", "mlp_rate", "token_sel"))]
 
     def width_masks(
         self, block: nn.Module, t_emb: torch.Tensor, generator: torch.Generator | None = None
@@ -91,121 +129,34 @@ class _DynamicMixin:
         groups = width_mask(block.mlp_rate(t_emb), self.training, o.gumbel_temperature, generator)
         return heads, groups
 
-    def _dynamic_forward(self, x, t, generator=None, **cond) -> DynamicOutput:
+    def static_forward(self, x, t, *cond, **kwargs):
+        return super().forward(x, t, *cond, **kwargs)
+
+    def forward(self, x, t, *cond, generator: torch.Generator | None = None, **kwargs) -> DynamicOutput:
         # 1. Input
-        tokens, ctx, t_emb = self._embed(x, t, **cond)
-        o = self.router_options
-        head_masks, mlp_masks, token_masks = [], [], []
+        inp = self.embed(x, t, *cond, **kwargs)
         # 2. Blocks: attention over the active heads, MLP over the active groups and kept tokens
-        for block in self.blocks:
-            heads, groups = self.width_masks(block, t_emb, generator)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._mods(block, ctx)
-            h = block.norm1(tokens) * (1 + scale_msa) + shift_msa
-            tokens = tokens + gate_msa * attention_masked(block.attn, h, heads)
-            tokens = self._between(block, tokens, ctx)
-            if o.sdt:
-                keep = token_mask(block.token_selection(tokens), self.training, o.gumbel_temperature, generator)
-            else:
-                keep = tokens.new_ones(tokens.shape[:2])
-            h = block.norm2(tokens) * (1 + scale_mlp) + shift_mlp
-            tokens = tokens + keep[..., None] * gate_mlp * mlp_masked(block.mlp, h, groups)
-            head_masks.append(heads)
-            mlp_masks.append(groups)
-            token_masks.append(keep)
+        masked = MaskedBranches(self, inp.t_emb, generator)
+        tokens = run_blocks(self.blocks, inp, masked)
         # 3. Output
         return DynamicOutput(
-            out=self._head(tokens, ctx),
-            head_masks=torch.stack(head_masks, dim=1),
-            mlp_masks=torch.stack(mlp_masks, dim=1),
-            token_masks=torch.stack(token_masks, dim=1),
+            out=self.head(tokens, inp),
+            head_masks=torch.stack(masked.head_masks, dim=1),
+            mlp_masks=torch.stack(masked.mlp_masks, dim=1),
+            token_masks=torch.stack(masked.token_masks, dim=1),
         )
 
 
-class DyDiT(_DynamicMixin, DiT):
+class DyDiT(DynamicModel, DiT):
     """DiT with DyDiT routers. Same constructor keywords as `DiT` plus `router=RouterOptions(...)`.
 
-    forward(x (B, C, H, W), t (B,), y (B,)) -> DynamicOutput (masked path);
-    `static_forward(x, t, y)` is the full-width network (DiT.forward on the same weights).
+    forward(x (B, C, H, W), t (B,), y (B,)) -> DynamicOutput (masked path).
     """
 
-    def __init__(self, *args, router: RouterOptions | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._attach_routers(router or RouterOptions())
 
-    @classmethod
-    def from_static(cls, static: DiT, router: RouterOptions | None = None) -> DyDiT:
-        """Add routers to a static DiT, sharing (not copying) its weights."""
-        return _adopt(cls, static, router)
-
-    def static_forward(self, x, t, y):
-        return DiT.forward(self, x, t, y)
-
-    def forward(self, x, t, y, generator: torch.Generator | None = None) -> DynamicOutput:
-        return self._dynamic_forward(x, t, generator, y=y)
-
-    def _embed(self, x, t, y):
-        return self.embed(x, t, y)
-
-    def _mods(self, block, c):
-        return tuple(m.unsqueeze(1) for m in block.modulation(c))
-
-    def _between(self, block, tokens, c):
-        return tokens
-
-    def _head(self, tokens, c):
-        return self.head(tokens, c)
-
-
-class DyPixArt(_DynamicMixin, PixArt):
+class DyPixArt(DynamicModel, PixArt):
     """PixArt-alpha with DyDiT routers on self-attention heads and the MLP; cross-attention stays full.
 
     forward(x, timestep, y (B, 1, L, C), mask (B, L) | None) -> DynamicOutput. The width routers act
-    on `t_embedder(timestep)` (before `t_block`).
+    on the timestep embedding (before `t_block`).
     """
-
-    def __init__(self, *args, router: RouterOptions | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._attach_routers(router or RouterOptions())
-
-    @classmethod
-    def from_static(cls, static: PixArt, router: RouterOptions | None = None) -> DyPixArt:
-        return _adopt(cls, static, router)
-
-    def static_forward(self, x, timestep, y, mask=None):
-        return PixArt.forward(self, x, timestep, y, mask)
-
-    def forward(self, x, timestep, y, mask=None, generator: torch.Generator | None = None) -> DynamicOutput:
-        return self._dynamic_forward(x, timestep, generator, y=y, mask=mask)
-
-    def _embed(self, x, t, y, mask=None):
-        inp = self.embed(x, t, y, mask)
-        return inp.tokens, inp, inp.t_emb
-
-    def _mods(self, block, inp):
-        return tuple(m.unsqueeze(1) for m in block.modulation(inp.t0))
-
-    def _between(self, block, tokens, inp):
-        return tokens + block.cross_attn_branch(tokens, inp.cond, inp.cond_mask)
-
-    def _head(self, tokens, inp):
-        return self.head(tokens, inp.t_emb, inp.grid)
-
-
-def _adopt(cls, static: nn.Module, router: RouterOptions | None):
-    """Build `cls` on the meta device, then give it the static model's own parameters (shared, not copied)."""
-    options = router or RouterOptions()
-    with torch.device("meta"):
-        model = cls(**static.constructor_kwargs(), router=options)
-    _, unexpected = model.load_state_dict(static.state_dict(keep_vars=True), strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"static model has keys the dynamic one lacks: {unexpected[:5]}")
-    reference = next(static.parameters())
-    model._attach_routers(options)  # fresh routers, built off the meta device
-    for block in model.blocks:
-        for name in ("attn_rate", "mlp_rate", "token_selection"):
-            getattr(block, name).to(reference.device, reference.dtype)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    still_meta += [n for n, b in model.named_buffers() if b.is_meta]
-    if still_meta:
-        raise ValueError(f"keys not provided by the static model: {still_meta[:5]}")
-    return model.train(static.training)

@@ -14,29 +14,9 @@ from dydit_dist.flops import BlockActivity, mlp_macs
 from .dydit import DynamicOutput
 
 
-def arch_of(model) -> dict:
-    """The `flops.count` description of a DiT / PixArt (static or dynamic) model object."""
-    kw = model.constructor_kwargs()
-    pixart = "caption_channels" in kw
-    out = dict(
-        family="pixart" if pixart else "dit",
-        depth=kw["depth"],
-        hidden_size=kw["hidden_size"],
-        patch_size=kw["patch_size"],
-        num_heads=kw["num_heads"],
-    )
-    extra = dict(mlp_ratio=kw["mlp_ratio"], in_channels=kw["in_channels"])
-    if pixart:
-        extra.update(pred_sigma=kw["pred_sigma"], caption_channels=kw["caption_channels"],
-                     model_max_length=kw["model_max_length"])
-    else:
-        extra.update(learn_sigma=kw["learn_sigma"])
-    return {**out, **extra}
-
-
 def static_flops(model) -> float:
     """MACs of the static network (no routers) on one image at the model's input size."""
-    a = arch_of(model)
+    a = flops_lib.arch_of(model)
     return flops_lib.count(a, model.constructor_kwargs()["input_size"], vae_downsample=1).total
 
 
@@ -57,7 +37,7 @@ def dynamic_flops(model, head_frac, group_frac, token_frac) -> float:
     """MACs of one image given per-block fractions (sequences of length depth)."""
     activity = [block_activity(model, float(h), float(g), float(k))
                 for h, g, k in zip(head_frac, group_frac, token_frac, strict=True)]
-    a = arch_of(model)
+    a = flops_lib.arch_of(model)
     return flops_lib.count(a, model.constructor_kwargs()["input_size"], activity, vae_downsample=1).total
 
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import SlicedBlock, attention_fast, mlp_on_kept_tokens
+from dydit_dist.models import Branches, run_blocks
+from dydit_dist.models.layers import modulate
+
+from .blocks import SlicedBlock, attention_fast, mlp_fast, mlp_on_kept_tokens
 from .routers import hard_mask
 
 
@@ -110,20 +113,50 @@ class FastPath:
 
     def _forward_one_timestep(self, x, t, timestep: int, **cond) -> torch.Tensor:
         model = self.model
-        plan = self.plan(timestep)
         # 1. Input
-        tokens, ctx, _ = model._embed(x, t, **cond)
+        inp = model.embed(x, t, **cond)
         # 2. Blocks on the active heads, groups and tokens only
-        for i, block in enumerate(model.blocks):
-            w = self.sliced(i, plan)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = model._mods(block, ctx)
-            h = block.norm1(tokens) * (1 + scale_msa) + shift_msa
-            tokens = tokens + gate_msa * attention_fast(block.attn, h, w)
-            tokens = model._between(block, tokens, ctx)
-            keep = block.token_selection(tokens) > 0 if model.router_options.sdt else None
-            tokens = mlp_on_kept_tokens(block, tokens, keep, shift_mlp, scale_mlp, gate_mlp, w)
+        tokens = run_blocks(model.blocks, inp, self.branches(timestep))
         # 3. Output
-        return model._head(tokens, ctx)
+        return model.head(tokens, inp)
+
+    def branches(self, timestep: int) -> FastBranches:
+        """The fast branches of every block at `timestep` (its plan's sliced weights)."""
+        plan = self.plan(timestep)
+        return FastBranches(plan, [self.sliced(i, plan) for i in range(len(self.model.blocks))],
+                            self.model.router_options.sdt)
+
+
+class FastBranches(Branches):
+    """A DyDiT's branches at one timestep: attention over the plan's active heads, the MLP over its
+    active groups and (with SDT) the kept tokens only. `keeps[i]` is block i's token mask (B, N) bool."""
+
+    def __init__(self, plan: WidthPlan, slices: list[SlicedBlock], sdt: bool):
+        self.plan, self.slices, self.sdt = plan, slices, sdt
+        self.keeps: dict[int, torch.Tensor] = {}
+
+    def attn(self, i, block, tokens, mod):
+        return attention_fast(block.attn, modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa), self.slices[i])
+
+    def _keep(self, i, block, tokens) -> torch.Tensor | None:
+        if not self.sdt:
+            return None
+        keep = block.token_selection(tokens) > 0  # (B, N)
+        self.keeps[i] = keep
+        return keep
+
+    def mlp(self, i, block, tokens, mod):
+        """The ungated branch as a full (B, N, D) tensor, 0 on the skipped tokens (what a cache holds)."""
+        keep = self._keep(i, block, tokens)
+        if keep is None:
+            return mlp_fast(block.mlp, modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp), self.slices[i])
+        b_idx, n_idx = keep.nonzero(as_tuple=True)  # the kept tokens of the whole batch, (K,) each
+        h = block.norm2(tokens[b_idx, n_idx]) * (1 + mod.scale_mlp[b_idx, 0]) + mod.shift_mlp[b_idx, 0]
+        return torch.zeros_like(tokens).index_put_((b_idx, n_idx), mlp_fast(block.mlp, h, self.slices[i]))
+
+    def mlp_update(self, i, block, tokens, mod):
+        keep = self._keep(i, block, tokens)
+        return mlp_on_kept_tokens(block, tokens, keep, mod.shift_mlp, mod.scale_mlp, mod.gate_mlp, self.slices[i])
 
 
 def _take(cond: dict, idx: torch.Tensor) -> dict:

@@ -23,7 +23,7 @@ the V and output projections), and W1 is applied to the sparse tokens before ups
 
     model = FlexDiT.from_static(dit, FlexOptions())       # shares the static weights
     out = model(x, t, y)                                  # (B, C_out, H, W)
-    runner = FlexDiTRunner(model.eval())                  # sampling-job method, FLOPs recorded
+    runner = build_runner("flexdit", model.eval())        # the sampling method (accel), FLOPs recorded
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dydit_dist.models.dit import DiT
+from dydit_dist.models import Branches, DiT, PixArt, PixArtMS, run_blocks
 from dydit_dist.models.layers import modulate
-from dydit_dist.models.pixart import PixArt, PixArtMS
 
+from .adopt import adopt
 from .flexdit_schedule import PAPER_GRID_SIZES, GridSchedule
 
 FLEXDIT_KEY_PATTERNS = ("blocks.*.merged_layer1.*", "blocks.*.merged_layer2.*")  # fnmatch: the added keys
@@ -143,18 +143,63 @@ def pooled_attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return attn.proj(v)
 
 
-class _FlexMixin:
-    """Layout, W1/W2 attachment and the forward pass, shared by FlexDiT and FlexPixArt.
+class FlexBranches(Branches):
+    """A FlexDiT forward pass on sparse grid g: each block's role changes its tokens and its attention.
 
-    Subclasses provide `_embed(x, t, **cond) -> (tokens, ctx, grid)`, `_mods(block, ctx)` -> six
-    (B, D) tensors, `_between(block, tokens, ctx)` (PixArt's caption cross-attention) and `_head`.
+    C pools the tokens it receives to the g x g sparse grid (remembering the dense ones) and lets the
+    sparse queries attend to the dense keys; R merges the sparse tokens back into the dense ones and
+    lets the merged queries attend to the sparse keys; P attends through the mean of V; S and D are
+    the pretrained blocks as they are. Cross-attention and MLP are the blocks' own.
     """
 
-    def _setup_flex(self, options: FlexOptions) -> None:
-        self.flex_options = options
-        self.layout = parse_layout(options.layout, len(self.blocks))
+    def __init__(self, layout: str, grid: tuple[int, int], g: int):
+        self.layout, self.grid, self.g = layout, grid, g
+        self.dense: torch.Tensor | None = None  # (B, N, D): the tokens that entered the open SDTM
+        self.keys: torch.Tensor | None = None  # (B, M, D): R's keys and values, the sparse tokens
+
+    def enter(self, i, block, tokens, mod):
+        role = self.layout[i]
+        if role == "C":
+            self.dense = tokens
+            return pool_tokens(tokens, self.grid, self.g)  # the sparse tokens (B, M, D)
+        if role == "R":
+            self.keys = tokens
+            merged = upsample_tokens(block.merged_layer1(tokens), self.grid) + block.merged_layer2(self.dense)
+            self.dense = None
+            return merged  # (B, N, D)
+        return tokens
+
+    def attn(self, i, block, tokens, mod):
+        role = self.layout[i]
+        q = modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa)
+        if role == "P":
+            return pooled_attention(block.attn, q).unsqueeze(1)  # (B, 1, D), the same for every token
+        if role == "C":
+            return attend(block.attn, q, modulate(block.norm1(self.dense), mod.shift_msa, mod.scale_msa))
+        if role == "R":
+            return attend(block.attn, q, modulate(block.norm1(self.keys), mod.shift_msa, mod.scale_msa))
+        return block.attn(q)
+
+
+class FlexModel:
+    """FlexDiT's layout, its added W1 / W2 and its forward pass on any model of the block protocol
+    (`FlexDiT`, `FlexPixArt`).
+
+    forward(x, t, *cond, grid=None) -> (B, C_out, H, W); `grid` forces one sparse grid for every sample
+    (default: the schedule's grid of each t). `static_forward` is the pretrained network on the same weights.
+    """
+
+    def __init__(self, *args, flexdit: FlexOptions | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attach(flexdit=flexdit or FlexOptions())
+
+    def _attach(self, flexdit: FlexOptions) -> list[nn.Module]:
+        """Layout, schedule and fresh W1 / W2 on every recovery block; returns the added layers."""
+        self.flex_options = flexdit
+        self.layout = parse_layout(flexdit.layout, len(self.blocks))
         token_grid = self.input_size // self.patch_size
-        self.schedule = options.schedule(token_grid)
+        self.schedule = flexdit.schedule(token_grid)
+        added = []
         for i in self.recovery_blocks:
             block = self.blocks[i]
             d = block.attn.proj.weight.shape[0]
@@ -164,6 +209,13 @@ class _FlexMixin:
             nn.init.zeros_(block.merged_layer1.bias)
             nn.init.eye_(block.merged_layer2.weight)
             nn.init.zeros_(block.merged_layer2.bias)
+            added += [block.merged_layer1, block.merged_layer2]
+        return added
+
+    @classmethod
+    def from_static(cls, static: nn.Module, options: FlexOptions | None = None):
+        """The FlexDiT of a static model, on its own parameters (shared, not copied); W1 / W2 fresh."""
+        return adopt(cls, static, flexdit=options or FlexOptions())
 
     @property
     def recovery_blocks(self) -> list[int]:
@@ -182,138 +234,51 @@ class _FlexMixin:
             raise ValueError(f"grid={grid} must be in 1..{self.schedule.token_grid} (the dense token grid)")
         return torch.full((t.shape[0],), int(grid), dtype=torch.long)
 
-    def _flex_forward(self, x: torch.Tensor, t: torch.Tensor, grid: int | None, **cond) -> torch.Tensor:
+    def static_forward(self, x, t, *cond, **kwargs):
+        return super().forward(x, t, *cond, **kwargs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond, grid: int | None = None, **kwargs) -> torch.Tensor:
         grids = self.grids_for(t, grid)
         sizes = grids.unique().tolist()
         if len(sizes) == 1:
-            return self._forward_grid(x, t, sizes[0], **cond)
+            return self.forward_grid(x, t, sizes[0], *cond, **kwargs)
         # Samples needing different grids run as one group per grid, then go back in order.
         b, outs, order = x.shape[0], [], []
+        pick = lambda v, idx: v[idx] if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v  # noqa: E731
         for g in sizes:
             idx = (grids == g).nonzero().squeeze(1).to(x.device)
-            sub = {k: v[idx] if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v for k, v in cond.items()}
-            outs.append(self._forward_grid(x[idx], t[idx], g, **sub))
+            sub_args = [pick(v, idx) for v in cond]
+            sub_kwargs = {k: pick(v, idx) for k, v in kwargs.items()}
+            outs.append(self.forward_grid(x[idx], t[idx], g, *sub_args, **sub_kwargs))
             order.append(idx)
         return torch.cat(outs)[torch.argsort(torch.cat(order))]
 
-    def _forward_grid(self, x, t, g: int, **cond) -> torch.Tensor:
+    def forward_grid(self, x, t, g: int, *cond, **kwargs) -> torch.Tensor:
         """All samples on sparse grid g: x (B, C, H, W) -> (B, C_out, H, W)."""
         # 1. Input
-        tokens, ctx, grid = self._embed(x, t, **cond)  # (B, N, D)
-        # 2. Blocks; `dense` holds the tokens that entered the current sparse-dense module
-        dense = None
-        for i in range(len(self.blocks)):
-            tokens, dense = self.flex_block(i, tokens, dense, ctx, grid, g)
+        inp = self.embed(x, t, *cond, **kwargs)  # tokens (B, N, D)
+        # 2. Blocks, each in its role
+        tokens = run_blocks(self.blocks, inp, FlexBranches(self.layout, inp.grid, g))
         # 3. Output
-        return self._head(tokens, ctx)
-
-    def flex_block(self, i: int, tokens, dense, ctx, grid: tuple[int, int], g: int):
-        """Block i in its role: (tokens, dense) -> (tokens, dense). tokens (B, N or M, D); dense (B, N, D)
-        is set by C (the SDTM's input) and consumed by R; ctx is `_embed`'s context."""
-        block, role = self.blocks[i], self.layout[i]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._mods(block, ctx)
-        if role == "P":
-            branch = pooled_attention(block.attn, modulate(block.norm1(tokens), shift_msa, scale_msa))  # (B, D)
-            tokens = tokens + block_drop(block, (gate_msa * branch).unsqueeze(1))
-        elif role == "C":
-            dense, tokens = tokens, pool_tokens(tokens, grid, g)  # sparse tokens (B, M, D)
-            q = modulate(block.norm1(tokens), shift_msa, scale_msa)
-            kv = modulate(block.norm1(dense), shift_msa, scale_msa)
-            tokens = tokens + block_drop(block, gate_msa.unsqueeze(1) * attend(block.attn, q, kv))
-        elif role == "R":
-            merged = upsample_tokens(block.merged_layer1(tokens), grid) + block.merged_layer2(dense)  # (B, N, D)
-            q = modulate(block.norm1(merged), shift_msa, scale_msa)
-            kv = modulate(block.norm1(tokens), shift_msa, scale_msa)
-            tokens = merged + block_drop(block, gate_msa.unsqueeze(1) * attend(block.attn, q, kv))
-            dense = None
-        else:  # S on the sparse tokens, D on the dense ones: the pretrained block as it is
-            branch = block.attn_branch(tokens, shift_msa, scale_msa)
-            tokens = tokens + block_drop(block, gate_msa.unsqueeze(1) * branch)
-        tokens = self._between(block, tokens, ctx)
-        branch = block.mlp_branch(tokens, shift_mlp, scale_mlp)
-        return tokens + block_drop(block, gate_mlp.unsqueeze(1) * branch), dense
+        return self.head(tokens, inp)
 
 
-def block_drop(block: nn.Module, branch: torch.Tensor) -> torch.Tensor:
-    """PixArt's stochastic depth on a gated branch (the identity for DiT and at inference)."""
-    drop = getattr(block, "drop_path", None)
-    return branch if drop is None else drop(branch)
+class FlexDiT(FlexModel, DiT):
+    """DiT with FlexDiT token density. Same constructor keywords as `DiT` plus `flexdit=FlexOptions(...)`;
+    forward(x (B, C, H, W), t (B,), y (B,), grid=None) -> (B, C_out, H, W)."""
 
 
-class FlexDiT(_FlexMixin, DiT):
-    """DiT with FlexDiT token density. Same constructor keywords as `DiT` plus `flexdit=FlexOptions(...)`.
-
-    forward(x (B, C, H, W), t (B,), y (B,), grid=None) -> (B, C_out, H, W); `grid` forces one sparse
-    grid for every sample (default: the schedule's grid of each t). `static_forward` is the pretrained
-    DiT on the same weights.
-    """
-
-    def __init__(self, *args, flexdit: FlexOptions | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_flex(flexdit or FlexOptions())
-
-    @classmethod
-    def from_static(cls, static: DiT, options: FlexOptions | None = None) -> FlexDiT:
-        """FlexDiT on a static DiT's own parameters (shared, not copied); W1 / W2 freshly initialized."""
-        return _adopt(cls, static, options)
-
-    def static_forward(self, x, t, y):
-        return DiT.forward(self, x, t, y)
-
-    def forward(self, x, t, y, grid: int | None = None):
-        return self._flex_forward(x, t, grid, y=y)
-
-    def _embed(self, x, t, y):
-        tokens, c, _ = self.embed(x, t, y)
-        g = self.input_size // self.patch_size
-        return tokens, c, (g, g)
-
-    def _mods(self, block, c):
-        return block.modulation(c)
-
-    def _between(self, block, tokens, c):
-        return tokens
-
-    def _head(self, tokens, c):
-        return self.head(tokens, c)
-
-
-class FlexPixArt(_FlexMixin, PixArt):
+class FlexPixArt(FlexModel, PixArt):
     """PixArt-alpha with FlexDiT token density; every block keeps its cross-attention to the caption.
 
     forward(x, timestep, y (B, 1, L, C), mask (B, L) | None, grid=None) -> (B, C_out, H, W).
     """
 
-    def __init__(self, *args, flexdit: FlexOptions | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(self, PixArtMS):
-            raise ValueError("FlexDiT needs a fixed square token grid; PixArtMS is multi-scale")
-        self._setup_flex(flexdit or FlexOptions())
-
     @classmethod
     def from_static(cls, static: PixArt, options: FlexOptions | None = None) -> FlexPixArt:
         if isinstance(static, PixArtMS):
             raise ValueError("FlexDiT needs a fixed square token grid; PixArtMS is multi-scale")
-        return _adopt(cls, static, options)
-
-    def static_forward(self, x, timestep, y, mask=None):
-        return PixArt.forward(self, x, timestep, y, mask)
-
-    def forward(self, x, timestep, y, mask=None, grid: int | None = None):
-        return self._flex_forward(x, timestep, grid, y=y, mask=mask)
-
-    def _embed(self, x, t, y, mask=None):
-        inp = self.embed(x, t, y, mask)
-        return inp.tokens, inp, inp.grid
-
-    def _mods(self, block, inp):
-        return block.modulation(inp.t0)
-
-    def _between(self, block, tokens, inp):
-        return tokens + block.cross_attn_branch(tokens, inp.cond, inp.cond_mask)
-
-    def _head(self, tokens, inp):
-        return self.head(tokens, inp.t_emb, inp.grid)
+        return super().from_static(static, options)
 
 
 def flexdit_from_static(static: nn.Module, options: FlexOptions | None = None) -> FlexDiT | FlexPixArt:
@@ -323,24 +288,3 @@ def flexdit_from_static(static: nn.Module, options: FlexOptions | None = None) -
     if isinstance(static, DiT):
         return FlexDiT.from_static(static, options)
     raise ValueError(f"FlexDiT converts a DiT or PixArt model, got {type(static).__name__}")
-
-
-def _adopt(cls, static: nn.Module, options: FlexOptions | None):
-    """Build `cls` on the meta device, then give it the static model's own parameters (shared, not copied)."""
-    options = options or FlexOptions()
-    with torch.device("meta"):
-        model = cls(**static.constructor_kwargs(), flexdit=options)
-    _, unexpected = model.load_state_dict(static.state_dict(keep_vars=True), strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"static model has keys the FlexDiT lacks: {unexpected[:5]}")
-    reference = next(static.parameters())
-    with torch.device(reference.device):
-        model._setup_flex(options)  # fresh W1 / W2, built off the meta device
-    for i in model.recovery_blocks:
-        for name in ("merged_layer1", "merged_layer2"):
-            getattr(model.blocks[i], name).to(reference.dtype)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    still_meta += [n for n, b in model.named_buffers() if b.is_meta]
-    if still_meta:
-        raise ValueError(f"keys not provided by the static model: {still_meta[:5]}")
-    return model.train(static.training)

@@ -87,11 +87,10 @@ def respaced_timesteps(steps: int = 250, num_timesteps: int = 1000) -> list[int]
 
 def model_flops(model, grid: int, op_order: str = "implemented") -> float:
     """MACs of one forward of one sample of a `FlexDiT` / `FlexPixArt` instance on a g x g sparse grid."""
-    from dydit_dist.accel.backend import flops_arch
 
     kw = model.constructor_kwargs()
     acts = block_activities(model.layout, model.schedule.num_tokens, grid * grid, kw["hidden_size"], op_order)
-    return flops_lib.count(flops_arch(model), kw["input_size"], acts, vae_downsample=1).total
+    return flops_lib.count(flops_lib.arch_of(model), kw["input_size"], acts, vae_downsample=1).total
 
 
 def paper_comparison(steps: int = 250) -> list[dict]:

@@ -1,6 +1,7 @@
 """Static single-device networks (DiT, PixArt-alpha), their registry and checkpoint loading.
 
-Typical use: `model = build_model("DiT-XL/2", input_size=32)`, then `load_into(model, path_or_url)`.
+Typical use: `model = build_model("DiT-XL/2", input_size=32)`, then `load_into(model, local_path)`
+(URLs: `dydit_dist.network.load_weights`).
 """
 
 from __future__ import annotations
@@ -9,25 +10,33 @@ import inspect
 
 from torch import nn
 
-from .checkpoint import LoadResult, load_into, load_state_dict_file, save_safetensors
+from .checkpoint import LoadResult, load_into, load_state_dict_file, parse_state_dict, safetensors_bytes
 from .dit import DiT, DiT_models, DiTBlock
-from .pixart import PixArt, PixArt_models, PixArtBlock, PixArtInputs, PixArtMS
+from .blocks import STATIC, AdaLNBlock, BlockInputs, Branches, Modulation, block_forward, run_blocks
+from .pixart import PixArt, PixArt_models, PixArtBlock, PixArtMS
 from .registry import arch, family
 
 __all__ = [
+    "STATIC",
+    "AdaLNBlock",
+    "BlockInputs",
+    "Branches",
+    "Modulation",
+    "block_forward",
+    "run_blocks",
     "DiT",
     "DiTBlock",
     "DiT_models",
     "LoadResult",
     "PixArt",
     "PixArtBlock",
-    "PixArtInputs",
     "PixArtMS",
     "PixArt_models",
     "build_model",
     "load_into",
     "load_state_dict_file",
-    "save_safetensors",
+    "parse_state_dict",
+    "safetensors_bytes",
 ]
 
 

@@ -1,15 +1,12 @@
 """DiT (Peebles & Xie, 2023): class-conditional latent diffusion transformer with adaLN-Zero blocks.
 
 Parameter names and constructor keywords follow facebookresearch/DiT `models.py`, so its released
-checkpoints (`DiT-XL-2-256x256.pt`) load with `strict=True`. The forward pass is split into pieces
-that dynamic and caching wrappers call one by one without copying the model:
+checkpoints (`DiT-XL-2-256x256.pt`) load with `strict=True`. The forward pass follows the block
+protocol of `blocks.py`, which dynamic, caching and pruning methods drive without copying the model:
 
-    tokens, c, t_emb = model.embed(x, t, y)          # (B, N, D), (B, D), (B, D)
-    for block in model.blocks:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
-        tokens = tokens + gate_msa[:, None] * block.attn_branch(tokens, shift_msa, scale_msa)
-        tokens = tokens + gate_mlp[:, None] * block.mlp_branch(tokens, shift_mlp, scale_mlp)
-    out = model.head(tokens, c)                       # (B, out_channels, H, W)
+    inp = model.embed(x, t, y)                  # BlockInputs: tokens (B, N, D), cond = head_cond = c (B, D)
+    tokens = run_blocks(model.blocks, inp)      # each block: modulation(inp), attention and MLP branches
+    out = model.head(tokens, inp)               # (B, out_channels, H, W)
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import AdaLNBlock, BlockInputs, Modulation, run_blocks
 from .layers import (
     Attention,
     FinalLayer,
@@ -27,15 +25,14 @@ from .layers import (
     check_dimensions,
     get_2d_sincos_pos_embed,
     guided_halves,
-    modulate,
     unpatchify,
     xavier_init_linears,
 )
 from .registry import DIT_ARCHS
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning: x (B, N, D), c (B, D) -> (B, N, D)."""
+class DiTBlock(AdaLNBlock):
+    """Transformer block with adaLN-Zero conditioning: x (B, N, D), inp.cond = c (B, D) -> (B, N, D)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -44,24 +41,11 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.drop_path = nn.Identity()
 
-    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """c (B, D) -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
-        return tuple(self.adaLN_modulation(c).chunk(6, dim=1))
-
-    def attn_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Self-attention on the modulated, normalized tokens, before gating: (B, N, D) -> (B, N, D)."""
-        return self.attn(modulate(self.norm1(x), shift, scale))
-
-    def mlp_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """MLP on the modulated, normalized tokens, before gating: (B, N, D) -> (B, N, D)."""
-        return self.mlp(modulate(self.norm2(x), shift, scale))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        x = x + gate_msa.unsqueeze(1) * self.attn_branch(x, shift_msa, scale_msa)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp_branch(x, shift_mlp, scale_mlp)
-        return x
+    def modulation(self, inp: BlockInputs) -> Modulation:
+        """c (B, D) -> six (B, 1, D): the shift, scale and gate of the attention and of the MLP branch."""
+        return Modulation(*self.adaLN_modulation(inp.cond).unsqueeze(1).chunk(6, dim=2))
 
 
 class DiT(nn.Module):
@@ -134,30 +118,30 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> BlockInputs:
         """Inputs to the first block.
 
-        x (B, C, H, W), t (B,), y (B,) -> tokens (B, N, D) (patches + position table),
-        c (B, D) = t_emb + label embedding (the adaLN condition), t_emb (B, D) = t_embedder(t) alone.
+        x (B, C, H, W), t (B,), y (B,) -> tokens (B, N, D) (patches + position table), cond = head_cond
+        = c (B, D) = t_emb + label embedding (the adaLN condition), t_emb (B, D) = t_embedder(t) alone.
         Labels are dropped at random in training mode (classifier-free guidance training).
         """
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y, self.training)
-        return tokens, c, t_emb
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return BlockInputs(tokens=tokens, cond=c, t_emb=t_emb, head_cond=c, grid=grid)
 
-    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Final adaLN layer and unpatchify: tokens (B, N, D), c (B, D) -> (B, out_channels, H, W)."""
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels)
+    def head(self, tokens: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        """Final adaLN layer and unpatchify: tokens (B, N, D) -> (B, out_channels, H, W)."""
+        return unpatchify(self.final_layer(tokens, inp.head_cond), self.patch_size, self.out_channels, *inp.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # 1. Input
-        tokens, c, _ = self.embed(x, t, y)
+        inp = self.embed(x, t, y)
         # 2. Blocks
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        tokens = run_blocks(self.blocks, inp)
         # 3. Output
-        return self.head(tokens, c)
+        return self.head(tokens, inp)
 
     def forward_with_cfg(
         self,
@@ -199,16 +183,3 @@ def _factory(name: str):
 
 
 DiT_models = {name: _factory(name) for name in DIT_ARCHS}
-
-DiT_XL_2 = DiT_models["DiT-XL/2"]
-DiT_XL_4 = DiT_models["DiT-XL/4"]
-DiT_XL_8 = DiT_models["DiT-XL/8"]
-DiT_L_2 = DiT_models["DiT-L/2"]
-DiT_L_4 = DiT_models["DiT-L/4"]
-DiT_L_8 = DiT_models["DiT-L/8"]
-DiT_B_2 = DiT_models["DiT-B/2"]
-DiT_B_4 = DiT_models["DiT-B/4"]
-DiT_B_8 = DiT_models["DiT-B/8"]
-DiT_S_2 = DiT_models["DiT-S/2"]
-DiT_S_4 = DiT_models["DiT-S/4"]
-DiT_S_8 = DiT_models["DiT-S/8"]

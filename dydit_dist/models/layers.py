@@ -16,8 +16,8 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: x (B, N, D), shift and scale (B, D) -> (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation: x (B, N, D), shift and scale (B, 1, D) -> (B, N, D)."""
+    return x * (1 + scale) + shift
 
 
 def check_dimensions(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
@@ -214,7 +214,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)  # (B, 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 

@@ -4,26 +4,23 @@ Parameter names and constructor keywords follow PixArt-alpha `diffusion/model/ne
 `PixArtMS.py`, so the released `.pth` checkpoints load with `strict=True`. The official code packs
 the captions of a batch into one sequence and uses an xformers block-diagonal mask; here each
 sample's padded caption tokens are masked out of SDPA instead, which computes the same attention.
-The forward pass is split like `DiT`'s:
+The forward pass follows the block protocol of `blocks.py`, like `DiT`'s:
 
-    inp = model.embed(x, timestep, y, mask)   # tokens (B, N, D), t0 (B, 6D), t_emb (B, D), cond (B, L, D)
-    for block in model.blocks:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(inp.t0)
-        x = x + gate_msa[:, None] * block.attn_branch(x, shift_msa, scale_msa)
-        x = x + block.cross_attn_branch(x, inp.cond, inp.cond_mask)
-        x = x + gate_mlp[:, None] * block.mlp_branch(x, shift_mlp, scale_mlp)
-    out = model.head(x, inp.t_emb, inp.grid)  # (B, out_channels, H, W)
+    inp = model.embed(x, timestep, y, mask)     # tokens (B, N, D), cond = t0 (B, 6D), head_cond = t_emb (B, D),
+                                                # caption (B, L, D), caption_mask (B, L)
+    tokens = run_blocks(model.blocks, inp)      # self-attention, cross-attention to the caption, MLP
+    out = model.head(tokens, inp)               # (B, out_channels, H, W)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import AdaLNBlock, BlockInputs, Modulation, run_blocks
 from .layers import (
     Attention,
     DropPath,
@@ -102,12 +99,12 @@ class T2IFinalLayer(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unbind(1)
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation from t0 (B, 6D)."""
+class PixArtBlock(AdaLNBlock):
+    """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation from inp.cond = t0 (B, 6D)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -119,42 +116,14 @@ class PixArtBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def modulation(self, t0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """t0 (B, 6D) -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
-        return (self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)).unbind(1)
+    def modulation(self, inp: BlockInputs) -> Modulation:
+        """t0 (B, 6D) -> six (B, 1, D): the shift, scale and gate of the attention and of the MLP branch."""
+        t0 = inp.cond
+        return Modulation(*(self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)).unsqueeze(2).unbind(1))
 
-    def attn_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Self-attention on the modulated, normalized tokens, before gating: (B, N, D) -> (B, N, D)."""
-        return self.attn(modulate(self.norm1(x), shift, scale))
-
-    def cross_attn_branch(
-        self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def cross_attn_branch(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
         """Cross-attention of the (un-normalized) tokens to the caption: (B, N, D) -> (B, N, D), ungated."""
-        return self.cross_attn(x, cond, mask)
-
-    def mlp_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """MLP on the modulated, normalized tokens, before gating: (B, N, D) -> (B, N, D)."""
-        return self.mlp(modulate(self.norm2(x), shift, scale))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None):
-        """x (B, N, D), y caption tokens (B, L, D), t = t0 (B, 6D), mask (B, L) bool -> (B, N, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t)
-        x = x + self.drop_path(gate_msa.unsqueeze(1) * self.attn_branch(x, shift_msa, scale_msa))
-        x = x + self.cross_attn_branch(x, y, mask)
-        x = x + self.drop_path(gate_mlp.unsqueeze(1) * self.mlp_branch(x, shift_mlp, scale_mlp))
-        return x
-
-
-class PixArtInputs(NamedTuple):
-    """What `PixArt.embed` returns: everything the blocks and the head need."""
-
-    tokens: torch.Tensor  # (B, N, D) patches + position table
-    t0: torch.Tensor  # (B, 6D) adaLN-single condition shared by all blocks
-    t_emb: torch.Tensor  # (B, D) timestep embedding (+ size embeddings in PixArtMS), final layer's condition
-    cond: torch.Tensor  # (B, L, D) projected caption tokens
-    cond_mask: torch.Tensor | None  # (B, L) bool, True = real caption token; None = all real
-    grid: tuple[int, int]  # (H/p, W/p) token grid
+        return self.cross_attn(x, inp.caption, inp.caption_mask)
 
 
 class PixArt(nn.Module):
@@ -239,8 +208,8 @@ class PixArt(nn.Module):
         """The final layer's (B, D) condition; PixArt ignores data_info (as upstream), PixArtMS adds sizes."""
         return t_emb
 
-    def embed(self, x, timestep, y, mask=None, data_info=None) -> PixArtInputs:
-        """Inputs to the first block (see `PixArtInputs`). y may be (B, 1, L, C_cap) or (B, L, C_cap);
+    def embed(self, x, timestep, y, mask=None, data_info=None) -> BlockInputs:
+        """Inputs to the first block (see `BlockInputs`). y may be (B, 1, L, C_cap) or (B, L, C_cap);
         mask (B, L), (B, 1, 1, L) or None, repeated if it covers only a divisor of the batch (CFG)."""
         b = x.shape[0]
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
@@ -257,23 +226,21 @@ class PixArt(nn.Module):
             raise ValueError(
                 f"caption features y must be (B={b}, 1, L, C) or (B, L, C), got {tuple(y.shape)}"
             )
-        cond = self.y_embedder(y, self.training).squeeze(1)
-        return PixArtInputs(tokens, t0, t_emb, cond, _caption_mask(mask, b, cond.shape[1]), grid)
+        caption = self.y_embedder(y, self.training).squeeze(1)
+        return BlockInputs(tokens=tokens, cond=t0, t_emb=t_emb, head_cond=t_emb, grid=grid, caption=caption,
+                           caption_mask=_caption_mask(mask, b, caption.shape[1]))
 
-    def head(self, tokens: torch.Tensor, t_emb: torch.Tensor, grid: tuple[int, int] | None = None):
-        """Final layer and unpatchify: tokens (B, N, D), t_emb (B, D) -> (B, out_channels, H, W)."""
-        h, w = grid if grid is not None else (None, None)
-        return unpatchify(self.final_layer(tokens, t_emb), self.patch_size, self.out_channels, h, w)
+    def head(self, tokens: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        """Final layer and unpatchify: tokens (B, N, D) -> (B, out_channels, H, W)."""
+        return unpatchify(self.final_layer(tokens, inp.head_cond), self.patch_size, self.out_channels, *inp.grid)
 
     def forward(self, x, timestep, y, mask=None, data_info=None) -> torch.Tensor:
         # 1. Input
         inp = self.embed(x, timestep, y, mask, data_info)
         # 2. Blocks
-        tokens = inp.tokens
-        for block in self.blocks:
-            tokens = block(tokens, inp.cond, inp.t0, inp.cond_mask)
+        tokens = run_blocks(self.blocks, inp)
         # 3. Output
-        return self.head(tokens, inp.t_emb, inp.grid)
+        return self.head(tokens, inp)
 
     def forward_with_cfg(self, x, timestep, y, cfg_scale, mask=None, data_info=None, guidance_channels=3):
         """Classifier-free guidance in one batch, as upstream: x (2B, ...) of which the first half is used
@@ -362,6 +329,3 @@ def _factory(name: str):
 
 
 PixArt_models = {name: _factory(name) for name in PIXART_ARCHS}
-
-PixArt_XL_2 = PixArt_models["PixArt-XL/2"]
-PixArtMS_XL_2 = PixArt_models["PixArtMS-XL/2"]

@@ -7,7 +7,7 @@ method's options as a mapping of its options dataclass's fields (e.g. `{interval
 
 from __future__ import annotations
 
-from dydit_dist.accel.base import METHODS, build_runner
+from dydit_dist.accel.methods import METHODS, build_runner
 from dydit_dist.config import Config
 
 

@@ -1,6 +1,6 @@
 """FlexDiT as a sampling method: a runner like the training-free ones (`accel.base.Runner`).
 
-    runner = FlexDiTRunner(flex_model.eval())        # or accel.build_runner("flexdit", flex_model)
+    runner = FlexDiTRunner(Backend(flex_model.eval()))   # or accel.build_runner("flexdit", flex_model)
     runner.begin(num_steps)
     x0 = sample(cfg_model_fn(runner, 1.5), shape, steps=num_steps, step_callback=runner.step_callback, ...)
     runner.mean_flops()                              # MACs of one model call of one sample row, averaged
@@ -11,11 +11,12 @@ those of `flexdit_flops.model_flops` for that grid, averaged over the rows when 
 
 from __future__ import annotations
 
-from dydit_dist.accel.backend import Backend
-from dydit_dist.accel.base import Runner
+from dydit_dist import flops
+from dydit_dist.dynamic import FlexModel
+from dydit_dist.dynamic.flexdit_flops import model_flops
 
-from .flexdit import FlexDiT, FlexPixArt
-from .flexdit_flops import model_flops
+from .backend import Backend
+from .base import Runner
 
 
 class FlexDiTRunner(Runner):
@@ -23,12 +24,10 @@ class FlexDiTRunner(Runner):
 
     method = "flexdit"
 
-    def __init__(self, model):
-        if not isinstance(model, FlexDiT | FlexPixArt):
-            raise ValueError(f"method 'flexdit' needs a FlexDiT / FlexPixArt model, got {type(model).__name__}")
-        if model.training:
-            raise ValueError("sampling runners need the model in eval mode (model.eval())")
-        super().__init__(Backend(model))
+    def __init__(self, backend: Backend):
+        if not isinstance(backend.model, FlexModel):
+            raise ValueError(f"method 'flexdit' needs a FlexDiT / FlexPixArt model, got {type(backend.model).__name__}")
+        super().__init__(backend)
         self._per_grid: dict[int, float] = {}
 
     def forward(self, x, t, cond):
@@ -55,8 +54,4 @@ class FlexDiTRunner(Runner):
 
     def static_flops(self) -> float:
         """MACs of the static network on one sample (the baseline of the speedup)."""
-        return self.backend.count([{} for _ in range(self.backend.depth)], self._grid or self._token_grid())
-
-    def _token_grid(self) -> tuple[int, int]:
-        side = self.model.schedule.token_grid
-        return side, side
+        return flops.count(self.backend.arch, self.model.input_size, vae_downsample=1).total
