@@ -12,27 +12,25 @@ and the cheapest state (fewest MACs, by the FLOPs counter) whose error is within
 tol(t) = tolerance_at_zero + (tolerance - tolerance_at_zero) * t / (T - 1), which grows linearly
 with the timestep t, is taken; sampling continues with that state's output and cache.
 
-    python -m dydit_dist.accel.calibrate --config dit_xl2_256 --tolerance 0.05 [--out URL] [key=value ...]
+    python -m jobs.calibrate --config dit_xl2_256 --tolerance 0.05 [--out URL] [key=value ...]
 
-writes a JSON table (`schedule` plus the per-step errors and FLOPs) that `EBCacheOptions(schedule=URL)`
-reads. The sampler, step count and guidance scale come from the config's `sample` section.
+writes a JSON table (`schedule` plus the per-step errors and FLOPs; format `options.TABLE_FORMAT`)
+that `EBCacheOptions(schedule=URL)` reads. The sampler, step count and guidance scale come from the
+config's `sample` section.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
 
-from dydit_dist import storage
-from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, cfg_model_fn, randn_per_sample, sample
+from dydit_dist.diffusion import cfg_model_fn, sample
 
 from .backend import Backend
 from .cache import forward_with_cache
+from .options import TABLE_FORMAT
 
-log = logging.getLogger(__name__)
-TABLE_FORMAT = "dydit_dist.eb_cache_table/1"
 CRITERIA = ("norm", "l2")
 
 
@@ -111,84 +109,3 @@ def calibrate(
         "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale,
         "num_samples": noise.shape[0] // (2 if cfg_scale != 1.0 else 1), "steps": rows,
     }
-
-
-def load_table(url: str) -> dict:
-    """Read a calibration table written by this module; a clear error for anything else."""
-    table = storage.read_json(url)
-    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or "schedule" not in table:
-        raise ValueError(f"{url} is not an EB-Cache calibration table (format {TABLE_FORMAT!r})")
-    return table
-
-
-def _conditioning(model, n: int, generator: torch.Generator, guided: bool, noise: torch.Tensor):
-    """Random class labels (DiT) or null captions (PixArt) for n samples -> (x_T, model_kwargs)."""
-    from dydit_dist.models import PixArt
-
-    if isinstance(model, PixArt):
-        null = model.y_embedder.y_embedding
-        caption = null.expand(n, 1, *null.shape).clone()
-        if not guided:
-            return noise, {"y": caption}
-        x, y, _ = cfg_caption_batch(noise, caption, null)
-        return x, {"y": y}
-    labels = torch.randint(0, model.num_classes, (n,), generator=generator)
-    if not guided:
-        return noise, {"y": labels}
-    x, y = cfg_class_batch(noise, labels, model.num_classes)
-    return x, {"y": y}
-
-
-def _network(cfg, allow_random: bool, seed: int):
-    """The sample job's network for `cfg` (static or DyDiT, checkpoint loaded, eval mode)."""
-    from dydit_dist.sample.network import build_network, resolve_checkpoint
-
-    from .synthetic import randomize_zero_init
-
-    if not cfg.model.checkpoint and not allow_random:
-        raise ValueError("model.checkpoint is not set: calibrating random weights gives a meaningless table "
-                         "(pass --random-init to do it anyway)")
-    model = build_network(resolve_checkpoint(cfg))
-    if not cfg.model.checkpoint:  # adaLN-Zero init makes every block the identity: give them random work
-        randomize_zero_init(model, torch.Generator().manual_seed(seed))
-    return model
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from dydit_dist import cli
-
-    parser = cli.job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--tolerance", type=float, default=0.05, help="tolerance at the noisiest timestep")
-    parser.add_argument("--tolerance-at-zero", type=float, default=0.0, help="tolerance at t = 0")
-    parser.add_argument("--criterion", choices=CRITERIA, default="norm")
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="table URL (default: the run folder's eb_cache/)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="allow a model without checkpoint: random weights, with the zero-initialized "
-                             "adaLN / output layers randomized too (tests and benchmarks only)")
-    cfg, args = cli.parse_args(parser, argv)
-    if args.num_samples < 1:
-        parser.error("--num-samples must be >= 1")
-    model = _network(cfg, args.random_init, args.seed)
-    s = cfg.sample
-    generator = torch.Generator().manual_seed(args.seed)
-    size = cfg.model.input_size
-    noise = randn_per_sample((args.num_samples, cfg.model.in_channels, size, size), generator)
-    guided = s.cfg_scale != 1.0
-    x, kwargs = _conditioning(model, args.num_samples, generator, guided, noise)
-    table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=args.tolerance,
-                      tolerance_at_zero=args.tolerance_at_zero, criterion=args.criterion, cfg_scale=s.cfg_scale,
-                      guidance_channels=s.guidance_channels, generator=generator)
-    table.update(model=cfg.model.name, image_size=cfg.model.image_size, method=cfg.model.method,
-                 checkpoint=cfg.model.checkpoint, seed=args.seed)
-    name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{args.criterion}_tol{args.tolerance:g}.json"
-    out = args.out or cli.run_url(cfg, "eb_cache", name)
-    storage.write_json(out, table)
-    log.info("schedule %s (%d/%d full steps, %.3fx FLOPs-ideal) -> %s", table["schedule"], table["full_steps"],
-             table["num_steps"], table["flops_ideal_speedup"], out)
-    return table
-
-
-if __name__ == "__main__":
-    main()

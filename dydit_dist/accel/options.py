@@ -22,7 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from dydit_dist import storage
+
 RELEASED_TABLE_50 = "00000000000000000000002020202020202020202220220220"
+TABLE_FORMAT = "dydit_dist.eb_cache_table/1"  # the JSON an EB-Cache calibration writes (`jobs.calibrate`)
 CACHE_STATES = "0123"
 
 EPS_SCALE_PRESETS = {
@@ -104,7 +107,7 @@ class EBCacheOptions:
     """EB-Cache: per-block branch caching on a calibrated schedule, with exposure-bias correction.
 
     schedule: a cache schedule string, or the path / URL of a calibration table (`.json`, written by
-        `python -m dydit_dist.accel.calibrate`) whose schedule is used.
+        `python -m jobs.calibrate`) whose schedule is used.
     eps_scale: the exposure-bias correction of the predicted noise (see the module docstring).
     """
 
@@ -120,12 +123,10 @@ class EBCacheOptions:
         """The schedule over `num_steps` sampling steps; it must have exactly that length."""
         schedule = self.schedule
         if schedule.endswith(".json"):
-            from .calibrate import load_table  # reads through dydit_dist.storage
-
             schedule = parse_schedule(load_table(schedule)["schedule"])
         if len(schedule) != num_steps:
             raise ValueError(f"cache schedule has {len(schedule)} steps but sampling runs {num_steps}; "
-                             "calibrate one for this step count (python -m dydit_dist.accel.calibrate)")
+                             "calibrate one for this step count (python -m jobs.calibrate)")
         return schedule
 
 
@@ -170,6 +171,14 @@ class ATEDMOptions:
         if self.score_layer + 2 + self.dense_last > depth:
             raise ValueError(f"AT-EDM score_layer={self.score_layer} and dense_last={self.dense_last} leave no "
                              f"block to prune in a {depth}-block model (need score_layer + 2 + dense_last <= depth)")
+
+
+def load_table(url: str) -> dict:
+    """Read an EB-Cache calibration table (`TABLE_FORMAT`); a clear error for anything else."""
+    table = storage.read_json(url)
+    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or "schedule" not in table:
+        raise ValueError(f"{url} is not an EB-Cache calibration table (format {TABLE_FORMAT!r})")
+    return table
 
 
 def from_mapping(cls, values: Mapping | None):

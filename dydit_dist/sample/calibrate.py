@@ -1,0 +1,77 @@
+"""The EB-Cache calibration job: the sample job's network and sampler, a few samples, a table on storage.
+
+`accel.calibrate.calibrate` is the algorithm; this module gives it what a run has (the config's
+network and checkpoint, its sampler, step count and guidance) and writes the table where the run's
+outputs live (`RunPaths.eb_cache`), for `EBCacheOptions(schedule=URL)` to read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dydit_dist import storage
+from dydit_dist.accel import Backend
+from dydit_dist.accel.calibrate import calibrate
+from dydit_dist.accel.synthetic import randomize_zero_init
+from dydit_dist.config import Config
+from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, randn_per_sample
+from dydit_dist.models import PixArt
+from dydit_dist.network import resolve_checkpoint, sampling_network
+from dydit_dist.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+def calibration_inputs(model, n: int, generator: torch.Generator, guided: bool, noise: torch.Tensor):
+    """Random class labels (DiT) or null captions (PixArt) for n samples -> (x_T, model_kwargs);
+    doubled for classifier-free guidance when `guided`."""
+    if isinstance(model, PixArt):
+        null = model.y_embedder.y_embedding
+        caption = null.expand(n, 1, *null.shape).clone()
+        if not guided:
+            return noise, {"y": caption}
+        x, y, _ = cfg_caption_batch(noise, caption, null)
+        return x, {"y": y}
+    labels = torch.randint(0, model.num_classes, (n,), generator=generator)
+    if not guided:
+        return noise, {"y": labels}
+    x, y = cfg_class_batch(noise, labels, model.num_classes)
+    return x, {"y": y}
+
+
+def calibration_network(cfg: Config, allow_random: bool, seed: int):
+    """The sample job's network for `cfg` (static or DyDiT, checkpoint loaded, eval mode)."""
+    if not cfg.model.checkpoint and not allow_random:
+        raise ValueError("model.checkpoint is not set: calibrating random weights gives a meaningless table "
+                         "(pass --random-init to do it anyway)")
+    model = sampling_network(resolve_checkpoint(cfg))
+    if not cfg.model.checkpoint:  # adaLN-Zero init makes every block the identity: give them random work
+        randomize_zero_init(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: float = 0.0,
+                    criterion: str = "norm", num_samples: int = 8, seed: int = 0, out: str | None = None,
+                    allow_random: bool = False) -> tuple[dict, str]:
+    """Calibrate an EB-Cache schedule for `cfg`'s network and sampler -> (the table, its URL)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    model = calibration_network(cfg, allow_random, seed)
+    s = cfg.sample
+    generator = torch.Generator().manual_seed(seed)
+    size = cfg.model.input_size
+    noise = randn_per_sample((num_samples, cfg.model.in_channels, size, size), generator)
+    x, kwargs = calibration_inputs(model, num_samples, generator, s.cfg_scale != 1.0, noise)
+    table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=tolerance,
+                      tolerance_at_zero=tolerance_at_zero, criterion=criterion, cfg_scale=s.cfg_scale,
+                      guidance_channels=s.guidance_channels, generator=generator)
+    table.update(model=cfg.model.name, image_size=cfg.model.image_size, method=cfg.model.method,
+                 checkpoint=cfg.model.checkpoint, seed=seed)
+    name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}.json"
+    out = out or RunPaths(cfg).eb_cache(name)
+    storage.write_json(out, table)
+    log.info("schedule %s (%d/%d full steps, %.3fx FLOPs-ideal) -> %s", table["schedule"], table["full_steps"],
+             table["num_steps"], table["flops_ideal_speedup"], out)
+    return table, out

@@ -1,0 +1,39 @@
+"""Calibrate an EB-Cache schedule (the paper's Algorithm 1): `python -m jobs.calibrate --config NAME [options] key=value ...`.
+
+    python -m jobs.calibrate --config dit_xl2_256 --tolerance 0.05 model.checkpoint=DiT-XL-2-256x256.pt
+
+Writes `{storage.root}/runs/{storage.run}/eb_cache/<model>_<sampler><steps>_<criterion>_tol<t>.json` (or
+`--out`), which `sample.method=eb_cache` reads as its schedule. See `dydit_dist.accel.calibrate`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dydit_dist import cli
+from dydit_dist.accel.calibrate import CRITERIA
+from dydit_dist.sample.calibrate import run_calibration
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = cli.job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tolerance", type=float, default=0.05, help="tolerance at the noisiest timestep")
+    parser.add_argument("--tolerance-at-zero", type=float, default=0.0, help="tolerance at t = 0")
+    parser.add_argument("--criterion", choices=CRITERIA, default="norm")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="table URL (default: the run folder's eb_cache/)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="allow a model without checkpoint: random weights, with the zero-initialized "
+                             "adaLN / output layers randomized too (tests and benchmarks only)")
+    cfg, args = cli.parse_args(parser, argv)
+    if args.num_samples < 1:
+        parser.error("--num-samples must be >= 1")
+    table, _ = run_calibration(cfg, tolerance=args.tolerance, tolerance_at_zero=args.tolerance_at_zero,
+                               criterion=args.criterion, num_samples=args.num_samples, seed=args.seed,
+                               out=args.out, allow_random=args.random_init)
+    return table
+
+
+if __name__ == "__main__":
+    main()
