@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 
 from dydit_dist import config as config_lib
-from dydit_dist.train.network import build_network
+from dydit_dist.network import build_network
 from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
 
 RESULTS = Path(__file__).parent / "results"

@@ -17,8 +17,9 @@ from dydit_dist.data import DataError
 from dydit_dist.train import launcher
 
 
-def run(argv: list[str] | None = None):
-    """Parse, check, fit; returns Ray Train's `Result`. ConfigError / DataError before any worker starts."""
+def run(argv: list[str] | None = None, wrap_session=None):
+    """Parse, check, fit; returns Ray Train's `Result`. ConfigError / DataError before any worker starts.
+    wrap_session: see `launcher.build_trainer` (tests)."""
     import ray
 
     cfg = cli.parse(argv, "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on Ray Train")
@@ -27,7 +28,7 @@ def run(argv: list[str] | None = None):
         ray.init(address=cfg.ray.address)
     launcher.preflight_cluster(cfg, ray.cluster_resources())
     cli.save_resolved_config(cfg, "finetune")
-    result = launcher.build_trainer(cfg).fit()
+    result = launcher.build_trainer(cfg, wrap_session).fit()
     print(f"finetune: done at step {(result.metrics or {}).get('step')}; checkpoint "
           f"{result.checkpoint.path if result.checkpoint else None}; EMA weights {launcher.latest_ema_url(cfg)}")
     return result

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dydit_dist import storage
-from dydit_dist.models import DiT, build_model, load_into, load_state_dict_file, save_safetensors
+from dydit_dist.models import DiT, build_model, load_into, load_state_dict_file
+from dydit_dist.network import load_weights, read_weights, save_weights
 
 DEBUG = dict(input_size=8, num_classes=10)
 
@@ -42,7 +43,7 @@ def test_round_trip(tmp_path, container):
         other = {k: torch.zeros_like(v) for k, v in sd.items()}
         torch.save({"model": other, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)
     else:
-        save_safetensors(source, path)
+        save_weights(source, path)
     assert _same(load_state_dict_file(path), sd)
     target = _model(seed=2)
     assert not _same(target.state_dict(), sd)
@@ -55,7 +56,7 @@ def test_round_trip(tmp_path, container):
 
 def test_other_size_lists_mismatched_shapes_and_the_file(tmp_path):
     path = tmp_path / "dit_width48.safetensors"
-    save_safetensors(_model(hidden_size=48), path)
+    save_weights(_model(hidden_size=48), path)
     with pytest.raises(ValueError) as err:
         load_into(_model(), path)
     message = str(err.value)
@@ -97,14 +98,16 @@ def test_memory_url():
     source = _model(seed=5)
     root = "memory://test_checkpoint_models"
     try:
-        save_safetensors(source, f"{root}/ema.safetensors")
-        assert _same(load_state_dict_file(f"{root}/ema.safetensors"), source.state_dict())
+        save_weights(source, f"{root}/ema.safetensors")
+        assert _same(read_weights(f"{root}/ema.safetensors"), source.state_dict())
         buf = io.BytesIO()
         torch.save({"ema": source.state_dict()}, buf)
         storage.write_bytes(f"{root}/ckpt.pt", buf.getvalue())
         target = _model(seed=6)
-        load_into(target, f"{root}/ckpt.pt")
+        load_weights(target, f"{root}/ckpt.pt")
         assert _same(target.state_dict(), source.state_dict())
+        with pytest.raises(ValueError, match="a URL"):  # models/ never reads storage
+            load_state_dict_file(f"{root}/ckpt.pt")
     finally:
         storage.remove(root)
 

@@ -16,7 +16,7 @@ from dydit_dist.eval.digits import DigitsNet
 from dydit_dist.eval.evaluate import evaluate
 from dydit_dist.eval.extractors import FeatureExtractorUnavailable, resolve_extractor
 from dydit_dist.eval.metrics import frechet_distance, statistics
-from dydit_dist.models import save_safetensors
+from dydit_dist.network import save_weights
 
 
 def scipy_fid(mu1, sigma1, mu2, sigma2) -> float:
@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
     weights = str(root / "digits-cnn.safetensors")
-    save_safetensors(DigitsNet(), weights)
+    save_weights(DigitsNet(), weights)
     return {"weights": weights, "checkpoint": random_checkpoint(str(root / "static.safetensors"))}
 
 

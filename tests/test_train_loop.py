@@ -12,8 +12,8 @@ import torch
 from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.data.synthetic import random_dataset
-from dydit_dist.models import build_model, load_into, save_safetensors
-from dydit_dist.train import build_network, latest_ema
+from dydit_dist.models import build_model
+from dydit_dist.network import build_network, latest_ema, load_weights, save_weights
 from dydit_dist.train.deepspeed_setup import init_single_process
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import LocalSession
@@ -91,7 +91,7 @@ def test_exported_ema_loads_into_the_sampler_network(one_rank, tmp_path):
     exports = [u for u in storage.listdir(f"{root}/runs/{cfg.storage.run}/checkpoints") if u.endswith(".safetensors")]
     assert exports == [url]  # num_to_keep=1 pruned ema-0000002
     network = build_network(cfg.model)
-    load_into(network, url)  # strict: every key of the dynamic network, routers included
+    load_weights(network, url)  # strict: every key of the dynamic network, routers included
     ema = trainer.state.ema.gather()
     assert all(torch.equal(network.state_dict()[k], ema[k]) for k in ema)
     assert storage.find(f"{root}/runs/{cfg.storage.run}/tensorboard")
@@ -103,13 +103,13 @@ def test_init_from_static_checkpoint_only_routers_missing(one_rank, tmp_path):
     random_dataset(f"{root}/data", cfg, num_samples=8)
     torch.manual_seed(3)
     static = build_model("debug", input_size=16, num_classes=10)
-    save_safetensors(static, f"{root}/static.safetensors")
+    save_weights(static, f"{root}/static.safetensors")
     session = LocalSession(str(tmp_path))
     trainer = Trainer(cfg, session)
     assert torch.equal(trainer.network.blocks[1].mlp.fc1.weight, static.blocks[1].mlp.fc1.weight)
 
     wrong = build_model("debug", input_size=8, num_classes=10)  # another latent size: pos_embed differs
-    save_safetensors(wrong, f"{root}/wrong.safetensors")
+    save_weights(wrong, f"{root}/wrong.safetensors")
     with pytest.raises(ValueError, match=r"(?s)wrong.safetensors does not fit .*pos_embed: checkpoint \[1, 16, 64\] vs model \[1, 64, 64\]"):
         Trainer(_cfg(root, f"train.init_from={root}/wrong.safetensors", "storage.run=other"), LocalSession(str(tmp_path / "x")))
 
@@ -127,7 +127,7 @@ def test_static_pixart_zero0_with_accumulation(one_rank, tmp_path):
     last = session.reports[-1]
     assert {"mse", "vb", "loss"} <= set(last) and last["grad_norm"] > 0
     network = build_network(cfg.model)
-    load_into(network, latest_ema(f"{root}/runs/{cfg.storage.run}"))
+    load_weights(network, latest_ema(f"{root}/runs/{cfg.storage.run}"))
     assert torch.equal(network.y_embedder.y_embedding, trainer.network.y_embedder.y_embedding)
 
 
@@ -135,7 +135,7 @@ def test_static_pixart_zero0_with_accumulation(one_rank, tmp_path):
 def test_retain_freed_memory_is_accepted_by_glibc():
     """The worker's malloc settings (see `retain_freed_memory`) are values glibc accepts; the page faults
     they save are measured by benchmarks/train_throughput.py, not asserted here."""
-    from dydit_dist.train.loop import retain_freed_memory
+    from dydit_dist.train.worker import retain_freed_memory
 
     assert retain_freed_memory() is True
 

@@ -3,6 +3,8 @@ ZeRO-2 surviving a lost worker, ZeRO-3 resumed by a second submission, pre-fligh
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -10,8 +12,9 @@ from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.data import LatentStream
 from dydit_dist.data.synthetic import random_dataset
-from dydit_dist.models import load_into
-from dydit_dist.train import build_network, latest_ema
+from dydit_dist.network import build_network, latest_ema, load_weights
+from dydit_dist.paths import RunPaths
+from dydit_dist.train.ray_session import FaultySession
 from jobs import finetune
 
 
@@ -51,16 +54,17 @@ def _uninterrupted(cfg, rank: int, steps: int) -> list[list[int]]:
 @pytest.mark.slow
 def test_zero2_survives_a_lost_worker(ray_local, s3_bucket, s3_endpoint):
     argv = _overrides(s3_bucket, s3_endpoint, "deepspeed.zero_stage=2", "train.max_steps=6", "storage.run=lost",
-                      "train.record_batches=true", "train.fault_exit_step=3", "train.fault_exit_rank=1",
-                      "ray.max_failures=3")
+                      "train.record_batches=true", "ray.max_failures=3")
     cfg = _data(s3_bucket, argv)
-    result = finetune.run(argv)
+    # Rank 1 exits its process as it is about to report the step-4 checkpoint (which is then never committed).
+    marker = RunPaths(cfg).fault_marker(rank=1, step=4)
+    result = finetune.run(argv, wrap_session=functools.partial(FaultySession, rank=1, step=4, marker=marker))
     run = f"{s3_bucket}/runs/lost"
 
     # The worker did exit, the run restarted from the step-2 checkpoint and completed. (Under heavy load
     # Ray Train's placement-group cleaner can, rarely, restart a healthy run too: that one resumes from
     # the step-4 checkpoint, which is as correct.)
-    assert storage.exists(f"{run}/faults/rank-00001-step-0000003.json")
+    assert storage.exists(f"{run}/faults/rank-00001-step-0000004.json")
     assert result.metrics["step"] == 6 and result.metrics["resumed_from"] in (2, 4)
     names = {u.rsplit("/", 1)[1] for u in storage.listdir(f"{run}/checkpoints")}
     assert {"step-0000004", "step-0000006", "ema-0000006.safetensors", "ema-latest.json"} <= names
@@ -77,7 +81,7 @@ def test_zero2_survives_a_lost_worker(ray_local, s3_bucket, s3_endpoint):
 
     # The exported EMA weights load, strictly, into the sampler's network.
     network = build_network(cfg.model)
-    load_into(network, latest_ema(run))
+    load_weights(network, latest_ema(run))
     assert torch.isfinite(network(torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.tensor([0, 1])).out).all()
 
 
@@ -93,7 +97,7 @@ def test_zero3_second_submission_resumes(ray_local, s3_bucket, s3_endpoint):
     run = f"{s3_bucket}/runs/again/checkpoints"
     assert storage.exists(f"{run}/step-0000004/deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt")
     assert storage.read_json(f"{run}/ema-latest.json")["step"] == 4
-    load_into(build_network(config_lib.load("debug", argv[2:]).model), latest_ema(f"{s3_bucket}/runs/again"))
+    load_weights(build_network(config_lib.load("debug", argv[2:]).model), latest_ema(f"{s3_bucket}/runs/again"))
 
 
 @pytest.mark.integration

@@ -12,9 +12,9 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist.config import ConfigError
+from dydit_dist.network import build_network
 from dydit_dist.train.deepspeed_setup import ds_config, grad_accumulation, warmup_then_constant
 from dydit_dist.train.ema import PartitionedEMA
-from dydit_dist.train.network import build_network
 from dydit_dist.train.state import TrainerState
 from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dydit_dist import storage
 from dydit_dist.diffusion import create_diffusion, sample
-from dydit_dist.models import load_into, load_state_dict_file
+from dydit_dist.models import load_into, parse_state_dict
 from dydit_dist.models.registry import arch, family
 
 from .dydit import DyDiT, DyPixArt
@@ -107,7 +108,7 @@ def build(model_name: str, image_size: int, checkpoint: str | None, vae_downsamp
     cls = DyDiT if family(model_name) == "dit" else DyPixArt
     model = cls(input_size=image_size // vae_downsample, **arch(model_name), **kw)
     if checkpoint:
-        load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
+        load_into(model, parse_state_dict(storage.read_bytes(checkpoint), checkpoint), source=checkpoint)
     return model.eval()
 
 

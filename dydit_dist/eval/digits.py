@@ -115,7 +115,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 def train_digits_classifier(url: str, steps: int = 300, seed: int = 0) -> float:
     """Train `DigitsNet` on the digits (held-out fifth for accuracy) and write its weights to `url`
     as safetensors; returns the held-out accuracy. Shifts of one pixel augment the training images."""
-    from dydit_dist.models import save_safetensors
+    from dydit_dist.network import save_weights
 
     images, labels = digits_images()
     rng = np.random.default_rng(seed)
@@ -140,6 +140,6 @@ def train_digits_classifier(url: str, steps: int = 300, seed: int = 0) -> float:
     with torch.no_grad():
         accuracy = (net(x[test])[1].argmax(1) == y[test]).float().mean().item()
     torch.set_num_threads(threads)
-    save_safetensors(net, url, metadata={"name": NAME, "held_out_accuracy": f"{accuracy:.4f}"})
+    save_weights(net, url, metadata={"name": NAME, "held_out_accuracy": f"{accuracy:.4f}"})
     log.info("%s: held-out accuracy %.3f, weights at %s", NAME, accuracy, url)
     return accuracy

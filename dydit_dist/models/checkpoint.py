@@ -2,7 +2,8 @@
 
 Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`), and a
 checkpoint that does not fit the model is refused with the file named and the differences listed.
-Paths may be local or any URL that `dydit_dist.storage` reads (`file://`, `s3://`, `memory://`).
+Checkpoints are parsed from bytes, binary file objects or local paths; URLs (`s3://`, `memory://`)
+are read and written by `dydit_dist.network` (`read_weights`, `load_weights`, `save_weights`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -24,35 +26,35 @@ _CONTAINER_KEYS = ("state_dict", "ema", "model")
 _SHOW = 10  # how many keys of each kind an error lists
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def parse_state_dict(data: bytes | BinaryIO, name: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict, on CPU, from a checkpoint's bytes (or a binary file object).
 
-
-def load_state_dict_file(path_or_url: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a flat {name: tensor} dict from a checkpoint file, on CPU.
-
-    `.safetensors` files are read with safetensors; anything else with
-    `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`, `{"ema": ...}`,
-    `{"model": ...}`) are unwrapped. Raises FileNotFoundError or ValueError naming the file.
+    `name` (the file's name or URL) picks the format: `.safetensors` is read with safetensors,
+    anything else with `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`,
+    `{"ema": ...}`, `{"model": ...}`) are unwrapped. Raises ValueError naming `name`.
     """
-    from dydit_dist import storage  # fsspec lives there; imported here to keep models/ light
-
-    src = os.fspath(path_or_url)
-    is_safetensors = src.endswith(".safetensors")
-    if not _is_url(src):
-        local = src.removeprefix("file://")
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"{src}: no such checkpoint file")
-        if is_safetensors:
-            obj = safetensors.torch.load_file(local, device="cpu")
-        else:
-            obj = _torch_load(local, src)
-    elif is_safetensors:
-        obj = safetensors.torch.load(storage.read_bytes(src))
+    if name.endswith(".safetensors"):
+        obj = safetensors.torch.load(data if isinstance(data, bytes) else data.read())
     else:
-        with storage.open_file(src, "rb") as f:
-            obj = _torch_load(io.BytesIO(f.read()), src)
-    return _unwrap(obj, src)
+        obj = _torch_load(io.BytesIO(data) if isinstance(data, bytes) else data, name)
+    return _unwrap(obj, name)
+
+
+def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
+    """`parse_state_dict` of a local file (a `.safetensors` file is mapped, not read whole).
+
+    `name` is how errors call the file (default: the path). Raises FileNotFoundError or ValueError
+    naming it; a URL is a ValueError (`dydit_dist.network.read_weights` reads those).
+    """
+    local = os.fspath(path)
+    name = name or local
+    if "://" in local:
+        raise ValueError(f"{name}: a URL; models read local files only (dydit_dist.network.read_weights reads URLs)")
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"{name}: no such checkpoint file")
+    if local.endswith(".safetensors"):
+        return _unwrap(safetensors.torch.load_file(local, device="cpu"), name)
+    return _unwrap(_torch_load(local, name), name)
 
 
 def _torch_load(f, src: str):
@@ -100,7 +102,7 @@ def load_into(
 ) -> LoadResult:
     """Copy a checkpoint into `model`, refusing one that belongs to another model or size.
 
-    state_dict: a mapping, or a path / URL read with `load_state_dict_file`.
+    state_dict: a mapping, or a local path read with `load_state_dict_file`.
     allow_missing: fnmatch patterns of model keys the checkpoint may lack (e.g. `"blocks.*.attn_rate.*"`
       for DyDiT routers on a static checkpoint); those keep their current values.
     strict: if False, other missing keys and unexpected keys are tolerated too (and reported).
@@ -146,14 +148,11 @@ def _describe(model: nn.Module) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in kwargs().items()) + ")"
 
 
-def save_safetensors(
+def safetensors_bytes(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-    path_or_url: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write weights as one safetensors object, whole (temp-and-rename locally, one PUT on S3)."""
-    from dydit_dist import storage
-
+) -> bytes:
+    """Weights as one safetensors object (`dydit_dist.network.save_weights` writes it to a URL)."""
     sd = (
         model_or_state_dict.state_dict()
         if isinstance(model_or_state_dict, nn.Module)
@@ -161,5 +160,4 @@ def save_safetensors(
     )
     # Contiguous CPU copies: safetensors refuses views and tensors sharing memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    data = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
-    storage.write_bytes(os.fspath(path_or_url), data)
+    return safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)

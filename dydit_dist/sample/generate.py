@@ -19,10 +19,10 @@ from dydit_dist.config import Config
 from dydit_dist.diffusion import cfg_model_fn, randn_per_sample, sample
 from dydit_dist.dynamic import DyDiT, DyPixArt, FastPath
 from dydit_dist.models import family
+from dydit_dist.network import sampling_network
 
 from .conditions import CaptionConditioner, ClassConditioner
 from .methods import build_method
-from .network import build_network
 from .plan import ShardSpec, load_prompts, sample_generators, sample_seed
 from .shards import GeneratedSample
 
@@ -70,7 +70,7 @@ class ShardGenerator:
         start = time.perf_counter()
         self.cfg = cfg
         self.device = torch.device(device)
-        self.model = build_network(cfg, self.device)
+        self.model = sampling_network(cfg, self.device)
         self.runner = build_method(cfg, self.model)
         self.conditioner = _conditioner(cfg, self.model, self.device)
         self.decoder = ImageDecoder(cfg.data.vae, cfg.data.vae_scale_factor, self.device)

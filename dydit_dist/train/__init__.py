@@ -1,10 +1,9 @@
 """Fine-tuning: the training step, DeepSpeed engine wiring, partitioned EMA, checkpoints, Ray Train glue.
 
-- `loop.train_loop_per_worker(config_dict)`: what Ray Train runs on every worker (`jobs/finetune.py`).
-- `network.build_network(cfg.model)` + `network.latest_ema(run_url)`: the sampler's way to the
-  exported EMA weights (`{run}/checkpoints/ema-{step:07d}.safetensors`, pointer `ema-latest.json`).
+- `launcher.build_trainer(cfg)`: the driver's Ray Train `TorchTrainer` (`jobs/finetune.py`).
+- `worker.train_loop_per_worker(config_dict)`: what Ray Train runs on every worker.
+- `loop.Trainer(cfg, session)`: the trainer of one rank; `step`: one step's math; `metrics`: its log
+  window; `checkpoints`: resumable checkpoints and the exported EMA weights.
+
+The network and its weights (`build_network`, `init_weights`, `latest_ema`) are `dydit_dist.network`'s.
 """
-
-from dydit_dist.train.network import build_network, init_weights, latest_ema
-
-__all__ = ["build_network", "init_weights", "latest_ema"]

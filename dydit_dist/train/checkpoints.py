@@ -23,14 +23,18 @@ import re
 from torch import nn
 
 from dydit_dist import storage
-from dydit_dist.models import save_safetensors
-from dydit_dist.train.network import EMA_POINTER
+from dydit_dist.network import EMA_POINTER, save_weights
 from dydit_dist.train.state import TrainerState
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 EMA_NAME = re.compile(r"ema-(\d{7})\.safetensors$")
+
+
+def due(step: int, train_cfg) -> bool:
+    """A checkpoint is written every `train.checkpoint_every` steps and at the last step."""
+    return step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps
 
 
 def checkpoint_name(step: int) -> str:
@@ -81,8 +85,8 @@ def export_ema(state: TrainerState, network: nn.Module, checkpoints_url: str, mo
     buffers = {name: b.detach() for name, b in network.named_buffers() if name in keys}
     name = f"ema-{state.step:07d}.safetensors"
     url = storage.join(checkpoints_url, name)
-    save_safetensors({**weights, **buffers}, url,
-                     metadata={"step": str(state.step), "model": json.dumps(model_cfg, sort_keys=True)})
+    save_weights({**weights, **buffers}, url,
+                 metadata={"step": str(state.step), "model": json.dumps(model_cfg, sort_keys=True)})
     storage.write_json(storage.join(checkpoints_url, EMA_POINTER),
                        {"step": state.step, "file": name, "url": url, "model": model_cfg})
     if keep:

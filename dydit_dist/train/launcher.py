@@ -12,16 +12,19 @@ snapshot and the exported EMA weights sit side by side. A second submission with
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from ray.train import UserCallback
 
 from dydit_dist import storage
-from dydit_dist.cli import data_url, run_url
 from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
+from dydit_dist.network import latest_ema
+from dydit_dist.paths import RunPaths
 from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
 from dydit_dist.train.metrics import progress_line
-from dydit_dist.train.network import latest_ema
 
 RAY_RUN_NAME = "checkpoints"
 
@@ -36,13 +39,14 @@ def preflight(cfg) -> None:
         raise ConfigError(f"model.method={m.method!r} cannot be fine-tuned by this job; use 'static', 'dydit' or 'flexdit'")
     if family(m.name) == "pixart_ms":
         raise ConfigError(f"model.name={m.name!r}: multi-scale PixArt is not supported for fine-tuning")
-    if run_url(cfg).startswith("memory://"):
+    paths = RunPaths(cfg)
+    if paths.url.startswith("memory://"):
         raise ConfigError(f"storage.root={cfg.storage.root!r}: Ray workers are separate processes; use a folder or s3://")
     # 2. The data
-    manifest = verify_manifest(data_url(cfg), m, cfg.data)
+    manifest = verify_manifest(paths.data, m, cfg.data)
     consumers = r.num_workers * max(1, cfg.data.num_workers)
     if manifest.num_samples < consumers:
-        raise ConfigError(f"{data_url(cfg)} has {manifest.num_samples} samples, fewer than ray.num_workers x "
+        raise ConfigError(f"{paths.data} has {manifest.num_samples} samples, fewer than ray.num_workers x "
                           f"data.num_workers = {r.num_workers} x {max(1, cfg.data.num_workers)} = {consumers}")
 
 
@@ -59,7 +63,7 @@ def preflight_cluster(cfg, cluster_resources: dict) -> None:
 
 def latest_ema_url(cfg) -> str:
     """Where the newest exported EMA weights of this run are."""
-    return latest_ema(run_url(cfg))
+    return latest_ema(RunPaths(cfg).url)
 
 
 def ray_storage(url: str):
@@ -74,16 +78,18 @@ def ray_storage(url: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg):
-    """A `TorchTrainer` running `train_loop_per_worker` on `ray.num_workers` workers."""
+def build_trainer(cfg, wrap_session: Callable | None = None):
+    """A `TorchTrainer` running `train_loop_per_worker` on `ray.num_workers` workers.
+
+    wrap_session: session -> session, applied in every worker (tests: `ray_session.FaultySession`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dydit_dist.train.loop import train_loop_per_worker
+    from dydit_dist.train.worker import train_loop_per_worker
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    path, filesystem = ray_storage(run_url(cfg))
+    path, filesystem = ray_storage(RunPaths(cfg).url)
     env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
     run_config = RunConfig(
         name=RAY_RUN_NAME, storage_path=path, storage_filesystem=filesystem,
@@ -92,8 +98,10 @@ def build_trainer(cfg):
         worker_runtime_env={"env_vars": env} if env else None,
         callbacks=[ProgressCallback(cfg.train.max_steps)],
     )
+    loop = train_loop_per_worker if wrap_session is None else functools.partial(train_loop_per_worker,
+                                                                                 wrap_session=wrap_session)
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg.to_dict(),
+        loop, train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=run_config, torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
     )

@@ -1,8 +1,12 @@
-"""Training metrics: TensorBoard event files under `{run}/tensorboard/`, written by rank 0.
+"""Training metrics: the log window of the trainer, and TensorBoard event files under `{run}/tensorboard/`.
 
-The writer logs to a local folder; after every flush each event file is uploaded whole (one PUT) to
-the run folder, so `tensorboard --logdir {run}/tensorboard` (or a synced copy) sees every scalar.
-A resumed run starts a new event file next to the old ones; TensorBoard merges them by step.
+`MetricsWindow` collects the loss terms of the steps since the last log line and times them; every
+`train.log_every` steps (and at the last) it averages them over the ranks, writes the progress line
+(rank 0) and the TensorBoard scalars, and says whether they also go to the session.
+
+The TensorBoard writer (rank 0) logs to a local folder; after every flush each event file is uploaded
+whole (one PUT) to the run folder, so `tensorboard --logdir {run}/tensorboard` (or a synced copy) sees
+every scalar. A resumed run starts a new event file next to the old ones; TensorBoard merges them by step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+
+import torch
+import torch.distributed as dist
 
 from dydit_dist import storage
 
@@ -60,3 +68,70 @@ def progress_line(metrics: dict, max_steps: int) -> str:
     if metrics.get("grad_norm") is not None:
         parts.append(f"grad norm {metrics['grad_norm']:.3f}")
     return " | ".join(parts)
+
+
+class MetricsWindow:
+    """The optimizer steps since the last log: their summed loss terms, wall and CPU time, and the time
+    since the session last took a report.
+
+        window.add(terms)                                 # after every optimizer step
+        if window.due(step):                              # every train.log_every steps, and at the last
+            metrics, report_due = window.close(step, extra)
+        window.restart()                                  # time since close() is not throughput (a checkpoint)
+        window.reported()                                 # the session took a report
+
+    A session may take reports no more often than its `min_report_interval_s` (Ray Train's controller
+    collects one per poll, and a worker that reports again before that blocks until it has); the time
+    since the last report rides along the ranks' all-reduce, so every rank makes the same choice and
+    reports the same number of times.
+    """
+
+    def __init__(self, train_cfg, tensorboard: TensorBoardLog, device: torch.device, rank: int, world_size: int,
+                 min_report_interval_s: float):
+        self.log_every, self.max_steps = train_cfg.log_every, train_cfg.max_steps
+        self.global_batch_size = train_cfg.global_batch_size
+        self.tensorboard, self.device = tensorboard, device
+        self.rank, self.world_size = rank, world_size
+        self.min_report_interval_s = min_report_interval_s
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        self.reported_at = self.start
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def close(self, step: int, extra: dict) -> tuple[dict, bool]:
+        """End the window at `step` (collective): loss terms averaged over the window and the ranks,
+        `extra` (learning rate, gradient norm, ...), throughput (samples/s of the whole job;
+        cpu_s_per_step: this process's CPU seconds per step, rank 0's kept). The progress line (rank 0)
+        and TensorBoard get them. -> (metrics, whether they go to the session too)."""
+        now, now_cpu = time.perf_counter(), time.process_time()
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[k] / self.steps for k in names]).to(self.device)
+        values = torch.cat([values, values.new_tensor([now - self.reported_at])])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+        *terms, since_report = values.tolist()
+        metrics = dict(zip(names, terms, strict=True))
+        metrics.update(step=step, **extra,
+                       samples_per_s=self.global_batch_size * self.steps / max(now - self.start, 1e-9),
+                       cpu_s_per_step=(now_cpu - self.start_cpu) / self.steps)
+        if self.rank == 0:
+            log.info(progress_line(metrics, self.max_steps))
+        # The next window starts here, so its samples/s includes this window's logging and report.
+        self.start, self.start_cpu, self.sums, self.steps = now, now_cpu, {}, 0
+        self.tensorboard.log(step, {k: v for k, v in metrics.items() if k != "step" and v is not None})
+        return metrics, since_report >= self.min_report_interval_s
+
+    def restart(self) -> None:
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+
+    def reported(self) -> None:
+        self.reported_at = time.perf_counter()

@@ -1,7 +1,8 @@
 """The only module that talks to the Ray Train session: ranks, the checkpoint to resume from, reports.
 
 The training loop sees a `Session`: `RaySession` inside a Ray Train worker, `LocalSession` in one
-process without Ray (unit tests, the benchmark's bare runs), with the same three operations:
+process without Ray (unit tests, the benchmark's bare runs), with the same three operations
+(`FaultySession` wraps either, for tests that lose a worker):
 
     with session.restore() as folder:   # a local folder of the latest checkpoint, or None
         ...
@@ -11,11 +12,16 @@ process without Ray (unit tests, the benchmark's bare runs), with the same three
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Iterator
 
 import torch
+
+from dydit_dist import storage
+
+log = logging.getLogger(__name__)
 
 
 class RaySession:
@@ -105,3 +111,28 @@ class LocalSession:
         self.reports.append(dict(metrics))
         if checkpoint_dir:
             shutil.copytree(checkpoint_dir, os.path.join(self.folder, name), dirs_exist_ok=True)
+
+
+class FaultySession:
+    """A session that loses a worker, for tests: rank `rank` kills its own process (`os._exit`) when it
+    is about to report step `step`, once per run (the object `marker`, written first, keeps the
+    restarted worker from doing it again); everything else goes to `session`.
+
+        marker = RunPaths(cfg).fault_marker(1, 4)
+        launcher.build_trainer(cfg, wrap_session=functools.partial(FaultySession, rank=1, step=4, marker=marker))
+    """
+
+    def __init__(self, session, rank: int, step: int, marker: str):
+        self.session, self.rank, self.step, self.marker = session, rank, step, marker
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        if self.session.world_rank == self.rank and metrics.get("step") == self.step:
+            if not storage.exists(self.marker):
+                storage.write_json(self.marker, {"rank": self.rank, "step": self.step, "pid": os.getpid()})
+                log.warning("test fault: rank %d exits its process at the report of step %d", self.rank, self.step)
+                logging.shutdown()
+                os._exit(1)
+        self.session.report(metrics, checkpoint_dir=checkpoint_dir, name=name)

@@ -39,8 +39,9 @@ class DiffusionObjective(nn.Module):
     "lambda_t"; for a static network "mse" and "vb". cond: y (B,) labels for DiT; y (B, 1, L, C)
     T5 features and mask (B, L) for PixArt.
 
-    Conditioning dropout is drawn by `draw_inputs`, so the network's own embedders are told not to
-    drop (their null class / null caption stays in the weights for guidance).
+    Conditioning dropout is drawn by `draw_inputs`; the network's own embedders never drop (they are
+    built that way by `dydit_dist.network.build_network`; the null class / null caption stays in the
+    weights for guidance).
     """
 
     def __init__(self, network: nn.Module, cfg):
@@ -50,11 +51,6 @@ class DiffusionObjective(nn.Module):
         self.dynamic = cfg.model.dynamic
         self.diffusion = create_diffusion(num_timesteps=cfg.diffusion.num_timesteps)
         self.learn_sigma = network.out_channels == 2 * network.in_channels
-        embedder = network.y_embedder
-        if hasattr(embedder, "dropout_prob"):  # DiT LabelEmbedder
-            embedder.dropout_prob = 0.0
-        else:  # PixArt CaptionEmbedder
-            embedder.uncond_prob = 0.0
 
     def forward(self, x0, t, noise, step: int, generator: torch.Generator | None = None, **cond):
         if self.method == "dydit":

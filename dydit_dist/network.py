@@ -1,0 +1,181 @@
+"""The network a config describes, and its weights on storage.
+
+Fine-tuning builds the network of `cfg.model` and initializes it:
+
+    network = build_network(cfg.model)            # DiT / PixArt, or with DyDiT routers / FlexDiT modules
+    init_weights(network, cfg)                    # train.init_from, else model.checkpoint, else random
+
+Sampling builds the same network, with its
+checkpoint pinned once per job and loaded strictly:
+
+    cfg = resolve_checkpoint(cfg)                 # a run folder becomes its newest EMA export
+    network = sampling_network(cfg, device)       # eval mode, no gradients
+
+Weights are read from and written to any URL `dydit_dist.storage` knows (`file://`, `s3://`,
+`memory://`, local paths); `dydit_dist.models` parses and checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from dydit_dist import storage
+from dydit_dist.config import Config, ModelConfig
+from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS, DyDiT, DyPixArt, flexdit_from_static
+from dydit_dist.models import (
+    LoadResult,
+    build_model,
+    family,
+    load_into,
+    load_state_dict_file,
+    parse_state_dict,
+    safetensors_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+EMA_POINTER = "ema-latest.json"  # in {run}/checkpoints/: {"step", "file", "url"} of the newest export
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+def build_network(model_cfg: ModelConfig) -> nn.Module:
+    """Static DiT / PixArt for `method: static`; the same with DyDiT routers for `method: dydit`, with
+    FlexDiT modules for `method: flexdit`.
+
+    The embedders never drop the conditioning themselves: the training step draws label / caption
+    dropout from the step's own generator (`train.step.draw_inputs`), and sampling drops it through
+    guidance. The null class / null caption stays in the weights.
+    """
+    m = model_cfg
+    fam = family(m.name)
+    if fam == "pixart_ms":
+        raise ValueError(f"model.name={m.name!r}: multi-scale PixArt needs per-sample sizes the data does not carry; "
+                         "fine-tune PixArt-XL/2 (or PixArt-debug)")
+    kwargs = dict(input_size=m.input_size, in_channels=m.in_channels, class_dropout_prob=m.class_dropout_prob)
+    if fam == "dit":
+        kwargs.update(num_classes=m.num_classes, learn_sigma=m.learn_sigma)
+    else:
+        kwargs.update(pred_sigma=m.learn_sigma, caption_channels=m.caption_channels,
+                      model_max_length=m.model_max_length, lewei_scale=m.lewei_scale)
+    static = build_model(m.name, **kwargs)
+    if m.method == "static":
+        network = static
+    elif m.method == "dydit":
+        cls = DyDiT if fam == "dit" else DyPixArt
+        network = cls.from_static(static, m.dynamic)
+    elif m.method == "flexdit":
+        network = flexdit_from_static(static, m.flexdit)
+    else:
+        raise ValueError(f"model.method={m.method!r} cannot be fine-tuned by this job yet; use 'static', 'dydit' or "
+                         "'flexdit'")
+    embedder = network.y_embedder
+    if hasattr(embedder, "dropout_prob"):  # DiT LabelEmbedder
+        embedder.dropout_prob = 0.0
+    else:  # PixArt CaptionEmbedder
+        embedder.uncond_prob = 0.0
+    return network
+
+
+def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
+    """The fine-tuning network of `cfg.model` (`model.method` chooses the variant; `Config.validate`
+    checked that `sample.method` runs on it) with `model.checkpoint` loaded (strict), in eval mode on `device`.
+
+    A missing checkpoint leaves the network as initialized (only sensible for tests and smoke runs)
+    and says so in the log; a checkpoint that does not fit the network is a ValueError naming it.
+    """
+    model = build_network(cfg.model)
+    checkpoint = cfg.model.checkpoint
+    if checkpoint:
+        load_weights(model, resolve_weights(checkpoint))
+    else:
+        log.warning("no checkpoint (model.checkpoint is unset): sampling from an initialized %s", cfg.model.name)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- which weights
+
+
+def resolve_weights(source: str) -> str:
+    """A weights file URL for `source`: a file, or a previous run's folder (its newest EMA export)."""
+    pointer = storage.join(source, "checkpoints", EMA_POINTER)
+    if not source.endswith((".pt", ".pth", ".safetensors", ".bin")) and storage.exists(pointer):
+        return storage.read_json(pointer)["url"]
+    return source
+
+
+def latest_ema(run: str) -> str:
+    """URL of the newest exported EMA weights of a run folder (`{root}/runs/{run}`)."""
+    pointer = storage.join(run, "checkpoints", EMA_POINTER)
+    try:
+        return storage.read_json(pointer)["url"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{pointer}: no EMA weights exported yet (no checkpoint written by this run)") from None
+
+
+def resolve_checkpoint(cfg: Config) -> Config:
+    """`cfg` with `model.checkpoint` pinned to a weights file (a run folder becomes its newest EMA
+    export now, so that every shard of a job, and of its reruns, comes from the same weights)."""
+    if not cfg.model.checkpoint:
+        return cfg
+    model = dataclasses.replace(cfg.model, checkpoint=resolve_weights(cfg.model.checkpoint))
+    return dataclasses.replace(cfg, model=model)
+
+
+def init_weights(network: nn.Module, cfg: Config) -> LoadResult | None:
+    """Load `train.init_from` (else `model.checkpoint`) into `network`; None when neither is set.
+
+    A static checkpoint loads into a dynamic network with only the router keys missing (they keep
+    their all-on initialization); any other missing key, extra key or shape is a ValueError naming
+    the file.
+    """
+    source = cfg.train.init_from or cfg.model.checkpoint
+    if source is None:
+        log.warning("no train.init_from or model.checkpoint: fine-tuning from random weights")
+        return None
+    url = resolve_weights(source)
+    allow = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
+    result = load_weights(network, url, allow_missing=allow)
+    if result.missing:
+        log.info("initialized from %s; %d added tensors (routers, FlexDiT W1 / W2) start fresh", url, len(result.missing))
+    else:
+        log.info("initialized from %s (every key)", url)
+    return result
+
+
+# ---------------------------------------------------------------------------- weights on storage
+
+
+def _local_path(url: str) -> str | None:
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
+def read_weights(url: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict on CPU from a checkpoint at a local path or URL (see
+    `models.parse_state_dict` for the formats). Raises FileNotFoundError or ValueError naming it."""
+    src = os.fspath(url)
+    local = _local_path(src)
+    if local is not None:  # safetensors maps a local file instead of reading it whole
+        return load_state_dict_file(local, name=src)
+    return parse_state_dict(storage.read_bytes(src), name=src)
+
+
+def load_weights(model: nn.Module, url: str | os.PathLike, allow_missing: Iterable[str] = (),
+                 strict: bool = True) -> LoadResult:
+    """`models.load_into` of the checkpoint at `url`; its errors name `url`."""
+    return load_into(model, read_weights(url), allow_missing=allow_missing, strict=strict, source=os.fspath(url))
+
+
+def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], url: str | os.PathLike,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write weights as one safetensors object, whole (temp-and-rename locally, one PUT on S3)."""
+    storage.write_bytes(os.fspath(url), safetensors_bytes(model_or_state_dict, metadata))
