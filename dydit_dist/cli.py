@@ -1,4 +1,4 @@
-"""What every job shares: `--config NAME_OR_PATH` plus dotlist overrides, and where outputs go."""
+"""What every job shares: `--config NAME_OR_PATH` plus dotlist overrides, the exit status, the resolved config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.config import Config
+from dydit_dist.paths import RunPaths
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -51,18 +52,8 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
     return 0
 
 
-def run_url(cfg: Config, *parts: str) -> str:
-    """`{storage.root}/runs/{storage.run}/...`"""
-    return storage.join(cfg.storage.root, "runs", cfg.storage.run, *parts)
-
-
-def data_url(cfg: Config) -> str:
-    """`data.uri`, or `{storage.root}/data/{storage.run}` when it is not set."""
-    return cfg.data.uri or storage.join(cfg.storage.root, "data", cfg.storage.run)
-
-
 def save_resolved_config(cfg: Config, job: str) -> str:
     """Write the resolved config next to the job's outputs; returns its URL."""
-    url = run_url(cfg, f"config.{job}.yaml")
+    url = RunPaths(cfg).config(job)
     config_lib.save(cfg, url)
     return url

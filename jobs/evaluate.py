@@ -3,7 +3,7 @@
     python -m jobs.evaluate --config dit_xl2_256 storage.root=s3://bucket storage.run=dydit-0.5 \
         eval.reference=s3://bucket/VIRTUAL_imagenet256_labeled.npz eval.inception_weights=/weights/pt_inception.pth
 
-Writes `{storage.root}/runs/{storage.run}/metrics.json`.
+Writes the run's `metrics.json` (`{storage.root}/runs/{storage.run}/metrics.json`, see `dydit_dist.paths`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 from dydit_dist import cli
 from dydit_dist.eval import FeatureExtractorUnavailable, evaluate
+from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesError
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> str:
         record = evaluate(cfg)
         values = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
-        return (f"{cli.run_url(cfg, 'metrics.json')}: {values} on {record['num_samples']} samples "
+        return (f"{RunPaths(cfg).metrics}: {values} on {record['num_samples']} samples "
                 f"[{record['feature_extractor']['name']}]")
 
     return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError))

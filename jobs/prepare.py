@@ -10,6 +10,7 @@ import sys
 
 from dydit_dist import cli
 from dydit_dist.data import DataError, prepare
+from dydit_dist.shardset import ShardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{result.uri}: {manifest.num_samples} samples in {manifest.num_shards} shards ({result.encoded} "
                 f"encoded now, {result.skipped} already done, {manifest.bad_inputs} unreadable inputs)")
 
-    return cli.run_job("prepare", work, (DataError,))
+    return cli.run_job("prepare", work, (DataError, ShardError))
 
 
 if __name__ == "__main__":

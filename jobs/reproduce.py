@@ -4,7 +4,7 @@
 
 prepare -> finetune -> sample -> evaluate for every method in `eval.methods`, each stage skipped when
 its outputs exist, ending in `{storage.root}/runs/{storage.run}/report.md` (see
-`dydit_dist.eval.reproduce` for where everything goes).
+`dydit_dist.pipeline` for where everything goes).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dydit_dist import cli
 from dydit_dist.config import ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.eval import FeatureExtractorUnavailable
-from dydit_dist.eval.reproduce import reproduce
+from dydit_dist.pipeline import reproduce
 from dydit_dist.sample import SamplesError
+from dydit_dist.shardset import ShardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         report = reproduce(cfg)
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
-    return cli.run_job("reproduce", work, (ConfigError, DataError, SamplesError, FeatureExtractorUnavailable))
+    return cli.run_job("reproduce", work, (ConfigError, DataError, ShardError, SamplesError,
+                                          FeatureExtractorUnavailable))
 
 
 if __name__ == "__main__":

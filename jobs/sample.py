@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 
 from dydit_dist import cli
-from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling, samples_url
+from dydit_dist.paths import RunPaths
+from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> str:
         manifest = run_sampling(cfg)
+        samples = RunPaths(cfg).samples
         if cfg.sample.export_npz:
-            export_adm_npz(samples_url(cfg), cfg.sample.export_npz)
-        return (f"{samples_url(cfg)}: {manifest.num_samples} samples in {manifest.num_shards} shards"
+            export_adm_npz(samples, cfg.sample.export_npz)
+        return (f"{samples}: {manifest.num_samples} samples in {manifest.num_shards} shards"
                 + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
 
     return cli.run_job("sample", work, (SamplesError, ValueError, FileNotFoundError, RuntimeError))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dydit_dist import config, storage
+from dydit_dist.network import sampling_network
 from dydit_dist.sample import pack, plan_shards, sampling_settings
-from dydit_dist.sample.manifest import SamplesManifest, write_manifest
-from dydit_dist.sample.network import build_network
+from dydit_dist.sample.manifest import SamplesManifest
 
 # A few steps and samples of the debug model (16x16x4 pixels, 10 classes): a shard in ~0.1 s.
 TINY = ["sample.steps=4", "sample.batch_size=4", "sample.shard_size=4", "sample.num_samples=16", "ray.max_failures=3"]
@@ -18,17 +18,17 @@ def tiny_config(root: str, *overrides: str) -> config.Config:
 
 
 def random_checkpoint(path: str, *overrides: str, seed: int = 0) -> str:
-    """The debug network (with routers for sample.method=dydit or model.method=dydit) with every weight drawn at random,
+    """The debug network (with routers for model.method=dydit) with every weight drawn at random,
     so outputs depend on inputs and some DyDiT heads, groups and tokens are switched off."""
     cfg = config.load("debug", list(overrides))
-    model = build_network(cfg)
+    model = sampling_network(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * (0.5 if "rate" in name or "token" in name else 0.05))
-    from dydit_dist.models import save_safetensors
+    from dydit_dist.network import save_weights
 
-    save_safetensors(model, path)
+    save_weights(model, path)
     return path
 
 
@@ -45,4 +45,4 @@ def write_samples(cfg: config.Config, url: str) -> None:
         manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
                       "timing": timing})
     manifest.stats.update(gen.stats())
-    write_manifest(url, manifest)
+    manifest.write(url)

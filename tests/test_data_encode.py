@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from dydit_dist import config
-from dydit_dist.data import DataError, ShardError, pipeline, sources
+from dydit_dist.data import DataError, pipeline, sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder
-from dydit_dist.data.shards import decode_sample, pack, sample_files, unpack
+from dydit_dist.data.shards import decode_sample, sample_files
+from dydit_dist.shardset import ShardError, pack, unpack
 
 
 def test_shard_round_trip_is_deterministic_and_webdataset_readable(tmp_path):

@@ -7,8 +7,7 @@ import torch
 
 from dydit_dist import config, storage
 from dydit_dist.data import LatentStream, ManifestError, prepare, verify_manifest
-from dydit_dist.data.manifest import shard_url
-from dydit_dist.data.shards import pack
+from dydit_dist.shardset import pack, shard_url
 from dydit_dist.storage import StorageError
 
 pytestmark = pytest.mark.integration
@@ -50,7 +49,7 @@ def test_prepare_local_then_read_back_and_rerun(ray_local, image_source, tiny_va
     assert result.encoded == 7 and manifest.complete and manifest.num_samples == 48
     assert manifest.settings["stored_shape"] == [2, 4, 4, 4] and manifest.settings["scale_factor"] == 0.18215
     bad = sorted(b["source"].rsplit("/", 2)[-2] + "/" + b["source"].rsplit("/", 1)[-1]
-                 for s in manifest.shards for b in s["bad"])
+                 for s in manifest.shards.values() for b in s["bad"])
     assert bad == sorted(image_source["bad"]) and manifest.bad_inputs == 2
     verify_manifest(uri, cfg.model, cfg.data)
 

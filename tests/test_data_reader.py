@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from dydit_dist import config, storage
-from dydit_dist.data import LatentStream, ManifestError, ShardError, verify_manifest
-from dydit_dist.data.manifest import read_manifest, shard_url, write_manifest
+from dydit_dist.data import LatentStream, ManifestError, verify_manifest
+from dydit_dist.data.manifest import read_manifest
 from dydit_dist.data.order import segment, shuffle_order
 from dydit_dist.data.synthetic import random_dataset, write_dataset
+from dydit_dist.shardset import ShardError, shard_url
 
 
 def take(stream, n):
@@ -171,7 +172,7 @@ def test_verify_manifest_names_the_mismatch(tmp_path):
         verify_manifest(uri, latent.model, latent.data)
     manifest = read_manifest(uri)
     manifest.complete = False
-    write_manifest(uri, manifest)
+    manifest.write(uri)
     with pytest.raises(ManifestError, match="incomplete"):
         LatentStream(uri, batch_size=2)
     with pytest.raises(ManifestError, match=f"{tmp_path}/nothing/manifest.json not found"):

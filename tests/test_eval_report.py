@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dydit_dist import storage
+from dydit_dist import config, storage
 from dydit_dist.eval import write_report
+from dydit_dist.paths import RunPaths
 from dydit_dist.sample import GeneratedSample, pack
-from dydit_dist.sample.manifest import SamplesManifest, write_manifest
+from dydit_dist.sample.manifest import SamplesManifest
 
 
 def _samples(url: str, stats: dict) -> None:
@@ -17,7 +18,7 @@ def _samples(url: str, stats: dict) -> None:
     storage.write_bytes(storage.join(url, "shard-000000.tar"), pack(samples))
     manifest = SamplesManifest({"method": "x"}, 1, stats=stats)
     manifest.add({"index": 0, "name": "shard-000000.tar", "start": 0, "count": 12, "timing": {"sample_s": 1.0}})
-    write_manifest(url, manifest)
+    manifest.write(url)
 
 
 def _record(url: str, method: str, fid: float, gflops: float) -> dict:
@@ -33,13 +34,15 @@ def _record(url: str, method: str, fid: float, gflops: float) -> dict:
 
 
 def test_report_tables_and_plots(tmp_path):
-    run = str(tmp_path / "runs" / "demo")
+    paths = RunPaths(config.load("debug", [f"storage.root={tmp_path}", "storage.run=demo"]))
+    run = paths.url
+    assert run == str(tmp_path / "runs" / "demo")
     width = [{"t": t, "heads": 0.5 if t > 500 else 1.0, "mlp": 0.25 if t > 500 else 1.0} for t in (999, 600, 300, 0)]
     _samples(f"{run}/static/samples", {})
     _samples(f"{run}/dydit/samples", {"width_by_timestep": width})
     records = [_record(f"{run}/static/samples", "static", 14.2, 0.0035),
                _record(f"{run}/dydit/samples", "dydit", 8.4, 0.0019)]
-    url = write_report(run, records, "demo", notes=["Static weights: trained from scratch."])
+    url = write_report(paths, records, "demo", notes=["Static weights: trained from scratch."])
     text = storage.read_bytes(url).decode()
     assert "| method | GFLOPs | images/s | FID [digits-cnn] | IS [digits-cnn] |" in text
     assert "| dydit | 0.0019 | 10.0 | 8.40 | 3.00 |" in text

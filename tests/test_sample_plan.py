@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from dydit_dist import storage
-from dydit_dist.sample.manifest import SamplesError, SamplesManifest, resume, write_manifest, write_marker
+from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 from dydit_dist.sample.plan import class_label, load_prompts, plan_shards, sample_generators, sample_seed
 from dydit_dist.sample.shards import GeneratedSample, pack, unpack
+from dydit_dist.shardset import settings_digest, write_marker
 
 
 def test_shards_cover_every_index_once():
@@ -66,15 +67,14 @@ def test_resume_merges_markers_and_refuses_other_settings(tmp_path):
     settings = {"seed": 0, "num_samples": 8}
     manifest = SamplesManifest(settings, 2)
     manifest.add({"index": 0, "count": 4})
-    write_manifest(url, manifest)
-    digest = resume(url, settings, 2)  # nothing beyond the manifest yet
+    manifest.write(url)
+    digest = SamplesManifest.resume(url, settings, 2)  # nothing beyond the manifest yet
     assert sorted(digest.shards) == [0]
-    from dydit_dist.sample.manifest import settings_digest
 
     # A driver that died after an actor's marker but before its manifest write loses nothing.
     write_marker(url, {"index": 1, "count": 4, "settings_sha256": settings_digest(settings)})
-    merged = resume(url, settings, 2)
+    merged = SamplesManifest.resume(url, settings, 2)
     assert sorted(merged.shards) == [0, 1] and merged.complete
     with pytest.raises(SamplesError, match="seed: 0 there vs 1 now"):
-        resume(url, {"seed": 1, "num_samples": 8}, 2)
+        SamplesManifest.resume(url, {"seed": 1, "num_samples": 8}, 2)
     assert storage.exists(url + "/done/shard-000001.json")

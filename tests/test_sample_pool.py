@@ -7,7 +7,7 @@ import torch
 from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import storage
-from dydit_dist.sample import iter_samples, read_manifest, run_sampling
+from dydit_dist.sample import SamplesManifest, iter_samples, run_sampling
 
 pytestmark = pytest.mark.integration
 
@@ -69,4 +69,4 @@ def test_killed_actor_still_gives_exactly_n_identical_to_one_actor(ray_local, tm
     for k in range(16):
         assert (made_by_one[k].image == made_by_two[k].image).all(), f"sample {k} differs"
         assert made_by_one[k].meta == made_by_two[k].meta
-    assert read_manifest(str(tmp_path / "one" / "runs/t/samples")).stats["actors"] == 1
+    assert SamplesManifest.read(str(tmp_path / "one" / "runs/t/samples")).stats["actors"] == 1

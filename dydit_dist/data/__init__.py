@@ -11,7 +11,7 @@
 from dydit_dist.data.manifest import Manifest, ManifestError, read_manifest, verify_manifest
 from dydit_dist.data.pipeline import PrepareResult, prepare
 from dydit_dist.data.reader import LatentStream
-from dydit_dist.data.shards import DataError, ShardError
+from dydit_dist.data.shards import DataError
 
 __all__ = [
     "DataError",
@@ -19,7 +19,6 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "PrepareResult",
-    "ShardError",
     "prepare",
     "read_manifest",
     "verify_manifest",

@@ -28,13 +28,11 @@ it is never applied twice. `data.vae: none` means pixel-space data: images as fl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
-from dydit_dist import storage
-from dydit_dist.data.shards import DataError, shard_name
-
-FORMAT = "dydit_dist.latents/1"
-MANIFEST = "manifest.json"
+from dydit_dist.data.shards import DataError
+from dydit_dist.shardset import ShardManifest, manifest_url
 
 
 class ManifestError(DataError):
@@ -42,65 +40,39 @@ class ManifestError(DataError):
 
 
 @dataclass
-class Manifest:
-    settings: dict
-    num_shards: int
-    shards: list[dict] = field(default_factory=list)  # sorted by index
+class Manifest(ShardManifest):
+    """A data folder's manifest; `complete` is set by the prepare job once every shard is written."""
+
+    FORMAT: ClassVar[str] = "dydit_dist.latents/1"
+    error: ClassVar[type[ValueError]] = ManifestError
+    ELSEWHERE: ClassVar[str] = "use another data.uri"
+
     complete: bool = False
 
     @property
-    def num_samples(self) -> int:
-        return sum(s["count"] for s in self.shards)
-
-    @property
     def bad_inputs(self) -> int:
-        return sum(len(s["bad"]) for s in self.shards)
+        return sum(len(s["bad"]) for s in self.shards.values())
 
-    def done(self) -> set[int]:
-        return {s["index"] for s in self.shards}
-
-    def add(self, record: dict) -> None:
-        self.shards = sorted([s for s in self.shards if s["index"] != record["index"]] + [record],
-                             key=lambda s: s["index"])
-
-    def to_json(self) -> dict:
-        return {"format": FORMAT, "complete": self.complete, "settings": self.settings,
-                "num_shards": self.num_shards, "shards": self.shards, "num_samples": self.num_samples,
-                "bad_inputs": self.bad_inputs}
+    def _extra_json(self) -> dict:
+        return {"bad_inputs": self.bad_inputs}
 
     @classmethod
-    def from_json(cls, value: dict, url: str) -> Manifest:
-        if not isinstance(value, dict) or value.get("format") != FORMAT:
-            raise ManifestError(f"{url} is not a {FORMAT} manifest (format: {value.get('format')!r})")
-        return cls(value["settings"], value["num_shards"], value["shards"], value["complete"])
-
-
-def manifest_url(uri: str) -> str:
-    return storage.join(uri, MANIFEST)
-
-
-def shard_url(uri: str, index: int) -> str:
-    return storage.join(uri, shard_name(index))
+    def _extra_fields(cls, value: dict) -> dict:
+        return {"complete": value["complete"]}
 
 
 def read_manifest(uri: str, require_complete: bool = True) -> Manifest:
     """The manifest under a data folder URL; ManifestError naming the URL when absent or incomplete."""
-    url = manifest_url(uri)
     try:
-        value = storage.read_json(url)
+        manifest = Manifest.read(uri)
     except FileNotFoundError:
-        raise ManifestError(f"{url} not found: prepare the data first (python -m jobs.prepare ...)") from None
-    manifest = Manifest.from_json(value, url)
+        raise ManifestError(f"{manifest_url(uri)} not found: prepare the data first (python -m jobs.prepare ...)") from None
     if require_complete and not manifest.complete:
         raise ManifestError(
-            f"{url} is incomplete ({len(manifest.shards)} of {manifest.num_shards} shards): "
+            f"{manifest_url(uri)} is incomplete ({len(manifest.shards)} of {manifest.num_shards} shards): "
             "rerun the prepare job with the same config to finish it"
         )
     return manifest
-
-
-def write_manifest(uri: str, manifest: Manifest) -> None:
-    storage.write_json(manifest_url(uri), manifest.to_json())
 
 
 def conditioning(model_name: str) -> str:

@@ -29,21 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dydit_dist import cli, storage
 from dydit_dist import config as config_lib
+from dydit_dist import storage
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
-from dydit_dist.data.manifest import (
-    Manifest,
-    conditioning,
-    expected_latent_shape,
-    manifest_url,
-    read_manifest,
-    shard_url,
-    write_manifest,
-)
-from dydit_dist.data.shards import DataError, pack, sample_files, shard_name
+from dydit_dist.data.manifest import Manifest, conditioning, expected_latent_shape
+from dydit_dist.data.shards import DataError, sample_files
+from dydit_dist.paths import RunPaths
+from dydit_dist.shardset import pack, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
@@ -153,26 +147,8 @@ class ShardEncoder:
                     t5=None if t5 is None else t5[j], t5_mask=None if masks is None else masks[j],
                     meta={"source": item.url, **({"caption": item.caption} if item.caption is not None else {})},
                 ))
-        data = pack(samples)
-        storage.write_bytes(shard_url(uri, chunk.index), data)
-        return {"index": chunk.index, "name": shard_name(chunk.index), "count": len(samples),
-                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "bad": bad,
-                "inputs": len(good) + len(bad)}
-
-
-def _existing(uri: str, settings: dict, num_shards: int) -> Manifest:
-    """The manifest to continue: the one there (same settings, only shards storage still holds) or a new one."""
-    if not storage.exists(manifest_url(uri)):  # a missing bucket fails here, before any work
-        return Manifest(settings, num_shards)
-    manifest = read_manifest(uri, require_complete=False)
-    changed = [f"{k}: {manifest.settings.get(k)!r} -> {v!r}" for k, v in settings.items()
-               if manifest.settings.get(k) != v]
-    if changed:
-        raise DataError(f"{uri} already holds shards prepared with other settings ({'; '.join(changed)}); "
-                        "use another data.uri or remove the folder")
-    present = {u.rsplit("/", 1)[-1] for u in storage.listdir(uri)}
-    manifest.shards = [s for s in manifest.shards if s["name"] in present]
-    return manifest
+        record = write_shard(uri, chunk.index, pack(samples), len(samples))
+        return {**record, "bad": bad, "inputs": len(good) + len(bad)}
 
 
 def _concurrency(cfg: Config, num_chunks: int) -> int:
@@ -202,25 +178,26 @@ def encode_chunk(cfg_dict: dict, settings: dict, chunk: sources.Chunk, uri: str)
 
 
 def prepare(cfg: Config) -> PrepareResult:
-    """Encode `data.source` into shards under `data.uri` (or `{storage.root}/data/{storage.run}`)."""
+    """Encode `data.source` into shards under `RunPaths(cfg).data` (`data.uri`, or the run's data folder)."""
     import ray
     from tqdm import tqdm
 
-    uri = cli.data_url(cfg)
-    # 1. Plan and validate
+    paths = RunPaths(cfg)
+    uri = paths.data
+    # 1. Plan and validate (the manifest there: same settings, only the shards storage still holds)
     settings, source_plan = plan(cfg)
-    manifest = _existing(uri, settings, len(source_plan.chunks))
+    manifest = Manifest.resume(uri, settings, len(source_plan.chunks), drop_missing=True)
     done = manifest.done()
     todo = [c for c in source_plan.chunks if c.index not in done]
     if not todo:
         if not manifest.complete:
             manifest.complete = True
-            write_manifest(uri, manifest)
+            manifest.write(uri)
         log.info("%s: all %d shards already prepared", uri, manifest.num_shards)
         return PrepareResult(uri, manifest, 0, len(done))
     manifest.complete = False
-    write_manifest(uri, manifest)
-    config_lib.save(cfg, storage.join(uri, "prepare.config.yaml"))
+    manifest.write(uri)
+    config_lib.save(cfg, paths.data_config)
     # 2. Fan out
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address)
@@ -244,15 +221,15 @@ def prepare(cfg: Config) -> PrepareResult:
                     log.warning("%s: %d unreadable inputs, e.g. %s", record["name"], len(record["bad"]),
                                 record["bad"][0])
                 if time.monotonic() - last_write > MANIFEST_EVERY_S:
-                    write_manifest(uri, manifest)
+                    manifest.write(uri)
                     last_write = time.monotonic()
     finally:
-        write_manifest(uri, manifest)  # what finished survives an interruption
+        manifest.write(uri)  # what finished survives an interruption
         for ref in running:
             ray.cancel(ref)
     # 3. Complete
     manifest.complete = True
-    write_manifest(uri, manifest)
+    manifest.write(uri)
     log.info("%s: %d samples in %d shards, %d unreadable inputs", uri, manifest.num_samples,
              manifest.num_shards, manifest.bad_inputs)
     return PrepareResult(uri, manifest, len(todo), len(done))

@@ -8,8 +8,8 @@
         ...                                        # batch["y"]: (B,) int64, or batch["t5"]: (B, 1, L, C)
         checkpoint["data"] = stream.state_dict()   # and batch["t5_mask"]: (B, L) int64
 
-`LatentStream.from_config(cfg, rank, world_size)` fills the arguments from a `Config`. `batch["index"]`
-(B,) int64 is each sample's position in the manifest's order (shard by shard), for bookkeeping.
+`batch["index"]` (B,) int64 is each sample's position in the manifest's order (shard by shard), for
+bookkeeping.
 
 Shards are read whole through `storage` (fsspec: file://, s3://, memory://), checked against the
 manifest's size and sha256, and split over ranks and DataLoader workers as `order` describes, so
@@ -29,7 +29,6 @@ exact with skips too when it goes through `state_dict`, which records each worke
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dydit_dist import storage
-from dydit_dist.data.manifest import Manifest, read_manifest, shard_url
+from dydit_dist.data.manifest import Manifest, read_manifest
 from dydit_dist.data.order import per_consumer, segment, shuffle_order
-from dydit_dist.data.shards import Decoded, ShardError, decode_sample, unpack
+from dydit_dist.data.shards import Decoded, decode_sample
+from dydit_dist.shardset import ShardError, read_shard, shard_url, unpack
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class _Consumer:
 
     def __init__(self, uri: str, manifest: Manifest, seed: int, consumer: int, num_consumers: int,
                  shuffle_buffer: int, on_error: str, prefetch: int):
-        self.uri, self.settings, self.shards = uri, manifest.settings, manifest.shards
+        self.uri, self.settings, self.shards = uri, manifest.settings, manifest.records()
         self.counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
         self.first_index = np.cumsum(self.counts) - self.counts  # global index of each shard's first sample
         self.q = per_consumer(int(self.counts.sum()), num_consumers)
@@ -71,16 +70,7 @@ class _Consumer:
                 epoch, position = epoch + 1, 0
 
     def _fetch(self, shard: int) -> bytes:
-        url, entry = shard_url(self.uri, shard), self.shards[shard]
-        try:
-            data = storage.read_bytes(url)
-        except FileNotFoundError:
-            raise ShardError(f"missing shard {url} (listed in the manifest)") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise ShardError(f"corrupt shard {url}: {len(data)} bytes with sha256 {digest[:12]}..., the manifest "
-                             f"has {entry['bytes']} bytes with sha256 {entry['sha256'][:12]}...")
-        return data
+        return read_shard(self.uri, self.shards[shard])
 
     def _epoch(self, pool: ThreadPoolExecutor, epoch: int, start: int):
         q = self.q
@@ -203,15 +193,6 @@ class LatentStream:
                                                                  world_size * self.num_workers)
         self.skipped_shards, self.skipped_samples = 0, 0
         self.seek(start_step)
-
-    @classmethod
-    def from_config(cls, cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, **kwargs) -> LatentStream:
-        """The stream of one rank for a `Config`: `cli.data_url(cfg)`, micro-batch, `train.seed`, `data.*`."""
-        from dydit_dist.cli import data_url
-
-        return cls(data_url(cfg), cfg.train.micro_batch_size, rank=rank, world_size=world_size,
-                   seed=cfg.train.seed, start_step=start_step, num_workers=cfg.data.num_workers,
-                   shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, **kwargs)
 
     def seek(self, step: int) -> None:
         """Continue at `step` (exact when no shard was skipped before it; else use load_state_dict)."""

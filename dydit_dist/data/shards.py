@@ -1,4 +1,4 @@
-"""One WebDataset shard: a plain tar whose members `{key}.{ext}` are grouped into samples by key.
+"""The members of one latent sample in a data shard (`dydit_dist.shardset` packs, groups and reads shards).
 
 Members of a sample (all written by `sample_files`, read back by `decode_sample`):
 
@@ -10,30 +10,22 @@ Members of a sample (all written by `sample_files`, read back by `decode_sample`
     {key}.t5mask.npy       the tokenizer's attention mask, (L,) uint8 (L = model_max_length)
     {key}.json             where the sample came from: {"source": url, "caption": ...}
 
-Arrays are `.npy` (never pickles). Shards are built in memory and written whole by the caller, with
-fixed member metadata so that the same samples always give the same bytes (and sha256).
+Arrays are `.npy` (never pickles).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from dydit_dist.shardset import ShardError
+
 
 class DataError(ValueError):
     """Input data that does not fit what was asked for; the message names the input."""
-
-
-class ShardError(DataError):
-    """A shard that is missing, truncated or does not match its manifest entry (named in the message)."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -92,78 +84,6 @@ def sample_files(
         files["t5mask.npy"] = npy_bytes(t5_mask.astype(np.uint8))
     files["json"] = json.dumps(meta or {}, sort_keys=True).encode()
     return {"__key__": key.encode(), **files}
-
-
-def pack(samples: list[dict[str, bytes]]) -> bytes:
-    """Tar bytes of the samples, in order; same input, same bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for files in samples:
-            key = files["__key__"].decode()
-            for ext, data in files.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-class _NotUstar(Exception):
-    """A member the fast path does not handle (long names, pax headers, links): use tarfile."""
-
-
-def _ustar_members(data: bytes):
-    """(name, payload) of a plain ustar archive's regular files; the fast path for shards we wrote."""
-    offset = 0
-    while offset + 512 <= len(data):
-        header = data[offset : offset + 512]
-        if header.count(0) == 512:
-            return
-        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0", b"5"):
-            raise _NotUstar
-        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.HeaderError(f"bad header checksum at byte {offset}")
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0]
-        start = offset + 512
-        if start + size > len(data):
-            raise EOFError(f"member {name.decode(errors='replace')} runs past the end of the archive")
-        if header[156:157] != b"5":
-            yield (prefix + b"/" + name if prefix else name).decode(), data[start : start + size]
-        offset = start + (size + 511) // 512 * 512
-    raise EOFError("archive ends without its end-of-archive blocks")
-
-
-def _tarfile_members(data: bytes):
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
-
-
-def unpack(data: bytes, url: str) -> list[dict[str, bytes]]:
-    """Samples of a shard's bytes, in order, grouped by key as webdataset does (ShardError if broken)."""
-    try:
-        try:
-            members = list(_ustar_members(data))
-        except _NotUstar:
-            members = list(_tarfile_members(data))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        raise ShardError(f"corrupt shard {url}: not a readable tar ({type(err).__name__}: {err})") from err
-    samples: list[dict[str, bytes]] = []
-    for name, payload in members:
-        folder, _, base = name.rpartition("/")
-        stem, dot, ext = base.partition(".")
-        if not dot:
-            continue
-        key = (f"{folder}/{stem}" if folder else stem).encode()
-        if not samples or samples[-1]["__key__"] != key:
-            samples.append({"__key__": key})
-        samples[-1][ext] = payload
-    return samples
 
 
 @dataclass

@@ -28,7 +28,8 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from dydit_dist import storage
-from dydit_dist.data.shards import DataError, unpack
+from dydit_dist.data.shards import DataError
+from dydit_dist.shardset import unpack
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "gif", "tif", "tiff")
 _PATH_COLUMNS = ("path", "image", "file_name")

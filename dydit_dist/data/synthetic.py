@@ -9,13 +9,11 @@ not a source: `source_format` is "arrays").
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from dydit_dist import storage
-from dydit_dist.data.manifest import Manifest, conditioning, expected_latent_shape, shard_url, write_manifest
-from dydit_dist.data.shards import pack, sample_files, shard_name
+from dydit_dist.data.manifest import Manifest, conditioning, expected_latent_shape
+from dydit_dist.data.shards import sample_files
+from dydit_dist.shardset import pack, write_shard
 
 
 def write_dataset(uri: str, latents: np.ndarray, *, labels: np.ndarray | None = None,
@@ -47,13 +45,10 @@ def write_dataset(uri: str, latents: np.ndarray, *, labels: np.ndarray | None = 
                          t5=None if t5 is None else t5[i], t5_mask=None if t5_masks is None else t5_masks[i])
             for i in range(start, min(start + shard_size, n))
         ]
-        data = pack(samples)
-        storage.write_bytes(shard_url(uri, index), data)
-        manifest.add({"index": index, "name": shard_name(index), "count": len(samples),
-                      "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "bad": [],
-                      "inputs": len(samples)})
+        record = write_shard(uri, index, pack(samples), len(samples))
+        manifest.add({**record, "bad": [], "inputs": len(samples)})
     manifest.complete = True
-    write_manifest(uri, manifest)
+    manifest.write(uri)
     return manifest
 
 

@@ -1,7 +1,7 @@
 """Evaluation: torch-fidelity metrics on shards streamed from storage, reference statistics, the report.
 
-    record = evaluate(cfg)                                 # {run}/metrics.json
-    write_report(run_url, [record_static, record_dydit])   # {run}/report.md + plots/
+    record = evaluate(cfg)                                        # {run}/metrics.json
+    write_report(RunPaths(cfg), [record_static, record_dydit])    # {run}/report.md + plots/
 """
 
 from .evaluate import evaluate

@@ -18,9 +18,10 @@ import logging
 import torch
 import torch_fidelity
 
-from dydit_dist import cli, storage
+from dydit_dist import storage
 from dydit_dist.config import Config
-from dydit_dist.sample.manifest import SamplesError, read_manifest
+from dydit_dist.paths import RunPaths
+from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
 from .extractors import resolve_extractor
 from .features import extract_features, image_batches
@@ -37,15 +38,16 @@ def images_per_second(manifest) -> float | None:
 
 
 def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) -> dict:
-    """Metrics of the samples folder `samples` (default `eval.samples`, else `{run}/samples`), written
-    to `out` (default `{run}/metrics.json`) and returned."""
+    """Metrics of the samples folder `samples` (default `eval.samples`, else the run's `samples/`),
+    written to `out` (default the run's `metrics.json`, see `RunPaths`) and returned."""
     e = cfg.eval
     check_metrics(e.metrics)
-    samples = samples or e.samples or cli.run_url(cfg, "samples")
-    out = out or cli.run_url(cfg, "metrics.json")
+    paths = RunPaths(cfg)
+    samples = samples or e.samples or paths.samples
+    out = out or paths.metrics
     # 1. What is evaluated
     try:
-        manifest = read_manifest(samples)
+        manifest = SamplesManifest.read(samples)
     except FileNotFoundError:
         raise SamplesError(f"{samples}: no samples manifest; run the sample job first") from None
     if not manifest.complete:
@@ -64,7 +66,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     values: dict[str, float] = {}
     reference = None
     if "fid" in e.metrics or "prc" in e.metrics:
-        reference = load_reference(e.reference, extractor, module, device, e.metrics, e, cfg.storage.root)
+        reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
     if "fid" in e.metrics:
         gen = statistics(feats[extractor.layer("fid")])
         if gen["mu"].shape != reference.mu.shape:

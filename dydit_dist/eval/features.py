@@ -16,18 +16,22 @@ import torch
 from tqdm import tqdm
 
 from dydit_dist import storage
+from dydit_dist.data.manifest import Manifest, read_manifest
+from dydit_dist.data.shards import decode_sample
 from dydit_dist.sample.export import iter_npz_array, iter_samples
+from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
+from dydit_dist.shardset import manifest_url, unpack
 
-SAMPLES_FORMAT = "dydit_dist.samples/1"
-DATA_FORMAT = "dydit_dist.latents/1"
+SAMPLES_FORMAT = SamplesManifest.FORMAT
+DATA_FORMAT = Manifest.FORMAT
 
 
 def source_kind(url: str) -> str:
     """'npz', 'samples' or 'data'; ValueError naming the URL for anything else."""
     if url.endswith(".npz"):
         return "npz"
-    manifest = storage.join(url, "manifest.json")
+    manifest = manifest_url(url)
     if not storage.exists(manifest):
         raise ValueError(f"{url}: expected an ADM .npz file, or a samples or pixel-space data folder with a "
                          "manifest.json")
@@ -43,7 +47,7 @@ def count_images(url: str) -> int:
     """How many images a source holds (from its manifest or the .npz header; nothing is decoded)."""
     if source_kind(url) == "npz":
         return _npz_rows(url)
-    return int(storage.read_json(storage.join(url, "manifest.json"))["num_samples"])
+    return int(storage.read_json(manifest_url(url))["num_samples"])
 
 
 def _npz_rows(url: str) -> int:
@@ -64,14 +68,11 @@ def _pixels_to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def _iter_data_images(url: str) -> Iterator[np.ndarray]:
-    from dydit_dist.data.manifest import read_manifest
-    from dydit_dist.data.shards import decode_sample, unpack
-
     manifest = read_manifest(url)
     if manifest.settings.get("latent_storage") != "pixels":
         raise ValueError(f"{url}: holds VAE latents ({manifest.settings.get('vae')}), not images; a reference "
                          "must be images: an ADM .npz, a samples folder or pixel-space data (data.vae=none)")
-    for record in manifest.shards:
+    for record in manifest.records():
         shard = storage.join(url, record["name"])
         for files in unpack(storage.read_bytes(shard), shard):
             yield _pixels_to_uint8(decode_sample(files, shard).latent)

@@ -5,7 +5,7 @@
   features of precision/recall when those are asked for.
 - Any other image source (an `.npz` with `arr_0` only, a samples folder, pixel-space data): features
   are computed once per extractor and weights and cached on storage under
-  `{storage.root}/references/{digest}/features.npz`, so later evaluations only read them.
+  `RunPaths.reference_features(digest)`, so later evaluations only read them.
 
 torch-fidelity 0.4 takes no statistics file; the statistics are written into its cache in the format
 it expects (`{cache_root}/{name}-{extractor}-stat-fid-{layer}.pt` holding {"mu": float32, "sigma":
@@ -26,6 +26,7 @@ from torch_fidelity.utils import cache_lookup_one_recompute_on_miss
 from torch_fidelity.utils_torch import torch_atomic_save
 
 from dydit_dist import storage
+from dydit_dist.paths import RunPaths
 from dydit_dist.sample.export import npz_keys, read_npz_small
 
 from .extractors import Extractor
@@ -86,10 +87,10 @@ def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.n
 
 
 def _cached_features(url: str, extractor: Extractor, layer: str, module, device, batch_size: int,
-                     root: str) -> tuple[torch.Tensor, str]:
+                     paths: RunPaths) -> tuple[torch.Tensor, str]:
     """Real features of `url` on `layer`, computed once and cached on storage; (features, cache URL)."""
     key = _digest(url, extractor.name, _file_digest(extractor.weights), layer)
-    cache_url = storage.join(root, "references", key, "features.npz")
+    cache_url = paths.reference_features(key)
     if storage.exists(cache_url):
         return torch.from_numpy(read_npz_small(cache_url, "features")), cache_url
     total = count_images(url)
@@ -102,7 +103,7 @@ def _cached_features(url: str, extractor: Extractor, layer: str, module, device,
 
 
 def load_reference(url: str, extractor: Extractor, module, device, metrics: list[str], eval_cfg,
-                   storage_root: str) -> Reference:
+                   paths: RunPaths) -> Reference:
     """The reference of an evaluation (see the module docstring)."""
     layer = extractor.layer("fid")
     if extractor.layer("prc") != layer:
@@ -123,10 +124,10 @@ def load_reference(url: str, extractor: Extractor, module, device, metrics: list
             if "arr_0" not in keys:
                 raise ValueError(f"{url}: precision/recall need the reference images (arr_0), which it lacks")
             features, cache["features_cache"] = _cached_features(url, extractor, layer, module, device,
-                                                                 eval_cfg.batch_size, storage_root)
+                                                                 eval_cfg.batch_size, paths)
     else:
         features, cache["features_cache"] = _cached_features(url, extractor, layer, module, device,
-                                                             eval_cfg.batch_size, storage_root)
+                                                             eval_cfg.batch_size, paths)
         stats = statistics(features)
         mu, sigma = stats["mu"], stats["sigma"]
         source = f"computed from {features.shape[0]} images of {url}"

@@ -1,6 +1,6 @@
 """`report.md` and `plots/` of a comparison: quality, FLOPs and measured speed of each method side by side.
 
-    write_report("s3://bucket/runs/demo", [metrics_static, metrics_dydit])   # metrics.json records
+    write_report(RunPaths(cfg), [metrics_static, metrics_dydit])   # metrics.json records
 
 Plots (matplotlib, Agg): FID against GFLOPs, DyDiT's active width against the timestep, and a grid
 of the first samples of every method. A number computed on features other than Inception's is
@@ -15,8 +15,9 @@ import logging
 import numpy as np
 
 from dydit_dist import storage
+from dydit_dist.paths import RunPaths
 from dydit_dist.sample.export import iter_samples
-from dydit_dist.sample.manifest import read_manifest
+from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,9 @@ def _grid(records, url) -> None:
     plt.close(fig)
 
 
-def write_report(run_url: str, records: list[dict], title: str = "Comparison", notes: list[str] = ()) -> str:
-    """Write `{run_url}/report.md` and `{run_url}/plots/*.png` for metrics.json records; returns the
-    report's URL. Each record may carry a "label" (default: its method); `notes` are extra bullets."""
+def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison", notes: list[str] = ()) -> str:
+    """Write the run's `report.md` and `plots/*.png` for metrics.json records; returns the report's
+    URL. Each record may carry a "label" (default: its method); `notes` are extra bullets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,14 +115,14 @@ def write_report(run_url: str, records: list[dict], title: str = "Comparison", n
     records = [dict(r) for r in records]
     for r in records:
         r.setdefault("label", r["method"])
-        r["width"] = read_manifest(r["samples"]).stats.get("width_by_timestep")
+        r["width"] = SamplesManifest.read(r["samples"]).stats.get("width_by_timestep")
     first = records[0]
     fe = first["feature_extractor"]
     # 1. Plots
-    plots = storage.join(run_url, "plots")
-    _fid_vs_flops(records, storage.join(plots, "fid_vs_flops.png"))
-    has_width = _width(records, storage.join(plots, "dydit_width.png"))
-    _grid(records, storage.join(plots, "samples_grid.png"))
+    plots = {name: paths.plot(f"{name}.png") for name in ("fid_vs_flops", "dydit_width", "samples_grid")}
+    _fid_vs_flops(records, plots["fid_vs_flops"])
+    has_width = _width(records, plots["dydit_width"])
+    _grid(records, plots["samples_grid"])
     # 2. The table
     fid, isc = metric_name(first, "fid"), metric_name(first, "isc")
     lines = [f"# {title}", "",
@@ -145,12 +146,12 @@ def write_report(run_url: str, records: list[dict], title: str = "Comparison", n
         f"{s['num_samples']} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
         *(f"- {note}" for note in notes),
         "",
-        f"![{fid} against GFLOPs](plots/fid_vs_flops.png)",
+        f"![{fid} against GFLOPs]({paths.relative(plots['fid_vs_flops'])})",
     ]
     if has_width:
-        lines.append("![DyDiT width against timestep](plots/dydit_width.png)")
-    lines += ["![samples](plots/samples_grid.png)", ""]
-    url = storage.join(run_url, "report.md")
+        lines.append(f"![DyDiT width against timestep]({paths.relative(plots['dydit_width'])})")
+    lines += [f"![samples]({paths.relative(plots['samples_grid'])})", ""]
+    url = paths.report
     storage.write_bytes(url, "\n".join(lines).encode())
     log.info("report at %s", url)
     return url

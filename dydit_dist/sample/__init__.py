@@ -1,13 +1,13 @@
 """Sampling fan-out: N samples planned into shards, made by a pool of Ray actors, one object per shard.
 
-    manifest = run_sampling(cfg)                          # {run}/samples/shard-*.tar + manifest.json
-    export_adm_npz(samples_url(cfg), "samples.npz")       # the ADM evaluator's format
+    manifest = run_sampling(cfg)                              # {run}/samples/shard-*.tar + manifest.json
+    export_adm_npz(RunPaths(cfg).samples, "samples.npz")      # the ADM evaluator's format
 """
 
 from .export import export_adm_npz, iter_npz_array, iter_samples
-from .manifest import SamplesError, SamplesManifest, read_manifest
+from .manifest import SamplesError, SamplesManifest
 from .plan import ShardSpec, class_label, plan_shards, sample_generators, sample_seed
-from .pool import run_sampling, samples_url, sampling_settings
+from .pool import run_sampling, sampling_settings
 from .shards import GeneratedSample, iter_shard, pack, unpack
 
 __all__ = [
@@ -22,11 +22,9 @@ __all__ = [
     "iter_shard",
     "pack",
     "plan_shards",
-    "read_manifest",
     "run_sampling",
     "sample_generators",
     "sample_seed",
-    "samples_url",
     "sampling_settings",
     "unpack",
 ]

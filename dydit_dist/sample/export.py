@@ -18,19 +18,18 @@ import numpy as np
 
 from dydit_dist import storage
 
-from .manifest import SamplesError, read_manifest
+from .manifest import SamplesError, SamplesManifest
 from .shards import iter_shard, to_rgb
 
 
 def iter_samples(samples_url: str, require_complete: bool = True):
     """Every sample of a samples folder in index order, one at a time (shards streamed in turn)."""
-    manifest = read_manifest(samples_url)
+    manifest = SamplesManifest.read(samples_url)
     if require_complete and not manifest.complete:
         raise SamplesError(f"{samples_url}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
                            "finish the sampling job first (rerun it: it makes only the missing shards)")
     expected = 0
-    for index in sorted(manifest.shards):
-        record = manifest.shards[index]
+    for record in manifest.records():
         if record["start"] != expected:
             raise SamplesError(f"{samples_url}: samples {expected}..{record['start'] - 1} are missing")
         for s in iter_shard(storage.join(samples_url, record["name"])):
@@ -43,7 +42,7 @@ def iter_samples(samples_url: str, require_complete: bool = True):
 def export_adm_npz(samples_url: str, path: str) -> int:
     """Write every sample of a complete samples folder into a local `.npz` (`arr_0`, N x H x W x 3
     uint8, in index order); returns N. The file appears whole (written under a temporary name)."""
-    manifest = read_manifest(samples_url)
+    manifest = SamplesManifest.read(samples_url)
     count = manifest.num_samples
     samples = iter_samples(samples_url)
     first = next(samples)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
+from dydit_dist.shardset import shard_name
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ShardSpec:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:06d}.tar"
+        return shard_name(self.index)
 
     @property
     def count(self) -> int:

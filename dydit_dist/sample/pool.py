@@ -4,8 +4,8 @@
 
 One actor per GPU (or per `sample.gpus_per_actor` share of one), CPU actors when the cluster has no
 GPU. Each actor loads the network, method, sampler and decoder once, then makes whole shards: it
-writes the shard as one object, then its marker (see `manifest`). The driver hands each actor up to
-`sample.shards_in_flight` shards, merges the records into the manifest (it alone writes it) and
+writes the shard as one object, then its done-marker (see `dydit_dist.shardset`). The driver hands
+each actor up to `sample.shards_in_flight` shards, merges the records into the manifest (it alone writes it) and
 shows samples/s and ETA. Shards already recorded are skipped. A shard whose actor died goes back to
 the queue for another actor, and the dead actor is replaced, `ray.max_failures` times at most; an
 error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops the job.
@@ -14,7 +14,6 @@ error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -23,21 +22,19 @@ from collections.abc import Callable
 
 import torch
 
-from dydit_dist import cli, storage
 from dydit_dist import config as config_lib
+from dydit_dist import storage
 from dydit_dist.config import Config
+from dydit_dist.network import resolve_checkpoint
+from dydit_dist.paths import RunPaths
+from dydit_dist.shardset import settings_digest, write_marker, write_shard
 
-from .manifest import SamplesManifest, resume, settings_digest, write_manifest, write_marker
-from .network import is_dynamic, resolve_checkpoint
+from .manifest import SamplesManifest
 from .plan import ShardSpec, plan_shards
 from .shards import pack
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 5.0  # markers keep every finished shard in between
-
-
-def samples_url(cfg: Config) -> str:
-    return cli.run_url(cfg, "samples")
 
 
 def absolute_root(cfg: Config) -> Config:
@@ -55,8 +52,8 @@ def sampling_settings(cfg: Config) -> dict:
     s, m = cfg.sample, cfg.model
     return {
         "model": m.name, "image_size": m.image_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
-        "checkpoint": m.checkpoint, "dynamic": dataclasses.asdict(m.dynamic) if is_dynamic(cfg) else None,
-        "vae": cfg.data.vae, "method": s.method, "method_options": dict(s.method_options),
+        "checkpoint": m.checkpoint, "dynamic": dataclasses.asdict(m.dynamic) if m.method == "dydit" else None,
+        "vae": cfg.data.vae, "method": s.method, "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
         "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
         "precision": s.precision, "prompts": s.prompts,
@@ -87,12 +84,8 @@ class SamplingWorker:
         data = pack(samples)
         timing["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        storage.write_bytes(storage.join(self.url, shard.name), data)
-        record = {
-            "index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "settings_sha256": self.digest,
-            "actor": _actor_id(), "timing": timing,
-        }  # fmt: skip
+        record = write_shard(self.url, shard.index, data, shard.count)
+        record.update(start=shard.start, settings_sha256=self.digest, actor=_actor_id(), timing=timing)
         write_marker(self.url, record)
         record["timing"]["write_s"] = time.perf_counter() - start  # the manifest's copy adds the write time
         return record
@@ -156,23 +149,23 @@ class SamplingPool:
 
 def run_sampling(cfg: Config, url: str | None = None,
                  on_shard: Callable[[SamplingPool, dict], None] | None = None) -> SamplesManifest:
-    """Make every missing shard of `cfg.sample` under `url` (default `{run}/samples`); returns the
+    """Make every missing shard of `cfg.sample` under `url` (default `RunPaths(cfg).samples`); returns the
     complete manifest. `on_shard(pool, record)` runs on the driver after each finished shard."""
     import ray
     from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     cfg = resolve_checkpoint(absolute_root(cfg))
-    url = url or samples_url(cfg)
+    url = url or RunPaths(cfg).samples
     # 1. Plan, and what is already done
     shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
-    manifest = resume(url, sampling_settings(cfg), len(shards))
+    manifest = SamplesManifest.resume(url, sampling_settings(cfg), len(shards))
     todo = deque(s for s in shards if s.index not in manifest.shards)
     if not todo:
-        write_manifest(url, manifest)
+        manifest.write(url)
         log.info("%s: all %d samples already made", url, manifest.num_samples)
         return manifest
-    write_manifest(url, manifest)
+    manifest.write(url)
     # 2. Fan out
     start = time.monotonic()
     if not ray.is_initialized():
@@ -215,20 +208,20 @@ def run_sampling(cfg: Config, url: str | None = None,
                 if on_shard is not None:
                     on_shard(pool, record)
                 if time.monotonic() - last_write > MANIFEST_EVERY_S:
-                    write_manifest(url, manifest)
+                    manifest.write(url)
                     last_write = time.monotonic()
         # An actor runs one call at a time: asking it for stats mid-run would wait behind its shards.
         live = [a for a in pool.actors if a in worked]
         if live:
             manifest.stats.update(ray.get(live[0].stats.remote()))
     finally:
-        write_manifest(url, manifest)  # what finished survives an interruption
+        manifest.write(url)  # what finished survives an interruption
         pool.shutdown()
     # 3. Complete
     manifest.stats["sampling_wall_s"] = time.monotonic() - sampling_start  # actors ready to last shard
     manifest.stats["wall_s"] = time.monotonic() - start
     manifest.stats["actors"] = pool.num_actors
     manifest.stats["actor_failures"] = pool.failures
-    write_manifest(url, manifest)
+    manifest.write(url)
     log.info("%s: %d samples in %d shards", url, manifest.num_samples, manifest.num_shards)
     return manifest

@@ -1,4 +1,4 @@
-"""One shard of generated samples: a plain tar of PNG images with their conditions.
+"""The members of one generated sample in a samples shard (`dydit_dist.shardset` packs and reads shards).
 
 Members of sample k (key `{k:08d}`):
 
@@ -7,24 +7,24 @@ Members of sample k (key `{k:08d}`):
     {key}.txt     the prompt, UTF-8 (text-to-image models)
     {key}.json    {"index": k, "seed": 64-bit seed, "class": c} or {..., "prompt": p, "prompt_index": i}
 
-Shards are built in memory with fixed member metadata (the same samples give the same bytes) and
-written whole by the caller; readers stream them, one sample at a time.
+Readers stream the shards, one sample at a time.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from dydit_dist import storage
+from dydit_dist import shardset
+from dydit_dist.shardset import Sample, ShardError
 
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+MEMBER_MODE = 0o644  # the permission bits of a samples shard's members
 
 
 @dataclass
@@ -34,10 +34,6 @@ class GeneratedSample:
     index: int
     image: np.ndarray
     meta: dict
-
-    def rgb(self) -> np.ndarray:
-        """(H, W, 3) uint8: grey replicated, alpha dropped (what image metrics expect)."""
-        return to_rgb(self.image)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -71,68 +67,37 @@ def decode_png(data: bytes, where: str) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def sample_files(sample: GeneratedSample) -> Sample:
+    """The members of one generated sample (key `{index:08d}`)."""
+    files = {"__key__": f"{sample.index:08d}".encode(), "png": png_bytes(sample.image)}
+    if "class" in sample.meta:
+        files["cls"] = str(int(sample.meta["class"])).encode()
+    if "prompt" in sample.meta:
+        files["txt"] = sample.meta["prompt"].encode("utf-8")
+    files["json"] = json.dumps(sample.meta, sort_keys=True).encode()
+    return files
 
 
-def pack(samples: list[GeneratedSample]) -> bytes:
-    """The bytes of a shard holding `samples` (in the given order)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            key = f"{s.index:08d}"
-            _add(tar, f"{key}.png", png_bytes(s.image))
-            if "class" in s.meta:
-                _add(tar, f"{key}.cls", str(int(s.meta["class"])).encode())
-            if "prompt" in s.meta:
-                _add(tar, f"{key}.txt", s.meta["prompt"].encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(s.meta, sort_keys=True).encode())
-    return buf.getvalue()
-
-
-def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(name, bytes) members in tar order -> (key, {extension: bytes}) per sample."""
-    key, files = None, {}
-    for name, data in members:
-        stem, _, ext = name.partition(".")
-        if stem != key and key is not None:
-            yield key, files
-            files = {}
-        key = stem
-        files[ext] = data
-    if key is not None:
-        yield key, files
-
-
-def _decode(key: str, files: dict[str, bytes], where: str) -> GeneratedSample:
+def decode_sample(files: Sample, where: str) -> GeneratedSample:
+    key = files["__key__"].decode()
     if "png" not in files or "json" not in files:
-        raise ValueError(f"{where}: sample {key} lacks its .png or .json member (has {sorted(files)})")
+        raise ShardError(f"{where}: sample {key} lacks its .png or .json member "
+                         f"(has {sorted(k for k in files if k != '__key__')})")
     meta = json.loads(files["json"])
     return GeneratedSample(int(meta["index"]), decode_png(files["png"], f"{where}:{key}.png"), meta)
 
 
+def pack(samples: list[GeneratedSample]) -> bytes:
+    """The bytes of a shard holding `samples` (in the given order)."""
+    return shardset.pack((sample_files(s) for s in samples), mode=MEMBER_MODE)
+
+
 def unpack(data: bytes, where: str = "shard") -> list[GeneratedSample]:
     """Every sample of a shard held in memory."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    except tarfile.TarError as err:
-        raise ValueError(f"{where}: not a readable tar ({err})") from err
-    return [_decode(k, f, where) for k, f in _group(iter(members))]
+    return [decode_sample(files, where) for files in shardset.unpack(data, where)]
 
 
 def iter_shard(url: str) -> Iterator[GeneratedSample]:
     """Stream the samples of a shard object (any storage URL) without holding it in memory."""
-    with storage.open_file(url, "rb") as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                members = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
-                for key, files in _group(members):
-                    yield _decode(key, files, url)
-        except tarfile.TarError as err:
-            raise ValueError(f"{url}: not a readable tar ({err})") from err
+    for files in shardset.stream(url):
+        yield decode_sample(files, url)

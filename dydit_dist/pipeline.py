@@ -1,15 +1,15 @@
-"""prepare -> (pretrain) -> finetune -> sample -> evaluate -> report, as one Ray job.
+"""The reproduce pipeline: prepare -> (pretrain) -> finetune -> sample -> evaluate -> report, as one Ray job.
 
 Every stage is skipped when its outputs exist (a complete data manifest, an EMA export at the last
 step, a complete samples manifest, a metrics.json), so a rerun after a crash does only what is
-missing. Where things go, for `storage.run=R`:
+missing. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
 
-    {root}/data/R                   prepared shards (or data.uri)
-    {root}/runs/R/pretrain          eval.pretrain_config's static run from scratch (the demo only)
-    {root}/runs/R/finetune          the DyDiT fine-tune (model.method=dydit), from the pretrain run
+    storage.run                     what it holds
+    R                               the data folder (unless data.uri is set), report.md with plots/
+    R/pretrain                      eval.pretrain_config's static run from scratch (the demo only)
+    R/finetune                      the DyDiT fine-tune (model.method=dydit), from the pretrain run
                                     or model.checkpoint
-    {root}/runs/R/{method}          samples/ and metrics.json of every method in eval.methods
-    {root}/runs/R/report.md         the comparison, with plots/
+    R/{method}                      samples/ and metrics.json of every method in eval.methods
 
 The methods that need trained routers ("dydit") sample the fine-tuned weights; the others the static
 weights (the pretrain run, or model.checkpoint). `data.source: sklearn:digits` materializes
@@ -22,16 +22,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from dydit_dist import cli, storage
 from dydit_dist import config as config_lib
+from dydit_dist import storage
 from dydit_dist.config import Config
-from dydit_dist.sample import read_manifest, run_sampling
-from dydit_dist.sample.manifest import manifest_url
+from dydit_dist.eval import digits, evaluate, write_report
+from dydit_dist.paths import RunPaths
+from dydit_dist.sample import SamplesManifest, run_sampling
 from dydit_dist.sample.pool import absolute_root
-
-from . import digits
-from .evaluate import evaluate
-from .report import write_report
+from dydit_dist.shardset import manifest_url
 
 BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 TRAINED_METHODS = ("dydit",)  # sample the fine-tuned dynamic network
@@ -46,6 +44,10 @@ def _with(cfg: Config, **sections) -> Config:
 _START = time.monotonic()
 
 
+def _save_config(cfg: Config, job: str) -> None:
+    config_lib.save(cfg, RunPaths(cfg).config(job))
+
+
 def _stage(name: str, skipped: bool) -> None:
     elapsed = time.monotonic() - _START
     print(f"[reproduce +{elapsed:.0f}s] {name}: {'outputs exist, skipped' if skipped else 'running'}", flush=True)
@@ -54,14 +56,14 @@ def _stage(name: str, skipped: bool) -> None:
 def prepare_stage(cfg: Config) -> Config:
     """Built-in source materialized, data prepared; returns `cfg` with data.source and data.uri pinned."""
     from dydit_dist.data import prepare
-    from dydit_dist.data.manifest import manifest_url as data_manifest_url
 
+    paths = RunPaths(cfg)
     source = cfg.data.source
     if source in BUILTIN_SOURCES:
-        source = storage.join(cfg.storage.root, "sources", source.split(":", 1)[1])
+        source = paths.source(source.split(":", 1)[1])
         BUILTIN_SOURCES[cfg.data.source](source)
-    cfg = _with(cfg, data={"source": source, "uri": cli.data_url(cfg)})
-    url = data_manifest_url(cfg.data.uri)
+    cfg = _with(cfg, data={"source": source, "uri": paths.data})
+    url = manifest_url(cfg.data.uri)
     done = storage.exists(url) and storage.read_json(url).get("complete", False)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:
@@ -70,9 +72,9 @@ def prepare_stage(cfg: Config) -> Config:
 
 
 def _trained_to_end(cfg: Config) -> bool:
-    from dydit_dist.train.network import EMA_POINTER
+    from dydit_dist.network import EMA_POINTER
 
-    pointer = cli.run_url(cfg, "checkpoints", EMA_POINTER)
+    pointer = storage.join(RunPaths(cfg).checkpoints, EMA_POINTER)
     return storage.exists(pointer) and storage.read_json(pointer)["step"] >= cfg.train.max_steps
 
 
@@ -82,14 +84,15 @@ def train_stage(cfg: Config, name: str) -> str:
 
     from dydit_dist.train import launcher
 
+    run = RunPaths(cfg).url
     done = _trained_to_end(cfg)
-    _stage(f"{name} {cli.run_url(cfg)} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
+    _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
         launcher.preflight(cfg)
         launcher.preflight_cluster(cfg, ray.cluster_resources())
-        cli.save_resolved_config(cfg, "finetune")
+        _save_config(cfg, "finetune")
         launcher.build_trainer(cfg).fit()
-    return cli.run_url(cfg)
+    return run
 
 
 def pretrain_config(cfg: Config) -> Config:
@@ -106,7 +109,7 @@ def feature_extractor_stage(cfg: Config) -> Config:
     """Train the digits classifier when it is the extractor and has no weights."""
     if cfg.eval.feature_extractor != digits.NAME or cfg.eval.feature_extractor_weights:
         return cfg
-    url = cli.run_url(cfg, f"{digits.NAME}.safetensors")
+    url = RunPaths(cfg).weights(digits.NAME)
     done = storage.exists(url)
     _stage(f"feature extractor {url} (a digits classifier, NOT Inception)", done)
     if not done:
@@ -149,16 +152,17 @@ def reproduce(cfg: Config) -> str:
                       model={"method": "dydit" if trained else "static",
                              "checkpoint": dynamic_weights if trained else static_weights},
                       eval={"reference": reference})
-        samples = cli.run_url(m_cfg, "samples")
-        done = storage.exists(manifest_url(samples)) and read_manifest(samples).complete
+        m_paths = RunPaths(m_cfg)
+        samples = m_paths.samples
+        done = storage.exists(manifest_url(samples)) and SamplesManifest.read(samples).complete
         _stage(f"sample {method} -> {samples}", done)
         if not done:
-            cli.save_resolved_config(m_cfg, "sample")
+            _save_config(m_cfg, "sample")
             run_sampling(m_cfg)  # makes only the missing shards
-        metrics_url = cli.run_url(m_cfg, "metrics.json")
+        metrics_url = m_paths.metrics
         done = storage.exists(metrics_url)
         _stage(f"evaluate {method} -> {metrics_url}", done)
         records.append(storage.read_json(metrics_url) if done else evaluate(m_cfg))
     # 4. Report
     title = f"{cfg.model.name} at {cfg.model.image_size}px: {', '.join(cfg.eval.methods)}"
-    return write_report(cli.run_url(cfg), records, title, notes)
+    return write_report(RunPaths(cfg), records, title, notes)

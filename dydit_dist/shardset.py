@@ -1,0 +1,287 @@
+"""A shard set: a folder of tar shards, each written once and whole, and a manifest of what is done.
+
+    {uri}/shard-{i:06d}.tar     samples as tar members `{key}.{ext}`, grouped into samples by key
+    {uri}/manifest.json         settings, planned shard count, one record per finished shard (sha256)
+    {uri}/done/shard-{i:06d}.json   a worker's record of a shard it finished (done-marker)
+
+The data folders of the prepare job (latents, `data/`) and the samples folders of the sampling job
+(images, `sample/`) are shard sets; each adds its per-sample members and its own manifest fields
+by subclassing `ShardManifest`.
+
+Shards are built in memory with fixed member metadata, so the same samples always give the same
+bytes (and sha256), and written whole: a reader never sees half a shard. A record holds at least
+{"index", "name", "count", "sha256", "bytes"}.
+
+Only the driver writes the manifest. A worker that finishes a shard writes the shard, then may write
+its done-marker; the driver merges markers into the manifest (`ShardManifest.resume`). Two workers
+finishing at once never touch the same object, so no update is lost, and a driver that died before
+writing the manifest loses nothing: the next run merges the markers it finds. A rerun with the same
+settings skips every finished shard; one with other settings is an error, as the shards would mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from dydit_dist import storage
+
+MANIFEST = "manifest.json"
+MARKERS = "done"
+
+Sample = dict[str, bytes]  # {"__key__": key, ext: payload} for members `{key}.{ext}`, as webdataset has it
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated or does not match its manifest record (named in the message)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_url(uri: str, index: int) -> str:
+    return storage.join(uri, shard_name(index))
+
+
+def manifest_url(uri: str) -> str:
+    return storage.join(uri, MANIFEST)
+
+
+def marker_url(uri: str, index: int) -> str:
+    return storage.join(uri, MARKERS, f"shard-{index:06d}.json")
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def pack(samples: Iterable[Sample], mode: int = 0o444) -> bytes:
+    """Tar bytes of the samples' members, in order; same input, same bytes. `mode` is the members'
+    permission bits (0o444 in latent shards, 0o644 in sample shards)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for files in samples:
+            key = files["__key__"].decode()
+            for ext, data in files.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, mode
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_shard(uri: str, index: int, data: bytes, count: int) -> dict:
+    """Write shard `index` (`count` samples packed in `data`) whole; returns its record."""
+    name = shard_name(index)
+    storage.write_bytes(storage.join(uri, name), data)
+    return {"index": index, "name": name, "count": count, "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data)}
+
+
+def read_shard(uri: str, record: dict) -> bytes:
+    """The bytes of the shard of a manifest record, checked against its sha256 (ShardError if not)."""
+    url = storage.join(uri, record["name"])
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ShardError(f"missing shard {url} (listed in the manifest)") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record["sha256"]:
+        raise ShardError(f"corrupt shard {url}: {len(data)} bytes with sha256 {digest[:12]}..., the manifest "
+                         f"has {record['bytes']} bytes with sha256 {record['sha256'][:12]}...")
+    return data
+
+
+class _NotUstar(Exception):
+    """A member the fast path does not handle (long names, pax headers, links): use tarfile."""
+
+
+def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of a plain ustar archive's regular files; the fast path for shards we wrote."""
+    offset = 0
+    while offset + 512 <= len(data):
+        header = data[offset : offset + 512]
+        if header.count(0) == 512:
+            return
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0", b"5"):
+            raise _NotUstar
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.HeaderError(f"bad header checksum at byte {offset}")
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        start = offset + 512
+        if start + size > len(data):
+            raise EOFError(f"member {name.decode(errors='replace')} runs past the end of the archive")
+        if header[156:157] != b"5":
+            yield (prefix + b"/" + name if prefix else name).decode(), data[start : start + size]
+        offset = start + (size + 511) // 512 * 512
+    raise EOFError("archive ends without its end-of-archive blocks")
+
+
+def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+
+
+def _group(members: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
+    """(name, payload) members in tar order -> one dict per sample, grouped by key as webdataset does:
+    `dir/key.a.b` is member "a.b" of sample "dir/key"; names without an extension are skipped."""
+    sample: Sample | None = None
+    for name, payload in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        key = (f"{folder}/{stem}" if folder else stem).encode()
+        if sample is not None and sample["__key__"] != key:
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key}
+        sample[ext] = payload
+    if sample is not None:
+        yield sample
+
+
+def _unreadable(url: str, err: Exception) -> ShardError:
+    return ShardError(f"corrupt shard {url}: not a readable tar ({type(err).__name__}: {err})")
+
+
+def unpack(data: bytes, url: str) -> list[Sample]:
+    """Samples of a shard's bytes, in order (ShardError naming `url` if it is not a readable tar)."""
+    try:
+        try:
+            members = list(_ustar_members(data))
+        except _NotUstar:
+            members = list(_tarfile_members(data))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise _unreadable(url, err) from err
+    return list(_group(members))
+
+
+def stream(url: str) -> Iterator[Sample]:
+    """The samples of a shard object (any storage URL), one at a time, without holding it in memory."""
+    with storage.open_file(url, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                yield from _group((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
+        except (tarfile.TarError, EOFError) as err:
+            raise _unreadable(url, err) from err
+
+
+# ---------------------------------------------------------------------------- the manifest
+
+
+def write_marker(uri: str, record: dict) -> None:
+    """A worker's done-marker of the shard it finished (merged into the manifest by `resume`)."""
+    storage.write_json(marker_url(uri, record["index"]), record)
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclass
+class ShardManifest:
+    """`{uri}/manifest.json`: the settings that decide the bytes of every shard, the planned number
+    of shards and the record of each finished one.
+
+    A kind of shard set subclasses it with its `FORMAT`, its `error` (the exception a job reports
+    for a folder that does not hold what was asked for), `complete` and any fields of its own
+    (`_extra_json` / `_extra_fields`).
+    """
+
+    FORMAT: ClassVar[str]
+    error: ClassVar[type[ValueError]]
+    ELSEWHERE: ClassVar[str]  # how to start over, in the settings mismatch error
+
+    settings: dict
+    num_shards: int
+    shards: dict[int, dict] = field(default_factory=dict)  # index -> record
+
+    @property
+    def num_samples(self) -> int:
+        return sum(r["count"] for r in self.shards.values())
+
+    def done(self) -> set[int]:
+        return set(self.shards)
+
+    def add(self, record: dict) -> None:
+        self.shards[int(record["index"])] = record
+
+    def records(self) -> list[dict]:
+        """The shard records in index order."""
+        return [self.shards[i] for i in sorted(self.shards)]
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "complete": self.complete, "settings": self.settings,
+                "num_shards": self.num_shards, "num_samples": self.num_samples, "shards": self.records(),
+                **self._extra_json()}
+
+    def _extra_json(self) -> dict:
+        return {}
+
+    @classmethod
+    def _extra_fields(cls, value: dict) -> dict:
+        """Constructor arguments of the subclass's own fields, from the manifest's JSON."""
+        return {}
+
+    @classmethod
+    def from_json(cls, value: dict, url: str):
+        if not isinstance(value, dict) or value.get("format") != cls.FORMAT:
+            raise cls.error(f"{url} is not a {cls.FORMAT} manifest (format: {value.get('format')!r})")
+        shards = {int(r["index"]): r for r in value["shards"]}
+        return cls(value["settings"], value["num_shards"], shards, **cls._extra_fields(value))
+
+    @classmethod
+    def read(cls, uri: str):
+        """The manifest of the shard set at `uri` (FileNotFoundError when there is none)."""
+        url = manifest_url(uri)
+        return cls.from_json(storage.read_json(url), url)
+
+    def write(self, uri: str) -> None:
+        storage.write_json(manifest_url(uri), self.to_json())
+
+    @classmethod
+    def resume(cls, uri: str, settings: dict, num_shards: int, *, drop_missing: bool = False):
+        """The manifest to continue at `uri`: the one there, or a new one, with the done-markers merged.
+
+        Raises `cls.error` when the folder holds shards made with other settings (they would mix), or
+        a marker records a shard made with other settings. `drop_missing` forgets the records of shards
+        storage no longer holds, so that they are made again.
+        """
+        if not storage.exists(manifest_url(uri)):  # a missing bucket fails here, before any work
+            manifest = cls(settings, num_shards)
+        else:
+            manifest = cls.read(uri)
+        if manifest.settings != settings:
+            raise cls.error(f"{uri} already holds shards prepared with other settings "
+                            f"({'; '.join(_differences(manifest.settings, settings))}); "
+                            f"{cls.ELSEWHERE} or remove that folder")
+        digest = settings_digest(settings)
+        for url in storage.listdir(storage.join(uri, MARKERS)):
+            if not url.endswith(".json"):
+                continue
+            record = storage.read_json(url)
+            if record.get("settings_sha256") != digest:
+                raise cls.error(f"{url} records a shard made with other settings; {cls.ELSEWHERE} or remove that folder")
+            manifest.add(record)
+        if drop_missing:
+            present = {u.rsplit("/", 1)[-1] for u in storage.listdir(uri)}
+            manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] in present}
+        return manifest
