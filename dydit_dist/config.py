@@ -19,6 +19,12 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
+from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
+from dydit_dist.accel.methods import METHODS
+from dydit_dist.dynamic import DyDiTOptions, FlexOptions
+from dydit_dist.dynamic.flexdit import parse_layout
+from dydit_dist.models.registry import arch
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -26,41 +32,16 @@ class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
 
 
+SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods.METHODS`
+
+
 # ----------------------------------------------------------------------------- components
-
-
-@dataclass
-class DynamicConfig:
-    """DyDiT routers (timestep-wise dynamic width + spatial-wise dynamic tokens) and their training."""
-
-    tdw: bool = True  # head and MLP-group routers on the timestep embedding
-    sdt: bool = True  # per-block token router: dropped tokens skip the MLP
-    target_lambda: float = 0.5  # FLOPs target as a fraction of the static model
-    lambda_hold_steps: int = 100  # lambda_t = 1 for these first steps
-    lambda_warmup_steps: int = 1000  # then falls linearly to target_lambda over these
-    flops_loss_weight: float = 2.0
-    stage: Literal[1, 2] = 1  # 1: add the complete-model loss; 2: drop it
-    gumbel_temperature: float = 5.0
-    router_bias_init: float = 15.0
-    token_router_bias_init: float = 35.0
-
-
-@dataclass
-class FlexDiTConfig:
-    """FlexDiT: block layout and the timestep schedule of the sparse token grid (`dynamic.flexdit_schedule`)."""
-
-    layout: str | None = None  # a letter per block: P pooling, C/S/R sparse-dense module, D dense; None: by depth
-    grid_sizes: list[int] = field(default_factory=lambda: [10, 9, 8, 7, 6])  # sparse g x g grids, least pruned first
-    r_min: float | None = None  # pruning rate 1 - M/N for t < ramp_start * T; None: from grid_sizes[0]
-    r_max: float | None = None  # pruning rate at t = T; None: from grid_sizes[-1]
-    ramp_start: float = 0.25  # r rises linearly from r_min to r_max over [ramp_start * T, T)
-    num_intervals: int = 5  # [0, T) cut into equal intervals, one grid each (ray.num_workers: a multiple)
 
 
 @dataclass
 class ModelConfig:
     name: str = "debug"  # a name in dydit_dist.models.registry
-    method: Literal["static", "dydit", "flexdit"] = "static"
+    method: Literal["static", "dydit", "flexdit"] = "static"  # the network: static, with DyDiT routers, or FlexDiT
     image_size: int = 256  # pixels
     vae_downsample: int = 8  # latent = image / vae_downsample; 1 for pixel-space models
     in_channels: int = 4
@@ -71,8 +52,8 @@ class ModelConfig:
     model_max_length: int = 120  # PixArt: caption tokens
     lewei_scale: float = 1.0  # PixArt: positional-embedding scale
     checkpoint: str | None = None  # official file, fsspec URL or exported EMA weights
-    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
-    flexdit: FlexDiTConfig = field(default_factory=FlexDiTConfig)
+    dynamic: DyDiTOptions = field(default_factory=DyDiTOptions)  # model.method=dydit: routers + objective
+    flexdit: FlexOptions = field(default_factory=FlexOptions)  # model.method=flexdit: layout + grid schedule
 
     @property
     def input_size(self) -> int:
@@ -125,8 +106,6 @@ class TrainConfig:
     log_every: int = 50
     caption_dropout: float = 0.1  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
-    fault_exit_step: int | None = None  # test hook: rank fault_exit_rank exits its process here, once per run
-    fault_exit_rank: int = 0
 
 
 @dataclass
@@ -146,15 +125,22 @@ class SampleConfig:
     cfg_scale: float = 1.5
     guidance_channels: int | None = 3  # DiT guides only the first 3 channels; None = all
     seed: int = 0
-    method: Literal["static", "dydit", "flexdit", "fora", "eb_cache", "at_edm"] = "static"
+    method: SampleMethod = "static"  # how the network runs (accel.methods); its options are the section below
     prompts: str | None = None  # text-to-image: a file of prompts
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    method_options: dict = field(default_factory=dict)  # fields of the method's options (accel.options)
     num_actors: int = 0  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
     gpus_per_actor: float = 1.0  # fractions pack several actors on one GPU
     cpus_per_actor: float = 1.0  # also the actor's torch threads
     shards_in_flight: int = 2  # shards queued per actor (the next one starts without a round trip)
     export_npz: str | None = None  # after sampling: the ADM evaluator's .npz (arr_0, N x H x W x 3), local path
+    fora: FORAOptions = field(default_factory=FORAOptions)  # sample.method=fora
+    eb_cache: EBCacheOptions = field(default_factory=EBCacheOptions)  # sample.method=eb_cache
+    at_edm: ATEDMOptions = field(default_factory=ATEDMOptions)  # sample.method=at_edm
+
+    @property
+    def method_options(self):
+        """The options dataclass of `method` (its section above), or None for a method without options."""
+        return getattr(self, self.method) if METHODS[self.method].options is not None else None
 
 
 @dataclass
@@ -207,11 +193,9 @@ class Config:
 
     def validate(self) -> Config:
         """Cross-field rules; raises ConfigError naming the keys and the numbers."""
-        from dydit_dist.models.registry import arch
-
-        m = self.model
+        m, s = self.model, self.sample
         try:
-            patch = arch(m.name)["patch_size"]
+            patch, depth = arch(m.name)["patch_size"], arch(m.name)["depth"]
         except ValueError as err:
             raise ConfigError(f"model.name: {err}") from None
         if m.image_size % (m.vae_downsample * patch) != 0:
@@ -226,21 +210,29 @@ class Config:
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of ray.num_workers x "
                 f"train.micro_batch_size = {self.ray.num_workers} x {t.micro_batch_size} = {per_step}"
             )
-        if not 0.0 < m.dynamic.target_lambda <= 1.0:
-            raise ConfigError(f"model.dynamic.target_lambda={m.dynamic.target_lambda} must be in (0, 1]")
-        if m.method == "flexdit" or self.sample.method == "flexdit":
-            from dydit_dist.dynamic.flexdit import FlexOptions, parse_layout
-
+        networks = METHODS[s.method].networks
+        if m.method not in networks:
+            raise ConfigError(f"sample.method={s.method!r} runs a network with model.method in {list(networks)}, "
+                              f"got model.method={m.method!r}")
+        if m.method == "flexdit":
             try:
-                parse_layout(m.flexdit.layout, arch(m.name)["depth"])
-                FlexOptions.from_config(m.flexdit, self.diffusion.num_timesteps).schedule(m.input_size // patch)
+                parse_layout(m.flexdit.layout, depth)
+                m.flexdit.schedule(m.input_size // patch)
             except ValueError as err:
                 raise ConfigError(f"model.flexdit: {err}") from None
             if self.diffusion.num_timesteps != 1000:
                 raise ConfigError("model.flexdit: the grid schedule is defined over diffusion.num_timesteps=1000, "
                                   f"got {self.diffusion.num_timesteps}")
-        if self.sample.num_samples < 1 or self.sample.shard_size < 1:
+        if s.num_samples < 1 or s.shard_size < 1:
             raise ConfigError("sample.num_samples and sample.shard_size must be positive")
+        if s.method == "eb_cache" and not s.eb_cache.schedule.endswith(".json") and len(s.eb_cache.schedule) != s.steps:
+            raise ConfigError(f"sample.eb_cache.schedule has {len(s.eb_cache.schedule)} steps but sample.steps={s.steps}; "
+                              "calibrate one for this step count (python -m jobs.calibrate)")
+        if s.method == "at_edm":
+            try:
+                s.at_edm.check_depth(depth)
+            except ValueError as err:
+                raise ConfigError(f"sample.at_edm: {err}") from None
         return self
 
     @property
@@ -312,11 +304,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} fits none of {tp}")
-    if origin is list:
+    if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}={value!r} must be a list")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        item_tp = typing.get_args(tp)[0]  # list[T] or tuple[T, ...]
+        return origin(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}")
@@ -324,7 +316,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}, got {type(value).__name__}")
+        hint = f" (quote a string of digits: {key}='...')" if tp is str and isinstance(value, int | float) else ""
+        raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}, got {type(value).__name__}{hint}")
     return value
 
 
@@ -338,7 +331,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             where = f"section {prefix!r}" if prefix else "the top level"
             raise ConfigError(f"unknown config key {full!r}; valid keys in {where}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own checks (`__post_init__`), e.g. model.dynamic, sample.eb_cache
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
 def from_dict(values: dict) -> Config:

@@ -8,8 +8,6 @@ Writes `{storage.root}/runs/{storage.run}/eb_cache/<model>_<sampler><steps>_<cri
 
 from __future__ import annotations
 
-import sys
-
 from dydit_dist import cli
 from dydit_dist.accel.calibrate import CRITERIA
 from dydit_dist.sample.calibrate import run_calibration

@@ -8,8 +8,8 @@ import torch
 from dydit_dist.accel import ATEDMOptions, Backend, BlockRecord, ScoringBranches, build_runner, gwpr, recover
 from dydit_dist.accel.synthetic import randomize_routers, randomize_zero_init
 from dydit_dist.diffusion import sample
-from dydit_dist.flops import BlockActivity
 from dydit_dist.dynamic import DyDiT
+from dydit_dist.flops import BlockActivity
 from dydit_dist.models import build_model
 
 

@@ -10,9 +10,9 @@ import torch
 from dydit_dist.accel import Backend, EBCacheOptions, build_runner, parse_schedule
 from dydit_dist.accel.calibrate import calibrate, state_error
 from dydit_dist.accel.options import load_table
-from jobs.calibrate import main
 from dydit_dist.accel.synthetic import randomize_zero_init
 from dydit_dist.models import build_model
+from jobs.calibrate import main
 
 
 def setup():

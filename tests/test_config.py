@@ -94,3 +94,28 @@ def test_run_job_exit_status_and_messages(capsys):
 
     with pytest.raises(KeyError):  # an error the job does not name is a bug: it propagates
         run_job("finetune", bug, (ConfigError,))
+
+
+def test_method_options_are_typed_sections_checked_at_load():
+    cfg = load("debug", ["sample.method=fora", "sample.fora.interval=4"])
+    assert cfg.sample.method_options.interval == 4
+    assert load("debug", ["sample.method=dydit", "model.method=dydit"]).sample.method_options is None
+    with pytest.raises(ConfigError, match=r"unknown config key 'sample.at_edm.ration'; valid keys .*ratio"):
+        load("debug", ["sample.method=at_edm", "sample.at_edm.ration=0.3"])
+    with pytest.raises(ConfigError, match=r"sample.at_edm: AT-EDM ratio must lie in \[0, 1\)"):
+        load("debug", ["sample.at_edm.ratio=1.5"])
+    with pytest.raises(ConfigError, match="sample.eb_cache.schedule has 50 steps but sample.steps=10"):
+        load("debug", ["sample.method=eb_cache"])
+    with pytest.raises(ConfigError, match=r"model.dynamic: target_lambda=1.5 must be in \(0, 1\]"):
+        load("debug", ["model.dynamic.target_lambda=1.5"])
+
+
+def test_the_network_variant_is_one_knob():
+    """model.method chooses the network; a sampling method that needs another variant is refused."""
+    with pytest.raises(ConfigError, match=r"sample.method='dydit' runs a network with model.method in \['dydit'\]"):
+        load("debug", ["sample.method=dydit"])
+    with pytest.raises(ConfigError, match=r"sample.method='flexdit' runs .* \['flexdit'\], got model.method='dydit'"):
+        load("debug", ["model.method=dydit", "sample.method=flexdit"])
+    assert load("debug", ["model.method=dydit", "sample.method=eb_cache", "sample.eb_cache.schedule='0202020202'"])
+    with pytest.raises(ConfigError, match=r"quote a string of digits: sample.eb_cache.schedule='...'"):
+        load("debug", ["sample.eb_cache.schedule=0202020202"])

@@ -273,9 +273,9 @@ def test_gradients_reach_routers_through_straight_through_estimator():
             block.token_selection.mlp_head[2].bias.zero_()
     model.train()
     x, _, y = _dit_inputs()
-    from dydit_dist.config import DynamicConfig
+    from dydit_dist.dynamic import DyDiTOptions
 
-    terms = dydit_loss_terms(model, create_diffusion(), x, 5000, DynamicConfig(), y=y,
+    terms = dydit_loss_terms(model, create_diffusion(), x, 5000, DyDiTOptions(), y=y,
                              generator=torch.Generator().manual_seed(0))
     terms["loss"].backward()
     for block in model.blocks:
@@ -316,13 +316,13 @@ def test_stratified_timesteps_cover_quarters():
 
 
 def test_stage_two_drops_the_complete_model_loss():
-    from dydit_dist.config import DynamicConfig
+    from dydit_dist.dynamic import DyDiTOptions
 
     model = _randomize(DyDiT(**DIT_KW)).train()
     x, _, y = _dit_inputs()
-    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DynamicConfig(stage=2), y=y)
+    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DyDiTOptions(stage=2), y=y)
     assert float(terms["complete"]) == 0.0
-    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DynamicConfig(stage=1), y=y)
+    terms = dydit_loss_terms(model, create_diffusion(), x, 0, DyDiTOptions(stage=1), y=y)
     assert float(terms["complete"]) > 0.0
 
 

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from model_util import randomize_
 
 from dydit_dist import flops
+from dydit_dist.accel import build_runner
 from dydit_dist.diffusion import sample
 from dydit_dist.dynamic.flexdit import (
-    FlexBranches,
     FLEXDIT_KEY_PATTERNS,
+    FlexBranches,
     FlexDiT,
     FlexOptions,
     FlexPixArt,
@@ -21,7 +22,6 @@ from dydit_dist.dynamic.flexdit import (
     upsample_tokens,
 )
 from dydit_dist.dynamic.flexdit_flops import flexdit_flops, model_flops, paper_comparison
-from dydit_dist.accel import build_runner
 from dydit_dist.dynamic.flexdit_schedule import GridSchedule, flexdit_timestep_interval
 from dydit_dist.models import DiT, PixArt, block_forward, load_into
 from dydit_dist.models.layers import Attention
@@ -133,7 +133,7 @@ def test_schedule_gives_the_documented_grid_per_t():
     with pytest.raises(ValueError, match="must lie in 1..8"):
         GridSchedule(token_grid=8)
     with pytest.raises(ValueError, match="decreasing"):
-        GridSchedule(token_grid=16, grid_sizes=(6, 8))
+        FlexOptions(grid_sizes=(6, 8)).schedule(16)
 
 
 def test_layouts():

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from dydit_dist import config as config_lib
-from dydit_dist.accel import build_runner
+from dydit_dist.accel import FlexDiTRunner, build_runner
 from dydit_dist.config import ConfigError
 from dydit_dist.dynamic.flexdit import FlexDiT
-from dydit_dist.accel import FlexDiTRunner
 from dydit_dist.models import build_model, load_into
 from dydit_dist.network import build_network, init_weights, latest_ema, read_weights, save_weights
 from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
@@ -31,7 +30,7 @@ def _static_checkpoint(path) -> str:
 
 def test_config_validates_the_flexdit_section():
     cfg = config_lib.load("debug", ["ray.num_workers=1", *FLEX])
-    assert cfg.model.flexdit.grid_sizes == [6, 4]
+    assert cfg.model.flexdit.grid_sizes == (6, 4)
     with pytest.raises(ConfigError, match=r"model.flexdit: grid_sizes \[10, 9, 8, 7, 6\] must lie in 1..8"):
         config_lib.load("debug", ["ray.num_workers=1", "model.method=flexdit"])
     with pytest.raises(ConfigError, match="layout"):

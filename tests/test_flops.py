@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from dydit_dist import models
 from dydit_dist.flops import Arch, BlockActivity, block_macs, count, main, mlp_macs
 
 G = 1e9
@@ -196,13 +197,8 @@ def test_activity_matches_torch_counter_on_a_fast_block(act):
     )
 
 
-def _models():
-    return pytest.importorskip("dydit_dist.models", reason="dydit_dist.models is not written yet")
-
-
 @pytest.mark.parametrize("name", ["debug", "DiT-S/8"])
 def test_dit_matches_torch_counter(name):
-    models = _models()
     model = models.build_model(name, input_size=8, num_classes=10).eval()
     x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.tensor([3])
     report = count(name, 64, num_classes=10)
@@ -210,7 +206,6 @@ def test_dit_matches_torch_counter(name):
 
 
 def test_pixart_matches_torch_counter():
-    models = _models()
     kw = dict(caption_channels=48, model_max_length=6)
     model = models.build_model("PixArt-debug", input_size=8, **kw).eval()
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
@@ -220,7 +215,6 @@ def test_pixart_matches_torch_counter():
 
 
 def test_pixart_ms_matches_torch_counter():
-    models = _models()
     kw = dict(hidden_size=48, depth=1, num_heads=4, patch_size=2)
     model = models.PixArtMS(input_size=8, caption_channels=24, model_max_length=5, **kw).eval()
     x, t, y = torch.randn(1, 4, 8, 16), torch.tensor([500]), torch.randn(1, 1, 5, 24)

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_util import randomize_
-
-from dydit_dist.models import DiT, DiT_models, build_model
-from dydit_dist.models.convert import (
+from diffusers_convert import (
     align_dit_timestep_embedding,
     dit_diffusers_config,
     dit_from_diffusers,
     dit_to_diffusers,
 )
+from model_util import randomize_
+
+from dydit_dist.models import DiT, DiT_models, build_model
 from dydit_dist.models.registry import DIT_ARCHS
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

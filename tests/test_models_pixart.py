@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers_convert import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
 from model_util import randomize_
 
 from dydit_dist.models import PixArt, PixArt_models, PixArtMS, build_model
-from dydit_dist.models.convert import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

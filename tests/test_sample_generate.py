@@ -15,20 +15,21 @@ from dydit_dist.sample import (
     plan_shards,
 )
 from dydit_dist.sample.generate import ShardGenerator
-from dydit_dist.sample.manifest import SamplesError, SamplesManifest, write_manifest
+from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     return {"static": random_checkpoint(str(root / "static.safetensors")),
-            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "sample.method=dydit")}
+            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "model.method=dydit")}
 
 
 @pytest.mark.parametrize("method", ["static", "dydit"])
 def test_sample_does_not_depend_on_its_batch(tmp_path, checkpoints, method):
     torch.set_num_threads(1)
-    cfg = tiny_config(str(tmp_path), f"sample.method={method}", f"model.checkpoint={checkpoints[method]}")
+    cfg = tiny_config(str(tmp_path), f"model.method={method}", f"sample.method={method}",
+                      f"model.checkpoint={checkpoints[method]}")
     gen = ShardGenerator(cfg)
     batch = gen.latents([0, 1, 2, 3])
     alone = gen.latents([2])
@@ -42,7 +43,8 @@ def test_dydit_reports_width_and_fewer_flops(tmp_path, checkpoints):
     torch.set_num_threads(1)
     stats = {}
     for method in ("static", "dydit"):
-        cfg = tiny_config(str(tmp_path), f"sample.method={method}", f"model.checkpoint={checkpoints[method]}")
+        cfg = tiny_config(str(tmp_path), f"model.method={method}", f"sample.method={method}",
+                      f"model.checkpoint={checkpoints[method]}")
         gen = ShardGenerator(cfg)
         gen.generate(plan_shards(4, 4)[0])
         stats[method] = gen.stats()
@@ -78,7 +80,7 @@ def test_export_refuses_unfinished_samples(tmp_path):
     url = str(tmp_path / "samples")
     manifest = SamplesManifest({"seed": 0}, 2)
     manifest.add({"index": 0, "name": "shard-000000.tar", "start": 0, "count": 4})
-    write_manifest(url, manifest)
+    manifest.write(url)
     with pytest.raises(SamplesError, match="1 of 2 shards are done"):
         export_adm_npz(url, str(tmp_path / "x.npz"))
 

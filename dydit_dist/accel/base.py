@@ -99,14 +99,13 @@ class Runner:
 
 
 class StaticRunner(Runner):
-    """The un-accelerated network (a DyDiT's full-width `static_forward`)."""
+    """The un-accelerated network (a DyDiT's or FlexDiT's `static_forward`: the pretrained network on its weights)."""
 
     method = "static"
 
     def forward(self, x, t, cond):
-        model = self.model
-        out = model.static_forward(x, t, **cond) if self.backend.dynamic else model(x, t, **cond)
-        return out, [BlockRecord(BlockActivity()) for _ in range(self.backend.depth)]
+        forward = getattr(self.model, "static_forward", self.model)
+        return forward(x, t, **cond), [BlockRecord(BlockActivity()) for _ in range(self.backend.depth)]
 
 
 class FastPathRunner(Runner):

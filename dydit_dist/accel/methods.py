@@ -21,22 +21,26 @@ from .options import ATEDMOptions, EBCacheOptions, FORAOptions, from_mapping
 
 @dataclass(frozen=True)
 class Method:
-    """A sampling method: `runner(backend, options)` builds it; `options` is its options dataclass (or None)."""
+    """A sampling method: `runner(backend, options)` builds it; `options` is its options dataclass (or
+    None); `networks` are the network variants (`model.method`) it runs on."""
 
     name: str
     runner: Callable[[Backend, object], Runner]
     options: type | None = None
+    networks: tuple[str, ...] = ("static", "dydit")  # a training-free method runs on a DyDiT's fast path too
     doc: str = ""
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("static", lambda b, o: StaticRunner(b), doc="the network as trained (a DyDiT's full width)"),
-    Method("dydit", lambda b, o: FastPathRunner(b), doc="DyDiT's fast path: active heads, groups, tokens"),
-    Method("fora", lambda b, o: CachingRunner(b, o, method="fora"), FORAOptions, "FORA interval caching"),
+    Method("static", lambda b, o: StaticRunner(b), networks=("static", "dydit", "flexdit"),
+           doc="the full network (a DyDiT at full width, a FlexDiT on every token)"),
+    Method("dydit", lambda b, o: FastPathRunner(b), networks=("dydit",),
+           doc="DyDiT's fast path: active heads, groups, tokens"),
+    Method("fora", lambda b, o: CachingRunner(b, o, method="fora"), FORAOptions, doc="FORA interval caching"),
     Method("eb_cache", lambda b, o: CachingRunner(b, o, method="eb_cache"), EBCacheOptions,
-           "EB-Cache: calibrated caching + exposure-bias correction"),
-    Method("at_edm", lambda b, o: PruningRunner(b, o), ATEDMOptions, "AT-EDM attention-driven token pruning"),
-    Method("flexdit", lambda b, o: FlexDiTRunner(b), doc="FlexDiT's token density by timestep"),
+           doc="EB-Cache: calibrated caching + exposure-bias correction"),
+    Method("at_edm", lambda b, o: PruningRunner(b, o), ATEDMOptions, doc="AT-EDM attention-driven token pruning"),
+    Method("flexdit", lambda b, o: FlexDiTRunner(b), networks=("flexdit",), doc="FlexDiT's token density by timestep"),
 )}
 
 

@@ -13,6 +13,7 @@ Head h of a block is on when its router says so (head 0 always); MLP group g own
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,17 +27,23 @@ from .routers import TokenRouter, WidthRouter, token_mask, width_mask
 
 
 @dataclass(frozen=True)
-class RouterOptions:
-    tdw: bool = True
-    sdt: bool = True
+class DyDiTOptions:
+    """DyDiT's routers and their training objective: the `model.dynamic` section of the config."""
+
+    tdw: bool = True  # head and MLP-group routers on the timestep embedding
+    sdt: bool = True  # per-block token router: dropped tokens skip the MLP
+    target_lambda: float = 0.5  # FLOPs target as a fraction of the static model
+    lambda_hold_steps: int = 100  # lambda_t = 1 for these first steps
+    lambda_warmup_steps: int = 1000  # then falls linearly to target_lambda over these
+    flops_loss_weight: float = 2.0
+    stage: Literal[1, 2] = 1  # 1: add the complete-model loss; 2: drop it
     gumbel_temperature: float = 5.0
     router_bias_init: float = 15.0
     token_router_bias_init: float = 35.0
 
-    @classmethod
-    def from_config(cls, dyn) -> RouterOptions:
-        """From a `config.DynamicConfig`."""
-        return cls(dyn.tdw, dyn.sdt, dyn.gumbel_temperature, dyn.router_bias_init, dyn.token_router_bias_init)
+    def __post_init__(self):
+        if not 0.0 < self.target_lambda <= 1.0:
+            raise ValueError(f"target_lambda={self.target_lambda} must be in (0, 1]")
 
 
 
@@ -90,11 +97,11 @@ class DynamicModel:
     *cond)` is the full-width static network on the same weights (stage 1's "complete model").
     """
 
-    def __init__(self, *args, router: RouterOptions | None = None, **kwargs):
+    def __init__(self, *args, router: DyDiTOptions | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._attach(router=router or RouterOptions())
+        self._attach(router=router or DyDiTOptions())
 
-    def _attach(self, router: RouterOptions) -> list[nn.Module]:
+    def _attach(self, router: DyDiTOptions) -> list[nn.Module]:
         """Fresh routers on every block (all units on); returns them."""
         self.router_options = router
         added = []
@@ -108,9 +115,9 @@ class DynamicModel:
         return added
 
     @classmethod
-    def from_static(cls, static: nn.Module, router: RouterOptions | None = None):
+    def from_static(cls, static: nn.Module, router: DyDiTOptions | None = None):
         """Add routers to a static model, sharing (not copying) its weights."""
-        return adopt(cls, static, router=router or RouterOptions())
+        return adopt(cls, static, router=router or DyDiTOptions())
 
     @property
     def num_groups(self) -> int:
@@ -148,7 +155,7 @@ class DynamicModel:
 
 
 class DyDiT(DynamicModel, DiT):
-    """DiT with DyDiT routers. Same constructor keywords as `DiT` plus `router=RouterOptions(...)`.
+    """DiT with DyDiT routers. Same constructor keywords as `DiT` plus `router=DyDiTOptions(...)`.
 
     forward(x (B, C, H, W), t (B,), y (B,)) -> DynamicOutput (masked path).
     """

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from dydit_dist.models import Branches, DiT, PixArt, PixArtMS, run_blocks
 from dydit_dist.models.layers import modulate
 
 from .adopt import adopt
-from .flexdit_schedule import PAPER_GRID_SIZES, GridSchedule
+from .flexdit_schedule import FlexOptions
 
 FLEXDIT_KEY_PATTERNS = ("blocks.*.merged_layer1.*", "blocks.*.merged_layer2.*")  # fnmatch: the added keys
 _LAYOUT_RE = re.compile(r"P*D*(CS*RD*)*")
@@ -70,29 +69,6 @@ def parse_layout(layout: str | None, depth: int) -> str:
         raise ValueError(f"FlexDiT layout {layout!r} must read P* D* (C S* R D*)*: Poolingformers at the bottom, "
                          "then sparse-dense modules, each opened by C and closed by R; D dense blocks anywhere after")
     return layout
-
-
-@dataclass(frozen=True)
-class FlexOptions:
-    """The FlexDiT part of a model: block layout and the timestep schedule of the sparse grid."""
-
-    layout: str | None = None
-    grid_sizes: tuple[int, ...] = PAPER_GRID_SIZES
-    r_min: float | None = None
-    r_max: float | None = None
-    ramp_start: float = 0.25
-    num_intervals: int = 5
-    num_timesteps: int = 1000
-
-    @classmethod
-    def from_config(cls, flex, num_timesteps: int = 1000) -> FlexOptions:
-        """From a `config.FlexDiTConfig`."""
-        return cls(flex.layout, tuple(flex.grid_sizes), flex.r_min, flex.r_max, flex.ramp_start,
-                   flex.num_intervals, num_timesteps)
-
-    def schedule(self, token_grid: int) -> GridSchedule:
-        return GridSchedule(token_grid, self.grid_sizes, self.r_min, self.r_max, self.ramp_start,
-                            self.num_intervals, self.num_timesteps)
 
 
 def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], g: int) -> torch.Tensor:

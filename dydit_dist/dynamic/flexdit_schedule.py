@@ -6,7 +6,7 @@ tokens). It is made piecewise constant so that a batch shares one grid: [0, T) i
 `num_intervals` equal intervals and interval k uses the largest allowed grid whose token count fits
 the budget N * (1 - r) at the interval's midpoint (the pruning rate is at least r there).
 
-    schedule = GridSchedule(token_grid=16)       # DiT-XL/2 at 256px: grids 10, 9, 8, 7, 6
+    schedule = FlexOptions().schedule(16)        # DiT-XL/2 at 256px: grids 10, 9, 8, 7, 6
     schedule.intervals()                         # [(0, 200, 10), (200, 400, 9), ..., (800, 1000, 6)]
     schedule.grid(t)                             # (B,) long: each sample's grid
 
@@ -21,7 +21,6 @@ batch shares one grid. Otherwise a batch may straddle two grids and the model ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,38 +29,67 @@ PAPER_GRID_SIZES = (10, 9, 8, 7, 6)
 
 
 @dataclass(frozen=True)
-class GridSchedule:
-    """Sparse grid per timestep for a square `token_grid` x `token_grid` dense token grid.
+class FlexOptions:
+    """The FlexDiT part of a model: block layout and the timestep schedule of the sparse grid (the
+    `model.flexdit` section of the config).
 
-    grid_sizes: the allowed sparse grids, from the least pruned (r_min side) to the most pruned.
-    r_min / r_max: pruning rates; None takes them from the first / last grid size.
+    layout: a letter per block (`flexdit.parse_layout`); None: `flexdit.default_layout(depth)`.
+    grid_sizes: the allowed sparse g x g grids, from the least pruned (r_min side) to the most pruned.
+    r_min / r_max: pruning rates 1 - M/N; None takes them from the first / last grid size.
+    ramp_start: r rises linearly from r_min to r_max over [ramp_start * T, T).
+    num_intervals: [0, T) is cut into this many equal intervals, one grid each (`ray.num_workers`: a multiple).
     """
 
-    token_grid: int
+    layout: str | None = None
     grid_sizes: tuple[int, ...] = PAPER_GRID_SIZES
     r_min: float | None = None
     r_max: float | None = None
     ramp_start: float = 0.25
     num_intervals: int = 5
-    num_timesteps: int = 1000
 
     def __post_init__(self):
         object.__setattr__(self, "grid_sizes", tuple(int(g) for g in self.grid_sizes))
         sizes = self.grid_sizes
         if not sizes:
             raise ValueError("grid_sizes must list at least one sparse grid size")
-        if any(not 1 <= g <= self.token_grid for g in sizes):
-            raise ValueError(f"grid_sizes {list(sizes)} must lie in 1..{self.token_grid} (the dense token grid "
-                             f"is {self.token_grid}x{self.token_grid}); set model.flexdit.grid_sizes")
         if list(sizes) != sorted(set(sizes), reverse=True):
             raise ValueError(f"grid_sizes {list(sizes)} must be distinct and decreasing (least pruned first)")
         if not 0.0 <= self.ramp_start < 1.0:
             raise ValueError(f"ramp_start={self.ramp_start} must be in [0, 1)")
-        if self.num_intervals < 1 or self.num_timesteps < self.num_intervals:
+        if self.num_intervals < 1:
+            raise ValueError(f"num_intervals={self.num_intervals} must be >= 1")
+
+    def schedule(self, token_grid: int, num_timesteps: int = 1000) -> GridSchedule:
+        """The schedule of these options on a `token_grid` x `token_grid` dense token grid."""
+        return GridSchedule(token_grid, self, num_timesteps)
+
+
+@dataclass(frozen=True)
+class GridSchedule:
+    """Sparse grid per timestep of `options` for a square `token_grid` x `token_grid` dense token grid."""
+
+    token_grid: int
+    options: FlexOptions = FlexOptions()
+    num_timesteps: int = 1000
+
+    def __post_init__(self):
+        sizes = self.grid_sizes
+        if any(not 1 <= g <= self.token_grid for g in sizes):
+            raise ValueError(f"grid_sizes {list(sizes)} must lie in 1..{self.token_grid} (the dense token grid "
+                             f"is {self.token_grid}x{self.token_grid}); set model.flexdit.grid_sizes")
+        if self.num_timesteps < self.num_intervals:
             raise ValueError(f"num_intervals={self.num_intervals} must be in 1..num_timesteps={self.num_timesteps}")
         lo, hi = self.rates
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"pruning rates must satisfy 0 <= r_min <= r_max < 1, got r_min={lo}, r_max={hi}")
+
+    @property
+    def grid_sizes(self) -> tuple[int, ...]:
+        return self.options.grid_sizes
+
+    @property
+    def num_intervals(self) -> int:
+        return self.options.num_intervals
 
     @property
     def num_tokens(self) -> int:
@@ -71,14 +99,15 @@ class GridSchedule:
     def rates(self) -> tuple[float, float]:
         """(r_min, r_max), defaults filled in from the grid sizes."""
         n = self.num_tokens
-        lo = 1.0 - self.grid_sizes[0] ** 2 / n if self.r_min is None else float(self.r_min)
-        hi = 1.0 - self.grid_sizes[-1] ** 2 / n if self.r_max is None else float(self.r_max)
+        o = self.options
+        lo = 1.0 - o.grid_sizes[0] ** 2 / n if o.r_min is None else float(o.r_min)
+        hi = 1.0 - o.grid_sizes[-1] ** 2 / n if o.r_max is None else float(o.r_max)
         return lo, hi
 
     def pruning_rate(self, t: float) -> float:
         """The continuous schedule r(t): r_min before ramp_start*T, then linear up to r_max at T."""
         lo, hi = self.rates
-        start = self.ramp_start * self.num_timesteps
+        start = self.options.ramp_start * self.num_timesteps
         if t < start:
             return lo
         return lo + (hi - lo) * min(1.0, (t - start) / (self.num_timesteps - start))
@@ -115,11 +144,6 @@ class GridSchedule:
         idx = t.detach().to("cpu").floor().long().clamp(0, self.num_timesteps - 1)
         return self.table()[idx.reshape(-1)].reshape(idx.shape)
 
-    def mean_sparse_tokens(self, timesteps: Sequence[int]) -> float:
-        """Mean M = g*g over the given timesteps (e.g. a sampler's)."""
-        grids = self.grid(torch.tensor(list(timesteps)))
-        return float((grids.float() ** 2).mean())
-
 
 def flexdit_timestep_interval(rank: int, world_size: int, schedule: GridSchedule | int) -> tuple[int, int]:
     """[lo, hi) of the timesteps rank `rank` of `world_size` trains on: the rank's equal share of [0, T).
@@ -134,10 +158,3 @@ def flexdit_timestep_interval(rank: int, world_size: int, schedule: GridSchedule
     if world_size > T:
         raise ValueError(f"world_size={world_size} exceeds the {T} timesteps: some rank would have none")
     return rank * T // world_size, (rank + 1) * T // world_size
-
-
-def schedule_from_config(flex, token_grid: int, num_timesteps: int = 1000) -> GridSchedule:
-    """The schedule of a `config.FlexDiTConfig` for a model with a `token_grid` x `token_grid` token grid."""
-    return GridSchedule(token_grid=token_grid, grid_sizes=tuple(flex.grid_sizes), r_min=flex.r_min,
-                        r_max=flex.r_max, ramp_start=flex.ramp_start, num_intervals=flex.num_intervals,
-                        num_timesteps=num_timesteps)

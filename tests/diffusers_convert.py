@@ -22,9 +22,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .dit import DiT
-from .layers import get_2d_sincos_pos_embed
-from .pixart import PixArt
+from dydit_dist.models import DiT, PixArt
+from dydit_dist.models.layers import get_2d_sincos_pos_embed
 
 _WB = ("weight", "bias")
 
