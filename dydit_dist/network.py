@@ -37,10 +37,10 @@ from dydit_dist.models import (
     parse_state_dict,
     safetensors_bytes,
 )
+from dydit_dist.paths import ema_pointer
 
 log = logging.getLogger(__name__)
 
-EMA_POINTER = "ema-latest.json"  # in {run}/checkpoints/: {"step", "file", "url"} of the newest export
 
 
 # ---------------------------------------------------------------------------- the network
@@ -105,7 +105,7 @@ def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Modu
 
 def resolve_weights(source: str) -> str:
     """A weights file URL for `source`: a file, or a previous run's folder (its newest EMA export)."""
-    pointer = storage.join(source, "checkpoints", EMA_POINTER)
+    pointer = ema_pointer(source)
     if not source.endswith((".pt", ".pth", ".safetensors", ".bin")) and storage.exists(pointer):
         return storage.read_json(pointer)["url"]
     return source
@@ -113,7 +113,7 @@ def resolve_weights(source: str) -> str:
 
 def latest_ema(run: str) -> str:
     """URL of the newest exported EMA weights of a run folder (`{root}/runs/{run}`)."""
-    pointer = storage.join(run, "checkpoints", EMA_POINTER)
+    pointer = ema_pointer(run)
     try:
         return storage.read_json(pointer)["url"]
     except FileNotFoundError:

@@ -25,12 +25,18 @@ from dataclasses import dataclass
 from dydit_dist import storage
 from dydit_dist.config import Config
 
+CHECKPOINTS = "checkpoints"  # the checkpoints folder's name in a run folder (Ray Train's run name)
+EMA_POINTER = "ema-latest.json"  # in {run}/checkpoints/: {"step", "file", "url"} of the newest EMA export
+
+
+def ema_pointer(run_url: str) -> str:
+    """`{run_url}/checkpoints/ema-latest.json`: the newest EMA export of any run folder."""
+    return storage.join(run_url, CHECKPOINTS, EMA_POINTER)
+
 
 @dataclass(frozen=True, init=False)
 class RunPaths:
     """The URLs of one run (`storage.root`, `storage.run`) and its data (`data.uri`); see the module docstring."""
-
-    CHECKPOINTS = "checkpoints"  # the checkpoints folder's name in the run folder (Ray Train's run name)
 
     root: str
     url: str  # {root}/runs/{run}
@@ -47,7 +53,11 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> str:
-        return storage.join(self.url, self.CHECKPOINTS)
+        return storage.join(self.url, CHECKPOINTS)
+
+    @property
+    def ema_pointer(self) -> str:
+        return ema_pointer(self.url)
 
     @property
     def tensorboard(self) -> str:

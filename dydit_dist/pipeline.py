@@ -25,11 +25,13 @@ import time
 from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.config import Config
+from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesManifest, run_sampling
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.shardset import manifest_url
+from dydit_dist.train import launcher
 
 BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 TRAINED_METHODS = ("dydit",)  # sample the fine-tuned dynamic network
@@ -55,7 +57,6 @@ def _stage(name: str, skipped: bool) -> None:
 
 def prepare_stage(cfg: Config) -> Config:
     """Built-in source materialized, data prepared; returns `cfg` with data.source and data.uri pinned."""
-    from dydit_dist.data import prepare
 
     paths = RunPaths(cfg)
     source = cfg.data.source
@@ -72,9 +73,7 @@ def prepare_stage(cfg: Config) -> Config:
 
 
 def _trained_to_end(cfg: Config) -> bool:
-    from dydit_dist.network import EMA_POINTER
-
-    pointer = storage.join(RunPaths(cfg).checkpoints, EMA_POINTER)
+    pointer = RunPaths(cfg).ema_pointer
     return storage.exists(pointer) and storage.read_json(pointer)["step"] >= cfg.train.max_steps
 
 
@@ -82,7 +81,6 @@ def train_stage(cfg: Config, name: str) -> str:
     """Run the fine-tuning job of `cfg` unless it reached train.max_steps; returns the run's URL."""
     import ray
 
-    from dydit_dist.train import launcher
 
     run = RunPaths(cfg).url
     done = _trained_to_end(cfg)

@@ -1,7 +1,8 @@
 """Generate samples into object storage: `python -m jobs.sample --config NAME key=value ...`.
 
     ray job submit --address ... --working-dir . -- python -m jobs.sample --config dit_xl2_256 \
-        model.checkpoint=s3://bucket/runs/dydit-0.5 sample.method=dydit storage.root=s3://bucket storage.run=dydit-0.5
+        model.method=dydit model.checkpoint=s3://bucket/runs/dydit-0.5 sample.method=dydit \
+        storage.root=s3://bucket storage.run=dydit-0.5
 
 Writes `{storage.root}/runs/{storage.run}/samples/shard-*.tar` and `manifest.json`; a rerun makes only
 the missing shards. `sample.export_npz=PATH` also writes the ADM evaluator's `.npz`.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.diffusion import create_diffusion, sample
+from dydit_dist.diffusion import create_diffusion, dpm_solver_scheduler, sample
 from dydit_dist.models import load_into, parse_state_dict
 from dydit_dist.models.registry import arch, family
 
@@ -31,7 +31,6 @@ from .fast import FastPath
 def schedule_timesteps(sampler: str, steps: int) -> list[int]:
     """The original timesteps a sampler passes to the model, first (noisiest) to last."""
     if sampler == "dpm-solver++":
-        from dydit_dist.diffusion import dpm_solver_scheduler
 
         scheduler = dpm_solver_scheduler()
         scheduler.set_timesteps(steps)

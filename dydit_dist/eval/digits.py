@@ -23,6 +23,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from dydit_dist import storage
+from dydit_dist.network import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,6 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 def train_digits_classifier(url: str, steps: int = 300, seed: int = 0) -> float:
     """Train `DigitsNet` on the digits (held-out fifth for accuracy) and write its weights to `url`
     as safetensors; returns the held-out accuracy. Shifts of one pixel augment the training images."""
-    from dydit_dist.network import save_weights
 
     images, labels = digits_images()
     rng = np.random.default_rng(seed)

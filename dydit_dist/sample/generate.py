@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dydit_dist.config import Config
+from dydit_dist.data.encoders import TextEncoder
 from dydit_dist.diffusion import cfg_model_fn, randn_per_sample, sample
 from dydit_dist.dynamic import DyDiT, DyPixArt, FastPath
 from dydit_dist.models import family
@@ -57,8 +58,6 @@ def _conditioner(cfg: Config, model, device):
         return ClassConditioner(cfg.model.num_classes)
     if not cfg.sample.prompts:
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
-    from dydit_dist.data.encoders import TextEncoder
-
     encoder = TextEncoder(cfg.data.text_encoder, cfg.data.tokenizer, cfg.model.model_max_length, str(device))
     return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
 

@@ -27,6 +27,7 @@ from dydit_dist import storage
 from dydit_dist.config import Config
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
+from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
 
 from .manifest import SamplesManifest
@@ -64,8 +65,6 @@ class SamplingWorker:
     """One sampling actor's state: a `ShardGenerator` on its device, and where shards go."""
 
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
-        from .generate import ShardGenerator
-
         cfg = config_lib.from_dict(cfg_dict)
         storage.configure_from(cfg.storage)
         torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))

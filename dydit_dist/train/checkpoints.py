@@ -23,7 +23,8 @@ import re
 from torch import nn
 
 from dydit_dist import storage
-from dydit_dist.network import EMA_POINTER, save_weights
+from dydit_dist.network import save_weights
+from dydit_dist.paths import EMA_POINTER
 from dydit_dist.train.state import TrainerState
 
 log = logging.getLogger(__name__)

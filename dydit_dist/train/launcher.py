@@ -22,11 +22,10 @@ from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
-from dydit_dist.paths import RunPaths
+from dydit_dist.paths import CHECKPOINTS, RunPaths
 from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
 from dydit_dist.train.metrics import progress_line
-
-RAY_RUN_NAME = "checkpoints"
+from dydit_dist.train.worker import train_loop_per_worker
 
 
 def preflight(cfg) -> None:
@@ -85,14 +84,13 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dydit_dist.train.worker import train_loop_per_worker
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     path, filesystem = ray_storage(RunPaths(cfg).url)
     env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
     run_config = RunConfig(
-        name=RAY_RUN_NAME, storage_path=path, storage_filesystem=filesystem,
+        name=CHECKPOINTS, storage_path=path, storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=r.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
         worker_runtime_env={"env_vars": env} if env else None,
