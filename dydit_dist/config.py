@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
+from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
 from dydit_dist.accel.methods import METHODS
 from dydit_dist.dynamic import DyDiTOptions, FlexOptions
@@ -95,9 +96,11 @@ class TrainConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 32
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW
+    adam_eps: float = 1e-8  # AdamW epsilon (PixArt-alpha: 1e-10)
+    warmup_steps: int = 0  # linear lr warm-up over these optimizer steps, then constant
+    grad_clip: float | None = 1.0  # global gradient-norm clipping; None: no clipping (DiT, DyDiT, FlexDiT)
+    skip_grad_norm: float | None = None  # skip the update when the global gradient norm reaches this (DyDiT)
     ema_decay: float = 0.9999
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
@@ -356,6 +359,4 @@ def load(name_or_path: str = "debug", overrides: list[str] | tuple[str, ...] = (
 
 def save(cfg: Config, url: str) -> None:
     """Write the resolved config next to a job's outputs (an atomic, whole-object write)."""
-    from dydit_dist import storage
-
     storage.write_bytes(url, cfg.to_yaml().encode())

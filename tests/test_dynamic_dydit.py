@@ -285,13 +285,6 @@ def test_gradients_reach_routers_through_straight_through_estimator():
     assert set(terms) >= {"loss", "diffusion", "complete", "flops", "flops_ratio", "lambda_t"}
 
 
-def test_lambda_schedule():
-    assert lambda_schedule(0, 0.5) == 1.0 and lambda_schedule(99, 0.5) == 1.0
-    assert lambda_schedule(100, 0.5) == 1.0
-    assert lambda_schedule(600, 0.5) == pytest.approx(0.75)
-    assert lambda_schedule(1100, 0.5) == pytest.approx(0.5) and lambda_schedule(10**6, 0.5) == 0.5
-
-
 def test_flops_ratio_and_loss_follow_the_formula():
     model = DyDiT(**DIT_KW)
     from dydit_dist.dynamic import DynamicOutput
@@ -324,6 +317,20 @@ def test_stage_two_drops_the_complete_model_loss():
     assert float(terms["complete"]) == 0.0
     terms = dydit_loss_terms(model, create_diffusion(), x, 0, DyDiTOptions(stage=1), y=y)
     assert float(terms["complete"]) > 0.0
+    # stage1_steps: stage 1, then stage 2 from that step on, in the same run
+    switch = DyDiTOptions(stage=1, stage1_steps=3)
+    assert float(dydit_loss_terms(model, create_diffusion(), x, 2, switch, y=y)["complete"]) > 0.0
+    assert float(dydit_loss_terms(model, create_diffusion(), x, 3, switch, y=y)["complete"]) == 0.0
+    with pytest.raises(ValueError, match="stage1_steps=3 needs stage=1"):
+        DyDiTOptions(stage=2, stage1_steps=3)
+
+
+def test_lambda_schedule_is_the_official_one():
+    """DyDiT train.py:261-268: linear from 1 at step 0 to the target at warmup_step, held at 1 below step 100."""
+    assert [lambda_schedule(s, 0.5, 100, 1000) for s in (0, 99, 100, 500, 1000, 5000)] == [
+        1.0, 1.0, 0.95, 0.75, 0.5, 0.5]
+    assert lambda_schedule(2500, 0.7, 100, 5000) == pytest.approx(0.85)
+    assert lambda_schedule(10**6, 0.5) == 0.5
 
 
 # ----------------------------------------------------------------------------- FLOPs and inspection

@@ -14,7 +14,7 @@ from dydit_dist import storage
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.models import build_model
 from dydit_dist.network import build_network, latest_ema, load_weights, save_weights
-from dydit_dist.train.deepspeed_setup import init_single_process
+from dydit_dist.train.deepspeed_setup import check_deepspeed, init_single_process
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import LocalSession
 
@@ -157,3 +157,32 @@ def test_a_session_gets_reports_no_more_often_than_it_takes_them(one_rank, tmp_p
     acc = EventAccumulator(events)
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_updates_whose_gradient_norm_reaches_skip_grad_norm_are_skipped(one_rank, tmp_path, stage):
+    """DyDiT's rule through the real DeepSpeed engine: a threshold every step reaches leaves the weights
+    as initialized; one no step reaches changes them."""
+    runs = {}
+    for name, threshold in (("skip", 1e-12), ("take", 1e12)):
+        root = _root()
+        cfg = _cfg(root, f"deepspeed.zero_stage={stage}", "train.max_steps=2", "train.grad_clip=null",
+                   f"train.skip_grad_norm={threshold}")
+        random_dataset(f"{root}/data", cfg, num_samples=16)
+        trainer, _ = _run(cfg, tmp_path / name)
+        torch.manual_seed(cfg.train.seed)  # as the trainer did: its initial weights
+        runs[name] = (trainer, build_network(cfg.model))
+    for name, (trainer, initial) in runs.items():
+        trained = trainer.engine.module.network.state_dict()
+        same = all(torch.equal(trained[k].cpu(), v) for k, v in initial.state_dict().items())
+        assert same == (name == "skip"), name
+        adamw = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # ZeRO wraps it
+        assert adamw.skipped_steps == (2 if name == "skip" else 0)
+
+
+def test_skip_grad_norm_refuses_clipping_and_zero3():
+    with pytest.raises(config_lib.ConfigError, match="replaces clipping: set train.grad_clip=null"):
+        check_deepspeed(config_lib.load("debug", ["train.skip_grad_norm=200"]))
+    with pytest.raises(config_lib.ConfigError, match="zero_stage 0-2"):
+        check_deepspeed(config_lib.load("debug", ["train.skip_grad_norm=200", "train.grad_clip=null",
+                                                  "deepspeed.zero_stage=3"]))

@@ -10,7 +10,7 @@ Cache schedule: one character per sampling step, first (noisiest) step first:
 Exposure-bias correction `eps_scale` (the predicted noise is MULTIPLIED by b(t) at every step):
     "none"                            b = 1, the output is untouched
     "paper"                           b(t/T): 1.0 at T, 0.98 at 0.4T, 0.96 at 0 (piecewise linear)
-    "released"                        b = 1 / 0.965 (the released code divides eps by 0.965)
+    "released"                        b = 1 / 0.965 (the released code divides eps by 0.965; the default)
     "const:0.98"                      any constant
     "1.0:1.0,0.4:0.98,0.0:0.96"       knots `t_fraction:value`, piecewise linear in t / (T - 1)
 """
@@ -112,7 +112,7 @@ class EBCacheOptions:
     """
 
     schedule: str = RELEASED_TABLE_50
-    eps_scale: str = "paper"
+    eps_scale: str = "released"  # what produced the published FID (eps / 0.965); "paper" is the b(t) reading
 
     def __post_init__(self):
         if not self.schedule.endswith(".json"):

@@ -33,10 +33,11 @@ class DyDiTOptions:
     tdw: bool = True  # head and MLP-group routers on the timestep embedding
     sdt: bool = True  # per-block token router: dropped tokens skip the MLP
     target_lambda: float = 0.5  # FLOPs target as a fraction of the static model
-    lambda_hold_steps: int = 100  # lambda_t = 1 for these first steps
-    lambda_warmup_steps: int = 1000  # then falls linearly to target_lambda over these
+    lambda_hold_steps: int = 100  # lambda_t = 1 for these first steps (the ramp below still starts at step 0)
+    lambda_warmup_steps: int = 1000  # lambda_t falls linearly from 1 at step 0 to target_lambda at this step
     flops_loss_weight: float = 2.0
     stage: Literal[1, 2] = 1  # 1: add the complete-model loss; 2: drop it
+    stage1_steps: int | None = None  # stage 1 for these steps, then stage 2 in the same run (optimizer, EMA kept)
     gumbel_temperature: float = 5.0
     router_bias_init: float = 15.0
     token_router_bias_init: float = 35.0
@@ -44,6 +45,14 @@ class DyDiTOptions:
     def __post_init__(self):
         if not 0.0 < self.target_lambda <= 1.0:
             raise ValueError(f"target_lambda={self.target_lambda} must be in (0, 1]")
+        if self.stage1_steps is not None and (self.stage != 1 or self.stage1_steps < 0):
+            raise ValueError(f"stage1_steps={self.stage1_steps} needs stage=1 and a count >= 0 (got stage={self.stage})")
+
+    def stage_at(self, step: int) -> int:
+        """The training stage of optimizer step `step` (0-based)."""
+        if self.stage1_steps is not None and step >= self.stage1_steps:
+            return 2
+        return self.stage
 
 
 

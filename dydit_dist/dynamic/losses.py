@@ -14,13 +14,14 @@ from .dydit import DynamicOutput
 
 
 def lambda_schedule(step: int, target: float, hold_steps: int = 100, warmup_steps: int = 1000) -> float:
-    """1 for the first `hold_steps`, then linearly down to `target` over `warmup_steps`, then `target`."""
+    """The FLOPs target of step `step`, as the official DyDiT `train.py` computes it: linear from 1 at
+    step 0 to `target` at `warmup_steps`, then `target`; held at 1 for the first `hold_steps` (so it
+    jumps to the ramp's value at `hold_steps`, e.g. 0.95 at step 100 for 0.5 over 1000 steps)."""
     if step < hold_steps:
         return 1.0
     if warmup_steps <= 0:
         return target
-    progress = min((step - hold_steps) / warmup_steps, 1.0)
-    return 1.0 - (1.0 - target) * progress
+    return 1.0 - (1.0 - target) * min(step / warmup_steps, 1.0)
 
 
 def stratified_timesteps(
@@ -81,7 +82,7 @@ def dydit_loss_terms(model, diffusion, x0: torch.Tensor, step: int, dyn_cfg, t: 
     ratio = flops_ratio(model, captured["result"])
     lam = lambda_schedule(step, dyn_cfg.target_lambda, dyn_cfg.lambda_hold_steps, dyn_cfg.lambda_warmup_steps)
     flops_loss = dyn_cfg.flops_loss_weight * (ratio.mean() - lam) ** 2
-    if dyn_cfg.stage == 1:
+    if dyn_cfg.stage_at(step) == 1:
         complete = training_losses(model.static_forward, x0, t, cond, noise, learn_sigma, diffusion=diffusion)
         complete_loss = complete["loss"].mean()
     else:

@@ -144,6 +144,8 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         f"- Reference: {ref.get('url')} ({ref.get('kind')}; statistics {ref.get('statistics')}).",
         f"- Sampling: {s['sampler']}, {s['steps']} steps, guidance {s['cfg_scale']}, seed {s['seed']}, "
         f"{s['num_samples']} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
+        *(f"- {r['label']} options: " + ", ".join(f"{k}={v}" for k, v in r["sampling"]["method_options"].items())
+          for r in records if r["sampling"].get("method_options")),
         *(f"- {note}" for note in notes),
         "",
         f"![{fid} against GFLOPs]({paths.relative(plots['fid_vs_flops'])})",

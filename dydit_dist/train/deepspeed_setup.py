@@ -9,12 +9,15 @@
   small-t noise the network must learn to predict.
 - AdamW from torch, handed to DeepSpeed: the same code runs on CPU (DS_ACCELERATOR=cpu, gloo), where
   DeepSpeed's fused Adam kernels do not exist, and on GPUs. The learning rate warms up linearly over
-  `train.warmup_steps`, then stays constant (DyDiT's recipe).
+  `train.warmup_steps`, then stays constant (PixArt-alpha's recipe: 1000 steps; DiT and DyDiT: none).
+- Gradient norm: clipped at `train.grad_clip` by DeepSpeed, or (DyDiT) the update skipped when it
+  reaches `train.skip_grad_norm` (`skip_on_grad_norm`).
 - global batch = world size x micro-batch x gradient accumulation, checked against the actual world.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from dydit_dist.config import ConfigError
 
+log = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -43,6 +47,13 @@ def check_deepspeed(cfg) -> None:
         raise ConfigError(f"deepspeed.offload_params needs deepspeed.zero_stage=3, got {z.zero_stage}")
     if z.offload_optimizer and z.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1, got 0")
+    if cfg.train.skip_grad_norm is not None:
+        if z.zero_stage == 3:
+            raise ConfigError("train.skip_grad_norm works with deepspeed.zero_stage 0-2 (ZeRO-3 steps its optimizer "
+                              "per parameter sub-group, so no single step sees the global norm); got 3")
+        if cfg.train.grad_clip:
+            raise ConfigError(f"train.skip_grad_norm={cfg.train.skip_grad_norm} replaces clipping: set "
+                              f"train.grad_clip=null (got {cfg.train.grad_clip})")
 
 
 def ds_config(cfg, world_size: int) -> dict:
@@ -59,7 +70,7 @@ def ds_config(cfg, world_size: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": t.grad_clip or 0.0,  # DeepSpeed: 0 = no clipping
         "zero_optimization": zero,
         # The optimizer is torch's AdamW (see the module docstring), also under offload.
         "zero_allow_untested_optimizer": True,
@@ -108,12 +119,40 @@ def initialize(objective: nn.Module, cfg, world_size: int):
         raise ConfigError(f"ray.num_workers={world_size} but the process group has {actual} ranks")
     t = cfg.train
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.skip_grad_norm is not None:
+        skip_on_grad_norm(optimizer, t.skip_grad_norm, partitioned=cfg.deepspeed.zero_stage > 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(t.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
     if cfg.deepspeed.zero_stage == 3:
         _register_unhooked_parameters(engine.module)
     return engine
+
+
+def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partitioned: bool) -> None:
+    """DyDiT's rule (`train_without_completemodel.py`): an optimizer step whose global gradient norm is
+    `threshold` or more is skipped (parameters and Adam moments unchanged; the EMA still updates).
+
+    Wraps `optimizer.step` before DeepSpeed sees the optimizer. Under ZeRO-1/2 DeepSpeed calls it with
+    this rank's partition of the averaged gradients in the optimizer's parameters, so the squared norms
+    are summed over the ranks (`partitioned`); under ZeRO-0 every rank holds the whole averaged
+    gradient. Every rank takes the same decision. `optimizer.skipped_steps` counts the skips."""
+    step = optimizer.step
+    optimizer.skipped_steps = 0
+
+    def step_unless_the_norm_is_too_large(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        squared = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        if partitioned:
+            torch.distributed.all_reduce(squared)
+        norm = float(squared.sqrt())
+        if norm >= threshold:
+            optimizer.skipped_steps += 1
+            log.warning("gradient norm %.4g >= train.skip_grad_norm=%g: update skipped", norm, threshold)
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = step_unless_the_norm_is_too_large
 
 
 def _register_unhooked_parameters(root: nn.Module) -> None:
