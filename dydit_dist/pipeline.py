@@ -37,8 +37,8 @@ BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 TRAINED_METHODS = ("dydit",)  # sample the fine-tuned dynamic network
 
 
-def _with(cfg: Config, **sections) -> Config:
-    """`cfg` with fields of its sections replaced: `_with(cfg, storage={"run": "x"})`."""
+def with_values(cfg: Config, **sections) -> Config:
+    """`cfg` with fields of its sections replaced: `with_values(cfg, storage={"run": "x"})`."""
     return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
                                        for name, values in sections.items()})
 
@@ -48,6 +48,29 @@ _START = time.monotonic()
 
 def _save_config(cfg: Config, job: str) -> None:
     config_lib.save(cfg, RunPaths(cfg).config(job))
+
+
+def data_done(cfg: Config) -> bool:
+    """Whether the data folder of `cfg` (data.uri, else the run's) holds a complete manifest."""
+    url = manifest_url(RunPaths(cfg).data)
+    return storage.exists(url) and storage.read_json(url).get("complete", False)
+
+
+def finetune_config(cfg: Config, static_weights: str | None) -> Config:
+    """The DyDiT fine-tune of `cfg` (run `{run}/finetune`), from train.init_from or `static_weights`."""
+    return with_values(cfg, model={"method": "dydit"}, storage={"run": f"{cfg.storage.run}/finetune"},
+                 train={"init_from": cfg.train.init_from or static_weights})
+
+
+def method_config(cfg: Config, method: str, static_weights: str | None, dynamic_weights: str | None) -> Config:
+    """The sample + evaluate run of one method of eval.methods (run `{run}/{method}`): the fine-tuned
+    dynamic weights for the methods in TRAINED_METHODS, the static ones otherwise; the reference is
+    eval.reference, else the data folder."""
+    trained = method in TRAINED_METHODS
+    return with_values(cfg, sample={"method": method}, storage={"run": f"{cfg.storage.run}/{method}"},
+                 model={"method": "dydit" if trained else "static",
+                        "checkpoint": dynamic_weights if trained else static_weights},
+                 eval={"reference": cfg.eval.reference or RunPaths(cfg).data})
 
 
 def _stage(name: str, skipped: bool) -> None:
@@ -63,16 +86,16 @@ def prepare_stage(cfg: Config) -> Config:
     if source in BUILTIN_SOURCES:
         source = paths.source(source.split(":", 1)[1])
         BUILTIN_SOURCES[cfg.data.source](source)
-    cfg = _with(cfg, data={"source": source, "uri": paths.data})
-    url = manifest_url(cfg.data.uri)
-    done = storage.exists(url) and storage.read_json(url).get("complete", False)
+    cfg = with_values(cfg, data={"source": source, "uri": paths.data})
+    done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:
         prepare(cfg)
     return cfg
 
 
-def _trained_to_end(cfg: Config) -> bool:
+def trained_to_end(cfg: Config) -> bool:
+    """Whether the fine-tuning run of `cfg` exported EMA weights at train.max_steps."""
     pointer = RunPaths(cfg).ema_pointer
     return storage.exists(pointer) and storage.read_json(pointer)["step"] >= cfg.train.max_steps
 
@@ -83,7 +106,7 @@ def train_stage(cfg: Config, name: str) -> str:
 
 
     run = RunPaths(cfg).url
-    done = _trained_to_end(cfg)
+    done = trained_to_end(cfg)
     _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
         launcher.preflight(cfg)
@@ -99,7 +122,7 @@ def pretrain_config(cfg: Config) -> Config:
     overrides = [f"storage.root={s.root}", f"storage.run={s.run}/pretrain", f"storage.retries={s.retries}",
                  f"data.uri={cfg.data.uri}", f"data.source={cfg.data.source}"]
     base = config_lib.load(cfg.eval.pretrain_config, overrides)
-    return _with(base, storage={"endpoint_url": s.endpoint_url, "region": s.region},
+    return with_values(base, storage={"endpoint_url": s.endpoint_url, "region": s.region},
                  ray={"address": cfg.ray.address})
 
 
@@ -112,7 +135,7 @@ def feature_extractor_stage(cfg: Config) -> Config:
     _stage(f"feature extractor {url} (a digits classifier, NOT Inception)", done)
     if not done:
         digits.train_digits_classifier(url)
-    return _with(cfg, eval={"feature_extractor_weights": url})
+    return with_values(cfg, eval={"feature_extractor_weights": url})
 
 
 def reproduce(cfg: Config) -> str:
@@ -122,7 +145,6 @@ def reproduce(cfg: Config) -> str:
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address)
     cfg = absolute_root(cfg)
-    run = cfg.storage.run
     # 1. Data
     cfg = prepare_stage(cfg)
     # 2. Weights: static (pretrained here, or model.checkpoint), then the DyDiT fine-tune
@@ -134,22 +156,16 @@ def reproduce(cfg: Config) -> str:
         notes = [f"Static weights: trained from scratch for {pretrain.train.max_steps} steps ({static_weights})."]
     dynamic_weights = None
     if any(m in TRAINED_METHODS for m in cfg.eval.methods):
-        finetune = _with(cfg, model={"method": "dydit"}, storage={"run": f"{run}/finetune"},
-                         train={"init_from": cfg.train.init_from or static_weights})
+        finetune = finetune_config(cfg, static_weights)
         dynamic_weights = train_stage(finetune, "finetune")
         notes.append(f"DyDiT weights: the static ones fine-tuned {finetune.train.max_steps} more steps at "
                      f"lambda {finetune.model.dynamic.target_lambda} on {finetune.ray.num_workers} workers, "
                      f"ZeRO-{finetune.deepspeed.zero_stage} ({dynamic_weights}).")
     # 3. Samples and metrics of every method
     cfg = feature_extractor_stage(cfg)
-    reference = cfg.eval.reference or cfg.data.uri
     records = []
     for method in cfg.eval.methods:
-        trained = method in TRAINED_METHODS
-        m_cfg = _with(cfg, sample={"method": method}, storage={"run": f"{run}/{method}"},
-                      model={"method": "dydit" if trained else "static",
-                             "checkpoint": dynamic_weights if trained else static_weights},
-                      eval={"reference": reference})
+        m_cfg = method_config(cfg, method, static_weights, dynamic_weights)
         m_paths = RunPaths(m_cfg)
         samples = m_paths.samples
         done = storage.exists(manifest_url(samples)) and SamplesManifest.read(samples).complete

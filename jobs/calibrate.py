@@ -8,12 +8,14 @@ Writes `{storage.root}/runs/{storage.run}/eb_cache/<model>_<sampler><steps>_<cri
 
 from __future__ import annotations
 
+import sys
+
 from dydit_dist import cli
 from dydit_dist.accel.calibrate import CRITERIA
 from dydit_dist.sample.calibrate import run_calibration
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = cli.job_parser(__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=0.05, help="tolerance at the noisiest timestep")
     parser.add_argument("--tolerance-at-zero", type=float, default=0.0, help="tolerance at t = 0")
@@ -27,11 +29,16 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = cli.parse_args(parser, argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
-    table, _ = run_calibration(cfg, tolerance=args.tolerance, tolerance_at_zero=args.tolerance_at_zero,
-                               criterion=args.criterion, num_samples=args.num_samples, seed=args.seed,
-                               out=args.out, allow_random=args.random_init)
-    return table
+
+    def work() -> str:
+        table, url = run_calibration(cfg, tolerance=args.tolerance, tolerance_at_zero=args.tolerance_at_zero,
+                                     criterion=args.criterion, num_samples=args.num_samples, seed=args.seed,
+                                     out=args.out, allow_random=args.random_init)
+        return f"{url}: schedule {table['schedule']} ({table['full_steps']}/{table['num_steps']} full steps)"
+
+    return cli.run_job("calibrate", work, (), cfg, args.dry_run, allow_random=args.random_init,
+                       num_samples=args.num_samples)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,16 +17,18 @@ from dydit_dist.sample import SamplesError
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse(argv, "Evaluate generated samples with torch-fidelity against reference statistics")
-    cli.save_resolved_config(cfg, "evaluate")
+    parser = cli.job_parser("Evaluate generated samples with torch-fidelity against reference statistics")
+    cfg, args = cli.parse_args(parser, argv)
 
     def work() -> str:
+        cli.save_resolved_config(cfg, "evaluate")
         record = evaluate(cfg)
         values = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
         return (f"{RunPaths(cfg).metrics}: {values} on {record['num_samples']} samples "
                 f"[{record['feature_extractor']['name']}]")
 
-    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError))
+    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError),
+                       cfg, args.dry_run)
 
 
 if __name__ == "__main__":

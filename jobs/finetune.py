@@ -14,16 +14,17 @@ import sys
 from dydit_dist import cli
 from dydit_dist.config import ConfigError
 from dydit_dist.data import DataError
+from dydit_dist.preflight import check
 from dydit_dist.train import launcher
 
+DESCRIPTION = "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on Ray Train"
 
-def run(argv: list[str] | None = None, wrap_session=None):
-    """Parse, check, fit; returns Ray Train's `Result`. ConfigError / DataError before any worker starts.
+
+def fit(cfg, wrap_session=None):
+    """Start (or join) Ray, check the workers fit the cluster, fit; returns Ray Train's `Result`.
     wrap_session: see `launcher.build_trainer` (tests)."""
     import ray
 
-    cfg = cli.parse(argv, "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on Ray Train")
-    launcher.preflight(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address)
     launcher.preflight_cluster(cfg, ray.cluster_resources())
@@ -34,11 +35,20 @@ def run(argv: list[str] | None = None, wrap_session=None):
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    def work() -> None:
-        run(argv)  # prints its own summary line
+def run(argv: list[str] | None = None, wrap_session=None):
+    """Parse, preflight (`dydit_dist.preflight`: a PreflightError before Ray is contacted), fit."""
+    cfg = cli.parse(argv, DESCRIPTION)
+    check(cfg, "finetune")
+    return fit(cfg, wrap_session)
 
-    return cli.run_job("finetune", work, (ConfigError, DataError))
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = cli.parse_args(cli.job_parser(DESCRIPTION), argv)
+
+    def work() -> None:
+        fit(cfg)  # prints its own summary line
+
+    return cli.run_job("finetune", work, (ConfigError, DataError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from dydit_dist.shardset import ShardError
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse(argv, "Encode images (and captions) into VAE-latent (and T5) WebDataset shards")
+    parser = cli.job_parser("Encode images (and captions) into VAE-latent (and T5) WebDataset shards")
+    cfg, args = cli.parse_args(parser, argv)
 
     def work() -> str:
         result = prepare(cfg)
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{result.uri}: {manifest.num_samples} samples in {manifest.num_shards} shards ({result.encoded} "
                 f"encoded now, {result.skipped} already done, {manifest.bad_inputs} unreadable inputs)")
 
-    return cli.run_job("prepare", work, (DataError, ShardError))
+    return cli.run_job("prepare", work, (DataError, ShardError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python -m jobs.reproduce --config demo          # what `make demo` runs, offline, in minutes
 
 prepare -> finetune -> sample -> evaluate for every method in `eval.methods`, each stage skipped when
-its outputs exist, ending in `{storage.root}/runs/{storage.run}/report.md` (see
-`dydit_dist.pipeline` for where everything goes).
+its outputs exist, ending in `{storage.root}/runs/{storage.run}/report.md` (see `dydit_dist.pipeline`
+for where everything goes). The inputs of every stage are resolved before the first one starts
+(`dydit_dist.preflight`; `--dry-run` prints the plan and stops).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from dydit_dist.shardset import ShardError
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
-    cfg = cli.parse(argv, "prepare -> finetune -> sample -> evaluate -> report, each stage skipped when done")
-    cli.save_resolved_config(cfg, "reproduce")
+    parser = cli.job_parser("prepare -> finetune -> sample -> evaluate -> report, each stage skipped when done")
+    cfg, args = cli.parse_args(parser, argv)
 
     def work() -> str:
+        cli.save_resolved_config(cfg, "reproduce")
         report = reproduce(cfg)
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
     return cli.run_job("reproduce", work, (ConfigError, DataError, ShardError, SamplesError,
-                                          FeatureExtractorUnavailable))
+                                          FeatureExtractorUnavailable), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse(argv, "Generate N samples across the Ray cluster into sharded tars on object storage")
-    cli.save_resolved_config(cfg, "sample")
+    parser = cli.job_parser("Generate N samples across the Ray cluster into sharded tars on object storage")
+    cfg, args = cli.parse_args(parser, argv)
 
     def work() -> str:
+        cli.save_resolved_config(cfg, "sample")
         manifest = run_sampling(cfg)
         samples = RunPaths(cfg).samples
         if cfg.sample.export_npz:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{samples}: {manifest.num_samples} samples in {manifest.num_shards} shards"
                 + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
 
-    return cli.run_job("sample", work, (SamplesError, ValueError, FileNotFoundError, RuntimeError))
+    return cli.run_job("sample", work, (SamplesError, ValueError, FileNotFoundError, RuntimeError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

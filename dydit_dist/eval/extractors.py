@@ -108,19 +108,29 @@ def _check_tensors_only(path: str, what: str) -> None:
                          f"({type(err).__name__}); refusing to unpickle it") from err
 
 
+def hub_inception_path() -> str:
+    """Where torch-fidelity keeps its Inception-v3 weights (torch hub's cache), used when
+    eval.inception_weights is unset."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def inception_missing_message() -> str:
+    """How to supply the Inception-v3 weights when neither eval.inception_weights nor the hub cache has them."""
+    return ("FID, IS and precision/recall need torch-fidelity's Inception-v3 weights, which are not on this "
+            f"machine and are not downloaded here. Fetch {URL_INCEPTION_V3} on a machine with internet, then "
+            "set eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth (a local path, "
+            f"an s3:// URL or an http(s) mirror), or put the file in {os.path.dirname(hub_inception_path())}/. "
+            f"For an offline smoke test use eval.feature_extractor={digits.NAME} (NOT Inception).")
+
+
 def inception_weights(configured: str | None) -> str:
     """A local, checked Inception-v3 weights file, or FeatureExtractorUnavailable saying how to get one."""
     if configured:
         path = _local_copy(configured, "eval.inception_weights")
     else:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+        path = hub_inception_path()
         if not os.path.isfile(path):
-            raise FeatureExtractorUnavailable(
-                "FID, IS and precision/recall need torch-fidelity's Inception-v3 weights, which are not on this "
-                f"machine and are not downloaded here. Fetch {URL_INCEPTION_V3} on a machine with internet, then "
-                "set eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth (a local path, "
-                f"an s3:// URL or an http(s) mirror), or put the file in {os.path.dirname(path)}/. "
-                f"For an offline smoke test use eval.feature_extractor={digits.NAME} (NOT Inception).")
+            raise FeatureExtractorUnavailable(inception_missing_message())
     _check_tensors_only(path, "eval.inception_weights")
     return path
 

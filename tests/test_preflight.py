@@ -1,0 +1,117 @@
+"""The preflight of every job (`dydit_dist.preflight`): all unresolved inputs named at once, in seconds,
+before Ray; `--dry-run` prints the plan and exits 0 when everything resolves. No Ray is started here."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from sampling_util import random_checkpoint
+
+from dydit_dist import config, storage
+from dydit_dist.preflight import plan
+from jobs import calibrate, evaluate, finetune, prepare, reproduce, sample
+
+
+def _fixtures(tmp_path) -> dict[str, str]:
+    """A tiny random debug checkpoint, an ADM-style reference batch, an "Inception" weights file, an image folder."""
+    images = tmp_path / "images" / "class_0"
+    images.mkdir(parents=True)
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    inception = tmp_path / "inception.pth"
+    torch.save({}, inception)
+    return {"checkpoint": random_checkpoint(str(tmp_path / "static.safetensors")), "reference": str(reference),
+            "inception": str(inception), "images": str(images.parent), "root": str(tmp_path / "out")}
+
+
+def test_missing_checkpoint_and_inception_weights_fail_together_in_seconds(tmp_path, capsys):
+    f = _fixtures(tmp_path)
+    missing_ckpt, missing_inception = tmp_path / "no" / "DiT.safetensors", tmp_path / "no" / "inception.pth"
+    start = time.monotonic()
+    code = reproduce.main(["--config", "debug", f"storage.root={f['root']}", f"data.source={f['images']}",
+                           f"model.checkpoint={missing_ckpt}", f"eval.inception_weights={missing_inception}",
+                           f"eval.reference={f['reference']}"])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and elapsed < 15, (code, elapsed)
+    assert "reproduce: 2 input(s) of the reproduce job do not resolve" in err
+    assert f"model.checkpoint={missing_ckpt}: " in err and f"eval.inception_weights={missing_inception}: " in err
+    assert not (tmp_path / "out").exists()  # nothing written, not even the resolved config
+
+
+def test_sample_without_weights_is_an_error_outside_the_debug_models(tmp_path, capsys):
+    root = f"storage.root={tmp_path}"
+    assert sample.main(["--dry-run", "--config", "dit_xl2_256", root, "model.checkpoint=null", "data.vae=none"]) == 2
+    assert "model.checkpoint=None: unset; sampling DiT-XL/2 without weights is an error" in capsys.readouterr().err
+    assert sample.main(["--dry-run", "--config", "debug", root]) == 0
+    assert "unset: random weights (allowed for the tiny debug model)" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_of_every_stage_and_exits_0(tmp_path, capsys):
+    f = _fixtures(tmp_path)
+    argv = ["--dry-run", "--config", "debug", f"storage.root={f['root']}", f"model.checkpoint={f['checkpoint']}",
+            f"data.source={f['images']}", f"eval.reference={f['reference']}", f"eval.inception_weights={f['inception']}"]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    for stage in ("1. prepare", "2. finetune", "3. sample static", "4. evaluate static", "5. sample dydit",
+                  "6. evaluate dydit", "7. report"):
+        assert stage in out, out
+    assert "32 samples x 10 ddpm steps x 2 (guidance)" in out and "GPU-hours" in out and "an estimate" in out
+    assert f"model.checkpoint={f['checkpoint']}: made by" not in out  # the static weights are given, and checked
+    assert "every key and shape fits the network" in out and "UNRESOLVED" not in out
+    assert not (tmp_path / "out").exists()
+    assert sample.main(argv[:5]) == 0  # the sample job alone
+    assert "1. sample static: 32 samples" in capsys.readouterr().out
+
+
+def test_demo_config_resolves_offline(tmp_path, capsys):
+    assert reproduce.main(["--dry-run", "--config", "demo", f"storage.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "1. prepare" in out and "2. pretrain" in out and "trained by the reproduce job" in out
+
+
+def test_checkpoint_of_another_model_is_named_with_its_differences(tmp_path, capsys):
+    other = random_checkpoint(str(tmp_path / "five.safetensors"), "model.num_classes=5")
+    assert sample.main(["--dry-run", "--config", "debug", f"storage.root={tmp_path}", f"model.checkpoint={other}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.checkpoint={other}: {other} does not fit debug" in err and "y_embedder.embedding_table.weight" in err
+
+
+def test_run_folder_resolves_through_its_ema_pointer(tmp_path):
+    f = _fixtures(tmp_path)
+    storage.write_json(str(tmp_path / "run" / "checkpoints" / "ema-latest.json"), {"step": 4, "url": f["checkpoint"]})
+    cfg = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={tmp_path / 'run'}"])
+    (weights,) = [i for i in plan(cfg, "sample").inputs if i.key == "model.checkpoint"]
+    assert weights.problem is None and f["checkpoint"] in weights.note
+    empty = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={tmp_path / 'nothing'}"])
+    (weights,) = [i for i in plan(empty, "sample").inputs if i.key == "model.checkpoint"]
+    assert "not found; expected a weights file" in weights.problem
+
+
+def test_evaluate_prepare_finetune_calibrate_name_their_inputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = f"storage.root={tmp_path}"
+    assert evaluate.main(["--config", "debug", root, "eval.feature_extractor=digits-cnn"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.samples=file://{tmp_path}/runs/debug/samples: no samples manifest" in err
+    assert "eval.reference=None: unset" in err and "eval.feature_extractor_weights=None: unset; digits-cnn" in err
+    assert prepare.main(["--config", "debug", root, f"data.source={tmp_path}/none-*.tar", "data.source_format=webdataset",
+                         "data.vae=nobody/no-such-vae"]) == 2
+    err = capsys.readouterr().err
+    assert "matches no .tar files" in err and "data.vae=nobody/no-such-vae: not in the local Hugging Face cache" in err
+    assert finetune.main(["--config", "debug", root, f"data.uri={tmp_path}/data"]) == 2
+    assert f"{tmp_path}/data/manifest.json not found" in capsys.readouterr().err
+    assert calibrate.main(["--dry-run", "--config", "dit_xl2_256", root, "model.checkpoint=null"]) == 2
+    assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root]) == 0
+
+
+def test_an_unwritable_storage_root_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    cfg = config.load("debug", [f"storage.root={tmp_path}/a-file/out"])
+    (root,) = [i for i in plan(cfg, "sample").inputs if i.key == "storage.root"]
+    assert "not writable" in root.problem
+    with pytest.raises(ValueError, match="no preflight for job"):
+        plan(cfg, "train")
