@@ -12,17 +12,22 @@
         "flip": false, "image_size": 256, "seed": 0,
         "num_classes": 1000, "classes": [...],                      # class-conditional
         "text_encoder": ..., "tokenizer": ..., "text_len": 120, "text_dim": 4096,   # captions
-        "source": url, "source_format": ..., "num_inputs": N, "inputs_digest": sha256, "shard_size": ...
+        "source": url, "source_format": ..., "num_inputs": N, "inputs_digest": sha256, "shard_size": ...,
+        "sample_order": "permuted" | "input"   # seeded permutation (imagefolder, captions), or the input tars'
       },
       "num_shards": S,                  # planned
       "shards": [{"index": 0, "name": "shard-000000.tar", "count": 1000, "sha256": ..., "bytes": ...,
-                  "bad": [{"source": url, "error": "..."}]}, ...],
+                  "bad": [{"source": url, "error": "..."}],
+                  "classes": {"0": 3, "7": 1, ...}}, ...],   # class-conditional: samples per label
       "bad_inputs": 3                   # unreadable inputs, each listed under its shard's "bad"
     }
 
 The latent is stored unscaled and `scale_factor` is recorded once; the reader multiplies by it, so
 it is never applied twice. `data.vae: none` means pixel-space data: images as float arrays in
 [-1, 1] of shape (C, H, W), scale factor 1, yielded unchanged.
+
+A data set prepared before samples were permuted has no `sample_order` (its imagefolder shards are
+in class order) and no `classes` histograms.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import ClassVar
+
+import numpy as np
 
 from dydit_dist.data.shards import DataError
 from dydit_dist.shardset import ShardManifest, manifest_url
@@ -52,6 +59,23 @@ class Manifest(ShardManifest):
     @property
     def bad_inputs(self) -> int:
         return sum(len(s["bad"]) for s in self.shards.values())
+
+    def class_mixing(self) -> float | None:
+        """How mixed the classes of the shards are: the distinct labels of all shards, summed, over what
+        i.i.d. draws of the same sizes from the data set's class frequencies p would hold on average
+        (sum_k 1 - (1 - p_k)^n for a shard of n). About 1 (a little more) when shards are random draws,
+        far below 1 when they are class-sorted. None without histograms (caption data, or shards
+        prepared before histograms were recorded)."""
+        histograms = [r.get("classes") for r in self.records()]
+        if not histograms or any(h is None for h in histograms):
+            return None
+        labels = sorted({label for h in histograms for label in h})
+        counts = np.array([[h.get(label, 0) for label in labels] for h in histograms], dtype=np.float64)  # (S, K)
+        if counts.sum() == 0:
+            return None
+        p = counts.sum(0) / counts.sum()  # (K,)
+        expected = (1 - (1 - p)[None, :] ** counts.sum(1)[:, None]).sum()
+        return float((counts > 0).sum() / expected)
 
     def _extra_json(self) -> dict:
         return {"bad_inputs": self.bad_inputs}

@@ -12,7 +12,12 @@
        VAE / T5 once and keeps them for the next chunks (Ray reuses worker processes, which also
        spares each task the imports). The driver records each finished shard in the manifest and
        shows images/s and ETA.
-    4. Mark the manifest complete.
+    4. Mark the manifest complete, and warn when its shards are class-sorted (a data set prepared
+       before samples were permuted, or class-sorted input tars): the reader's batches would then
+       hold far fewer classes than i.i.d. ones.
+
+Samples are written in the order `sources` describes (a seeded permutation, or a webdataset
+source's own order); each shard's record counts its samples per class (`classes`).
 
 Unreadable or truncated images are skipped, counted and listed (source URL and error) under their
 shard in the manifest, never silently dropped.
@@ -34,13 +39,14 @@ from dydit_dist import storage
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
-from dydit_dist.data.manifest import Manifest, conditioning, expected_latent_shape
+from dydit_dist.data.manifest import Manifest, ManifestError, conditioning, expected_latent_shape
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import pack, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
+CLASS_SORTED_BELOW = 0.5  # Manifest.class_mixing under which the shards count as class-sorted
 
 
 @dataclass
@@ -80,6 +86,7 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
         "source": d.source, "source_format": d.source_format, "num_inputs": source_plan.num_inputs,
         "inputs_digest": source_plan.digest,
         "shard_size": None if d.source_format == "webdataset" else d.shard_size,
+        "sample_order": "input" if d.source_format == "webdataset" else "permuted",
     }
     if cond == "class":
         settings.update(num_classes=m.num_classes, classes=list(source_plan.classes))
@@ -148,7 +155,11 @@ class ShardEncoder:
                     meta={"source": item.url, **({"caption": item.caption} if item.caption is not None else {})},
                 ))
         record = write_shard(uri, chunk.index, pack(samples), len(samples))
-        return {**record, "bad": bad, "inputs": len(good) + len(bad)}
+        record.update(bad=bad, inputs=len(good) + len(bad))
+        if cond == "class":
+            labels, counts = np.unique([item.label for item, _ in good], return_counts=True)
+            record["classes"] = {str(label): int(count) for label, count in zip(labels, counts, strict=True)}
+        return record
 
 
 def _concurrency(cfg: Config, num_chunks: int) -> int:
@@ -186,7 +197,7 @@ def prepare(cfg: Config) -> PrepareResult:
     uri = paths.data
     # 1. Plan and validate (the manifest there: same settings, only the shards storage still holds)
     settings, source_plan = plan(cfg)
-    manifest = Manifest.resume(uri, settings, len(source_plan.chunks), drop_missing=True)
+    manifest = _resume(uri, settings, len(source_plan.chunks))
     done = manifest.done()
     todo = [c for c in source_plan.chunks if c.index not in done]
     if not todo:
@@ -194,6 +205,7 @@ def prepare(cfg: Config) -> PrepareResult:
             manifest.complete = True
             manifest.write(uri)
         log.info("%s: all %d shards already prepared", uri, manifest.num_shards)
+        warn_if_class_sorted(uri, manifest)
         return PrepareResult(uri, manifest, 0, len(done))
     manifest.complete = False
     manifest.write(uri)
@@ -232,4 +244,36 @@ def prepare(cfg: Config) -> PrepareResult:
     manifest.write(uri)
     log.info("%s: %d samples in %d shards, %d unreadable inputs", uri, manifest.num_samples,
              manifest.num_shards, manifest.bad_inputs)
+    warn_if_class_sorted(uri, manifest)
     return PrepareResult(uri, manifest, len(todo), len(done))
+
+
+def _resume(uri: str, settings: dict, num_shards: int) -> Manifest:
+    """`Manifest.resume`; a complete data set prepared before samples were permuted (settings without
+    `sample_order`, otherwise the same) is taken as it is (class order: `warn_if_class_sorted` says so)."""
+    try:
+        return Manifest.resume(uri, settings, num_shards, drop_missing=True)
+    except ManifestError:
+        old = Manifest.read(uri)
+        if old.complete and "sample_order" not in old.settings and \
+                {**old.settings, "sample_order": settings["sample_order"]} == settings:
+            return old
+        raise
+
+
+def warn_if_class_sorted(uri: str, manifest: Manifest) -> None:
+    """log.warning naming `uri` when its shards are class-sorted (see `Manifest.class_mixing`)."""
+    s = manifest.settings
+    if s["conditioning"] != "class" or manifest.num_shards < 2:
+        return
+    advice = ("the reader's batches will hold far fewer classes than i.i.d. draws; prepare it again into "
+              "another data.uri (or remove that folder)")
+    if "sample_order" not in s and s["source_format"] == "imagefolder":
+        log.warning("%s: shards are in class order (prepared before samples were permuted): %s", uri, advice)
+        return
+    mixing = manifest.class_mixing()
+    if mixing is not None and mixing < CLASS_SORTED_BELOW:
+        hint = "; a webdataset source keeps its input's order: shuffle the input tars" \
+            if s["source_format"] == "webdataset" else ""
+        log.warning("%s: shards are class-sorted (they hold %.0f%% of the distinct classes of random draws "
+                    "of their size): %s%s", uri, 100 * mixing, advice, hint)

@@ -22,8 +22,13 @@ probability 1/2 (when prepared with `data.flip`), a `mean_std` latent is sampled
 mean + std * noise, and the result is multiplied by the manifest's scale factor (1 for pixel data,
 which is therefore yielded unchanged).
 
+`metrics()` reports the skipped shards and samples (counters) and, for class labels, the distinct
+labels per batch, averaged over the batches yielded since the previous call (the trainer calls it
+once per log window): about as many as i.i.d. draws when the shards are mixed (see
+`data.sources`), far fewer when they are class-sorted.
+
 A missing or corrupt shard raises `ShardError` naming it; with `on_error="skip"` it is skipped,
-logged and counted (`metrics()`), and later batches fill up from the next samples. A resume is
+logged and counted, and later batches fill up from the next samples. A resume is
 exact with skips too when it goes through `state_dict`, which records each worker's position.
 """
 
@@ -192,6 +197,7 @@ class LatentStream:
         self.samples_per_epoch = self.num_workers * per_consumer(self.manifest.num_samples,
                                                                  world_size * self.num_workers)
         self.skipped_shards, self.skipped_samples = 0, 0
+        self._classes, self._batches = 0, 0  # distinct labels summed over the batches since metrics()
         self.seek(start_step)
 
     def seek(self, step: int) -> None:
@@ -217,7 +223,12 @@ class LatentStream:
         self.skipped_shards, self.skipped_samples = state["skipped_shards"], state["skipped_samples"]
 
     def metrics(self) -> dict:
-        return {"data/skipped_shards": self.skipped_shards, "data/skipped_samples": self.skipped_samples}
+        """Skip counters, and `data/classes_per_batch` over the batches since the last call (class labels)."""
+        out = {"data/skipped_shards": self.skipped_shards, "data/skipped_samples": self.skipped_samples}
+        if self._batches:
+            out["data/classes_per_batch"] = self._classes / self._batches
+        self._classes, self._batches = 0, 0
+        return out
 
     def __iter__(self):
         dataset = _Batches(self.uri, self.manifest, self.batch_size, self.rank, self.num_workers, self.world_size,
@@ -234,5 +245,7 @@ class LatentStream:
             self.positions[worker] = batch.pop("_position")
             for _name, lost in batch.pop("_skipped"):
                 self.skipped_shards, self.skipped_samples = self.skipped_shards + 1, self.skipped_samples + lost
+            if "y" in batch:
+                self._classes, self._batches = self._classes + len(torch.unique(batch["y"])), self._batches + 1
             self.step += 1
             yield batch

@@ -10,6 +10,13 @@
   or a folder of `.tar` files; each sample has an image (`jpg`, `png`, ...) and `cls` or a caption
   (`txt`, `caption`, or `json["caption"]`). One output shard per input tar.
 
+Order: imagefolder and captions items are written in a random permutation seeded by `data.seed`
+(`default_rng(seed).permutation`), not in listing order, which for an ImageFolder is class order:
+each shard holds a random draw of the classes, so the reader's shard shuffle and shuffle buffer give
+batches of about as many classes as an i.i.d. draw. The same listing and seed give the same chunks.
+A webdataset source keeps its input's order (one output shard per input tar, samples as they come):
+class-sorted input tars give class-sorted shards, which the prepare job reports.
+
 Images are center-cropped and resized as the DiT reference does (ADM's `center_crop_arr`).
 """
 
@@ -71,12 +78,15 @@ def _is_image(url: str) -> bool:
     return url.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
-def _chunks(items: list[Item], shard_size: int) -> tuple[Chunk, ...]:
+def chunk_items(items: list[Item], shard_size: int, seed: int) -> tuple[Chunk, ...]:
+    """The items in a random order seeded by `seed`, `shard_size` per chunk (keys stay the listing's)."""
+    items = [items[i] for i in np.random.default_rng(seed).permutation(len(items)).tolist()]
     return tuple(Chunk(i, tuple(items[s : s + shard_size])) for i, s in enumerate(range(0, len(items), shard_size)))
 
 
-def plan_imagefolder(source: str, num_classes: int, shard_size: int) -> SourcePlan:
-    """One item per image, labels from sorted class folder names; DataError for a bad layout."""
+def plan_imagefolder(source: str, num_classes: int, shard_size: int, seed: int = 0) -> SourcePlan:
+    """One item per image, labels from sorted class folder names, chunked in a seeded random order;
+    DataError for a bad layout."""
     fs, root = storage.filesystem(source)
     if not storage.exists(source):
         raise DataError(f"data.source={source} does not exist")
@@ -104,7 +114,7 @@ def plan_imagefolder(source: str, num_classes: int, shard_size: int) -> SourcePl
             f"folders: {', '.join(folders[:10])}{' ...' if len(folders) > 10 else ''}"
         )
     digest = _digest([f"{it.url}\t{it.label}" for it in items])
-    return SourcePlan(_chunks(items, shard_size), len(items), digest, tuple(folders))
+    return SourcePlan(chunk_items(items, shard_size, seed), len(items), digest, tuple(folders))
 
 
 def _column(row: dict, names: tuple[str, ...], source: str, line: int) -> str:
@@ -114,8 +124,8 @@ def _column(row: dict, names: tuple[str, ...], source: str, line: int) -> str:
     raise DataError(f"{source} line {line}: needs one of the columns {list(names)}, got {sorted(row)}")
 
 
-def plan_captions(source: str, shard_size: int) -> SourcePlan:
-    """One item per row of a CSV or JSONL file of image path + caption."""
+def plan_captions(source: str, shard_size: int, seed: int = 0) -> SourcePlan:
+    """One item per row of a CSV or JSONL file of image path + caption, chunked in a seeded random order."""
     try:
         text = storage.read_bytes(source).decode("utf-8")
     except FileNotFoundError:
@@ -135,7 +145,7 @@ def plan_captions(source: str, shard_size: int) -> SourcePlan:
     if not items:
         raise DataError(f"data.source={source} lists no images")
     digest = _digest([f"{it.url}\t{it.caption}" for it in items])
-    return SourcePlan(_chunks(items, shard_size), len(items), digest)
+    return SourcePlan(chunk_items(items, shard_size, seed), len(items), digest)
 
 
 def plan_webdataset(source: str) -> SourcePlan:
@@ -164,12 +174,12 @@ def plan_source(cfg, conditioning: str) -> SourcePlan:
         if conditioning != "class":
             raise DataError(f"data.source_format=imagefolder gives class labels; model.name={cfg.model.name} "
                             "needs captions (data.source_format=captions)")
-        return plan_imagefolder(d.source, cfg.model.num_classes, d.shard_size)
+        return plan_imagefolder(d.source, cfg.model.num_classes, d.shard_size, d.seed)
     if d.source_format == "captions":
         if conditioning != "caption":
             raise DataError(f"data.source_format=captions gives captions; model.name={cfg.model.name} "
                             "needs class labels (data.source_format=imagefolder)")
-        return plan_captions(d.source, d.shard_size)
+        return plan_captions(d.source, d.shard_size, d.seed)
     return plan_webdataset(d.source)
 
 
