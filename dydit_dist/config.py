@@ -81,7 +81,7 @@ class DataConfig:
     text_encoder: str = "DeepFloyd/t5-v1_1-xxl"
     tokenizer: str | None = None  # defaults to text_encoder
     latent_dtype: Literal["float16", "float32"] = "float16"  # prepare: how latents are stored
-    seed: int = 0  # prepare: noise of stored posterior samples (latent_storage=sample)
+    seed: int = 0  # prepare: the order samples are written in, and the noise of stored posterior samples
     encode_batch_size: int = 32  # prepare: images per VAE / T5 forward
     prepare_workers: int = 0  # prepare: encoder actors; 0 = one per GPU (ray.use_gpu) or per CPU share
     shard_size: int = 1000

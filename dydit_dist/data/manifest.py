@@ -39,6 +39,7 @@ from typing import ClassVar
 import numpy as np
 
 from dydit_dist.data.shards import DataError
+from dydit_dist.models.registry import family
 from dydit_dist.shardset import ShardManifest, manifest_url
 
 
@@ -101,7 +102,6 @@ def read_manifest(uri: str, require_complete: bool = True) -> Manifest:
 
 def conditioning(model_name: str) -> str:
     """'class' for DiT-family models, 'caption' for PixArt-family models."""
-    from dydit_dist.models.registry import family
 
     return "class" if family(model_name) == "dit" else "caption"
 
