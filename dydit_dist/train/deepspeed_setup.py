@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import types
 
 import torch
 from torch import nn
@@ -140,19 +141,20 @@ def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partit
     step = optimizer.step
     optimizer.skipped_steps = 0
 
-    def step_unless_the_norm_is_too_large(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    def step_unless_the_norm_is_too_large(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         squared = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
         if partitioned:
             torch.distributed.all_reduce(squared)
         norm = float(squared.sqrt())
         if norm >= threshold:
-            optimizer.skipped_steps += 1
+            self.skipped_steps += 1
             log.warning("gradient norm %.4g >= train.skip_grad_norm=%g: update skipped", norm, threshold)
             return None
         return step(*args, **kwargs)
 
-    optimizer.step = step_unless_the_norm_is_too_large
+    # A bound method, as torch's LR schedulers expect of `optimizer.step`.
+    optimizer.step = types.MethodType(step_unless_the_norm_is_too_large, optimizer)
 
 
 def _register_unhooked_parameters(root: nn.Module) -> None:
