@@ -4,7 +4,7 @@ Every `import` and `from ... import` is read from the source with `ast`, functio
 lazy import that dodges a cycle is still a cycle). The layers, lowest first:
 
     storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config  <  paths, shardset, network
-    <  data, train, sample, eval  <  pipeline, preflight, cli  <  jobs
+    <  data, train, sample, eval  <  pipeline, preflight, resolve, cli  <  jobs
 
 Modules of one layer may import each other as long as no cycle forms.
 """
@@ -24,7 +24,7 @@ LAYERS = [
     ("config",),
     ("paths", "shardset", "network"),
     ("data", "train", "sample", "eval"),
-    ("pipeline", "preflight", "cli"),
+    ("pipeline", "preflight", "resolve", "cli"),
     ("jobs",),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
