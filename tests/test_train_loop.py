@@ -186,3 +186,22 @@ def test_skip_grad_norm_refuses_clipping_and_zero3():
     with pytest.raises(config_lib.ConfigError, match="zero_stage 0-2"):
         check_deepspeed(config_lib.load("debug", ["train.skip_grad_norm=200", "train.grad_clip=null",
                                                   "deepspeed.zero_stage=3"]))
+
+
+def test_stage_switch_inside_a_run_survives_a_resume(one_rank, tmp_path):
+    """DyDiT stage 1 -> stage 2 at model.dynamic.stage1_steps in one run: the complete-model loss stops at
+    the switch, and a run resumed after the switch continues in stage 2 exactly as the uninterrupted one."""
+    switch = ["model.dynamic.stage1_steps=1"]
+    root_a, root_b = _root(), _root()
+    cfg_a = _cfg(root_a, *switch)
+    random_dataset(f"{root_a}/data", cfg_a, num_samples=24)
+    straight, session_a = _run(cfg_a, tmp_path / "a")
+    complete = {r["step"]: r["complete"] for r in session_a.reports}
+    assert complete[1] > 0 and complete[2] == complete[3] == complete[4] == 0.0
+
+    cfg_b = _cfg(root_b, *switch, "train.max_steps=2")
+    random_dataset(f"{root_b}/data", cfg_b, num_samples=24)
+    _run(cfg_b, tmp_path / "b")
+    resumed, session_b = _run(_cfg(root_b, *switch), tmp_path / "b")
+    assert resumed.resumed_from == 2 and [r["complete"] for r in session_b.reports] == [0.0, 0.0]
+    assert session_a.reports[-1]["loss"] == pytest.approx(session_b.reports[-1]["loss"], rel=1e-5)
