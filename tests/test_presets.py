@@ -9,6 +9,7 @@ presets' comments and are not rows here.
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 
@@ -139,9 +140,12 @@ def test_preset_follows_the_official_recipe(preset, key, official, source):
 
 @pytest.mark.parametrize("preset", sorted(RECIPES))
 def test_each_recipe_preset_names_the_official_code_it_follows(preset):
+    """The preset's opening comment names the commit its rows above were read at (`repo @ commit`)."""
     text = (config.PRESET_DIR / f"{preset}.yaml").read_text()
     head = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
-    assert "@" in head or "facebookresearch/DiT" in head, f"{preset}: its opening comment names no official file"
+    commits = {re.search(r"@([0-9a-f]{7})", source).group(1) for _, _, source in RECIPES[preset]}
+    for commit in commits:
+        assert re.search(rf"\S @ {commit}\b", head), f"{preset}: its opening comment does not name @ {commit}"
 
 
 def test_dydit_switches_to_stage_2_at_the_configured_step():

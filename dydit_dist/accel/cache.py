@@ -45,26 +45,27 @@ class BlockCache:
 
 class CachingBranches(Branches):
     """One call in a cache state: the fresh branches come from `inner` (static or a DyDiT's fast
-    branches) and are cached; the others are read from `cache`. Builds the updated cache in `new`."""
+    branches) and are cached; the others are read from `cache`. Builds the updated cache in `new`
+    (block i's entry is created by its attention branch, then completed by the other two)."""
 
     def __init__(self, inner: Branches, state: int, cache: list[BlockCache] | None):
         self.inner, self.cache = inner, cache
         self.attn_fresh, self.mlp_fresh = ATTN_FRESH[state], MLP_FRESH[state]
-        self.new: list[dict] = []
+        self.new: list[BlockCache] = []
 
     def attn(self, i, block, tokens, mod):
         attn = self.inner.attn(i, block, tokens, mod) if self.attn_fresh else self.cache[i].attn
-        self.new.append({"attn": attn})
+        self.new.append(BlockCache(attn, None, None))
         return attn
 
     def cross(self, i, block, tokens, inp):
         cross = self.inner.cross(i, block, tokens, inp) if self.attn_fresh else self.cache[i].cross
-        self.new[i]["cross"] = cross
+        self.new[i].cross = cross
         return cross
 
     def mlp(self, i, block, tokens, mod):
         mlp = self.inner.mlp(i, block, tokens, mod) if self.mlp_fresh else self.cache[i].mlp
-        self.new[i]["mlp"] = mlp
+        self.new[i].mlp = mlp
         return mlp
 
 
@@ -87,10 +88,9 @@ def forward_with_cache(backend: Backend, x, t, cond, timestep: int, state: int, 
     caching = CachingBranches(inner, state, cache)
     # 2. Blocks: computed branches refresh the cache, the others read it
     tokens = run_blocks(model.blocks, inp, caching)
-    new_cache = [BlockCache(**entry) for entry in caching.new]
     records = [backend.record(i, inner, attn=caching.attn_fresh, mlp=caching.mlp_fresh) for i in range(backend.depth)]
     # 3. Output
-    return model.head(tokens, inp), new_cache, records
+    return model.head(tokens, inp), caching.new, records
 
 
 def correct_eps(out: torch.Tensor, channels: int, factor: float) -> torch.Tensor:

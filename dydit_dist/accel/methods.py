@@ -28,19 +28,20 @@ class Method:
     runner: Callable[[Backend, object], Runner]
     options: type | None = None
     networks: tuple[str, ...] = ("static", "dydit")  # a training-free method runs on a DyDiT's fast path too
-    doc: str = ""
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("static", lambda b, o: StaticRunner(b), networks=("static", "dydit", "flexdit"),
-           doc="the full network (a DyDiT at full width, a FlexDiT on every token)"),
-    Method("dydit", lambda b, o: FastPathRunner(b), networks=("dydit",),
-           doc="DyDiT's fast path: active heads, groups, tokens"),
-    Method("fora", lambda b, o: CachingRunner(b, o, method="fora"), FORAOptions, doc="FORA interval caching"),
-    Method("eb_cache", lambda b, o: CachingRunner(b, o, method="eb_cache"), EBCacheOptions,
-           doc="EB-Cache: calibrated caching + exposure-bias correction"),
-    Method("at_edm", lambda b, o: PruningRunner(b, o), ATEDMOptions, doc="AT-EDM attention-driven token pruning"),
-    Method("flexdit", lambda b, o: FlexDiTRunner(b), networks=("flexdit",), doc="FlexDiT's token density by timestep"),
+    # the full network (a DyDiT at full width, a FlexDiT's pretrained network)
+    Method("static", lambda b, o: StaticRunner(b), networks=("static", "dydit", "flexdit")),
+    # DyDiT's fast path: only the active heads, MLP groups and tokens
+    Method("dydit", lambda b, o: FastPathRunner(b), networks=("dydit",)),
+    # FORA interval caching; EB-Cache: calibrated caching + exposure-bias correction
+    Method("fora", lambda b, o: CachingRunner(b, o, method="fora"), FORAOptions),
+    Method("eb_cache", lambda b, o: CachingRunner(b, o, method="eb_cache"), EBCacheOptions),
+    # AT-EDM attention-driven token pruning
+    Method("at_edm", lambda b, o: PruningRunner(b, o), ATEDMOptions),
+    # FlexDiT's token density by timestep
+    Method("flexdit", lambda b, o: FlexDiTRunner(b), networks=("flexdit",)),
 )}
 
 
