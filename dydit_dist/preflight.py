@@ -3,9 +3,9 @@
     plan = check(cfg, "sample")     # prints the plan; PreflightError listing EVERY unresolved input
 
 `cli.run_job` runs `check` before a job touches Ray; `--dry-run` stops after it (exit 0), an
-unresolved input exits 2. Nothing heavy is read: a safetensors checkpoint's header (its keys and
-shapes, against the network built on the meta device), a `.pt` file's existence, manifests. What
-each job resolves:
+unresolved input exits 2. Nothing heavy is read: a checkpoint's keys and shapes (a safetensors
+header, or a `.pt` pickle loaded onto the meta device) against the network built on the meta device,
+manifests. What each job resolves:
 
     prepare     data.source; data.vae; data.text_encoder / tokenizer (caption data)
     finetune    data.uri's manifest fits the model (with the batch and DeepSpeed checks of

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import os
 import tempfile
 import uuid
@@ -25,6 +24,7 @@ from dydit_dist import pipeline, storage
 from dydit_dist.config import Config
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
+from dydit_dist.models import read_shapes
 from dydit_dist.network import build_network
 from dydit_dist.paths import ema_pointer
 from dydit_dist.sample import SamplesManifest
@@ -32,6 +32,7 @@ from dydit_dist.shardset import manifest_url
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 HUB_TIMEOUT_S = 5.0
+HEADER_BLOCK = 1 << 18  # bytes a remote checkpoint fetches per read: its header or pickle, not its tensors
 
 
 @dataclass
@@ -122,8 +123,9 @@ def _hub_unreachable(repo: str) -> str | None:
 
 
 def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
-    """A weights file or a run folder with an EMA pointer (`network.resolve_weights`); a safetensors
-    file's keys and shapes are checked against the network of `cfg.model` (strict but `allow_missing`)."""
+    """A weights file or a run folder with an EMA pointer (`network.resolve_weights`); the file's keys
+    and shapes (a safetensors header, or a `.pt` pickle loaded onto the meta device: a few KB read) are
+    checked against the network of `cfg.model` (strict but `allow_missing`)."""
     expected = "a weights file (.pt, .pth, .safetensors) or a run folder with checkpoints/ema-latest.json"
     try:
         url = source
@@ -132,9 +134,9 @@ def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
         if not storage.exists(url):
             where = f" (named by {ema_pointer(source)})" if url != source else ""
             return Input(key, source, problem=f"{url}{where} not found; expected {expected}")
-        if not url.endswith(".safetensors"):
-            return Input(key, source, note=f"{url} exists (keys checked when it loads)")
-        unfit = _unfit_keys(_safetensors_shapes(url), cfg, allow_missing)
+        with storage.open_file(url, "rb", block_size=HEADER_BLOCK) as f:
+            shapes = read_shapes(f, url)
+        unfit = _unfit_keys(shapes, cfg, allow_missing)
     except (OSError, ValueError, KeyError) as err:
         return Input(key, source, problem=f"{type(err).__name__}: {err}; expected {expected}")
     if unfit is None:
@@ -158,16 +160,6 @@ def sampling_weights(cfg: Config, made_by: str | None, allow_random: bool) -> In
         return Input("model.checkpoint", None, note=f"unset: random weights (allowed for the tiny {cfg.model.name} model)")
     return Input("model.checkpoint", None, problem=f"unset; sampling {cfg.model.name} without weights is an error "
                                                    "(only the debug models may): expected a weights file or a run folder")
-
-
-def _safetensors_shapes(url: str) -> dict[str, list[int]]:
-    """{key: shape} from a safetensors file's header (8-byte length, then JSON); no tensor is read."""
-    with storage.open_file(url, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size < 100_000_000:
-            raise ValueError(f"{url}: not a safetensors file (header size {size})")
-        header = json.loads(f.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
 def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str | None:

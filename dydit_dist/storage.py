@@ -221,13 +221,14 @@ def write_json(url: str, value: Any) -> None:
     write_bytes(url, json.dumps(value, indent=2, sort_keys=True).encode())
 
 
-def open_file(url: str, mode: str = "rb"):
-    """An fsspec file object for reading (writes go through `write_bytes`)."""
+def open_file(url: str, mode: str = "rb", **options):
+    """An fsspec file object for reading (writes go through `write_bytes`); `options` go to `fs.open`
+    (e.g. `block_size`: how much a remote file fetches per read)."""
     if "r" not in mode:
         raise ValueError("open_file is for reading; write objects whole with write_bytes")
     fs, path = filesystem(url)
     try:
-        return _retry(url, "opening", lambda: fs.open(path, mode))
+        return _retry(url, "opening", lambda: fs.open(path, mode, **options))
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such object") from None
 

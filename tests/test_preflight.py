@@ -115,3 +115,50 @@ def test_an_unwritable_storage_root_is_named(tmp_path):
     assert "not writable" in root.problem
     with pytest.raises(ValueError, match="no preflight for job"):
         plan(cfg, "train")
+
+
+def _official_pt(path, *overrides: str, opt_bytes: int = 0) -> str:
+    """A DiT training checkpoint as the official train.py writes it: {"model", "ema", "opt", "args"}
+    (the optimizer state `opt_bytes` of zeros)."""
+    import argparse
+
+    from dydit_dist.models import load_state_dict_file
+
+    sd = load_state_dict_file(random_checkpoint(str(path) + ".safetensors", *overrides))
+    opt = {"state": {0: {"exp_avg": torch.zeros(opt_bytes // 4)}}}
+    torch.save({"model": sd, "ema": sd, "opt": opt, "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    return str(path)
+
+
+def test_pt_checkpoint_keys_are_checked_without_reading_its_tensors(tmp_path, capsys):
+    fits, other = _official_pt(tmp_path / "fits.pt"), _official_pt(tmp_path / "five.pt", "model.num_classes=5")
+    root = f"storage.root={tmp_path}/out"
+    assert sample.main(["--dry-run", "--config", "debug", root, f"model.checkpoint={fits}"]) == 0
+    assert f"model.checkpoint={fits}: {fits}: every key and shape fits the network" in capsys.readouterr().out
+    assert sample.main(["--dry-run", "--config", "debug", root, f"model.checkpoint={other}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} does not fit debug" in err and "mismatched shapes" in err and "y_embedder.embedding_table" in err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert sample.main(["--dry-run", "--config", "debug", root, f"model.checkpoint={tmp_path / 'garbage.pt'}"]) == 2
+    assert "cannot read as a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_pt_checkpoint_on_s3_is_checked_from_a_few_kilobytes(tmp_path, s3_bucket, monkeypatch):
+    local = _official_pt(tmp_path / "fits.pt", opt_bytes=16 << 20)
+    url = f"{s3_bucket}/pretrained/DiT.pt"
+    storage.write_bytes(url, open(local, "rb").read())
+    import s3fs.core
+
+    read = []
+    fetch = s3fs.core._fetch_range
+
+    def counting(fs, bucket, key, version_id, start, end, **kwargs):
+        read.append(end - start)
+        return fetch(fs, bucket, key, version_id, start, end, **kwargs)
+
+    monkeypatch.setattr(s3fs.core, "_fetch_range", counting)
+    cfg = config.load("debug", [f"storage.root={tmp_path}/out", f"model.checkpoint={url}"])
+    (weights,) = [i for i in plan(cfg, "sample").inputs if i.key == "model.checkpoint"]
+    assert weights.problem is None and "every key and shape fits" in weights.note
+    size = len(open(local, "rb").read())
+    assert 0 < sum(read) < size / 8, (sum(read), size)  # the pickle and the zip directory, not the tensors

@@ -11,7 +11,14 @@ import inspect
 from torch import nn
 
 from .blocks import STATIC, AdaLNBlock, BlockInputs, Branches, Modulation, block_forward, run_blocks
-from .checkpoint import LoadResult, load_into, load_state_dict_file, parse_state_dict, safetensors_bytes
+from .checkpoint import (
+    LoadResult,
+    load_into,
+    load_state_dict_file,
+    parse_state_dict,
+    read_shapes,
+    safetensors_bytes,
+)
 from .dit import DiT, DiT_models, DiTBlock
 from .pixart import PixArt, PixArt_models, PixArtBlock, PixArtMS
 from .registry import arch, family
@@ -36,6 +43,7 @@ __all__ = [
     "load_into",
     "load_state_dict_file",
     "parse_state_dict",
+    "read_shapes",
     "safetensors_bytes",
 ]
 

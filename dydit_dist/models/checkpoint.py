@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import io
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,11 +58,25 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     return _unwrap(_torch_load(local, name), name)
 
 
-def _torch_load(f, src: str):
+def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
+    """{key: shape} of a checkpoint file object without reading its tensors: a safetensors header (8-byte
+    length, then JSON), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
+    multi-GB file; a URL's file object reads by range). Official containers are unwrapped as in
+    `parse_state_dict`. Raises ValueError naming `name`."""
+    if name.endswith(".safetensors"):
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError(f"{name}: not a safetensors file (header size {size})")
+        header = json.loads(f.read(size))
+        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
+
+
+def _torch_load(f, src: str, device: str = "cpu"):
     # DiT training checkpoints store their argparse Namespace under "args": allow that one class.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location=device, weights_only=True)
         except Exception as err:  # unpickling errors come in many types; the cause is kept
             raise ValueError(
                 f"{src}: cannot read as a PyTorch checkpoint with weights_only=True "
