@@ -132,11 +132,11 @@ def _prepare(p: Plan, cfg: Config, builtin_ok: bool = False) -> None:
     p.stages.append(Stage("prepare", f"{d.source} ({d.source_format}) -> {latents}{' + T5 features' if captions else ''}"
                                      f" in shards of {d.shard_size} at {RunPaths(cfg).data}"))
     p.add(resolve.source(cfg, builtin_ok))
-    p.add(resolve.hf_model("data.vae", d.vae))
+    p.add(resolve.hf_model("data.vae", d.vae, cfg.storage.root))
     if captions:
-        p.add(resolve.hf_model("data.text_encoder", d.text_encoder))
+        p.add(resolve.hf_model("data.text_encoder", d.text_encoder, cfg.storage.root))
         if d.tokenizer:
-            p.add(resolve.hf_model("data.tokenizer", d.tokenizer))
+            p.add(resolve.hf_model("data.tokenizer", d.tokenizer, cfg.storage.root))
 
 
 def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = True,
@@ -191,12 +191,12 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
     if done:
         return
     p.add(resolve.sampling_weights(cfg, weights_made_by, allow_random=False))
-    p.add(resolve.hf_model("data.vae", cfg.data.vae))
+    p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
     if family(m.name) != "dit":
         p.add(resolve.exists("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
-        p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder))
+        p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
         if cfg.data.tokenizer:
-            p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer))
+            p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         p.add(resolve.exists("sample.eb_cache.schedule", s.eb_cache.schedule, "an EB-Cache table (python -m jobs.calibrate)"))
 

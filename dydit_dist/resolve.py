@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from braceexpand import braceexpand
 
-from dydit_dist import pipeline, storage
+from dydit_dist import pipeline, pretrained, storage
 from dydit_dist.config import Config
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
@@ -80,28 +80,36 @@ def source(cfg: Config, builtin_ok: bool) -> Input:
     return Input("data.source", d.source, note=f"{len(patterns)} pattern(s), first and last found")
 
 
-def hf_model(key: str, value: str | None) -> Input:
-    """A diffusers / transformers model: `none` (data.vae), a local folder or a Hugging Face id available offline."""
+def hf_model(key: str, value: str | None, root: str) -> Input:
+    """A diffusers / transformers model (`dydit_dist.pretrained`): `none` (data.vae), a local folder, a
+    folder on object storage, or a Hugging Face id already mirrored under `root`, in the local Hugging
+    Face cache, or on a Hub that answers (then mirrored once by the job)."""
     if value == "none":
         return Input(key, value, note="none (pixel space)")
     if not value:
-        return Input(key, value, problem="unset; expected a Hugging Face id or a local folder")
-    local = value.removeprefix("file://")
-    if "://" in local:
-        return Input(key, value, problem="from_pretrained reads a local folder or a Hugging Face id, not a URL")
-    if os.path.isdir(local):
+        return Input(key, value, problem="unset; expected a Hugging Face id, a local folder or a storage folder")
+    expected = "a folder as save_pretrained writes it (with config.json)"
+    if pretrained.is_storage_folder(value):
+        if value.startswith("file://") and os.path.isdir(value.removeprefix("file://")):
+            return Input(key, value, note="local folder")
+        found = exists(key, storage.join(value, "config.json"), expected)
+        return Input(key, value, note=found.note and "storage folder (copied once to each node)", problem=found.problem)
+    if os.path.isdir(value):
         return Input(key, value, note="local folder")
-    if local.startswith((".", "/", "~")) or local.count("/") != 1:
+    if not pretrained.is_hub_id(value):
         return Input(key, value, problem="no such local folder (and not a Hugging Face id: org/name)")
+    mirror = pretrained.mirror_url(value, root)
+    if quietly(storage.exists, storage.join(mirror, pretrained.COMPLETE)):
+        return Input(key, value, note=f"mirrored at {mirror}")
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(value, "config.json"), str):
-        return Input(key, value, note="in the local Hugging Face cache")
+        return Input(key, value, note=f"in the local Hugging Face cache; mirrored to {mirror} when the job starts")
     unreachable = _hub_unreachable(value)
     if unreachable:
         return Input(key, value, problem=f"not in the local Hugging Face cache and {unreachable}; download it where "
-                                         "there is internet (huggingface-cli download) or give a local folder")
-    return Input(key, value, note="on the Hugging Face Hub (downloaded when the job loads it)")
+                                         "there is internet (huggingface-cli download), or give a local or storage folder")
+    return Input(key, value, note=f"on the Hugging Face Hub; mirrored to {mirror} when the job starts")
 
 
 def _hub_unreachable(repo: str) -> str | None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dydit_dist import config as config_lib
-from dydit_dist import storage
+from dydit_dist import pretrained, storage
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
@@ -67,7 +67,7 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
             raise DataError(f"data.vae=none stores pixels: model.vae_downsample must be 1, got {m.vae_downsample}")
         storage_kind, scale = "pixels", 1.0
     else:
-        vae = vae_properties(d.vae)
+        vae = vae_properties(pretrained.local(d.vae, cfg.storage.root))
         problems = []
         if vae["downsample"] != m.vae_downsample:
             problems.append(f"downsamples by {vae['downsample']}, model.vae_downsample={m.vae_downsample}")
@@ -91,7 +91,7 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
     if cond == "class":
         settings.update(num_classes=m.num_classes, classes=list(source_plan.classes))
     else:
-        text_dim = text_properties(d.text_encoder)["text_dim"]
+        text_dim = text_properties(pretrained.local(d.text_encoder, cfg.storage.root))["text_dim"]
         if text_dim != m.caption_channels:
             raise DataError(f"data.text_encoder={d.text_encoder} gives {text_dim}-wide features, "
                             f"model.caption_channels={m.caption_channels}")
@@ -115,11 +115,13 @@ class ShardEncoder:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.cfg, self.settings = cfg, settings
-        d = cfg.data
-        self.images = ImageEncoder(d.vae, cfg.model.in_channels, d.latent_storage, d.latent_dtype, d.seed)
+        d, root = cfg.data, cfg.storage.root
+        self.images = ImageEncoder(pretrained.local(d.vae, root), cfg.model.in_channels, d.latent_storage,
+                                   d.latent_dtype, d.seed)
         self.text = None
         if settings["conditioning"] == "caption":
-            self.text = TextEncoder(d.text_encoder, d.tokenizer, cfg.model.model_max_length)
+            tokenizer = pretrained.local(d.tokenizer, root) if d.tokenizer else None
+            self.text = TextEncoder(pretrained.local(d.text_encoder, root), tokenizer, cfg.model.model_max_length)
 
     def encode(self, chunk: sources.Chunk, uri: str) -> dict:
         """Encode one chunk into `shard-{index}.tar`; returns its manifest record."""
@@ -196,6 +198,7 @@ def prepare(cfg: Config) -> PrepareResult:
     paths = RunPaths(cfg)
     uri = paths.data
     # 1. Plan and validate (the manifest there: same settings, only the shards storage still holds)
+    pretrained.mirror(cfg, captions=conditioning(cfg.model.name) == "caption")
     settings, source_plan = plan(cfg)
     manifest = _resume(uri, settings, len(source_plan.chunks))
     done = manifest.done()

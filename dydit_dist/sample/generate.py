@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from dydit_dist import pretrained
 from dydit_dist.config import Config
 from dydit_dist.data.encoders import TextEncoder
 from dydit_dist.diffusion import cfg_model_fn, randn_per_sample, sample
@@ -58,7 +59,9 @@ def _conditioner(cfg: Config, model, device):
         return ClassConditioner(cfg.model.num_classes)
     if not cfg.sample.prompts:
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
-    encoder = TextEncoder(cfg.data.text_encoder, cfg.data.tokenizer, cfg.model.model_max_length, str(device))
+    d, root = cfg.data, cfg.storage.root
+    tokenizer = pretrained.local(d.tokenizer, root) if d.tokenizer else None
+    encoder = TextEncoder(pretrained.local(d.text_encoder, root), tokenizer, cfg.model.model_max_length, str(device))
     return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
 
 
@@ -72,7 +75,8 @@ class ShardGenerator:
         self.model = sampling_network(cfg, self.device)
         self.runner = build_method(cfg, self.model)
         self.conditioner = _conditioner(cfg, self.model, self.device)
-        self.decoder = ImageDecoder(cfg.data.vae, cfg.data.vae_scale_factor, self.device)
+        self.decoder = ImageDecoder(pretrained.local(cfg.data.vae, cfg.storage.root), cfg.data.vae_scale_factor,
+                                    self.device)
         self.timesteps: list[int] = []  # the original timesteps the sampler visits, in order
         self.load_seconds = time.perf_counter() - start
 
