@@ -179,7 +179,8 @@ class StorageConfig:
     run: str = "default"
     endpoint_url: str | None = None
     region: str | None = None
-    retries: int = 5
+    retries: int = 5  # retries of a transient error (timeout, throttling, 5xx), with backoff
+    timeout_s: float = 60.0  # deadline of one S3 operation, retries included (`storage`)
 
 
 @dataclass

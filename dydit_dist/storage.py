@@ -2,12 +2,21 @@
 
 Every write is whole: local files are written to a temporary name in the same folder and renamed;
 S3 objects are written with one PUT (s3fs uploads a small object at close, a multipart upload only
-completes at close), so a reader never sees half an object. Transient S3 errors are retried with
-exponential backoff (botocore's standard mode, `retries` times, plus s3fs's retries of broken
-reads); an unreachable endpoint, a missing bucket or
-denied access raises `StorageError` with the URL in the message. A missing *object* raises
+completes at close), so a reader never sees half an object. A missing *object* raises
 `FileNotFoundError`, a missing *bucket* raises `StorageError`: the first is a state a job can handle
 (nothing written yet), the second is a configuration error it must not paper over.
+
+Failures on S3 are bounded and retried in one place, `_retry`:
+- every operation has a wall-clock deadline, `storage.timeout_s` (plus the time its bytes take at
+  `SLOWEST_BYTES_PER_S`, so a large object is not cut off), retries included; each botocore request
+  also has connect and read timeouts of half of it, so one hung connection leaves time for a retry;
+- transient errors (timeouts, throttling, 5xx) are retried `storage.retries` times with exponential
+  backoff, each retry logged; botocore and s3fs make one attempt each, so the layers do not multiply;
+- PUTs are sent without `Expect: 100-continue` (aiohttp waits for the `100 Continue` with no timeout,
+  so a stalled endpoint would hang a write forever);
+- an unreachable endpoint, a missing bucket or denied access raises `StorageError` (an OSError) with
+  the URL and the endpoint in the message.
+Local and `memory://` operations have no deadline.
 
 S3 endpoint and region come from `configure` (the `storage` config section) or `AWS_ENDPOINT_URL`;
 credentials from the usual AWS environment variables, profile or instance role, on every node.
@@ -16,20 +25,30 @@ credentials from the usual AWS environment variables, profile or instance role, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("file", "s3", "memory")
+SLOWEST_BYTES_PER_S = 1 << 20  # an object moving slower than this counts as stalled (see the deadline)
+_SCHEME_TYPO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)/*")  # `s3:/bucket`, `s3:bucket`, `file:/tmp`
 
 # Options for s3fs, set once per process from the config (`configure`) or the AWS environment.
 _S3_OPTIONS: dict[str, Any] = {}
 _RETRIES = 5
+_TIMEOUT_S = 60.0
 _KNOWN_BUCKETS: set[str] = set()  # buckets seen to exist, so a missing object costs one request
 
 
@@ -37,9 +56,11 @@ class StorageError(OSError):
     """An object-storage operation failed for a reason the user must fix (URL in the message)."""
 
 
-def configure(endpoint_url: str | None = None, region: str | None = None, retries: int = 5) -> None:
-    """Set the S3 endpoint and region (credentials come from the usual AWS environment variables)."""
-    global _RETRIES
+def configure(endpoint_url: str | None = None, region: str | None = None, retries: int = 5,
+              timeout_s: float = 60.0) -> None:
+    """Set the S3 endpoint and region (credentials come from the usual AWS environment variables), how
+    often a transient error is retried and the deadline of one operation (see the module docstring)."""
+    global _RETRIES, _TIMEOUT_S
     _S3_OPTIONS.clear()
     _KNOWN_BUCKETS.clear()
     client_kwargs = {}
@@ -49,17 +70,44 @@ def configure(endpoint_url: str | None = None, region: str | None = None, retrie
         client_kwargs["region_name"] = region
     if client_kwargs:
         _S3_OPTIONS["client_kwargs"] = client_kwargs
-    _RETRIES = retries
+    _RETRIES, _TIMEOUT_S = retries, timeout_s
     fsspec.config.conf.pop("s3", None)
 
 
 def configure_from(cfg) -> None:
-    """`configure` from a `StorageConfig`."""
-    configure(cfg.endpoint_url, cfg.region, cfg.retries)
+    """`configure` from a `StorageConfig`, in a process that writes a job's outputs (a job's driver, a
+    Ray worker): its `root` must outlive the process (`check_output_root`)."""
+    check_output_root(cfg.root)
+    configure(cfg.endpoint_url, cfg.region, cfg.retries, cfg.timeout_s)
+
+
+def check_url(url: str) -> str:
+    """`url` made explicit (a bare path becomes `file://` + its absolute path); StorageError for a
+    mistyped scheme (`s3:/bucket/x` would otherwise be a local folder named `s3:`) or an unsupported one."""
+    if "://" not in url:
+        typo = _SCHEME_TYPO.match(url)
+        if typo:
+            scheme = typo.group(1)
+            raise StorageError(f"{url}: a URL with a mistyped scheme separator (it would be a local folder "
+                               f"named '{scheme}:'); write {scheme}://{url[typo.end():]}")
+        return "file://" + os.path.abspath(url)
+    protocol = url.split("://", 1)[0]
+    if protocol not in PROTOCOLS:
+        raise StorageError(f"{url}: unsupported storage protocol {protocol!r}; use file://, s3:// or memory://")
+    return url
+
+
+def check_output_root(url: str) -> None:
+    """StorageError unless `url` can hold a job's outputs: a valid URL whose objects outlive this
+    process (`memory://` lives in one process: the writes of Ray workers, and of the job itself once
+    it exits, would be lost)."""
+    if check_url(url).startswith("memory://"):
+        raise StorageError(f"{url}: memory:// storage lives in one process and a job's outputs are written by "
+                           "Ray workers; use a folder or s3://")
 
 
 def _normalize(url: str) -> str:
-    return url if "://" in url else "file://" + os.path.abspath(url)
+    return check_url(url)
 
 
 def _protocol(url: str) -> str:
@@ -73,20 +121,34 @@ def _to_url(protocol: str, path: str) -> str:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a URL."""
     url = _normalize(url)
-    protocol = url.split("://", 1)[0]
-    options: dict[str, Any] = {}
-    if protocol == "s3":
-        # Other processes (Ray actors, other ranks) write the objects this one lists: no listing cache.
-        # botocore retries throttling, 5xx and connection errors with backoff, `retries` times.
-        options = {"use_listings_cache": False,
-                   "config_kwargs": {"retries": {"max_attempts": _RETRIES + 1, "mode": "standard"}},
-                   **_S3_OPTIONS}
-        if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
-            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    elif protocol not in ("file", "memory"):
-        raise StorageError(f"{url}: unsupported storage protocol {protocol!r}; use file://, s3:// or memory://")
+    if not url.startswith("s3://"):
+        return fsspec.core.url_to_fs(url)
+    # Other processes (Ray actors, other ranks) write the objects this one lists: no listing cache.
+    # One attempt per request in botocore and in s3fs: `_retry` is the one retry layer.
+    attempt_s = _TIMEOUT_S / 2
+    options = {"use_listings_cache": False,
+               "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                 "connect_timeout": attempt_s, "read_timeout": attempt_s},
+               **_S3_OPTIONS}
+    if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     fs, path = fsspec.core.url_to_fs(url, **options)
+    fs.retries = 1
+    _without_expect_continue(fs)
     return fs, path
+
+
+def _without_expect_continue(fs) -> None:
+    """Drop botocore's `Expect: 100-continue` from the PUTs of `fs`'s client (created on first use, and
+    anew after s3fs refreshes its session, hence on every call)."""
+    import botocore.handlers
+
+    fs.s3.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+
+
+def _endpoint(url: str) -> str:
+    """The S3 endpoint `url` is sent to, for messages."""
+    return _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
 
 def _is_transient(err: Exception) -> bool:
@@ -98,21 +160,45 @@ def _is_transient(err: Exception) -> bool:
     return any(t in text for t in transient)
 
 
-def _retry(url: str, what: str, fn: Callable[[], T]) -> T:
+def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
+    """`fn(seconds_left)`, retried on transient errors with backoff, `storage.retries` times at most,
+    all within one deadline: `storage.timeout_s` plus `nbytes` at `SLOWEST_BYTES_PER_S`."""
+    budget = _TIMEOUT_S + nbytes / SLOWEST_BYTES_PER_S
+    start = time.monotonic()
     delay = 0.2
-    for attempt in range(_RETRIES + 1):
+    for attempt in range(1, _RETRIES + 2):
         try:
-            return fn()
+            return fn(budget - (time.monotonic() - start))
         except FileNotFoundError:
             _check_bucket(url)
             raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised with the URL
-            if attempt < _RETRIES and _is_transient(err):
+            left = budget - (time.monotonic() - start)
+            if attempt <= _RETRIES and _is_transient(err) and left > delay:
+                log.warning("%s %s: attempt %d of %d failed (%s: %s); retrying in %.1f s",
+                            what, url, attempt, _RETRIES + 1, type(err).__name__, err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            raise StorageError(f"{what} {url} failed: {type(err).__name__}: {err}") from err
+            raise _failure(url, what, err, attempt, time.monotonic() - start, budget) from err
     raise AssertionError("unreachable")
+
+
+def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float, budget: float) -> StorageError:
+    where = f"endpoint {_endpoint(url)}, " if _protocol(url) == "s3" else ""
+    tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f} s"
+    if isinstance(err, TimeoutError) and not str(err):  # fsspec's deadline
+        return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.0f} s "
+                            f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries})")
+    return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries})")
+
+
+def _timed(fs, method: str, *args) -> Callable[[float], Any]:
+    """`fs.<method>(*args)` as a function of the seconds left: fsspec's async filesystems (s3) cancel
+    the call when they run out."""
+    if isinstance(fs, AsyncFileSystem):
+        return lambda left: getattr(fs, method)(*args, timeout=max(left, 0.01))
+    return lambda left: getattr(fs, method)(*args)
 
 
 def _check_bucket(url: str) -> None:
@@ -124,12 +210,11 @@ def _check_bucket(url: str) -> None:
     if bucket in _KNOWN_BUCKETS:
         return
     try:
-        found = fs.exists(bucket)
+        found = fs.exists(bucket, timeout=_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - any failure here is reported with the URL
-        raise StorageError(f"{url}: cannot reach bucket s3://{bucket}: {type(err).__name__}: {err}") from err
+        raise _failure(url, f"checking the bucket s3://{bucket} of", err, 1, _TIMEOUT_S, _TIMEOUT_S) from err
     if not found:
-        endpoint = getattr(fs, "endpoint_url", None) or "the AWS default"
-        raise StorageError(f"{url}: bucket s3://{bucket} does not exist (endpoint: {endpoint})")
+        raise StorageError(f"{url}: bucket s3://{bucket} does not exist (endpoint: {_endpoint(url)})")
     _KNOWN_BUCKETS.add(bucket)
 
 
@@ -141,7 +226,7 @@ def join(base: str, *parts: str) -> str:
 def exists(url: str) -> bool:
     """Whether the object (or folder) exists; StorageError when its S3 bucket does not."""
     fs, path = filesystem(url)
-    found = _retry(url, "checking", lambda: fs.exists(path))
+    found = _retry(url, "checking", _timed(fs, "exists", path))
     if not found:
         _check_bucket(url)
     return found
@@ -150,7 +235,7 @@ def exists(url: str) -> bool:
 def size(url: str) -> int:
     fs, path = filesystem(url)
     try:
-        return _retry(url, "reading the size of", lambda: fs.size(path))
+        return _retry(url, "reading the size of", _timed(fs, "size", path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such object") from None
 
@@ -160,7 +245,7 @@ def listdir(url: str) -> list[str]:
     fs, path = filesystem(url)
     if not exists(url):
         return []
-    names = _retry(url, "listing", lambda: fs.ls(path, detail=False))
+    names = _retry(url, "listing", _timed(fs, "ls", path, False))
     return sorted(_to_url(_protocol(url), n) for n in names)
 
 
@@ -169,14 +254,14 @@ def find(url: str) -> list[str]:
     fs, path = filesystem(url)
     if not exists(url):
         return []
-    names = _retry(url, "listing", lambda: fs.find(path))
+    names = _retry(url, "listing", _timed(fs, "find", path))
     return sorted(_to_url(_protocol(url), n) for n in names)
 
 
 def glob(pattern: str) -> list[str]:
     """URLs of the objects matching a glob pattern (`*`, `?`, `[...]`, `**`), sorted."""
     fs, path = filesystem(pattern)
-    names = _retry(pattern, "listing", lambda: fs.glob(path))
+    names = _retry(pattern, "listing", _timed(fs, "glob", path))
     if not names:
         _check_bucket(pattern)
     return sorted(_to_url(_protocol(pattern), n) for n in names)
@@ -184,8 +269,9 @@ def glob(pattern: str) -> list[str]:
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
+    nbytes = size(url) if isinstance(fs, AsyncFileSystem) else 0  # the deadline grows with the object
     try:
-        return _retry(url, "reading", lambda: fs.cat_file(path))
+        return _retry(url, "reading", _timed(fs, "cat_file", path), nbytes)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such object") from None
 
@@ -208,7 +294,7 @@ def write_bytes(url: str, data: bytes) -> None:
                 os.remove(tmp)
         return
     try:
-        _retry(url, "writing", lambda: fs.pipe_file(path, data))
+        _retry(url, "writing", _timed(fs, "pipe_file", path, data), len(data))
     except FileNotFoundError as err:  # only a missing container makes a PUT "not found"
         raise StorageError(f"writing {url} failed: {err}") from err
 
@@ -228,12 +314,38 @@ def open_file(url: str, mode: str = "rb", **options):
         raise ValueError("open_file is for reading; write objects whole with write_bytes")
     fs, path = filesystem(url)
     try:
-        return _retry(url, "opening", lambda: fs.open(path, mode, **options))
+        return _retry(url, "opening", lambda left: fs.open(path, mode, **options))
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such object") from None
 
 
 def remove(url: str) -> None:
     fs, path = filesystem(url)
-    if _retry(url, "checking", lambda: fs.exists(path)):
-        _retry(url, "removing", lambda: fs.rm(path, recursive=True))
+    if _retry(url, "checking", _timed(fs, "exists", path)):
+        _retry(url, "removing", _timed(fs, "rm", path, True))
+
+
+def upload(local_path: str, url: str) -> None:
+    """Copy a local file to `url` whole (a file of any size: streamed, never read into memory)."""
+    fs, path = filesystem(url)
+    if _protocol(url) == "file":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    _retry(url, "uploading to", _timed(fs, "put_file", local_path, path), os.path.getsize(local_path))
+
+
+def download(url: str, local_path: str) -> None:
+    """Copy the object at `url` to a local file (streamed)."""
+    fs, path = filesystem(url)
+    nbytes = size(url) if isinstance(fs, AsyncFileSystem) else 0
+    try:
+        _retry(url, "downloading", _timed(fs, "get_file", path, local_path), nbytes)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such object") from None
