@@ -4,13 +4,19 @@
 
 A preset is a YAML file in `dydit_dist/configs/` (or any path). It may name another preset in
 `_base_`, whose values it overrides. Overrides use omegaconf's dotlist syntax. Every key is checked
-against the schema: an unknown key, a wrong type or a value outside its choices raises `ConfigError`
-naming the key and the valid choices; cross-field rules are checked once, in `Config.validate`.
+against the schema: an unknown key, a wrong type, a value outside its choices or a number outside
+its range raises `ConfigError` naming the key and the valid choices or range; cross-field rules are
+checked once, in `Config.validate`.
+
+Every number declares its range with the field, as an interval in the field's metadata ("range"):
+`bounded(32, "[1, inf)")` here, `field(default=..., metadata={"range": ...})` in the option sections
+that live below this module (`DyDiTOptions`, `FlexOptions`, the sampling methods' options).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +40,37 @@ class ConfigError(ValueError):
 
 
 SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods.METHODS`
+Metric = Literal["fid", "isc", "prc"]  # eval.metrics: FID, Inception Score, precision/recall
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def _interval(allowed: str) -> tuple[float, bool, float, bool]:
+    """"[1, inf)" -> (1.0, False, inf, True): (low, low excluded, high, high excluded)."""
+    match = _INTERVAL.match(allowed)
+    if not match:
+        raise ValueError(f"range {allowed!r} is not an interval like '[1, inf)' or '(0, 1]'")
+    return float(match[2]), match[1] == "(", float(match[3]), match[4] == ")"
+
+
+def bounded(default: Any, allowed: str) -> Any:
+    """A field whose value must lie in the interval `allowed` ("[1, inf)", "(0, 1]"; for a list, each
+    item), checked when the config is built; None passes for an optional field."""
+    _interval(allowed)  # a malformed range fails at import
+    return field(default=default, metadata={"range": allowed})
+
+
+def _check_range(value: Any, allowed: str | None, key: str) -> None:
+    if allowed is None or value is None:
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_range(item, allowed, f"{key}[{i}]")
+        return
+    low, low_open, high, high_open = _interval(allowed)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # a NaN is neither
+        raise ConfigError(f"{key}={value!r} is outside its allowed range {allowed}")
 
 
 # ----------------------------------------------------------------------------- components
@@ -43,15 +80,15 @@ SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods
 class ModelConfig:
     name: str = "debug"  # a name in dydit_dist.models.registry
     method: Literal["static", "dydit", "flexdit"] = "static"  # the network: static, with DyDiT routers, or FlexDiT
-    image_size: int = 256  # pixels
-    vae_downsample: int = 8  # latent = image / vae_downsample; 1 for pixel-space models
-    in_channels: int = 4
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
+    image_size: int = bounded(256, "[1, inf)")  # pixels
+    vae_downsample: int = bounded(8, "[1, inf)")  # latent = image / vae_downsample; 1 for pixel-space models
+    in_channels: int = bounded(4, "[1, inf)")
+    num_classes: int = bounded(1000, "[0, inf)")
+    class_dropout_prob: float = bounded(0.1, "[0, 1]")
     learn_sigma: bool = True
-    caption_channels: int = 4096  # PixArt: T5 feature width
-    model_max_length: int = 120  # PixArt: caption tokens
-    lewei_scale: float = 1.0  # PixArt: positional-embedding scale
+    caption_channels: int = bounded(4096, "[1, inf)")  # PixArt: T5 feature width
+    model_max_length: int = bounded(120, "[1, inf)")  # PixArt: caption tokens
+    lewei_scale: float = bounded(1.0, "(0, inf)")  # PixArt: positional-embedding scale
     checkpoint: str | None = None  # official file, fsspec URL or exported EMA weights
     dynamic: DyDiTOptions = field(default_factory=DyDiTOptions)  # model.method=dydit: routers + objective
     flexdit: FlexOptions = field(default_factory=FlexOptions)  # model.method=flexdit: layout + grid schedule
@@ -64,7 +101,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_timesteps: int = 1000
+    num_timesteps: int = bounded(1000, "[1, inf)")
     beta_schedule: Literal["linear"] = "linear"
     timestep_sampling: Literal["uniform", "stratified"] = "uniform"
 
@@ -75,39 +112,39 @@ class DataConfig:
     source: str | None = None  # prepare: input images (folder, tar glob, csv/jsonl)
     source_format: Literal["imagefolder", "webdataset", "captions"] = "imagefolder"
     vae: str = "stabilityai/sd-vae-ft-ema"
-    vae_scale_factor: float = 0.18215
+    vae_scale_factor: float = bounded(0.18215, "(0, inf)")
     latent_storage: Literal["mean_std", "sample"] = "mean_std"
     flip: bool = False
     text_encoder: str = "DeepFloyd/t5-v1_1-xxl"
     tokenizer: str | None = None  # defaults to text_encoder
     latent_dtype: Literal["float16", "float32"] = "float16"  # prepare: how latents are stored
-    seed: int = 0  # prepare: the order samples are written in, and the noise of stored posterior samples
-    encode_batch_size: int = 32  # prepare: images per VAE / T5 forward
-    prepare_workers: int = 0  # prepare: encoder actors; 0 = one per GPU (ray.use_gpu) or per CPU share
-    shard_size: int = 1000
-    shuffle_buffer: int = 1000
-    num_workers: int = 2  # reader: DataLoader worker processes per rank
+    seed: int = bounded(0, "[0, inf)")  # prepare: the order samples are written in, and the noise of stored posterior samples
+    encode_batch_size: int = bounded(32, "[1, inf)")  # prepare: images per VAE / T5 forward
+    prepare_workers: int = bounded(0, "[0, inf)")  # prepare: encoder actors; 0 = one per GPU (ray.use_gpu) or per CPU share
+    shard_size: int = bounded(1000, "[1, inf)")
+    shuffle_buffer: int = bounded(1000, "[0, inf)")
+    num_workers: int = bounded(2, "[0, inf)")  # reader: DataLoader worker processes per rank
     on_error: Literal["raise", "skip"] = "raise"  # reader: a corrupt or missing shard
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    global_batch_size: int = 256
-    micro_batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # AdamW
-    adam_eps: float = 1e-8  # AdamW epsilon (PixArt-alpha: 1e-10)
-    warmup_steps: int = 0  # linear lr warm-up over these optimizer steps, then constant
-    grad_clip: float | None = 1.0  # global gradient-norm clipping; None: no clipping (DiT, DyDiT, FlexDiT)
-    skip_grad_norm: float | None = None  # skip the update when the global gradient norm reaches this (DyDiT)
-    ema_decay: float = 0.9999
+    max_steps: int = bounded(1000, "[1, inf)")
+    global_batch_size: int = bounded(256, "[1, inf)")
+    micro_batch_size: int = bounded(32, "[1, inf)")
+    lr: float = bounded(1e-4, "(0, inf)")
+    weight_decay: float = bounded(0.0, "[0, inf)")  # AdamW
+    adam_eps: float = bounded(1e-8, "(0, inf)")  # AdamW epsilon (PixArt-alpha: 1e-10)
+    warmup_steps: int = bounded(0, "[0, inf)")  # linear lr warm-up over these optimizer steps, then constant
+    grad_clip: float | None = bounded(1.0, "(0, inf)")  # global gradient-norm clipping; None: no clipping (DiT, DyDiT, FlexDiT)
+    skip_grad_norm: float | None = bounded(None, "(0, inf)")  # skip the update when the global gradient norm reaches this (DyDiT)
+    ema_decay: float = bounded(0.9999, "[0, 1]")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    seed: int = 0
+    seed: int = bounded(0, "[0, inf)")
     init_from: str | None = None  # static checkpoint or a previous run
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    caption_dropout: float = 0.1  # PixArt: captions replaced by the null caption
+    checkpoint_every: int = bounded(1000, "[1, inf)")
+    log_every: int = bounded(50, "[1, inf)")
+    caption_dropout: float = bounded(0.1, "[0, 1]")  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
 
 
@@ -120,21 +157,21 @@ class DeepSpeedConfig:
 
 @dataclass
 class SampleConfig:
-    num_samples: int = 50_000
-    shard_size: int = 1000
-    batch_size: int = 64
+    num_samples: int = bounded(50_000, "[1, inf)")
+    shard_size: int = bounded(1000, "[1, inf)")
+    batch_size: int = bounded(64, "[1, inf)")
     sampler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddpm"
-    steps: int = 250
-    cfg_scale: float = 1.5
-    guidance_channels: int | None = 3  # DiT guides only the first 3 channels; None = all
-    seed: int = 0
+    steps: int = bounded(250, "[1, inf)")
+    cfg_scale: float = bounded(1.5, "[0, inf)")
+    guidance_channels: int | None = bounded(3, "[1, inf)")  # DiT guides only the first 3 channels; None = all
+    seed: int = bounded(0, "[0, inf)")
     method: SampleMethod = "static"  # how the network runs (accel.methods); its options are the section below
     prompts: str | None = None  # text-to-image: a file of prompts
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_actors: int = 0  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
-    gpus_per_actor: float = 1.0  # fractions pack several actors on one GPU
-    cpus_per_actor: float = 1.0  # also the actor's torch threads
-    shards_in_flight: int = 2  # shards queued per actor (the next one starts without a round trip)
+    num_actors: int = bounded(0, "[0, inf)")  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
+    gpus_per_actor: float = bounded(1.0, "(0, inf)")  # fractions pack several actors on one GPU
+    cpus_per_actor: float = bounded(1.0, "(0, inf)")  # also the actor's torch threads
+    shards_in_flight: int = bounded(2, "[1, inf)")  # shards queued per actor (the next one starts without a round trip)
     export_npz: str | None = None  # after sampling: the ADM evaluator's .npz (arr_0, N x H x W x 3), local path
     fora: FORAOptions = field(default_factory=FORAOptions)  # sample.method=fora
     eb_cache: EBCacheOptions = field(default_factory=EBCacheOptions)  # sample.method=eb_cache
@@ -148,29 +185,29 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["fid", "isc", "prc"])
+    metrics: list[Metric] = field(default_factory=lambda: ["fid", "isc", "prc"])
     reference: str | None = None  # ADM reference batch (.npz) or a shard folder
     inception_weights: str | None = None
     feature_extractor: str = "inception-v3-compat"
     feature_extractor_weights: str | None = None  # weights of a feature extractor other than Inception
     samples: str | None = None  # samples folder to evaluate; default {run}/samples
-    batch_size: int = 64  # images per feature-extractor forward
-    isc_splits: int = 10
-    prc_neighborhood: int = 3
+    batch_size: int = bounded(64, "[1, inf)")  # images per feature-extractor forward
+    isc_splits: int = bounded(10, "[1, inf)")
+    prc_neighborhood: int = bounded(3, "[1, inf)")
     fidelity_cache: str | None = None  # torch-fidelity's local statistics cache; default its own
-    methods: list[str] = field(default_factory=lambda: ["static", "dydit"])  # reproduce: compared methods
+    methods: list[SampleMethod] = field(default_factory=lambda: ["static", "dydit"])  # reproduce: compared methods
     pretrain_config: str | None = None  # reproduce: preset of a from-scratch static run to start from
 
 
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start or join a local instance
-    num_workers: int = 1
+    num_workers: int = bounded(1, "[1, inf)")
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    max_failures: int = 3
-    num_to_keep: int = 2
+    cpus_per_worker: float = bounded(1.0, "[0, inf)")
+    gpus_per_worker: float = bounded(1.0, "[0, inf)")
+    max_failures: int = bounded(3, "[0, inf)")
+    num_to_keep: int = bounded(2, "[1, inf)")
 
 
 @dataclass
@@ -179,8 +216,8 @@ class StorageConfig:
     run: str = "default"
     endpoint_url: str | None = None
     region: str | None = None
-    retries: int = 5  # retries of a transient error (timeout, throttling, 5xx), with backoff
-    timeout_s: float = 60.0  # deadline of one S3 operation, retries included (`storage`)
+    retries: int = bounded(5, "[0, inf)")  # retries of a transient error (timeout, throttling, 5xx), with backoff
+    timeout_s: float = bounded(60.0, "(0, inf)")  # deadline of one S3 operation, retries included (`storage`)
 
 
 @dataclass
@@ -198,6 +235,9 @@ class Config:
     def validate(self) -> Config:
         """Cross-field rules; raises ConfigError naming the keys and the numbers."""
         m, s = self.model, self.sample
+        self._check_locations()
+        if not self.eval.metrics:
+            raise ConfigError(f"eval.metrics is empty; name at least one of {list(typing.get_args(Metric))}")
         try:
             patch, depth = arch(m.name)["patch_size"], arch(m.name)["depth"]
         except ValueError as err:
@@ -227,8 +267,6 @@ class Config:
             if self.diffusion.num_timesteps != 1000:
                 raise ConfigError("model.flexdit: the grid schedule is defined over diffusion.num_timesteps=1000, "
                                   f"got {self.diffusion.num_timesteps}")
-        if s.num_samples < 1 or s.shard_size < 1:
-            raise ConfigError("sample.num_samples and sample.shard_size must be positive")
         if s.method == "eb_cache" and not s.eb_cache.schedule.endswith(".json") and len(s.eb_cache.schedule) != s.steps:
             raise ConfigError(f"sample.eb_cache.schedule has {len(s.eb_cache.schedule)} steps but sample.steps={s.steps}; "
                               "calibrate one for this step count (python -m jobs.calibrate)")
@@ -238,6 +276,21 @@ class Config:
             except ValueError as err:
                 raise ConfigError(f"sample.at_edm: {err}") from None
         return self
+
+    def _check_locations(self) -> None:
+        """Storage URLs that parse (`s3:/bucket` is a scheme typo, not a local folder) and a run name that
+        stays inside `{root}/runs/`."""
+        for key, url in (("storage.root", self.storage.root), ("data.uri", self.data.uri)):
+            if url is not None:
+                try:
+                    storage.check_url(url)
+                except storage.StorageError as err:
+                    raise ConfigError(f"{key}: {err}") from None
+        run = self.storage.run
+        # "/" joins names: the reproduce pipeline keeps each stage in `{run}/{stage}`
+        if run.startswith("/") or "\\" in run or any(part in ("", ".", "..") for part in run.split("/")):
+            raise ConfigError(f"storage.run={run!r} must be a plain name (or names joined by '/'), with no empty, "
+                              "'.' or '..' part: the run's folder is {storage.root}/runs/{storage.run}")
 
     @property
     def grad_accumulation(self) -> int:
@@ -327,7 +380,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -335,6 +389,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             where = f"section {prefix!r}" if prefix else "the top level"
             raise ConfigError(f"unknown config key {full!r}; valid keys in {where}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
+        _check_range(kwargs[key], fields[key].metadata.get("range"), full)
     try:
         return cls(**kwargs)
     except ValueError as err:  # a section's own checks (`__post_init__`), e.g. model.dynamic, sample.eb_cache

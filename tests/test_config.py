@@ -102,11 +102,11 @@ def test_method_options_are_typed_sections_checked_at_load():
     assert load("debug", ["sample.method=dydit", "model.method=dydit"]).sample.method_options is None
     with pytest.raises(ConfigError, match=r"unknown config key 'sample.at_edm.ration'; valid keys .*ratio"):
         load("debug", ["sample.method=at_edm", "sample.at_edm.ration=0.3"])
-    with pytest.raises(ConfigError, match=r"sample.at_edm: AT-EDM ratio must lie in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"sample.at_edm.ratio=1.5 is outside its allowed range \[0, 1\)"):
         load("debug", ["sample.at_edm.ratio=1.5"])
     with pytest.raises(ConfigError, match="sample.eb_cache.schedule has 50 steps but sample.steps=10"):
         load("debug", ["sample.method=eb_cache"])
-    with pytest.raises(ConfigError, match=r"model.dynamic: target_lambda=1.5 must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"model.dynamic.target_lambda=1.5 is outside its allowed range \(0, 1\]"):
         load("debug", ["model.dynamic.target_lambda=1.5"])
 
 

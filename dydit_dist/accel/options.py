@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dydit_dist import storage
@@ -91,7 +91,7 @@ def eps_scale_at(knots: tuple[tuple[float, float], ...], t_fraction: float) -> f
 class FORAOptions:
     """FORA: recompute every `interval` steps, reuse both branches of every block in between."""
 
-    interval: int = 3
+    interval: int = field(default=3, metadata={"range": "[1, inf)"})
     eps_scale = "none"  # not a field: FORA has no exposure-bias correction
 
     def __post_init__(self):
@@ -144,13 +144,13 @@ class ATEDMOptions:
         sampling steps prune `dsap_ratio` (default nothing) instead of `ratio`.
     """
 
-    ratio: float = 0.5
-    score_layer: int = 2
-    dense_last: int = 2
-    iterations: int = 5
+    ratio: float = field(default=0.5, metadata={"range": "[0, 1)"})
+    score_layer: int = field(default=2, metadata={"range": "[0, inf)"})
+    dense_last: int = field(default=2, metadata={"range": "[0, inf)"})
+    iterations: int = field(default=5, metadata={"range": "[1, inf)"})
     recovery: Literal["copy", "freeze"] = "copy"
-    dsap_fraction: float = 0.2
-    dsap_ratio: float = 0.0
+    dsap_fraction: float = field(default=0.2, metadata={"range": "[0, 1]"})
+    dsap_ratio: float = field(default=0.0, metadata={"range": "[0, 1)"})
 
     def __post_init__(self):
         for name in ("ratio", "dsap_ratio"):

@@ -12,7 +12,7 @@ Head h of a block is on when its router says so (head 0 always); MLP group g own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,15 +32,15 @@ class DyDiTOptions:
 
     tdw: bool = True  # head and MLP-group routers on the timestep embedding
     sdt: bool = True  # per-block token router: dropped tokens skip the MLP
-    target_lambda: float = 0.5  # FLOPs target as a fraction of the static model
-    lambda_hold_steps: int = 100  # lambda_t = 1 for these first steps (the ramp below still starts at step 0)
-    lambda_warmup_steps: int = 1000  # lambda_t falls linearly from 1 at step 0 to target_lambda at this step
-    flops_loss_weight: float = 2.0
+    target_lambda: float = field(default=0.5, metadata={"range": "(0, 1]"})  # FLOPs target as a fraction of the static model
+    lambda_hold_steps: int = field(default=100, metadata={"range": "[0, inf)"})  # lambda_t = 1 for these first steps (the ramp below still starts at step 0)
+    lambda_warmup_steps: int = field(default=1000, metadata={"range": "[0, inf)"})  # lambda_t falls linearly from 1 at step 0 to target_lambda at this step
+    flops_loss_weight: float = field(default=2.0, metadata={"range": "[0, inf)"})
     stage: Literal[1, 2] = 1  # 1: add the complete-model loss; 2: drop it
-    stage1_steps: int | None = None  # stage 1 for these steps, then stage 2 in the same run (optimizer, EMA kept)
-    gumbel_temperature: float = 5.0
-    router_bias_init: float = 15.0
-    token_router_bias_init: float = 35.0
+    stage1_steps: int | None = field(default=None, metadata={"range": "[0, inf)"})  # stage 1 for these steps, then stage 2 in the same run (optimizer, EMA kept)
+    gumbel_temperature: float = field(default=5.0, metadata={"range": "(0, inf)"})
+    router_bias_init: float = field(default=15.0, metadata={"range": "(-inf, inf)"})
+    token_router_bias_init: float = field(default=35.0, metadata={"range": "(-inf, inf)"})
 
     def __post_init__(self):
         if not 0.0 < self.target_lambda <= 1.0:

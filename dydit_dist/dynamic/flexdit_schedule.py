@@ -21,7 +21,7 @@ batch shares one grid. Otherwise a batch may straddle two grids and the model ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,11 +41,11 @@ class FlexOptions:
     """
 
     layout: str | None = None
-    grid_sizes: tuple[int, ...] = PAPER_GRID_SIZES
-    r_min: float | None = None
-    r_max: float | None = None
-    ramp_start: float = 0.25
-    num_intervals: int = 5
+    grid_sizes: tuple[int, ...] = field(default=PAPER_GRID_SIZES, metadata={"range": "[1, inf)"})
+    r_min: float | None = field(default=None, metadata={"range": "[0, 1)"})
+    r_max: float | None = field(default=None, metadata={"range": "[0, 1)"})
+    ramp_start: float = field(default=0.25, metadata={"range": "[0, 1)"})
+    num_intervals: int = field(default=5, metadata={"range": "[1, inf)"})
 
     def __post_init__(self):
         object.__setattr__(self, "grid_sizes", tuple(int(g) for g in self.grid_sizes))
