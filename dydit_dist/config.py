@@ -146,6 +146,7 @@ class TrainConfig:
     log_every: int = bounded(50, "[1, inf)")
     caption_dropout: float = bounded(0.1, "[0, 1]")  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
+    allow_changed_settings: bool = False  # resume although run_config.SETTINGS changed (lr, batch, precision, model)
 
 
 @dataclass
@@ -218,6 +219,7 @@ class StorageConfig:
     region: str | None = None
     retries: int = bounded(5, "[0, inf)")  # retries of a transient error (timeout, throttling, 5xx), with backoff
     timeout_s: float = bounded(60.0, "(0, inf)")  # deadline of one S3 operation, retries included (`storage`)
+    lease_ttl_s: float = bounded(120.0, "(0, inf)")  # a run's lease expires this long after its holder's last heartbeat
 
 
 @dataclass
@@ -408,9 +410,21 @@ def load(name_or_path: str = "debug", overrides: list[str] | tuple[str, ...] = (
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+        dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
         values = _merge(values, dot)
+    _refuse_interpolations(values)
     return from_dict(values)
+
+
+def _refuse_interpolations(values: dict, prefix: str = "") -> None:
+    """`${...}` (e.g. `${oc.env:VAR}`) would be expanded into the config every job writes, secrets included."""
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            _refuse_interpolations(value, full)
+        elif isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{full}={value!r}: interpolations (${{...}}) are not allowed, since the resolved config "
+                              "is written next to the outputs; pass the value itself")
 
 
 def save(cfg: Config, url: str) -> None:

@@ -2,7 +2,9 @@
 
     paths = RunPaths(cfg)
     {root}/runs/{run}/                      paths.url (run = storage.run)
-        config.{job}.yaml                   paths.config(job): the resolved config of each job
+        config.{job}.yaml                   paths.config(job): the resolved config of the job's latest run
+        config-history/{job}-{n:03d}.yaml   paths.config_version(job, n): every distinct config it ran with
+        lease.json                          paths.lease: the one writer's lease (`dydit_dist.lease`)
         checkpoints/                        paths.checkpoints: DeepSpeed checkpoints + exported EMA weights
         tensorboard/                        paths.tensorboard
         batches/rank-R/step-S.json          paths.batch_record(rank, step): the samples of a step (debugging)
@@ -50,6 +52,13 @@ class RunPaths:
 
     def config(self, job: str) -> str:
         return storage.join(self.url, f"config.{job}.yaml")
+
+    def config_version(self, job: str, n: int) -> str:
+        return storage.join(self.url, "config-history", f"{job}-{n:03d}.yaml")
+
+    @property
+    def lease(self) -> str:
+        return storage.join(self.url, "lease.json")
 
     @property
     def checkpoints(self) -> str:

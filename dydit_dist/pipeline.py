@@ -23,7 +23,7 @@ import dataclasses
 import time
 
 from dydit_dist import config as config_lib
-from dydit_dist import storage
+from dydit_dist import run_config, storage
 from dydit_dist.config import Config
 from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
@@ -44,10 +44,6 @@ def with_values(cfg: Config, **sections) -> Config:
 
 
 _START = time.monotonic()
-
-
-def _save_config(cfg: Config, job: str) -> None:
-    config_lib.save(cfg, RunPaths(cfg).config(job))
 
 
 def data_done(cfg: Config) -> bool:
@@ -104,14 +100,14 @@ def train_stage(cfg: Config, name: str) -> str:
     """Run the fine-tuning job of `cfg` unless it reached train.max_steps; returns the run's URL."""
     import ray
 
-
     run = RunPaths(cfg).url
     done = trained_to_end(cfg)
     _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
         launcher.preflight(cfg)
+        launcher.check_settings(cfg)
         launcher.preflight_cluster(cfg, ray.cluster_resources())
-        _save_config(cfg, "finetune")
+        run_config.save(cfg, "finetune")
         launcher.build_trainer(cfg).fit()
     return run
 
@@ -171,7 +167,7 @@ def reproduce(cfg: Config) -> str:
         done = storage.exists(manifest_url(samples)) and SamplesManifest.read(samples).complete
         _stage(f"sample {method} -> {samples}", done)
         if not done:
-            _save_config(m_cfg, "sample")
+            run_config.save(m_cfg, "sample")
             run_sampling(m_cfg)  # makes only the missing shards
         metrics_url = m_paths.metrics
         done = storage.exists(metrics_url)

@@ -12,11 +12,10 @@ import sys
 
 from dydit_dist import cli
 from dydit_dist.accel.calibrate import CRITERIA
-from dydit_dist.sample.calibrate import run_calibration
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.job_parser(__doc__.splitlines()[0])
+    parser = cli.job_parser("calibrate", __doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=0.05, help="tolerance at the noisiest timestep")
     parser.add_argument("--tolerance-at-zero", type=float, default=0.0, help="tolerance at t = 0")
     parser.add_argument("--criterion", choices=CRITERIA, default="norm")
@@ -29,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(parser, argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
+    # heavy (torch, diffusers): imported once the config is known good
+    from dydit_dist.sample.calibrate import run_calibration
 
     def work() -> str:
         table, url = run_calibration(cfg, tolerance=args.tolerance, tolerance_at_zero=args.tolerance_at_zero,

@@ -11,14 +11,17 @@ from __future__ import annotations
 import sys
 
 from dydit_dist import cli
-from dydit_dist.eval import FeatureExtractorUnavailable, evaluate
 from dydit_dist.paths import RunPaths
-from dydit_dist.sample import SamplesError
+
+DESCRIPTION = "Evaluate generated samples with torch-fidelity against reference statistics"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.job_parser("Evaluate generated samples with torch-fidelity against reference statistics")
-    cfg, args = cli.parse_args(parser, argv)
+    cfg, args = cli.parse_args(cli.job_parser("evaluate", DESCRIPTION), argv)
+    # heavy (torch, torch-fidelity): imported once the config is known good
+    from dydit_dist.eval import FeatureExtractorUnavailable, evaluate
+    from dydit_dist.sample import SamplesError
+    from dydit_dist.shardset import ShardError
 
     def work() -> str:
         cli.save_resolved_config(cfg, "evaluate")
@@ -27,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{RunPaths(cfg).metrics}: {values} on {record['num_samples']} samples "
                 f"[{record['feature_extractor']['name']}]")
 
-    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ValueError, FileNotFoundError),
-                       cfg, args.dry_run)
+    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ShardError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     ray job submit --address ... --working-dir . -- python -m jobs.finetune --config dit_xl2_256 \
         model.method=dydit data.uri=s3://bucket/imagenet-256-latents storage.root=s3://bucket storage.run=dydit-0.5
 
-Submitting again with the same `storage.run` resumes from the run's latest checkpoint. The exported
-EMA weights land in `{storage.root}/runs/{storage.run}/checkpoints/ema-{step:07d}.safetensors`.
+Submitting again with the same `storage.run` resumes from the run's latest checkpoint, with the same
+settings (lr, batch sizes, precision, model, method) unless `train.allow_changed_settings=true`; a run
+that already exported its EMA weights at train.max_steps exits at once. The exported EMA weights land
+in `{storage.root}/runs/{storage.run}/checkpoints/ema-{step:07d}.safetensors`.
 """
 
 from __future__ import annotations
@@ -12,21 +14,20 @@ from __future__ import annotations
 import sys
 
 from dydit_dist import cli
-from dydit_dist.config import ConfigError
-from dydit_dist.data import DataError
-from dydit_dist.preflight import check
-from dydit_dist.train import launcher
+from dydit_dist.paths import RunPaths
 
 DESCRIPTION = "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on Ray Train"
 
 
 def fit(cfg, wrap_session=None):
-    """Start (or join) Ray, check the workers fit the cluster, fit; returns Ray Train's `Result`.
-    wrap_session: see `launcher.build_trainer` (tests)."""
+    """Check the settings of a resumed run, start (or join) Ray, check the workers fit the cluster, write
+    the resolved config, fit; returns Ray Train's `Result`. wrap_session: see `launcher.build_trainer` (tests)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    from dydit_dist.train import launcher
+
+    launcher.check_settings(cfg)
+    cli.connect_ray(cfg, "finetune")
     launcher.preflight_cluster(cfg, ray.cluster_resources())
     cli.save_resolved_config(cfg, "finetune")
     result = launcher.build_trainer(cfg, wrap_session).fit()
@@ -37,18 +38,30 @@ def fit(cfg, wrap_session=None):
 
 def run(argv: list[str] | None = None, wrap_session=None):
     """Parse, preflight (`dydit_dist.preflight`: a PreflightError before Ray is contacted), fit."""
-    cfg = cli.parse(argv, DESCRIPTION)
+    from dydit_dist.preflight import check
+
+    cfg = cli.parse(argv, "finetune", DESCRIPTION)
     check(cfg, "finetune")
     return fit(cfg, wrap_session)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = cli.parse_args(cli.job_parser(DESCRIPTION), argv)
+    cfg, args = cli.parse_args(cli.job_parser("finetune", DESCRIPTION), argv)
+    # heavy (torch, ray, deepspeed): imported once the config is known good
+    from dydit_dist.data import DataError
+    from dydit_dist.pipeline import trained_to_end
+    from dydit_dist.train.launcher import latest_ema_url
+
+    def finished() -> str | None:
+        if trained_to_end(cfg):
+            return (f"{RunPaths(cfg).url} is finished: EMA weights at train.max_steps={cfg.train.max_steps} "
+                    f"in {latest_ema_url(cfg)}")
+        return None
 
     def work() -> None:
         fit(cfg)  # prints its own summary line
 
-    return cli.run_job("finetune", work, (ConfigError, DataError), cfg, args.dry_run)
+    return cli.run_job("finetune", work, (DataError,), cfg, args.dry_run, finished=finished)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 import sys
 
 from dydit_dist import cli
-from dydit_dist.data import DataError, prepare
-from dydit_dist.shardset import ShardError
+
+DESCRIPTION = "Encode images (and captions) into VAE-latent (and T5) WebDataset shards"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.job_parser("Encode images (and captions) into VAE-latent (and T5) WebDataset shards")
-    cfg, args = cli.parse_args(parser, argv)
+    cfg, args = cli.parse_args(cli.job_parser("prepare", DESCRIPTION), argv)
+    # heavy (torch, ray, diffusers): imported once the config is known good
+    from dydit_dist.data import DataError, prepare
+    from dydit_dist.shardset import ShardError
 
     def work() -> str:
         result = prepare(cfg)

@@ -14,26 +14,28 @@ import sys
 import time
 
 from dydit_dist import cli
-from dydit_dist.config import ConfigError
-from dydit_dist.data import DataError
-from dydit_dist.eval import FeatureExtractorUnavailable
-from dydit_dist.pipeline import reproduce
-from dydit_dist.sample import SamplesError
-from dydit_dist.shardset import ShardError
+
+DESCRIPTION = "prepare -> finetune -> sample -> evaluate -> report, each stage skipped when done"
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
-    parser = cli.job_parser("prepare -> finetune -> sample -> evaluate -> report, each stage skipped when done")
-    cfg, args = cli.parse_args(parser, argv)
+    cfg, args = cli.parse_args(cli.job_parser("reproduce", DESCRIPTION), argv)
+    # heavy (torch, ray, deepspeed, diffusers): imported once the config is known good
+    from dydit_dist.data import DataError
+    from dydit_dist.eval import FeatureExtractorUnavailable
+    from dydit_dist.pipeline import reproduce
+    from dydit_dist.sample import SamplesError
+    from dydit_dist.shardset import ShardError
 
     def work() -> str:
         cli.save_resolved_config(cfg, "reproduce")
+        cli.connect_ray(cfg, "reproduce")
         report = reproduce(cfg)
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
-    return cli.run_job("reproduce", work, (ConfigError, DataError, ShardError, SamplesError,
-                                          FeatureExtractorUnavailable), cfg, args.dry_run)
+    return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, FeatureExtractorUnavailable),
+                       cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,19 @@ import sys
 
 from dydit_dist import cli
 from dydit_dist.paths import RunPaths
-from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling
+
+DESCRIPTION = "Generate N samples across the Ray cluster into sharded tars on object storage"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.job_parser("Generate N samples across the Ray cluster into sharded tars on object storage")
-    cfg, args = cli.parse_args(parser, argv)
+    cfg, args = cli.parse_args(cli.job_parser("sample", DESCRIPTION), argv)
+    # heavy (torch, ray, diffusers): imported once the config is known good
+    from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling
+    from dydit_dist.shardset import ShardError
 
     def work() -> str:
         cli.save_resolved_config(cfg, "sample")
+        cli.connect_ray(cfg, "sample")
         manifest = run_sampling(cfg)
         samples = RunPaths(cfg).samples
         if cfg.sample.export_npz:
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{samples}: {manifest.num_samples} samples in {manifest.num_shards} shards"
                 + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
 
-    return cli.run_job("sample", work, (SamplesError, ValueError, FileNotFoundError, RuntimeError), cfg, args.dry_run)
+    return cli.run_job("sample", work, (SamplesError, ShardError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

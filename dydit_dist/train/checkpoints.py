@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 EMA_NAME = re.compile(r"ema-(\d{7})\.safetensors$")
+CHECKPOINT_NAME = re.compile(r"step-(\d{7})$")  # `checkpoint_name`
 
 
 def due(step: int, train_cfg) -> bool:
@@ -71,6 +72,22 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
     state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
     if state.step != meta["step"]:
         raise ValueError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
+    set_lr(engine, cfg.train.lr)
+
+
+def set_lr(engine, lr: float) -> None:
+    """Make `lr` the base learning rate after a checkpoint restored another one with the optimizer and
+    its schedule (a resume with train.allow_changed_settings=true; a no-op when they agree). The
+    schedule's factor at the restored step is kept: each group's lr is rescaled by lr / old base."""
+    scheduler = engine.lr_scheduler
+    groups = (scheduler.optimizer if scheduler is not None else engine.optimizer).param_groups
+    bases = scheduler.base_lrs if scheduler is not None else [g["lr"] for g in groups]
+    for group, base in zip(groups, bases, strict=True):
+        group["lr"] = group["lr"] * lr / base if base else lr
+        group["initial_lr"] = lr
+    if scheduler is not None:
+        scheduler.base_lrs = [lr] * len(groups)
+        scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def export_ema(state: TrainerState, network: nn.Module, checkpoints_url: str, model_cfg: dict,

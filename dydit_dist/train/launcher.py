@@ -13,19 +13,23 @@ snapshot and the exported EMA weights sit side by side. A second submission with
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 from ray.train import UserCallback
 
-from dydit_dist import storage
+from dydit_dist import run_config, storage
 from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
 from dydit_dist.paths import CHECKPOINTS, RunPaths
+from dydit_dist.train.checkpoints import CHECKPOINT_NAME
 from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
 from dydit_dist.train.metrics import progress_line
 from dydit_dist.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg) -> None:
@@ -47,6 +51,25 @@ def preflight(cfg) -> None:
     if manifest.num_samples < consumers:
         raise ConfigError(f"{paths.data} has {manifest.num_samples} samples, fewer than ray.num_workers x "
                           f"data.num_workers = {r.num_workers} x {max(1, cfg.data.num_workers)} = {consumers}")
+
+
+def check_settings(cfg) -> list[str]:
+    """A run that resumes from a checkpoint keeps `run_config.SETTINGS` (lr, batch sizes, precision, model,
+    method) of its last config: ConfigError listing each change `key: old -> new`, unless
+    train.allow_changed_settings=true, which applies them (the optimizer's lr too, `checkpoints.set_lr`)
+    and logs them; the changed config becomes the run's next config-history entry. Returns the changes."""
+    paths = RunPaths(cfg)
+    if not any(CHECKPOINT_NAME.search(url.rstrip("/")) for url in storage.listdir(paths.checkpoints)):
+        return []  # nothing to resume: the settings are free
+    changes = run_config.changed(run_config.previous(cfg, "finetune"), cfg)
+    if changes and not cfg.train.allow_changed_settings:
+        raise ConfigError(f"{paths.url} resumes from a checkpoint made with other settings ({'; '.join(changes)}); "
+                          "rerun with train.allow_changed_settings=true to apply them from the checkpoint on, "
+                          "or use a new storage.run")
+    if changes:
+        log.warning("%s: resuming with changed settings (train.allow_changed_settings=true): %s", paths.url,
+                    "; ".join(changes))
+    return changes
 
 
 def preflight_cluster(cfg, cluster_resources: dict) -> None:

@@ -1,0 +1,105 @@
+"""Exit codes and messages of the jobs: a bad config or YAML file is one line `job: message` with
+exit 2, before ray / deepspeed / diffusers are imported; a bug keeps its traceback (exit 1); SIGTERM
+and SIGINT print what was kept and how to resume, release the run's lease and exit 143 / 130."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("ray", "deepspeed", "diffusers")
+
+
+def _job(*args, env=None, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})}, **kwargs)
+    return done, time.monotonic() - start
+
+
+def _message(stderr: str) -> list[str]:
+    """stderr without -X importtime's lines."""
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("job", ["finetune", "sample", "evaluate", "prepare", "reproduce", "calibrate"])
+def test_a_config_typo_is_one_line_before_the_heavy_imports(job, tmp_path):
+    done, seconds = _job("-m", f"jobs.{job}", "--config", "debug", f"storage.root={tmp_path}", "train.lrr=1")
+    print(f"{job}: config typo reported in {seconds:.1f} s")
+    assert done.returncode == 2
+    assert _message(done.stderr) == [f"{job}: unknown config key 'train.lrr'; valid keys in section 'train': "
+                                     + _message(done.stderr)[0].split("section 'train': ", 1)[1]]
+    assert not _imported(done.stderr) & set(HEAVY)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_yaml_syntax_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    done, _ = _job("-m", "jobs.sample", "--config", str(bad), f"storage.root={tmp_path}")
+    lines = _message(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("sample: while parsing a flow sequence") and str(bad) in lines[0]
+
+
+def test_an_env_interpolation_is_refused_and_nothing_written(tmp_path):
+    done, _ = _job("-m", "jobs.finetune", f"storage.root={tmp_path}", "storage.endpoint_url=${oc.env:SECRET_X}",
+                   env={"SECRET_X": "hunter2"})
+    lines = _message(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1 and "hunter2" not in done.stdout + done.stderr
+    assert lines[0].startswith("finetune: storage.endpoint_url='${oc.env:SECRET_X}': interpolations")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bug_keeps_its_traceback(capsys):
+    from dydit_dist import cli
+    from dydit_dist.config import ConfigError
+
+    def bug():
+        raise ValueError("a bug, not an input error")  # a ValueError the job does not name
+
+    with pytest.raises(ValueError, match="a bug"):
+        cli.run_job("sample", bug, (ConfigError,))
+    assert capsys.readouterr().err == ""
+
+
+STOPPABLE = """
+import sys, threading
+from dydit_dist import cli
+import dydit_dist.preflight
+dydit_dist.preflight.check = lambda *args, **kwargs: None  # this test stops a job, it has no inputs to resolve
+cfg, args = cli.parse_args(cli.job_parser("sample", "test"), sys.argv[1:])
+
+def work():
+    print("working", flush=True)
+    threading.Event().wait()
+
+sys.exit(cli.run_job("sample", work, (), cfg))
+"""
+
+
+@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, tmp_path):
+    lease = tmp_path / "runs" / "stopped" / "lease.json"
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, f"storage.root={tmp_path}", "storage.run=stopped"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "working\n"
+    assert lease.exists()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == rc
+    assert (f"sample: stopped by {signal.Signals(sig).name}; kept: every finished shard under "
+            f"{tmp_path}/runs/stopped/samples") in err
+    assert "rerun the same command to make only the missing ones" in err and "Traceback" not in err
+    assert not lease.exists()

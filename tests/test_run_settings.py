@@ -1,0 +1,147 @@
+"""Settings a run cannot silently change: the config history (`run_config.save`), a resumed fine-tune
+refused when lr / batch / precision / model / method changed (and applied with
+train.allow_changed_settings=true, the optimizer's lr included), a finished fine-tune detected before
+Ray starts, and no `${...}` interpolation in a written config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dydit_dist import config as config_lib
+from dydit_dist import run_config, storage
+from dydit_dist.data.synthetic import random_dataset
+from dydit_dist.paths import RunPaths
+
+BASE = ["ray.num_workers=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=4",
+        "train.checkpoint_every=2", "train.log_every=1", "data.num_workers=0"]
+
+
+def _cfg(root, *overrides):
+    return config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data", *overrides])
+
+
+def test_config_history_keeps_every_distinct_config(tmp_path):
+    cfg = _cfg(tmp_path)
+    paths = RunPaths(cfg)
+    storage.write_bytes(paths.config("finetune"), b"written before the history\n")  # an older run folder
+    run_config.save(cfg, "finetune")
+    changed = _cfg(tmp_path, "train.log_every=2")
+    run_config.save(changed, "finetune")
+    mtime = os.path.getmtime(storage.filesystem(paths.config("finetune"))[1])
+    run_config.save(changed, "finetune")  # the same config again: nothing written
+    assert os.path.getmtime(storage.filesystem(paths.config("finetune"))[1]) == mtime
+    history = [storage.read_bytes(paths.config_version("finetune", n)) for n in (1, 2, 3)]
+    assert history == [b"written before the history\n", cfg.to_yaml().encode(), changed.to_yaml().encode()]
+    assert not storage.exists(paths.config_version("finetune", 4))
+    assert storage.read_bytes(paths.config("finetune")) == changed.to_yaml().encode()
+
+
+def test_changed_lists_each_setting_old_to_new(tmp_path):
+    old = _cfg(tmp_path).to_dict()
+    new = _cfg(tmp_path, "train.lr=1e-3", "train.global_batch_size=8", "train.log_every=7")
+    assert run_config.changed(old, new) == ["train.lr: 0.0001 -> 0.001", "train.global_batch_size: 4 -> 8"]
+    assert run_config.changed(None, new) == []
+
+
+def _resumable_run(root) -> None:
+    """A run folder as a first fine-tune leaves it: data, its config, a checkpoint folder."""
+    cfg = _cfg(root)
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    run_config.save(cfg, "finetune")
+    storage.write_bytes(f"{RunPaths(cfg).checkpoints}/step-0000002/meta.json", b"{}")
+
+
+def _ray_started() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys):
+    from jobs import finetune
+
+    _resumable_run(tmp_path)
+    before = storage.find(f"{tmp_path}/runs")
+    rc = finetune.main(["--config", "debug", *BASE, f"storage.root={tmp_path}", f"data.uri={tmp_path}/data",
+                        "train.lr=1e-3", "train.global_batch_size=8", "train.precision=bf16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("finetune: ") and "resumes from a checkpoint made with other settings (train.lr: " \
+        "0.0001 -> 0.001; train.global_batch_size: 4 -> 8; train.precision: 'fp32' -> 'bf16')" in err[0]
+    assert "train.allow_changed_settings=true" in err[0]
+    assert storage.find(f"{tmp_path}/runs") == before and not _ray_started()  # nothing written, no lease left
+
+
+def test_allowed_changes_are_logged_and_recorded(tmp_path, caplog):
+    from dydit_dist.train.launcher import check_settings
+
+    _resumable_run(tmp_path)
+    cfg = _cfg(tmp_path, "train.lr=1e-3", "train.allow_changed_settings=true")
+    assert check_settings(cfg) == ["train.lr: 0.0001 -> 0.001"]
+    assert "resuming with changed settings (train.allow_changed_settings=true): train.lr: 0.0001 -> 0.001" in caplog.text
+    run_config.save(cfg, "finetune")
+    assert "lr: 0.001" in storage.read_bytes(RunPaths(cfg).config_version("finetune", 2)).decode()
+    assert check_settings(_cfg(tmp_path, "train.lr=1e-3")) == []  # the run's settings now are the new ones
+    fresh = _cfg(tmp_path, "storage.run=fresh", "train.lr=5")
+    assert check_settings(fresh) == []  # no checkpoint: nothing to keep
+
+
+def test_a_finished_finetune_exits_before_ray_and_writes_nothing(tmp_path, capsys):
+    from jobs import finetune
+
+    cfg = _cfg(tmp_path)
+    random_dataset(f"{tmp_path}/data", cfg, num_samples=24)
+    pointer = RunPaths(cfg).ema_pointer
+    storage.write_json(pointer, {"step": 4, "file": "ema-0000004.safetensors", "url": "x", "model": {}})
+    before = {u: storage.read_bytes(u) for u in storage.find(f"{tmp_path}/runs")}
+    assert finetune.main(["--config", "debug", *BASE, f"storage.root={tmp_path}", f"data.uri={tmp_path}/data"]) == 0
+    out = capsys.readouterr().out
+    assert f"finetune: {RunPaths(cfg).url} is finished: EMA weights at train.max_steps=4" in out
+    assert "nothing to do" in out
+    assert {u: storage.read_bytes(u) for u in storage.find(f"{tmp_path}/runs")} == before and not _ray_started()
+
+
+def test_interpolations_are_refused_not_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET_FOR_TEST", "hunter2")
+    with pytest.raises(config_lib.ConfigError, match=r"storage.endpoint_url='\$\{oc.env:SECRET_FOR_TEST\}': "
+                                                     r"interpolations \(\$\{...\}\) are not allowed"):
+        config_lib.load("debug", ["storage.endpoint_url=${oc.env:SECRET_FOR_TEST}"])
+    path = tmp_path / "preset.yaml"
+    path.write_text("_base_: debug\ntrain:\n  lr: ${oc.env:SECRET_FOR_TEST}\n")
+    with pytest.raises(config_lib.ConfigError, match="train.lr="):
+        config_lib.load(str(path))
+
+
+def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
+    """DeepSpeed's checkpoint load restores the optimizer's (and the schedule's) old lr; the config's wins."""
+    import torch
+
+    from dydit_dist.train.deepspeed_setup import init_single_process
+    from dydit_dist.train.loop import Trainer
+    from dydit_dist.train.ray_session import LocalSession
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # init_single_process sets them; later Ray workers must not inherit them
+        monkeypatch.setenv(key, "1" if key == "WORLD_SIZE" else "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        init_single_process("gloo")  # one rank, as tests/test_train_loop.py
+        root = f"memory://settings-{os.getpid()}-{tmp_path.name}"
+        cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data", "train.max_steps=2",
+                                        "train.warmup_steps=8"])
+        random_dataset(f"{root}/data", cfg, num_samples=24)
+        first = Trainer(cfg, LocalSession(str(tmp_path)))
+        first.train()
+        resumed_cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data",
+                                                "train.warmup_steps=8", "train.lr=1e-3",
+                                                "train.allow_changed_settings=true"])
+        session = LocalSession(str(tmp_path))
+        resumed = Trainer(resumed_cfg, session)
+        resumed.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.resumed_from == 2
+    # warm-up over 4 steps: the step-3 and step-4 updates run at 3/4 and 4/4 of the NEW lr
+    assert [r["lr"] for r in session.reports] == pytest.approx([0.5e-3, 0.625e-3])
