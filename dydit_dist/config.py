@@ -159,7 +159,7 @@ class DeepSpeedConfig:
 @dataclass
 class SampleConfig:
     num_samples: int = bounded(50_000, "[1, inf)")
-    shard_size: int = bounded(1000, "[1, inf)")
+    shard_size: int = bounded(128, "[1, inf)")  # samples per shard: the unit an actor pulls, samples and writes as one object
     batch_size: int = bounded(64, "[1, inf)")
     sampler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddpm"
     steps: int = bounded(250, "[1, inf)")
@@ -172,7 +172,7 @@ class SampleConfig:
     num_actors: int = bounded(0, "[0, inf)")  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
     gpus_per_actor: float = bounded(1.0, "(0, inf)")  # fractions pack several actors on one GPU
     cpus_per_actor: float = bounded(1.0, "(0, inf)")  # also the actor's torch threads
-    shards_in_flight: int = bounded(2, "[1, inf)")  # shards queued per actor (the next one starts without a round trip)
+    speculate: bool = True  # once no shard is left to start, idle actors also make the oldest running ones
     export_npz: str | None = None  # after sampling: the ADM evaluator's .npz (arr_0, N x H x W x 3), local path
     fora: FORAOptions = field(default_factory=FORAOptions)  # sample.method=fora
     eb_cache: EBCacheOptions = field(default_factory=EBCacheOptions)  # sample.method=eb_cache

@@ -16,7 +16,9 @@ Only the driver writes the manifest. A worker that finishes a shard writes the s
 its done-marker; the driver merges markers into the manifest (`ShardManifest.resume`). Two workers
 finishing at once never touch the same object, so no update is lost, and a driver that died before
 writing the manifest loses nothing: the next run merges the markers it finds. A rerun with the same
-settings skips every finished shard; one with other settings is an error, as the shards would mix.
+settings skips every finished shard whose object is there at its recorded size (`drop_missing`); one
+with other settings is an error, as the shards would mix, unless nothing was recorded yet. Readers
+given a shard's record check its sha256 (`read_shard`, `stream`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from dydit_dist import storage
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MARKERS = "done"
 
@@ -173,14 +178,40 @@ def unpack(data: bytes, url: str) -> list[Sample]:
     return list(_group(members))
 
 
-def stream(url: str) -> Iterator[Sample]:
-    """The samples of a shard object (any storage URL), one at a time, without holding it in memory."""
+class _Hashing:
+    """A binary file object's reads, counted and hashed on the way through."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+
+def stream(url: str, record: dict | None = None) -> Iterator[Sample]:
+    """The samples of a shard object (any storage URL), one at a time, without holding it in memory.
+    With its manifest `record`, the bytes are checked against its sha256 as they stream: a ShardError
+    after the last sample when they differ (a reader must not trust what it yielded until the end)."""
     with storage.open_file(url, "rb") as f:
+        reader = _Hashing(f)
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
                 yield from _group((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
         except (tarfile.TarError, EOFError) as err:
             raise _unreadable(url, err) from err
+        if record is None:
+            return
+        while reader.read(1 << 20):  # the end-of-archive padding the tar reader leaves unread
+            pass
+    if "sha256" not in record:
+        raise ShardError(f"{url}: its manifest record has no sha256 to check it against; make the shard again")
+    digest = reader.sha256.hexdigest()
+    if digest != record["sha256"] or reader.bytes != record["bytes"]:
+        raise ShardError(f"corrupt shard {url}: {reader.bytes} bytes with sha256 {digest[:12]}..., the manifest "
+                         f"has {record['bytes']} bytes with sha256 {record['sha256'][:12]}...")
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -257,31 +288,56 @@ class ShardManifest:
     def write(self, uri: str) -> None:
         storage.write_json(manifest_url(uri), self.to_json())
 
+    def is_stored(self, uri: str) -> bool:
+        """Whether `{uri}/manifest.json` holds exactly this manifest (then there is nothing to write)."""
+        url = manifest_url(uri)
+        return storage.exists(url) and storage.read_json(url) == json.loads(json.dumps(self.to_json()))
+
     @classmethod
     def resume(cls, uri: str, settings: dict, num_shards: int, *, drop_missing: bool = False):
         """The manifest to continue at `uri`: the one there, or a new one, with the done-markers merged.
 
         Raises `cls.error` when the folder holds shards made with other settings (they would mix), or
-        a marker records a shard made with other settings. `drop_missing` forgets the records of shards
-        storage no longer holds, so that they are made again.
+        a marker records a shard made with other settings. A manifest that records no shard, with no
+        marker beside it, is replaced by a new one (a job that failed before making anything does not
+        hold the folder). `drop_missing` forgets the records of shards that storage no longer holds, or
+        holds at another size than recorded (a truncated or replaced object), so they are made again.
         """
-        if not storage.exists(manifest_url(uri)):  # a missing bucket fails here, before any work
+        manifest = cls.read(uri) if storage.exists(manifest_url(uri)) else None  # a missing bucket fails here
+        markers = [storage.read_json(url) for url in storage.listdir(storage.join(uri, MARKERS))
+                   if url.endswith(".json")]
+        if manifest is None or (not manifest.shards and not markers):
             manifest = cls(settings, num_shards)
-        else:
-            manifest = cls.read(uri)
         if manifest.settings != settings:
             raise cls.error(f"{uri} already holds shards prepared with other settings "
                             f"({'; '.join(_differences(manifest.settings, settings))}); "
                             f"{cls.ELSEWHERE} or remove that folder")
         digest = settings_digest(settings)
-        for url in storage.listdir(storage.join(uri, MARKERS)):
-            if not url.endswith(".json"):
-                continue
-            record = storage.read_json(url)
+        for record in markers:
             if record.get("settings_sha256") != digest:
-                raise cls.error(f"{url} records a shard made with other settings; {cls.ELSEWHERE} or remove that folder")
-            manifest.add(record)
+                raise cls.error(f"{marker_url(uri, record['index'])} records a shard made with other settings; "
+                                f"{cls.ELSEWHERE} or remove that folder")
+            known = manifest.shards.get(int(record["index"]))
+            if known is None or known.get("sha256") != record.get("sha256"):  # the manifest's copy has more timing
+                manifest.add(record)
         if drop_missing:
-            present = {u.rsplit("/", 1)[-1] for u in storage.listdir(uri)}
-            manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] in present}
+            bad = _unverified(uri, manifest.records())
+            if bad:
+                log.warning("%s: %d shards recorded as done are missing or not of their recorded size; they are made "
+                            "again: %s", uri, len(bad), ", ".join(bad))
+            manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] not in bad}
         return manifest
+
+
+def _unverified(uri: str, records: list[dict]) -> list[str]:
+    """Names of the recorded shards whose object is missing or not of the recorded size (`bytes`)."""
+
+    def size(record: dict) -> int | None:
+        try:
+            return storage.size(storage.join(uri, record["name"]))
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one HEAD request per shard on object storage
+        sizes = list(pool.map(size, records))
+    return [r["name"] for r, n in zip(records, sizes, strict=True) if n is None or n != r.get("bytes", n)]

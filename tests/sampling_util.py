@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from dydit_dist import config, storage
+from dydit_dist import config
 from dydit_dist.network import sampling_network
 from dydit_dist.sample import pack, plan_shards, sampling_settings
 from dydit_dist.sample.manifest import SamplesManifest
+from dydit_dist.shardset import write_shard
 
 # A few steps and samples of the debug model (16x16x4 pixels, 10 classes): a shard in ~0.1 s.
 TINY = ["sample.steps=4", "sample.batch_size=4", "sample.shard_size=4", "sample.num_samples=16", "ray.max_failures=3"]
@@ -41,8 +42,7 @@ def write_samples(cfg: config.Config, url: str) -> None:
     manifest = SamplesManifest(sampling_settings(cfg), len(shards))
     for shard in shards:
         samples, timing = gen.generate(shard)
-        storage.write_bytes(storage.join(url, shard.name), pack(samples))
-        manifest.add({"index": shard.index, "name": shard.name, "start": shard.start, "count": shard.count,
-                      "timing": timing})
+        record = write_shard(url, shard.index, pack(samples), shard.count)  # name, count, sha256, bytes
+        manifest.add({**record, "start": shard.start, "timing": timing})
     manifest.stats.update(gen.stats())
     manifest.write(url)

@@ -9,15 +9,16 @@ from dydit_dist.eval import write_report
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import GeneratedSample, pack
 from dydit_dist.sample.manifest import SamplesManifest
+from dydit_dist.shardset import write_shard
 
 
 def _samples(url: str, stats: dict) -> None:
     rng = np.random.default_rng(0)
     samples = [GeneratedSample(k, rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), {"index": k, "class": k % 10})
                for k in range(12)]
-    storage.write_bytes(storage.join(url, "shard-000000.tar"), pack(samples))
+    record = write_shard(url, 0, pack(samples), 12)  # name, count, sha256, bytes
     manifest = SamplesManifest({"method": "x"}, 1, stats=stats)
-    manifest.add({"index": 0, "name": "shard-000000.tar", "start": 0, "count": 12, "timing": {"sample_s": 1.0}})
+    manifest.add({**record, "start": 0, "timing": {"sample_s": 1.0}})
     manifest.write(url)
 
 

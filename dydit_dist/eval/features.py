@@ -1,6 +1,7 @@
 """Images streamed from storage in batches, and their features from a torch-fidelity extractor.
 
-Image sources (uint8 (B, H, W, 3) batches, never the whole set in memory):
+Image sources (uint8 (B, H, W, 3) batches, never the whole set in memory; every shard is checked
+against the sha256 its manifest records, so a corrupt or replaced shard stops the evaluation):
 - a samples folder of the sampling job (`manifest.json` of format dydit_dist.samples/1);
 - a pixel-space data folder of the prepare job (`data.vae: none`; the stored [-1, 1] arrays are
   quantized as the sampler quantizes its outputs, so a prepared image comes back bit for bit);
@@ -21,7 +22,7 @@ from dydit_dist.data.shards import decode_sample
 from dydit_dist.sample.export import iter_npz_array, iter_samples
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
-from dydit_dist.shardset import manifest_url, unpack
+from dydit_dist.shardset import manifest_url, read_shard, unpack
 
 SAMPLES_FORMAT = SamplesManifest.FORMAT
 DATA_FORMAT = Manifest.FORMAT
@@ -74,7 +75,7 @@ def _iter_data_images(url: str) -> Iterator[np.ndarray]:
                          "must be images: an ADM .npz, a samples folder or pixel-space data (data.vae=none)")
     for record in manifest.records():
         shard = storage.join(url, record["name"])
-        for files in unpack(storage.read_bytes(shard), shard):
+        for files in unpack(read_shard(url, record), shard):  # checked against the record's sha256
             yield _pixels_to_uint8(decode_sample(files, shard).latent)
 
 

@@ -23,7 +23,8 @@ from .shards import iter_shard, to_rgb
 
 
 def iter_samples(samples_url: str, require_complete: bool = True):
-    """Every sample of a samples folder in index order, one at a time (shards streamed in turn)."""
+    """Every sample of a samples folder in index order, one at a time (shards streamed in turn, each
+    checked against the sha256 of its manifest record: a ShardError at the end of a shard that differs)."""
     manifest = SamplesManifest.read(samples_url)
     if require_complete and not manifest.complete:
         raise SamplesError(f"{samples_url}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
@@ -32,7 +33,7 @@ def iter_samples(samples_url: str, require_complete: bool = True):
     for record in manifest.records():
         if record["start"] != expected:
             raise SamplesError(f"{samples_url}: samples {expected}..{record['start'] - 1} are missing")
-        for s in iter_shard(storage.join(samples_url, record["name"])):
+        for s in iter_shard(storage.join(samples_url, record["name"]), record):
             if s.index != expected:
                 raise SamplesError(f"{samples_url}/{record['name']}: sample {s.index} where {expected} was expected")
             yield s

@@ -6,15 +6,16 @@
       "settings": {...},                 # everything that decides the samples (model, checkpoint,
                                          # method, sampler, steps, guidance, seed, N, S, batch size)
       "settings_sha256": "...",
-      "num_shards": 50, "num_samples": 50000,   # planned shards; samples in finished shards
-      "shards": [{"index": 0, "name": "shard-000000.tar", "start": 0, "count": 1000, "sha256": ...,
+      "num_shards": 391, "num_samples": 50000,  # planned shards; samples in finished shards
+      "shards": [{"index": 0, "name": "shard-000000.tar", "start": 0, "count": 128, "sha256": ...,
                   "bytes": ..., "settings_sha256": ..., "actor": ...,
                   "timing": {"sample_s": .., "encode_s": .., "write_s": ..}}],
-      "stats": {"gflops": ..., "model_load_s": [...], "width_by_timestep": ...}
+      "stats": {"gflops": ..., "model_load_s": [...], "width_by_timestep": ..., "speculative_copies": ...}
     }
 
 A samples folder is a `dydit_dist.shardset` shard set: an actor writes each shard it finishes, then
-its done-marker; the driver alone writes the manifest, merging the markers (`SamplesManifest.resume`).
+its done-marker; the driver alone writes the manifest, merging the markers (`SamplesManifest.resume`),
+and writes it only once its actors are ready. Readers check each shard's sha256 as they stream it.
 """
 
 from __future__ import annotations

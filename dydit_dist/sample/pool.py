@@ -1,13 +1,20 @@
-"""The sampling fan-out: a pool of Ray actors taking shards from a queue, and the driver that keeps books.
+"""The sampling fan-out: a pool of Ray actors pulling units (shards) from the driver, and the driver
+that keeps books.
 
     manifest = run_sampling(cfg)            # writes {run}/samples/shard-*.tar and manifest.json
 
 One actor per GPU (or per `sample.gpus_per_actor` share of one), CPU actors when the cluster has no
-GPU. Each actor loads the network, method, sampler and decoder once, then makes whole shards: it
-writes the shard as one object, then its done-marker (see `dydit_dist.shardset`). The driver hands
-each actor up to `sample.shards_in_flight` shards, merges the records into the manifest (it alone writes it) and
-shows samples/s and ETA. Shards already recorded are skipped. A shard whose actor died goes back to
-the queue for another actor, and the dead actor is replaced, `ray.max_failures` times at most; an
+GPU. Each actor loads the network, method, sampler and decoder once, then samples one unit at a time
+(a shard of `sample.shard_size` samples); the driver hands it the next as soon as it is done
+(`dispatch.Dispatcher`: the queue's head, or once the queue is empty, a speculative copy of the
+oldest running unit). The first copy of a unit to finish sampling is written (the shard as one
+object, then its done-marker, see `dydit_dist.shardset`) by a second concurrent method of the same
+actor, so PNG encoding and upload overlap the next unit's sampling; later copies are discarded. The
+driver merges the records into the manifest (it alone writes it), shows samples/s and ETA, and
+writes the manifest only once the actors are ready, so a failed start leaves nothing behind.
+
+Shards already recorded, whose object is there at its recorded size, are skipped. The units of an
+actor that died go back to the queue and the actor is replaced, `ray.max_failures` times at most; an
 error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops the job.
 """
 
@@ -17,7 +24,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -30,6 +36,7 @@ from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
 
+from .dispatch import Dispatcher
 from .manifest import SamplesManifest
 from .plan import ShardSpec, plan_shards
 from .shards import pack
@@ -62,7 +69,9 @@ def sampling_settings(cfg: Config) -> dict:
 
 
 class SamplingWorker:
-    """One sampling actor's state: a `ShardGenerator` on its device, and where shards go."""
+    """One sampling actor's state: a `ShardGenerator` on its device, the units it sampled and not yet
+    wrote or dropped, and where shards go. Two methods run at once (`max_concurrency=2`): `sample` on
+    the device while `write` encodes and uploads the unit before."""
 
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
         cfg = config_lib.from_dict(cfg_dict)
@@ -71,26 +80,41 @@ class SamplingWorker:
         self.url = url
         self.digest = settings_digest(sampling_settings(cfg))
         self.generator = ShardGenerator(cfg, "cuda" if use_gpu else "cpu")
+        self.made: dict[int, tuple[ShardSpec, list, dict]] = {}  # sampled units, until written or dropped
+        self.last_stats: dict = {}
 
     def ready(self) -> float:
         """Seconds the network, method and decoder took to load."""
         return self.generator.load_seconds
 
-    def run(self, shard: ShardSpec) -> dict:
-        """Make, write and mark one shard; returns its manifest record."""
-        samples, timing = self.generator.generate(shard)
+    def sample(self, unit: ShardSpec) -> dict:
+        """Make the samples of `unit` and hold them for `write` or `discard`; returns their timing."""
+        samples, timing = self.generator.generate(unit)
+        self.made[unit.index] = (unit, samples, timing)
+        self.last_stats = self.generator.stats()  # `stats` may be asked while the next unit samples
+        return timing
+
+    def write(self, index: int) -> dict:
+        """Encode, write and mark the sampled unit `index` (the shard, then its done-marker); returns its
+        manifest record."""
+        unit, samples, timing = self.made.pop(index)
         start = time.perf_counter()
         data = pack(samples)
         timing["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        record = write_shard(self.url, shard.index, data, shard.count)
-        record.update(start=shard.start, settings_sha256=self.digest, actor=_actor_id(), timing=timing)
+        record = write_shard(self.url, unit.index, data, unit.count)
+        record.update(start=unit.start, settings_sha256=self.digest, actor=_actor_id(), timing=timing)
         write_marker(self.url, record)
         record["timing"]["write_s"] = time.perf_counter() - start  # the manifest's copy adds the write time
         return record
 
+    def discard(self, index: int) -> None:
+        """Drop a sampled unit that another copy wrote."""
+        self.made.pop(index, None)
+
     def stats(self) -> dict:
-        return self.generator.stats()
+        """The method's FLOPs and widths (see `ShardGenerator.stats`) as of the last unit sampled."""
+        return self.last_stats
 
 
 def _actor_id() -> str:
@@ -100,7 +124,7 @@ def _actor_id() -> str:
 
 
 class SamplingPool:
-    """Actors and their in-flight shards; replaces actors that die (see the module docstring)."""
+    """The actors; replaces those that die (see the module docstring)."""
 
     def __init__(self, cfg: Config, url: str, num_todo: int):
         import ray
@@ -117,7 +141,8 @@ class SamplingPool:
             count = int(ray.cluster_resources().get("CPU", 1) // s.cpus_per_actor)
         self.num_actors = max(1, min(count, num_todo))
         self.actor_cls = ray.remote(SamplingWorker).options(
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if self.use_gpu else 0, max_restarts=0)
+            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if self.use_gpu else 0, max_restarts=0,
+            max_concurrency=2)  # `sample` and `write` at once
         self.args = (cfg.to_dict(), url, self.use_gpu)
         self.max_failures = cfg.ray.max_failures
         self.failures = 0
@@ -129,7 +154,8 @@ class SamplingPool:
             raise RuntimeError(f"sampling actors could not load the network, method or decoder: {err}") from None
 
     def replace(self, actor) -> None:
-        """Drop a dead actor; start another while the failure budget lasts."""
+        """Drop a dead actor; start another while the failure budget lasts (it loads while it waits for
+        its first unit)."""
         self.actors.remove(actor)
         self.failures += 1
         if self.failures <= self.max_failures:
@@ -149,78 +175,101 @@ class SamplingPool:
 def run_sampling(cfg: Config, url: str | None = None,
                  on_shard: Callable[[SamplingPool, dict], None] | None = None) -> SamplesManifest:
     """Make every missing shard of `cfg.sample` under `url` (default `RunPaths(cfg).samples`); returns the
-    complete manifest. `on_shard(pool, record)` runs on the driver after each finished shard."""
+    complete manifest. `on_shard(pool, record)` runs on the driver after each written shard."""
     import ray
-    from ray.exceptions import RayActorError
-    from tqdm import tqdm
 
     cfg = resolve_checkpoint(absolute_root(cfg))
     url = url or RunPaths(cfg).samples
-    # 1. Plan, and what is already done
-    shards = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
-    manifest = SamplesManifest.resume(url, sampling_settings(cfg), len(shards))
-    todo = deque(s for s in shards if s.index not in manifest.shards)
+    # 1. Plan, and what is already done (a record whose object is missing or of another size is made again)
+    units = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
+    manifest = SamplesManifest.resume(url, sampling_settings(cfg), len(units), drop_missing=True)
+    todo = [u for u in units if u.index not in manifest.shards]
     if not todo:
-        manifest.write(url)
+        if not manifest.is_stored(url):  # markers of a driver that died before its last manifest write
+            manifest.write(url)
         log.info("%s: all %d samples already made", url, manifest.num_samples)
         return manifest
-    manifest.write(url)
-    # 2. Fan out
+    # 2. Actors; the manifest is written once they are ready, so a failed start leaves none behind
     start = time.monotonic()
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address)
     pool = SamplingPool(cfg, url, len(todo))
     manifest.stats["model_load_s"] = pool.load_seconds
     manifest.stats["startup_s"] = time.monotonic() - start
-    sampling_start = time.monotonic()
+    manifest.write(url)
     log.info("%s: %d shards to make on %d actors (%s), %d already done", url, len(todo), pool.num_actors,
              "GPU" if pool.use_gpu else "CPU", len(manifest.shards))
-    pending: dict = {}  # ObjectRef -> (actor, shard)
-    worked: set = set()  # actors that finished a shard: they can tell the method's FLOPs and widths
-    last_write = time.monotonic()
+    # 3. Fan out
+    sampling_start = time.monotonic()
+    dispatch = Dispatcher(todo, speculate=cfg.sample.speculate)
     try:
-        with tqdm(total=cfg.sample.num_samples, initial=manifest.num_samples, unit="img", desc="sample",
-                  mininterval=1.0, smoothing=0.1) as bar:
-            while todo or pending:
-                for actor in list(pool.actors):
-                    busy = sum(1 for a, _ in pending.values() if a is actor)
-                    for _ in range(cfg.sample.shards_in_flight - busy):
-                        if not todo:
-                            break
-                        shard = todo.popleft()
-                        pending[actor.run.remote(shard)] = (actor, shard)
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                actor, shard = pending.pop(ref)
-                try:
-                    record = ray.get(ref)
-                except RayActorError as err:
-                    lost = [r for r, (a, _) in pending.items() if a is actor]
-                    todo.extendleft(pending.pop(r)[1] for r in lost)
-                    todo.appendleft(shard)
-                    log.warning("sampling actor died (%s); %d shards go back to the queue",
-                                type(err).__name__, len(lost) + 1)
-                    pool.replace(actor)
-                    continue
-                manifest.add(record)
-                worked.add(actor)
-                bar.update(record["count"])
-                if on_shard is not None:
-                    on_shard(pool, record)
-                if time.monotonic() - last_write > MANIFEST_EVERY_S:
-                    manifest.write(url)
-                    last_write = time.monotonic()
-        # An actor runs one call at a time: asking it for stats mid-run would wait behind its shards.
-        live = [a for a in pool.actors if a in worked]
-        if live:
-            manifest.stats.update(ray.get(live[0].stats.remote()))
+        _fan_out(pool, dispatch, manifest, url, cfg.sample.num_samples, on_shard)
     finally:
         manifest.write(url)  # what finished survives an interruption
         pool.shutdown()
-    # 3. Complete
+    # 4. Complete
     manifest.stats["sampling_wall_s"] = time.monotonic() - sampling_start  # actors ready to last shard
     manifest.stats["wall_s"] = time.monotonic() - start
     manifest.stats["actors"] = pool.num_actors
     manifest.stats["actor_failures"] = pool.failures
+    manifest.stats["speculative_copies"] = dispatch.copies_started
     manifest.write(url)
     log.info("%s: %d samples in %d shards", url, manifest.num_samples, manifest.num_shards)
     return manifest
+
+
+def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest, url: str, num_samples: int,
+             on_shard: Callable[[SamplingPool, dict], None] | None) -> None:
+    """Drive the actors until every unit of `dispatch` is written; records go into `manifest`."""
+    import ray
+    from ray.exceptions import RayActorError
+    from tqdm import tqdm
+
+    pending: dict = {}  # ObjectRef -> (actor, "sample" | "write", unit index)
+
+    def feed() -> None:
+        """Every actor that samples nothing and has fewer than two writes queued pulls a unit."""
+        for actor in pool.actors:
+            calls = [kind for a, kind, _ in pending.values() if a == actor]
+            if "sample" not in calls and calls.count("write") < 2:
+                unit = dispatch.assign(actor)
+                if unit is not None:
+                    pending[actor.sample.remote(unit)] = (actor, "sample", unit.index)
+
+    worked: set = set()  # actors that wrote a unit: they can tell the method's FLOPs and widths
+    last_write = time.monotonic()
+    with tqdm(total=num_samples, initial=manifest.num_samples, unit="img", desc="sample",
+              mininterval=1.0, smoothing=0.1) as bar:
+        feed()
+        while not dispatch.finished:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor, kind, index = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as err:
+                for lost in [r for r, (a, _, _) in pending.items() if a == actor]:
+                    del pending[lost]
+                back = dispatch.lost(actor)
+                log.warning("sampling actor died (%s); %d units go back to the queue", type(err).__name__, len(back))
+                pool.replace(actor)
+                feed()
+                continue
+            if kind == "sample":
+                if dispatch.sampled(actor, index):
+                    pending[actor.write.remote(index)] = (actor, "write", index)
+                else:
+                    actor.discard.remote(index)  # another copy of this unit is written: the first wins
+            else:
+                dispatch.written(actor, index)
+                manifest.add(result)
+                worked.add(actor)
+                bar.update(result["count"])
+                if on_shard is not None:
+                    on_shard(pool, result)
+                if time.monotonic() - last_write > MANIFEST_EVERY_S:
+                    manifest.write(url)
+                    last_write = time.monotonic()
+            feed()
+    live = [a for a in pool.actors if a in worked]
+    if live:  # answered at once, beside a copy it may still sample
+        manifest.stats.update(ray.get(live[0].stats.remote()))

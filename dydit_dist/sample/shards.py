@@ -7,7 +7,7 @@ Members of sample k (key `{k:08d}`):
     {key}.txt     the prompt, UTF-8 (text-to-image models)
     {key}.json    {"index": k, "seed": 64-bit seed, "class": c} or {..., "prompt": p, "prompt_index": i}
 
-Readers stream the shards, one sample at a time.
+Readers stream the shards, one sample at a time, checking each against its manifest record's sha256.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def unpack(data: bytes, where: str = "shard") -> list[GeneratedSample]:
     return [decode_sample(files, where) for files in shardset.unpack(data, where)]
 
 
-def iter_shard(url: str) -> Iterator[GeneratedSample]:
-    """Stream the samples of a shard object (any storage URL) without holding it in memory."""
-    for files in shardset.stream(url):
+def iter_shard(url: str, record: dict | None = None) -> Iterator[GeneratedSample]:
+    """Stream the samples of a shard object (any storage URL) without holding it in memory; with its
+    manifest `record`, a ShardError after the last sample when its bytes are not the recorded ones."""
+    for files in shardset.stream(url, record):
         yield decode_sample(files, url)
