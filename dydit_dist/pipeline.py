@@ -53,9 +53,11 @@ def data_done(cfg: Config) -> bool:
 
 
 def finetune_config(cfg: Config, static_weights: str | None) -> Config:
-    """The DyDiT fine-tune of `cfg` (run `{run}/finetune`), from train.init_from or `static_weights`."""
+    """The DyDiT fine-tune of `cfg` (run `{run}/finetune`), from `static_weights` (the static row's
+    weights: model.checkpoint or the pretrain run), else train.init_from: the rows of a report compare
+    a fine-tuned network with the one it started from."""
     return with_values(cfg, model={"method": "dydit"}, storage={"run": f"{cfg.storage.run}/finetune"},
-                 train={"init_from": cfg.train.init_from or static_weights})
+                 train={"init_from": static_weights or cfg.train.init_from})
 
 
 def method_config(cfg: Config, method: str, static_weights: str | None, dynamic_weights: str | None) -> Config:

@@ -20,8 +20,10 @@ manifests. What each job resolves:
                 makes (the data, the pretrain and fine-tune weights, the digits classifier) is planned
     every job   storage.root writable (a probe object written and deleted)
 
-A Hugging Face id (data.vae, data.text_encoder) resolves when it is a local folder, is in the local
-Hugging Face cache, or the Hub answers for it (not with HF_HUB_OFFLINE set).
+A pretrained component (data.vae, data.text_encoder, data.tokenizer; see `dydit_dist.pretrained`)
+resolves when it is a local folder, a storage folder with its config.json, or a Hugging Face id that
+is mirrored under storage.root, in the local Hugging Face cache, or answered for by the Hub (not with
+HF_HUB_OFFLINE set); the job mirrors an id once before its workers start.
 
 The plan lists the stages with their sample and step counts and an **estimate** of GPU-hours from
 the analytic FLOPs (`dydit_dist.flops`, 2 FLOPs per multiply-accumulate) at an assumed sustained
@@ -244,6 +246,10 @@ def _reproduce(p: Plan, cfg: Config) -> None:
     if data_ready:
         p.stages.append(Stage("prepare", "outputs exist, skipped"))
     else:
+        if cfg.data.uri and not cfg.data.source:
+            p.add(Input("data.uri", cfg.data.uri, problem="no complete data set there (a manifest.json with "
+                                                           "complete: true) and no data.source to prepare one; point "
+                                                           "it at the prepare job's output, or set data.source"))
         _prepare(p, data, builtin_ok=True)
     # 2. Weights
     static_weights, static_by = cfg.model.checkpoint, None
@@ -254,8 +260,9 @@ def _reproduce(p: Plan, cfg: Config) -> None:
     dynamic_weights = None
     if any(m in pipeline.TRAINED_METHODS for m in cfg.eval.methods):
         finetune = pipeline.finetune_config(data, static_weights)
-        _finetune(p, finetune, "finetune", data_ready, None if cfg.train.init_from else static_by,
-                  "train.init_from" if cfg.train.init_from else "model.checkpoint")
+        from_static = static_weights is not None
+        _finetune(p, finetune, "finetune", data_ready, static_by if from_static else None,
+                  "model.checkpoint" if from_static else "train.init_from")
         dynamic_weights = RunPaths(finetune).url
     # 3. Samples and metrics of every method
     extractor_made = cfg.eval.feature_extractor == digits.NAME and not cfg.eval.feature_extractor_weights

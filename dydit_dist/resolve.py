@@ -93,7 +93,9 @@ def hf_model(key: str, value: str | None, root: str) -> Input:
         if value.startswith("file://") and os.path.isdir(value.removeprefix("file://")):
             return Input(key, value, note="local folder")
         found = exists(key, storage.join(value, "config.json"), expected)
-        return Input(key, value, note=found.note and "storage folder (copied once to each node)", problem=found.problem)
+        if found.problem:
+            return Input(key, value, problem=f"{found.value}: {found.problem}")
+        return Input(key, value, note="storage folder (copied once to each node)")
     if os.path.isdir(value):
         return Input(key, value, note="local folder")
     if not pretrained.is_hub_id(value):
@@ -174,7 +176,7 @@ def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str
     """'' when `shapes` fits the network of `cfg.model` (as `models.load_into` would load it); else the
     differences; None when the network cannot be built on the meta device. The static keys are checked
     against the static network (DyDiT and FlexDiT keep them); the added tensors (routers, FlexDiT
-    modules) only by name pattern."""
+    modules) only by name pattern: each pattern must be present unless `allow_missing` names it."""
     added = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialization cost
@@ -183,6 +185,9 @@ def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str
     except (RuntimeError, NotImplementedError, ValueError):  # an initializer that needs real values
         return None
     missing = [k for k in own if k not in shapes and not any(fnmatch.fnmatchcase(k, p) for p in allow_missing)]
+    # The added modules (not on the meta device: built from the static network's values) by name: each
+    # pattern must match some key, unless the caller allows them missing (a static checkpoint to fine-tune).
+    missing += [p for p in added if p not in allow_missing and not any(fnmatch.fnmatchcase(k, p) for k in shapes)]
     unexpected = [k for k in shapes if k not in own and not any(fnmatch.fnmatchcase(k, p) for p in added)]
     mismatched = [f"{k} {shapes[k]} vs {v}" for k, v in own.items() if k in shapes and shapes[k] != v]
     parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in

@@ -162,3 +162,15 @@ def test_pt_checkpoint_on_s3_is_checked_from_a_few_kilobytes(tmp_path, s3_bucket
     assert weights.problem is None and "every key and shape fits" in weights.note
     size = len(open(local, "rb").read())
     assert 0 < sum(read) < size / 8, (sum(read), size)  # the pickle and the zip directory, not the tensors
+
+
+def test_a_static_checkpoint_for_a_dydit_sampler_lacks_its_routers(tmp_path, capsys):
+    static = random_checkpoint(str(tmp_path / "static.safetensors"))
+    root = f"storage.root={tmp_path}/out"
+    assert sample.main(["--dry-run", "--config", "debug", root, "model.method=dydit", "sample.method=dydit",
+                        f"model.checkpoint={static}"]) == 2
+    err = capsys.readouterr().err
+    assert "missing keys" in err and "blocks.*.attn_rate.*" in err and "blocks.*.token_selection.*" in err
+    dynamic = random_checkpoint(str(tmp_path / "dydit.safetensors"), "model.method=dydit")
+    assert sample.main(["--dry-run", "--config", "debug", root, "model.method=dydit", "sample.method=dydit",
+                        f"model.checkpoint={dynamic}"]) == 0

@@ -29,8 +29,9 @@ from collections.abc import Callable
 import torch
 
 from dydit_dist import config as config_lib
-from dydit_dist import storage
+from dydit_dist import pretrained, storage
 from dydit_dist.config import Config
+from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
@@ -191,6 +192,7 @@ def run_sampling(cfg: Config, url: str | None = None,
         return manifest
     # 2. Actors; the manifest is written once they are ready, so a failed start leaves none behind
     start = time.monotonic()
+    pretrained.mirror(cfg, captions=family(cfg.model.name) != "dit")  # a Hub id: once here, not once per actor
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address)
     pool = SamplingPool(cfg, url, len(todo))
