@@ -1,4 +1,5 @@
-"""AT-EDM token pruning: G-WPR by hand, recovery, exactness at ratio 0, DSAP, shapes, FLOPs, independence."""
+"""AT-EDM token pruning (both variants; the default per_layer unless named): G-WPR by hand, recovery,
+exactness at ratio 0, the single variant's DSAP, shapes, FLOPs, DyDiT and PixArt, row independence."""
 
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ def test_pruned_forward_keeps_shapes_and_saves_flops(recovery):
     assert runner.mean_flops() < 0.85 * static.mean_flops()
 
 
-def test_dsap_prunes_nothing_in_the_early_steps():
+def test_single_variant_dsap_prunes_nothing_in_the_early_steps():
     model = dit()
-    options = ATEDMOptions(ratio=0.5, score_layer=0, dense_last=1, dsap_fraction=0.5)
+    options = ATEDMOptions(ratio=0.5, score_layer=0, dense_last=1, dsap_fraction=0.5, variant="single")
     assert [options.ratio_at(i, 4) for i in range(4)] == [0.0, 0.0, 0.5, 0.5]
     runner = build_runner("at_edm", model, options)
     run(model, runner, steps=4)
@@ -145,5 +146,11 @@ def test_bad_options_are_refused():
         ATEDMOptions(ratio=1.0)
     with pytest.raises(ValueError, match="recovery"):
         ATEDMOptions(recovery="interpolate")
+    with pytest.raises(ValueError, match="variant"):
+        ATEDMOptions(variant="twice")
+    with pytest.raises(ValueError, match="dsap_ratio applies to variant 'single'"):
+        ATEDMOptions(dsap_ratio=0.1)
+    with pytest.raises(ValueError, match="dsap_layers applies to variant 'per_layer'"):
+        ATEDMOptions(variant="single", dsap_layers=0.2)
     with pytest.raises(ValueError, match="leave no block to prune"):
         build_runner("at_edm", dit(), ATEDMOptions(score_layer=2, dense_last=1))

@@ -1,18 +1,22 @@
-"""AT-EDM (attention-driven training-free efficient diffusion), adapted to a DiT.
+"""AT-EDM (attention-driven training-free efficient diffusion) on a DiT: token pruning ranked by G-WPR.
 
-1. Blocks 0 .. s-1 run on every token. Block s (the scoring layer) computes its self-attention
-   head by head with an explicit softmax and averages the maps over heads; every other block keeps
-   fused attention.
-2. Generalized weighted PageRank on that map ranks the tokens: scores start at 1/N and iterate
-   `s_j <- sum_i A(i -> j) s_i` (A row-stochastic: row i = query i's attention over the keys).
-3. Blocks s+1 .. depth-R-1 run on each sample's top-K tokens only (K fixed per batch, so shapes
-   stay dense; each row is ranked on its own, so rows stay independent).
-4. The pruned tokens are put back ("copy": each takes the current features of the kept token most
-   similar to it at the scoring layer (cosine similarity); "freeze": it keeps its scoring-layer
-   features), and the last R blocks and the final layer run on every token.
+1. Blocks 0 .. s-1 (s = `score_layer`) run on every token.
+2. A pruning block computes its self-attention head by head with an explicit softmax and averages
+   the maps over heads (every other block keeps fused attention). Generalized weighted PageRank on
+   that map ranks the tokens it carries: scores start at 1/N and iterate `s_j <- sum_i A(i -> j) s_i`
+   (A row-stochastic: row i = query i's attention over the keys). After its FFN each sample keeps its
+   top-K tokens (K fixed per batch, so shapes stay dense; each row is ranked on its own, so rows stay
+   independent).
+   variant "per_layer" (the paper's): every block s .. depth-R-2 is a pruning block, each ranking on
+   its own map, and the DSAP plan (`accel.dsap`) says how many tokens each drops at each step.
+   variant "single": block s alone prunes, `ratio` of the tokens; s+1 .. depth-R-1 run on the rest.
+3. The pruned tokens are put back before the last R = `dense_last` blocks, the last dropped first
+   ("copy": each takes the current features of the kept token most similar to it (cosine) where it
+   was dropped; "freeze": it keeps the features it had there), and the last R blocks and the final
+   layer run on every token.
 
-Denoising-steps-aware pruning (DSAP) prunes `dsap_ratio` (default nothing) in the first sampling
-steps and `ratio` after them. A step with nothing to prune runs the plain network, unchanged.
+A step with nothing to prune runs the plain network, unchanged. Token counts come from the plan on
+the host, so pruning adds no host sync.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dydit_dist.models.layers import modulate
 
 from .backend import Backend
 from .base import Runner
+from .dsap import build_plan, dit_early_unpruned, dit_layout
 from .options import ATEDMOptions
 
 
@@ -49,22 +54,33 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def nearest_kept(features: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor) -> torch.Tensor:
+    """features (B, N, D), keep_idx (B, K), drop_idx (B, N-K) -> (B, N-K): for each dropped token the index
+    (into keep_idx) of the kept token most cosine-similar to it."""
+    unit = F.normalize(features, dim=-1)
+    similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
+    return similarity.argmax(dim=-1)
+
+
+def restore(kept: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """kept (B, K, D) at positions keep_idx (B, K), dropped (B, N-K, D) at drop_idx -> (B, N, D)."""
+    b, k, d = kept.shape
+    full = kept.new_empty(b, k + drop_idx.shape[1], d)
+    full.scatter_(1, keep_idx.unsqueeze(-1).expand(-1, -1, d), kept)
+    return full.scatter_(1, drop_idx.unsqueeze(-1).expand(-1, -1, d), dropped)
+
+
 def recover(features: torch.Tensor, kept: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor,
             mode: str) -> torch.Tensor:
     """Put every token back in place.
 
-    features (B, N, D): the tokens at the scoring layer; kept (B, K, D): the kept tokens now;
+    features (B, N, D): the tokens where some were dropped; kept (B, K, D): the kept tokens now;
     keep_idx (B, K), drop_idx (B, N-K): their positions. "freeze": dropped tokens keep `features`;
     "copy": each dropped token takes `kept[j]` for the kept j most cosine-similar in `features`.
     """
-    d = features.shape[-1]
-    full = features.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, d), kept)
     if mode == "freeze":
-        return full
-    unit = F.normalize(features, dim=-1)
-    similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
-    source = similarity.argmax(dim=-1)  # (B, N-K) index into the kept tokens
-    return full.scatter(1, drop_idx.unsqueeze(-1).expand(-1, -1, d), _take(kept, source))
+        return restore(kept, keep_idx, drop_idx, _take(features, drop_idx))
+    return restore(kept, keep_idx, drop_idx, _take(kept, nearest_kept(features, keep_idx, drop_idx)))
 
 
 class ScoringBranches(Branches):
@@ -116,40 +132,67 @@ class PruningRunner(Runner):
         options.check_depth(backend.depth)
         super().__init__(backend)
         self.options = options
+        self._rates: list[list[float]] = []
 
-    def num_pruned(self, num_tokens: int, step: int) -> int:
-        """Tokens each sample drops at `step` (fixed for the batch)."""
-        return round(self.options.ratio_at(step, self.num_steps) * num_tokens)
+    def reset(self) -> None:
+        self._rates = self.prune_rates(self.num_steps)
+
+    def prune_rates(self, num_steps: int) -> list[list[float]]:
+        """[step][block]: the fraction of the tokens it carries that the block drops after its FFN."""
+        o, depth = self.options, self.backend.depth
+        if o.variant == "single":
+            return [[o.ratio_at(i, num_steps) if b == o.score_layer else 0.0 for b in range(depth)]
+                    for i in range(num_steps)]
+        layout = dit_layout(depth, o.score_layer, o.dense_last, 1, 1)  # one segment: the weights cancel
+        plan = build_plan(layout, o.ratio, num_steps, o.early_steps(num_steps), dit_early_unpruned(layout, o.dsap_layers))
+        return [[0.0] * o.score_layer + list(step[0]) + [0.0] * o.dense_last for step in plan.rates]
+
+    def token_counts(self, num_tokens: int, step: int) -> list[int]:
+        """Tokens each block carries at `step` (the same for every row), block 0 first."""
+        counts, n = [], num_tokens
+        for rate in self._rates[step]:
+            counts.append(n)
+            n = max(n - round(rate * n), 1)
+        first_dense = self.backend.depth - self.options.dense_last
+        return counts[:first_dense] + [num_tokens] * self.options.dense_last
 
     def forward(self, x, t, cond):
         o, backend, model = self.options, self.backend, self.model
         # 1. Input
         inp = model.embed(x, t, **cond)
         branches = backend.branches(self.timestep)
-        tokens = inp.tokens
-        n = tokens.shape[1]
-        pruned = self.num_pruned(n, self.step)
-        if pruned == 0:
+        n, d = inp.tokens.shape[1], inp.tokens.shape[2]
+        # The token counts come from the plan (host ints, per step and block), never from device values:
+        # pruning adds no host sync (the budget allows one per step and pruning layer; this uses none).
+        counts = self.token_counts(n, self.step)
+        if min(counts) == n:
             tokens = run_blocks(model.blocks, inp, branches)
             return model.head(tokens, inp), [backend.record(i, branches) for i in range(backend.depth)]
-        # 2. Dense blocks, then the scoring layer with an explicit attention map
-        s, first_dense = o.score_layer, backend.depth - o.dense_last
-        tokens = run_blocks(model.blocks, inp, branches, stop=s)
-        scoring = ScoringBranches(branches)
-        tokens = block_forward(model.blocks[s], s, tokens, inp, scoring)
-        # 3. Rank per sample; the middle blocks see each sample's top-K tokens only
-        order = gwpr(scoring.attn_map, o.iterations).argsort(dim=1, descending=True, stable=True)
-        keep_idx, drop_idx = order[:, : n - pruned], order[:, n - pruned :]
-        kept = run_blocks(model.blocks, inp, branches, tokens=_take(tokens, keep_idx), start=s + 1, stop=first_dense)
-        # 4. Recovery, last dense blocks, output
-        tokens = run_blocks(model.blocks, inp, branches, tokens=recover(tokens, kept, keep_idx, drop_idx, o.recovery),
-                            start=first_dense)
-        frac = (n - pruned) / n
-        records = []
-        for i in range(backend.depth):
-            middle = s < i < first_dense
-            extra = {"gwpr": o.iterations * n * n} if i == s else {}
-            if i == first_dense - 1 and o.recovery == "copy":
-                extra["recovery"] = pruned * (n - pruned) * tokens.shape[-1]  # similarity matmul
-            records.append(backend.record(i, branches, tokens=frac if middle else 1.0, extra=extra))
+        # 2. Blocks up to the dense tail; a block that drops tokens ranks them on its own attention map
+        first_dense = backend.depth - o.dense_last
+        tokens, dropped, records = inp.tokens, [], []
+        for i in range(first_dense):
+            keep = counts[i + 1] if i + 1 < first_dense else counts[i]
+            if keep == counts[i]:
+                tokens = block_forward(model.blocks[i], i, tokens, inp, branches)
+                records.append(backend.record(i, branches, tokens=counts[i] / n))
+                continue
+            scoring = ScoringBranches(branches)
+            tokens = block_forward(model.blocks[i], i, tokens, inp, scoring)
+            order = gwpr(scoring.attn_map, o.iterations).argsort(dim=1, descending=True, stable=True)
+            keep_idx, drop_idx = order[:, :keep], order[:, keep:]
+            extra = {"gwpr": o.iterations * counts[i] ** 2}
+            if o.recovery == "copy":
+                fill = nearest_kept(tokens, keep_idx, drop_idx)  # (B, P) into the kept tokens
+                extra["recovery"] = (counts[i] - keep) * keep * d  # the similarity matmul
+            else:
+                fill = _take(tokens, drop_idx)  # (B, P, D) the features they keep
+            dropped.append((keep_idx, drop_idx, fill))
+            tokens = _take(tokens, keep_idx)
+            records.append(backend.record(i, branches, tokens=counts[i] / n, extra=extra))
+        # 3. Recovery, the last dropped first, then the dense tail and the output
+        for keep_idx, drop_idx, fill in reversed(dropped):
+            tokens = restore(tokens, keep_idx, drop_idx, _take(tokens, fill) if o.recovery == "copy" else fill)
+        tokens = run_blocks(model.blocks, inp, branches, tokens=tokens, start=first_dense)
+        records += [backend.record(i, branches) for i in range(first_dense, backend.depth)]
         return model.head(tokens, inp), records
