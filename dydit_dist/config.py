@@ -168,7 +168,11 @@ class SampleConfig:
     seed: int = bounded(0, "[0, inf)")
     method: SampleMethod = "static"  # how the network runs (accel.methods); its options are the section below
     prompts: str | None = None  # text-to-image: a file of prompts
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # the network's autocast dtype; x, noise and sampler math stay fp32
+    tf32: bool = True  # on CUDA, TF32 for the fp32 matmuls left (all of them with precision=fp32); false: strict fp32
+    vae_precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # dtype of the VAE decode
+    noise: Literal["counter", "generator"] = "counter"  # counter: Philox on the device; generator: CPU, per sample
+    compile: bool = False  # torch.compile the network's forward (DyDiT fast path: its branches, SDT token counts bucketed)
     num_actors: int = bounded(0, "[0, inf)")  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
     gpus_per_actor: float = bounded(1.0, "(0, inf)")  # fractions pack several actors on one GPU
     cpus_per_actor: float = bounded(1.0, "(0, inf)")  # also the actor's torch threads

@@ -87,6 +87,11 @@ class Runner:
     def forward(self, x, t, cond) -> tuple[torch.Tensor, list[BlockRecord] | None]:
         raise NotImplementedError
 
+    def compile(self, **compile_kwargs) -> None:
+        """Run this runner's network through `torch.compile` (`sample.compile: true`)."""
+        raise ValueError(f"sample.compile: method {self.method!r} has no compiled path; "
+                         "valid with static, dydit, and fora / eb_cache on a DyDiT")
+
     def flops_per_step(self) -> list[float]:
         """MACs of each model call of the current run (since `begin` or step 0), for one sample row."""
         if not self._calls:
@@ -103,9 +108,15 @@ class StaticRunner(Runner):
 
     method = "static"
 
+    def __init__(self, backend: Backend):
+        super().__init__(backend)
+        self._forward = getattr(self.model, "static_forward", self.model)
+
+    def compile(self, **compile_kwargs) -> None:
+        self._forward = torch.compile(self._forward, **compile_kwargs)
+
     def forward(self, x, t, cond):
-        forward = getattr(self.model, "static_forward", self.model)
-        return forward(x, t, **cond), [BlockRecord(BlockActivity()) for _ in range(self.backend.depth)]
+        return self._forward(x, t, **cond), [BlockRecord(BlockActivity()) for _ in range(self.backend.depth)]
 
 
 class FastPathRunner(Runner):
@@ -117,6 +128,9 @@ class FastPathRunner(Runner):
         if not backend.dynamic:
             raise ValueError(f"method 'dydit' needs a DyDiT / DyPixArt model, got {type(backend.model).__name__}")
         super().__init__(backend)
+
+    def compile(self, **compile_kwargs) -> None:
+        self.backend.fast.compile(**compile_kwargs)
 
     def forward(self, x, t, cond):
         backend, model = self.backend, self.model

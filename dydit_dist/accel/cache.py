@@ -116,6 +116,12 @@ class CachingRunner(Runner):
         self._schedules: dict[int, str] = {}  # by step count: a table is read once, not every batch
         self._cache: list[BlockCache] | None = None
 
+    def compile(self, **compile_kwargs) -> None:
+        """Compiles DyDiT's fast branches (the only computed branches with a kernel of their own)."""
+        if not self.backend.dynamic:
+            super().compile(**compile_kwargs)
+        self.backend.fast.compile(**compile_kwargs)
+
     def reset(self) -> None:
         if self.num_steps not in self._schedules:
             self._schedules[self.num_steps] = self.options.schedule_for(self.num_steps)

@@ -29,13 +29,25 @@ class FlexDiTRunner(Runner):
             raise ValueError(f"method 'flexdit' needs a FlexDiT / FlexPixArt model, got {type(backend.model).__name__}")
         super().__init__(backend)
         self._per_grid: dict[int, float] = {}
+        self._intervals = backend.model.schedule.intervals()  # [(t_lo, t_hi, grid)]
 
     def forward(self, x, t, cond):
-        grids = self.model.grids_for(t)
+        if self.timestep is not None:
+            # The sampler's host-side timestep picks the grid: no read of t from the device.
+            grid = self._grid_at(self.timestep)
+            return self.model.forward_grid(x, t, grid, **cond), [{grid: 1.0}]
+        grids = self.model.grids_for(t)  # rows at several timesteps: grouped by the model (host reads)
         out = self.model(x, t, **cond)
         sizes, counts = grids.unique(return_counts=True)
         share = {int(g): int(c) / grids.numel() for g, c in zip(sizes, counts, strict=True)}
         return out, [share]  # the call's record: {grid: fraction of the rows}
+
+    def _grid_at(self, timestep: int) -> int:
+        """The schedule's sparse grid at an integer timestep, from its intervals (host ints)."""
+        for lo, hi, grid in self._intervals:
+            if lo <= timestep < hi:
+                return grid
+        raise ValueError(f"timestep {timestep} outside the schedule's [0, {self._intervals[-1][1]})")
 
     def flops_per_step(self) -> list[float]:
         """MACs of each model call since `begin`, for one sample row."""

@@ -13,11 +13,21 @@ from .losses import (
     training_losses,
     vb_terms_bpd,
 )
-from .samplers import SAMPLERS, ddim_step, ddpm_step, dpm_solver_scheduler, randn_per_sample, sample
+from .noise import CounterNoise, philox4x32, stream_kind
+from .samplers import (
+    SAMPLERS,
+    ddim_step,
+    ddpm_step,
+    dpm_solver_scheduler,
+    draw_noise,
+    randn_per_sample,
+    sample,
+)
 from .schedule import GaussianDiffusion, create_diffusion, linear_betas, respace, space_timesteps
 
 __all__ = [
     "SAMPLERS",
+    "CounterNoise",
     "GaussianDiffusion",
     "cfg_caption_batch",
     "cfg_class_batch",
@@ -27,14 +37,17 @@ __all__ = [
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
     "dpm_solver_scheduler",
+    "draw_noise",
     "linear_betas",
     "mean_flat",
     "normal_kl",
     "p_mean_variance",
+    "philox4x32",
     "randn_per_sample",
     "respace",
     "sample",
     "space_timesteps",
+    "stream_kind",
     "training_losses",
     "vb_terms_bpd",
 ]

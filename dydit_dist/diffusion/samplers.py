@@ -1,10 +1,15 @@
 """Samplers: IDDPM ancestral DDPM, DDIM and DPM-Solver++(2M), behind one ``sample`` entry point.
 
 Randomness contract (what makes a 50k-sample job reproducible from sample indices alone): ``generator``
-may be one ``torch.Generator`` or a list of B of them. With a list, row b's initial noise and all of
-its per-step noise come from ``generator[b]`` only, in a fixed order, so a row never depends on its
-batch companions. Generators may live on the CPU while sampling on a GPU (noise is drawn on the
+may be a ``CounterNoise`` (``noise.py``: row b's noise of draw i is a function of (row b's key, i),
+computed on the sampling device; draw 0 is the initial noise, draw i + 1 step i's), one
+``torch.Generator``, or a list of B of them. With a list, row b's initial noise and all of its
+per-step noise come from ``generator[b]`` only, in a fixed order, so a row never depends on its batch
+companions. Generators may live on the CPU while sampling on a GPU (noise is drawn on the
 generator's device, then moved).
+
+Precision: the state x, the noise and the scheduler arithmetic are float32 whatever autocast the
+caller runs the model under; model outputs are cast to x's dtype before a step.
 
 Models are called as ``model_fn(x, t, **model_kwargs)`` with ``t`` a (B,) LongTensor of ORIGINAL
 timesteps (0..999); ``step_callback(i, t)`` (step index 0..S-1, original timestep as int) runs before
@@ -20,13 +25,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import p_mean_variance
+from .noise import CounterNoise
 from .schedule import GaussianDiffusion, create_diffusion, linear_betas
 
-__all__ = ["SAMPLERS", "ddim_step", "ddpm_step", "dpm_solver_scheduler", "randn_per_sample", "sample"]
+__all__ = ["SAMPLERS", "ddim_step", "ddpm_step", "dpm_solver_scheduler", "draw_noise", "randn_per_sample", "sample"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
+Generators = CounterNoise | torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(generator: Generators, index: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Noise of ``shape`` (B, ...) on ``device``: draw ``index`` of a sampling run (0 = the initial
+    noise, i + 1 = step i's) of a ``CounterNoise``, or the next draw of torch generator(s)."""
+    if isinstance(generator, CounterNoise):
+        return generator.draw(index, shape).to(device=device, dtype=dtype)
+    return randn_per_sample(shape, generator, device, dtype)
 
 
 def randn_per_sample(
@@ -175,7 +189,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     shape = tuple(shape)
     if noise is None:
-        noise = randn_per_sample(shape, generator, device=device)
+        noise = draw_noise(generator, 0, shape, device, torch.float32)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
@@ -201,16 +215,15 @@ def sample(
         return ddim_step(diffusion, out, x, t, eta, step_noise, clip_denoised)
 
     batch = x.shape[0]
+    timestep_map = diffusion.timestep_map.tolist()  # host ints: no device read per step
     for i, index in enumerate(tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress)):
-        timestep = int(diffusion.timestep_map[index])
+        timestep = int(timestep_map[index])
         if step_callback is not None:
             step_callback(i, timestep)
         t_model = torch.full((batch,), timestep, dtype=torch.long, device=x.device)
-        out = model_fn(x, t_model, **model_kwargs)
+        out = model_fn(x, t_model, **model_kwargs).to(x.dtype)
         # No noise at the last step (t = 0): nothing is drawn, so generators advance only when used.
-        step_noise = (
-            randn_per_sample(x.shape, generator, x.device, x.dtype) if stochastic and index > 0 else None
-        )
+        step_noise = draw_noise(generator, i + 1, x.shape, x.device, x.dtype) if stochastic and index > 0 else None
         x = step_fn(out, x, torch.full((batch,), index, dtype=torch.long, device=x.device), step_noise)
     return x
 

@@ -13,6 +13,7 @@ conditioned on (IDDPM's ``_WrappedModel`` with ``rescale_timesteps=False``).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,6 +69,20 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             cur_idx += frac_stride
         start_idx += size
     return set(all_steps)
+
+
+_DEVICE_TABLES: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`table` as a tensor on `device`, copied once per (table, device): a host-to-device copy from
+    pageable memory waits for the device, so a sampling step must not make one per lookup."""
+    key = (id(table), torch.device(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None or hit[0]() is not table:
+        hit = (weakref.ref(table), torch.tensor(table, device=device))
+        _DEVICE_TABLES[key] = hit
+    return hit[1]
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -128,12 +143,12 @@ class GaussianDiffusion:
         The dtype is x's promoted to at least float32, as IDDPM computes in float32 for low-precision x.
         """
         dtype = torch.promote_types(x.dtype, torch.float32)
-        out = torch.tensor(table, device=t.device)[t].to(dtype)
+        out = _on_device(table, t.device)[t].to(dtype)
         return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
     def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Map step indices (B,) long to the original timesteps the network is conditioned on."""
-        return torch.tensor(self.timestep_map, device=t.device)[t]
+        return _on_device(self.timestep_map, t.device)[t]
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0): x_start, noise (B, ...), t (B,) -> (B, ...)."""

@@ -13,6 +13,7 @@ gathered into one ragged list, run through the sliced MLP, and scattered back.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from dydit_dist.models import Branches, run_blocks
 from dydit_dist.models.layers import modulate
 
-from .blocks import SlicedBlock, attention_fast, mlp_fast, mlp_on_kept_tokens
+from .blocks import SlicedBlock, attention_fast, mlp_fast
 from .routers import hard_mask
 
 
@@ -46,27 +47,40 @@ class FastPath:
         self.slices_per_block = slices_per_block
         self._plans: dict[int, WidthPlan] = {}
         self._slices: list[OrderedDict] = [OrderedDict() for _ in model.blocks]
+        self.ops = FastOps()
+
+    def compile(self, token_bucket: int | None = None, **compile_kwargs) -> None:
+        """Run the branches through `torch.compile`d attention and MLP kernels. With SDT, the ragged
+        list of kept tokens is padded up to a multiple of `token_bucket` rows (default: an eighth of
+        the tokens of one sample), so a batch size sees a handful of token counts, not one per step."""
+        tokens = self.model.x_embedder.num_patches or 256  # PixArtMS: no fixed grid
+        bucket = token_bucket or max(1, tokens // 8)
+        self.ops = FastOps(torch.compile(attention_fast, **compile_kwargs),
+                           torch.compile(mlp_fast, **compile_kwargs), bucket)
 
     @torch.no_grad()
     def plan(self, timestep: int) -> WidthPlan:
-        """The active heads and groups of every block at `timestep` (cached)."""
+        """The active heads and groups of every block at `timestep` (cached).
+
+        A new timestep reads its masks from the device once, all blocks together: the plan decides
+        the shapes of the sliced weights, so this read is inherent (once per timestep, never per block).
+        """
         if timestep not in self._plans:
             model = self.model
             ref = next(model.parameters())
-            t = torch.tensor([timestep], device=ref.device)
-            t_emb = model.t_embedder(t)
-            heads, groups = [], []
-            for block in model.blocks:
-                H = block.attn.num_heads
-                if model.router_options.tdw:
-                    hm = torch.cat([t_emb.new_ones(1, 1), hard_mask(block.attn_rate(t_emb))], dim=1)[0]
-                    gm = torch.cat([t_emb.new_ones(1, 1), hard_mask(block.mlp_rate(t_emb))], dim=1)[0]
-                    heads.append(tuple(hm.nonzero().flatten().tolist()))
-                    groups.append(tuple(gm.nonzero().flatten().tolist()))
-                else:
-                    heads.append(tuple(range(H)))
-                    groups.append(tuple(range(H)))
-            self._plans[timestep] = WidthPlan(timestep, tuple(heads), tuple(groups))
+            H = model.blocks[0].attn.num_heads
+            if model.router_options.tdw:
+                # fp32 whatever the sampling autocast: the discrete plan must not change with precision.
+                with torch.autocast(ref.device.type, enabled=False):
+                    t_emb = model.t_embedder(torch.tensor([timestep], device=ref.device))
+                    one = t_emb.new_ones(1, 1)
+                    masks = [torch.cat([one, hard_mask(rate(t_emb))], dim=1)[0]
+                             for block in model.blocks for rate in (block.attn_rate, block.mlp_rate)]
+                rows = (torch.stack(masks) > 0).tolist()  # (2 * depth, H): the one host read
+            else:
+                rows = [[True] * H] * (2 * len(model.blocks))
+            active = [tuple(i for i, on in enumerate(row) if on) for row in rows]
+            self._plans[timestep] = WidthPlan(timestep, tuple(active[0::2]), tuple(active[1::2]))
         return self._plans[timestep]
 
     def sliced(self, index: int, plan: WidthPlan) -> SlicedBlock:
@@ -124,19 +138,44 @@ class FastPath:
         """The fast branches of every block at `timestep` (its plan's sliced weights)."""
         plan = self.plan(timestep)
         return FastBranches(plan, [self.sliced(i, plan) for i in range(len(self.model.blocks))],
-                            self.model.router_options.sdt)
+                            self.model.router_options.sdt, self.ops)
+
+
+@dataclass(frozen=True)
+class FastOps:
+    """The kernels of the fast branches: eager, or compiled with the kept-token count padded up to a
+    multiple of `token_bucket` rows (0: no padding)."""
+
+    attention: Callable = attention_fast
+    mlp: Callable = mlp_fast
+    token_bucket: int = 0
+
+    def mlp_rows(self, block, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+        """The sliced MLP on a ragged list of rows h (K, D) -> (K, D); padded to the bucket, then cut."""
+        k = h.shape[0]
+        pad = -k % self.token_bucket if self.token_bucket else 0
+        if pad:
+            h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        return self.mlp(block.mlp, h, w)[:k]
 
 
 class FastBranches(Branches):
     """A DyDiT's branches at one timestep: attention over the plan's active heads, the MLP over its
-    active groups and (with SDT) the kept tokens only. `keeps[i]` is block i's token mask (B, N) bool."""
+    active groups and (with SDT) the kept tokens only. `keeps[i]` is block i's token mask (B, N) bool.
 
-    def __init__(self, plan: WidthPlan, slices: list[SlicedBlock], sdt: bool):
+    With SDT each block reads its kept-token count from the device once (`nonzero`): the count is
+    decided by the block's own router on its input and sets the shape of the MLP's work, so this
+    read is inherent to computing only the kept tokens. Nothing else in a call reads the device.
+    """
+
+    def __init__(self, plan: WidthPlan, slices: list[SlicedBlock], sdt: bool, ops: FastOps | None = None):
         self.plan, self.slices, self.sdt = plan, slices, sdt
+        self.ops = ops or FastOps()
         self.keeps: dict[int, torch.Tensor] = {}
 
     def attn(self, i, block, tokens, mod):
-        return attention_fast(block.attn, modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa), self.slices[i])
+        h = modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa)
+        return self.ops.attention(block.attn, h, self.slices[i])
 
     def _keep(self, i, block, tokens) -> torch.Tensor | None:
         if not self.sdt:
@@ -149,14 +188,24 @@ class FastBranches(Branches):
         """The ungated branch as a full (B, N, D) tensor, 0 on the skipped tokens (what a cache holds)."""
         keep = self._keep(i, block, tokens)
         if keep is None:
-            return mlp_fast(block.mlp, modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp), self.slices[i])
-        b_idx, n_idx = keep.nonzero(as_tuple=True)  # the kept tokens of the whole batch, (K,) each
+            return self.ops.mlp(block.mlp, modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp), self.slices[i])
+        b_idx, n_idx = keep.nonzero(as_tuple=True)  # the kept tokens of the whole batch, (K,) each (inherent read)
         h = block.norm2(tokens[b_idx, n_idx]) * (1 + mod.scale_mlp[b_idx, 0]) + mod.shift_mlp[b_idx, 0]
-        return torch.zeros_like(tokens).index_put_((b_idx, n_idx), mlp_fast(block.mlp, h, self.slices[i]))
+        rows = self.ops.mlp_rows(block, h, self.slices[i])
+        return torch.zeros_like(tokens, dtype=rows.dtype).index_put_((b_idx, n_idx), rows)
 
     def mlp_update(self, i, block, tokens, mod):
+        """tokens + gate * MLP(modulate(norm2(tokens))) on the kept tokens only (`blocks.mlp_on_kept_tokens`'s
+        math, through `self.ops`: compiled and bucketed when asked; the result keeps tokens' dtype under autocast)."""
         keep = self._keep(i, block, tokens)
-        return mlp_on_kept_tokens(block, tokens, keep, mod.shift_mlp, mod.scale_mlp, mod.gate_mlp, self.slices[i])
+        h = block.norm2(tokens) * (1 + mod.scale_mlp) + mod.shift_mlp  # (B, N, D): cheaper than 3 gathers
+        if keep is None:
+            return tokens + mod.gate_mlp * self.ops.mlp(block.mlp, h, self.slices[i])
+        B, N, D = tokens.shape
+        flat = keep.reshape(-1).nonzero().squeeze(1)  # (K,) kept tokens of the batch (the inherent read)
+        delta = mod.gate_mlp[:, 0].index_select(0, flat // N) * self.ops.mlp_rows(
+            block, h.reshape(B * N, D).index_select(0, flat), self.slices[i])
+        return tokens.reshape(B * N, D).index_add(0, flat, delta.to(tokens.dtype)).reshape(B, N, D)
 
 
 def _take(cond: dict, idx: torch.Tensor) -> dict:

@@ -4,7 +4,14 @@
     samples, timing = gen.generate(ShardSpec(3, 3000, 4000))
 
 Batches are cut from the shard in order (`sample.batch_size`), so a shard is made of the same batches
-on every actor. Within a batch, sample k draws all of its noise from its own generator (see `plan`).
+on every actor. Within a batch, sample k's noise is its own: with `sample.noise: counter` (default) a
+Philox stream keyed by (sample seed, draw) computed on the sampling device (`diffusion.noise`), with
+`generator` a CPU `torch.Generator` per sample (see `plan`; the stream of earlier runs).
+
+Precision (`sample.precision`): the network runs under autocast in bf16 / fp16, or in fp32; the
+state x, the noise and the sampler's arithmetic stay fp32 in every case. On CUDA `sample.tf32` lets
+the fp32 matmuls use TF32. The VAE decodes in `sample.vae_precision`. `sample.compile` wraps the
+network in `torch.compile` (`accel.Runner.compile`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from dydit_dist import pretrained
 from dydit_dist.config import Config
 from dydit_dist.data.encoders import TextEncoder
-from dydit_dist.diffusion import cfg_model_fn, randn_per_sample, sample
+from dydit_dist.diffusion import CounterNoise, cfg_model_fn, draw_noise, sample, stream_kind
 from dydit_dist.dynamic import DyDiT, DyPixArt, FastPath
 from dydit_dist.models import family
 from dydit_dist.network import sampling_network
@@ -39,13 +46,13 @@ class ImageDecoder:
     clamp(127.5 x + 128, 0, 255), truncated to uint8 (the inverse of the data's x = p / 127.5 - 1).
     """
 
-    def __init__(self, vae: str, scale_factor: float, device: str | torch.device):
+    def __init__(self, vae: str, scale_factor: float, device: str | torch.device, dtype: torch.dtype = torch.float32):
         self.vae = None
         self.scale_factor = scale_factor
         if vae != "none":
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL.from_pretrained(vae).to(device).eval().requires_grad_(False)
+            self.vae = AutoencoderKL.from_pretrained(vae).to(device, dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -65,6 +72,13 @@ def _conditioner(cfg: Config, model, device):
     return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 (`sample.tf32`); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 class ShardGenerator:
     """Everything one worker needs to turn shard specs into samples (see the module docstring)."""
 
@@ -72,11 +86,16 @@ class ShardGenerator:
         start = time.perf_counter()
         self.cfg = cfg
         self.device = torch.device(device)
+        s = cfg.sample
+        set_tf32(self.device, s.tf32)
         self.model = sampling_network(cfg, self.device)
         self.runner = build_method(cfg, self.model)
+        if s.compile:
+            self.runner.compile()
         self.conditioner = _conditioner(cfg, self.model, self.device)
         self.decoder = ImageDecoder(pretrained.local(cfg.data.vae, cfg.storage.root), cfg.data.vae_scale_factor,
-                                    self.device)
+                                    self.device, DTYPES[s.vae_precision])
+        self.noise_stream = stream_kind(s.noise, self.device)  # what the samples' records name
         self.timesteps: list[int] = []  # the original timesteps the sampler visits, in order
         self.load_seconds = time.perf_counter() - start
 
@@ -91,19 +110,27 @@ class ShardGenerator:
             self.timesteps.append(t)
         self.runner.step_callback(i, t)
 
+    def noise(self, indices: list[int]) -> CounterNoise | list[torch.Generator]:
+        """Each sample's own noise source (`sample.noise`), one row per index."""
+        s = self.cfg.sample
+        if s.noise == "counter":
+            return CounterNoise.from_seeds([sample_seed(s.seed, k) for k in indices], self.device)
+        return sample_generators(s.seed, indices)
+
     @torch.no_grad()
     def latents(self, indices: list[int]) -> torch.Tensor:
         """(B, C, h, w) samples x_0 of the network for sample indices (one batch)."""
         s, m = self.cfg.sample, self.cfg.model
-        generators = sample_generators(s.seed, indices)
+        noise = self.noise(indices)
         shape = (len(indices), m.in_channels, m.input_size, m.input_size)
-        z = randn_per_sample(shape, generators).to(self.device)  # (B, C, h, w) initial noise
+        z = draw_noise(noise, 0, shape, self.device)  # (B, C, h, w) initial noise, fp32
         kwargs = self.conditioner.model_kwargs(indices, self.device)
-        model_fn, generator = self.runner, generators
+        model_fn, generator = self.runner, noise
         if s.cfg_scale != 1.0:
             z, kwargs = self.conditioner.doubled(z, kwargs)
             model_fn = cfg_model_fn(self.runner, s.cfg_scale, s.guidance_channels)
-            generator = generators + generators  # row b and row B + b both draw from sample b's generator
+            # row b and row B + b both draw sample b's noise
+            generator = noise.repeat(2) if isinstance(noise, CounterNoise) else noise + noise
         self.runner.begin(s.steps)
         with self._autocast():
             x = sample(model_fn, z.shape, s.sampler, s.steps, generator=generator, noise=z,
@@ -119,7 +146,8 @@ class ShardGenerator:
             indices = list(range(first, min(first + self.cfg.sample.batch_size, shard.stop)))
             images = self.decoder(self.latents(indices))
             for k, image, meta in zip(indices, images, self.conditioner.meta(indices), strict=True):
-                out.append(GeneratedSample(k, image, {"index": k, "seed": sample_seed(self.cfg.sample.seed, k), **meta}))
+                seed = sample_seed(self.cfg.sample.seed, k)
+                out.append(GeneratedSample(k, image, {"index": k, "seed": seed, "noise": self.noise_stream, **meta}))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out, {"sample_s": time.perf_counter() - start, "sample_cpu_s": time.process_time() - cpu_start}
