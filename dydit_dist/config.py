@@ -120,7 +120,7 @@ class DataConfig:
     latent_dtype: Literal["float16", "float32"] = "float16"  # prepare: how latents are stored
     seed: int = bounded(0, "[0, inf)")  # prepare: the order samples are written in, and the noise of stored posterior samples
     encode_batch_size: int = bounded(32, "[1, inf)")  # prepare: images per VAE / T5 forward
-    prepare_workers: int = bounded(0, "[0, inf)")  # prepare: encoder actors; 0 = one per GPU (ray.use_gpu) or per CPU share
+    prepare_workers: int = bounded(0, "[0, inf)")  # prepare: encoder tasks at once; 0 = ray.num_workers
     shard_size: int = bounded(1000, "[1, inf)")
     shuffle_buffer: int = bounded(1000, "[0, inf)")
     num_workers: int = bounded(2, "[0, inf)")  # reader: DataLoader worker processes per rank
@@ -143,6 +143,8 @@ class TrainConfig:
     seed: int = bounded(0, "[0, inf)")
     init_from: str | None = None  # static checkpoint or a previous run
     checkpoint_every: int = bounded(1000, "[1, inf)")
+    keep_checkpoints: int = bounded(2, "[1, inf)")  # resumable checkpoints (and EMA exports) kept on storage; older ones are deleted
+    async_checkpoint: bool = True  # upload checkpoints and write EMA exports while training goes on; false: training waits
     log_every: int = bounded(50, "[1, inf)")
     caption_dropout: float = bounded(0.1, "[0, 1]")  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
@@ -154,6 +156,9 @@ class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    overlap_comm: bool = False  # overlap gradient reduction (ZeRO-1/2) or parameter gathering (ZeRO-3) with compute
+    reduce_bucket_size: int = bounded(500_000_000, "[1, inf)")  # elements reduced per collective
+    allgather_bucket_size: int = bounded(500_000_000, "[1, inf)")  # elements gathered per collective (ZeRO-1/2)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class SampleConfig:
     vae_precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # dtype of the VAE decode
     noise: Literal["counter", "generator"] = "counter"  # counter: Philox on the device; generator: CPU, per sample
     compile: bool = False  # torch.compile the network's forward (DyDiT fast path: its branches, SDT token counts bucketed)
-    num_actors: int = bounded(0, "[0, inf)")  # sampling actors; 0 = one per GPU share, or one per CPU share without GPUs
+    num_actors: int = bounded(1, "[1, inf)")  # sampling actors; the job waits for them (`ray.capacity_timeout_s`)
     gpus_per_actor: float = bounded(1.0, "(0, inf)")  # fractions pack several actors on one GPU
     cpus_per_actor: float = bounded(1.0, "(0, inf)")  # also the actor's torch threads
     speculate: bool = True  # once no shard is left to start, idle actors also make the oldest running ones
@@ -212,7 +217,7 @@ class RayConfig:
     cpus_per_worker: float = bounded(1.0, "[0, inf)")
     gpus_per_worker: float = bounded(1.0, "[0, inf)")
     max_failures: int = bounded(3, "[0, inf)")
-    num_to_keep: int = bounded(2, "[1, inf)")
+    capacity_timeout_s: float = bounded(900.0, "(0, inf)")  # how long a job waits for its workers / actors (`capacity`)
 
 
 @dataclass

@@ -20,15 +20,13 @@ DESCRIPTION = "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on R
 
 
 def fit(cfg, wrap_session=None):
-    """Check the settings of a resumed run, start (or join) Ray, check the workers fit the cluster, write
+    """Check the settings of a resumed run, start (or join) Ray, wait for the workers' capacity, write
     the resolved config, fit; returns Ray Train's `Result`. wrap_session: see `launcher.build_trainer` (tests)."""
-    import ray
-
     from dydit_dist.train import launcher
 
     launcher.check_settings(cfg)
     cli.connect_ray(cfg, "finetune")
-    launcher.preflight_cluster(cfg, ray.cluster_resources())
+    launcher.preflight_cluster(cfg)
     cli.save_resolved_config(cfg, "finetune")
     result = launcher.build_trainer(cfg, wrap_session).fit()
     print(f"finetune: done at step {(result.metrics or {}).get('step')}; checkpoint "

@@ -83,13 +83,13 @@ def test_resume_continues_exactly(one_rank, tmp_path, stage):
 
 def test_exported_ema_loads_into_the_sampler_network(one_rank, tmp_path):
     root = _root()
-    cfg = _cfg(root, "train.max_steps=3", "ray.num_to_keep=1")
+    cfg = _cfg(root, "train.max_steps=3", "train.keep_checkpoints=1")
     random_dataset(f"{root}/data", cfg, num_samples=16)
     trainer, _ = _run(cfg, tmp_path)
     url = latest_ema(f"{root}/runs/{cfg.storage.run}")
     assert url.endswith("checkpoints/ema-0000003.safetensors")
     exports = [u for u in storage.listdir(f"{root}/runs/{cfg.storage.run}/checkpoints") if u.endswith(".safetensors")]
-    assert exports == [url]  # num_to_keep=1 pruned ema-0000002
+    assert exports == [url]  # keep_checkpoints=1 pruned ema-0000002
     network = build_network(cfg.model)
     load_weights(network, url)  # strict: every key of the dynamic network, routers included
     ema = trainer.state.ema.gather()

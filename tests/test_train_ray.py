@@ -68,7 +68,7 @@ def test_zero2_survives_a_lost_worker(ray_local, s3_bucket, s3_endpoint):
     assert result.metrics["step"] == 6 and result.metrics["resumed_from"] in (2, 4)
     names = {u.rsplit("/", 1)[1] for u in storage.listdir(f"{run}/checkpoints")}
     assert {"step-0000004", "step-0000006", "ema-0000006.safetensors", "ema-latest.json"} <= names
-    assert "step-0000002" not in names  # ray.num_to_keep=2
+    assert "step-0000002" not in names  # train.keep_checkpoints=2
     assert storage.exists(f"{run}/checkpoints/step-0000006/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert storage.find(f"{run}/tensorboard")
 
@@ -104,8 +104,8 @@ def test_zero3_second_submission_resumes(ray_local, s3_bucket, s3_endpoint):
 def test_preflight_fails_before_workers_start(ray_local, s3_bucket, s3_endpoint, capsys):
     argv = _overrides(s3_bucket, s3_endpoint, "storage.run=bad")
     _data(s3_bucket, argv, num_samples=8)
-    assert finetune.main([*argv, "ray.num_workers=4", "train.global_batch_size=8"]) == 2
-    assert "ray.num_workers=4 x 1 CPUs per worker (ray.cpus_per_worker) = 4 CPUs, but the cluster has 2" in capsys.readouterr().err
+    assert finetune.main([*argv, "ray.num_workers=4", "train.global_batch_size=8", "ray.capacity_timeout_s=1"]) == 2
+    assert "within ray.capacity_timeout_s=1 s: it needs 4 CPUs (the cluster has 2)" in capsys.readouterr().err
     assert finetune.main([*argv, "model.num_classes=7"]) == 2
     assert "10 classes != model.num_classes=7" in capsys.readouterr().err
     with pytest.raises(SystemExit):

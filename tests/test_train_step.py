@@ -162,11 +162,10 @@ def test_trainer_state_round_trip(tmp_path):
         TrainerState(ema=PartitionedEMA(net, 0.99, rank=0, world_size=1)).load(str(tmp_path / "s.pt"))
 
 
-def test_preflight_cluster_names_the_numbers():
-    from dydit_dist.train.launcher import preflight_cluster
+def test_workers_are_sized_from_the_config():
+    from dydit_dist.train.launcher import worker_needs
 
     cfg = _cfg("ray.num_workers=8", "ray.use_gpu=true", "ray.gpus_per_worker=1", "train.global_batch_size=32")
-    with pytest.raises(ConfigError, match=r"ray.num_workers=8 x 1 GPUs per worker \(ray.gpus_per_worker\) = 8 GPUs, "
-                                          r"but the cluster has 4"):
-        preflight_cluster(cfg, {"CPU": 64, "GPU": 4})
-    preflight_cluster(cfg, {"CPU": 8, "GPU": 8})
+    assert worker_needs(cfg)[0].describe() == ("8 training workers x 1 CPU + 1 GPU (ray.num_workers, ray.cpus_per_worker, "
+                                               "ray.gpus_per_worker) = 8 CPUs, 8 GPUs")
+    assert worker_needs(_cfg())[0].bundle() == {"CPU": 1}  # ray.use_gpu=false: no GPU asked for

@@ -7,10 +7,10 @@
        an interrupted one resumes (a shard written but not yet recorded is encoded again, and its
        object replaced whole).
     3. Encode the remaining chunks as Ray tasks (`encode_chunk`, one chunk each, on a GPU with
-       `ray.use_gpu`; at most `data.prepare_workers` in flight, by default one per GPU or per
-       `ray.cpus_per_worker` CPUs). Each task writes its shard itself; a worker process loads the
-       VAE / T5 once and keeps them for the next chunks (Ray reuses worker processes, which also
-       spares each task the imports). The driver records each finished shard in the manifest and
+       `ray.use_gpu`; at most `data.prepare_workers` in flight, by default `ray.num_workers`, once
+       the cluster has room for them: `capacity.acquire`). Each task writes its shard itself; a
+       worker process loads the VAE / T5 once and keeps them for the next chunks (Ray reuses worker
+       processes, which also spares each task the imports). The driver records each finished shard in the manifest and
        shows images/s and ETA.
     4. Mark the manifest complete, and warn when its shards are class-sorted (a data set prepared
        before samples were permuted, or class-sorted input tars): the reader's batches would then
@@ -36,6 +36,7 @@ import numpy as np
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
+from dydit_dist.capacity import Need, acquire, check_gpu
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
@@ -112,6 +113,8 @@ class ShardEncoder:
 
         cfg = config_lib.from_dict(cfg_dict)
         storage.configure_from(cfg.storage)
+        if cfg.ray.use_gpu:
+            check_gpu("prepare encoder")
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.cfg, self.settings = cfg, settings
@@ -165,17 +168,13 @@ class ShardEncoder:
 
 
 def _concurrency(cfg: Config, num_chunks: int) -> int:
-    import ray
-
-    if cfg.data.prepare_workers > 0:
-        count = cfg.data.prepare_workers
-    elif cfg.ray.use_gpu:
-        count = int(ray.cluster_resources().get("GPU", 0) // cfg.ray.gpus_per_worker)
-        if count == 0:
-            raise DataError("ray.use_gpu=true but the Ray cluster has no GPUs")
-    else:
-        count = int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_worker)
-    return max(1, min(count, num_chunks))
+    """Encoder tasks in flight: `data.prepare_workers`, or `ray.num_workers`; waits for their capacity."""
+    r = cfg.ray
+    count = max(1, min(cfg.data.prepare_workers or r.num_workers, num_chunks))
+    keys = "data.prepare_workers or ray.num_workers, ray.cpus_per_worker" + (", ray.gpus_per_worker" if r.use_gpu else "")
+    acquire([Need("encoder tasks", count, r.cpus_per_worker, r.gpus_per_worker if r.use_gpu else 0.0, keys)],
+            r.use_gpu, r.capacity_timeout_s)
+    return count
 
 
 _ENCODERS: dict[str, ShardEncoder] = {}  # per worker process: loaded once, reused by later chunks

@@ -3,8 +3,9 @@ that keeps books.
 
     manifest = run_sampling(cfg)            # writes {run}/samples/shard-*.tar and manifest.json
 
-One actor per GPU (or per `sample.gpus_per_actor` share of one), CPU actors when the cluster has no
-GPU. Each actor loads the network, method, sampler and decoder once, then samples one unit at a time
+`sample.num_actors` actors, each with `sample.gpus_per_actor` of a GPU under `ray.use_gpu` (else CPU
+actors), started once the cluster has room for all of them (`capacity.acquire`). Each actor loads
+the network, method, sampler and decoder once, then samples one unit at a time
 (a shard of `sample.shard_size` samples); the driver hands it the next as soon as it is done
 (`dispatch.Dispatcher`: the queue's head, or once the queue is empty, a speculative copy of the
 oldest running unit). The first copy of a unit to finish sampling is written (the shard as one
@@ -30,6 +31,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
+from dydit_dist.capacity import Need, acquire, check_gpu
 from dydit_dist.config import Config
 from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint
@@ -77,6 +79,8 @@ class SamplingWorker:
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
         cfg = config_lib.from_dict(cfg_dict)
         storage.configure_from(cfg.storage)
+        if use_gpu:
+            check_gpu("sampling actor")
         torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
         self.url = url
         self.digest = settings_digest(sampling_settings(cfg))
@@ -132,15 +136,11 @@ class SamplingPool:
         from ray.exceptions import RayActorError
 
         s = cfg.sample
-        gpus = ray.cluster_resources().get("GPU", 0)
-        self.use_gpu = gpus > 0
-        if s.num_actors > 0:
-            count = s.num_actors
-        elif self.use_gpu:
-            count = int(gpus // s.gpus_per_actor)
-        else:
-            count = int(ray.cluster_resources().get("CPU", 1) // s.cpus_per_actor)
-        self.num_actors = max(1, min(count, num_todo))
+        self.use_gpu = cfg.ray.use_gpu
+        self.num_actors = min(s.num_actors, num_todo)
+        keys = "sample.num_actors, sample.cpus_per_actor" + (", sample.gpus_per_actor" if self.use_gpu else "")
+        acquire([Need("sampling actors", self.num_actors, s.cpus_per_actor, s.gpus_per_actor if self.use_gpu else 0.0,
+                      keys)], self.use_gpu, cfg.ray.capacity_timeout_s)
         self.actor_cls = ray.remote(SamplingWorker).options(
             num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if self.use_gpu else 0, max_restarts=0,
             max_concurrency=2)  # `sample` and `write` at once

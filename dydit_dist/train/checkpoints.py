@@ -11,6 +11,11 @@ The EMA weights are exported next to them, once per checkpoint, for the sampling
 
     {run}/checkpoints/ema-{step:07d}.safetensors    fp32, keys of `build_network(cfg.model)`
     {run}/checkpoints/ema-latest.json               {"step", "file", "url", "model": cfg.model}
+
+Neither stops training for its upload (`train.async_checkpoint`): the DeepSpeed state is written to a
+local folder and the session uploads it in the background (a checkpoint is committed, and resumable,
+only once every rank's part is uploaded: `ray_session`); the EMA is gathered into host memory and
+written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 from torch import nn
 
 from dydit_dist import storage
@@ -90,26 +97,50 @@ def set_lr(engine, lr: float) -> None:
         scheduler._last_lr = [g["lr"] for g in groups]
 
 
-def export_ema(state: TrainerState, network: nn.Module, checkpoints_url: str, model_cfg: dict,
-               keep: int | None) -> str | None:
-    """Gather the EMA on rank 0 and write it, with the network's buffers, as safetensors (collective).
-
-    Returns the URL on rank 0 (None elsewhere); keeps the newest `keep` exports (all when None).
-    """
+def gather_ema(state: TrainerState, network: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full EMA weights and the network's buffers as a host copy on rank 0 (collective; None elsewhere):
+    what `write_ema` writes while training goes on."""
     weights = state.ema.gather(dst=0)
     if weights is None:
         return None
     keys = network.state_dict(keep_vars=True).keys()
-    buffers = {name: b.detach() for name, b in network.named_buffers() if name in keys}
-    name = f"ema-{state.step:07d}.safetensors"
+    buffers = {name: b.detach().to("cpu", copy=True) for name, b in network.named_buffers() if name in keys}
+    return {**weights, **buffers}
+
+
+def write_ema(weights: dict[str, torch.Tensor], step: int, checkpoints_url: str, model_cfg: dict,
+              keep: int | None) -> str:
+    """Write gathered EMA weights as safetensors, then the pointer to them; keeps the newest `keep` exports
+    (all when None). Returns the URL."""
+    name = f"ema-{step:07d}.safetensors"
     url = storage.join(checkpoints_url, name)
-    save_weights({**weights, **buffers}, url,
-                 metadata={"step": str(state.step), "model": json.dumps(model_cfg, sort_keys=True)})
+    save_weights(weights, url, metadata={"step": str(step), "model": json.dumps(model_cfg, sort_keys=True)})
     storage.write_json(storage.join(checkpoints_url, EMA_POINTER),
-                       {"step": state.step, "file": name, "url": url, "model": model_cfg})
+                       {"step": step, "file": name, "url": url, "model": model_cfg})
     if keep:
         exports = sorted(u for u in storage.listdir(checkpoints_url) if EMA_NAME.search(u))
         for old in exports[:-keep]:
             storage.remove(old)
-    log.info("exported EMA weights of step %d to %s", state.step, url)
+    log.info("exported EMA weights of step %d to %s", step, url)
     return url
+
+
+class Background:
+    """One thread that runs writes in the order they were submitted; `wait()` blocks until they are done and
+    raises the first one's error (so a failed export stops training at the next checkpoint, not never)."""
+
+    def __init__(self, name: str):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.pending: list[Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()

@@ -2,7 +2,9 @@
 
     engine = initialize(DiffusionObjective(network, cfg), cfg, world_size)
 
-- ZeRO stage 0/1/2/3, optimizer offload (stage >= 1) and parameter offload (stage 3) to CPU.
+- ZeRO stage 0/1/2/3, optimizer offload (stage >= 1) and parameter offload (stage 3) to CPU; the
+  communication settings (`deepspeed.overlap_comm`, bucket sizes); a warning when ZeRO-3 is chosen for
+  a model whose ZeRO-2 state fits in half a device (`zero3_unneeded`).
 - Precision: fp32, or bf16 / fp16 through DeepSpeed's `torch_autocast` (fp32 master parameters,
   matmuls in low precision, the diffusion loss math - q_sample, MSE, variational bound - in fp32).
   DeepSpeed's pure bf16 mode would also quantize x_t and the noise target to bf16, which loses the
@@ -67,6 +69,10 @@ def ds_config(cfg, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if z.zero_stage >= 1:
+        zero.update(overlap_comm=z.overlap_comm, reduce_bucket_size=z.reduce_bucket_size)
+        if z.zero_stage <= 2:
+            zero["allgather_bucket_size"] = z.allgather_bucket_size
     conf = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -82,6 +88,19 @@ def ds_config(cfg, world_size: int) -> dict:
     if t.precision in _AUTOCAST_DTYPES:
         conf["torch_autocast"] = {"enabled": True, "dtype": _AUTOCAST_DTYPES[t.precision]}
     return conf
+
+
+def zero3_unneeded(num_params: int, world_size: int, device_bytes: int, share: float = 0.5) -> str | None:
+    """A warning when ZeRO-2 would hold the model's training state in `share` of a device's memory: ZeRO-3
+    then only adds a parameter all-gather per forward and backward (1.5x ZeRO-2's traffic). ZeRO-2 state
+    per rank with fp32 master weights: 4 bytes of weights + (4 of gradients + 8 of Adam moments) / world
+    size, per parameter; activations take the rest."""
+    zero2 = num_params * (4 + 12 / world_size)
+    if zero2 > share * device_bytes:
+        return None
+    return (f"deepspeed.zero_stage=3 for a model of {num_params / 1e6:.0f}M parameters: under ZeRO-2 its weights, "
+            f"gradients and Adam state take {zero2 / 2**30:.1f} GiB per rank of {device_bytes / 2**30:.0f} GiB on "
+            f"{world_size} ranks, so ZeRO-3's extra all-gathers buy nothing; set deepspeed.zero_stage=2")
 
 
 def warmup_then_constant(warmup_steps: int):
@@ -120,6 +139,11 @@ def initialize(objective: nn.Module, cfg, world_size: int):
         raise ConfigError(f"ray.num_workers={world_size} but the process group has {actual} ranks")
     t = cfg.train
     params = [p for p in objective.parameters() if p.requires_grad]
+    if cfg.deepspeed.zero_stage == 3 and torch.cuda.is_available():
+        unneeded = zero3_unneeded(sum(p.numel() for p in objective.parameters()), world_size,
+                                  torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        if unneeded:
+            log.warning(unneeded)
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=t.adam_eps, weight_decay=t.weight_decay)
     if t.skip_grad_norm is not None:
         skip_on_grad_norm(optimizer, t.skip_grad_norm, partitioned=cfg.deepspeed.zero_stage > 0)

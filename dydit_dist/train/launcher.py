@@ -1,7 +1,7 @@
 """Driver side of fine-tuning: pre-flight checks, then a Ray Train `TorchTrainer` built from the config.
 
     preflight(cfg)                                   # config + data: fails before Ray is contacted
-    preflight_cluster(cfg, ray.cluster_resources())  # workers x resources vs the cluster
+    preflight_cluster(cfg)                           # waits for the workers' capacity (`capacity.acquire`)
     result = build_trainer(cfg).fit()
 
 Storage: Ray Train's run folder is `{storage.root}/runs/{storage.run}/checkpoints` (storage_path =
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
+from dydit_dist.capacity import Need, acquire
 from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
@@ -72,15 +73,19 @@ def check_settings(cfg) -> list[str]:
     return changes
 
 
-def preflight_cluster(cfg, cluster_resources: dict) -> None:
-    """The workers must fit the cluster (`ray.cluster_resources()`): ConfigError with the numbers."""
+def worker_needs(cfg) -> list[Need]:
+    """The training workers as the config sizes them: `ray.num_workers` x (CPUs, GPUs when ray.use_gpu)."""
     r = cfg.ray
-    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    for kind, per in per_worker.items():
-        need, have = r.num_workers * per, cluster_resources.get(kind, 0)
-        if need > have:
-            raise ConfigError(f"ray.num_workers={r.num_workers} x {per:g} {kind}s per worker "
-                              f"(ray.{kind.lower()}s_per_worker) = {need:g} {kind}s, but the cluster has {have:g}")
+    keys = "ray.num_workers, ray.cpus_per_worker" + (", ray.gpus_per_worker" if r.use_gpu else "")
+    return [Need("training workers", r.num_workers, r.cpus_per_worker, r.gpus_per_worker if r.use_gpu else 0.0,
+                 keys)]
+
+
+def preflight_cluster(cfg, cluster_resources: dict | None = None) -> None:
+    """Wait (at most ray.capacity_timeout_s) until the cluster can place the workers (`capacity.acquire`),
+    or CapacityError naming the resource. `cluster_resources` is not read: the cluster's size when the job
+    starts says nothing about what the autoscaler will bring (the argument is kept for older callers)."""
+    acquire(worker_needs(cfg), cfg.ray.use_gpu, cfg.ray.capacity_timeout_s)
 
 
 def latest_ema_url(cfg) -> str:
@@ -115,7 +120,7 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     run_config = RunConfig(
         name=CHECKPOINTS, storage_path=path, storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=r.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
         callbacks=[ProgressCallback(cfg.train.max_steps)],
     )

@@ -8,7 +8,8 @@ fresh run), the DeepSpeed engine, the partitioned EMA, then the latest checkpoin
 Each optimizer step runs `accumulation` micro-batches; every `log_every` steps the metrics window is
 closed (`train.metrics.MetricsWindow`) and, when the session takes reports that often, reported;
 every `checkpoint_every` steps and at the last step a checkpoint is reported and the EMA weights
-exported (`train.checkpoints`). Every rank reports at the same steps.
+exported (`train.checkpoints`), both uploaded while training goes on (`train.async_checkpoint`). Every
+rank reports at the same steps.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
+from dydit_dist.capacity import check_gpu
 from dydit_dist.data import LatentStream
 from dydit_dist.dynamic.flexdit_schedule import flexdit_timestep_interval
 from dydit_dist.network import build_network, init_weights
@@ -43,6 +45,8 @@ class Trainer:
                         if cfg.model.method == "flexdit" else None)  # FlexDiT: this rank's timesteps
         if self.world_size != cfg.ray.num_workers:
             raise config_lib.ConfigError(f"ray.num_workers={cfg.ray.num_workers} but {self.world_size} workers started")
+        if cfg.ray.use_gpu:
+            check_gpu(f"training worker {self.rank}")
         self.device = session.device(cfg.ray.use_gpu)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -75,6 +79,7 @@ class Trainer:
             self.stream.load_state_dict(self.state.data)
         self.batches = iter(self.stream)
         self.tensorboard = TensorBoardLog(self.paths.tensorboard, enabled=self.rank == 0)
+        self.exports = checkpoints.Background("ema-export")  # rank 0 writes the EMA weights here
 
     # ------------------------------------------------------------------ one step
 
@@ -130,6 +135,8 @@ class Trainer:
             else:
                 continue
             window.reported()
+        self.session.wait_committed()
+        self.exports.close()
         self.tensorboard.close()
         return last
 
@@ -143,14 +150,23 @@ class Trainer:
         return metrics
 
     def checkpoint(self, metrics: dict) -> None:
-        """Every rank writes its part locally and reports it; rank 0 exports the EMA weights first."""
+        """Every rank writes its part locally and hands it to the session, which uploads it (in the
+        background with train.async_checkpoint); rank 0 gathers the EMA into host memory and exports it
+        (in a thread with train.async_checkpoint). At most one checkpoint is in flight: the previous one
+        must be committed, and its EMA export written, before this one starts (their errors surface here)."""
+        self.session.wait_committed()
+        self.exports.wait()
         self.state.data = self.stream.state_dict()
-        name = checkpoints.checkpoint_name(self.state.step)
-        checkpoints.export_ema(self.state, self.network, self.paths.checkpoints, dataclasses.asdict(self.cfg.model),
-                               keep=self.cfg.ray.num_to_keep)
-        with tempfile.TemporaryDirectory(prefix="dydit-ckpt-") as folder:
-            checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
-            self.session.report(metrics, checkpoint_dir=folder, name=name)
+        step, name = self.state.step, checkpoints.checkpoint_name(self.state.step)
+        weights = checkpoints.gather_ema(self.state, self.network)
+        if weights is not None:
+            self.exports.submit(checkpoints.write_ema, weights, step, self.paths.checkpoints,
+                                dataclasses.asdict(self.cfg.model), self.cfg.train.keep_checkpoints)
+            if not self.cfg.train.async_checkpoint:
+                self.exports.wait()
+        folder = tempfile.mkdtemp(prefix="dydit-ckpt-")  # the session deletes it once uploaded
+        checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
+        self.session.report(metrics, checkpoint_dir=folder, name=name)
 
 
 def _total_norm(params) -> float:

@@ -1,12 +1,17 @@
 """The only module that talks to the Ray Train session: ranks, the checkpoint to resume from, reports.
 
 The training loop sees a `Session`: `RaySession` inside a Ray Train worker, `LocalSession` in one
-process without Ray (unit tests, the benchmark's bare runs), with the same three operations
-(`FaultySession` wraps either, for tests that lose a worker):
+process without Ray (unit tests, the benchmark's bare runs), with the same operations (`FaultySession`
+wraps either, for tests that lose a worker; `FailingUpload` for tests whose upload fails):
 
-    with session.restore() as folder:   # a local folder of the latest checkpoint, or None
+    with session.restore() as folder:   # a local folder of the latest committed checkpoint, or None
         ...
     session.report(metrics, checkpoint_dir=folder, name="step-0000010")   # every rank, same count
+    session.wait_committed()            # every checkpoint reported so far is committed (or its error raised)
+
+`report` takes the folder over: with `background=True` (`train.async_checkpoint`) it returns at once,
+uploads the folder in a thread and deletes it afterwards; a checkpoint is committed, the one a restart
+resumes from, only once every rank's upload finished. An upload that fails never becomes a resume point.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -34,9 +40,10 @@ class RaySession:
     the rank-0 log line still get every window.
     """
 
-    def __init__(self):
+    def __init__(self, background: bool = True):
         import ray.train
 
+        self.background = background
         poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
         self.min_report_interval_s = 2.5 * poll
         ctx = ray.train.get_context()
@@ -64,26 +71,41 @@ class RaySession:
         with checkpoint.as_directory() as folder:
             yield folder
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               upload_fn: Callable | None = None) -> None:
         """Metrics (rank 0's are kept) and this rank's part of a checkpoint; Ray merges the parts.
 
-        With a checkpoint, returns only once the controller has committed it: the controller collects
-        reports by polling the workers, so a worker lost right after reporting could otherwise take
-        the checkpoint with it, and the restarted run would begin from an older one.
+        In the background (Ray Train's ASYNC upload: one upload thread per worker, reports delivered in
+        order, the local folder deleted once uploaded; metrics-only reports go the same way so that they
+        do not queue behind an upload), or, without `background`, returning only once the checkpoint is
+        committed. An upload that fails fails the worker: the run restarts from the last committed
+        checkpoint. `upload_fn(checkpoint, name) -> Checkpoint`: Ray's `checkpoint_upload_fn` (tests).
         """
         import ray.train
 
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.background else ray.train.CheckpointUploadMode.SYNC
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
-        if checkpoint is not None:
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
+                         checkpoint_upload_fn=upload_fn)
+        if checkpoint is not None and not self.background:
+            self.wait_committed()
+
+    def wait_committed(self) -> None:
+        """Until the controller has committed every report of this worker so far: a worker lost after this
+        cannot take a checkpoint with it (the controller collects reports by polling the workers, so this
+        waits up to a poll interval)."""
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints are copied to `folder/{name}`, metrics kept in `self.reports`
-    (every log window)."""
+    """One process, no Ray: checkpoints are copied to `folder/{name}` (in a thread with `background`), each
+    rank's part committed by its marker `{name}/committed/rank-{r}` once copied; metrics are kept in
+    `self.reports` (every log window)."""
 
-    def __init__(self, folder: str, device: str = "cpu"):
+    def __init__(self, folder: str, device: str = "cpu", background: bool = True):
         import torch.distributed as dist
 
         self.min_report_interval_s = 0.0  # every log window
@@ -93,24 +115,53 @@ class LocalSession:
         self.local_rank = self.world_rank
         self._device = torch.device(device)
         self.reports: list[dict] = []
+        self.background = background
+        self.uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending: list[Future] = []
 
     def device(self, use_gpu: bool) -> torch.device:
         return self._device
 
     def checkpoints(self) -> list[str]:
+        """Names of the committed checkpoints (every rank's marker there), oldest first."""
         if not os.path.isdir(self.folder):
             return []
-        return sorted(n for n in os.listdir(self.folder) if os.path.isdir(os.path.join(self.folder, n)))
+        return sorted(n for n in os.listdir(self.folder)
+                      if all(os.path.exists(os.path.join(self.folder, n, "committed", f"rank-{r:05d}"))
+                             for r in range(self.world_size)))
 
     @contextlib.contextmanager
     def restore(self) -> Iterator[str | None]:
         names = self.checkpoints()
         yield os.path.join(self.folder, names[-1]) if names else None
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               upload_fn: Callable | None = None) -> None:
+        """`upload_fn(source, destination)`: copies the folder (default `shutil.copytree`; tests make it fail)."""
         self.reports.append(dict(metrics))
         if checkpoint_dir:
-            shutil.copytree(checkpoint_dir, os.path.join(self.folder, name), dirs_exist_ok=True)
+            self.pending.append(self.uploads.submit(self._upload, checkpoint_dir, name, upload_fn or _copy))
+            if not self.background:
+                self.wait_committed()
+
+    def _upload(self, source: str, name: str, upload_fn: Callable) -> None:
+        destination = os.path.join(self.folder, name)
+        try:
+            upload_fn(source, destination)
+            os.makedirs(os.path.join(destination, "committed"), exist_ok=True)
+            with open(os.path.join(destination, "committed", f"rank-{self.world_rank:05d}"), "w"):
+                pass
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+
+    def wait_committed(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
+
+def _copy(source: str, destination: str) -> None:
+    shutil.copytree(source, destination, dirs_exist_ok=True)
 
 
 class FaultySession:
@@ -128,11 +179,36 @@ class FaultySession:
     def __getattr__(self, name: str):
         return getattr(self.session, name)
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               upload_fn: Callable | None = None) -> None:
         if self.session.world_rank == self.rank and metrics.get("step") == self.step:
             if not storage.exists(self.marker):
                 storage.write_json(self.marker, {"rank": self.rank, "step": self.step, "pid": os.getpid()})
                 log.warning("test fault: rank %d exits its process at the report of step %d", self.rank, self.step)
                 logging.shutdown()
                 os._exit(1)
-        self.session.report(metrics, checkpoint_dir=checkpoint_dir, name=name)
+        self.session.report(metrics, checkpoint_dir=checkpoint_dir, name=name, upload_fn=upload_fn)
+
+
+class FailingUpload:
+    """A session whose upload of the checkpoint of step `step` fails, once per run (the object `marker`,
+    written first, keeps a restarted worker from failing again), on every rank; everything else goes to
+    `session`. For tests: the failed checkpoint must never become the resume point."""
+
+    def __init__(self, session, step: int, marker: str):
+        self.session, self.step, self.marker = session, step, marker
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               upload_fn: Callable | None = None) -> None:
+        if checkpoint_dir and metrics.get("step") == self.step and not storage.exists(self.marker):
+            if self.session.world_rank == 0:
+                storage.write_json(self.marker, {"step": self.step, "pid": os.getpid()})
+            upload_fn = _fail_upload
+        self.session.report(metrics, checkpoint_dir=checkpoint_dir, name=name, upload_fn=upload_fn)
+
+
+def _fail_upload(*args) -> None:
+    raise OSError("test fault: the checkpoint upload failed")

@@ -22,7 +22,7 @@ def train_loop_per_worker(config_dict: dict, wrap_session: Callable | None = Non
     storage.configure_from(cfg.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     retain_freed_memory()
-    session = RaySession()
+    session = RaySession(background=cfg.train.async_checkpoint)
     if wrap_session is not None:
         session = wrap_session(session)
     Trainer(cfg, session).train()

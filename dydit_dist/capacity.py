@@ -1,0 +1,138 @@
+"""Capacity: every job sizes itself from its config, asks the cluster for that much, and waits for it.
+
+    needs = [Need("finetune workers", cfg.ray.num_workers, cpus=1, gpus=1)]
+    acquire(needs, use_gpu=True, timeout_s=cfg.ray.capacity_timeout_s)   # or CapacityError naming the resource
+
+A job never shrinks to what happens to be up when it starts: `acquire` creates a placement group of
+the job's bundles (one per worker or actor), which a Ray autoscaler (KubeRay's in-tree one) serves by
+starting pods, and waits for it to be placed, logging what it waits for and what the cluster has. The
+group is removed once placed: it only proves that the bundles fit, and the job's own actors (or Ray
+Train's placement group) take their place at once. When they do not fit within the timeout the job
+fails with a `CapacityError` naming the resource; a job configured for GPUs never falls back to CPU.
+
+Inside a worker or actor configured for a GPU, `check_gpu(where)` is the first thing that runs: a
+GPU-configured process without a usable GPU is an error, and the device, driver and CUDA versions
+are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dydit_dist.config import ConfigError
+
+log = logging.getLogger(__name__)
+LOG_EVERY_S = 30.0  # a progress line while waiting
+
+
+class CapacityError(ConfigError):
+    """The capacity a job is configured for did not arrive, or a GPU-configured process has no GPU."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """`count` bundles of `cpus` CPUs and `gpus` GPUs each, for `what` (the log's and the error's words);
+    `keys` names the config keys that set them, for the error message."""
+
+    what: str
+    count: int
+    cpus: float
+    gpus: float = 0.0
+    keys: str = ""
+
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
+
+    def totals(self) -> dict[str, float]:
+        return {kind: self.count * per for kind, per in self.bundle().items()}
+
+    def describe(self) -> str:
+        per = " + ".join(f"{v:g} {k}" for k, v in self.bundle().items()) or "no resources"
+        total = ", ".join(f"{v:g} {k}s" for k, v in self.totals().items())
+        keys = f" ({self.keys})" if self.keys else ""
+        return f"{self.count} {self.what} x {per}{keys} = {total}"
+
+
+def _totals(needs: list[Need]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for need in needs:
+        for kind, amount in need.totals().items():
+            out[kind] = out.get(kind, 0.0) + amount
+    return out
+
+
+def acquire(needs: list[Need], use_gpu: bool, timeout_s: float) -> None:
+    """Wait until the cluster can place every bundle of `needs` (at most `timeout_s`), else CapacityError.
+
+    `use_gpu`: the job's `ray.use_gpu`, named in the error. Ray must be initialized."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if use_gpu and not any(n.gpus > 0 for n in needs):
+        raise CapacityError("ray.use_gpu=true but no GPU is requested per worker or actor: set "
+                            "ray.gpus_per_worker / sample.gpus_per_actor above 0")
+    bundles = [n.bundle() for n in needs for _ in range(n.count) if n.bundle()]
+    if not bundles:
+        return
+    wanted = "; ".join(n.describe() for n in needs)
+    group = placement_group(bundles, strategy="PACK")
+    start = time.monotonic()
+    try:
+        log.info("waiting up to %g s (ray.capacity_timeout_s) for %s", timeout_s, wanted)
+        while True:
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                break
+            if group.wait(timeout_seconds=math.ceil(min(LOG_EVERY_S, left))):  # Ray takes whole seconds
+                log.info("capacity ready after %.1f s: %s", time.monotonic() - start, wanted)
+                return
+            log.info("still waiting (%.0f of %g s) for %s; the cluster has %s", time.monotonic() - start,
+                     timeout_s, wanted, _have(ray.cluster_resources()))
+    finally:
+        remove_placement_group(group)
+    have = ray.cluster_resources()
+    short = [f"{amount:g} {kind}s (the cluster has {have.get(kind, 0):g})"
+             for kind, amount in _totals(needs).items() if amount > have.get(kind, 0)]
+    why = f"it needs {' and '.join(short)}" if short else f"the bundles do not fit its nodes ({_have(have)})"
+    fallback = (" A job configured with ray.use_gpu=true never falls back to CPU; start GPU nodes (or let the "
+                "autoscaler start them), raise ray.capacity_timeout_s, or set ray.use_gpu=false.") if use_gpu else ""
+    raise CapacityError(f"the cluster did not provide {wanted} within ray.capacity_timeout_s={timeout_s:g} s: "
+                        f"{why}.{fallback}")
+
+
+def _have(resources: dict) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}s" for k in ("CPU", "GPU"))
+
+
+def check_gpu(where: str) -> str:
+    """First thing in a GPU-configured worker or actor: CapacityError without a usable GPU; logs and returns
+    the device line (name, compute capability, driver and CUDA versions)."""
+    host = socket.gethostname()
+    if not torch.cuda.is_available():
+        raise CapacityError(f"{where} on {host} is configured for a GPU (ray.use_gpu=true) but torch sees none "
+                            f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch built for CUDA {torch.version.cuda})")
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    line = (f"{where} on {host}: cuda:{index} {props.name} (sm_{props.major}{props.minor}, "
+            f"{props.total_memory / 2**30:.0f} GiB), driver {_driver_version()}, CUDA runtime {torch.version.cuda}")
+    log.info(line)
+    return line
+
+
+def _driver_version() -> str:
+    """The NVIDIA kernel driver's version, from /proc (Linux); 'unknown' elsewhere."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", f.read())
+    except OSError:
+        return "unknown"
+    return match[1] if match else "unknown"

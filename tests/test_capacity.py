@@ -1,0 +1,74 @@
+"""Jobs sized from the config wait for that capacity, say what they wait for, and fail naming the
+resource when it does not come; a GPU job never falls back to CPU (`dydit_dist.capacity`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+from sampling_util import tiny_config
+
+from dydit_dist import config as config_lib
+from dydit_dist import storage
+from dydit_dist.capacity import CapacityError, Need, check_gpu
+from dydit_dist.paths import RunPaths
+
+GPU_WORKERS = ["ray.num_workers=4", "ray.use_gpu=true", "ray.gpus_per_worker=1", "ray.cpus_per_worker=0.5",
+               "train.global_batch_size=16", "ray.capacity_timeout_s=3"]
+
+
+def test_need_names_its_keys_and_totals():
+    need = Need("training workers", 4, cpus=2, gpus=1, keys="ray.num_workers")
+    assert need.bundle() == {"CPU": 2, "GPU": 1}
+    assert need.describe() == "4 training workers x 2 CPU + 1 GPU (ray.num_workers) = 8 CPUs, 4 GPUs"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_configured_process_without_a_gpu_is_an_error():
+    with pytest.raises(CapacityError, match=r"sampling actor on .* is configured for a GPU \(ray.use_gpu=true\) but "
+                                            r"torch sees none"):
+        check_gpu("sampling actor")
+
+
+@pytest.mark.integration
+def test_four_gpu_workers_on_a_cluster_without_gpus_wait_then_fail(ray_local, tmp_path, caplog):
+    from jobs import finetune
+
+    cfg = config_lib.load("debug", [f"storage.root=file://{tmp_path}", "storage.run=gpu", *GPU_WORKERS])
+    caplog.set_level(logging.INFO, logger="dydit_dist.capacity")
+    start = time.monotonic()
+    with pytest.raises(CapacityError) as err:
+        finetune.fit(cfg)
+    waited = time.monotonic() - start
+    assert 3 <= waited < 30
+    wanted = "4 training workers x 0.5 CPU + 1 GPU (ray.num_workers, ray.cpus_per_worker, ray.gpus_per_worker)"
+    assert f"waiting up to 3 s (ray.capacity_timeout_s) for {wanted} = 2 CPUs, 4 GPUs" in caplog.text
+    message = str(err.value)
+    assert "within ray.capacity_timeout_s=3 s: it needs 4 GPUs (the cluster has 0)" in message
+    assert "never falls back to CPU" in message
+    assert not storage.exists(RunPaths(cfg).url)  # no config, no checkpoint: nothing started
+
+
+@pytest.mark.integration
+def test_sampling_actors_configured_for_gpus_never_start_on_cpus(ray_local, tmp_path, caplog):
+    from dydit_dist.sample.pool import run_sampling
+
+    cfg = tiny_config(f"file://{tmp_path}", "ray.use_gpu=true", "sample.num_actors=2", "ray.capacity_timeout_s=2")
+    caplog.set_level(logging.INFO, logger="dydit_dist.capacity")
+    with pytest.raises(CapacityError, match=r"2 sampling actors x 1 CPU \+ 1 GPU .* it needs 2 GPUs \(the cluster "
+                                            r"has 0\)"):
+        run_sampling(cfg)
+    assert "waiting up to 2 s (ray.capacity_timeout_s) for 2 sampling actors" in caplog.text
+
+
+@pytest.mark.integration
+def test_cpu_capacity_that_fits_is_taken_at_once(ray_local):
+    from dydit_dist.capacity import acquire
+
+    start = time.monotonic()
+    acquire([Need("encoder tasks", 2, cpus=1)], use_gpu=False, timeout_s=5)
+    assert time.monotonic() - start < 5
+    with pytest.raises(CapacityError, match=r"it needs 3 CPUs \(the cluster has 2\)\.$"):
+        acquire([Need("encoder tasks", 3, cpus=1)], use_gpu=False, timeout_s=1)
