@@ -1,7 +1,8 @@
 """Training-free acceleration (FORA, EB-Cache, AT-EDM, EB-Cache on DyDiT) against static sampling, in one run.
 
     python benchmarks/training_free.py [--model DiT-S/2] [--image-size 256] [--steps 50] [--batch 8]
-        [--cfg-scale 1.5] [--device cpu] [--dtype fp32|bf16] [--threads N] [--no-exposure-study] [--tag T]
+        [--cfg-scale 1.5] [--device cpu] [--dtype fp32|bf16] [--threads N] [--methods at_edm,...]
+        [--no-exposure-study] [--tag T]
 
 Part 1 (speed and fidelity). DDPM sampling with classifier-free guidance (2 x batch rows per model
 call) of a randomly initialized DiT whose zero-initialized adaLN / output layers are re-randomized
@@ -49,8 +50,14 @@ ROWS = [
     ("FORA N=3", "fora", FORAOptions(interval=3), False),
     ("EB-Cache released table, b(t) paper", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "paper"), False),
     ("EB-Cache released table, no correction", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "none"), False),
-    ("AT-EDM ratio 0.3", "at_edm", ATEDMOptions(ratio=0.3), False),
-    ("AT-EDM ratio 0.5", "at_edm", ATEDMOptions(ratio=0.5), False),
+    # AT-EDM: the paper's per-layer ranking with its budget-conserving DSAP plan, and the single
+    # ranking at block 2 (its DSAP prunes nothing in the first 20% of steps; "no DSAP" matches the budget)
+    ("AT-EDM per-layer ratio 0.3", "at_edm", ATEDMOptions(ratio=0.3), False),
+    ("AT-EDM per-layer ratio 0.5", "at_edm", ATEDMOptions(ratio=0.5), False),
+    ("AT-EDM single ratio 0.3", "at_edm", ATEDMOptions(ratio=0.3, variant="single"), False),
+    ("AT-EDM single ratio 0.5", "at_edm", ATEDMOptions(ratio=0.5, variant="single"), False),
+    ("AT-EDM single ratio 0.5, no DSAP", "at_edm", ATEDMOptions(ratio=0.5, variant="single", dsap_fraction=0.0),
+     False),
     ("DyDiT fast path", "dydit", None, True),
     ("DyDiT + EB-Cache (paper)", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "paper"), True),
 ]
@@ -109,6 +116,8 @@ def speed_table(args, dtype) -> dict:
     labels = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
     x, y = cfg_class_batch(noise, labels, 1000)
     rows = [r for r in ROWS if args.steps == 50 or r[1] != "eb_cache"]  # the released table has 50 steps
+    if args.methods:
+        rows = [r for r in rows if r[1] == "static" or r[1] in args.methods.split(",")]
     runners = {name: build_runner(method, dydit if dyn else static, opts) for name, method, opts, dyn in rows}
     fns = {name: cfg_model_fn(in_dtype(r, dtype), args.cfg_scale) for name, r in runners.items()}
     with torch.no_grad():  # warm-up: one call each (allocators, kernels); begin() resets the runners again
@@ -270,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default); on a shared 2-core machine one thread is both "
                              "faster and steadier (no spinning OpenMP barrier waiting for a descheduled twin)")
+    parser.add_argument("--methods", default="", help="comma-separated methods to compare with static "
+                        "(e.g. at_edm); default: every row")
     parser.add_argument("--no-exposure-study", dest="exposure_study", action="store_false")
     parser.add_argument("--no-speed-table", dest="speed_table", action="store_false")
     parser.add_argument("--toy-train-steps", type=int, default=2000)
