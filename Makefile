@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ clean:
 # A second run skips every stage whose outputs exist; `make clean` starts over.
 demo: install
 	$(BIN)/python -m jobs.reproduce --config demo storage.root=file://$(CURDIR)/outputs
+
+# One GPU check on a bare H100/H200 (README, "GPU check"): writes benchmarks/results/gpu_check.{json,md}.
+# Uses the Python that is already there (no .venv, no Ray); `make gpu-check ARGS=--smoke` runs on CPU.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(ARGS)
