@@ -65,10 +65,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple
     args = parser.parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.overrides)
-    except (config_lib.ConfigError, yaml.YAMLError, OmegaConfBaseException) as err:
+        storage.configure_from(cfg.storage)  # refuses a root the job's writers could not share (memory://)
+    except (config_lib.ConfigError, yaml.YAMLError, OmegaConfBaseException, storage.StorageError) as err:
         print(f"{args.job}: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
-    storage.configure_from(cfg.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return cfg, args
 

@@ -100,15 +100,13 @@ def trained_to_end(cfg: Config) -> bool:
 
 def train_stage(cfg: Config, name: str) -> str:
     """Run the fine-tuning job of `cfg` unless it reached train.max_steps; returns the run's URL."""
-    import ray
-
     run = RunPaths(cfg).url
     done = trained_to_end(cfg)
     _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
         launcher.preflight(cfg)
         launcher.check_settings(cfg)
-        launcher.preflight_cluster(cfg, ray.cluster_resources())
+        launcher.preflight_cluster(cfg)
         run_config.save(cfg, "finetune")
         launcher.build_trainer(cfg).fit()
     return run
@@ -117,11 +115,11 @@ def train_stage(cfg: Config, name: str) -> str:
 def pretrain_config(cfg: Config) -> Config:
     """`eval.pretrain_config` with this job's storage, Ray address and data."""
     s = cfg.storage
-    overrides = [f"storage.root={s.root}", f"storage.run={s.run}/pretrain", f"storage.retries={s.retries}",
+    overrides = [f"storage.root={s.root}", f"storage.run={s.run}/pretrain",
                  f"data.uri={cfg.data.uri}", f"data.source={cfg.data.source}"]
     base = config_lib.load(cfg.eval.pretrain_config, overrides)
-    return with_values(base, storage={"endpoint_url": s.endpoint_url, "region": s.region},
-                 ray={"address": cfg.ray.address})
+    shared = {k: v for k, v in dataclasses.asdict(s).items() if k != "run"}  # endpoint, retries, deadline, lease
+    return with_values(base, storage=shared, ray={"address": cfg.ray.address})
 
 
 def feature_extractor_stage(cfg: Config) -> Config:

@@ -53,13 +53,17 @@ def _resumable_run(root) -> None:
     storage.write_bytes(f"{RunPaths(cfg).checkpoints}/step-0000002/meta.json", b"{}")
 
 
-def _ray_started() -> bool:
+@pytest.fixture
+def ray_calls(monkeypatch) -> list:
+    """Calls of ray.init during the test (Ray may already run for other tests of the session)."""
     import ray
 
-    return ray.is_initialized()
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append((a, k)))
+    return calls
 
 
-def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys):
+def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys, ray_calls):
     from jobs import finetune
 
     _resumable_run(tmp_path)
@@ -71,7 +75,7 @@ def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys):
     assert err[0].startswith("finetune: ") and "resumes from a checkpoint made with other settings (train.lr: " \
         "0.0001 -> 0.001; train.global_batch_size: 4 -> 8; train.precision: 'fp32' -> 'bf16')" in err[0]
     assert "train.allow_changed_settings=true" in err[0]
-    assert storage.find(f"{tmp_path}/runs") == before and not _ray_started()  # nothing written, no lease left
+    assert storage.find(f"{tmp_path}/runs") == before and ray_calls == []  # nothing written, no lease left
 
 
 def test_allowed_changes_are_logged_and_recorded(tmp_path, caplog):
@@ -88,7 +92,7 @@ def test_allowed_changes_are_logged_and_recorded(tmp_path, caplog):
     assert check_settings(fresh) == []  # no checkpoint: nothing to keep
 
 
-def test_a_finished_finetune_exits_before_ray_and_writes_nothing(tmp_path, capsys):
+def test_a_finished_finetune_exits_before_ray_and_writes_nothing(tmp_path, capsys, ray_calls):
     from jobs import finetune
 
     cfg = _cfg(tmp_path)
@@ -100,7 +104,7 @@ def test_a_finished_finetune_exits_before_ray_and_writes_nothing(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"finetune: {RunPaths(cfg).url} is finished: EMA weights at train.max_steps=4" in out
     assert "nothing to do" in out
-    assert {u: storage.read_bytes(u) for u in storage.find(f"{tmp_path}/runs")} == before and not _ray_started()
+    assert {u: storage.read_bytes(u) for u in storage.find(f"{tmp_path}/runs")} == before and ray_calls == []
 
 
 def test_interpolations_are_refused_not_written(tmp_path, monkeypatch):

@@ -149,3 +149,13 @@ def test_a_job_refuses_a_memory_root():
         storage.configure_from(StorageConfig(root="memory://x"))
     storage.write_bytes("memory://x/in-process.bin", b"x")  # in-process use (tests) stays possible
     storage.remove("memory://x")
+
+
+def test_a_memory_root_is_one_line_and_exit_2(capsys, tmp_path):
+    from jobs import sample
+
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--config", "debug", "storage.root=memory://x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample: memory://x: memory:// storage lives in one process") and len(err.splitlines()) == 1

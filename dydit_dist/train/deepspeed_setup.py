@@ -113,7 +113,10 @@ def warmup_then_constant(warmup_steps: int):
 
 
 def init_single_process(backend: str | None = None) -> None:
-    """A one-rank process group for running the engine outside Ray (tests, benchmarks)."""
+    """A one-rank process group for running the engine outside Ray (tests, benchmarks), and the
+    environment DeepSpeed reads (set again when the group exists: a caller may have cleared it)."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.setdefault(key, "1" if key == "WORLD_SIZE" else "0")
     if torch.distributed.is_initialized():
         return
     with socket.socket() as sock:
@@ -121,8 +124,6 @@ def init_single_process(backend: str | None = None) -> None:
         port = sock.getsockname()[1]
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # DeepSpeed reads them from the environment
-        os.environ.setdefault(key, "1" if key == "WORLD_SIZE" else "0")
 
 
 def initialize(objective: nn.Module, cfg, world_size: int):

@@ -81,10 +81,10 @@ def worker_needs(cfg) -> list[Need]:
                  keys)]
 
 
-def preflight_cluster(cfg, cluster_resources: dict | None = None) -> None:
+def preflight_cluster(cfg) -> None:
     """Wait (at most ray.capacity_timeout_s) until the cluster can place the workers (`capacity.acquire`),
-    or CapacityError naming the resource. `cluster_resources` is not read: the cluster's size when the job
-    starts says nothing about what the autoscaler will bring (the argument is kept for older callers)."""
+    or CapacityError naming the resource (the cluster's size when the job starts says nothing about what
+    the autoscaler will bring)."""
     acquire(worker_needs(cfg), cfg.ray.use_gpu, cfg.ray.capacity_timeout_s)
 
 
