@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 
 
 SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods.METHODS`
-Metric = Literal["fid", "isc", "prc"]  # eval.metrics: FID, Inception Score, precision/recall
+Metric = Literal["fid", "sfid", "isc", "prc", "clip"]  # eval.metrics: FID, sFID, Inception Score, precision/recall, CLIP score
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
 
 
@@ -195,8 +195,10 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[Metric] = field(default_factory=lambda: ["fid", "isc", "prc"])
-    reference: str | None = None  # ADM reference batch (.npz) or a shard folder
+    metrics: list[Metric] = field(default_factory=lambda: ["fid", "sfid", "isc", "prc"])
+    protocol: Literal["adm", "coco"] = "adm"  # coco: text-to-image, sample k from caption k of sample.prompts (eval.evaluate)
+    reference: str | None = None  # ADM reference batch (.npz) or a shard folder; coco: made by jobs.reference
+    clip_model: str | None = None  # metric clip: transformers CLIPModel + CLIPProcessor (local/storage folder, HF id)
     inception_weights: str | None = None
     feature_extractor: str = "inception-v3-compat"
     feature_extractor_weights: str | None = None  # weights of a feature extractor other than Inception

@@ -126,12 +126,13 @@ def test_evaluate_reads_shards_and_reference_from_s3(s3_bucket, s3_endpoint, tmp
     export_adm_npz(f"{s3_bucket}/runs/ref/samples", local)
     storage.write_bytes(f"{s3_bucket}/ref.npz", open(local, "rb").read())
     record = evaluate(tiny_config(s3_bucket, *overrides, f"eval.reference={s3_bucket}/ref.npz"))
-    assert set(record["metrics"]) == {"fid", "isc_mean", "isc_std", "precision", "recall", "f_score"}
-    assert record["metrics"]["fid"] > 0 and record["reference"]["num_images"] == 16
+    assert set(record["metrics"]) == {"fid", "sfid", "isc_mean", "isc_std", "precision", "recall", "f_score"}
+    assert record["metrics"]["fid"] > 0 and record["metrics"]["sfid"] > 0 and record["reference"]["num_images"] == 16
     assert storage.read_json(f"{s3_bucket}/runs/t/metrics.json")["metrics"] == record["metrics"]
     cache = record["reference"]["features_cache"]
     assert cache.startswith(s3_bucket) and storage.exists(cache)
     # A samples folder as the reference gives the same numbers as its ADM export.
     again = evaluate(tiny_config(s3_bucket, *overrides, f"eval.reference={s3_bucket}/runs/ref/samples"))
     assert again["metrics"]["fid"] == pytest.approx(record["metrics"]["fid"], rel=1e-6)
+    assert again["metrics"]["sfid"] == pytest.approx(record["metrics"]["sfid"], rel=1e-6)
     assert os.path.exists(again["reference"]["fidelity_cache"])

@@ -45,8 +45,8 @@ def test_report_tables_and_plots(tmp_path):
                _record(f"{run}/dydit/samples", "dydit", 8.4, 0.0019)]
     url = write_report(paths, records, "demo", notes=["Static weights: trained from scratch."])
     text = storage.read_bytes(url).decode()
-    assert "| method | GFLOPs | images/s | FID [digits-cnn] | IS [digits-cnn] |" in text
-    assert "| dydit | 0.0019 | 10.0 | 8.40 | 3.00 |" in text
+    assert "| method | GFLOPs | images/s | FID [digits-cnn] | sFID [digits-cnn] | IS [digits-cnn] |" in text
+    assert "| dydit | 0.0019 | 10.0 | 8.40 | n/a | 3.00 |" in text
     assert "Inception FID" not in text and "NOT Inception" in text
     assert "- Static weights: trained from scratch." in text
     for name in ("fid_vs_flops.png", "dydit_width.png", "samples_grid.png"):

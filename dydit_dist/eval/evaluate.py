@@ -1,13 +1,19 @@
 """The evaluate job's work: features of a samples folder streamed from storage, metrics against the
 reference, and `{run}/metrics.json` recording every number with what it was computed from.
 
+`eval.protocol`: `adm` (class-conditional samples against an ADM reference batch or a folder of real
+images) or `coco` (text-to-image samples of a captions file, sample k from caption k, against the
+real images of those captions made by `jobs.reference`; each sample's prompt is checked against its
+image's caption; the metric `clip` adds the CLIP score of each sample and its prompt, `eval.clip`).
+
     {
-      "metrics": {"fid": .., "isc_mean": .., "isc_std": .., "precision": .., "recall": .., "f_score": ..},
+      "metrics": {"fid": .., "sfid": .., "isc_mean": .., "isc_std": .., "precision": .., "recall": ..,
+                  "f_score": .., "clip_score": ..},
       "num_samples": 50000, "samples": url, "method": "dydit", "sampling": {settings of the samples},
       "gflops": 57.3, "images_per_s": 12.3,        # per network forward of one image; per actor
-      "reference": {"url": .., "kind": "adm-npz", "statistics": "as given in ..", "num_images": ..},
+      "protocol": "adm", "reference": {"url": .., "kind": "adm-npz", "statistics": "as given in ..", ..},
       "feature_extractor": {"name": .., "label": .., "weights": .., "is_inception": .., "layers": {..}},
-      "torch_fidelity_version": "0.4.0"
+      "clip_model": null, "torch_fidelity_version": "0.4.0"
     }
 """
 
@@ -23,9 +29,17 @@ from dydit_dist.config import Config
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
-from .extractors import resolve_extractor
-from .features import extract_features, image_batches
-from .metrics import check_metrics, frechet_distance, inception_score, precision_recall, statistics
+from .clip import ClipScorer
+from .extractors import SPATIAL, resolve_extractor
+from .features import captioned_batches, extract_features, image_batches
+from .metrics import (
+    NEED_REFERENCE,
+    check_metrics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    statistics,
+)
 from .reference import load_reference
 
 log = logging.getLogger(__name__)
@@ -37,11 +51,36 @@ def images_per_second(manifest) -> float | None:
     return manifest.num_samples / seconds if seconds > 0 else None
 
 
+def _check_captions(samples: str, num_samples: int, reference) -> None:
+    if reference is None or reference.captions is None:
+        raise ValueError(f"eval.protocol=coco: {reference.url if reference else 'eval.reference'} has no captions; "
+                         "make the reference with jobs.reference (real images with their captions)")
+    if num_samples > len(reference.captions):
+        raise ValueError(f"eval.protocol=coco: {samples} holds {num_samples} samples, the reference "
+                         f"{len(reference.captions)} captions; sample at most one per caption")
+
+
+def _scored(batches, scorer, scores: list, captions: list[str] | None, samples: str):
+    """The images of (images, prompts) batches; their CLIP scores appended to `scores` on the way, each
+    prompt checked against the reference caption of its index."""
+    start = 0
+    for images, prompts in batches:
+        if captions is not None and prompts != captions[start : start + len(prompts)]:
+            k = next(i for i, p in enumerate(prompts) if p != captions[start + i]) + start
+            raise ValueError(f"{samples}: sample {k} was drawn from {prompts[k - start]!r}, the reference's "
+                             f"image {k} has the caption {captions[k]!r}; sample with sample.prompts set to the "
+                             "captions file made with the reference")
+        if scorer is not None:
+            scores.append(scorer(images, prompts))
+        start += len(prompts)
+        yield images
+
+
 def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) -> dict:
     """Metrics of the samples folder `samples` (default `eval.samples`, else the run's `samples/`),
     written to `out` (default the run's `metrics.json`, see `RunPaths`) and returned."""
     e = cfg.eval
-    check_metrics(e.metrics)
+    check_metrics(e.metrics, e.protocol)
     paths = RunPaths(cfg)
     samples = samples or e.samples or paths.samples
     out = out or paths.metrics
@@ -53,30 +92,51 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     if not manifest.complete:
         raise SamplesError(f"{samples}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
                            "rerun the sample job to finish them")
-    if ("fid" in e.metrics or "prc" in e.metrics) and not e.reference:
-        raise ValueError("eval.reference is required for FID and precision/recall: an ADM reference batch (.npz), "
-                         "a samples folder or a pixel-space data folder")
-    # 2. Features of the samples, streamed
+    needs_reference = any(m in NEED_REFERENCE for m in e.metrics)
+    if needs_reference and not e.reference:
+        raise ValueError("eval.reference is required for FID, sFID and precision/recall: an ADM reference batch "
+                         "(.npz), a samples folder or a pixel-space data folder")
+    if "clip" in e.metrics and not e.clip_model:
+        raise ValueError("eval.metrics has clip: set eval.clip_model to a CLIP model (a local or storage folder "
+                         "of transformers' CLIPModel and CLIPProcessor, or a Hugging Face id)")
+    # 2. The reference, and the features of the samples in one streamed pass (CLIP scores on the way)
     extractor = resolve_extractor(e)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = extractor.create(device, e.metrics)
-    feats = extract_features(image_batches(samples, e.batch_size), module, device, manifest.num_samples,
-                             desc="samples")
+    reference = None
+    if needs_reference:
+        reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
+    scores: list[torch.Tensor] = []
+    if e.protocol == "coco":
+        if needs_reference:
+            _check_captions(samples, manifest.num_samples, reference)
+        scorer = ClipScorer.load(e.clip_model, cfg.storage.root, device) if "clip" in e.metrics else None
+        captions = reference.captions if reference is not None else None
+        batches = _scored(captioned_batches(samples, e.batch_size), scorer, scores, captions, samples)
+    else:
+        batches = image_batches(samples, e.batch_size)
+    spatial = extractor.spatial if "sfid" in e.metrics else None
+    feats = extract_features(batches, module, device, manifest.num_samples, desc="samples", spatial=spatial)
     # 3. Metrics
     values: dict[str, float] = {}
-    reference = None
-    if "fid" in e.metrics or "prc" in e.metrics:
-        reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
     if "fid" in e.metrics:
         gen = statistics(feats[extractor.layer("fid")])
         if gen["mu"].shape != reference.mu.shape:
             raise ValueError(f"{e.reference}: reference statistics have {reference.mu.shape[0]} dimensions, the "
                              f"{extractor.name} features {gen['mu'].shape[0]}; use statistics of the same extractor")
         values["fid"] = frechet_distance(gen, {"mu": reference.mu, "sigma": reference.sigma})
+    if "sfid" in e.metrics:
+        gen = statistics(feats[SPATIAL])
+        if gen["mu"].shape != reference.spatial["mu"].shape:
+            raise ValueError(f"{e.reference}: reference sFID statistics have {reference.spatial['mu'].shape[0]} "
+                             f"dimensions, the {extractor.name} spatial features {gen['mu'].shape[0]}")
+        values["sfid"] = frechet_distance(gen, reference.spatial)
     if "isc" in e.metrics:
         values["isc_mean"], values["isc_std"] = inception_score(feats[extractor.layer("isc")], e.isc_splits)
     if "prc" in e.metrics:
         values.update(precision_recall(feats[extractor.layer("prc")], reference.features, e.prc_neighborhood))
+    if "clip" in e.metrics:
+        values["clip_score"] = float(torch.cat(scores).double().mean())
     # 4. The record
     record = {
         "metrics": values,
@@ -86,8 +146,10 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "sampling": manifest.settings,
         "gflops": manifest.stats.get("gflops"),
         "images_per_s": images_per_second(manifest),
+        "protocol": e.protocol,
         "reference": reference.describe() if reference else None,
         "feature_extractor": extractor.describe(),
+        "clip_model": e.clip_model if "clip" in e.metrics else None,
         "torch_fidelity_version": torch_fidelity.__version__,
     }
     storage.write_json(out, record)

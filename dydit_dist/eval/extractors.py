@@ -29,7 +29,26 @@ LABELS = {
     digits.NAME: "digits-cnn: a small CNN classifier trained on scikit-learn's digits (NOT Inception; "
                  "comparable only with numbers on the same features)",
 }
-METRIC_KEYS = ("fid", "isc", "prc")
+METRIC_KEYS = ("fid", "isc", "prc")  # metrics whose features are a layer torch-fidelity provides
+SPATIAL = "spatial"  # sFID's features: the key `features.extract_features` gives them under
+
+
+@dataclass(frozen=True)
+class SpatialTap:
+    """sFID's features: the first `channels` channels of `module`'s (B, C, H, W) output, flattened in
+    (H, W, channels) order as the ADM evaluator flattens its NHWC tensor."""
+
+    module: str  # submodule of the torch-fidelity extractor
+    channels: int
+    label: str
+
+
+# ADM's evaluator takes `mixed_6/conv` of the TF graph: the 1x1 branch of the 7th mixed block, which is
+# torch-fidelity's Mixed_6d.branch1x1 (Mixed_5b..5d, 6a..6e are mixed, mixed_1 .. mixed_7).
+SPATIAL_TAPS = {
+    INCEPTION: SpatialTap("Mixed_6d.branch1x1", 7, "mixed_6/conv[..., :7] (Mixed_6d.branch1x1), 17 x 17 x 7 = 2023"),
+    digits.NAME: SpatialTap("net.conv1", 7, "conv1[..., :7], 8 x 8 x 7 = 448"),
+}
 
 
 class FeatureExtractorUnavailable(RuntimeError):
@@ -56,15 +75,29 @@ class Extractor:
         return self.name == INCEPTION
 
     def layer(self, metric: str) -> str:
+        """The features of `metric` (fid, sfid, isc, prc): a torch-fidelity layer, or SPATIAL for sfid."""
+        if metric == "sfid":
+            return SPATIAL
         return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
 
+    @property
+    def spatial(self) -> SpatialTap:
+        if self.name not in SPATIAL_TAPS:
+            raise ValueError(f"eval.metrics has sfid, which needs spatial features; {self.name} has none "
+                             f"(extractors with them: {', '.join(SPATIAL_TAPS)})")
+        return SPATIAL_TAPS[self.name]
+
     def describe(self) -> dict:
+        layers = {m: self.layer(m) for m in METRIC_KEYS}
+        if self.name in SPATIAL_TAPS:
+            layers["sfid"] = SPATIAL_TAPS[self.name].label
         return {"name": self.name, "label": self.label, "weights": self.source, "is_inception": self.is_inception,
-                "layers": {m: self.layer(m) for m in METRIC_KEYS}}
+                "layers": layers}
 
     def create(self, device: str | torch.device, metrics: list[str]) -> torch.nn.Module:
-        """The torch-fidelity module producing the features of `metrics`, in eval mode on `device`."""
-        layers = sorted({self.layer(m) for m in metrics})
+        """The torch-fidelity module producing the features of `metrics`, in eval mode on `device` (for
+        sFID alone, the FID layer's: its forward runs through the spatial tap)."""
+        layers = sorted({self.layer(m) for m in metrics if m in METRIC_KEYS} or {self.layer("fid")})
         kwargs = {"feature_extractor_weights_path": self.weights, "verbose": False}
         module = create_feature_extractor(self.name, layers, cuda=False, **kwargs)
         return module.to(device)

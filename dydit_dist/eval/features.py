@@ -6,6 +6,9 @@ against the sha256 its manifest records, so a corrupt or replaced shard stops th
 - a pixel-space data folder of the prepare job (`data.vae: none`; the stored [-1, 1] arrays are
   quantized as the sampler quantizes its outputs, so a prepared image comes back bit for bit);
 - an `.npz` in the ADM evaluator's format (`arr_0`, N x H x W x 3 uint8).
+
+Features come from one forward per batch: the torch-fidelity layers of the metrics, and sFID's
+spatial features tapped from the same forward by a hook (`extractors.SpatialTap`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dydit_dist.sample.export import iter_npz_array, iter_samples
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
 from dydit_dist.shardset import manifest_url, read_shard, unpack
+
+from .extractors import SPATIAL, SpatialTap
 
 SAMPLES_FORMAT = SamplesManifest.FORMAT
 DATA_FORMAT = Manifest.FORMAT
@@ -99,17 +104,46 @@ def image_batches(url: str, batch_size: int) -> Iterator[np.ndarray]:
         yield np.stack(batch)
 
 
+def captioned_batches(url: str, batch_size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """(uint8 (B, H, W, 3) images, their B prompts) of a text-to-image samples folder, in index order."""
+    images, prompts = [], []
+    for s in iter_samples(url):
+        if "prompt" not in s.meta:
+            raise ValueError(f"{url}: sample {s.index} records no prompt; a text-to-image evaluation needs "
+                             "samples of a text-to-image model (sample.prompts)")
+        images.append(to_rgb(s.image))
+        prompts.append(s.meta["prompt"])
+        if len(images) == batch_size:
+            yield np.stack(images), prompts
+            images, prompts = [], []
+    if images:
+        yield np.stack(images), prompts
+
+
 @torch.no_grad()
 def extract_features(batches, module, device: str | torch.device, total: int | None = None,
-                     desc: str = "features") -> dict[str, torch.Tensor]:
-    """Run a torch-fidelity extractor over uint8 (B, H, W, 3) batches -> {layer: (N, D) float32 on CPU}."""
+                     desc: str = "features", spatial: SpatialTap | None = None) -> dict[str, torch.Tensor]:
+    """Run a torch-fidelity extractor over uint8 (B, H, W, 3) batches -> {layer: (N, D) float32 on CPU};
+    with `spatial`, also {SPATIAL: (N, H' * W' * channels)} tapped from the same forward."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in module.features_list}
-    with tqdm(total=total, unit="img", desc=desc, mininterval=2.0, disable=total is None) as bar:
-        for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W)
-            for name, value in module.convert_features_tuple_to_dict(module(x)).items():
-                out[name].append(value.float().cpu())
-            bar.update(len(batch))
+    hook = None
+    if spatial is not None:
+        out[SPATIAL] = []
+
+        def tap(_module, _inputs, output):  # (B, C, H', W') -> (B, H' * W' * channels), NHWC order
+            out[SPATIAL].append(output[:, : spatial.channels].permute(0, 2, 3, 1).flatten(1).float().cpu())
+
+        hook = module.get_submodule(spatial.module).register_forward_hook(tap)
+    try:
+        with tqdm(total=total, unit="img", desc=desc, mininterval=2.0, disable=total is None) as bar:
+            for batch in batches:
+                x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W)
+                for name, value in module.convert_features_tuple_to_dict(module(x)).items():
+                    out[name].append(value.float().cpu())
+                bar.update(len(batch))
+    finally:
+        if hook is not None:
+            hook.remove()
     if not out[module.features_list[0]]:
         raise ValueError("no images to extract features from")
     return {name: torch.cat(values) for name, values in out.items()}

@@ -1,9 +1,11 @@
-"""FID, Inception Score and precision/recall through torch-fidelity's own arithmetic.
+"""FID, sFID, Inception Score and precision/recall through torch-fidelity's own arithmetic.
 
 torch-fidelity computes its metrics from features; the features here come from shards streamed off
 storage (`features`), so its functions are called on them directly: `fid_features_to_statistics` and
 `fid_statistics_to_metric` (mean float32, covariance float64, trace of the matrix square root from
-the eigenvalues of sigma1 sigma2), `isc_features_to_metric`, `prc_features_to_metric`.
+the eigenvalues of sigma1 sigma2), `isc_features_to_metric`, `prc_features_to_metric`. sFID is the
+same Frechet distance on spatial features (`extractors.SpatialTap`: ADM's `mixed_6/conv[..., :7]`).
+The CLIP score of text-to-image samples is in `clip`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from torch_fidelity.metric_prc import (
     prc_features_to_metric,
 )
 
-SUPPORTED = ("fid", "isc", "prc")
+SUPPORTED = ("fid", "sfid", "isc", "prc", "clip")
+NEED_REFERENCE = ("fid", "sfid", "prc")
 
 
-def check_metrics(metrics: list[str]) -> None:
+def check_metrics(metrics: list[str], protocol: str = "adm") -> None:
     unknown = sorted(set(metrics) - set(SUPPORTED))
     if unknown or not metrics:
         raise ValueError(f"eval.metrics={metrics}: valid metrics are {', '.join(SUPPORTED)} (at least one)")
+    if "clip" in metrics and protocol != "coco":
+        raise ValueError("eval.metrics has clip, the CLIP score of text-to-image samples; it needs "
+                         "eval.protocol=coco (samples of a captions file)")
 
 
 def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:

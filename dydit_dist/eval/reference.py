@@ -1,8 +1,10 @@
 """Reference statistics of an evaluation: given by an ADM reference batch, or computed once and cached.
 
-- An ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma`, `arr_0`, ...): its `mu`
-  and `sigma` are used as given for FID (never recomputed from `arr_0`); `arr_0` gives the real
-  features of precision/recall when those are asked for.
+- An ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma`, `mu_s`, `sigma_s`,
+  `arr_0`, ...): its `mu` and `sigma` (and `mu_s`, `sigma_s` for sFID) are used as given (never
+  recomputed from `arr_0`); `arr_0` gives the real features of precision/recall when those are asked
+  for. A caption reference (`captions.prepare_caption_reference`) is one too, with `captions` (caption
+  k of image k) and `feature_extractor` (the extractor of its statistics, checked).
 - Any other image source (an `.npz` with `arr_0` only, a samples folder, pixel-space data): features
   are computed once per extractor and weights and cached on storage under
   `RunPaths.reference_features(digest)`, so later evaluations only read them.
@@ -29,7 +31,7 @@ from dydit_dist import storage
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.export import npz_keys, read_npz_small
 
-from .extractors import Extractor
+from .extractors import SPATIAL, Extractor
 from .features import count_images, extract_features, image_batches, source_kind
 from .metrics import statistics
 
@@ -48,6 +50,8 @@ class Reference:
     features: torch.Tensor | None = None  # (N, D) real features of the FID/PRC layer
     num_images: int | None = None
     cache: dict = field(default_factory=dict)
+    spatial: dict | None = None  # sFID: {"mu": (D_s,), "sigma": (D_s, D_s)}
+    captions: list[str] | None = None  # text-to-image: caption k of real image k (`captions`)
 
     def describe(self) -> dict:
         return {"url": self.url, "kind": self.kind, "statistics": self.statistics, "num_images": self.num_images,
@@ -86,20 +90,32 @@ def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.n
     return cache_lookup_one_recompute_on_miss(cached_name, missing, cache=True, cache_root=cache_root, verbose=False)
 
 
-def _cached_features(url: str, extractor: Extractor, layer: str, module, device, batch_size: int,
-                     paths: RunPaths) -> tuple[torch.Tensor, str]:
-    """Real features of `url` on `layer`, computed once and cached on storage; (features, cache URL)."""
-    key = _digest(url, extractor.name, _file_digest(extractor.weights), layer)
+def _cached_features(url: str, extractor: Extractor, layers: list[str], module, device, batch_size: int,
+                     paths: RunPaths) -> tuple[dict[str, torch.Tensor], str]:
+    """Real features of `url` on `layers` (SPATIAL for sFID's), computed in one pass and cached on
+    storage; ({layer: (N, D)}, cache URL)."""
+    key = _digest(url, extractor.name, _file_digest(extractor.weights), *layers)
     cache_url = paths.reference_features(key)
+    stored = {layer: "spatial" if layer == SPATIAL else "features" for layer in layers}  # names in the .npz
     if storage.exists(cache_url):
-        return torch.from_numpy(read_npz_small(cache_url, "features")), cache_url
+        return {layer: torch.from_numpy(read_npz_small(cache_url, name)) for layer, name in stored.items()}, cache_url
     total = count_images(url)
-    feats = extract_features(image_batches(url, batch_size), module, device, total, desc="reference")[layer]
+    spatial = extractor.spatial if SPATIAL in layers else None
+    feats = extract_features(image_batches(url, batch_size), module, device, total, desc="reference", spatial=spatial)
     buf = io.BytesIO()
-    np.savez(buf, features=feats.numpy(), source=np.array(url), extractor=np.array(extractor.name))
+    np.savez(buf, **{name: feats[layer].numpy() for layer, name in stored.items()}, source=np.array(url),
+             extractor=np.array(extractor.name))
     storage.write_bytes(cache_url, buf.getvalue())
     log.info("reference features of %s cached at %s", url, cache_url)
-    return feats, cache_url
+    return {layer: feats[layer] for layer in layers}, cache_url
+
+
+def _given_statistics(url: str, mu_key: str, sigma_key: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma, name in torch-fidelity's cache) of an ADM reference batch."""
+    mu, sigma = read_npz_small(url, mu_key), read_npz_small(url, sigma_key)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{url}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} must be (D,) and (D, D)")
+    return mu, sigma, "dydit-adm-" + hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
 
 
 def load_reference(url: str, extractor: Extractor, module, device, metrics: list[str], eval_cfg,
@@ -111,28 +127,47 @@ def load_reference(url: str, extractor: Extractor, module, device, metrics: list
     cache_root = fidelity_cache_root(eval_cfg.fidelity_cache)
     kind = source_kind(url)
     keys = npz_keys(url) if kind == "npz" else []
+    if "feature_extractor" in keys and str(read_npz_small(url, "feature_extractor")) != extractor.name:
+        raise ValueError(f"{url}: its statistics are of {read_npz_small(url, 'feature_extractor')}, not of "
+                         f"eval.feature_extractor={extractor.name}; prepare a reference with that extractor")
     given = "mu" in keys and "sigma" in keys
-    features, cache = None, {}
+    spatial_given = "mu_s" in keys and "sigma_s" in keys
+    # 1. Real features, for what the file does not give
+    layers = [layer] if not given or "prc" in metrics else []
+    if "sfid" in metrics and not spatial_given:
+        layers.append(SPATIAL)
+    if given and layers and "arr_0" not in keys:
+        what = "precision/recall" if "prc" in metrics else "sFID (it has no mu_s, sigma_s)"
+        raise ValueError(f"{url}: {what} need the reference images (arr_0), which it lacks")
+    features, cache = {}, {}
+    if layers:
+        features, cache["features_cache"] = _cached_features(url, extractor, layers, module, device,
+                                                             eval_cfg.batch_size, paths)
+    # 2. Statistics: as given, or of the features
     if given:
         kind = "adm-npz"
-        mu, sigma = read_npz_small(url, "mu"), read_npz_small(url, "sigma")
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{url}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
+        mu, sigma, name = _given_statistics(url, "mu", "sigma")
         source = f"as given in {url} (mu, sigma)"
-        name = "dydit-adm-" + hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
-        if "prc" in metrics:
-            if "arr_0" not in keys:
-                raise ValueError(f"{url}: precision/recall need the reference images (arr_0), which it lacks")
-            features, cache["features_cache"] = _cached_features(url, extractor, layer, module, device,
-                                                                 eval_cfg.batch_size, paths)
     else:
-        features, cache["features_cache"] = _cached_features(url, extractor, layer, module, device,
-                                                             eval_cfg.batch_size, paths)
-        stats = statistics(features)
+        stats = statistics(features[layer])
         mu, sigma = stats["mu"], stats["sigma"]
-        source = f"computed from {features.shape[0]} images of {url}"
+        source = f"computed from {features[layer].shape[0]} images of {url}"
         name = "dydit-ref-" + _digest(cache["features_cache"])
     stats = through_fidelity_cache(name, extractor, layer, mu, sigma, cache_root)
     cache["fidelity_cache"] = os.path.join(cache_root, f"{name}-{extractor.name}-stat-fid-{layer}.pt")
-    num = int(features.shape[0]) if features is not None else (count_images(url) if "arr_0" in keys else None)
-    return Reference(url, kind, stats["mu"], stats["sigma"], source, features, num, cache)
+    spatial = None
+    if "sfid" in metrics:
+        if spatial_given:
+            mu_s, sigma_s, spatial_name = _given_statistics(url, "mu_s", "sigma_s")
+            source += "; sFID: as given (mu_s, sigma_s)"
+        else:
+            spatial = statistics(features[SPATIAL])
+            mu_s, sigma_s = spatial["mu"], spatial["sigma"]
+            spatial_name = "dydit-ref-" + _digest(cache["features_cache"])
+            source += f"; sFID: computed from {features[SPATIAL].shape[0]} images"
+        spatial = through_fidelity_cache(spatial_name, extractor, SPATIAL, mu_s, sigma_s, cache_root)
+    first = next(iter(features.values()), None)
+    num = int(first.shape[0]) if first is not None else (count_images(url) if "arr_0" in keys else None)
+    captions = [str(c) for c in read_npz_small(url, "captions")] if "captions" in keys else None
+    return Reference(url, kind, stats["mu"], stats["sigma"], source, features.get(layer), num, cache, spatial,
+                     captions)

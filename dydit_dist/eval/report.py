@@ -30,7 +30,7 @@ def _fmt(value, digits: int = 2, spec: str = "f") -> str:
 
 def metric_name(record: dict, metric: str) -> str:
     fe = record["feature_extractor"]
-    base = {"fid": "FID", "isc": "IS"}[metric]
+    base = {"fid": "FID", "sfid": "sFID", "isc": "IS"}[metric]
     return base if fe["is_inception"] else f"{base} [{fe['name']}]"
 
 
@@ -124,15 +124,18 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
     has_width = _width(records, plots["dydit_width"])
     _grid(records, plots["samples_grid"])
     # 2. The table
-    fid, isc = metric_name(first, "fid"), metric_name(first, "isc")
+    fid, sfid, isc = metric_name(first, "fid"), metric_name(first, "sfid"), metric_name(first, "isc")
+    clip = any("clip_score" in r["metrics"] for r in records)  # text-to-image (eval.protocol=coco)
     lines = [f"# {title}", "",
-             f"| method | GFLOPs | images/s | {fid} | {isc} | precision | recall | samples |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| method | GFLOPs | images/s | {fid} | {sfid} | {isc} | precision | recall |"
+             + (" CLIP score |" if clip else "") + " samples |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if clip else "") + "---:|"]
     for r in records:
         m = r["metrics"]
         lines.append(f"| {r['label']} | {_fmt(r.get('gflops'), 4, 'g')} | {_fmt(r.get('images_per_s'), 1)} | "
-                     f"{_fmt(m.get('fid'))} | {_fmt(m.get('isc_mean'))} | {_fmt(m.get('precision'), 3)} | "
-                     f"{_fmt(m.get('recall'), 3)} | {r['num_samples']} |")
+                     f"{_fmt(m.get('fid'))} | {_fmt(m.get('sfid'))} | {_fmt(m.get('isc_mean'))} | "
+                     f"{_fmt(m.get('precision'), 3)} | {_fmt(m.get('recall'), 3)} | "
+                     + (f"{_fmt(m.get('clip_score'))} | " if clip else "") + f"{r['num_samples']} |")
     ref = first.get("reference") or {}
     s = first["sampling"]
     lines += [
@@ -140,7 +143,10 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         "- GFLOPs: analytic, per network forward of one image (guidance doubles it per sampling step), "
         "averaged over the sampling steps.",
         "- images/s: measured on one sampling actor (sampling and decoding, storage writes excluded).",
-        f"- Features: {fe['label']}; weights: {fe['weights']}.",
+        f"- Features: {fe['label']}; weights: {fe['weights']}"
+        + (f"; sFID on {fe['layers']['sfid']}." if "sfid" in fe.get("layers", {}) else "."),
+        *([f"- CLIP score: 100 x max(cos(image, caption), 0) with {first.get('clip_model')}, mean over samples; "
+           f"protocol {first.get('protocol')}."] if clip else []),
         f"- Reference: {ref.get('url')} ({ref.get('kind')}; statistics {ref.get('statistics')}).",
         f"- Sampling: {s['sampler']}, {s['steps']} steps, guidance {s['cfg_scale']}, seed {s['seed']}, "
         f"{s['num_samples']} samples per method; torch-fidelity {first['torch_fidelity_version']}.",

@@ -1,0 +1,120 @@
+"""The reference of a text-to-image evaluation (`eval.protocol: coco`): real images and their captions,
+in the ADM evaluator's format, with the captions file the sample job draws from.
+
+    prepare_caption_reference(cfg)   # data.source (.csv/.jsonl of image + caption) ->
+                                     #   eval.reference (.npz) and sample.prompts (.txt or .jsonl)
+
+The `.npz` holds `arr_0` (N, H, W, 3) uint8: the images center-cropped to model.image_size as the
+prepare job crops them; `captions` (N,): caption k of image k; `mu`, `sigma` (FID) and `mu_s`,
+`sigma_s` (sFID) of the configured feature extractor, named in `feature_extractor`. Row order is the
+source's listing order, and the captions file holds the same captions in the same order, so sample k
+(caption `k % N`, `sample.plan`) is drawn from the caption of real image k. Captions are written on one
+line each (whitespace runs, newlines included, become one space), in the `.npz` and the file alike.
+
+Images and features are made in one streaming pass; the `.npz` is written locally under a temporary
+name and uploaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from dydit_dist import storage
+from dydit_dist.data.shards import DataError
+from dydit_dist.data.sources import Chunk, iter_chunk, load_image, plan_captions
+
+from .extractors import SPATIAL, resolve_extractor
+from .features import extract_features
+from .metrics import statistics
+
+log = logging.getLogger(__name__)
+
+
+def one_line(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def write_captions(url: str, captions: list[str]) -> None:
+    """A prompts file `sample.plan.load_prompts` reads back as `captions`: `.jsonl` or one per line."""
+    if url.endswith(".jsonl"):
+        text = "".join(json.dumps({"caption": c}) + "\n" for c in captions)
+    else:
+        text = "".join(c + "\n" for c in captions)
+    storage.write_bytes(url, text.encode("utf-8"))
+
+
+def _write_array(zf: zipfile.ZipFile, key: str, value: np.ndarray) -> None:
+    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+
+
+def prepare_caption_reference(cfg) -> dict:
+    """Write eval.reference and sample.prompts from data.source (see the module docstring); returns
+    {"reference", "prompts", "num_images", "feature_extractor"}."""
+    e, s = cfg.eval, cfg.sample
+    # 1. Validate inputs
+    if not e.reference or not e.reference.endswith(".npz"):
+        raise ValueError(f"eval.reference={e.reference!r}: give the .npz to write the caption reference to")
+    if not s.prompts:
+        raise ValueError("sample.prompts is unset: give the captions file to write (.txt or .jsonl)")
+    if cfg.data.source_format != "captions":
+        raise ValueError(f"data.source_format={cfg.data.source_format}: a caption reference is made from a "
+                         ".csv or .jsonl of image paths and captions (data.source_format=captions)")
+    plan = plan_captions(cfg.data.source, shard_size=1 << 30, seed=0)
+    items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)  # listing order
+    captions = [one_line(it.caption) for it in items]
+    size = cfg.model.image_size
+    # 2. Images streamed into arr_0 and through the extractor, in one pass
+    extractor = resolve_extractor(e)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = extractor.create(device, ["fid", "sfid"])
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(items), size, size, 3)}
+    fd, tmp = tempfile.mkstemp(suffix=".npz")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as arr:
+                np.lib.format.write_array_header_1_0(arr, header)
+
+                def batches():
+                    batch = []
+                    for item, data, error in iter_chunk(Chunk(0, tuple(items)), "caption"):
+                        if error is not None:
+                            raise DataError(f"data.source={cfg.data.source}: {item.url}: {error}")
+                        batch.append(load_image(data, size))
+                        if len(batch) == e.batch_size:
+                            yield np.stack(batch)
+                            batch = []
+                    if batch:
+                        yield np.stack(batch)
+
+                def written(images):
+                    for batch in images:
+                        arr.write(np.ascontiguousarray(batch).tobytes())
+                        yield batch
+
+                feats = extract_features(written(batches()), module, device, len(items), desc="reference",
+                                         spatial=extractor.spatial)
+            # 3. Statistics beside the images, as in an ADM reference batch
+            fid, spatial = statistics(feats[extractor.layer("fid")]), statistics(feats[SPATIAL])
+            _write_array(zf, "mu", fid["mu"])
+            _write_array(zf, "sigma", fid["sigma"])
+            _write_array(zf, "mu_s", spatial["mu"])
+            _write_array(zf, "sigma_s", spatial["sigma"])
+            _write_array(zf, "captions", np.array(captions))
+            _write_array(zf, "feature_extractor", np.array(extractor.name))
+        storage.upload(tmp, e.reference)
+    finally:
+        os.remove(tmp)
+    write_captions(s.prompts, captions)
+    log.info("caption reference of %d images at %s, captions at %s", len(items), e.reference, s.prompts)
+    return {"reference": e.reference, "prompts": s.prompts, "num_images": len(items),
+            "feature_extractor": extractor.name}
