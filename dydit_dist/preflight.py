@@ -14,7 +14,8 @@ manifests. What each job resolves:
                 data.vae (decoding); PixArt: sample.prompts, data.text_encoder; an EB-Cache table
     evaluate    the samples folder is complete, made with weights; eval.reference; the feature
                 extractor's weights (eval.inception_weights or torch hub's cache, or
-                eval.feature_extractor_weights)
+                eval.feature_extractor_weights); eval.protocol=coco: sample.prompts, eval.clip_model
+    reference   data.source (captions); the feature extractor's weights
     calibrate   model.checkpoint as for sample (unset allowed with --random-init)
     reproduce   all of the above for every stage it will run, before stage 1; what an earlier stage
                 makes (the data, the pretrain and fine-tune weights, the digits classifier) is planned
@@ -113,7 +114,7 @@ def plan(cfg: Config, job: str, **options) -> Plan:
     """The stages and inputs of `job` (see the module docstring), without raising for a problem."""
     builders: dict[str, Callable[..., None]] = {
         "prepare": _prepare, "finetune": _finetune, "sample": _sample, "evaluate": _evaluate,
-        "calibrate": _calibrate, "reproduce": _reproduce,
+        "calibrate": _calibrate, "reproduce": _reproduce, "reference": _reference,
     }  # fmt: skip
     if job not in builders:
         raise ValueError(f"no preflight for job {job!r}; jobs: {', '.join(builders)}")
@@ -220,12 +221,27 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_made: 
         return
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
-    if "fid" in e.metrics or "prc" in e.metrics:
+    if any(m in ("fid", "sfid", "prc") for m in e.metrics):
         if reference_made:
             p.add(Input("eval.reference", e.reference, note="made by the prepare stage"))
         else:
             p.add(resolve.reference(e.reference))
     p.add(resolve.extractor(cfg, extractor_made))
+    if e.protocol == "coco":
+        p.add(resolve.exists("sample.prompts", cfg.sample.prompts, "the captions file made with eval.reference"))
+    if "clip" in e.metrics:
+        p.add(resolve.hf_model("eval.clip_model", e.clip_model, cfg.storage.root))
+
+
+def _reference(p: Plan, cfg: Config) -> None:
+    """jobs.reference: real images of data.source with their captions -> eval.reference, sample.prompts."""
+    count = f"{resolve.captions_count(cfg.data.source) or '?'} images"
+    p.stages.append(Stage("reference", f"{count} of {cfg.data.source} -> {cfg.eval.reference} (statistics of "
+                                       f"{cfg.eval.feature_extractor}) and captions -> {cfg.sample.prompts}"))
+    p.add(resolve.source(cfg, builtin_ok=False))
+    for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
+        p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
+    p.add(resolve.extractor(cfg, made=False))
 
 
 def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8) -> None:

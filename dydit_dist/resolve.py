@@ -232,6 +232,16 @@ def samples(url: str, cfg: Config) -> Input:
     return Input(key, url, note=f"{manifest.num_samples} samples of {settings.get('checkpoint') or 'random weights'}")
 
 
+def captions_count(source: str | None) -> int | None:
+    """Rows of a captions .csv / .jsonl (None when it cannot be read)."""
+    try:
+        text = storage.read_bytes(source).decode("utf-8")
+    except (OSError, TypeError, ValueError):
+        return None
+    rows = sum(1 for line in text.splitlines() if line.strip())
+    return rows - 1 if source.endswith(".csv") else rows
+
+
 def reference(reference: str | None) -> Input:
     expected = "an ADM reference batch (.npz), a samples folder or a pixel-space data folder"
     if not reference:
