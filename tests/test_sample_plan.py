@@ -78,3 +78,16 @@ def test_resume_merges_markers_and_refuses_other_settings(tmp_path):
     with pytest.raises(SamplesError, match="seed: 0 there vs 1 now"):
         SamplesManifest.resume(url, {"seed": 1, "num_samples": 8}, 2)
     assert storage.exists(url + "/done/shard-000001.json")
+
+
+def test_settings_record_the_noise_stream_and_precision_knobs():
+    from dydit_dist import config
+    from dydit_dist.sample.pool import sampling_settings
+    from dydit_dist.shardset import settings_digest
+
+    cpu = sampling_settings(config.load("debug", []))
+    assert cpu["noise"] == "philox4x32-10/box-muller/cpu" and {"tf32", "vae_precision", "compile"} <= set(cpu)
+    gpu = sampling_settings(config.load("debug", ["ray.use_gpu=true"]))
+    assert gpu["noise"] == "philox4x32-10/box-muller/cuda"
+    old = sampling_settings(config.load("debug", ["sample.noise=generator"]))
+    assert old["noise"] == "torch-cpu-generator-per-sample" and settings_digest(old) != settings_digest(cpu)

@@ -33,6 +33,7 @@ from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.capacity import Need, acquire, check_gpu
 from dydit_dist.config import Config
+from dydit_dist.diffusion.noise import stream_kind
 from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
@@ -67,7 +68,8 @@ def sampling_settings(cfg: Config) -> dict:
         "vae": cfg.data.vae, "method": s.method, "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
         "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
-        "precision": s.precision, "prompts": s.prompts,
+        "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
+        "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"), "prompts": s.prompts,
     }  # fmt: skip
 
 
