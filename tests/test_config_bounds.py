@@ -63,9 +63,9 @@ def test_an_optional_number_may_be_none():
 
 
 def test_a_list_with_a_fixed_vocabulary_names_the_valid_entries():
-    with pytest.raises(ConfigError, match=r"eval.metrics\[1\]='foo' is not one of the valid choices \['fid', 'isc', 'prc'\]"):
+    with pytest.raises(ConfigError, match=r"eval.metrics\[1\]='foo' is not one of the valid choices \['fid', 'sfid', 'isc', 'prc', 'clip'\]"):
         load("debug", ["eval.metrics=[fid,foo]"])
-    with pytest.raises(ConfigError, match=r"eval.metrics is empty; name at least one of \['fid', 'isc', 'prc'\]"):
+    with pytest.raises(ConfigError, match=r"eval.metrics is empty; name at least one of \['fid', 'sfid', 'isc', 'prc', 'clip'\]"):
         load("debug", ["eval.metrics=[]"])
     with pytest.raises(ConfigError, match=r"eval.methods\[0\]='dydt' is not one of the valid choices \[.*'dydit'"):
         load("debug", ["eval.methods=[dydt]"])

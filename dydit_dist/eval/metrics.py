@@ -10,6 +10,8 @@ The CLIP score of text-to-image samples is in `clip`.
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -21,7 +23,9 @@ from torch_fidelity.metric_prc import (
     prc_features_to_metric,
 )
 
-SUPPORTED = ("fid", "sfid", "isc", "prc", "clip")
+from dydit_dist.config import Metric
+
+SUPPORTED = typing.get_args(Metric)  # ("fid", "sfid", "isc", "prc", "clip"): the config's vocabulary
 NEED_REFERENCE = ("fid", "sfid", "prc")
 
 
