@@ -29,7 +29,7 @@ from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
 from dydit_dist.accel.methods import METHODS
 from dydit_dist.dynamic import DyDiTOptions, FlexOptions
-from dydit_dist.dynamic.flexdit import parse_layout
+from dydit_dist.dynamic.flexdit_schedule import parse_layout
 from dydit_dist.models.registry import arch
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -204,6 +204,7 @@ class EvalConfig:
     feature_extractor_weights: str | None = None  # weights of a feature extractor other than Inception
     samples: str | None = None  # samples folder to evaluate; default {run}/samples
     batch_size: int = bounded(64, "[1, inf)")  # images per feature-extractor forward
+    num_actors: int = bounded(1, "[0, inf)")  # feature actors (ray.cpus/gpus_per_worker each); 0: in this process
     isc_splits: int = bounded(10, "[1, inf)")
     prc_neighborhood: int = bounded(3, "[1, inf)")
     fidelity_cache: str | None = None  # torch-fidelity's local statistics cache; default its own

@@ -1,49 +1,41 @@
 """Sampling-time methods: the static network, DyDiT's fast path, FlexDiT, feature caching (FORA,
 EB-Cache) and token pruning (AT-EDM), each a runner built by `build_runner(method, model, options)`;
 see `base.py` for the interface the sample job drives and `methods.py` for the registry.
+
+Names load their submodule on first use (`dydit_dist.lazy_exports`): the config reads the options and
+`METHODS` without torch.
 """
 
-from .at_edm import PruningRunner, ScoringBranches, gwpr, recover
-from .backend import Backend, BlockRecord
-from .base import FastPathRunner, Runner, StaticRunner
-from .cache import BlockCache, CachingBranches, CachingRunner, forward_with_cache
-from .flexdit import FlexDiTRunner
-from .methods import METHODS, Method, build_runner
-from .options import (
-    RELEASED_TABLE_50,
-    ATEDMOptions,
-    EBCacheOptions,
-    FORAOptions,
-    eps_scale_at,
-    fora_schedule,
-    parse_eps_scale,
-    parse_schedule,
-)
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "RELEASED_TABLE_50",
-    "ATEDMOptions",
-    "Backend",
-    "BlockCache",
-    "BlockRecord",
-    "CachingBranches",
-    "CachingRunner",
-    "EBCacheOptions",
-    "FORAOptions",
-    "FastPathRunner",
-    "FlexDiTRunner",
-    "Method",
-    "PruningRunner",
-    "Runner",
-    "ScoringBranches",
-    "StaticRunner",
-    "build_runner",
-    "eps_scale_at",
-    "fora_schedule",
-    "forward_with_cache",
-    "gwpr",
-    "parse_eps_scale",
-    "parse_schedule",
-    "recover",
-]
+from dydit_dist import lazy_exports
+
+_EXPORTS = {
+    "METHODS": "methods",
+    "RELEASED_TABLE_50": "options",
+    "ATEDMOptions": "options",
+    "Backend": "backend",
+    "BlockCache": "cache",
+    "BlockRecord": "backend",
+    "CachingBranches": "cache",
+    "CachingRunner": "cache",
+    "EBCacheOptions": "options",
+    "FORAOptions": "options",
+    "FastPathRunner": "base",
+    "FlexDiTRunner": "flexdit",
+    "Method": "methods",
+    "PruningRunner": "at_edm",
+    "Runner": "base",
+    "ScoringBranches": "at_edm",
+    "StaticRunner": "base",
+    "build_runner": "methods",
+    "eps_scale_at": "options",
+    "fora_schedule": "options",
+    "forward_with_cache": "cache",
+    "gwpr": "at_edm",
+    "parse_eps_scale": "options",
+    "parse_schedule": "options",
+    "recover": "at_edm",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .at_edm import PruningRunner
-from .backend import Backend
-from .base import FastPathRunner, Runner, StaticRunner
-from .cache import CachingRunner
-from .flexdit import FlexDiTRunner
 from .options import ATEDMOptions, EBCacheOptions, FORAOptions, from_mapping
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .base import Runner
 
 
 @dataclass(frozen=True)
@@ -30,18 +30,47 @@ class Method:
     networks: tuple[str, ...] = ("static", "dydit")  # a training-free method runs on a DyDiT's fast path too
 
 
+# The runners import torch when a runner is built, not when the registry is read: the config validates
+# `sample.method` and its options without torch.
+def _static(b: Backend, o: None) -> Runner:
+    from .base import StaticRunner
+    return StaticRunner(b)
+
+
+def _fast_path(b: Backend, o: None) -> Runner:
+    from .base import FastPathRunner
+    return FastPathRunner(b)
+
+
+def _caching(method: str) -> Callable[[Backend, object], Runner]:
+    def build(b: Backend, o: FORAOptions | EBCacheOptions) -> Runner:
+        from .cache import CachingRunner
+        return CachingRunner(b, o, method=method)
+    return build
+
+
+def _pruning(b: Backend, o: ATEDMOptions) -> Runner:
+    from .at_edm import PruningRunner
+    return PruningRunner(b, o)
+
+
+def _flexdit(b: Backend, o: None) -> Runner:
+    from .flexdit import FlexDiTRunner
+    return FlexDiTRunner(b)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     # the full network (a DyDiT at full width, a FlexDiT's pretrained network)
-    Method("static", lambda b, o: StaticRunner(b), networks=("static", "dydit", "flexdit")),
+    Method("static", _static, networks=("static", "dydit", "flexdit")),
     # DyDiT's fast path: only the active heads, MLP groups and tokens
-    Method("dydit", lambda b, o: FastPathRunner(b), networks=("dydit",)),
+    Method("dydit", _fast_path, networks=("dydit",)),
     # FORA interval caching; EB-Cache: calibrated caching + exposure-bias correction
-    Method("fora", lambda b, o: CachingRunner(b, o, method="fora"), FORAOptions),
-    Method("eb_cache", lambda b, o: CachingRunner(b, o, method="eb_cache"), EBCacheOptions),
+    Method("fora", _caching("fora"), FORAOptions),
+    Method("eb_cache", _caching("eb_cache"), EBCacheOptions),
     # AT-EDM attention-driven token pruning
-    Method("at_edm", lambda b, o: PruningRunner(b, o), ATEDMOptions),
+    Method("at_edm", _pruning, ATEDMOptions),
     # FlexDiT's token density by timestep
-    Method("flexdit", lambda b, o: FlexDiTRunner(b), networks=("flexdit",)),
+    Method("flexdit", _flexdit, networks=("flexdit",)),
 )}
 
 
@@ -64,4 +93,6 @@ def build_runner(method: str, model, options=None) -> Runner:
         raise ValueError(f"method {method!r} takes no options, got {options!r}")
     if model.training:
         raise ValueError("sampling runners need the model in eval mode (model.eval())")
+    from .backend import Backend
+
     return spec.runner(Backend(model), options)

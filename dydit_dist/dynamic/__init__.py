@@ -1,28 +1,33 @@
-"""Trained dynamic compute: DyDiT routers with masked (training) and fast (inference) paths, FlexDiT."""
+"""Trained dynamic compute: DyDiT routers with masked (training) and fast (inference) paths, FlexDiT.
 
-from .dydit import ROUTER_KEY_PATTERNS, DyDiT, DyDiTOptions, DynamicModel, DynamicOutput, DyPixArt
-from .fast import FastBranches, FastPath, WidthPlan
-from .flexdit import FLEXDIT_KEY_PATTERNS, FlexDiT, FlexModel, FlexOptions, FlexPixArt, flexdit_from_static
-from .losses import dydit_loss_terms, flops_ratio, lambda_schedule, stratified_timesteps
+Names load their submodule on first use (`dydit_dist.lazy_exports`): the options and the FlexDiT
+layout are read by the config without torch.
+"""
 
-__all__ = [
-    "FLEXDIT_KEY_PATTERNS",
-    "ROUTER_KEY_PATTERNS",
-    "DyDiT",
-    "DyDiTOptions",
-    "DyPixArt",
-    "DynamicModel",
-    "DynamicOutput",
-    "FastBranches",
-    "FastPath",
-    "FlexDiT",
-    "FlexModel",
-    "FlexOptions",
-    "FlexPixArt",
-    "WidthPlan",
-    "dydit_loss_terms",
-    "flexdit_from_static",
-    "flops_ratio",
-    "lambda_schedule",
-    "stratified_timesteps",
-]
+from __future__ import annotations
+
+from dydit_dist import lazy_exports
+
+_EXPORTS = {
+    "FLEXDIT_KEY_PATTERNS": "flexdit",
+    "ROUTER_KEY_PATTERNS": "dydit",
+    "DyDiT": "dydit",
+    "DyDiTOptions": "dydit_options",
+    "DyPixArt": "dydit",
+    "DynamicModel": "dydit",
+    "DynamicOutput": "dydit",
+    "FastBranches": "fast",
+    "FastPath": "fast",
+    "FlexDiT": "flexdit",
+    "FlexModel": "flexdit",
+    "FlexOptions": "flexdit_schedule",
+    "FlexPixArt": "flexdit",
+    "WidthPlan": "fast",
+    "dydit_loss_terms": "losses",
+    "flexdit_from_static": "flexdit",
+    "flops_ratio": "losses",
+    "lambda_schedule": "losses",
+    "stratified_timesteps": "losses",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

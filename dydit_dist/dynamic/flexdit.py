@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -40,37 +39,10 @@ from dydit_dist.models import Branches, DiT, PixArt, PixArtMS, run_blocks
 from dydit_dist.models.layers import modulate
 
 from .adopt import adopt
-from .flexdit_schedule import FlexOptions
+from .flexdit_schedule import FlexOptions, parse_layout
+from .flexdit_schedule import default_layout as default_layout  # the layout grammar lives with FlexOptions
 
 FLEXDIT_KEY_PATTERNS = ("blocks.*.merged_layer1.*", "blocks.*.merged_layer2.*")  # fnmatch: the added keys
-_LAYOUT_RE = re.compile(r"P*D*(CS*RD*)*")
-
-
-def default_layout(depth: int) -> str:
-    """Paper-shaped layout for `depth` blocks: ~1/14 Poolingformer at the bottom, as many dense at the
-    top, the rest in SDTMs of ~6 blocks (C, S..., R, D). depth 28 -> "PP" + "CSSSRD" * 4 + "DD"."""
-    pool = round(depth / 14)
-    middle = depth - 2 * pool
-    modules = max(1, round(middle / 6))
-    if middle < 3 * modules:
-        raise ValueError(f"depth {depth} is too shallow for a FlexDiT layout (an SDTM needs at least C, R, D)")
-    sizes = [middle // modules + (k < middle % modules) for k in range(modules)]
-    return "P" * pool + "".join("C" + "S" * (s - 3) + "RD" for s in sizes) + "D" * pool
-
-
-def parse_layout(layout: str | None, depth: int) -> str:
-    """Validated layout string of length `depth` (None: `default_layout(depth)`)."""
-    if layout is None:
-        return default_layout(depth)
-    layout = layout.replace(" ", "").upper()
-    if len(layout) != depth:
-        raise ValueError(f"FlexDiT layout {layout!r} has {len(layout)} blocks; the model has depth {depth}")
-    if not _LAYOUT_RE.fullmatch(layout):
-        raise ValueError(f"FlexDiT layout {layout!r} must read P* D* (C S* R D*)*: Poolingformers at the bottom, "
-                         "then sparse-dense modules, each opened by C and closed by R; D dense blocks anywhere after")
-    return layout
-
-
 def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], g: int) -> torch.Tensor:
     """AdaptiveAvgPool2d(g) over the token grid: (B, h*w, D) -> (B, g*g, D); the identity when g == h == w."""
     h, w = grid

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from dydit_dist import flops as flops_lib
 from dydit_dist.flops import LAYERNORM_OPS, BlockActivity, mlp_macs
 
-from .flexdit import default_layout, parse_layout
-from .flexdit_schedule import GridSchedule
+from .flexdit_schedule import GridSchedule, default_layout, parse_layout
 
 OP_ORDERS = ("implemented", "paper")
 

@@ -1,4 +1,6 @@
-"""FlexDiT's token density over timesteps: the sparse grid g (g x g sparse tokens) used at each t.
+"""FlexDiT's token density over depth and timesteps: the block layout (`parse_layout`) and the sparse grid g
+(g x g sparse tokens) used at each t. Torch is imported only where tensors are made, so the config
+reads `FlexOptions` and the layout without it.
 
 The pruning rate r = 1 - M/N (M = g*g sparse tokens, N dense tokens) is `r_min` for t < `ramp_start`*T
 and rises linearly to `r_max` at t = T (FlexDiT, arXiv 2412.06028, Sec. 3.3: noisy inputs need fewer
@@ -21,11 +23,41 @@ batch shares one grid. Otherwise a batch may straddle two grids and the model ru
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PAPER_GRID_SIZES = (10, 9, 8, 7, 6)
+_LAYOUT_RE = re.compile(r"P*D*(CS*RD*)*")
+
+
+def default_layout(depth: int) -> str:
+    """Paper-shaped layout for `depth` blocks: ~1/14 Poolingformer at the bottom, as many dense at the
+    top, the rest in SDTMs of ~6 blocks (C, S..., R, D). depth 28 -> "PP" + "CSSSRD" * 4 + "DD"."""
+    pool = round(depth / 14)
+    middle = depth - 2 * pool
+    modules = max(1, round(middle / 6))
+    if middle < 3 * modules:
+        raise ValueError(f"depth {depth} is too shallow for a FlexDiT layout (an SDTM needs at least C, R, D)")
+    sizes = [middle // modules + (k < middle % modules) for k in range(modules)]
+    return "P" * pool + "".join("C" + "S" * (s - 3) + "RD" for s in sizes) + "D" * pool
+
+
+def parse_layout(layout: str | None, depth: int) -> str:
+    """Validated layout string of length `depth` (None: `default_layout(depth)`)."""
+    if layout is None:
+        return default_layout(depth)
+    layout = layout.replace(" ", "").upper()
+    if len(layout) != depth:
+        raise ValueError(f"FlexDiT layout {layout!r} has {len(layout)} blocks; the model has depth {depth}")
+    if not _LAYOUT_RE.fullmatch(layout):
+        raise ValueError(f"FlexDiT layout {layout!r} must read P* D* (C S* R D*)*: Poolingformers at the bottom, "
+                         "then sparse-dense modules, each opened by C and closed by R; D dense blocks anywhere after")
+    return layout
+
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,8 @@ class GridSchedule:
 
     def table(self) -> torch.Tensor:
         """(T,) long: the grid of every integer timestep."""
+        import torch  # at call time: the config reads FlexOptions and the layout without torch
+
         table = torch.empty(self.num_timesteps, dtype=torch.long)
         for lo, hi, g in self.intervals():
             table[lo:hi] = g
@@ -140,6 +174,8 @@ class GridSchedule:
 
     def grid(self, t: torch.Tensor | int | float) -> torch.Tensor:
         """Grid of each timestep: t (B,) (any real dtype; fractional t rounds down) -> (B,) long."""
+        import torch
+
         t = torch.as_tensor(t)
         idx = t.detach().to("cpu").floor().long().clamp(0, self.num_timesteps - 1)
         return self.table()[idx.reshape(-1)].reshape(idx.shape)
