@@ -40,7 +40,7 @@ import numpy as np
 
 from dydit_dist.data.shards import DataError
 from dydit_dist.models.registry import family
-from dydit_dist.shardset import ShardManifest, manifest_url
+from dydit_dist.shardset import ShardManifest, manifest_url, stored_sizes
 
 
 class ManifestError(DataError):
@@ -145,4 +145,22 @@ def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
             problems.append(f"caption length {s['text_len']} != model.model_max_length={m.model_max_length}")
     if problems:
         raise ManifestError(f"{manifest_url(uri)} does not match the model config: " + "; ".join(problems))
+    check_shards(uri, manifest)
     return manifest
+
+
+def check_shards(uri: str, manifest: Manifest, shown: int = 10) -> None:
+    """Every shard of the manifest is stored at its recorded size (`bytes`; parallel HEAD requests, no
+    download): ManifestError naming each missing or truncated shard (the first `shown` of them) before
+    a worker would find it in the middle of training."""
+    records = manifest.records()
+    bad = []
+    for record, size in zip(records, stored_sizes(uri, records), strict=True):
+        if size is None:
+            bad.append(f"{record['name']} missing")
+        elif "bytes" in record and size != record["bytes"]:
+            bad.append(f"{record['name']} has {size} bytes, the manifest {record['bytes']}")
+    if bad:
+        more = f", and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise ManifestError(f"{uri}: {len(bad)} of {len(records)} shards are missing or not of their recorded size "
+                            f"({'; '.join(bad[:shown])}{more}); rerun the prepare job with the same config to remake them")
