@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from dydit_dist import cli
-from dydit_dist.accel.calibrate import CRITERIA
+from dydit_dist.accel.options import CRITERIA
 
 
 def main(argv: list[str] | None = None) -> int:

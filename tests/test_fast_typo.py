@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("torch", "ray", "deepspeed", "diffusers")
@@ -36,15 +38,17 @@ def test_lazy_packages_keep_their_public_names():
     from dydit_dist.accel import build_runner  # noqa: F401  (the `from package import name` form)
 
 
-def test_typo_exits_2_fast_without_torch():
+@pytest.mark.parametrize("job", ["prepare", "finetune", "sample", "evaluate", "calibrate", "reproduce", "reference"])
+def test_typo_exits_2_fast_without_torch(job):
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs.sample", "--config", "debug", "train.lrr=1"],
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", f"jobs.{job}", "--config", "debug", "train.lrr=1"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     elapsed = time.monotonic() - start
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert [line for line in lines if not line.startswith("import time:")] == [
-        line for line in lines if line.startswith("sample: unknown config key 'train.lrr'")]
+        line for line in lines if line.startswith(f"{job}: unknown config key 'train.lrr'")]
     imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
     assert not imported & set(HEAVY), imported & set(HEAVY)
-    assert elapsed < 2.0, f"the typo took {elapsed:.2f} s to report"
+    # ~0.5 s on a quiet machine; the bound leaves room for a loaded CI box (torch alone takes 2-5 s there)
+    assert elapsed < 5.0, f"the typo took {elapsed:.2f} s to report"

@@ -29,9 +29,7 @@ from dydit_dist.diffusion import cfg_model_fn, sample
 
 from .backend import Backend
 from .cache import forward_with_cache
-from .options import TABLE_FORMAT
-
-CRITERIA = ("norm", "l2")
+from .options import CRITERIA, TABLE_FORMAT
 
 
 def state_error(eps: torch.Tensor, ref: torch.Tensor, criterion: str) -> float:

@@ -26,6 +26,7 @@ from dydit_dist import storage
 
 RELEASED_TABLE_50 = "00000000000000000000002020202020202020202220220220"
 TABLE_FORMAT = "dydit_dist.eb_cache_table/1"  # the JSON an EB-Cache calibration writes (`jobs.calibrate`)
+CRITERIA = ("norm", "l2")  # how calibration measures a cached state's error (accel/calibrate.py)
 CACHE_STATES = "0123"
 
 EPS_SCALE_PRESETS = {
