@@ -7,6 +7,9 @@
 losses) in
   1. a bare single-process loop: the same objective, torch AdamW, batches already in memory, 1 thread,
      alone ("bare") and two at once in two processes ("bare pair": both cores busy);
+  1b. a plain PyTorch DDP pair ("ddp pair"): the same loop in 2 processes (torch.multiprocessing spawn)
+     wrapped in DistributedDataParallel over gloo, global batch 2 x micro-batch: the fair baseline for
+     what Ray Train + DeepSpeed add to the 2-worker job (`overhead_vs_ddp`);
   2. `jobs.finetune` with 1 worker, ZeRO-0 (Ray Train + DeepSpeed + the shard reader + EMA + metrics);
   3. `jobs.finetune` with 2 workers, ZeRO-2 (gloo reduce / all-gather between them).
 Each worker has 1 CPU (1 torch thread), like the bare loop.
@@ -22,6 +25,8 @@ and just after it. The table gives medians over the slices and the quartiles of 
   overhead_wall    = 1 - job samples/s per worker / bare samples/s      (the criterion: < 15%)
   overhead_vs_pair = the same against one process of the bare pair: the machine's own cost of having
                      both cores busy taken out
+  overhead_vs_ddp  = the same against one rank of the DDP pair: the cost of Ray + DeepSpeed over the
+                     plain data-parallel loop at the same world size and global batch
   overhead_cpu     = the same on samples per CPU-second of the worker process (the job reports its CPU
                      seconds per step): the job's own work, without the time it waits
 
@@ -62,14 +67,18 @@ from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generato
 RESULTS = Path(__file__).parent / "results"
 
 
-def bare_loop(cfg, steps: int, warmup: int = 5) -> dict:
+def bare_loop(cfg, steps: int, warmup: int = 5, rank: int | None = None) -> dict:
     """samples/s and samples per CPU-second of the plain PyTorch loop: objective, backward, AdamW step,
-    in-memory batches."""
+    in-memory batches. With `rank` (inside an initialised gloo process group) the objective is wrapped in
+    DistributedDataParallel, so the gradients are all-reduced between the ranks."""
     torch.manual_seed(0)
     network = build_network(cfg.model)
-    objective = DiffusionObjective(network, cfg)
+    objective = model = DiffusionObjective(network, cfg)
+    if rank is not None:
+        model = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr)
     b, m = cfg.train.micro_batch_size, cfg.model
+    torch.manual_seed(rank or 0)
     batches = [{"x": torch.randn(b, m.in_channels, m.input_size, m.input_size),
                 "y": torch.randint(0, m.num_classes, (b,))} for _ in range(8)]
     start = cpu = 0.0
@@ -77,8 +86,8 @@ def bare_loop(cfg, steps: int, warmup: int = 5) -> dict:
     for step in range(warmup + steps):
         if step == warmup:
             start, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
-        g = step_generator(0, 0, step, 0, "cpu")
-        terms = objective(**draw_inputs(batches[step % 8], network, cfg, g, "cpu"), step=step, generator=g)
+        g = step_generator(0, rank or 0, step, 0, "cpu")
+        terms = model(**draw_inputs(batches[step % 8], network, cfg, g, "cpu"), step=step, generator=g)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
@@ -131,7 +140,9 @@ def sliced_job(root: str, run: str, workers: int, stage: int, args, cfg) -> dict
     and the machine's CPU split over each interval."""
     import signal
     import threading
+    from unittest import mock
 
+    from dydit_dist import cli
     from jobs import finetune
 
     steps = args.slices * args.slice_steps
@@ -146,7 +157,10 @@ def sliced_job(root: str, run: str, workers: int, stage: int, args, cfg) -> dict
 
     def fit() -> None:
         try:
-            finetune.run(argv)
+            # The job runs in a thread: Python installs signal handlers only from the main thread, and the
+            # benchmark needs none of the job's (it stops and resumes the workers, not the driver).
+            with mock.patch.object(cli, "install_signal_handlers", lambda job, cfg: None):
+                finetune.run(argv)
         except BaseException as e:  # noqa: BLE001 - re-raised in the benchmark's thread
             errors.append(e)
 
@@ -186,8 +200,8 @@ def sliced_job(root: str, run: str, workers: int, stage: int, args, cfg) -> dict
 
 
 def reference(cfg, steps: int) -> dict:
-    """The bare loop alone, then two at once."""
-    return {"single": bare_loop(cfg, steps), "pair": bare_pair(cfg, steps)}
+    """The bare loop alone, then two at once, then the DDP pair."""
+    return {"single": bare_loop(cfg, steps), "pair": bare_pair(cfg, steps), "ddp": ddp_pair(cfg, steps)}
 
 
 def slice_rows(job: dict, micro: int) -> list[dict]:
@@ -201,12 +215,14 @@ def slice_rows(job: dict, micro: int) -> list[dict]:
         before, after = job["references"][i], job["references"][i + 1]
         single = _mean([before["single"], after["single"]])
         pair = _mean([before["pair"], after["pair"]])
+        ddp = _mean([before["ddp"], after["ddp"]])
         per_worker = statistics.median(w.samples_per_s for w in inside) / workers
         per_cpu_s = micro / statistics.median(w.cpu_s_per_step for w in inside)
         out.append({"slice": i, "windows": len(inside), "per_worker": per_worker,
                     "bare": single["samples_per_s"], "pair": pair["samples_per_s"],
                     "overhead_wall": 1 - per_worker / single["samples_per_s"],
                     "overhead_vs_pair": 1 - per_worker / pair["samples_per_s"],
+                    "ddp": ddp["samples_per_s"], "overhead_vs_ddp": 1 - per_worker / ddp["samples_per_s"],
                     "overhead_cpu": 1 - per_cpu_s / single["samples_per_cpu_s"],
                     "machine": job["machine"][i]})
     return out
@@ -323,23 +339,34 @@ def compare(args) -> None:
         slices[workers] = slice_rows(jobs[workers], args.micro_batch)
         for r in slices[workers]:
             print(f"{workers} worker(s), slice {r['slice'] + 1}: {r['per_worker']:.1f} samples/s per worker, bare "
-                  f"{r['bare']:.1f}, overhead {r['overhead_wall']:.1%} wall (vs a bare pair {r['overhead_vs_pair']:.1%})"
+                  f"{r['bare']:.1f}, overhead {r['overhead_wall']:.1%} wall (vs a bare pair {r['overhead_vs_pair']:.1%}, "
+                  f"vs DDP {r['overhead_vs_ddp']:.1%})"
                   f" / {r['overhead_cpu']:.1%} CPU", flush=True)
     ray.shutdown()
     references = [r for job in jobs.values() for r in job["references"]]
     single, both = _mean([r["single"] for r in references]), _mean([r["pair"] for r in references])
+    ddp = _mean([r["ddp"] for r in references])
     rows = [
         {"setup": "bare PyTorch loop, 1 process, 1 thread", "workers": 1, "zero": "-",
          "samples_per_s": single["samples_per_s"], "per_worker": single["samples_per_s"], "overhead_wall": 0.0,
-         "overhead_wall_iqr": "-", "overhead_vs_pair": "-", "overhead_cpu": 0.0, "ray_other_cpu": "-",
+         "overhead_wall_iqr": "-", "overhead_vs_pair": "-", "overhead_vs_ddp": "-", "overhead_cpu": 0.0,
+         "ray_other_cpu": "-",
          "idle_cpu": "-", "faults_per_s": single["faults_per_s"], "system_share": single["system_share"],
          "detail": {"runs": [r["single"] for r in references]}},
         {"setup": "2 bare loops at once, 2 processes", "workers": 2, "zero": "-",
          "samples_per_s": 2 * both["samples_per_s"], "per_worker": both["samples_per_s"],
          "overhead_wall": 1 - both["samples_per_s"] / single["samples_per_s"], "overhead_wall_iqr": "-",
-         "overhead_vs_pair": 0.0, "overhead_cpu": 1 - both["samples_per_cpu_s"] / single["samples_per_cpu_s"],
+         "overhead_vs_pair": 0.0, "overhead_vs_ddp": "-",
+         "overhead_cpu": 1 - both["samples_per_cpu_s"] / single["samples_per_cpu_s"],
          "ray_other_cpu": "-", "idle_cpu": "-", "faults_per_s": both["faults_per_s"],
          "system_share": both["system_share"], "detail": {"runs": [r["pair"] for r in references]}},
+        {"setup": "plain PyTorch DDP, 2 processes (gloo)", "workers": 2, "zero": "-",
+         "samples_per_s": 2 * ddp["samples_per_s"], "per_worker": ddp["samples_per_s"],
+         "overhead_wall": 1 - ddp["samples_per_s"] / single["samples_per_s"], "overhead_wall_iqr": "-",
+         "overhead_vs_pair": 1 - ddp["samples_per_s"] / both["samples_per_s"], "overhead_vs_ddp": 0.0,
+         "overhead_cpu": 1 - ddp["samples_per_cpu_s"] / single["samples_per_cpu_s"],
+         "ray_other_cpu": "-", "idle_cpu": "-", "faults_per_s": ddp["faults_per_s"],
+         "system_share": ddp["system_share"], "detail": {"runs": [r["ddp"] for r in references]}},
     ]
     for workers, job in jobs.items():
         rows.append({"setup": f"jobs.finetune, {workers} worker{'s' * (workers > 1)}", "workers": workers,
@@ -349,15 +376,17 @@ def compare(args) -> None:
               f"{args.slices} slices of {args.slice_steps} steps; between slices its workers are stopped (SIGSTOP) "
               f"while the references run ({args.bare_steps} steps of the bare loop, then of two at once). A slice's "
               f"samples/s = median of its {args.log_every}-step log windows; it is compared with the mean of the "
-              "references just before and after it. Job rows: medians over the slices, overhead_wall_iqr = "
+              "references just before and after it (the bare loop, two at once, then a 2-process PyTorch DDP loop "
+              "over gloo with the same global batch). Job rows: medians over the slices, overhead_wall_iqr = "
               "its first to third quartile. overhead_wall = 1 - per-worker samples/s / the single bare loop's (the "
               "criterion: < 15%); overhead_vs_pair = the same against one process of the bare pair (both cores "
-              "busy, as with 2 workers); overhead_cpu = on samples per CPU-second of the worker process; "
+              "busy, as with 2 workers); overhead_vs_ddp = the same against one rank of the DDP pair (what Ray "
+              "Train + DeepSpeed cost over plain data parallelism); overhead_cpu = on samples per CPU-second of the worker process; "
               "ray_other_cpu / idle_cpu = share of the machine's CPUs used by Ray's other processes / left idle "
               "while the job trained. Bare rows: the mean of all references.")
     _write(f"train_throughput{args.tag}", rows, header, ["setup", "workers", "zero", "samples_per_s", "per_worker",
                                               "overhead_wall", "overhead_wall_iqr", "overhead_vs_pair",
-                                              "overhead_cpu", "ray_other_cpu", "idle_cpu", "faults_per_s",
+                                              "overhead_vs_ddp", "overhead_cpu", "ray_other_cpu", "idle_cpu", "faults_per_s",
                                               "system_share"])
 
 
@@ -383,6 +412,33 @@ def bare_pair(cfg, steps: int) -> dict:
     return _mean(results)
 
 
+def _ddp_child(rank: int, cfg, steps: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        dist.barrier()
+        queue.put(bare_loop(cfg, steps, rank=rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_pair(cfg, steps: int) -> dict:
+    """The bare loop as a 2-process DistributedDataParallel job over gloo (torch.multiprocessing spawn),
+    global batch 2 x micro-batch -> the mean per-rank samples/s and samples per CPU-second."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_child, args=(cfg, steps, port, queue), nprocs=2, join=True)
+    return _mean([queue.get() for _ in range(2)])
+
+
 def _mean(runs: list[dict]) -> dict:
     return {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
 
@@ -406,6 +462,7 @@ def _median_of(slices: list[dict], workers: int) -> dict:
     return {"samples_per_s": median("per_worker") * workers, "per_worker": median("per_worker"),
             "overhead_wall": median("overhead_wall"), "overhead_wall_iqr": f"{q1:.1%} .. {q3:.1%}",
             "overhead_vs_pair": median("overhead_vs_pair") if workers > 1 else "-",
+            "overhead_vs_ddp": median("overhead_vs_ddp") if workers > 1 else "-",
             "overhead_cpu": median("overhead_cpu"), "ray_other_cpu": share("ray_other"), "idle_cpu": share("idle"),
             "faults_per_s": machine_median("worker_faults_per_s", 1 / workers),
             "system_share": machine_median("worker_system_share"), "detail": {"slices": slices}}
