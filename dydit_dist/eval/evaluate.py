@@ -1,6 +1,10 @@
 """The evaluate job's work: features of a samples folder streamed from storage, metrics against the
 reference, and `{run}/metrics.json` recording every number with what it was computed from.
 
+The samples' features (and CLIP scores) come from `eval.num_actors` Ray actors, on GPUs with
+`ray.use_gpu` (`eval.actors`); `eval.num_actors: 0` computes them in this process. The reference's
+features, when they are not given or cached, are computed in this process.
+
 `eval.protocol`: `adm` (class-conditional samples against an ADM reference batch or a folder of real
 images) or `coco` (text-to-image samples of a captions file, sample k from caption k, against the
 real images of those captions made by `jobs.reference`; each sample's prompt is checked against its
@@ -29,9 +33,8 @@ from dydit_dist.config import Config
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
-from .clip import ClipScorer
+from .actors import CLIP, make_pass, sample_features
 from .extractors import SPATIAL, resolve_extractor
-from .features import captioned_batches, extract_features, image_batches
 from .metrics import (
     NEED_REFERENCE,
     check_metrics,
@@ -58,22 +61,6 @@ def _check_captions(samples: str, num_samples: int, reference) -> None:
     if num_samples > len(reference.captions):
         raise ValueError(f"eval.protocol=coco: {samples} holds {num_samples} samples, the reference "
                          f"{len(reference.captions)} captions; sample at most one per caption")
-
-
-def _scored(batches, scorer, scores: list, captions: list[str] | None, samples: str):
-    """The images of (images, prompts) batches; their CLIP scores appended to `scores` on the way, each
-    prompt checked against the reference caption of its index."""
-    start = 0
-    for images, prompts in batches:
-        if captions is not None and prompts != captions[start : start + len(prompts)]:
-            k = next(i for i, p in enumerate(prompts) if p != captions[start + i]) + start
-            raise ValueError(f"{samples}: sample {k} was drawn from {prompts[k - start]!r}, the reference's "
-                             f"image {k} has the caption {captions[k]!r}; sample with sample.prompts set to the "
-                             "captions file made with the reference")
-        if scorer is not None:
-            scores.append(scorer(images, prompts))
-        start += len(prompts)
-        yield images
 
 
 def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) -> dict:
@@ -106,17 +93,12 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     reference = None
     if needs_reference:
         reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
-    scores: list[torch.Tensor] = []
-    if e.protocol == "coco":
-        if needs_reference:
-            _check_captions(samples, manifest.num_samples, reference)
-        scorer = ClipScorer.load(e.clip_model, cfg.storage.root, device) if "clip" in e.metrics else None
-        captions = reference.captions if reference is not None else None
-        batches = _scored(captioned_batches(samples, e.batch_size), scorer, scores, captions, samples)
-    else:
-        batches = image_batches(samples, e.batch_size)
-    spatial = extractor.spatial if "sfid" in e.metrics else None
-    feats = extract_features(batches, module, device, manifest.num_samples, desc="samples", spatial=spatial)
+    captions = None
+    if e.protocol == "coco" and needs_reference:
+        _check_captions(samples, manifest.num_samples, reference)
+        captions = reference.captions
+    local = make_pass(cfg, device, module) if e.num_actors == 0 else None
+    feats = sample_features(cfg, samples, manifest.records(), captions, local)
     # 3. Metrics
     values: dict[str, float] = {}
     if "fid" in e.metrics:
@@ -136,7 +118,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     if "prc" in e.metrics:
         values.update(precision_recall(feats[extractor.layer("prc")], reference.features, e.prc_neighborhood))
     if "clip" in e.metrics:
-        values["clip_score"] = float(torch.cat(scores).double().mean())
+        values["clip_score"] = float(feats[CLIP].double().mean())
     # 4. The record
     record = {
         "metrics": values,

@@ -104,22 +104,6 @@ def image_batches(url: str, batch_size: int) -> Iterator[np.ndarray]:
         yield np.stack(batch)
 
 
-def captioned_batches(url: str, batch_size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """(uint8 (B, H, W, 3) images, their B prompts) of a text-to-image samples folder, in index order."""
-    images, prompts = [], []
-    for s in iter_samples(url):
-        if "prompt" not in s.meta:
-            raise ValueError(f"{url}: sample {s.index} records no prompt; a text-to-image evaluation needs "
-                             "samples of a text-to-image model (sample.prompts)")
-        images.append(to_rgb(s.image))
-        prompts.append(s.meta["prompt"])
-        if len(images) == batch_size:
-            yield np.stack(images), prompts
-            images, prompts = [], []
-    if images:
-        yield np.stack(images), prompts
-
-
 @torch.no_grad()
 def extract_features(batches, module, device: str | torch.device, total: int | None = None,
                      desc: str = "features", spatial: SpatialTap | None = None) -> dict[str, torch.Tensor]:
