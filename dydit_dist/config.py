@@ -205,7 +205,6 @@ class EvalConfig:
     samples: str | None = None  # samples folder to evaluate; default {run}/samples
     batch_size: int = bounded(64, "[1, inf)")  # images per feature-extractor forward
     num_actors: int = bounded(1, "[0, inf)")  # feature actors (ray.cpus/gpus_per_worker each); 0: in this process
-    num_actors: int = bounded(1, "[0, inf)")  # feature actors (ray.cpus/gpus_per_worker each); 0: in this process
     isc_splits: int = bounded(10, "[1, inf)")
     prc_neighborhood: int = bounded(3, "[1, inf)")
     fidelity_cache: str | None = None  # torch-fidelity's local statistics cache; default its own
