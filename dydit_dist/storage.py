@@ -132,18 +132,43 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
                **_S3_OPTIONS}
     if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    fs.retries = 1
-    _without_expect_continue(fs)
-    return fs, path
+    fs = _bounded_s3_class()(**options)
+    return fs, fs._strip_protocol(url)
 
 
-def _without_expect_continue(fs) -> None:
-    """Drop botocore's `Expect: 100-continue` from the PUTs of `fs`'s client (created on first use, and
-    anew after s3fs refreshes its session, hence on every call)."""
-    import botocore.handlers
+_BOUNDED_S3 = None
 
-    fs.s3.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+
+def _bounded_s3_class():
+    """s3fs's filesystem with one attempt per request and no `Expect: 100-continue` on PUTs, as a class:
+    a filesystem pickled to another process (Ray Train uploads checkpoints through one) is rebuilt
+    from its class and constructor arguments, so instance tweaks would not travel; the connect/read
+    timeouts travel in `config_kwargs`."""
+    global _BOUNDED_S3
+    if _BOUNDED_S3 is None:
+        import botocore.handlers
+        import s3fs
+
+        class BoundedS3FileSystem(s3fs.S3FileSystem):
+            retries = 1  # `_retry` is the one retry layer
+
+            async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 - s3fs's own signature
+                client = await super().set_session(refresh=refresh, kwargs=kwargs)
+                # aiohttp waits for the `100 Continue` without a timeout: a stalled endpoint would hang a PUT
+                client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+                return client
+
+        BoundedS3FileSystem.__qualname__ = "BoundedS3FileSystem"  # pickled by name: see `__getattr__`
+        _BOUNDED_S3 = BoundedS3FileSystem
+    return _BOUNDED_S3
+
+
+def __getattr__(name: str):
+    """`storage.BoundedS3FileSystem`, made on first use (s3fs is imported only where S3 is used); this is
+    how an unpickling process finds the class."""
+    if name == "BoundedS3FileSystem":
+        return _bounded_s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _endpoint(url: str) -> str:

@@ -159,3 +159,20 @@ def test_a_memory_root_is_one_line_and_exit_2(capsys, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("sample: memory://x: memory:// storage lives in one process") and len(err.splitlines()) == 1
+
+
+def test_a_pickled_filesystem_keeps_one_attempt_and_no_expect(stalled):
+    """Ray Train uploads checkpoints through the filesystem pickled to its workers: the copy must keep
+    the bounds (one attempt per request, timeouts, no `Expect: 100-continue`)."""
+    import pickle
+
+    storage.configure(endpoint_url=stalled.url, retries=0, timeout_s=TIMEOUT_S)
+    fs, path = storage.filesystem("s3://bucket/key")
+    copy = pickle.loads(pickle.dumps(fs))
+    assert type(copy).__name__ == "BoundedS3FileSystem" and copy.retries == 1
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        copy.pipe_file(path, b"payload")
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+    request = bytes(stalled.received).lower()
+    assert request.startswith(b"put /bucket/key") and b"expect:" not in request
