@@ -30,15 +30,17 @@ def test_a_window_counts_only_when_it_began_and_ended_inside_the_slice():
     assert [w.wall for w in train_throughput.windows_inside(windows, second)] == [32, 33]
 
 
-def _reference(single: float, pair: float) -> dict:
+def _reference(single: float, pair: float, ddp: float | None = None) -> dict:
     bare = {"samples_per_s": single, "samples_per_cpu_s": single, "faults_per_s": 0.0, "system_share": 0.0}
-    return {"single": bare, "pair": {**bare, "samples_per_s": pair, "samples_per_cpu_s": pair}}
+    ddp = pair if ddp is None else ddp
+    return {"single": bare, "pair": {**bare, "samples_per_s": pair, "samples_per_cpu_s": pair},
+            "ddp": {**bare, "samples_per_s": ddp, "samples_per_cpu_s": ddp}}
 
 
 def test_each_slice_is_compared_with_the_references_on_either_side():
     windows = _windows([10, 11, 12, 31, 32, 33], [100, 160, 160, 50, 300, 300])
     job = {"workers": 2, "intervals": [(0.0, 12.5), (30.0, 40.0)], "windows": windows,
-           "references": [_reference(200, 100), _reference(100, 100), _reference(200, 200)],
+           "references": [_reference(200, 100, 90), _reference(100, 100, 110), _reference(200, 200)],
            "machine": [None, None]}
     rows = train_throughput.slice_rows(job, micro=32)
     assert [r["slice"] for r in rows] == [0, 1]
@@ -46,6 +48,7 @@ def test_each_slice_is_compared_with_the_references_on_either_side():
     assert rows[0]["per_worker"] == pytest.approx(80)
     assert rows[0]["overhead_wall"] == pytest.approx(1 - 80 / 150)
     assert rows[0]["overhead_vs_pair"] == pytest.approx(1 - 80 / 100)
+    assert rows[0]["overhead_vs_ddp"] == pytest.approx(1 - 80 / 100)  # one DDP rank: (90 + 110) / 2
     # Slice 1: 150 per worker against (100 + 200) / 2.
     assert rows[1]["overhead_wall"] == pytest.approx(0.0)
     summary = train_throughput._median_of(rows, workers=2)
