@@ -145,3 +145,24 @@ def image_source(tmp_path_factory) -> dict:
     (root / "captions.csv").write_text("\n".join(rows) + "\n")
     return {"folder": str(root), "captions": str(root / "captions.csv"),
             "bad": ["class_1/truncated.png", "class_2/not_an_image.png"], "good": len(paths)}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank process group and one torch thread (the CI machine has 2 shared cores); DeepSpeed's
+    rank variables are restored afterwards, so that later Ray workers do not inherit them."""
+    import torch
+
+    from dydit_dist.train.deepspeed_setup import init_single_process
+
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    torch.set_num_threads(1)
+    init_single_process("gloo")
+    yield
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

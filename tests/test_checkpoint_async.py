@@ -8,29 +8,12 @@ import shutil
 import uuid
 
 import pytest
-import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.data.synthetic import random_dataset
-from dydit_dist.train.deepspeed_setup import init_single_process
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import FailingUpload, LocalSession
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    threads = torch.get_num_threads()
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    torch.set_num_threads(1)
-    init_single_process("gloo")
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _cfg(root: str, *overrides):

@@ -4,7 +4,6 @@ accelerator) and bf16 sampling against fp32 on the tiny model."""
 from __future__ import annotations
 
 import math
-import os
 import uuid
 
 import pytest
@@ -14,24 +13,8 @@ from sampling_util import random_checkpoint, tiny_config
 from dydit_dist import config as config_lib
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.sample.generate import ShardGenerator
-from dydit_dist.train.deepspeed_setup import init_single_process
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import LocalSession
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    threads = torch.get_num_threads()
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    torch.set_num_threads(1)
-    init_single_process("gloo")
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

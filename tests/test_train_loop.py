@@ -14,25 +14,9 @@ from dydit_dist import storage
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.models import build_model
 from dydit_dist.network import build_network, latest_ema, load_weights, save_weights
-from dydit_dist.train.deepspeed_setup import check_deepspeed, init_single_process
+from dydit_dist.train.deepspeed_setup import check_deepspeed
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import LocalSession
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A one-rank process group and one torch thread (the CI machine has 2 shared cores)."""
-    threads = torch.get_num_threads()
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    torch.set_num_threads(1)
-    init_single_process("gloo")
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():  # later Ray workers must not inherit them
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _cfg(root: str, *overrides):
