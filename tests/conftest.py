@@ -166,3 +166,13 @@ def one_rank():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Random debug checkpoints: the static network and DyDiT (routers drawn at random too)."""
+    from sampling_util import random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"static": random_checkpoint(str(root / "static.safetensors")),
+            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "model.method=dydit")}

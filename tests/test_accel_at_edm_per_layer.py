@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_accel_at_edm import run  # one sampling helper for both AT-EDM test files
 
 from dydit_dist import flops
 from dydit_dist.accel import ATEDMOptions, ScoringBranches, build_runner, gwpr
@@ -21,7 +22,6 @@ from dydit_dist.accel.dsap import (
     solve_rate,
 )
 from dydit_dist.accel.synthetic import randomize_zero_init
-from dydit_dist.diffusion import sample
 from dydit_dist.models import Branches, DiT, block_forward, build_model
 
 OPTS = dict(score_layer=0, dense_last=1)
@@ -158,21 +158,11 @@ def test_budget_out_of_reach_and_no_late_step_are_refused():
         build_plan(layout, 0.9, 10, 9, dit_early_unpruned(layout, 1.0))
 
 
-def run(model, runner, steps=4, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, 8, 8, generator=g)
-    y = torch.arange(batch) % 10
-    if runner is not None:
-        runner.begin(steps)
-    return sample(runner if runner is not None else model, x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
-                  step_callback=None if runner is None else runner.step_callback)
-
-
 @pytest.mark.parametrize("variant", ["per_layer", "single"])
 def test_zero_ratio_is_exactly_static(variant):
     model = dit()
     runner = build_runner("at_edm", model, ATEDMOptions(ratio=0.0, variant=variant, **OPTS))
-    assert torch.equal(run(model, runner), run(model, build_runner("static", model)))
+    assert torch.equal(run(model, runner, steps=4), run(model, build_runner("static", model), steps=4))
 
 
 @pytest.mark.parametrize("variant", ["per_layer", "single"])
@@ -180,7 +170,7 @@ def test_sampling_end_to_end_saves_flops(variant):
     model = dit()
     runner = build_runner("at_edm", model, ATEDMOptions(ratio=0.5, variant=variant, **OPTS))
     static = build_runner("static", model)
-    out, plain = run(model, runner), run(model, static)
+    out, plain = run(model, runner, steps=4), run(model, static, steps=4)
     assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
     assert runner.mean_flops() < static.mean_flops()
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import torch
-from sampling_util import random_checkpoint, tiny_config
+from sampling_util import tiny_config
 
 from dydit_dist import config as config_lib
 from dydit_dist.data.synthetic import random_dataset
@@ -40,13 +40,6 @@ def test_bf16_training_runs_through_deepspeed(one_rank, tmp_path, stage):
     if stage < 3:  # ZeRO-3 partitions the module's parameters (their local tensors are empty)
         after = dict(trainer.engine.module.named_parameters())
         assert any(not torch.equal(before[n], after[n].detach()) for n in before)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {"static": random_checkpoint(str(root / "static.safetensors")),
-            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "model.method=dydit")}
 
 
 @pytest.mark.parametrize("method", ["static", "dydit"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sampling_util import random_checkpoint, tiny_config, write_samples
+from sampling_util import tiny_config, write_samples
 
 from dydit_dist.sample import (
     export_adm_npz,
@@ -16,13 +16,6 @@ from dydit_dist.sample import (
 )
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {"static": random_checkpoint(str(root / "static.safetensors")),
-            "dydit": random_checkpoint(str(root / "dydit.safetensors"), "model.method=dydit")}
 
 
 @pytest.mark.parametrize("method", ["static", "dydit"])
