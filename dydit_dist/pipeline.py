@@ -108,7 +108,7 @@ def train_stage(cfg: Config, name: str) -> str:
         launcher.check_settings(cfg)
         launcher.preflight_cluster(cfg)
         run_config.save(cfg, "finetune")
-        launcher.build_trainer(cfg).fit()
+        launcher.fit(launcher.build_trainer(cfg))
     return run
 
 

@@ -5,7 +5,9 @@
 
 Submitting again with the same `storage.run` resumes from the run's latest checkpoint, with the same
 settings (lr, batch sizes, precision, model, method) unless `train.allow_changed_settings=true`; a run
-that already exported its EMA weights at train.max_steps exits at once. The exported EMA weights land
+that already exported its EMA weights at train.max_steps exits at once. A worker that fails on its
+input (a corrupt shard, a checkpoint of another model) ends the job at once with one line and exit
+status 2; Ray Train retries only the other failures (`ray.max_failures`). The exported EMA weights land
 in `{storage.root}/runs/{storage.run}/checkpoints/ema-{step:07d}.safetensors`.
 """
 
@@ -28,7 +30,7 @@ def fit(cfg, wrap_session=None):
     cli.connect_ray(cfg, "finetune")
     launcher.preflight_cluster(cfg)
     cli.save_resolved_config(cfg, "finetune")
-    result = launcher.build_trainer(cfg, wrap_session).fit()
+    result = launcher.fit(launcher.build_trainer(cfg, wrap_session))
     print(f"finetune: done at step {(result.metrics or {}).get('step')}; checkpoint "
           f"{result.checkpoint.path if result.checkpoint else None}; EMA weights {launcher.latest_ema_url(cfg)}")
     return result
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # heavy (torch, ray, deepspeed): imported once the config is known good
     from dydit_dist.data import DataError
     from dydit_dist.pipeline import trained_to_end
-    from dydit_dist.train.launcher import latest_ema_url
+    from dydit_dist.train.launcher import InputFailure, latest_ema_url
 
     def finished() -> str | None:
         if trained_to_end(cfg):
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         fit(cfg)  # prints its own summary line
 
-    return cli.run_job("finetune", work, (DataError,), cfg, args.dry_run, finished=finished)
+    return cli.run_job("finetune", work, (DataError, InputFailure), cfg, args.dry_run, finished=finished)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from dydit_dist.pipeline import reproduce
     from dydit_dist.sample import SamplesError
     from dydit_dist.shardset import ShardError
+    from dydit_dist.train.launcher import InputFailure
 
     def work() -> str:
         cli.save_resolved_config(cfg, "reproduce")
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         report = reproduce(cfg)
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
-    return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, FeatureExtractorUnavailable),
-                       cfg, args.dry_run)
+    return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, FeatureExtractorUnavailable,
+                                         InputFailure), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

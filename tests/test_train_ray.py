@@ -4,16 +4,21 @@ ZeRO-2 surviving a lost worker, ZeRO-3 resumed by a second submission, pre-fligh
 from __future__ import annotations
 
 import functools
+import pickle
+import time
 
 import pytest
 import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
-from dydit_dist.data import LatentStream
+from dydit_dist.data import DataError, LatentStream
 from dydit_dist.data.synthetic import random_dataset
+from dydit_dist.models import CheckpointError
 from dydit_dist.network import build_network, latest_ema, load_weights
 from dydit_dist.paths import RunPaths
+from dydit_dist.shardset import ShardError, shard_url
+from dydit_dist.train import launcher
 from dydit_dist.train.ray_session import FaultySession
 from jobs import finetune
 
@@ -112,3 +117,49 @@ def test_preflight_fails_before_workers_start(ray_local, s3_bucket, s3_endpoint,
         finetune.main([*argv, "train.global_batch_size=6"])
     assert "train.global_batch_size=6 must be a multiple of ray.num_workers x train.micro_batch_size = 2 x 2 = 4" in capsys.readouterr().err
     assert not storage.exists(f"{s3_bucket}/runs/bad")
+
+
+def test_input_errors_stop_the_run_and_others_are_retried():
+    """The controller-side callback: an input error of any rank ends the run (InputFailure, which pickles
+    back to the driver with every rank's error); a lost worker or a failed upload does not."""
+    callback = launcher.StopOnInputError()
+    callback.after_exception(None, {0: OSError("connection reset"), 1: RuntimeError("NCCL timeout")})  # retried
+    for error in (ShardError("corrupt shard s3://b/d/shard-000003.tar"), DataError("no manifest"),
+                  CheckpointError("ckpt.pt does not fit DiT"), config_lib.ConfigError("ray.num_workers=2 but 3")):
+        with pytest.raises(launcher.InputFailure) as caught:
+            callback.after_exception(None, {0: RuntimeError("collective aborted"), 1: error})
+        assert set(caught.value.errors) == {1}
+        assert str(caught.value).startswith(f"training worker 1: {type(error).__name__}: {error}; not retried")
+        again = pickle.loads(pickle.dumps(caught.value))
+        assert type(again) is launcher.InputFailure and str(again) == str(caught.value)
+    both = launcher.InputFailure({1: ShardError("a"), 0: ShardError("b")})
+    assert str(both).startswith("training worker 0 (and 1 more ranks): ShardError: b;")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_shard_corrupted_after_the_preflight_ends_the_job_once(ray_local, s3_bucket, s3_endpoint, capsys,
+                                                                   monkeypatch):
+    """A shard that passes the preflight and is corrupt when a worker reads it: one line, exit status 2,
+    no retry although ray.max_failures=3 (InputFailure comes only from the first failed attempt: the
+    controller's callback ends the run there), no checkpoint written."""
+    argv = _overrides(s3_bucket, s3_endpoint, "storage.run=corrupt", "train.max_steps=4", "ray.max_failures=3")
+    cfg = _data(s3_bucket, argv)
+    url = shard_url(cfg.data.uri, 0)
+    wait_for_capacity = launcher.preflight_cluster
+
+    def corrupt_after_preflight(cfg):  # between the driver's checks and the workers' first read
+        data = storage.read_bytes(url)
+        storage.write_bytes(url, data[: len(data) // 2])  # truncated
+        wait_for_capacity(cfg)
+
+    monkeypatch.setattr(launcher, "preflight_cluster", corrupt_after_preflight)
+    start = time.monotonic()
+    assert finetune.main(argv) == 2
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("finetune: "))
+    assert line.startswith("finetune: training worker ") and "ShardError: corrupt shard" in line and url in line
+    assert "not retried" in line
+    print(f"failed in {seconds:.1f} s: {line}")
+    assert not [u for u in storage.listdir(f"{s3_bucket}/runs/corrupt/checkpoints") if "step-" in u]

@@ -20,6 +20,7 @@ _EXPORTS = {
     "DiT": "dit",
     "DiTBlock": "dit",
     "DiT_models": "dit",
+    "CheckpointError": "checkpoint",
     "LoadResult": "checkpoint",
     "PixArt": "pixart",
     "PixArtBlock": "pixart",

@@ -27,15 +27,20 @@ _CONTAINER_KEYS = ("state_dict", "ema", "model")
 _SHOW = 10  # how many keys of each kind an error lists
 
 
+class CheckpointError(ValueError):
+    """A checkpoint whose content is wrong (not a checkpoint, not a state dict, another model's keys or
+    shapes): reading it again gives the same error, so a job stops instead of retrying."""
+
+
 def parse_state_dict(data: bytes | BinaryIO, name: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict, on CPU, from a checkpoint's bytes (or a binary file object).
 
     `name` (the file's name or URL) picks the format: `.safetensors` is read with safetensors,
     anything else with `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`,
-    `{"ema": ...}`, `{"model": ...}`) are unwrapped. Raises ValueError naming `name`.
+    `{"ema": ...}`, `{"model": ...}`) are unwrapped. Raises CheckpointError naming `name`.
     """
     if name.endswith(".safetensors"):
-        obj = safetensors.torch.load(data if isinstance(data, bytes) else data.read())
+        obj = _safetensors(safetensors.torch.load, data if isinstance(data, bytes) else data.read(), name=name)
     else:
         obj = _torch_load(io.BytesIO(data) if isinstance(data, bytes) else data, name)
     return _unwrap(obj, name)
@@ -44,7 +49,7 @@ def parse_state_dict(data: bytes | BinaryIO, name: str) -> dict[str, torch.Tenso
 def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
     """`parse_state_dict` of a local file (a `.safetensors` file is mapped, not read whole).
 
-    `name` is how errors call the file (default: the path). Raises FileNotFoundError or ValueError
+    `name` is how errors call the file (default: the path). Raises FileNotFoundError or CheckpointError
     naming it; a URL is a ValueError (`dydit_dist.network.read_weights` reads those).
     """
     local = os.fspath(path)
@@ -54,7 +59,7 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     if not os.path.isfile(local):
         raise FileNotFoundError(f"{name}: no such checkpoint file")
     if local.endswith(".safetensors"):
-        return _unwrap(safetensors.torch.load_file(local, device="cpu"), name)
+        return _unwrap(_safetensors(safetensors.torch.load_file, local, device="cpu", name=name), name)
     return _unwrap(_torch_load(local, name), name)
 
 
@@ -62,14 +67,21 @@ def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
     """{key: shape} of a checkpoint file object without reading its tensors: a safetensors header (8-byte
     length, then JSON), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
     multi-GB file; a URL's file object reads by range). Official containers are unwrapped as in
-    `parse_state_dict`. Raises ValueError naming `name`."""
+    `parse_state_dict`. Raises CheckpointError naming `name`."""
     if name.endswith(".safetensors"):
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size < 100_000_000:
-            raise ValueError(f"{name}: not a safetensors file (header size {size})")
+            raise CheckpointError(f"{name}: not a safetensors file (header size {size})")
         header = json.loads(f.read(size))
         return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
+
+
+def _safetensors(load, source, name: str, **kwargs) -> dict[str, torch.Tensor]:
+    try:
+        return load(source, **kwargs)
+    except safetensors.SafetensorError as err:  # a truncated or corrupt file
+        raise CheckpointError(f"{name}: cannot read as a safetensors file ({err})") from err
 
 
 def _torch_load(f, src: str, device: str = "cpu"):
@@ -78,7 +90,7 @@ def _torch_load(f, src: str, device: str = "cpu"):
         try:
             return torch.load(f, map_location=device, weights_only=True)
         except Exception as err:  # unpickling errors come in many types; the cause is kept
-            raise ValueError(
+            raise CheckpointError(
                 f"{src}: cannot read as a PyTorch checkpoint with weights_only=True "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from err
@@ -86,14 +98,14 @@ def _torch_load(f, src: str, device: str = "cpu"):
 
 def _unwrap(obj, src: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
     for key in _CONTAINER_KEYS:
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(
+        raise CheckpointError(
             f"{src}: not a state dict; entries that are not tensors: {not_tensors[:_SHOW]} "
             f"(recognized containers: {', '.join(_CONTAINER_KEYS)})"
         )
@@ -121,7 +133,7 @@ def load_into(
     allow_missing: fnmatch patterns of model keys the checkpoint may lack (e.g. `"blocks.*.attn_rate.*"`
       for DyDiT routers on a static checkpoint); those keep their current values.
     strict: if False, other missing keys and unexpected keys are tolerated too (and reported).
-    Shape mismatches are always an error. The ValueError names `source` (the file) and lists the
+    Shape mismatches are always an error. The CheckpointError names `source` (the file) and lists the
     first missing keys, unexpected keys and mismatched shapes (checkpoint vs model).
     """
     if not isinstance(state_dict, Mapping):
@@ -151,7 +163,7 @@ def load_into(
                 more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
                 lines.append(f"  {len(keys)} {title}{more}: " + "; ".join(keys[:_SHOW]))
         lines.append("  (a checkpoint of another model family or size, or built with other keywords?)")
-        raise ValueError("\n".join(lines))
+        raise CheckpointError("\n".join(lines))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return LoadResult(missing=allowed + missing, unexpected=unexpected)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dydit_dist import storage
+from dydit_dist.models import CheckpointError
 from dydit_dist.network import save_weights
 from dydit_dist.paths import EMA_POINTER
 from dydit_dist.train.state import TrainerState
@@ -69,7 +70,7 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
     now = {"world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage}
     changed = [f"{k}: checkpoint {meta[k]}, now {v}" for k, v in now.items() if meta[k] != v]
     if changed:
-        raise ValueError(f"checkpoint {directory} cannot be resumed by this run ({'; '.join(changed)}): keep "
+        raise CheckpointError(f"checkpoint {directory} cannot be resumed by this run ({'; '.join(changed)}): keep "
                          f"ray.num_workers={meta['world_size']} and deepspeed.zero_stage={meta['zero_stage']}, "
                          "or start a new storage.run with train.init_from set to this run")
     path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
@@ -78,7 +79,7 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         raise FileNotFoundError(f"{directory}/{DS_TAG}: no DeepSpeed checkpoint to resume from")
     state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
     if state.step != meta["step"]:
-        raise ValueError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
+        raise CheckpointError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
     set_lr(engine, cfg.train.lr)
 
 

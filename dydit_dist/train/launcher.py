@@ -2,7 +2,15 @@
 
     preflight(cfg)                                   # config + data: fails before Ray is contacted
     preflight_cluster(cfg)                           # waits for the workers' capacity (`capacity.acquire`)
-    result = build_trainer(cfg).fit()
+    result = fit(build_trainer(cfg))                 # a bad input in a worker: InputFailure, not retried
+
+Failures: Ray Train restarts the worker group (from the latest checkpoint) up to ray.max_failures
+times. That is right for a lost node or a failed upload, and wrong for an input a restart reads
+again: a corrupt shard, a checkpoint of another model, a config a worker refuses (`NOT_RETRIED`).
+`StopOnInputError`, a callback in Ray Train's controller, sees the workers' exceptions as the
+controller collects them and raises on those, which the controller does not retry (it retries worker
+failures and its own start-up failures only); `fit` turns that into `InputFailure` naming the rank
+and the input, which `jobs.finetune` prints as one line with exit status 2.
 
 Storage: Ray Train's run folder is `{storage.root}/runs/{storage.run}/checkpoints` (storage_path =
 the run folder, name = "checkpoints"), so the resumable checkpoints `step-{step:07d}/`, Ray's own
@@ -28,7 +36,7 @@ from dydit_dist.paths import CHECKPOINTS, RunPaths
 from dydit_dist.train.checkpoints import CHECKPOINT_NAME
 from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
 from dydit_dist.train.metrics import progress_line
-from dydit_dist.train.worker import train_loop_per_worker
+from dydit_dist.train.worker import NOT_RETRIED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +130,7 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
         failure_config=FailureConfig(max_failures=r.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
-        callbacks=[ProgressCallback(cfg.train.max_steps)],
+        callbacks=[ProgressCallback(cfg.train.max_steps), StopOnInputError()],
     )
     loop = train_loop_per_worker if wrap_session is None else functools.partial(train_loop_per_worker,
                                                                                  wrap_session=wrap_session)
@@ -143,3 +151,42 @@ class ProgressCallback(UserCallback):
         if metrics and "step" in metrics[0]:
             saved = f" | checkpoint {checkpoint.path}" if checkpoint is not None else ""
             print(f"[finetune] {progress_line(metrics[0], self.max_steps)}{saved}", flush=True)
+
+
+class InputFailure(ValueError):
+    """Workers stopped on an input error (`NOT_RETRIED`): {world rank: the worker's exception}."""
+
+    def __init__(self, errors: dict[int, Exception]):
+        self.errors = errors
+        rank, first = min(errors.items())
+        others = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
+        super().__init__(f"training worker {rank}{others}: {type(first).__name__}: {first}; not retried, a restart "
+                         "would read the same input")
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))
+
+
+class StopOnInputError(UserCallback):
+    """Ends the run, without Ray Train's retries, when a worker failed on an input error.
+
+    Runs in Ray Train's controller after each poll of the workers that found errors: raising here is a
+    controller error of a kind the controller's failure policy does not retry, so the run ends and
+    `fit()` raises it."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]):
+        errors = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, NOT_RETRIED)}
+        if errors:
+            raise InputFailure(errors)
+
+
+def fit(trainer):
+    """`trainer.fit()`, with an input error in a worker raised as `InputFailure` (one line, no retry)."""
+    from ray.train import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, InputFailure):
+            raise err.controller_failure from None
+        raise

@@ -2,7 +2,10 @@
 
 The typed config is rebuilt from the plain dict inside the worker, storage and logging are set up,
 glibc's malloc is told to keep freed memory (`retain_freed_memory`), then the rank's `Trainer` runs
-against the Ray Train session (wrapped by `wrap_session` when a test injects faults).
+against the Ray Train session (wrapped by `wrap_session` when a test injects faults). An input error
+(`NOT_RETRIED`: a corrupt shard, a checkpoint of another model, a config the worker refuses) is raised
+again without the traceback through the trainer and the data reader, whose message already names the
+input; the launcher's callback then ends the run without retrying it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,14 @@ from collections.abc import Callable
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
+from dydit_dist.data import DataError
+from dydit_dist.models import CheckpointError
+from dydit_dist.shardset import ShardError
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import RaySession
+
+# A worker's error that a restart meets again (ManifestError is a DataError).
+NOT_RETRIED = (config_lib.ConfigError, DataError, ShardError, CheckpointError)
 
 
 def train_loop_per_worker(config_dict: dict, wrap_session: Callable | None = None) -> None:
@@ -25,7 +34,10 @@ def train_loop_per_worker(config_dict: dict, wrap_session: Callable | None = Non
     session = RaySession(background=cfg.train.async_checkpoint)
     if wrap_session is not None:
         session = wrap_session(session)
-    Trainer(cfg, session).train()
+    try:
+        Trainer(cfg, session).train()
+    except NOT_RETRIED as err:
+        raise type(err)(*err.args) from None  # the message names the input; the reader's frames add nothing
 
 
 def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
