@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dydit_dist import storage
-from dydit_dist.models import DiT, build_model, load_into, load_state_dict_file
+from dydit_dist.models import CheckpointError, DiT, build_model, load_into, load_state_dict_file
 from dydit_dist.network import load_weights, read_weights, save_weights
 
 DEBUG = dict(input_size=8, num_classes=10)
@@ -115,11 +115,20 @@ def test_memory_url():
 def test_unreadable_files_are_refused_with_their_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_state_dict_file(tmp_path / "nope.pt")
+    # The content errors are CheckpointError (a ValueError): a fine-tuning worker stops on them instead of
+    # having Ray Train retry (test_train_ray)
     pickled = tmp_path / "object.pt"
     torch.save({"weights": tmp_path}, pickled)  # a Path object: refused by weights_only loading
-    with pytest.raises(ValueError, match="object.pt.*weights_only"):
+    with pytest.raises(CheckpointError, match="object.pt.*weights_only"):
         load_state_dict_file(pickled)
     not_tensors = tmp_path / "numbers.pt"
     torch.save({"step": 3, "lr": 0.1}, not_tensors)
-    with pytest.raises(ValueError, match="numbers.pt: not a state dict"):
+    with pytest.raises(CheckpointError, match="numbers.pt: not a state dict"):
         load_state_dict_file(not_tensors)
+    truncated = tmp_path / "cut.safetensors"
+    save_weights(_model().state_dict(), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.safetensors: cannot read as a safetensors file"):
+        load_state_dict_file(truncated)
+    with pytest.raises(CheckpointError, match="does not fit DiT"):
+        load_into(_model(), _model(depth=2).state_dict(), source="two-blocks.pt")
