@@ -10,6 +10,10 @@ group is removed once placed: it only proves that the bundles fit, and the job's
 Train's placement group) take their place at once. When they do not fit within the timeout the job
 fails with a `CapacityError` naming the resource; a job configured for GPUs never falls back to CPU.
 
+Every driver joins (or starts) Ray through `connect_ray(address)`, which keeps the process's SIGTERM
+and SIGINT handlers: `ray.init` replaces them, and the jobs' own (exit 143 / 130 saying what was kept,
+`dydit_dist.cli`) must stay in force while the job runs.
+
 Inside a worker or actor configured for a GPU, `check_gpu(where)` is the first thing that runs: a
 GPU-configured process without a usable GPU is an error, and the device, driver and CUDA versions
 are logged.
@@ -21,7 +25,9 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -31,6 +37,20 @@ from dydit_dist.config import ConfigError
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
+
+
+def connect_ray(address: str | None) -> None:
+    """Join (or start) Ray at `address` unless this process already did, keeping its signal handlers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    ray.init(address=address)
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: set from outside Python, nothing to restore
+            signal.signal(sig, handler)
 
 
 class CapacityError(ConfigError):

@@ -124,11 +124,10 @@ def save_resolved_config(cfg: Config, job: str) -> str:
 
 
 def connect_ray(cfg: Config, job: str) -> None:
-    """Start or join Ray (`ray.address`), then take SIGTERM / SIGINT back from the handlers `ray.init` installs."""
-    import ray  # heavy: only jobs that run on Ray import it, after their config is checked
+    """Start or join Ray (`ray.address`) with this job's SIGTERM / SIGINT handlers in force afterwards."""
+    from dydit_dist.capacity import connect_ray  # heavy (torch, ray): after the config is checked
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address)
     install_signal_handlers(job, cfg)
 
 

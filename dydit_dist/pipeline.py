@@ -24,6 +24,7 @@ import time
 
 from dydit_dist import config as config_lib
 from dydit_dist import run_config, storage
+from dydit_dist.capacity import connect_ray
 from dydit_dist.config import Config
 from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
@@ -136,10 +137,7 @@ def feature_extractor_stage(cfg: Config) -> Config:
 
 def reproduce(cfg: Config) -> str:
     """Run every stage (see the module docstring); returns the report's URL."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address)
     cfg = absolute_root(cfg)
     # 1. Data
     cfg = prepare_stage(cfg)

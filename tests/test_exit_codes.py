@@ -5,9 +5,11 @@ and SIGINT print what was kept and how to resume, release the run's lease and ex
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +84,9 @@ dydit_dist.preflight.check = lambda *args, **kwargs: None  # this test stops a j
 cfg, args = cli.parse_args(cli.job_parser("sample", "test"), sys.argv[1:])
 
 def work():
+    if cfg.ray.address == "local":  # a job that starts Ray, as prepare and evaluate do inside the library
+        from dydit_dist.capacity import connect_ray
+        connect_ray(cfg.ray.address)  # ray.init replaces the handlers; connect_ray puts the job's back
     print("working", flush=True)
     threading.Event().wait()
 
@@ -89,11 +94,14 @@ sys.exit(cli.run_job("sample", work, (), cfg))
 """
 
 
-@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, tmp_path):
+@pytest.mark.parametrize("sig, rc, on_ray", [(signal.SIGTERM, 143, False), (signal.SIGINT, 130, False),
+                                            pytest.param(signal.SIGTERM, 143, True, marks=pytest.mark.integration)])
+def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, on_ray, tmp_path):
     lease = tmp_path / "runs" / "stopped" / "lease.json"
-    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, f"storage.root={tmp_path}", "storage.run=stopped"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    args = [f"storage.root={tmp_path}", "storage.run=stopped", *(["ray.address=local"] if on_ray else [])]
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_TMPDIR": ray_dir})
     assert proc.stdout.readline() == "working\n"
     assert lease.exists()
     proc.send_signal(sig)
@@ -103,3 +111,4 @@ def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, tmp_path):
             f"{tmp_path}/runs/stopped/samples") in err
     assert "rerun the same command to make only the missing ones" in err and "Traceback" not in err
     assert not lease.exists()
+    shutil.rmtree(ray_dir, ignore_errors=True)

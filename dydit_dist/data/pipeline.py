@@ -36,7 +36,7 @@ import numpy as np
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
-from dydit_dist.capacity import Need, acquire, check_gpu
+from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
@@ -213,8 +213,7 @@ def prepare(cfg: Config) -> PrepareResult:
     manifest.write(uri)
     config_lib.save(cfg, paths.data_config)
     # 2. Fan out
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address)
     concurrency = _concurrency(cfg, len(todo))
     task = ray.remote(encode_chunk).options(
         num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0, max_retries=2)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import Need, acquire, check_gpu
+from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
 from dydit_dist.config import Config
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
@@ -185,8 +185,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice) -> lis
     """Every shard's features from the actors, pulled one shard at a time (two in flight per actor)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address)
     r = cfg.ray
     use_gpu = r.use_gpu
     count = min(cfg.eval.num_actors, len(records))
