@@ -27,10 +27,11 @@ from omegaconf import OmegaConf
 
 from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
+from dydit_dist.accel.dsap import build_plan, unet_early_unpruned, unet_layout
 from dydit_dist.accel.methods import METHODS
 from dydit_dist.dynamic import DyDiTOptions, FlexOptions
 from dydit_dist.dynamic.flexdit_schedule import parse_layout
-from dydit_dist.models.registry import arch
+from dydit_dist.models.registry import arch, family
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -39,6 +40,8 @@ class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
 
 
+SDXL_SAMPLERS = ("ddim", "dpm-solver++")  # diffusers schedulers of model.family sdxl (sample/sdxl.py)
+SDXL_METHODS = ("static", "at_edm")
 SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods.METHODS`
 Metric = Literal["fid", "sfid", "isc", "prc", "clip"]  # eval.metrics: FID, sFID, Inception Score, precision/recall, CLIP score
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
@@ -253,9 +256,12 @@ class Config:
         if not self.eval.metrics:
             raise ConfigError(f"eval.metrics is empty; name at least one of {list(typing.get_args(Metric))}")
         try:
-            patch, depth = arch(m.name)["patch_size"], arch(m.name)["depth"]
+            fam = family(m.name)
         except ValueError as err:
             raise ConfigError(f"model.name: {err}") from None
+        if fam == "sdxl":
+            self._check_sdxl()
+        patch, depth = (1, None) if fam == "sdxl" else (arch(m.name)["patch_size"], arch(m.name)["depth"])
         if m.image_size % (m.vae_downsample * patch) != 0:
             raise ConfigError(
                 f"model.image_size={m.image_size} must be divisible by model.vae_downsample x patch size "
@@ -284,12 +290,39 @@ class Config:
         if s.method == "eb_cache" and not s.eb_cache.schedule.endswith(".json") and len(s.eb_cache.schedule) != s.steps:
             raise ConfigError(f"sample.eb_cache.schedule has {len(s.eb_cache.schedule)} steps but sample.steps={s.steps}; "
                               "calibrate one for this step count (python -m jobs.calibrate)")
-        if s.method == "at_edm":
+        if s.method == "at_edm" and depth is not None:
             try:
                 s.at_edm.check_depth(depth)
             except ValueError as err:
                 raise ConfigError(f"sample.at_edm: {err}") from None
         return self
+
+    def _check_sdxl(self) -> None:
+        """model.family sdxl (a diffusers UNet sampled through StableDiffusionXLPipeline): what runs on it."""
+        m, s = self.model, self.sample
+        if m.method != "static":
+            raise ConfigError(f"model.family sdxl ({m.name}) runs model.method static (DyDiT and FlexDiT are DiT "
+                              f"networks), got model.method={m.method!r}")
+        if s.method not in SDXL_METHODS:
+            raise ConfigError(f"model.family sdxl supports sample.method static or at_edm, got sample.method={s.method!r}")
+        if s.sampler not in SDXL_SAMPLERS:
+            raise ConfigError(f"sample.sampler={s.sampler!r}: model.family sdxl samples deterministically after its "
+                              f"initial noise, with one of {list(SDXL_SAMPLERS)} (ddim is SD-XL's Euler update)")
+        unet = arch(m.name)
+        factor = m.vae_downsample * 2 ** (len(unet["block_out_channels"]) - 1)
+        if m.image_size % factor:
+            raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.vae_downsample x 2**(UNet "
+                              f"stages - 1) = {factor} for {m.name}")
+        if s.method == "at_edm" and s.at_edm.ratio > 0:
+            layout = unet_layout(unet, m.input_size)
+            try:
+                if s.at_edm.variant == "per_layer":
+                    build_plan(layout, s.at_edm.ratio, s.steps, s.at_edm.early_steps(s.steps),
+                               unet_early_unpruned(layout, s.at_edm.dsap_layers))
+                if all(seg.layers < 2 for seg in layout):
+                    raise ValueError(f"{m.name} has no attention block of 2 or more layers to prune in")
+            except ValueError as err:
+                raise ConfigError(f"sample.at_edm: {err}") from None
 
     def _check_locations(self) -> None:
         """Storage URLs that parse (`s3:/bucket` is a scheme typo, not a local folder) and a run name that

@@ -33,15 +33,17 @@ the analytic FLOPs (`dydit_dist.flops`, 2 FLOPs per multiply-accumulate) at an a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dydit_dist import flops, pipeline, resolve, storage
+from dydit_dist import flops, pipeline, pretrained, resolve, storage
 from dydit_dist.config import Config
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
 from dydit_dist.models import family
+from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample.pool import absolute_root
@@ -145,6 +147,11 @@ def _prepare(p: Plan, cfg: Config, builtin_ok: bool = False) -> None:
 def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = True,
               init_made_by: str | None = None, init_key: str | None = None) -> None:
     m, t = cfg.model, cfg.train
+    if family(m.name) == "sdxl":
+        p.stages.append(Stage(name, f"{m.name}: not run"))
+        p.add(Input("model.name", m.name, problem="model.family sdxl is sampled through diffusers' "
+                                                  "StableDiffusionXLPipeline (the sample and evaluate jobs), not fine-tuned"))
+        return
     done = p.job == "reproduce" and resolve.quietly(pipeline.trained_to_end, cfg)
     stage1 = 0
     if m.method == "dydit" and m.dynamic.stage == 1:  # stage 1 adds the complete model's forward + backward
@@ -179,6 +186,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
 
 def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
     m, s = cfg.model, cfg.sample
+    sdxl = family(m.name) == "sdxl"
     samples = RunPaths(cfg).samples
     done = p.job == "reproduce" and resolve.samples_complete(samples)
     guidance = 2 if s.cfg_scale != 1.0 else 1
@@ -193,10 +201,14 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
     p.stages.append(Stage(f"sample {s.method}", "outputs exist, skipped" if done else work, None if done else flop))
     if done:
         return
-    p.add(resolve.sampling_weights(cfg, weights_made_by, allow_random=False))
-    p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
+    if sdxl:  # the pipeline folder holds the VAE and the text encoders
+        p.add(sdxl_pipeline(cfg))
+    else:
+        p.add(resolve.sampling_weights(cfg, weights_made_by, allow_random=False))
+        p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
     if family(m.name) != "dit":
         p.add(resolve.exists("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
+    if family(m.name) not in ("dit", "sdxl"):
         p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
         if cfg.data.tokenizer:
             p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
@@ -246,6 +258,10 @@ def _reference(p: Plan, cfg: Config) -> None:
 
 def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8) -> None:
     m, s = cfg.model, cfg.sample
+    if family(m.name) == "sdxl":
+        p.add(Input("model.name", m.name, problem="model.family sdxl has no EB-Cache calibration (its sample.method "
+                                                  "is static or at_edm)"))
+        return
     macs = network_macs(m)
     guidance = 2 if s.cfg_scale != 1.0 else 1
     flop = num_samples * s.steps * guidance * macs * 2
@@ -296,12 +312,59 @@ def _reproduce(p: Plan, cfg: Config) -> None:
 
 
 def network_macs(model_cfg) -> float:
-    """Analytic MACs of one forward pass of the static network of a `ModelConfig` on one image."""
+    """Analytic MACs of one forward pass of the static network of a `ModelConfig` on one image (an SD-XL
+    UNet: counted by FlopCounterMode on the meta device, `sdxl_macs`)."""
     m = model_cfg
+    if family(m.name) == "sdxl":
+        return sdxl_macs(m.name, m.input_size)
     kwargs = dict(in_channels=m.in_channels, learn_sigma=m.learn_sigma)
     if family(m.name) != "dit":
         kwargs.update(caption_channels=m.caption_channels, model_max_length=m.model_max_length)
     return flops.count(m.name, m.image_size, vae_downsample=m.vae_downsample, **kwargs).total
+
+
+@functools.lru_cache(maxsize=8)
+def sdxl_macs(name: str, latent_size: int) -> float:
+    """MACs of one forward of the registry's SD-XL UNet `name` on one latent of `latent_size` (77 text
+    tokens), counted by torch's FlopCounterMode on the meta device (no weights, a few seconds)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dydit_dist.accel.at_edm_unet import unet_flops, unet_inputs
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**arch(name))
+    return unet_flops(unet, **unet_inputs(unet, latent_size, device="meta")) / 2
+
+
+def sdxl_pipeline(cfg: Config) -> Input:
+    """model.checkpoint of model.family sdxl: a StableDiffusionXLPipeline folder (local, on storage, or a
+    Hugging Face id mirrored, cached or on the Hub) with model_index.json and a unet/config.json that
+    matches the registry's model.name."""
+    key, value, root = "model.checkpoint", cfg.model.checkpoint, cfg.storage.root
+    if not value:
+        return Input(key, value, problem="unset; model.family sdxl samples from a StableDiffusionXLPipeline folder "
+                                         "(a local or storage folder, or a Hugging Face id)")
+    folder = value
+    if pretrained.is_hub_id(value):
+        folder = pretrained.mirror_url(value, root)
+        if not resolve.quietly(storage.exists, storage.join(folder, pretrained.COMPLETE)):
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(value, "model_index.json"), str):
+                return Input(key, value, note=f"in the local Hugging Face cache; mirrored to {folder} when the job starts")
+            unreachable = resolve._hub_unreachable(value)
+            if unreachable:
+                return Input(key, value, problem=f"not mirrored, not in the local Hugging Face cache and {unreachable}")
+            return Input(key, value, note=f"on the Hub; mirrored to {folder} when the job starts")
+    missing = [name for name in ("model_index.json", "unet/config.json")
+               if not resolve.quietly(storage.exists, storage.join(folder, name))]
+    if missing:
+        return Input(key, value, problem=f"not a StableDiffusionXLPipeline folder: no {', '.join(missing)}")
+    mismatches = sdxl_mismatches(cfg.model.name, storage.read_json(storage.join(folder, "unet/config.json")))
+    if mismatches:
+        return Input(key, value, problem=f"its unet/config.json is not {cfg.model.name}'s: {'; '.join(mismatches)}")
+    return Input(key, value, note="StableDiffusionXLPipeline folder")
 
 
 def _macs(macs: float) -> str:

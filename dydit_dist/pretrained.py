@@ -29,6 +29,7 @@ import shutil
 import tempfile
 
 from dydit_dist import storage
+from dydit_dist.models.registry import family
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ COMPLETE = ".complete"
 # What from_pretrained reads: configs, weights, tokenizer files. `*.bin` only when a repo has no safetensors.
 FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 LEGACY_WEIGHTS = ["*.bin"]
+# A diffusers pipeline (model.family sdxl): model_index.json and each component's config, tokenizer files
+# and full-precision safetensors; not the repo's single-file checkpoints or its fp16 variants.
+PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                  "*/model.safetensors"]
 
 
 def is_hub_id(value: str | None) -> bool:
@@ -59,13 +64,18 @@ def mirror_url(repo: str, root: str) -> str:
 def mirror(cfg, captions: bool) -> list[str]:
     """Copy the Hugging Face ids among `cfg.data.vae` (and with `captions`, `data.text_encoder` and
     `data.tokenizer`) into object storage, skipping what is there; the mirrors' URLs. The driver
-    calls this once per job, before its workers start."""
+    calls this once per job, before its workers start. For model.family sdxl the one component is
+    `model.checkpoint`, a whole StableDiffusionXLPipeline (its VAE and text encoders inside)."""
+    if family(cfg.model.name) == "sdxl":
+        value = cfg.model.checkpoint
+        return [mirror_repo(value, cfg.storage.root, PIPELINE_FILES)] if is_hub_id(value) else []
     keys = ("vae", "text_encoder", "tokenizer") if captions else ("vae",)
     return [mirror_repo(v, cfg.storage.root) for v in (getattr(cfg.data, k) for k in keys) if is_hub_id(v)]
 
 
-def mirror_repo(repo: str, root: str) -> str:
-    """`repo` (a Hugging Face id) as a folder under `{root}/pretrained/`; its URL."""
+def mirror_repo(repo: str, root: str, patterns: list[str] | None = None) -> str:
+    """`repo` (a Hugging Face id) as a folder under `{root}/pretrained/`; its URL. `patterns`: the files
+    to take (default `FILES`, with `*.bin` when the repo has no safetensors)."""
     url = mirror_url(repo, root)
     if storage.exists(storage.join(url, COMPLETE)):
         return url
@@ -73,9 +83,9 @@ def mirror_repo(repo: str, root: str) -> str:
 
     log.info("mirroring %s into %s (once; every worker reads it from there)", repo, url)
     with tempfile.TemporaryDirectory(prefix="dydit-mirror-") as tmp:
-        folder = snapshot_download(repo, allow_patterns=FILES, local_dir=tmp)
+        folder = snapshot_download(repo, allow_patterns=patterns or FILES, local_dir=tmp)
         files = _files(folder)
-        if not any(f.endswith(".safetensors") for f in files):
+        if patterns is None and not any(f.endswith(".safetensors") for f in files):
             folder = snapshot_download(repo, allow_patterns=FILES + LEGACY_WEIGHTS, local_dir=tmp)
             files = _files(folder)
         for name in files:
@@ -92,9 +102,9 @@ def local(value: str, root: str | None = None) -> str:
         url = mirror_url(value, root)
         return _cached(url) if storage.exists(storage.join(url, COMPLETE)) else value
     if is_storage_folder(value):
-        if not storage.exists(storage.join(value, COMPLETE)) and not storage.exists(storage.join(value, "config.json")):
-            raise FileNotFoundError(f"{value}: no config.json; expected a folder of a pretrained model "
-                                    "(as save_pretrained writes it)")
+        if not any(storage.exists(storage.join(value, name)) for name in (COMPLETE, "config.json", "model_index.json")):
+            raise FileNotFoundError(f"{value}: no config.json; expected a folder of a pretrained model (as "
+                                    "save_pretrained writes it), or of a diffusers pipeline (with model_index.json)")
         return _cached(value)
     return value
 

@@ -1,6 +1,7 @@
 """Sampling-time methods: the static network, DyDiT's fast path, FlexDiT, feature caching (FORA,
 EB-Cache) and token pruning (AT-EDM), each a runner built by `build_runner(method, model, options)`;
-see `base.py` for the interface the sample job drives and `methods.py` for the registry.
+see `base.py` for the interface the sample job drives and `methods.py` for the registry. AT-EDM on a
+diffusers SD-XL UNet is `UNetPruner` (`at_edm_unet.py`), driven by the sample job's SD-XL path.
 
 Names load their submodule on first use (`dydit_dist.lazy_exports`): the config reads the options and
 `METHODS` without torch.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "Runner": "base",
     "ScoringBranches": "at_edm",
     "StaticRunner": "base",
+    "UNetPruner": "at_edm_unet",
     "build_runner": "methods",
     "eps_scale_at": "options",
     "fora_schedule": "options",
@@ -36,6 +38,7 @@ _EXPORTS = {
     "parse_eps_scale": "options",
     "parse_schedule": "options",
     "recover": "at_edm",
+    "unet_flops": "at_edm_unet",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ arithmetic on a handful of floats, computed once per sampling run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -150,6 +150,62 @@ SDXL_EARLY_UNPRUNED = frozenset((k, j) for k in range(4) for j in range(SDXL_LAY
 def sdxl_reference_plan(ratio: float, num_steps: int = 50) -> Plan:
     """The SD-XL plan this project takes as DSAP's reference (50 steps, the SD-XL default)."""
     return build_plan(SDXL_LAYOUT, ratio, num_steps, round(SDXL_EARLY_FRACTION * num_steps), SDXL_EARLY_UNPRUNED)
+
+
+def unet_layout(config: Mapping, latent_size: int) -> tuple[Segment, ...]:
+    """The attention blocks of a diffusers `UNet2DConditionModel` (its `config`, as `config.json` holds
+    it) on `latent_size` x `latent_size` latents, in execution order: down stages, the mid block, up
+    stages. Each Transformer2DModel is one segment (its BasicTransformerBlocks lie between two ResNet
+    blocks); a stage runs at latent_size / 2**stage per side (every down stage but the last halves it,
+    every up stage but the last doubles it). The released SD-XL config at 128 gives `SDXL_LAYOUT`."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    channels = list(config["block_out_channels"])
+    stages = len(down)
+    if len(up) != stages or len(channels) != stages:
+        raise ValueError(f"UNet config: {stages} down_block_types, {len(up)} up_block_types and {len(channels)} "
+                         "block_out_channels must be as many")
+    if latent_size % 2 ** (stages - 1):
+        raise ValueError(f"latent size {latent_size} is not divisible by 2**{stages - 1} (the UNet's down stages)")
+    per_block = _per_stage(config.get("layers_per_block", 2), stages, "layers_per_block")
+    layers = _per_stage(config.get("transformer_layers_per_block", 1), stages, "transformer_layers_per_block")
+    reverse = config.get("reverse_transformer_layers_per_block")
+    up_layers = list(reverse) if reverse is not None else layers[::-1]
+    out: list[Segment] = []
+
+    def add(prefix: str, count: int, depth, stage: int) -> None:
+        side = latent_size // 2**stage
+        for i in range(count):
+            n = depth[i] if isinstance(depth, list | tuple) else depth
+            out.append(Segment(f"{prefix}.attentions.{i}", int(n), side * side, channels[stage]))
+
+    for s, kind in enumerate(down):
+        if kind.startswith("CrossAttn"):
+            add(f"down_blocks.{s}", per_block[s], layers[s], s)
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid == "UNetMidBlock2DCrossAttn":
+        add("mid_block", 1, layers[-1], stages - 1)
+    elif mid is not None:
+        raise ValueError(f"UNet config: mid_block_type {mid!r} is not supported (UNetMidBlock2DCrossAttn or none)")
+    for i, kind in enumerate(up):
+        if kind.startswith("CrossAttn"):
+            add(f"up_blocks.{i}", per_block[::-1][i] + 1, up_layers[i], stages - 1 - i)
+    return tuple(out)
+
+
+def _per_stage(value, stages: int, key: str) -> list:
+    if isinstance(value, int):
+        return [value] * stages
+    if len(value) != stages:
+        raise ValueError(f"UNet config: {key} has {len(value)} entries for {stages} stages")
+    return list(value)
+
+
+def unet_early_unpruned(layout: Sequence[Segment], fraction: float) -> frozenset[tuple[int, int]]:
+    """The UNet's layers DSAP leaves unpruned in the early steps: the first `fraction` of its pruning
+    layers in execution order (those nearest the input: the down stage first), as on the DiT. The
+    released SD-XL's four down-stage blocks (`SDXL_EARLY_UNPRUNED`) are its first 20 of 59."""
+    pruning = [(k, j) for k, seg in enumerate(layout) for j in range(seg.layers - 1)]
+    return frozenset(pruning[: round(fraction * len(pruning))])
 
 
 def dit_layout(depth: int, first_layer: int, dense_last: int, tokens: int, width: int) -> tuple[Segment, ...]:

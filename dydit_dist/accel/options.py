@@ -133,7 +133,10 @@ class EBCacheOptions:
 
 @dataclass(frozen=True)
 class ATEDMOptions:
-    """AT-EDM token pruning on a DiT (Wang et al., CVPR 2024), in two variants.
+    """AT-EDM token pruning on a DiT (Wang et al., CVPR 2024), in two variants. The same options drive it
+    on SD-XL's UNet (`accel.at_edm_unet`), where every attention block prunes and recovers by itself:
+    score_layer and dense_last do not apply there, and dsap_layers counts the UNet's pruning layers in
+    execution order (the down stage first).
 
     variant "per_layer" (the paper's scheme, the default): blocks score_layer .. depth - dense_last - 2
         each rank the tokens they carry by G-WPR on their OWN self-attention map and drop some of them

@@ -18,6 +18,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
     Unknown names or keywords (including the architecture's own: depth, hidden_size, ...) are ValueErrors.
     """
     fixed = arch(name)  # ValueError listing the valid names
+    if family(name) == "sdxl":
+        raise ValueError(f"model.name={name!r} is an SD-XL UNet (model.family sdxl): it is sampled through diffusers' "
+                         "StableDiffusionXLPipeline from model.checkpoint (the sample and evaluate jobs), not built "
+                         "or fine-tuned here")
     cls = {"dit": DiT, "pixart": PixArt, "pixart_ms": PixArtMS}[family(name)]
     valid = [n for n in inspect.signature(DiT if cls is DiT else PixArt).parameters if n not in fixed]
     unknown = sorted(set(kwargs) - set(valid))

@@ -16,6 +16,11 @@ from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch
 from .plan import class_label, prompt_index
 
 
+def prompt_meta(prompts: list[str], indices) -> list[dict]:
+    """What a text-to-image shard records per sample: {"prompt", "prompt_index"}, prompt k % P for sample k."""
+    return [{"prompt": prompts[p], "prompt_index": p} for p in (prompt_index(k, len(prompts)) for k in indices)]
+
+
 class ClassConditioner:
     """Class-conditional models (DiT): sample k is of class k % num_classes."""
 
@@ -46,11 +51,7 @@ class CaptionConditioner:
         self.null_caption = null_caption
 
     def meta(self, indices) -> list[dict]:
-        out = []
-        for k in indices:
-            p = prompt_index(k, len(self.prompts))
-            out.append({"prompt": self.prompts[p], "prompt_index": p})
-        return out
+        return prompt_meta(self.prompts, indices)
 
     def model_kwargs(self, indices, device) -> dict:
         captions = [m["prompt"] for m in self.meta(indices)]

@@ -46,13 +46,19 @@ class ImageDecoder:
     clamp(127.5 x + 128, 0, 255), truncated to uint8 (the inverse of the data's x = p / 127.5 - 1).
     """
 
-    def __init__(self, vae: str, scale_factor: float, device: str | torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, vae: str | torch.nn.Module, scale_factor: float, device: str | torch.device,
+                 dtype: torch.dtype | None = None):
+        """vae: a folder `AutoencoderKL.from_pretrained` reads, "none" for pixels, or a loaded VAE (as a
+        diffusers pipeline holds it); it runs on `device` in `dtype` (default fp32; a loaded VAE: its own)."""
         self.vae = None
         self.scale_factor = scale_factor
-        if vae != "none":
+        if isinstance(vae, torch.nn.Module):
+            vae = vae if dtype is None or dtype == vae.dtype else vae.to(dtype)
+            self.vae = vae.to(device).eval().requires_grad_(False)
+        elif vae != "none":
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL.from_pretrained(vae).to(device, dtype).eval().requires_grad_(False)
+            self.vae = AutoencoderKL.from_pretrained(vae).to(device, dtype or torch.float32).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -70,6 +76,14 @@ def _conditioner(cfg: Config, model, device):
     tokenizer = pretrained.local(d.tokenizer, root) if d.tokenizer else None
     encoder = TextEncoder(pretrained.local(d.text_encoder, root), tokenizer, cfg.model.model_max_length, str(device))
     return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
+
+
+def sample_noise(kind: str, seed: int, indices: list[int], device: torch.device) -> CounterNoise | list[torch.Generator]:
+    """The noise source of each sample (`sample.noise` = kind), one row per index: the counter stream on
+    `device` keyed by the sample's seed, or the sample's own CPU generator."""
+    if kind == "counter":
+        return CounterNoise.from_seeds([sample_seed(seed, k) for k in indices], device)
+    return sample_generators(seed, indices)
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:
@@ -112,10 +126,7 @@ class ShardGenerator:
 
     def noise(self, indices: list[int]) -> CounterNoise | list[torch.Generator]:
         """Each sample's own noise source (`sample.noise`), one row per index."""
-        s = self.cfg.sample
-        if s.noise == "counter":
-            return CounterNoise.from_seeds([sample_seed(s.seed, k) for k in indices], self.device)
-        return sample_generators(s.seed, indices)
+        return sample_noise(self.cfg.sample.noise, self.cfg.sample.seed, indices, self.device)
 
     @torch.no_grad()
     def latents(self, indices: list[int]) -> torch.Tensor:

@@ -38,6 +38,7 @@ from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
+from dydit_dist.sample.sdxl import SDXLShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
 
 from .dispatch import Dispatcher
@@ -73,6 +74,12 @@ def sampling_settings(cfg: Config) -> dict:
     }  # fmt: skip
 
 
+def shard_generator(cfg: Config, device: str) -> ShardGenerator | SDXLShardGenerator:
+    """What makes a worker's samples: diffusers' SD-XL pipeline for model.family sdxl, else this package's
+    network, method and sampler."""
+    return (SDXLShardGenerator if family(cfg.model.name) == "sdxl" else ShardGenerator)(cfg, device)
+
+
 class SamplingWorker:
     """One sampling actor's state: a `ShardGenerator` on its device, the units it sampled and not yet
     wrote or dropped, and where shards go. Two methods run at once (`max_concurrency=2`): `sample` on
@@ -86,7 +93,7 @@ class SamplingWorker:
         torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
         self.url = url
         self.digest = settings_digest(sampling_settings(cfg))
-        self.generator = ShardGenerator(cfg, "cuda" if use_gpu else "cpu")
+        self.generator = shard_generator(cfg, "cuda" if use_gpu else "cpu")
         self.made: dict[int, tuple[ShardSpec, list, dict]] = {}  # sampled units, until written or dropped
         self.last_stats: dict = {}
 
@@ -181,7 +188,9 @@ def run_sampling(cfg: Config, url: str | None = None,
     complete manifest. `on_shard(pool, record)` runs on the driver after each written shard."""
     import ray
 
-    cfg = resolve_checkpoint(absolute_root(cfg))
+    cfg = absolute_root(cfg)
+    if family(cfg.model.name) != "sdxl":  # an SD-XL checkpoint is a pipeline folder, used as it is
+        cfg = resolve_checkpoint(cfg)
     url = url or RunPaths(cfg).samples
     # 1. Plan, and what is already done (a record whose object is missing or of another size is made again)
     units = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
