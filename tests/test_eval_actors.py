@@ -3,6 +3,8 @@ are exactly those of the in-process pass (eval.num_actors=0); the decode thread 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from sampling_util import random_checkpoint, tiny_config, write_samples
@@ -29,6 +31,41 @@ def test_actor_metrics_equal_the_in_process_metrics(tmp_path, ray_local):
     assert set(local["metrics"]) == {"fid", "sfid", "isc_mean", "isc_std", "precision", "recall", "f_score"}
     assert actors["metrics"] == local["metrics"]  # bit for bit
     assert local["metrics"]["fid"] > 0 and local["metrics"]["sfid"] > 0
+
+
+def test_a_killed_actor_is_replaced_and_its_shards_made_again(tmp_path, ray_local, caplog):
+    """An evaluation actor lost after the first shard came back: its queued shards go to a replacement and
+    every shard's features equal the in-process pass's."""
+    from dydit_dist.eval.actors import _on_actors, make_pass
+    from dydit_dist.sample import SamplesManifest
+
+    save_weights(DigitsNet(), str(tmp_path / "digits.safetensors"))
+    root = f"file://{tmp_path}"
+    overrides = [f"model.checkpoint={random_checkpoint(str(tmp_path / 'static.safetensors'))}",
+                 "eval.feature_extractor=digits-cnn", f"eval.feature_extractor_weights={tmp_path / 'digits.safetensors'}",
+                 "eval.metrics=[fid,sfid]", "eval.batch_size=3", "ray.cpus_per_worker=0.5", "eval.num_actors=2"]
+    torch.set_num_threads(1)
+    cfg = tiny_config(root, *overrides)
+    url = f"{root}/runs/t/samples"
+    write_samples(cfg, url)
+    records = SamplesManifest.read(url).records()
+    killed = []
+
+    def kill_one(actors):
+        if not killed:
+            killed.append(actors[0])
+            ray_local.kill(actors[0])  # it still has a shard queued: that one must come from the replacement
+
+    with caplog.at_level(logging.INFO, logger="dydit_dist.eval.actors"):
+        parts = _on_actors(cfg, url, records, lambda record: None, on_part=kill_one)
+    local = make_pass(cfg, "cpu")
+    assert killed and len(parts) == len(records) == 4
+    assert "evaluation actor died (" in caplog.text and "(1 replaced)" in caplog.text
+    for part, record in zip(parts, records, strict=True):
+        expected = local(url, record, None)
+        assert part.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(part[name], expected[name], rtol=0, atol=0)
 
 
 def test_eval_actors_need_a_gpu_when_configured_for_one(tmp_path, ray_local):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,9 +181,15 @@ def sample_features(cfg: Config, url: str, records: list[dict], captions: list[s
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
-def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice) -> list[dict[str, torch.Tensor]]:
-    """Every shard's features from the actors, pulled one shard at a time (two in flight per actor)."""
+def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
+               on_part: Callable[[list], None] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every shard's features from the actors, pulled one shard at a time (two in flight per actor).
+
+    An actor that dies (a lost node) is replaced, `ray.max_failures` times in all, and its shards go back
+    to the queue; an error of the feature code itself (a corrupt shard, a wrong prompt) stops the job.
+    on_part(actors): called after each shard's features arrive (tests kill an actor there)."""
     import ray
+    from ray.exceptions import RayActorError
 
     connect_ray(cfg.ray.address)
     r = cfg.ray
@@ -194,25 +200,43 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice) -> lis
     acquire([Need("evaluation actors", count, r.cpus_per_worker, gpus, keys)], use_gpu, r.capacity_timeout_s)
     actor_cls = ray.remote(FeatureWorker).options(num_cpus=r.cpus_per_worker, num_gpus=gpus, max_restarts=0)
     actors = [actor_cls.remote(cfg.to_dict(), use_gpu) for _ in range(count)]
+    failures = 0
     try:
         ray.get([a.ready.remote() for a in actors])
-        todo = list(enumerate(records))[::-1]
+        todo = list(enumerate(records))[::-1]  # popped from the end: index order
         parts: dict[int, dict] = {}
-        pending: dict = {}
+        pending: dict = {}  # ObjectRef -> (actor, shard k)
 
-        def give(actor) -> None:
-            if todo:
-                k, record = todo.pop()
-                pending[actor.features.remote(url, record, caption_slice(record))] = (actor, k)
+        def top_up() -> None:
+            for actor in actors:
+                while todo and sum(a == actor for a, _ in pending.values()) < 2:
+                    k, record = todo.pop()
+                    pending[actor.features.remote(url, record, caption_slice(record))] = (actor, k)
 
-        for actor in actors * 2:
-            give(actor)
+        top_up()
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
             actor, k = pending.pop(done)
-            parts[k] = ray.get(done)
-            give(actor)
-        log.info("features of %d shards from %d evaluation actors", len(records), count)
+            try:
+                parts[k] = ray.get(done)
+            except RayActorError as err:
+                its = [ref for ref, (a, _) in pending.items() if a == actor]  # its other queued shard
+                lost = [k] + [pending.pop(ref)[1] for ref in its]
+                todo.extend((j, records[j]) for j in sorted(lost, reverse=True))
+                actors.remove(actor)
+                failures += 1
+                log.warning("evaluation actor died (%s); %d shards go back to the queue", type(err).__name__,
+                            len(lost))
+                if failures <= r.max_failures:
+                    actors.append(actor_cls.remote(cfg.to_dict(), use_gpu))  # loads while its shards queue
+                elif not actors:
+                    raise RuntimeError(f"every evaluation actor died ({failures} failures > ray.max_failures="
+                                       f"{r.max_failures}); see the actor logs") from None
+            else:
+                if on_part is not None:
+                    on_part(actors)
+            top_up()
+        log.info("features of %d shards from %d evaluation actors (%d replaced)", len(records), count, failures)
         return [parts[k] for k in range(len(records))]
     finally:
         for actor in actors:
