@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dydit_dist import storage
-from dydit_dist.models import CheckpointError, DiT, build_model, load_into, load_state_dict_file
+from dydit_dist.models import CheckpointError, DiT, build_model, load_into, load_state_dict_file, read_shapes
 from dydit_dist.network import load_weights, read_weights, save_weights
 
 DEBUG = dict(input_size=8, num_classes=10)
@@ -130,5 +130,7 @@ def test_unreadable_files_are_refused_with_their_name(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="cut.safetensors: cannot read as a safetensors file"):
         load_state_dict_file(truncated)
+    with open(truncated, "rb") as f, pytest.raises(CheckpointError, match="header describes .*; truncated"):
+        read_shapes(f, "cut.safetensors")  # the preflight's check: the header alone is intact
     with pytest.raises(CheckpointError, match="does not fit DiT"):
         load_into(_model(), _model(depth=2).state_dict(), source="two-blocks.pt")

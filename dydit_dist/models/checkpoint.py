@@ -65,15 +65,20 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
 
 def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
     """{key: shape} of a checkpoint file object without reading its tensors: a safetensors header (8-byte
-    length, then JSON), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
+    length, then JSON; the file's size must be the one the header describes), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
     multi-GB file; a URL's file object reads by range). Official containers are unwrapped as in
     `parse_state_dict`. Raises CheckpointError naming `name`."""
     if name.endswith(".safetensors"):
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size < 100_000_000:
             raise CheckpointError(f"{name}: not a safetensors file (header size {size})")
-        header = json.loads(f.read(size))
-        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        header = {k: v for k, v in json.loads(f.read(size)).items() if k != "__metadata__"}
+        described = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
+        actual = f.seek(0, os.SEEK_END)
+        if actual != described:  # a copy cut short (or padded): the header alone cannot tell
+            raise CheckpointError(f"{name}: a safetensors file of {actual} bytes whose header describes "
+                                  f"{described}; truncated or corrupt")
+        return {k: list(v["shape"]) for k, v in header.items()}
     return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
 
 
