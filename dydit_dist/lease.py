@@ -1,24 +1,41 @@
-"""One writer per run: a lease object in the run folder, created atomically, renewed by a heartbeat.
+"""One writer per run: a lease in the run folder, taken by creating an object, renewed by a heartbeat.
 
     lease = Lease.acquire(RunPaths(cfg).lease, "finetune", ttl_s=120)   # LeaseHeld naming the holder
     ...
     lease.release()
 
-The lease is one JSON object, `{run}/lease.json`:
+The lease is a folder of numbered objects, `{run}/lease/0000000001.json`, `0000000002.json`, ...,
+each `{"host", "pid", "job", "since", "renewed", "ttl_s", "token", "released"}`. The highest number is
+the lease; the others are leftovers. It is free when that object is released or has expired (not
+renewed for `ttl_s` seconds: its holder died; wall clock, hosts are assumed to agree to well within
+`ttl_s`). Objects are only ever *created if absent*, the one conditional operation every backend has:
+`os.link` of a complete temporary file on local disk (atomic, fails when the name exists); on S3 one
+PUT with `If-None-Match: *` (s3fs `pipe_file(mode="create")`, botocore >= 1.35.20), which AWS S3 and
+moto answer with 412 when the object exists; `memory://` (one process) checks and writes under a lock.
 
-    {"host", "pid", "job", "since", "renewed", "ttl_s", "token"}
+Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld; free -> create n + 1. A
+failed create means another job took n + 1 first: decide again. After a create, list again: a higher
+number means this job's view was stale (its number had been taken and cleaned up, see below), so it
+removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
+The holder rewrites only its own object: every `ttl_s / 4` with a new `renewed`, and once with
+`"released": true` at the end. Before each write it lists; a higher number means the lease expired
+and was taken over: it logs an error, sets `lost` and stops renewing (it does not stop the job).
 
-Created only if absent: `O_CREAT | O_EXCL` on local disk; on S3 one PUT with `If-None-Match: *`
-(s3fs `pipe_file(mode="create")`, botocore >= 1.35.20), which AWS S3 and moto answer with 412 when
-the object exists; `memory://` (one process) checks, then writes. A background thread rewrites it
-every `ttl_s / 4` with a new `renewed` time (wall clock: hosts are assumed to agree to well within
-`ttl_s`). A lease not renewed for `ttl_s` seconds has expired (its holder died without releasing
-it) and is taken over: deleted if it still carries the token read, then created again conditionally.
+Why two jobs never both hold it. (1) The highest number only grows: an object is removed only by
+the holder of a higher number, or by its creator after seeing a higher one; release rewrites it.
+(2) A job holds m only if it created m and then listed nothing above m; so m had never existed
+before (a removed m implies a higher number, forever, by (1)) and only its holder writes it. Any
+number above m is first m + 1, created by a job that listed m as the highest and read it released or
+not renewed for `ttl_s`: the holder gave it up or stalled, and its next beat sees m + 1. Two jobs
+creating the same number: one create fails. A stale job re-creating a number that was cleaned up:
+its check after the create sees the higher one. A lost holder's last write may re-create its own
+object below the highest: ignored, and removed by the next holder. Deleting the highest on release
+would break (1) (the folder empty, one job creates 1 while a stale one re-creates the old number, and
+both hold it): a released lease leaves its last object behind, and numbers are never reused.
+Listings must show the writes made before them, as on local disk, AWS S3 and moto.
 
-Limitations: two jobs taking over the same expired lease in the same instant can both delete and
-one re-create it; the heartbeat of the job that lost it sees another token, logs an error and stops
-renewing (it does not stop the job). S3-compatible stores that ignore `If-None-Match` on PUT (older
-MinIO, some gateways) make the create a plain overwrite: the lease is then advisory only.
+Limitation: S3-compatible stores that ignore `If-None-Match` on PUT (older MinIO, some gateways) make
+the create a plain overwrite: the lease is then advisory only.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -36,6 +54,10 @@ from dataclasses import asdict, dataclass
 from dydit_dist import storage
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^(\d{10})\.json$")
+_ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
+_MEMORY_LOCK = threading.Lock()
 
 
 class LeaseHeld(RuntimeError):
@@ -51,9 +73,13 @@ class Holder:
     renewed: float  # time.time() of the last heartbeat
     ttl_s: float
     token: str
+    released: bool = False
 
     def expired(self, now: float) -> bool:
         return now - self.renewed > self.ttl_s
+
+    def free(self, now: float) -> bool:
+        return self.released or self.expired(now)
 
     def describe(self, now: float) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
@@ -65,18 +91,29 @@ def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+def _object(url: str, number: int) -> str:
+    return storage.join(url, f"{number:010d}.json")
+
+
 def _create(url: str, data: bytes) -> bool:
-    """Write `url` only if it does not exist; False when it exists."""
+    """Write the object `url` whole, only if it does not exist; False when it exists."""
     fs, path = storage.filesystem(url)
     protocol = _protocol(url)
     if protocol == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # exclusive like O_EXCL, and a reader never sees the object half-written
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         return True
     if protocol == "s3":
         try:
@@ -86,79 +123,125 @@ def _create(url: str, data: bytes) -> bool:
         except Exception as err:  # noqa: BLE001 - reported with the URL
             raise storage.StorageError(f"creating {url} failed: {type(err).__name__}: {err}") from err
         return True
-    if storage.exists(url):  # memory://: one process
-        return False
-    storage.write_bytes(url, data)
-    return True
+    with _MEMORY_LOCK:  # memory://: one process
+        if storage.exists(url):
+            return False
+        storage.write_bytes(url, data)
+        return True
 
 
-def read(url: str) -> Holder | None:
-    """The lease at `url`, or None when there is none (or it vanished while read)."""
+def _numbers(url: str) -> list[int]:
+    """The numbers of the lease objects in the folder `url`, ascending."""
+    names = (u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(url))
+    return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+
+
+def _read(url: str, number: int) -> Holder | None:
+    """Lease object `number`, or None when it is gone (cleaned up after a higher one was made)."""
     try:
-        return Holder(**json.loads(storage.read_bytes(url)))
+        return Holder(**json.loads(storage.read_bytes(_object(url, number))))
     except FileNotFoundError:
         return None
 
 
-class Lease:
-    """A held lease; `release()` (or the context manager) deletes it and stops the heartbeat."""
+def _remove(url: str, number: int) -> None:
+    with contextlib.suppress(FileNotFoundError):  # another job cleaned it up first
+        storage.remove(_object(url, number))
 
-    def __init__(self, url: str, holder: Holder):
-        self.url, self.holder = url, holder
-        self.lost = False
+
+def read(url: str) -> Holder | None:
+    """The lease in the folder `url` (its highest object, held or not), or None when there is none."""
+    numbers = _numbers(url)
+    return _read(url, numbers[-1]) if numbers else None
+
+
+class Lease:
+    """A held lease (object `number` in the folder `url`); `release()` (or the context manager) marks it
+    released and stops the heartbeat."""
+
+    def __init__(self, url: str, number: int, holder: Holder):
+        self.url, self.number, self.holder = url, number, holder
+        self.lost = False  # taken over (or released): this job no longer writes the lease
+        self._lock = threading.RLock()  # one write at a time; re-entered by a signal handler's release()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     @classmethod
     def acquire(cls, url: str, job: str, ttl_s: float) -> Lease:
-        """Create the lease at `url` for `job`, taking over an expired one; LeaseHeld when another
-        job holds it."""
-        now = time.time()
-        holder = Holder(socket.gethostname(), os.getpid(), job, now, now, ttl_s, uuid.uuid4().hex)
-        data = json.dumps(asdict(holder)).encode()
-        for _ in range(2):  # an expired lease is removed once, then created again
-            if _create(url, data):
-                return cls(url, holder)
-            current = read(url)
-            if current is None:
-                continue  # released between the create and the read
-            if not current.expired(time.time()):
-                raise LeaseHeld(f"{url}: the run is held by {current.describe(time.time())}; wait for it to "
-                                f"finish, stop it, or use another storage.run")
-            log.warning("%s: taking over an expired lease of %s", url, current.describe(time.time()))
-            if (again := read(url)) is not None and again.token == current.token:
-                storage.remove(url)
-        raise LeaseHeld(f"{url}: another job took the run's lease while this one was taking it over")
+        """Take the lease in the folder `url` for `job` (see the module docstring); LeaseHeld when
+        another job holds it."""
+        holder = Holder(socket.gethostname(), os.getpid(), job, 0.0, 0.0, ttl_s, uuid.uuid4().hex)
+        for _ in range(_ATTEMPTS):
+            # 1. The highest object decides: none or free -> the next number; held -> refused.
+            numbers = _numbers(url)
+            top = numbers[-1] if numbers else 0
+            if top:
+                current = _read(url, top)
+                if current is None:
+                    continue  # cleaned up after the listing: a higher one exists now
+                if not current.free(time.time()):
+                    raise LeaseHeld(f"{url}: the run is held by {current.describe(time.time())}; wait for it to "
+                                    f"finish, stop it, or use another storage.run")
+                if not current.released:
+                    log.warning("%s: taking over an expired lease of %s", url, current.describe(time.time()))
+            # 2. Create it; a failure means another job created that number first.
+            mine, holder.since = top + 1, time.time()
+            holder.renewed = holder.since
+            if not _create(_object(url, mine), json.dumps(asdict(holder)).encode()):
+                continue
+            # 3. Nothing above it: held. Something above: this job's view was stale; withdraw.
+            numbers = _numbers(url)
+            if max(numbers, default=mine) > mine:
+                _remove(url, mine)
+                continue
+            for number in numbers:
+                if number < mine:
+                    _remove(url, number)
+            return cls(url, mine, holder)
+        raise LeaseHeld(f"{url}: the lease changed hands {_ATTEMPTS} times while this job tried to take it; "
+                        f"another job is taking it")
+
+    def _taken(self) -> bool:
+        """Whether a higher number exists (the lease expired and was taken over); logs who took it."""
+        numbers = _numbers(self.url)
+        if not numbers or numbers[-1] <= self.number:
+            return False
+        current = _read(self.url, numbers[-1])
+        log.error("%s: this job's lease was taken over by %s; no longer renewing it", self.url,
+                  "another job" if current is None else current.describe(time.time()))
+        return True
+
+    def _write(self) -> None:
+        storage.write_bytes(_object(self.url, self.number), json.dumps(asdict(self.holder)).encode())
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.holder.ttl_s / 4):
-            try:
-                current = read(self.url)
-                if current is None or current.token != self.holder.token:
-                    self.lost = True
-                    log.error("%s: this job's lease was taken by %s; no longer renewing it", self.url,
-                              "nobody (deleted)" if current is None else current.describe(time.time()))
+            with self._lock:
+                if self._stop.is_set() or self.lost:
                     return
-                self.holder.renewed = time.time()
-                storage.write_bytes(self.url, json.dumps(asdict(self.holder)).encode())
-            except OSError as err:  # storage trouble: try again at the next beat, before the lease expires
-                log.warning("%s: lease renewal failed (%s); retrying", self.url, err)
+                try:
+                    if self._taken():
+                        self.lost = True
+                        return
+                    self.holder.renewed = time.time()
+                    self._write()
+                except OSError as err:  # storage trouble: try again at the next beat, before the lease expires
+                    log.warning("%s: lease renewal failed (%s); retrying", self.url, err)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still this job's."""
+        """Stop the heartbeat and mark the lease released if it is still this job's (the object stays:
+        numbers are never reused). A second call does nothing."""
         self._stop.set()
+        with self._lock:  # waits for a heartbeat write in flight, which could otherwise undo this one
+            if self.lost:
+                return
+            if not self._taken():
+                self.holder.released, self.holder.renewed = True, time.time()
+                self._write()
+            self.lost = True
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self.lost:
-            return
-        current = read(self.url)
-        if current is not None and current.token == self.holder.token:
-            storage.remove(self.url)
-            if _protocol(self.url) == "file":  # the run folder this lease made, if nothing else is in it
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.dirname(storage.filesystem(self.url)[1]))
-        self.lost = True  # released: a second call does nothing
 
     def __enter__(self) -> Lease:
         return self

@@ -4,7 +4,7 @@
     {root}/runs/{run}/                      paths.url (run = storage.run)
         config.{job}.yaml                   paths.config(job): the resolved config of the job's latest run
         config-history/{job}-{n:03d}.yaml   paths.config_version(job, n): every distinct config it ran with
-        lease.json                          paths.lease: the one writer's lease (`dydit_dist.lease`)
+        lease/NNNNNNNNNN.json               paths.lease: the one writer's lease (`dydit_dist.lease`)
         checkpoints/                        paths.checkpoints: DeepSpeed checkpoints + exported EMA weights
         tensorboard/                        paths.tensorboard
         batches/rank-R/step-S.json          paths.batch_record(rank, step): the samples of a step (debugging)
@@ -16,6 +16,7 @@
         {name}.safetensors                  paths.weights(name): weights a run trains on the side
     {root}/data/{run}/  (or data.uri)       paths.data: prepared shards + manifest (`shardset`)
         prepare.config.yaml                 paths.data_config
+        lease/NNNNNNNNNN.json               prepare's lease (`cli._lease_url`)
     {root}/sources/{name}/                  paths.source(name): built-in sources, materialized
     {root}/references/{key}/features.npz    paths.reference_features(key): cached reference features
 """
@@ -58,7 +59,7 @@ class RunPaths:
 
     @property
     def lease(self) -> str:
-        return storage.join(self.url, "lease.json")
+        return storage.join(self.url, "lease")
 
     @property
     def checkpoints(self) -> str:

@@ -97,18 +97,20 @@ sys.exit(cli.run_job("sample", work, (), cfg))
 @pytest.mark.parametrize("sig, rc, on_ray", [(signal.SIGTERM, 143, False), (signal.SIGINT, 130, False),
                                             pytest.param(signal.SIGTERM, 143, True, marks=pytest.mark.integration)])
 def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, on_ray, tmp_path):
-    lease = tmp_path / "runs" / "stopped" / "lease.json"
+    from dydit_dist.lease import read
+
+    lease = f"{tmp_path}/runs/stopped/lease"
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     args = [f"storage.root={tmp_path}", "storage.run=stopped", *(["ray.address=local"] if on_ray else [])]
     proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_TMPDIR": ray_dir})
     assert proc.stdout.readline() == "working\n"
-    assert lease.exists()
+    assert read(lease).job == "sample" and not read(lease).released
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == rc
     assert (f"sample: stopped by {signal.Signals(sig).name}; kept: every finished shard under "
             f"{tmp_path}/runs/stopped/samples") in err
     assert "rerun the same command to make only the missing ones" in err and "Traceback" not in err
-    assert not lease.exists()
+    assert read(lease).released  # by the signal handler: the next job takes it at once
     shutil.rmtree(ray_dir, ignore_errors=True)

@@ -1,73 +1,225 @@
-"""One writer per run (`dydit_dist.lease`): an atomic create, a heartbeat, an expiry, a clear refusal;
-on local disk and on the S3 test server, and through `cli.run_job` (exit 2, the holder named, the
-holder's lease left as it was)."""
+"""One writer per run (`dydit_dist.lease`): conditional creates, a heartbeat, an expiry, a clear refusal,
+and a takeover that is a compare-and-swap (two jobs taking over the same expired lease, interleaved at
+the worst points, leave exactly one holder); on local disk, on the S3 test server and in memory, and
+through `cli.run_job` (exit 2, the holder named, the holder's lease left as it was)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 
 import pytest
 
 from dydit_dist import cli, storage
 from dydit_dist import config as config_lib
-from dydit_dist.lease import Lease, LeaseHeld, _create, read
+from dydit_dist import lease as lease_lib
+from dydit_dist.lease import Lease, LeaseHeld, _create, _numbers, _object, read
 from dydit_dist.paths import RunPaths
 
 
-@pytest.fixture(params=["file", "s3"])
-def run_url(request, tmp_path):
+@pytest.fixture(params=["file", "s3", "memory"])
+def url(request, tmp_path):
+    """A lease folder, `{run}/lease`."""
     if request.param == "file":
-        return f"file://{tmp_path}/runs/r"
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/runs/r"
+        return f"file://{tmp_path}/runs/r/lease"
+    if request.param == "memory":
+        return f"memory://leases/{uuid.uuid4().hex}/lease"
+    return f"{request.getfixturevalue('s3_bucket')}/runs/r/lease"
 
 
-def _stale(url: str, job: str = "sample", age_s: float = 600.0) -> None:
+def _stale(url: str, number: int = 1, job: str = "sample", age_s: float = 600.0) -> None:
+    """Lease object `number` of a job that died `age_s` seconds ago without releasing it."""
     now = time.time()
-    storage.write_bytes(url, json.dumps({"host": "gone-host", "pid": 4242, "job": job, "since": now - age_s - 60,
-                                         "renewed": now - age_s, "ttl_s": 120.0, "token": "old"}).encode())
+    storage.write_bytes(_object(url, number), json.dumps({
+        "host": "gone-host", "pid": 4242, "job": job, "since": now - age_s - 60, "renewed": now - age_s,
+        "ttl_s": 120.0, "token": "old"}).encode())
 
 
-def test_create_is_conditional(run_url):
-    url = f"{run_url}/lease.json"
-    assert _create(url, b"first")
-    assert not _create(url, b"second")  # O_EXCL locally, If-None-Match: * on S3
-    assert storage.read_bytes(url) == b"first"
+def _on_call(monkeypatch, name: str, index: int, action) -> None:
+    """Run `action()` once, just before call number `index` (from 0) of `lease.<name>`: a step of the job
+    under test, with `action` (another job's whole acquire) happening in between."""
+    original, calls = getattr(lease_lib, name), []
+
+    def hooked(*args):
+        calls.append(args)
+        if len(calls) == index + 1:
+            action()
+        return original(*args)
+
+    monkeypatch.setattr(lease_lib, name, hooked)
 
 
-def test_a_held_run_is_refused_with_the_holder_named(run_url):
-    url = f"{run_url}/lease.json"
+def test_create_is_conditional(url):
+    one = _object(url, 1)
+    assert _create(one, b"first")
+    assert not _create(one, b"second")  # link locally, If-None-Match: * on S3
+    assert storage.read_bytes(one) == b"first" and _numbers(url) == [1]
+
+
+def test_a_held_run_is_refused_with_the_holder_named(url):
     with Lease.acquire(url, "finetune", ttl_s=60):
         with pytest.raises(LeaseHeld) as err:
             Lease.acquire(url, "sample", ttl_s=60)
         message = str(err.value)
         assert f"job 'finetune' (pid {os.getpid()} on host {socket.gethostname()}) since" in message
         assert "expires after 60 s without renewal" in message
-        assert read(url).job == "finetune"  # the holder's lease is untouched
-    assert not storage.exists(url)  # released
+        assert read(url).job == "finetune" and not read(url).released  # the holder's lease is untouched
+    assert read(url).released and _numbers(url) == [1]
 
 
-def test_an_expired_lease_is_taken_over(run_url):
-    url = f"{run_url}/lease.json"
+def test_an_expired_lease_is_taken_over(url):
     _stale(url)
     with Lease.acquire(url, "finetune", ttl_s=60) as lease:
-        assert read(url).token == lease.holder.token and read(url).pid == os.getpid()
-    assert not storage.exists(url)
+        assert lease.number == 2 and read(url).token == lease.holder.token and read(url).pid == os.getpid()
+        assert _numbers(url) == [2]  # the expired object is cleaned up by the new holder
+    assert read(url).released and read(url).token == lease.holder.token
 
 
-def test_the_heartbeat_renews_the_lease(tmp_path):
-    url = f"file://{tmp_path}/runs/r/lease.json"
+def test_release_then_acquire_again_never_reuses_a_number(url):
+    tokens = []
+    for expected in (1, 2, 3):
+        with Lease.acquire(url, "sample", ttl_s=60) as lease:
+            assert lease.number == expected and not read(url).released
+            tokens.append(lease.holder.token)
+        assert read(url).released and _numbers(url) == [expected]  # the last object stays, released
+        lease.release()  # a second release does nothing
+    assert len(set(tokens)) == 3
+
+
+def test_the_heartbeat_renews_the_lease(tmp_path, monkeypatch):
+    url = f"file://{tmp_path}/runs/r/lease"
+    beats = [threading.Event(), threading.Event()]
+    write = Lease._write
+
+    def counted(self):
+        write(self)
+        next((e for e in beats if not e.is_set()), beats[-1]).set()
+
+    monkeypatch.setattr(Lease, "_write", counted)
     with Lease.acquire(url, "sample", ttl_s=0.4) as lease:
         first = read(url).renewed
-        deadline = time.monotonic() + 10
-        while read(url).renewed == first and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert beats[0].wait(10) and beats[1].wait(10)  # two renewals: ttl_s has passed
         assert read(url).renewed > first and not lease.lost
-        with pytest.raises(LeaseHeld):  # renewed: never expired, although ttl_s has passed many times
+        with pytest.raises(LeaseHeld):  # renewed: never expired, although ttl_s has passed
             Lease.acquire(url, "evaluate", ttl_s=0.4)
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_renewing(tmp_path):
+    """A holder that stalled past ttl_s: its lease was taken (a higher number); its next beat sees it."""
+    url = f"file://{tmp_path}/runs/r/lease"
+    lease = Lease.acquire(url, "sample", ttl_s=0.4)
+    _stale(url, number=2, job="finetune", age_s=0)  # what a job that saw it expired creates
+    lease._thread.join(timeout=10)  # the heartbeat ends when it sees the higher number
+    assert not lease._thread.is_alive() and lease.lost
+    lease.release()
+    assert _numbers(url) == [1, 2] and read(url).job == "finetune" and not read(url).released
+    assert not lease_lib._read(url, 1).released  # the lost lease is not touched on release
+
+
+# (hooked function, call index): the job under test is interrupted before its first listing, between
+# its listing and its read of the expired lease, between that read and its create, and between its
+# create and the listing that confirms it.
+STEPS = [("_numbers", 0), ("_read", 0), ("_create", 0), ("_numbers", 1)]
+
+
+@pytest.mark.parametrize("hook, index", STEPS)
+@pytest.mark.parametrize("others", ["one takes it", "one takes and releases it, a third takes it"])
+def test_two_takeovers_of_one_expired_lease_leave_one_holder(url, monkeypatch, hook, index, others):
+    _stale(url)
+    outcomes: dict[str, Lease | LeaseHeld] = {}
+
+    def attempt(job: str) -> None:
+        try:
+            outcomes[job] = Lease.acquire(url, job, ttl_s=60)
+        except LeaseHeld as err:
+            outcomes[job] = err
+
+    def interloper() -> None:
+        attempt("other")
+        if others != "one takes it":
+            if isinstance(outcomes["other"], Lease):
+                outcomes["other"].release()
+            attempt("third")
+
+    _on_call(monkeypatch, hook, index, interloper)
+    attempt("tested")
+    monkeypatch.undo()
+    try:
+        holders = [job for job, o in outcomes.items() if isinstance(o, Lease) and not o.lost]
+        assert len(holders) == 1, outcomes
+        held = outcomes[holders[0]]
+        refused = [job for job, o in outcomes.items() if isinstance(o, LeaseHeld)]
+        assert _numbers(url) == [held.number] and read(url).token == held.holder.token
+        for job in refused:
+            assert f"held by job {holders[0]!r}" in str(outcomes[job])
+    finally:
+        for o in outcomes.values():
+            if isinstance(o, Lease):
+                o.release()
+    assert read(url).released
+
+
+def test_a_stale_creator_whose_number_was_cleaned_up_loses(url, monkeypatch):
+    """The job under test reads lease 1 as expired and stalls; meanwhile one job takes lease 2 and releases
+    it, a third takes 3 and removes 1 and 2. The stalled job's create of 2 then succeeds, its check sees 3:
+    it removes its 2 and is refused, naming the third."""
+    _stale(url)
+    third = []
+
+    def meanwhile() -> None:
+        Lease.acquire(url, "other", ttl_s=60).release()
+        third.append(Lease.acquire(url, "third", ttl_s=60))
+        assert _numbers(url) == [3]
+
+    created = []
+    _on_call(monkeypatch, "_create", 0, meanwhile)
+    create = lease_lib._create
+    monkeypatch.setattr(lease_lib, "_create", lambda u, data: created.append(u) or create(u, data))
+    with pytest.raises(LeaseHeld, match="held by job 'third'"):
+        Lease.acquire(url, "stale", ttl_s=60)
+    assert created[0] == _object(url, 2) and _numbers(url) == [3] and read(url).job == "third"
+    third[0].release()
+
+
+def test_simultaneous_takeovers_leave_one_holder(url, monkeypatch):
+    """Four jobs read the same expired lease, then all create at once: one holds it, three are refused."""
+    if url.startswith("memory://"):
+        pytest.skip("memory:// is one process; its create is made atomic by a lock")
+    _stale(url)
+    ready = threading.Barrier(4, timeout=60)
+    create, waited = lease_lib._create, set()
+
+    def together(u, data):
+        if threading.current_thread().name not in waited:  # every job has decided before any creates
+            waited.add(threading.current_thread().name)
+            ready.wait()
+        return create(u, data)
+
+    monkeypatch.setattr(lease_lib, "_create", together)
+    outcomes = {}
+
+    def attempt(job: str) -> None:
+        try:
+            outcomes[job] = Lease.acquire(url, job, ttl_s=60)
+        except LeaseHeld as err:
+            outcomes[job] = err
+
+    threads = [threading.Thread(target=attempt, args=(f"job{i}",), name=f"job{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    held = [o for o in outcomes.values() if isinstance(o, Lease)]
+    try:
+        assert len(outcomes) == 4 and len(held) == 1, outcomes
+        assert _numbers(url) == [2] and read(url).token == held[0].holder.token
+    finally:
+        for lease in held:
+            lease.release()
 
 
 def test_a_second_job_on_a_held_run_exits_2_naming_the_holder(tmp_path, capsys, monkeypatch):
@@ -79,7 +231,7 @@ def test_a_second_job_on_a_held_run_exits_2_naming_the_holder(tmp_path, capsys, 
         assert cli.run_job("evaluate", lambda: ran.append(1), (), cfg) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("evaluate: ") and "the run is held by job 'sample'" in err[0]
-        assert not ran and read(url).job == "sample"
-    # the lease is released at the end of a job, which leaves nothing behind
+        assert not ran and read(url).job == "sample" and not read(url).released
+    # the lease is released at the end of a job: the next one takes it
     assert cli.run_job("evaluate", lambda: "done", (), cfg) == 0
-    assert not storage.exists(url) and not os.path.exists(tmp_path / "runs" / "held")
+    assert read(url).job == "evaluate" and read(url).released and _numbers(url) == [2]
