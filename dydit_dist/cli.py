@@ -85,7 +85,8 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
 
     With `cfg` (every job passes it): the job's preflight first (`preflight.check(cfg, name,
     **preflight_options)`; `dry_run` stops there); then `finished()`, a message when there is nothing
-    left to do (exit 0, nothing written); then the run's lease (`dydit_dist.lease`), held while `work`
+    left to do (exit 0, nothing written), which may also refuse the run's state with an input error
+    (nothing written either); then the run's lease (`dydit_dist.lease`), held while `work`
     runs. `errors` are the job's own bad-input errors (exit 2); any other exception is a bug."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     install_signal_handlers(name, cfg)

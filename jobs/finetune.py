@@ -22,11 +22,11 @@ DESCRIPTION = "Fine-tune DiT / PixArt (static or DyDiT) with DeepSpeed ZeRO on R
 
 
 def fit(cfg, wrap_session=None):
-    """Check the settings of a resumed run, start (or join) Ray, wait for the workers' capacity, write
-    the resolved config, fit; returns Ray Train's `Result`. wrap_session: see `launcher.build_trainer` (tests)."""
+    """Start (or join) Ray, wait for the workers' capacity, write the resolved config, fit (the settings
+    of a resumed run checked before: `launcher.check_settings`); returns Ray Train's `Result`.
+    wrap_session: see `launcher.build_trainer` (tests)."""
     from dydit_dist.train import launcher
 
-    launcher.check_settings(cfg)
     cli.connect_ray(cfg, "finetune")
     launcher.preflight_cluster(cfg)
     cli.save_resolved_config(cfg, "finetune")
@@ -37,11 +37,14 @@ def fit(cfg, wrap_session=None):
 
 
 def run(argv: list[str] | None = None, wrap_session=None):
-    """Parse, preflight (`dydit_dist.preflight`: a PreflightError before Ray is contacted), fit."""
+    """Parse, preflight (`dydit_dist.preflight`: a PreflightError before Ray is contacted), check the
+    settings of a resumed run, fit."""
     from dydit_dist.preflight import check
+    from dydit_dist.train import launcher
 
     cfg = cli.parse(argv, "finetune", DESCRIPTION)
     check(cfg, "finetune")
+    launcher.check_settings(cfg)
     return fit(cfg, wrap_session)
 
 
@@ -50,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     # heavy (torch, ray, deepspeed): imported once the config is known good
     from dydit_dist.data import DataError
     from dydit_dist.pipeline import trained_to_end
-    from dydit_dist.train.launcher import InputFailure, latest_ema_url
+    from dydit_dist.train.launcher import InputFailure, check_settings, latest_ema_url
 
     def finished() -> str | None:
+        """Before the run's lease is taken: a finished run, or a resume with changed settings (refused)."""
         if trained_to_end(cfg):
             return (f"{RunPaths(cfg).url} is finished: EMA weights at train.max_steps={cfg.train.max_steps} "
                     f"in {latest_ema_url(cfg)}")
+        check_settings(cfg)
         return None
 
     def work() -> None:
