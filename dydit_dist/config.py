@@ -201,6 +201,7 @@ class EvalConfig:
     metrics: list[Metric] = field(default_factory=lambda: ["fid", "sfid", "isc", "prc"])
     protocol: Literal["adm", "coco"] = "adm"  # coco: text-to-image, sample k from caption k of sample.prompts (eval.evaluate)
     reference: str | None = None  # ADM reference batch (.npz) or a shard folder; coco: made by jobs.reference
+    reference_images: int = bounded(0, "[0, inf)")  # jobs.reference: a fixed random subset of this many rows; 0: all
     clip_model: str | None = None  # metric clip: transformers CLIPModel + CLIPProcessor (local/storage folder, HF id)
     inception_weights: str | None = None
     feature_extractor: str = "inception-v3-compat"

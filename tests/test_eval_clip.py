@@ -13,6 +13,7 @@ from PIL import Image
 from sampling_util import tiny_config
 
 from dydit_dist import storage
+from dydit_dist.data import DataError
 from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.clip import ClipScorer
 from dydit_dist.eval.digits import DigitsNet
@@ -124,6 +125,17 @@ def test_coco_protocol_end_to_end(tmp_path, clip_folder):
     # The report puts sFID and the CLIP score beside the other numbers.
     text = storage.read_bytes(write_report(RunPaths(cfg), [record, {**other, "label": "noisy"}])).decode()
     assert "| FID [digits-cnn] | sFID [digits-cnn] | IS [digits-cnn] | precision | recall | CLIP score | samples |" in text
+    # eval.reference_images: a fixed subset, in listing order, the same on every run; more than listed is refused.
+    small = tiny_config(root, *overrides, "eval.reference_images=4", f"eval.reference={root}/refs/four.npz",
+                        f"sample.prompts={root}/refs/four.txt")
+    assert prepare_caption_reference(small)["num_images"] == 4
+    four = load_prompts(f"{root}/refs/four.txt")
+    assert len(four) == 4 and four == [c for c in prompts if c in four]  # a subsequence: listing order kept
+    with np.load(tmp_path / "refs/four.npz") as ref:
+        assert [bytes(row).hex() for row in ref["arr_0"]] == [bytes(real[prompts.index(c)]).hex() for c in four]
+    assert prepare_caption_reference(small)["num_images"] == 4 and load_prompts(f"{root}/refs/four.txt") == four
+    with pytest.raises(DataError, match="eval.reference_images=7: data.source=.* lists only 6 images"):
+        prepare_caption_reference(tiny_config(root, *overrides, "eval.reference_images=7"))
     # A sample drawn from another caption than its reference image's is refused, naming both.
     write_caption_samples(f"{root}/runs/t/shifted", real, prompts[1:] + prompts[:1])
     with pytest.raises(ValueError, match="sample 0 was drawn from 'two dogs'"):

@@ -7,7 +7,8 @@ in the ADM evaluator's format, with the captions file the sample job draws from.
 The `.npz` holds `arr_0` (N, H, W, 3) uint8: the images center-cropped to model.image_size as the
 prepare job crops them; `captions` (N,): caption k of image k; `mu`, `sigma` (FID) and `mu_s`,
 `sigma_s` (sFID) of the configured feature extractor, named in `feature_extractor`. Row order is the
-source's listing order, and the captions file holds the same captions in the same order, so sample k
+source's listing order (of a fixed random subset of `eval.reference_images` rows when set, as
+COCO-30k takes 30,000 of val2014's), and the captions file holds the same captions in the same order, so sample k
 (caption `k % N`, `sample.plan`) is drawn from the caption of real image k. Captions are written on one
 line each (whitespace runs, newlines included, become one space), in the `.npz` and the file alike.
 
@@ -35,6 +36,7 @@ from .features import extract_features
 from .metrics import statistics
 
 log = logging.getLogger(__name__)
+REFERENCE_SEED = 0  # the subset of eval.reference_images: fixed, so every lab draws the same rows
 
 
 def one_line(caption: str) -> str:
@@ -55,6 +57,17 @@ def _write_array(zf: zipfile.ZipFile, key: str, value: np.ndarray) -> None:
         np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
+def subset(items: list, count: int, source: str) -> list:
+    """`count` of `items` drawn at random with a fixed seed (the same rows on every run and machine), in
+    their listing order; all of them when `count` is 0. COCO-30k: 30,000 of val2014's image-caption rows."""
+    if count == 0:
+        return items
+    if count > len(items):
+        raise DataError(f"eval.reference_images={count}: data.source={source} lists only {len(items)} images")
+    chosen = np.sort(np.random.default_rng(REFERENCE_SEED).choice(len(items), count, replace=False))
+    return [items[i] for i in chosen]
+
+
 def prepare_caption_reference(cfg) -> dict:
     """Write eval.reference and sample.prompts from data.source (see the module docstring); returns
     {"reference", "prompts", "num_images", "feature_extractor"}."""
@@ -69,6 +82,7 @@ def prepare_caption_reference(cfg) -> dict:
                          ".csv or .jsonl of image paths and captions (data.source_format=captions)")
     plan = plan_captions(cfg.data.source, shard_size=1 << 30, seed=0)
     items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)  # listing order
+    items = subset(items, e.reference_images, cfg.data.source)
     captions = [one_line(it.caption) for it in items]
     size = cfg.model.image_size
     # 2. Images streamed into arr_0 and through the extractor, in one pass
