@@ -40,6 +40,7 @@ ROWS = [
     ("static (unpruned UNet)", None),
     ("AT-EDM per-layer ratio 0.3", ATEDMOptions(ratio=0.3)),
     ("AT-EDM per-layer ratio 0.5", ATEDMOptions(ratio=0.5)),
+    ("AT-EDM per-layer ratio 0.646 (the SD-XL preset's)", ATEDMOptions(ratio=0.646, dsap_layers=0.34)),
     ("AT-EDM single ratio 0.5", ATEDMOptions(ratio=0.5, variant="single")),
 ]
 

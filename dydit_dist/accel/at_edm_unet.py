@@ -61,12 +61,13 @@ def explicit_self_attention(attn: Attention, hidden_states: torch.Tensor, sink: 
     b, n, _ = hidden_states.shape
     heads = attn.heads
     q, k, v = (f(hidden_states).view(b, n, heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
-    outs, mean = [], None
+    q = q * attn.scale  # scaled before the product: one pass over (B, N, hd), not over each (B, N, N) map
+    outs, total = [], None
     for head in range(heads):
-        probs = torch.softmax((q[:, head] @ k[:, head].transpose(1, 2)) * attn.scale, dim=-1)  # (B, N, N)
+        probs = torch.softmax(q[:, head] @ k[:, head].transpose(1, 2), dim=-1)  # (B, N, N)
         outs.append(probs @ v[:, head])
-        mean = probs if mean is None else mean + probs
-    sink.append(mean / heads)
+        total = probs if total is None else total.add_(probs)  # in place: head 0's map is used up
+    sink.append(total.div_(heads))
     out = torch.stack(outs, dim=2).reshape(b, n, -1).to(q.dtype)  # (B, N, heads * head_dim), heads in order
     return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
