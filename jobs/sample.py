@@ -21,6 +21,7 @@ DESCRIPTION = "Generate N samples across the Ray cluster into sharded tars on ob
 def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(cli.job_parser("sample", DESCRIPTION), argv)
     # heavy (torch, ray, diffusers): imported once the config is known good
+    from dydit_dist.models import CheckpointError
     from dydit_dist.sample import SamplesError, export_adm_npz, run_sampling
     from dydit_dist.shardset import ShardError
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{samples}: {manifest.num_samples} samples in {manifest.num_shards} shards"
                 + (f"; ADM .npz at {cfg.sample.export_npz}" if cfg.sample.export_npz else ""))
 
-    return cli.run_job("sample", work, (SamplesError, ShardError), cfg, args.dry_run)
+    return cli.run_job("sample", work, (SamplesError, ShardError, CheckpointError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

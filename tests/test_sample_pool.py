@@ -70,3 +70,17 @@ def test_killed_actor_still_gives_exactly_n_identical_to_one_actor(ray_local, tm
         assert (made_by_one[k].image == made_by_two[k].image).all(), f"sample {k} differs"
         assert made_by_one[k].meta == made_by_two[k].meta
     assert SamplesManifest.read(str(tmp_path / "one" / "runs/t/samples")).stats["actors"] == 1
+
+
+def test_a_checkpoint_that_does_not_load_in_the_actors_is_its_own_error(ray_local, tmp_path, checkpoint):
+    """A checkpoint that went bad after the driver's checks (run_sampling skips the preflight): the
+    actors' own CheckpointError, naming the file, not 'the actor died'; no manifest, no shard."""
+    from dydit_dist.models import CheckpointError, DiT
+    from dydit_dist.network import save_weights
+
+    other = str(tmp_path / "two-blocks.safetensors")
+    save_weights(DiT(input_size=8, num_classes=10, depth=2, hidden_size=64, patch_size=2, num_heads=4), other)
+    cfg = tiny_config(f"file://{tmp_path}", f"model.checkpoint={other}", "sample.num_actors=2")
+    with pytest.raises(CheckpointError, match="two-blocks.safetensors does not fit"):
+        run_sampling(cfg)
+    assert not storage.find(f"file://{tmp_path}/runs/t/samples")

@@ -31,10 +31,10 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
-from dydit_dist.capacity import Need, acquire, check_gpu
-from dydit_dist.config import Config
+from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
+from dydit_dist.config import Config, ConfigError
 from dydit_dist.diffusion.noise import stream_kind
-from dydit_dist.models import family
+from dydit_dist.models import CheckpointError, family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
@@ -47,6 +47,8 @@ from .plan import ShardSpec, plan_shards
 from .shards import pack
 
 log = logging.getLogger(__name__)
+# What stops an actor from loading that a new actor would meet again: the job stops with it (exit 2).
+LOAD_ERRORS = (CheckpointError, ConfigError)
 MANIFEST_EVERY_S = 5.0  # markers keep every finished shard in between
 
 
@@ -93,12 +95,18 @@ class SamplingWorker:
         torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
         self.url = url
         self.digest = settings_digest(sampling_settings(cfg))
-        self.generator = shard_generator(cfg, "cuda" if use_gpu else "cpu")
+        self.load_error: Exception | None = None
+        try:
+            self.generator = shard_generator(cfg, "cuda" if use_gpu else "cpu")
+        except LOAD_ERRORS as err:  # raised by `ready`: the driver gets the error itself, not a dead actor
+            self.load_error = err
         self.made: dict[int, tuple[ShardSpec, list, dict]] = {}  # sampled units, until written or dropped
         self.last_stats: dict = {}
 
     def ready(self) -> float:
-        """Seconds the network, method and decoder took to load."""
+        """Seconds the network, method and decoder took to load (or the input error that stopped them)."""
+        if self.load_error is not None:
+            raise self.load_error
         return self.generator.load_seconds
 
     def sample(self, unit: ShardSpec) -> dict:
@@ -142,7 +150,7 @@ class SamplingPool:
 
     def __init__(self, cfg: Config, url: str, num_todo: int):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         s = cfg.sample
         self.use_gpu = cfg.ray.use_gpu
@@ -159,6 +167,9 @@ class SamplingPool:
         self.actors = [self.actor_cls.remote(*self.args) for _ in range(self.num_actors)]
         try:
             self.load_seconds = ray.get([a.ready.remote() for a in self.actors])  # a bad checkpoint fails here
+        except LOAD_ERRORS as err:  # Ray's RayTaskError subclasses the actor's error type; `cause` is the error
+            self.shutdown()
+            raise err.cause if isinstance(err, RayTaskError) else err from None
         except RayActorError as err:
             self.shutdown()
             raise RuntimeError(f"sampling actors could not load the network, method or decoder: {err}") from None
@@ -186,8 +197,6 @@ def run_sampling(cfg: Config, url: str | None = None,
                  on_shard: Callable[[SamplingPool, dict], None] | None = None) -> SamplesManifest:
     """Make every missing shard of `cfg.sample` under `url` (default `RunPaths(cfg).samples`); returns the
     complete manifest. `on_shard(pool, record)` runs on the driver after each written shard."""
-    import ray
-
     cfg = absolute_root(cfg)
     if family(cfg.model.name) != "sdxl":  # an SD-XL checkpoint is a pipeline folder, used as it is
         cfg = resolve_checkpoint(cfg)
@@ -204,8 +213,7 @@ def run_sampling(cfg: Config, url: str | None = None,
     # 2. Actors; the manifest is written once they are ready, so a failed start leaves none behind
     start = time.monotonic()
     pretrained.mirror(cfg, captions=family(cfg.model.name) != "dit")  # a Hub id: once here, not once per actor
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address)
     pool = SamplingPool(cfg, url, len(todo))
     manifest.stats["model_load_s"] = pool.load_seconds
     manifest.stats["startup_s"] = time.monotonic() - start
