@@ -13,6 +13,7 @@ import pytest
 from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import storage
+from dydit_dist.models import CheckpointError
 from dydit_dist.sample import GeneratedSample, SamplesManifest, iter_samples, pack, run_sampling
 from dydit_dist.shardset import ShardError, settings_digest, write_marker, write_shard
 
@@ -110,7 +111,7 @@ def test_failed_start_leaves_no_manifest_and_the_corrected_rerun_runs(ray_local,
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     url = str(tmp_path / "runs/t/samples")
-    with pytest.raises(RuntimeError, match="could not load"):
+    with pytest.raises(CheckpointError, match="bad.safetensors: cannot read as a safetensors file"):
         run_sampling(tiny_config(str(tmp_path), f"model.checkpoint={bad}", "sample.num_actors=1"))
     assert not storage.exists(f"{url}/manifest.json")
     manifest = run_sampling(tiny_config(str(tmp_path), f"model.checkpoint={checkpoint}", "sample.num_actors=1"))
