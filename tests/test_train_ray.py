@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dydit_dist import config as config_lib
-from dydit_dist import storage
+from dydit_dist import lease, storage
 from dydit_dist.data import DataError, LatentStream
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.models import CheckpointError
@@ -116,7 +116,10 @@ def test_preflight_fails_before_workers_start(ray_local, s3_bucket, s3_endpoint,
     with pytest.raises(SystemExit):
         finetune.main([*argv, "train.global_batch_size=6"])
     assert "train.global_batch_size=6 must be a multiple of ray.num_workers x train.micro_batch_size = 2 x 2 = 4" in capsys.readouterr().err
-    assert not storage.exists(f"{s3_bucket}/runs/bad")
+    # Nothing but the run's lease, released: the capacity wait runs with the lease held (the lease's highest
+    # object is never deleted, see dydit_dist.lease); the config errors come before it and add nothing.
+    assert [u.rsplit("/runs/bad/", 1)[1] for u in storage.find(f"{s3_bucket}/runs/bad")] == ["lease/0000000001.json"]
+    assert lease.read(RunPaths(config_lib.load("debug", argv[2:])).lease).released
 
 
 def test_input_errors_stop_the_run_and_others_are_retried():
