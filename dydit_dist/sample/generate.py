@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -149,19 +150,9 @@ class ShardGenerator:
         return x[: len(indices)]
 
     def generate(self, shard: ShardSpec) -> tuple[list[GeneratedSample], dict]:
-        """The samples of `shard` in index order, and {"sample_s": seconds of sampling and decoding,
-        "sample_cpu_s": CPU seconds this process spent on them (less than sample_s when starved)}."""
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = []
-        for first in range(shard.start, shard.stop, self.cfg.sample.batch_size):
-            indices = list(range(first, min(first + self.cfg.sample.batch_size, shard.stop)))
-            images = self.decoder(self.latents(indices))
-            for k, image, meta in zip(indices, images, self.conditioner.meta(indices), strict=True):
-                seed = sample_seed(self.cfg.sample.seed, k)
-                out.append(GeneratedSample(k, image, {"index": k, "seed": seed, "noise": self.noise_stream, **meta}))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, {"sample_s": time.perf_counter() - start, "sample_cpu_s": time.process_time() - cpu_start}
+        """The samples of `shard` in index order, and their timing (`shard_samples`)."""
+        return shard_samples(shard, self.cfg.sample, lambda indices: self.decoder(self.latents(indices)),
+                             self.conditioner.meta, self.noise_stream, self.device)
 
     def stats(self) -> dict:
         """What the report needs of the method: GFLOPs per network forward of one image, and for a
@@ -176,3 +167,22 @@ class ShardGenerator:
                                "mlp": float(np.mean([g for _, g in fractions]))})
             out["width_by_timestep"] = widths
         return out
+
+
+def shard_samples(shard: ShardSpec, s, images: Callable[[list[int]], np.ndarray],
+                  metas: Callable[[list[int]], list[dict]], noise_stream: str,
+                  device: torch.device) -> tuple[list[GeneratedSample], dict]:
+    """The samples of `shard` in index order, made `s.batch_size` indices at a time: `images(indices)` ->
+    uint8 (B, H, W, 3), `metas(indices)` -> each sample's conditioning record. Returns them with
+    {"sample_s": seconds of sampling and decoding, "sample_cpu_s": CPU seconds this process spent on them
+    (less than sample_s when starved)}."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = []
+    for first in range(shard.start, shard.stop, s.batch_size):
+        indices = list(range(first, min(first + s.batch_size, shard.stop)))
+        for k, image, meta in zip(indices, images(indices), metas(indices), strict=True):
+            record = {"index": k, "seed": sample_seed(s.seed, k), "noise": noise_stream, **meta}
+            out.append(GeneratedSample(k, image, record))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, {"sample_s": time.perf_counter() - start, "sample_cpu_s": time.process_time() - cpu_start}

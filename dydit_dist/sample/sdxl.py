@@ -32,8 +32,8 @@ from dydit_dist.config import Config
 from dydit_dist.diffusion import draw_noise, stream_kind
 
 from .conditions import prompt_meta
-from .generate import DTYPES, ImageDecoder, sample_noise, set_tf32
-from .plan import ShardSpec, load_prompts, sample_seed
+from .generate import DTYPES, ImageDecoder, sample_noise, set_tf32, shard_samples
+from .plan import ShardSpec, load_prompts
 from .shards import GeneratedSample
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm-solver++": "DPMSolverMultistepScheduler"}
@@ -108,17 +108,8 @@ class SDXLShardGenerator:
 
     def generate(self, shard: ShardSpec) -> tuple[list[GeneratedSample], dict]:
         """The samples of `shard` in index order and their timing, as `ShardGenerator.generate`."""
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out, batch = [], self.cfg.sample.batch_size
-        for first in range(shard.start, shard.stop, batch):
-            indices = list(range(first, min(first + batch, shard.stop)))
-            images = self.decoder(self.latents(indices))
-            for k, image, meta in zip(indices, images, prompt_meta(self.prompts, indices), strict=True):
-                seed = sample_seed(self.cfg.sample.seed, k)
-                out.append(GeneratedSample(k, image, {"index": k, "seed": seed, "noise": self.noise_stream, **meta}))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, {"sample_s": time.perf_counter() - start, "sample_cpu_s": time.process_time() - cpu_start}
+        return shard_samples(shard, self.cfg.sample, lambda indices: self.decoder(self.latents(indices)),
+                             lambda indices: prompt_meta(self.prompts, indices), self.noise_stream, self.device)
 
     def stats(self) -> dict:
         """{"gflops": the UNet's GFLOPs per image forward (FlopCounterMode), averaged over the steps' plans}."""
