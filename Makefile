@@ -36,5 +36,6 @@ demo: install
 
 # One GPU check on a bare H100/H200 (README, "GPU check"): writes benchmarks/results/gpu_check.{json,md}.
 # Uses the Python that is already there (no .venv, no Ray); `make gpu-check ARGS=--smoke` runs on CPU.
+# DS_ACCELERATOR=cpu (exported above for the CPU tests) is removed: DeepSpeed must pick the GPU.
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py $(ARGS)
+	env -u DS_ACCELERATOR PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py $(ARGS)

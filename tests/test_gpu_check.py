@@ -3,10 +3,12 @@ check cannot rot between the runs on a GPU machine."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,21 +24,101 @@ def test_smoke_mode_writes_every_section(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = result["sections"]
-    assert result["smoke"] and sections["train_step"] == {"skipped": "--skip"}
+    assert result["smoke"] and sections["train_step"] == {"skipped": "--skip"} and result["failed"] == []
+    assert list(sections) == ["matmul_peak", "static", "dydit", "train_step", "static_512", "bf16_distance",
+                              "host_syncs", "vae", "training_free", "compile"]
+    assert [row["method"] for row in sections["host_syncs"]] == ["static", "dydit", "fora", "eb_cache", "flexdit",
+                                                                 "at_edm"]
     assert {"fp32", "tf32", "bf16"} <= set(sections["static"])
     assert [row["method"] for row in sections["training_free"]] == ["static", "fora", "eb_cache", "at_edm", "flexdit"]
     assert 0 < sections["bf16_distance"]["relative_l2"] < 0.1
-    assert "## dydit" in (tmp_path / "gpu_check.md").read_text()
+    assert [row["method"] for row in sections["compile"]] == ["static", "dydit"]
+    assert all(row["compiled_s"] > 0 and row["eager_s"] > 0 for row in sections["compile"])
+    costs = {row["job"]: row for row in result["costs"]}
+    assert costs["sample dit_xl2_256 (50k, 250 DDPM steps, CFG)"]["measured_gpu_hours"] > 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "## dydit" in text and "## Goals (issue 15)" in text and "## Cost (one GPU, measured)" in text
+
+
+def _driver(monkeypatch):
+    """benchmarks/gpu_check.py imported as a module, its sections replaced by stand-ins."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_section_keeps_the_others_and_the_files_and_sets_the_exit_status(monkeypatch, tmp_path):
+    driver = _driver(monkeypatch)
+    written = []
+
+    def broken(s, device, results):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(driver, "SECTIONS", {
+        "matmul_peak": (lambda s, device, results: {"bf16_tflops": 1.0}, 1),
+        "static": (broken, 1),
+        "dydit": (lambda s, device, results: [{"batch": 64, "speedup": 1.5, "ratio_to_ideal": 0.8}], 1)})
+    monkeypatch.setattr(driver, "shapes", lambda smoke: {})
+    result = driver.run(True, set(), "cpu", 1.0, write=lambda r: written.append(json.loads(json.dumps(r))))
+    assert result["failed"] == ["static"]
+    assert result["sections"]["static"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "broken" in result["sections"]["static"]["traceback"]
+    assert result["sections"]["dydit"][0]["speedup"] == 1.5
+    assert [list(r["sections"]) for r in written] == [["matmul_peak"], ["matmul_peak", "static"],
+                                                      ["matmul_peak", "static", "dydit"]]
+    goals = {row["goal"]: row["measured"] for row in result["goals"]}
+    assert goals["DyDiT fast path at batch 64: measured / FLOPs-ideal speedup"] == 0.8
+    assert goals["static bf16 speed vs diffusers (same batch and precision)"] is None
+
+    monkeypatch.setattr(driver, "run", lambda smoke, skip, device, budget_s, write: write(result) or result)
+    monkeypatch.setattr(driver.torch.cuda, "is_available", lambda: True)
+    assert driver.main(["--out", str(tmp_path)]) == 1
+    assert "**Failed sections:** static" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_section_that_no_longer_fits_the_budget_is_skipped_and_says_why(monkeypatch):
+    driver = _driver(monkeypatch)
+    ran = []
+    monkeypatch.setattr(driver, "SECTIONS", {
+        "matmul_peak": (lambda s, device, results: ran.append("matmul_peak") or {}, 5),
+        "compile": (lambda s, device, results: ran.append("compile") or [], 150)})
+    monkeypatch.setattr(driver, "shapes", lambda smoke: {})
+    monkeypatch.setattr(driver, "environment", lambda device: {"device": "stand-in"})
+    result = driver.run(False, set(), "cpu", 60.0)
+    assert ran == ["matmul_peak"]
+    assert result["sections"]["compile"]["skipped"].startswith("budget: 60 s left of 60, the section takes ~150 s")
 
 
 @pytest.mark.slow
 def test_smoke_mode_runs_the_deepspeed_step(tmp_path):
     """The DeepSpeed ZeRO-2 bf16 step alone (about a minute on CPU once DeepSpeed's CPU op is built, which
     the suite's DeepSpeed tests do anyway): the section a GPU run would otherwise try for the first time."""
-    others = [arg for name in ("matmul_peak", "static", "dydit", "training_free", "vae", "bf16_distance")
+    others = [arg for name in ("matmul_peak", "static", "dydit", "static_512", "training_free", "vae",
+                                          "bf16_distance", "host_syncs", "compile")
               for arg in ("--skip", name)]
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *others],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["train_step"]
     assert row["micro_batch"] == 2 and row["fits"] and row["step_s"] > 0
+
+
+def test_a_section_still_running_when_the_budget_runs_out_is_stopped(monkeypatch):
+    driver = _driver(monkeypatch)
+
+    def endless(s, device, results):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(driver, "SECTIONS", {"static": (endless, 0), "dydit": (lambda s, d, r: [], 0)})
+    monkeypatch.setattr(driver, "shapes", lambda smoke: {})
+    monkeypatch.setattr(driver, "environment", lambda device: {"device": "stand-in"})
+    began = time.perf_counter()
+    result = driver.run(False, set(), "cpu", 0.5)
+    assert time.perf_counter() - began < 5
+    assert result["failed"] == ["static"]
+    assert result["sections"]["static"]["error"].startswith("OverBudget: still running when the check's --budget-s")
+    assert result["sections"]["dydit"]["skipped"].startswith("budget:")
+

@@ -1,0 +1,382 @@
+"""The measurements of the GPU check (`benchmarks/gpu_check.py` runs them, keeps each one's failure to
+itself and writes the results). Each section is a function (shapes, device, results so far) -> a dict or a
+list of rows; `shapes(smoke)` gives the real sizes or tiny CPU ones.
+
+- matmul_peak: the chip's bf16 (and TF32, fp32) matmul TFLOP/s, the "FLOPs limit" below.
+- static: DiT-XL/2 256, batch 64 with CFG (128 rows), one DDPM step timed and scaled to 250 steps, in
+  fp32, TF32 and bf16; model TFLOP/s against the matmul peak; diffusers' DiTTransformer2DModel with
+  the same architecture, batch and precision (random weights: the weights do not change the work).
+- dydit: DyDiT-XL/2 with routers set to ~half the width (as benchmarks/dynamic_speed.py does), fast
+  path vs static at batch 8, 64, 256 (bf16): measured speedup against the FLOPs-ideal one.
+- train_step: one DeepSpeed ZeRO-2 bf16 step of DyDiT-XL/2 stage 1 at micro-batch 32 and 16 on one
+  GPU: step time, peak memory, whether it fits (skipped with a note without DeepSpeed).
+- static_512: DiT-XL/2 512, batch 32 with CFG, one bf16 step: the 512 row of the cost table.
+- vae: decode of 64 latents at 256 and 512 px, fp32 and bf16 (SD VAE architecture, random weights).
+- bf16_distance: DiT-XL/2 with random weights, 50 DDIM steps, final-latent relative L2 of bf16 vs fp32.
+- host_syncs: synchronising calls per model call of each runner under CUDA's sync debug mode, against
+  the budgets tests/test_sync_budget.py enforces on the CPU (counted on CUDA only).
+- training_free: FORA, EB-Cache (released 50-step table), AT-EDM and FlexDiT, 50 steps, bf16:
+  measured speedup against the FLOPs-ideal one.
+- compile: `sample.compile` on and off, 10 DDIM steps at batch 64, bf16, for the static network and the
+  DyDiT fast path: the first (compiling) run's time and the steady speedup.
+
+Needs torch, numpy and diffusers (for the diffusers baseline and the VAE; those parts are skipped
+without it), never Ray, s3fs or webdataset.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from dydit_dist.accel import RELEASED_TABLE_50, build_runner
+from dydit_dist.accel.synthetic import randomize_routers, randomize_zero_init
+from dydit_dist.diffusion import CounterNoise, cfg_class_batch, cfg_model_fn, sample
+from dydit_dist.dynamic import DyDiT, FlexOptions, flexdit_from_static
+from dydit_dist.models import build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def shapes(smoke: bool) -> dict:
+    """Sizes of every section: the real ones, or tiny CPU ones."""
+    if smoke:
+        return dict(model="debug", input_size=8, batch=2, dydit_batches=(2,), steps=2, matmul=256, vae_size=(32,),
+                    vae_batch=1, micro_batches=(2,), train_preset="debug", repeats=1, batch_512=1, input_512=16,
+                    compile_steps=2)
+    return dict(model="DiT-XL/2", input_size=32, batch=64, dydit_batches=(8, 64, 256), steps=50, matmul=8192,
+                vae_size=(256, 512), vae_batch=64, micro_batches=(32, 16), train_preset="dydit_xl2_256_lambda0.5",
+                repeats=5, batch_512=32, input_512=64, compile_steps=10)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def precision(name: str, device):
+    """(autocast context, tf32 flag) for fp32 / tf32 / bf16."""
+    tf32 = name != "fp32"
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    dtype = torch.bfloat16 if name == "bf16" else None
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def dit(s, device, seed=0, input_size=None):
+    model = build_model(s["model"], input_size=input_size or s["input_size"], num_classes=1000 if s["model"] != "debug" else 10)
+    randomize_zero_init(model, torch.Generator().manual_seed(seed))
+    return model.to(device).eval()
+
+
+def guided_inputs(model, batch, device, seed=0):
+    """A doubled (CFG) batch: x (2B, C, h, w) counter noise, y (2B,) labels then the null class."""
+    size = model.x_embedder.img_size
+    x = CounterNoise.from_seeds(range(seed, seed + batch), device).draw(0, (batch, model.in_channels, size, size))
+    y = torch.arange(batch, device=device) % model.num_classes
+    return cfg_class_batch(x, y, model.num_classes)
+
+
+def matmul_peak(s, device, results) -> dict:
+    n, out = s["matmul"], {}
+    for name in ("fp32", "tf32", "bf16"):
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        with precision(name, device):
+            seconds = timed(lambda a=a, b=b: a @ b, device, s["repeats"] * 4)
+        out[f"{name}_tflops"] = 2 * n**3 / seconds / 1e12
+    return out
+
+
+def static(s, device, results) -> dict:
+    peak = results.get("matmul_peak", {})
+    model = dit(s, device)
+    x, y = guided_inputs(model, s["batch"], device)
+    t = torch.full((x.shape[0],), 500, device=device)
+    runner = build_runner("static", model)
+    rows = {}
+    diffusers_model = _diffusers_dit(model, device)
+    for name in ("fp32", "tf32", "bf16"):
+        with precision(name, device), torch.no_grad():
+            step = timed(lambda: runner(x, t, y=y), device, s["repeats"])
+            row = {"step_s": step, "images_per_s_250_steps": s["batch"] / (250 * step)}
+            macs = runner.mean_flops() * x.shape[0]
+            row["model_tflops"] = 2 * macs / step / 1e12
+            row["fraction_of_peak"] = row["model_tflops"] / peak.get(f"{name}_tflops", float("nan"))
+            if diffusers_model is not None:
+                ref = timed(lambda: diffusers_model(x, timestep=t, class_labels=y), device, s["repeats"])
+                row["diffusers_step_s"] = ref
+                row["speedup_vs_diffusers"] = ref / step
+        rows[name] = row
+    return rows
+
+
+def _diffusers_dit(model, device):
+    """diffusers' DiTTransformer2DModel of the same architecture (None without diffusers)."""
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        return None
+    heads, hidden = model.num_heads, model.blocks[0].attn.proj.weight.shape[0]
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
+        out_channels=model.out_channels, num_layers=len(model.blocks), sample_size=model.x_embedder.img_size,
+        patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
+    ).to(device).eval()
+
+
+def dydit(s, device, results) -> list[dict]:
+    static_model = dit(s, device)
+    dydit = DyDiT.from_static(static_model)
+    randomize_routers(dydit, torch.Generator().manual_seed(1))
+    dydit = dydit.to(device).eval()
+    rows = []
+    for batch in s["dydit_batches"]:
+        x, y = guided_inputs(dydit, batch, device)
+        t = torch.full((x.shape[0],), 500, device=device)
+        times, flops = {}, {}
+        for method in ("static", "dydit"):
+            runner = build_runner(method, dydit)
+            runner.step_callback(0, 500)
+            with precision("bf16", device), torch.no_grad():
+                def call(runner=runner, x=x, t=t, y=y):
+                    runner.step_callback(0, 500)
+                    return runner(x, t, y=y)
+                times[method] = timed(call, device, s["repeats"])
+            flops[method] = runner.mean_flops()
+        ideal = flops["static"] / flops["dydit"]
+        measured = times["static"] / times["dydit"]
+        rows.append({"batch": batch, "static_s": times["static"], "fast_s": times["dydit"], "speedup": measured,
+                     "flops_ideal_speedup": ideal, "ratio_to_ideal": measured / ideal})
+    return rows
+
+
+def training_free(s, device, results) -> list[dict]:
+    static_model = dit(s, device)
+    steps = 50 if not s["model"] == "debug" else 4
+    methods = {"fora": {"interval": 3}, "eb_cache": {"schedule": RELEASED_TABLE_50 if steps == 50 else "0120"},
+               "at_edm": {} if s["model"] != "debug" else {"score_layer": 0, "dense_last": 1}, "flexdit": None}
+    x, y = guided_inputs(static_model, s["batch"], device)
+    rows, base = [], None
+    for method in ("static", *methods):
+        options = None if s["model"] != "debug" else FlexOptions(grid_sizes=(3, 2), num_intervals=2)
+        model = flexdit_from_static(static_model, options).to(device).eval() if method == "flexdit" else static_model
+        runner = build_runner(method, model, methods.get(method))
+        fn = cfg_model_fn(runner, 1.5)
+
+        def run(runner=runner, fn=fn):
+            runner.begin(steps)
+            with precision("bf16", device):
+                sample(fn, x.shape, "ddim", steps, noise=x, model_kwargs={"y": y}, step_callback=runner.step_callback)
+
+        seconds = timed(run, device, max(1, s["repeats"] // 2))
+        flops = runner.mean_flops()
+        if base is None:
+            base = (seconds, flops)
+        ideal, measured = base[1] / flops, base[0] / seconds
+        rows.append({"method": method, "seconds": seconds, "speedup": measured, "flops_ideal_speedup": ideal,
+                     "ratio_to_ideal": measured / ideal})
+    return rows
+
+
+def train_step(s, device, results) -> list[dict] | dict:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return {"skipped": "DeepSpeed is not installed"}
+    from dydit_dist import config as config_lib
+    from dydit_dist.network import build_network
+    from dydit_dist.train.deepspeed_setup import init_single_process, initialize
+    from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
+
+    init_single_process()
+    rows = []
+    for micro in s["micro_batches"]:
+        cfg = config_lib.load(s["train_preset"], [
+            "ray.num_workers=1", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+            "train.precision=bf16", "deepspeed.zero_stage=2", "model.method=dydit", "model.dynamic.stage=1"])
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row = {"micro_batch": micro}
+        try:
+            network = build_network(cfg.model).to(device)
+            engine = initialize(DiffusionObjective(network, cfg), cfg, 1)
+            m = cfg.model
+            batch = {"x": torch.randn(micro, m.in_channels, m.input_size, m.input_size, device=device),
+                     "y": torch.arange(micro, device=device) % m.num_classes,
+                     "index": torch.arange(micro)}
+
+            def step(engine=engine, network=network, cfg=cfg, batch=batch):
+                g = step_generator(0, 0, 0, 0, device)
+                terms = engine(**draw_inputs(batch, network, cfg, g, device), step=0, generator=g)
+                engine.backward(terms["loss"])
+                engine.step()
+
+            row["step_s"] = timed(step, device, s["repeats"])
+            row["fits"] = True
+        except torch.cuda.OutOfMemoryError as err:
+            row.update(fits=False, error=str(err).splitlines()[0])
+        if torch.device(device).type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(row)
+    return rows
+
+
+def vae(s, device, results) -> list[dict] | dict:
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        return {"skipped": "diffusers is not installed"}
+    # The SD VAE's architecture (stabilityai/sd-vae-ft-ema), random weights.
+    blocks = ("DownEncoderBlock2D",) * 4, ("UpDecoderBlock2D",) * 4
+    width = (128, 256, 512, 512) if s["model"] != "debug" else (8, 8, 8, 8)
+    rows = []
+    for size in s["vae_size"]:
+        for name in ("fp32", "bf16"):
+            model = AutoencoderKL(down_block_types=blocks[0], up_block_types=blocks[1], block_out_channels=width,
+                                  latent_channels=4, layers_per_block=2, norm_num_groups=min(32, width[0]))
+            model = model.to(device, DTYPES[name]).eval()
+            z = torch.randn(s["vae_batch"], 4, size // 8, size // 8, device=device, dtype=DTYPES[name])
+            with torch.no_grad():
+                seconds = timed(lambda model=model, z=z: model.decode(z).sample, device, max(1, s["repeats"] // 2))
+            rows.append({"size": size, "precision": name, "seconds": seconds,
+                         "images_per_s": s["vae_batch"] / seconds})
+    return rows
+
+
+def bf16_distance(s, device, results) -> dict:
+    model = dit(s, device)
+    x, y = guided_inputs(model, min(s["batch"], 8), device)
+    out = {}
+    for name in ("fp32", "bf16"):
+        with precision("fp32" if name == "fp32" else "bf16", device):
+            out[name] = sample(cfg_model_fn(model, 1.5), x.shape, "ddim", s["steps"], noise=x, model_kwargs={"y": y})
+    return {"steps": s["steps"], "relative_l2": float((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm())}
+
+
+def static_512(s, device, results) -> dict:
+    model = dit(s, device, input_size=s["input_512"])
+    x, y = guided_inputs(model, s["batch_512"], device)
+    t = torch.full((x.shape[0],), 500, device=device)
+    runner = build_runner("static", model)
+    with precision("bf16", device), torch.no_grad():
+        step = timed(lambda: runner(x, t, y=y), device, s["repeats"])
+    return {"batch": s["batch_512"], "step_s": step, "images_per_s_250_steps": s["batch_512"] / (250 * step),
+            "model_tflops": 2 * runner.mean_flops() * x.shape[0] / step / 1e12}
+
+
+def compiled(s, device, results) -> list[dict]:
+    """`sample.compile` off and on: DDIM runs at batch 64 (bf16) of the static network and the DyDiT
+    fast path; the first compiled run includes the compilation (every plan of the run's timesteps)."""
+    dydit_model = DyDiT.from_static(dit(s, device))
+    randomize_routers(dydit_model, torch.Generator().manual_seed(1))
+    dydit_model = dydit_model.to(device).eval()
+    x, y = guided_inputs(dydit_model, s["batch"], device)
+    steps, rows = s["compile_steps"], []
+    for method in ("static", "dydit"):
+        times = {}
+        for mode in ("eager", "compiled"):
+            runner = build_runner(method, dydit_model)
+            if mode == "compiled":
+                runner.compile()
+            fn = cfg_model_fn(runner, 1.5)
+
+            def run(runner=runner, fn=fn):
+                runner.begin(steps)
+                with precision("bf16", device):
+                    sample(fn, x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
+                           step_callback=runner.step_callback)
+
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[f"{mode}_first_s"] = time.perf_counter() - start
+            times[f"{mode}_s"] = timed(run, device, max(1, s["repeats"] // 2))
+        rows.append({"method": method, "steps": steps, **times,
+                     "compile_speedup": times["eager_s"] / times["compiled_s"],
+                     "compile_overhead_s": times["compiled_first_s"] - times["compiled_s"]})
+    return rows
+
+
+def host_syncs(s, device, results) -> list[dict] | dict:
+    """Synchronising calls per model call under CUDA's sync debug mode (every host read of a device value,
+    every blocking copy), 4 DDIM steps at batch 8 with CFG, run twice (the second meets known timesteps):
+    the GPU's count beside the budgets tests/test_sync_budget.py holds the runners to on the CPU."""
+    watch = torch.device(device).type == "cuda"  # on the CPU (smoke) the same runs, nothing to count
+    static_model = dit(s, device)
+    dydit_model = DyDiT.from_static(static_model)
+    randomize_routers(dydit_model, torch.Generator().manual_seed(1))
+    dydit_model = dydit_model.to(device).eval()
+    depth, steps = len(static_model.blocks), 4
+    smoke = s["model"] == "debug"
+    flex = FlexOptions(grid_sizes=(3, 2), num_intervals=2) if smoke else None
+    at_edm = {"score_layer": 0, "dense_last": 1} if smoke else None
+    x, y = guided_inputs(static_model, min(s["batch"], 8), device)
+    cases = [("static", static_model, "static", None, 0, 0),
+             ("dydit", dydit_model, "dydit", None, 1 + depth, depth),
+             ("fora", static_model, "fora", {"interval": 2}, 0, 0),
+             ("eb_cache", static_model, "eb_cache", {"schedule": "0120"}, 0, 0),
+             ("flexdit", flexdit_from_static(static_model, flex).to(device).eval(), "flexdit", None, 0, 0),
+             ("at_edm", static_model, "at_edm", at_edm, 1, 1)]
+    rows = []
+    for name, model, method, options, first_budget, budget in cases:
+        runner = build_runner(method, model, options)
+        per_run = []
+        for _ in range(2):
+            counts = []
+
+            def counted(x, t, runner=runner, counts=counts, **cond):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if watch:
+                        torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        out = runner(x, t, **cond)
+                    finally:
+                        if watch:
+                            torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+                return out
+
+            runner.begin(steps)
+            with precision("bf16", device):
+                sample(cfg_model_fn(counted, 1.5), x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
+                       step_callback=runner.step_callback)
+            per_run.append(counts)
+        rows.append({"method": name, "first_run": per_run[0] if watch else "not counted on the CPU",
+                     "second_run": per_run[1] if watch else None, "budget_first": first_budget,
+                     "budget_known": budget,
+                     "within_budget": max(per_run[0]) <= first_budget and max(per_run[1]) <= budget if watch else None})
+    return rows
+
+
+# The sections in the order they run: what the issue's goals need first, then the rest; each with the
+# seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
+SECTIONS = {
+    "matmul_peak": (matmul_peak, 5),
+    "static": (static, 40),
+    "dydit": (dydit, 40),
+    "train_step": (train_step, 90),
+    "static_512": (static_512, 15),
+    "bf16_distance": (bf16_distance, 20),
+    "host_syncs": (host_syncs, 20),
+    "vae": (vae, 30),
+    "training_free": (training_free, 90),
+    "compile": (compiled, 150),
+}
