@@ -26,6 +26,7 @@ without it), never Ray, s3fs or webdataset.
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 
@@ -44,7 +45,7 @@ def shapes(smoke: bool) -> dict:
     """Sizes of every section: the real ones, or tiny CPU ones."""
     if smoke:
         return dict(model="debug", input_size=8, batch=2, dydit_batches=(2,), steps=2, matmul=256, vae_size=(32,),
-                    vae_batch=1, micro_batches=(2,), train_preset="debug", repeats=1, batch_512=1, input_512=16,
+                    vae_batch=1, micro_batches=(2, 1), train_preset="debug", repeats=1, batch_512=1, input_512=16,
                     compile_steps=2)
     return dict(model="DiT-XL/2", input_size=32, batch=64, dydit_batches=(8, 64, 256), steps=50, matmul=8192,
                 vae_size=(256, 512), vae_batch=64, micro_batches=(32, 16), train_preset="dydit_xl2_256_lambda0.5",
@@ -199,42 +200,54 @@ def train_step(s, device, results) -> list[dict] | dict:
         import deepspeed  # noqa: F401
     except ImportError:
         return {"skipped": "DeepSpeed is not installed"}
-    from dydit_dist import config as config_lib
-    from dydit_dist.network import build_network
-    from dydit_dist.train.deepspeed_setup import init_single_process, initialize
-    from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
+    from dydit_dist.train.deepspeed_setup import init_single_process
 
     init_single_process()
     rows = []
     for micro in s["micro_batches"]:
-        cfg = config_lib.load(s["train_preset"], [
-            "ray.num_workers=1", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
-            "train.precision=bf16", "deepspeed.zero_stage=2", "model.method=dydit", "model.dynamic.stage=1"])
-        if torch.device(device).type == "cuda":
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        row = {"micro_batch": micro}
+        row = {"micro_batch": micro, "memory_before_gib": torch.cuda.memory_allocated(device) / 2**30 if cuda else None}
         try:
-            network = build_network(cfg.model).to(device)
-            engine = initialize(DiffusionObjective(network, cfg), cfg, 1)
-            m = cfg.model
-            batch = {"x": torch.randn(micro, m.in_channels, m.input_size, m.input_size, device=device),
-                     "y": torch.arange(micro, device=device) % m.num_classes,
-                     "index": torch.arange(micro)}
-
-            def step(engine=engine, network=network, cfg=cfg, batch=batch):
-                g = step_generator(0, 0, 0, 0, device)
-                terms = engine(**draw_inputs(batch, network, cfg, g, device), step=0, generator=g)
-                engine.backward(terms["loss"])
-                engine.step()
-
-            row["step_s"] = timed(step, device, s["repeats"])
-            row["fits"] = True
+            row.update(step_s=_deepspeed_step(s, device, micro), fits=True)
         except torch.cuda.OutOfMemoryError as err:
             row.update(fits=False, error=str(err).splitlines()[0])
-        if torch.device(device).type == "cuda":
+        if cuda:
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append(row)
     return rows
+
+
+def _deepspeed_step(s, device, micro: int) -> float:
+    """Median seconds of one ZeRO-2 bf16 step of the stage-1 DyDiT at `micro` (its engine is freed on return)."""
+    from dydit_dist import config as config_lib
+    from dydit_dist.network import build_network
+    from dydit_dist.train.deepspeed_setup import initialize
+    from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
+
+    cfg = config_lib.load(s["train_preset"], [
+        "ray.num_workers=1", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+        "train.precision=bf16", "deepspeed.zero_stage=2", "model.method=dydit", "model.dynamic.stage=1"])
+    network = build_network(cfg.model).to(device)
+    engine = initialize(DiffusionObjective(network, cfg), cfg, 1)
+    m = cfg.model
+    batch = {"x": torch.randn(micro, m.in_channels, m.input_size, m.input_size, device=device),
+             "y": torch.arange(micro, device=device) % m.num_classes,
+             "index": torch.arange(micro)}
+
+    def step():
+        g = step_generator(0, 0, 0, 0, device)
+        terms = engine(**draw_inputs(batch, network, cfg, g, device), step=0, generator=g)
+        engine.backward(terms["loss"])
+        engine.step()
+
+    try:
+        return timed(step, device, s["repeats"])
+    finally:
+        engine.destroy()
 
 
 def vae(s, device, results) -> list[dict] | dict:
