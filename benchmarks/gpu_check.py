@@ -120,6 +120,7 @@ def goals(sections: dict) -> list[dict]:
     step32 = _row(sections.get("train_step"), "micro_batch", 32) or {}
     compiled = {r["method"]: r for r in sections.get("compile", []) if "compile_speedup" in r} \
         if isinstance(sections.get("compile"), list) else {}
+    det = sections.get("determinism", {})
     syncs = sections.get("host_syncs")
     counted = [r["within_budget"] for r in syncs if r.get("within_budget") is not None] \
         if isinstance(syncs, list) else []
@@ -134,6 +135,9 @@ def goals(sections: dict) -> list[dict]:
         ("stage-1 ZeRO-2 bf16 step at micro-batch 32: fits", step32.get("fits"), "true"),
         ("stage-1 step at micro-batch 32: peak memory GiB", step32.get("peak_memory_gib"), "report"),
         ("every runner's CUDA syncs per step within its CPU-tested budget", all(counted) if counted else None, "true"),
+        ("counter noise bit for bit when a batch is split", det.get("noise_same_split_into_two_batches"), "true"),
+        ("bf16 DDIM sample bit for bit when a batch is split", det.get("sample_same_split_into_two_batches"),
+         f"report (relative L2 {det.get('split_relative_l2')})"),
         ("sample.compile speedup, static", compiled.get("static", {}).get("compile_speedup"), "> 1.05: default on"),
         ("sample.compile speedup, DyDiT fast path", compiled.get("dydit", {}).get("compile_speedup"), "> 1.05: default on"),
     ]

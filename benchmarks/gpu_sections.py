@@ -15,6 +15,8 @@ list of rows; `shapes(smoke)` gives the real sizes or tiny CPU ones.
 - bf16_distance: DiT-XL/2 with random weights, 50 DDIM steps, final-latent relative L2 of bf16 vs fp32.
 - host_syncs: synchronising calls per model call of each runner under CUDA's sync debug mode, against
   the budgets tests/test_sync_budget.py enforces on the CPU (counted on CUDA only).
+- determinism: the counter noise bit for bit across batch splits and repeats; a bf16 DDIM run repeated
+  and split into two batches (bitwise, and the distance when not).
 - training_free: FORA, EB-Cache (released 50-step table), AT-EDM and FlexDiT, 50 steps, bf16:
   measured speedup against the FLOPs-ideal one.
 - compile: `sample.compile` on and off, 10 DDIM steps at batch 64, bf16, for the static network and the
@@ -379,6 +381,34 @@ def host_syncs(s, device, results) -> list[dict] | dict:
     return rows
 
 
+def determinism(s, device, results) -> dict:
+    """What "the same sample whatever the batch and actor count" holds to on this device: the counter
+    noise bit for bit; a DDIM run (bf16, DiT with random weights) repeated, and split into two batches
+    (kernels are chosen by shape, so a split may differ in the last bits: the distance is reported)."""
+    model = dit(s, device)
+    batch, steps = 8, min(s["steps"], 10)
+    seeds, shape = list(range(batch)), (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
+    whole = CounterNoise.from_seeds(seeds, device).draw(3, (batch, *shape))
+    halves = torch.cat([CounterNoise.from_seeds(seeds[:4], device).draw(3, (4, *shape)),
+                        CounterNoise.from_seeds(seeds[4:], device).draw(3, (4, *shape))])
+    again = CounterNoise.from_seeds(seeds, device).draw(3, (batch, *shape))
+    y = torch.arange(batch, device=device) % model.num_classes
+
+    def run(rows):
+        x, yy = cfg_class_batch(whole[rows], y[rows], model.num_classes)
+        with precision("bf16", device):
+            out = sample(cfg_model_fn(model, 1.5), x.shape, "ddim", steps, noise=x, model_kwargs={"y": yy})
+        return out[: x.shape[0] // 2]  # the guided rows (the second half repeats them)
+
+    first, second = run(slice(None)), run(slice(None))
+    split = torch.cat([run(slice(0, 4)), run(slice(4, None))])
+    return {"noise_same_split_into_two_batches": torch.equal(whole, halves),
+            "noise_same_when_drawn_again": torch.equal(whole, again),
+            "ddim_steps": steps, "sample_same_when_run_again": torch.equal(first, second),
+            "sample_same_split_into_two_batches": torch.equal(first, split),
+            "split_relative_l2": float((split - first).norm() / first.norm())}
+
+
 # The sections in the order they run: what the issue's goals need first, then the rest; each with the
 # seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
 SECTIONS = {
@@ -389,6 +419,7 @@ SECTIONS = {
     "static_512": (static_512, 15),
     "bf16_distance": (bf16_distance, 20),
     "host_syncs": (host_syncs, 20),
+    "determinism": (determinism, 15),
     "vae": (vae, 30),
     "training_free": (training_free, 90),
     "compile": (compiled, 150),

@@ -26,7 +26,11 @@ def test_smoke_mode_writes_every_section(tmp_path):
     sections = result["sections"]
     assert result["smoke"] and sections["train_step"] == {"skipped": "--skip"} and result["failed"] == []
     assert list(sections) == ["matmul_peak", "static", "dydit", "train_step", "static_512", "bf16_distance",
-                              "host_syncs", "vae", "training_free", "compile"]
+                              "host_syncs", "determinism", "vae", "training_free", "compile"]
+    same = sections["determinism"]
+    assert same["noise_same_split_into_two_batches"] and same["noise_same_when_drawn_again"]
+    assert same["sample_same_when_run_again"] and same["sample_same_split_into_two_batches"]  # on the CPU
+    assert same["split_relative_l2"] == 0
     assert [row["method"] for row in sections["host_syncs"]] == ["static", "dydit", "fora", "eb_cache", "flexdit",
                                                                  "at_edm"]
     assert {"fp32", "tf32", "bf16"} <= set(sections["static"])
@@ -96,7 +100,7 @@ def test_smoke_mode_runs_the_deepspeed_step(tmp_path):
     """The DeepSpeed ZeRO-2 bf16 step alone (about a minute on CPU once DeepSpeed's CPU op is built, which
     the suite's DeepSpeed tests do anyway): the section a GPU run would otherwise try for the first time."""
     others = [arg for name in ("matmul_peak", "static", "dydit", "static_512", "training_free", "vae",
-                                          "bf16_distance", "host_syncs", "compile")
+                                          "bf16_distance", "host_syncs", "determinism", "compile")
               for arg in ("--skip", name)]
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *others],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -123,3 +127,21 @@ def test_a_section_still_running_when_the_budget_runs_out_is_stopped(monkeypatch
     assert result["sections"]["static"]["error"].startswith("OverBudget: still running when the check's --budget-s")
     assert result["sections"]["dydit"]["skipped"].startswith("budget:")
 
+
+
+def test_gpu_run_without_the_carried_wheels_says_how_to_make_them(tmp_path):
+    """On the GPU machine the wheels come from benchmarks/gpu_bundle.sh; without them, one line and rc 2."""
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu_run.sh"
+    script.write_bytes((SCRIPT.parent / "gpu_run.sh").read_bytes())
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"no wheels in {tmp_path}/.whl: run 'bash benchmarks/gpu_bundle.sh'" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["--python-version", "312"], "--python-version wants X.Y, got '312'"),
+                                           (["--pyversion=3.12"], "unknown argument '--pyversion=3.12'")])
+def test_gpu_bundle_refuses_a_bad_argument_before_touching_the_wheels(args, message):
+    done = subprocess.run(["bash", str(SCRIPT.parent / "gpu_bundle.sh"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and message in done.stderr
