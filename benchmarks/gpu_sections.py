@@ -28,6 +28,7 @@ without it), never Ray, s3fs or webdataset.
 
 from __future__ import annotations
 
+import copy
 import gc
 import time
 import warnings
@@ -81,10 +82,18 @@ def precision(name: str, device):
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
+_BUILT: dict[tuple, torch.nn.Module] = {}
+
+
 def dit(s, device, seed=0, input_size=None):
-    model = build_model(s["model"], input_size=input_size or s["input_size"], num_classes=1000 if s["model"] != "debug" else 10)
-    randomize_zero_init(model, torch.Generator().manual_seed(seed))
-    return model.to(device).eval()
+    """A DiT of the check's size with random weights (zero-initialised layers re-randomised), on `device`.
+    Built once on the CPU per (model, size, seed) and copied: a DiT-XL/2's initialisation takes seconds."""
+    key = (s["model"], input_size or s["input_size"], seed)
+    if key not in _BUILT:
+        model = build_model(key[0], input_size=key[1], num_classes=1000 if key[0] != "debug" else 10)
+        randomize_zero_init(model, torch.Generator().manual_seed(seed))
+        _BUILT[key] = model.eval()
+    return copy.deepcopy(_BUILT[key]).to(device)
 
 
 def guided_inputs(model, batch, device, seed=0):
