@@ -207,6 +207,52 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+COST_HEADING = "## What a full-scale run costs"
+
+
+def update_readme(readme: Path, result: dict) -> None:
+    """Rewrite the README's cost section from a GPU run: a measured column beside the FLOPs estimate.
+
+    The section's table keeps its rows (job, work, PFLOP, estimate); its first four rows are the
+    cost rows of `costs()` in order, the rest get "not measured". Running it again replaces the column."""
+    if result.get("smoke"):
+        raise SystemExit(f"{readme}: not updated from a --smoke run (tiny CPU shapes)")
+    text = readme.read_text()
+    start = text.find(COST_HEADING)
+    if start < 0:
+        raise SystemExit(f"{readme}: no '{COST_HEADING}' section to update")
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end + 1
+    lines = text[start:end].splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if len(table) < 3:
+        raise SystemExit(f"{readme}: the cost section has no table")
+    device = result["environment"]["device"]
+    column = f"measured {device} GPU-hours"
+    hours = [row["measured_gpu_hours"] for row in result["costs"]]
+    rows = []
+    for n, i in enumerate(table):
+        cells = [c.strip() for c in lines[i].strip("|").split("|")]
+        if n == 0:
+            cells = [c for c in cells if not c.startswith("measured ")]
+            cells.insert(3, column)
+        elif n == 1:
+            cells = ["---"] + ["---:"] * 4
+        else:
+            if len(cells) == 5:
+                del cells[3]
+            k = n - 2
+            cells.insert(3, f"{hours[k]:.2f}" if k < len(hours) and hours[k] is not None else "not measured")
+        rows.append("| " + " | ".join(cells) + " |")
+    intro = (f"Measured by `benchmarks/gpu_check.py` on one {device} (torch {result['environment']['torch']}, "
+             "bf16 sampling, the numbers in `benchmarks/results/gpu_check.md`), one GPU per row; the "
+             "estimate column is the analytic FLOPs (`python -m dydit_dist.flops`, 2 FLOPs per "
+             "multiply-accumulate) at an assumed 40% of an H100's dense bf16 peak (~400 TFLOP/s sustained).")
+    section = [f"{COST_HEADING} (measured)", "", intro, "", *rows, ""]
+    readme.write_text(text[:start] + "\n".join(section) + "\n" + text[end:].lstrip("\n") if end < len(text)
+                      else text[:start] + "\n".join(section))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
@@ -214,7 +260,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip a section whose expected time no longer fits (not in --smoke)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--readme", metavar="GPU_CHECK_JSON",
+                        help="measure nothing: rewrite README.md's cost table from a GPU run's gpu_check.json")
     args = parser.parse_args(argv)
+    if args.readme:
+        update_readme(Path(__file__).resolve().parents[1] / "README.md", json.loads(Path(args.readme).read_text()))
+        return 0
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --smoke")
     out = Path(args.out)

@@ -145,3 +145,27 @@ def test_gpu_bundle_refuses_a_bad_argument_before_touching_the_wheels(args, mess
     done = subprocess.run(["bash", str(SCRIPT.parent / "gpu_bundle.sh"), *args], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and message in done.stderr
+
+
+def _gpu_result(hours):
+    return {"smoke": False, "environment": {"device": "NVIDIA H200", "torch": "2.11.0"},
+            "costs": [{"measured_gpu_hours": h} for h in hours]}
+
+
+def test_the_readme_cost_table_gets_a_measured_column_beside_the_estimate(monkeypatch, tmp_path):
+    driver = _driver(monkeypatch)
+    original = (SCRIPT.parents[1] / "README.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(original + "\n## Later\n\nkept\n")
+    driver.update_readme(readme, _gpu_result([1.234, 0.75, None, 2.5]))
+    text = readme.read_text()
+    assert "## What a full-scale run costs (measured)" in text and "No GPU numbers were measured" not in text
+    assert "| job | work | PFLOP | measured NVIDIA H200 GPU-hours | est. H100 GPU-hours |" in text
+    assert "| 5,935 | 1.23 | ~4.1 |" in text and "| 26,241 | not measured | ~18 |" in text
+    assert "| 0.3 | not measured | < 0.1 |" in text and text.endswith("\n## Later\n\nkept\n")
+    assert text[: text.index("## What a full-scale run costs")] == original[: original.index("## What a full-scale")]
+    driver.update_readme(readme, _gpu_result([1.5, 0.75, None, 2.5]))  # a second GPU run replaces the column
+    again = readme.read_text()
+    assert again == text.replace("| 5,935 | 1.23 |", "| 5,935 | 1.50 |") and again.count("measured NVIDIA") == 1
+    with pytest.raises(SystemExit, match="not updated from a --smoke run"):
+        driver.update_readme(readme, {**_gpu_result([1.0]), "smoke": True})
