@@ -8,6 +8,8 @@ list of rows; `shapes(smoke)` gives the real sizes or tiny CPU ones.
   the same architecture, batch and precision (random weights: the weights do not change the work).
 - dydit: DyDiT-XL/2 with routers set to ~half the width (as benchmarks/dynamic_speed.py does), fast
   path vs static at batch 8, 64, 256 (bf16): measured speedup against the FLOPs-ideal one.
+- profile: torch.profiler over model calls of the static network and the DyDiT fast path at batch 64:
+  GPU busy time against wall time, kernels per call, the ops that take the most time.
 - train_step: one DeepSpeed ZeRO-2 bf16 step of DyDiT-XL/2 stage 1 at micro-batch 32 and 16 on one
   GPU: step time, peak memory, whether it fits (skipped with a note without DeepSpeed).
 - static_512: DiT-XL/2 512, batch 32 with CFG, one bf16 step: the 512 row of the cost table.
@@ -203,6 +205,49 @@ def training_free(s, device, results) -> list[dict]:
         ideal, measured = base[1] / flops, base[0] / seconds
         rows.append({"method": method, "seconds": seconds, "speedup": measured, "flops_ideal_speedup": ideal,
                      "ratio_to_ideal": measured / ideal})
+    return rows
+
+
+def profile(s, device, results) -> list[dict]:
+    """Where a model call's time goes (torch.profiler, 3 calls at batch 64, bf16), static network and DyDiT
+    fast path: the GPU's busy time against the wall time (a low fraction means launch- or host-bound),
+    kernels per call, and the ops that take the most device time. What a session without a GPU needs to
+    tune the fast path when its measured speedup falls short of the FLOPs-ideal one."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    dydit_model = DyDiT.from_static(dit(s, device))
+    randomize_routers(dydit_model, torch.Generator().manual_seed(1))
+    dydit_model = dydit_model.to(device).eval()
+    x, y = guided_inputs(dydit_model, s["batch"], device)
+    t = torch.full((x.shape[0],), 500, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows, calls = [], 3
+    for method in ("static", "dydit"):
+        runner = build_runner(method, dydit_model)
+
+        def call(runner=runner):
+            runner.step_callback(0, 500)
+            return runner(x, t, y=y)
+
+        with precision("bf16", device), torch.no_grad():
+            call()  # the plan of this timestep, cuBLAS handles: outside the profile
+            sync(device)
+            start = time.perf_counter()
+            with torch_profile(activities=activities) as prof:
+                for _ in range(calls):
+                    call()
+                sync(device)
+            wall = (time.perf_counter() - start) / calls
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / calls
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        top = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:8]
+        rows.append({"method": method, "batch": s["batch"], "profiled_wall_ms_per_call": 1e3 * wall,
+                     "gpu_busy_ms_per_call": 1e3 * busy if cuda else None,
+                     "busy_fraction": busy / wall if cuda else None, "kernels_per_call": len(kernels) / calls,
+                     "top_ops_ms_per_call": "; ".join(f"{e.key[:48]} {getattr(e, key) / 1e3 / calls:.2f}" for e in top)})
     return rows
 
 
@@ -425,6 +470,7 @@ SECTIONS = {
     "static": (static, 40),
     "dydit": (dydit, 40),
     "train_step": (train_step, 90),
+    "profile": (profile, 20),
     "static_512": (static_512, 15),
     "bf16_distance": (bf16_distance, 20),
     "host_syncs": (host_syncs, 20),
