@@ -106,6 +106,24 @@ def guided_inputs(model, batch, device, seed=0):
     return cfg_class_batch(x, y, model.num_classes)
 
 
+def guided_ddim(runner, x, y, steps: int, device, model_fn=None) -> torch.Tensor:
+    """One DDIM run of `runner` with guidance 1.5 under bf16 autocast from the doubled noise x (2B, C, h, w);
+    `model_fn` wraps the runner (default: the runner itself)."""
+    runner.begin(steps)
+    with precision("bf16", device):
+        return sample(cfg_model_fn(model_fn or runner, 1.5), x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
+                      step_callback=runner.step_callback)
+
+
+def method_options(s, steps: int) -> dict:
+    """The training-free methods' options at the check's size (the debug model's smoke shapes need smaller
+    ones) for a run of `steps`; FlexDiT's entry is the FlexOptions of `flexdit_from_static`."""
+    debug = s["model"] == "debug"
+    return {"fora": {"interval": 3}, "eb_cache": {"schedule": RELEASED_TABLE_50 if steps == 50 else "0120"},
+            "at_edm": {"score_layer": 0, "dense_last": 1} if debug else {},
+            "flexdit": FlexOptions(grid_sizes=(3, 2), num_intervals=2) if debug else None}
+
+
 def matmul_peak(s, device, results) -> dict:
     n, out = s["matmul"], {}
     for name in ("fp32", "tf32", "bf16"):
@@ -183,22 +201,15 @@ def dydit(s, device, results) -> list[dict]:
 def training_free(s, device, results) -> list[dict]:
     static_model = dit(s, device)
     steps = 50 if not s["model"] == "debug" else 4
-    methods = {"fora": {"interval": 3}, "eb_cache": {"schedule": RELEASED_TABLE_50 if steps == 50 else "0120"},
-               "at_edm": {} if s["model"] != "debug" else {"score_layer": 0, "dense_last": 1}, "flexdit": None}
+    options = method_options(s, steps)
     x, y = guided_inputs(static_model, s["batch"], device)
     rows, base = [], None
-    for method in ("static", *methods):
-        options = None if s["model"] != "debug" else FlexOptions(grid_sizes=(3, 2), num_intervals=2)
-        model = flexdit_from_static(static_model, options).to(device).eval() if method == "flexdit" else static_model
-        runner = build_runner(method, model, methods.get(method))
-        fn = cfg_model_fn(runner, 1.5)
-
-        def run(runner=runner, fn=fn):
-            runner.begin(steps)
-            with precision("bf16", device):
-                sample(fn, x.shape, "ddim", steps, noise=x, model_kwargs={"y": y}, step_callback=runner.step_callback)
-
-        seconds = timed(run, device, max(1, s["repeats"] // 2))
+    for method in ("static", *options):
+        if method == "flexdit":
+            runner = build_runner(method, flexdit_from_static(static_model, options[method]).to(device).eval())
+        else:
+            runner = build_runner(method, static_model, options.get(method))
+        seconds = timed(lambda runner=runner: guided_ddim(runner, x, y, steps, device), device, max(1, s["repeats"] // 2))
         flops = runner.mean_flops()
         if base is None:
             base = (seconds, flops)
@@ -363,13 +374,9 @@ def compiled(s, device, results) -> list[dict]:
             runner = build_runner(method, dydit_model)
             if mode == "compiled":
                 runner.compile()
-            fn = cfg_model_fn(runner, 1.5)
 
-            def run(runner=runner, fn=fn):
-                runner.begin(steps)
-                with precision("bf16", device):
-                    sample(fn, x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
-                           step_callback=runner.step_callback)
+            def run(runner=runner):
+                guided_ddim(runner, x, y, steps, device)
 
             sync(device)
             start = time.perf_counter()
@@ -393,16 +400,14 @@ def host_syncs(s, device, results) -> list[dict] | dict:
     randomize_routers(dydit_model, torch.Generator().manual_seed(1))
     dydit_model = dydit_model.to(device).eval()
     depth, steps = len(static_model.blocks), 4
-    smoke = s["model"] == "debug"
-    flex = FlexOptions(grid_sizes=(3, 2), num_intervals=2) if smoke else None
-    at_edm = {"score_layer": 0, "dense_last": 1} if smoke else None
+    options = method_options(s, steps)
     x, y = guided_inputs(static_model, min(s["batch"], 8), device)
     cases = [("static", static_model, "static", None, 0, 0),
              ("dydit", dydit_model, "dydit", None, 1 + depth, depth),
-             ("fora", static_model, "fora", {"interval": 2}, 0, 0),
-             ("eb_cache", static_model, "eb_cache", {"schedule": "0120"}, 0, 0),
-             ("flexdit", flexdit_from_static(static_model, flex).to(device).eval(), "flexdit", None, 0, 0),
-             ("at_edm", static_model, "at_edm", at_edm, 1, 1)]
+             ("fora", static_model, "fora", options["fora"], 0, 0),
+             ("eb_cache", static_model, "eb_cache", options["eb_cache"], 0, 0),
+             ("flexdit", flexdit_from_static(static_model, options["flexdit"]).to(device).eval(), "flexdit", None, 0, 0),
+             ("at_edm", static_model, "at_edm", options["at_edm"], 1, 1)]
     rows = []
     for name, model, method, options, first_budget, budget in cases:
         runner = build_runner(method, model, options)
@@ -423,10 +428,7 @@ def host_syncs(s, device, results) -> list[dict] | dict:
                 counts.append(sum("synchroniz" in str(w.message) for w in caught))
                 return out
 
-            runner.begin(steps)
-            with precision("bf16", device):
-                sample(cfg_model_fn(counted, 1.5), x.shape, "ddim", steps, noise=x, model_kwargs={"y": y},
-                       step_callback=runner.step_callback)
+            guided_ddim(runner, x, y, steps, device, model_fn=counted)
             per_run.append(counts)
         rows.append({"method": name, "first_run": per_run[0] if watch else "not counted on the CPU",
                      "second_run": per_run[1] if watch else None, "budget_first": first_budget,
