@@ -119,15 +119,30 @@ def test_a_section_still_running_when_the_budget_runs_out_is_stopped(monkeypatch
         while True:
             time.sleep(0.01)
 
-    monkeypatch.setattr(driver, "SECTIONS", {"static": (endless, 0), "dydit": (lambda s, d, r: [], 0)})
+    monkeypatch.setattr(driver, "SECTIONS", {"static": (endless, 10), "dydit": (lambda s, d, r: [], 0)})
     monkeypatch.setattr(driver, "shapes", lambda smoke: {})
     monkeypatch.setattr(driver, "environment", lambda device: {"device": "stand-in"})
     began = time.perf_counter()
-    result = driver.run(False, set(), "cpu", 0.5)
-    assert time.perf_counter() - began < 5
+    result = driver.run(False, set(), "cpu", 10.5)
+    assert 10 <= time.perf_counter() - began < 15  # the budget's end, not the section's cap of 20 s
     assert result["failed"] == ["static"]
-    assert result["sections"]["static"]["error"].startswith("OverBudget: still running when the check's --budget-s")
+    assert result["sections"]["static"]["error"].startswith("OverBudget: still running at its limit")
     assert result["sections"]["dydit"]["skipped"].startswith("budget:")
+
+
+def test_a_section_running_twice_its_expected_time_is_stopped_and_the_next_one_runs(monkeypatch):
+    driver = _driver(monkeypatch)
+
+    def endless(s, device, results):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(driver, "SECTIONS", {"static": (endless, 0.25), "dydit": (lambda s, d, r: [{"batch": 8}], 1)})
+    monkeypatch.setattr(driver, "shapes", lambda smoke: {})
+    monkeypatch.setattr(driver, "environment", lambda device: {"device": "stand-in"})
+    result = driver.run(False, set(), "cpu", 60.0)
+    assert 0.5 <= result["section_seconds"]["static"] < 5 and result["failed"] == ["static"]
+    assert result["sections"]["dydit"] == [{"batch": 8}]
 
 
 
