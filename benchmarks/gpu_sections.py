@@ -332,7 +332,7 @@ def vae(s, device, results) -> list[dict] | dict:
                                   latent_channels=4, layers_per_block=2, norm_num_groups=min(32, width[0]))
             model = model.to(device, DTYPES[name]).eval()
             z = torch.randn(s["vae_batch"], 4, size // 8, size // 8, device=device, dtype=DTYPES[name])
-            with torch.no_grad():
+            with precision(name, device), torch.no_grad():  # fp32: strict, TF32 off
                 seconds = timed(lambda model=model, z=z: model.decode(z).sample, device, max(1, s["repeats"] // 2))
             rows.append({"size": size, "precision": name, "seconds": seconds,
                          "images_per_s": s["vae_batch"] / seconds})
