@@ -125,6 +125,7 @@ def goals(sections: dict) -> list[dict]:
     compiled = {r["method"]: r for r in sections.get("compile", []) if "compile_speedup" in r} \
         if isinstance(sections.get("compile"), list) else {}
     det = sections.get("determinism", {})
+    job = sections["sample_job"] if isinstance(sections.get("sample_job"), list) else []
     syncs = sections.get("host_syncs")
     counted = [r["within_budget"] for r in syncs if r.get("within_budget") is not None] \
         if isinstance(syncs, list) else []
@@ -139,6 +140,8 @@ def goals(sections: dict) -> list[dict]:
         ("stage-1 ZeRO-2 bf16 step at micro-batch 32: fits", step32.get("fits"), "true"),
         ("stage-1 step at micro-batch 32: peak memory GiB", step32.get("peak_memory_gib"), "report"),
         ("every runner's CUDA syncs per step within its CPU-tested budget", all(counted) if counted else None, "true"),
+        ("the sampling actors' code (ShardGenerator, bf16, VAE) made its shard, static and DyDiT",
+         [r.get("samples") for r in job] == [8, 8] if job else None, "true"),
         ("counter noise bit for bit when a batch is split", det.get("noise_same_split_into_two_batches"), "true"),
         ("bf16 DDIM sample bit for bit when a batch is split", det.get("sample_same_split_into_two_batches"),
          f"report (relative L2 {det.get('split_relative_l2')})"),

@@ -19,6 +19,8 @@ list of rows; `shapes(smoke)` gives the real sizes or tiny CPU ones.
   the budgets tests/test_sync_budget.py enforces on the CPU (counted on CUDA only).
 - determinism: the counter noise bit for bit across batch splits and repeats; a bf16 DDIM run repeated
   and split into two batches (bitwise, and the distance when not).
+- sample_job: the sampling actors' ShardGenerator on this device (bf16, counter noise, the VAE in bf16)
+  with the debug network and a small random VAE, static and DyDiT.
 - training_free: FORA, EB-Cache (released 50-step table), AT-EDM and FlexDiT, 50 steps, bf16:
   measured speedup against the FLOPs-ideal one.
 - compile: `sample.compile` on and off, 10 DDIM steps at batch 64, bf16, for the static network and the
@@ -465,6 +467,50 @@ def determinism(s, device, results) -> dict:
             "split_relative_l2": float((split - first).norm() / first.norm())}
 
 
+def sample_job(s, device, results) -> list[dict]:
+    """The sampling actors' own code on this device: `ShardGenerator` (network loaded from a safetensors
+    checkpoint, counter noise drawn on the device, bf16 autocast, TF32, the VAE decoding in bf16, the
+    shard loop) on the debug network with random weights and a small random VAE, static and DyDiT; and
+    whether a sample is the same made alone as in its batch."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from dydit_dist import config as config_lib
+    from dydit_dist.accel.synthetic import randomize_zero_init as randomize
+    from dydit_dist.network import sampling_network, save_weights
+    from dydit_dist.sample import plan_shards
+    from dydit_dist.sample.generate import ShardGenerator
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        vae = f"{root}/vae"
+        blocks = ("DownEncoderBlock2D",) * 4, ("UpDecoderBlock2D",) * 4
+        AutoencoderKL(down_block_types=blocks[0], up_block_types=blocks[1], block_out_channels=(8,) * 4,
+                      latent_channels=4, layers_per_block=1, norm_num_groups=8).save_pretrained(vae)
+        for method in ("static", "dydit"):
+            network = sampling_network(config_lib.load("debug", [f"model.method={method}"]))
+            randomize(network, torch.Generator().manual_seed(0))
+            if method == "dydit":
+                randomize_routers(network, torch.Generator().manual_seed(1))
+            save_weights(network, f"{root}/{method}.safetensors")
+            cfg = config_lib.load("debug", [
+                f"storage.root=file://{root}", "storage.run=t", f"model.method={method}", f"sample.method={method}",
+                f"model.checkpoint={root}/{method}.safetensors", f"data.vae={vae}", "sample.steps=10",
+                "sample.batch_size=8", "sample.shard_size=8", "sample.num_samples=8", "sample.precision=bf16",
+                "sample.vae_precision=bf16", "sample.tf32=true", "sample.noise=counter"])
+            generator = ShardGenerator(cfg, device=device)
+            start = time.perf_counter()
+            samples, _ = generator.generate(plan_shards(8, 8)[0])
+            seconds = time.perf_counter() - start
+            batch, alone = generator.latents(list(range(8))), generator.latents([2])
+            rows.append({"method": method, "samples": len(samples), "image_shape": list(samples[0].image.shape),
+                         "noise_stream": generator.noise_stream, "seconds": seconds,
+                         "gflops_per_forward": generator.stats()["gflops"],
+                         "alone_vs_in_batch_max_abs": float((batch[2:3] - alone).abs().max())})
+    return rows
+
+
 # The sections in the order they run: what the issue's goals need first, then the rest; each with the
 # seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
 SECTIONS = {
@@ -477,6 +523,7 @@ SECTIONS = {
     "bf16_distance": (bf16_distance, 20),
     "host_syncs": (host_syncs, 20),
     "determinism": (determinism, 15),
+    "sample_job": (sample_job, 20),
     "vae": (vae, 30),
     "training_free": (training_free, 90),
     "compile": (compiled, 150),

@@ -26,7 +26,9 @@ def test_smoke_mode_writes_every_section(tmp_path):
     sections = result["sections"]
     assert result["smoke"] and sections["train_step"] == {"skipped": "--skip"} and result["failed"] == []
     assert list(sections) == ["matmul_peak", "static", "dydit", "train_step", "profile", "static_512", "bf16_distance",
-                              "host_syncs", "determinism", "vae", "training_free", "compile"]
+                              "host_syncs", "determinism", "sample_job", "vae", "training_free", "compile"]
+    for row in sections["sample_job"]:  # the sampling actors' code, here on the CPU in bf16
+        assert row["samples"] == 8 and row["image_shape"] == [128, 128, 3] and row["alone_vs_in_batch_max_abs"] < 0.05
     assert [row["method"] for row in sections["profile"]] == ["static", "dydit"]
     assert all(row["profiled_wall_ms_per_call"] > 0 and row["top_ops_ms_per_call"] for row in sections["profile"])
     same = sections["determinism"]
@@ -102,7 +104,8 @@ def test_smoke_mode_runs_the_deepspeed_step(tmp_path):
     """The DeepSpeed ZeRO-2 bf16 step alone (about a minute on CPU once DeepSpeed's CPU op is built, which
     the suite's DeepSpeed tests do anyway): the section a GPU run would otherwise try for the first time."""
     others = [arg for name in ("matmul_peak", "static", "dydit", "static_512", "training_free", "vae",
-                                          "bf16_distance", "host_syncs", "determinism", "profile", "compile")
+                                          "bf16_distance", "host_syncs", "determinism", "profile", "sample_job",
+                                          "compile")
               for arg in ("--skip", name)]
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *others],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "DS_ACCELERATOR": "cpu"})
