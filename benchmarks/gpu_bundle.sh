@@ -13,6 +13,8 @@
 #   (DS_BUILD_OPS=0: no compiled op; on the GPU its ops would JIT-build, and the project uses torch's
 #   AdamW). It needs hjson and pydantic 2, which needs pydantic-core (compiled, per Python version),
 #   annotated-types, typing-inspection and typing-extensions >= 4.16.
+# - braceexpand (the shard reader, which the train_job section's Trainer uses; fsspec and tensorboard are
+#   on the GPU machine).
 # - typing-extensions and zipp are on the GPU machine at versions not known here, so they travel too:
 #   installed first on PYTHONPATH, they shadow the older ones.
 # Every other requirement of these wheels (numpy, filelock, requests, regex, safetensors >= 0.8,
@@ -38,7 +40,7 @@ build_python=${BUILD_PYTHON:-.venv/bin/python}
 lock=cluster/image/requirements.lock
 max_mib=40
 wheels=(omegaconf diffusers importlib-metadata zipp lazy-importer hjson pydantic pydantic-core annotated-types
-        typing-inspection typing-extensions)
+        typing-inspection typing-extensions braceexpand)
 
 die() { echo "gpu_bundle.sh: $*" >&2; exit 1; }
 

@@ -125,6 +125,7 @@ def goals(sections: dict) -> list[dict]:
     compiled = {r["method"]: r for r in sections.get("compile", []) if "compile_speedup" in r} \
         if isinstance(sections.get("compile"), list) else {}
     det = sections.get("determinism", {})
+    train = sections.get("train_job", {})
     job = sections["sample_job"] if isinstance(sections.get("sample_job"), list) else []
     syncs = sections.get("host_syncs")
     counted = [r["within_budget"] for r in syncs if r.get("within_budget") is not None] \
@@ -142,6 +143,9 @@ def goals(sections: dict) -> list[dict]:
         ("every runner's CUDA syncs per step within its CPU-tested budget", all(counted) if counted else None, "true"),
         ("the sampling actors' code (ShardGenerator, bf16, VAE) made its shard, static and DyDiT",
          [r.get("samples") for r in job] == [8, 8] if job else None, "true"),
+        ("the training job's loop (Trainer, ZeRO-2 bf16, EMA, checkpoints) ran and resumed from step 4",
+         train.get("resumed_from_step") == 4 and train.get("ema_export") == "ema-0000006.safetensors"
+         if "resumed_from_step" in train else None, "true"),
         ("counter noise bit for bit when a batch is split", det.get("noise_same_split_into_two_batches"), "true"),
         ("bf16 DDIM sample bit for bit when a batch is split", det.get("sample_same_split_into_two_batches"),
          f"report (relative L2 {det.get('split_relative_l2')})"),

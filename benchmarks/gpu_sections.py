@@ -21,6 +21,8 @@ list of rows; `shapes(smoke)` gives the real sizes or tiny CPU ones.
   and split into two batches (bitwise, and the distance when not).
 - sample_job: the sampling actors' ShardGenerator on this device (bf16, counter noise, the VAE in bf16)
   with the debug network and a small random VAE, static and DyDiT.
+- train_job: the training job's Trainer on this device without Ray (shard reader, DeepSpeed ZeRO-2 bf16,
+  EMA, background checkpoints, EMA export) on the debug DyDiT, then a resume from its checkpoint.
 - training_free: FORA, EB-Cache (released 50-step table), AT-EDM and FlexDiT, 50 steps, bf16:
   measured speedup against the FLOPs-ideal one.
 - compile: `sample.compile` on and off, 10 DDIM steps at batch 64, bf16, for the static network and the
@@ -511,6 +513,46 @@ def sample_job(s, device, results) -> list[dict]:
     return rows
 
 
+def train_job(s, device, results) -> dict:
+    """The training job's own loop on this device, one rank without Ray: `Trainer` (shard reader, DeepSpeed
+    ZeRO-2 bf16, EMA, checkpoints copied in the background, the EMA export) on the debug DyDiT for 4 steps
+    with a checkpoint every 2; then a second Trainer resumes from the last checkpoint and runs 2 more."""
+    import tempfile
+    import uuid
+
+    from dydit_dist import config as config_lib
+    from dydit_dist.data.synthetic import random_dataset
+    from dydit_dist.network import latest_ema
+    from dydit_dist.train.deepspeed_setup import init_single_process
+    from dydit_dist.train.loop import Trainer
+    from dydit_dist.train.ray_session import LocalSession
+
+    init_single_process()
+    root = f"memory://gpu-check-{uuid.uuid4().hex[:8]}"
+
+    def config(steps):
+        return config_lib.load("debug", [
+            "ray.num_workers=1", "train.global_batch_size=8", "train.micro_batch_size=8", f"train.max_steps={steps}",
+            "train.checkpoint_every=2", "train.log_every=1", "model.method=dydit", "data.num_workers=0",
+            "train.precision=bf16", "deepspeed.zero_stage=2", f"storage.root={root}", f"data.uri={root}/data"])
+
+    random_dataset(f"{root}/data", config(4), num_samples=64)
+    row = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, steps in (("first", 4), ("resumed", 6)):
+            session = LocalSession(folder, device=device)
+            start = time.perf_counter()
+            trainer = Trainer(config(steps), session)
+            trainer.train()
+            row[f"{name}_seconds"] = time.perf_counter() - start
+            row[f"{name}_from_step"] = trainer.resumed_from
+            row[f"{name}_losses"] = [round(float(r["loss"]), 4) for r in session.reports if "loss" in r]
+            trainer.engine.destroy()
+        row["checkpoints"] = session.checkpoints()
+    row["ema_export"] = latest_ema(f"{root}/runs/{config(6).storage.run}").rsplit("/", 1)[-1]
+    return row
+
+
 # The sections in the order they run: what the issue's goals need first, then the rest; each with the
 # seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
 SECTIONS = {
@@ -524,6 +566,7 @@ SECTIONS = {
     "host_syncs": (host_syncs, 20),
     "determinism": (determinism, 15),
     "sample_job": (sample_job, 20),
+    "train_job": (train_job, 40),
     "vae": (vae, 30),
     "training_free": (training_free, 90),
     "compile": (compiled, 150),

@@ -14,19 +14,20 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SECTION_NAMES = ("matmul_peak", "static", "dydit", "train_step", "profile", "static_512", "bf16_distance", "host_syncs",
+                 "determinism", "sample_job", "train_job", "vae", "training_free", "compile")
 
 
 @pytest.mark.slow
 def test_smoke_mode_writes_every_section(tmp_path):
     # The DeepSpeed step is left out: a fresh machine compiles DeepSpeed's CPU Adam op first (minutes).
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--skip", "train_step"],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--skip", "train_step",
+                           "--skip", "train_job"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = result["sections"]
     assert result["smoke"] and sections["train_step"] == {"skipped": "--skip"} and result["failed"] == []
-    assert list(sections) == ["matmul_peak", "static", "dydit", "train_step", "profile", "static_512", "bf16_distance",
-                              "host_syncs", "determinism", "sample_job", "vae", "training_free", "compile"]
+    assert list(sections) == list(SECTION_NAMES)
     for row in sections["sample_job"]:  # the sampling actors' code, here on the CPU in bf16
         assert row["samples"] == 8 and row["image_shape"] == [128, 128, 3] and row["alone_vs_in_batch_max_abs"] < 0.05
     assert [row["method"] for row in sections["profile"]] == ["static", "dydit"]
@@ -100,19 +101,24 @@ def test_a_section_that_no_longer_fits_the_budget_is_skipped_and_says_why(monkey
 
 
 @pytest.mark.slow
-def test_smoke_mode_runs_the_deepspeed_step(tmp_path):
-    """The DeepSpeed ZeRO-2 bf16 step alone (about a minute on CPU once DeepSpeed's CPU op is built, which
-    the suite's DeepSpeed tests do anyway): the section a GPU run would otherwise try for the first time."""
-    others = [arg for name in ("matmul_peak", "static", "dydit", "static_512", "training_free", "vae",
-                                          "bf16_distance", "host_syncs", "determinism", "profile", "sample_job",
-                                          "compile")
-              for arg in ("--skip", name)]
+def test_smoke_mode_runs_the_deepspeed_sections(tmp_path):
+    """The DeepSpeed sections alone, the ZeRO-2 bf16 step and the training loop (about a minute on CPU once
+    DeepSpeed's CPU op is built, which the suite's DeepSpeed tests do anyway): what a GPU run would otherwise
+    try for the first time."""
+    deepspeed = ("train_step", "train_job")
+    others = [arg for name in SECTION_NAMES if name not in deepspeed for arg in ("--skip", name)]
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *others],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["train_step"]
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    rows = sections["train_step"]
     assert [row["micro_batch"] for row in rows] == [2, 1]  # two engines in one process, as on the GPU
     assert all(row["fits"] and row["step_s"] > 0 for row in rows)
+    job = sections["train_job"]  # the training loop, then a resume from its step-4 checkpoint
+    assert job["first_from_step"] == 0 and job["resumed_from_step"] == 4
+    assert len(job["first_losses"]) == 4 and len(job["resumed_losses"]) == 2
+    assert job["checkpoints"] == ["step-0000002", "step-0000004", "step-0000006"]
+    assert job["ema_export"] == "ema-0000006.safetensors"
 
 
 def test_a_section_still_running_when_the_budget_runs_out_is_stopped(monkeypatch):
