@@ -556,12 +556,12 @@ def train_job(s, device, results) -> dict:
 # The sections in the order they run: what the goals need first, then the rest; each with the
 # seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
 SECTIONS = {
-    "matmul_peak": (matmul_peak, 5),
+    "matmul_peak": (matmul_peak, 15),
     "static": (static, 40),
     "dydit": (dydit, 40),
     "train_step": (train_step, 90),
     "profile": (profile, 20),
-    "static_512": (static_512, 15),
+    "static_512": (static_512, 25),
     "bf16_distance": (bf16_distance, 20),
     "host_syncs": (host_syncs, 20),
     "determinism": (determinism, 15),
