@@ -554,7 +554,8 @@ def train_job(s, device, results) -> dict:
 
 
 # The sections in the order they run: what the goals need first, then the rest; each with the
-# seconds it is expected to take on an H100/H200 (the budget check skips a section that would not fit).
+# seconds it is expected to take on an H100/H200, on the safe side: `gpu_check.run` skips a section that
+# would not fit in what is left of the budget, and stops one still running at twice its expected time.
 SECTIONS = {
     "matmul_peak": (matmul_peak, 15),
     "static": (static, 40),
