@@ -479,7 +479,6 @@ def sample_job(s, device, results) -> list[dict]:
     from diffusers import AutoencoderKL
 
     from dydit_dist import config as config_lib
-    from dydit_dist.accel.synthetic import randomize_zero_init as randomize
     from dydit_dist.network import sampling_network, save_weights
     from dydit_dist.sample import plan_shards
     from dydit_dist.sample.generate import ShardGenerator
@@ -492,7 +491,7 @@ def sample_job(s, device, results) -> list[dict]:
                       latent_channels=4, layers_per_block=1, norm_num_groups=8).save_pretrained(vae)
         for method in ("static", "dydit"):
             network = sampling_network(config_lib.load("debug", [f"model.method={method}"]))
-            randomize(network, torch.Generator().manual_seed(0))
+            randomize_zero_init(network, torch.Generator().manual_seed(0))
             if method == "dydit":
                 randomize_routers(network, torch.Generator().manual_seed(1))
             save_weights(network, f"{root}/{method}.safetensors")
