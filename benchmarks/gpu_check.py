@@ -6,8 +6,9 @@
 
 Writes benchmarks/results/gpu_check.{json,md} (`--out` to change the folder) after every section, so a run
 stopped from outside keeps what it measured. A section that fails is recorded with its error and the
-others still run (exit status 1 then). The sections and what each measures: `gpu_sections.py`. The
-markdown opens with the issue's goals and the cost table computed from the measured rows.
+others still run (exit status 1 then). The sections and what each measures: `gpu_sections.py` (speed)
+and `gpu_jobs.py` (the project's own jobs and checks on the device). The markdown opens with the issue's
+goals and the cost table computed from the measured rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,39 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_sections import SECTIONS, shapes
+from gpu_jobs import determinism, host_syncs, sample_job, train_job, train_step
+from gpu_sections import (
+    bf16_distance,
+    compiled,
+    dydit,
+    matmul_peak,
+    profile,
+    shapes,
+    static,
+    static_512,
+    training_free,
+    vae,
+)
+
+# The sections in the order they run: what the issue's goals need first, then the rest; each with the
+# seconds it is expected to take on an H100/H200, on the safe side: `run` skips a section that
+# would not fit in what is left of the budget, and stops one still running at twice its expected time.
+SECTIONS = {
+    "matmul_peak": (matmul_peak, 15),
+    "static": (static, 40),
+    "dydit": (dydit, 40),
+    "train_step": (train_step, 90),
+    "profile": (profile, 20),
+    "static_512": (static_512, 25),
+    "bf16_distance": (bf16_distance, 20),
+    "host_syncs": (host_syncs, 20),
+    "determinism": (determinism, 15),
+    "sample_job": (sample_job, 20),
+    "train_job": (train_job, 40),
+    "vae": (vae, 30),
+    "training_free": (training_free, 90),
+    "compile": (compiled, 150),
+}
 
 # The cost table's rows: the README's FLOPs estimates (H100 at 40% of its dense bf16 peak) beside what
 # the measured throughput gives.
