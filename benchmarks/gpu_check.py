@@ -146,25 +146,31 @@ def run(smoke: bool, skip: set[str], device: str, budget_s: float, write=None) -
     return result
 
 
-def _row(rows, key, value):
-    return next((r for r in rows if r.get(key) == value), None) if isinstance(rows, list) else None
+def _row(sections: dict, name: str, **match) -> dict:
+    """The first row of a list-valued section whose fields equal `match` ({} when the section did not run,
+    failed, or has no such row)."""
+    rows = sections.get(name)
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), {}) if isinstance(rows, list) else {}
+
+
+def _result(sections: dict, name: str) -> dict:
+    """A dict-valued section's result ({} when it did not run as a dict)."""
+    value = sections.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def goals(sections: dict) -> list[dict]:
     """The issue's targets against what was measured (None where the section did not run)."""
-    static = sections.get("static", {}).get("bf16", {}) if isinstance(sections.get("static"), dict) else {}
-    dydit64 = _row(sections.get("dydit"), "batch", 64) or {}
-    step32 = _row(sections.get("train_step"), "micro_batch", 32) or {}
-    compiled = {r["method"]: r for r in sections.get("compile", []) if "compile_speedup" in r} \
-        if isinstance(sections.get("compile"), list) else {}
-    det = sections.get("determinism", {})
-    train = sections.get("train_job", {})
-    job = sections["sample_job"] if isinstance(sections.get("sample_job"), list) else []
+    static = _result(sections, "static").get("bf16", {})
+    dydit64, step32 = _row(sections, "dydit", batch=64), _row(sections, "train_step", micro_batch=32)
+    compiled = {m: _row(sections, "compile", method=m) for m in ("static", "dydit")}
+    det, train = _result(sections, "determinism"), _result(sections, "train_job")
+    jobs = [_row(sections, "sample_job", method=m).get("samples") for m in ("static", "dydit")]
     syncs = sections.get("host_syncs")
     counted = [r["within_budget"] for r in syncs if r.get("within_budget") is not None] \
         if isinstance(syncs, list) else []
-    compiled_static = compiled.get("static", {})
-    per_call = compiled_static["compiled_s"] / compiled_static["steps"] if compiled_static else None
+    compiled_static = compiled["static"]
+    per_call = compiled_static["compiled_s"] / compiled_static["steps"] if "compiled_s" in compiled_static else None
     rows = [
         ("static bf16 speed vs diffusers (same batch and precision)", static.get("speedup_vs_diffusers"), ">= 1.2"),
         ("the same with sample.compile (a DDIM run's time per model call, sampler included)",
@@ -175,30 +181,25 @@ def goals(sections: dict) -> list[dict]:
         ("stage-1 step at micro-batch 32: peak memory GiB", step32.get("peak_memory_gib"), "report"),
         ("every runner's CUDA syncs per step within its CPU-tested budget", all(counted) if counted else None, "true"),
         ("the sampling actors' code (ShardGenerator, bf16, VAE) made its shard, static and DyDiT",
-         [r.get("samples") for r in job] == [8, 8] if job else None, "true"),
+         jobs == [8, 8] if any(jobs) else None, "true"),
         ("the training job's loop (Trainer, ZeRO-2 bf16, EMA, checkpoints) ran and resumed from step 4",
          train.get("resumed_from_step") == 4 and train.get("ema_export") == "ema-0000006.safetensors"
          if "resumed_from_step" in train else None, "true"),
         ("counter noise bit for bit when a batch is split", det.get("noise_same_split_into_two_batches"), "true"),
         ("bf16 DDIM sample bit for bit when a batch is split", det.get("sample_same_split_into_two_batches"),
          f"report (relative L2 {det.get('split_relative_l2')})"),
-        ("sample.compile speedup, static", compiled.get("static", {}).get("compile_speedup"), "> 1.05: default on"),
-        ("sample.compile speedup, DyDiT fast path", compiled.get("dydit", {}).get("compile_speedup"), "> 1.05: default on"),
+        ("sample.compile speedup, static", compiled["static"].get("compile_speedup"), "> 1.05: default on"),
+        ("sample.compile speedup, DyDiT fast path", compiled["dydit"].get("compile_speedup"), "> 1.05: default on"),
     ]
     return [{"goal": goal, "measured": value, "target": target} for goal, value, target in rows]
 
 
 def costs(sections: dict) -> list[dict]:
     """GPU-hours of the README's cost-table rows from the measured throughput (one GPU)."""
-    static = sections.get("static", {}).get("bf16", {}) if isinstance(sections.get("static"), dict) else {}
-    images_s = static.get("images_per_s_250_steps")
-    dydit64 = _row(sections.get("dydit"), "batch", 64) or {}
-    at512 = sections.get("static_512", {})
-    step32 = _row(sections.get("train_step"), "micro_batch", 32) or {}
-    vae256 = _row([r for r in sections.get("vae", []) if r.get("precision") == "bf16"]
-                  if isinstance(sections.get("vae"), list) else None, "size", 256) or {}
-    vae512 = _row([r for r in sections.get("vae", []) if r.get("precision") == "bf16"]
-                  if isinstance(sections.get("vae"), list) else None, "size", 512) or {}
+    images_s = _result(sections, "static").get("bf16", {}).get("images_per_s_250_steps")
+    dydit64, step32 = _row(sections, "dydit", batch=64), _row(sections, "train_step", micro_batch=32)
+    at512 = _result(sections, "static_512")
+    vae256, vae512 = (_row(sections, "vae", size=size, precision="bf16") for size in (256, 512))
 
     def sampling_hours(images_per_s, vae_row):
         if not images_per_s:
