@@ -173,6 +173,17 @@ def test_gpu_bundle_refuses_a_bad_argument_before_touching_the_wheels(args, mess
     assert done.returncode == 2 and message in done.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--torch", "latest"], "--torch wants a version such as 2.11.0, got 'latest'"),
+    (["--cuda"], "unknown argument '--cuda'"),
+    (["--python", "/nonexistent/python3.12"], "'/nonexistent/python3.12' does not run: pass --python PATH")])
+def test_gpu_rehearse_refuses_bad_input_before_building_anything(args, message, tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT.parent / "gpu_rehearse.sh"), *args, "--venv", str(tmp_path / "v")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "v").exists()
+
+
 def _gpu_result(hours):
     return {"smoke": False, "environment": {"device": "NVIDIA H200", "torch": "2.11.0"},
             "costs": [{"measured_gpu_hours": h} for h in hours]}
