@@ -51,6 +51,7 @@ out=$(mktemp -d)
 status=0
 env -u DS_ACCELERATOR PATH="$venv/bin:$PATH" OUT="$out" TORCH_EXTENSIONS_DIR="$venv/torch_extensions" \
     bash benchmarks/gpu_run.sh --smoke || status=$?
+[[ -f $out/gpu_check.json ]] || { echo "gpu_rehearse.sh: gpu_run.sh (exit $status) wrote no $out/gpu_check.json" >&2; exit 1; }
 "$venv/bin/python" - "$out/gpu_check.json" "$status" <<'EOF'
 import json, sys
 result = json.load(open(sys.argv[1]))
