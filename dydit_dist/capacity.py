@@ -15,8 +15,11 @@ and SIGINT handlers: `ray.init` replaces them, and the jobs' own (exit 143 / 130
 `dydit_dist.cli`) must stay in force while the job runs.
 
 Inside a worker or actor configured for a GPU, `check_gpu(where)` is the first thing that runs: a
-GPU-configured process without a usable GPU is an error, and the device, driver and CUDA versions
-are logged.
+GPU-configured process without a usable GPU raises `GpuUnavailable`, and the device, driver and CUDA
+versions are logged. That is a fault of the host Ray placed the process on (it advertised a GPU that torch
+cannot use: a driver that fell over, a wrong CUDA_VISIBLE_DEVICES), not of the job's input, so it is
+retried like a lost worker within ray.max_failures: a training worker is not stopped as on an input error
+(`train.worker.NOT_RETRIED`), a sampling or evaluation actor is replaced, a prepare task is tried again.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ def connect_ray(address: str | None) -> None:
 
 
 class CapacityError(ConfigError):
-    """The capacity a job is configured for did not arrive, or a GPU-configured process has no GPU."""
+    """The capacity a job is configured for did not arrive."""
+
+
+class GpuUnavailable(RuntimeError):
+    """A GPU-configured worker or actor on a host whose GPU torch cannot use (retried, see above)."""
+
+
+def death_cause(err: Exception) -> str:
+    """The last line of a Ray actor's death: its error's type and message without Ray's framing, the
+    creation task's traceback and its terminal colours."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -133,11 +147,11 @@ def _have(resources: dict) -> str:
 
 
 def check_gpu(where: str) -> str:
-    """First thing in a GPU-configured worker or actor: CapacityError without a usable GPU; logs and returns
+    """First thing in a GPU-configured worker or actor: GpuUnavailable without a usable GPU; logs and returns
     the device line (name, compute capability, driver and CUDA versions)."""
     host = socket.gethostname()
     if not torch.cuda.is_available():
-        raise CapacityError(f"{where} on {host} is configured for a GPU (ray.use_gpu=true) but torch sees none "
+        raise GpuUnavailable(f"{where} on {host} is configured for a GPU (ray.use_gpu=true) but torch sees none "
                             f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
                             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch built for CUDA {torch.version.cuda})")
     index = torch.cuda.current_device()

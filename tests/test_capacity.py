@@ -12,7 +12,7 @@ from sampling_util import tiny_config
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
-from dydit_dist.capacity import CapacityError, Need, check_gpu
+from dydit_dist.capacity import CapacityError, GpuUnavailable, Need, check_gpu
 from dydit_dist.paths import RunPaths
 
 GPU_WORKERS = ["ray.num_workers=4", "ray.use_gpu=true", "ray.gpus_per_worker=1", "ray.cpus_per_worker=0.5",
@@ -26,10 +26,15 @@ def test_need_names_its_keys_and_totals():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_a_gpu_configured_process_without_a_gpu_is_an_error():
-    with pytest.raises(CapacityError, match=r"sampling actor on .* is configured for a GPU \(ray.use_gpu=true\) but "
-                                            r"torch sees none"):
+def test_a_gpu_configured_process_without_a_gpu_is_a_fault_of_its_host():
+    """An error naming the process and host, of a kind that is retried like a lost worker: not an input
+    error (ConfigError), which would end a multi-day run at once (`train.worker.NOT_RETRIED`)."""
+    from dydit_dist.train.worker import NOT_RETRIED
+
+    with pytest.raises(GpuUnavailable, match=r"sampling actor on .* is configured for a GPU \(ray.use_gpu=true\) "
+                                             r"but torch sees none") as err:
         check_gpu("sampling actor")
+    assert not isinstance(err.value, NOT_RETRIED) and not isinstance(err.value, config_lib.ConfigError)
 
 
 @pytest.mark.integration

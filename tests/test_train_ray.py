@@ -12,6 +12,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import lease, storage
+from dydit_dist.capacity import GpuUnavailable
 from dydit_dist.data import DataError, LatentStream
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.models import CheckpointError
@@ -126,7 +127,8 @@ def test_input_errors_stop_the_run_and_others_are_retried():
     """The controller-side callback: an input error of any rank ends the run (InputFailure, which pickles
     back to the driver with every rank's error); a lost worker or a failed upload does not."""
     callback = launcher.StopOnInputError()
-    callback.after_exception(None, {0: OSError("connection reset"), 1: RuntimeError("NCCL timeout")})  # retried
+    callback.after_exception(None, {0: OSError("connection reset"), 1: RuntimeError("NCCL timeout"),  # retried
+                                    2: GpuUnavailable("training worker 2 on node-7 ... torch sees none")})
     for error in (ShardError("corrupt shard s3://b/d/shard-000003.tar"), DataError("no manifest"),
                   CheckpointError("ckpt.pt does not fit DiT"), config_lib.ConfigError("ray.num_workers=2 but 3")):
         with pytest.raises(launcher.InputFailure) as caught:

@@ -36,7 +36,7 @@ import numpy as np
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
-from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
+from dydit_dist.capacity import GpuUnavailable, Need, acquire, check_gpu, connect_ray
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
@@ -216,7 +216,8 @@ def prepare(cfg: Config) -> PrepareResult:
     connect_ray(cfg.ray.address)
     concurrency = _concurrency(cfg, len(todo))
     task = ray.remote(encode_chunk).options(
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0, max_retries=2)
+        num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0, max_retries=2,
+        retry_exceptions=[GpuUnavailable])  # a host whose GPU is unusable: another try (capacity.py)
     cfg_ref, queue, running = ray.put(cfg.to_dict()), list(reversed(todo)), []
     log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
     last_write = time.monotonic()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
+from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
@@ -152,9 +152,6 @@ class FeatureWorker:
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.run = make_pass(cfg, "cuda" if use_gpu else "cpu")
 
-    def ready(self) -> bool:
-        return True
-
     def features(self, url: str, record: dict, captions: list[str] | None) -> dict[str, torch.Tensor]:
         return self.run(url, record, captions)
 
@@ -201,8 +198,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
     actor_cls = ray.remote(FeatureWorker).options(num_cpus=r.cpus_per_worker, num_gpus=gpus, max_restarts=0)
     actors = [actor_cls.remote(cfg.to_dict(), use_gpu) for _ in range(count)]
     failures = 0
-    try:
-        ray.get([a.ready.remote() for a in actors])
+    try:  # no barrier on `ready`: an actor that dies starting (GpuUnavailable, a lost node) is replaced below
         todo = list(enumerate(records))[::-1]  # popped from the end: index order
         parts: dict[int, dict] = {}
         pending: dict = {}  # ObjectRef -> (actor, shard k)
@@ -231,7 +227,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                     actors.append(actor_cls.remote(cfg.to_dict(), use_gpu))  # loads while its shards queue
                 elif not actors:
                     raise RuntimeError(f"every evaluation actor died ({failures} failures > ray.max_failures="
-                                       f"{r.max_failures}); see the actor logs") from None
+                                       f"{r.max_failures}), the last with {death_cause(err)}") from None
             else:
                 if on_part is not None:
                     on_part(actors)

@@ -15,7 +15,8 @@ driver merges the records into the manifest (it alone writes it), shows samples/
 writes the manifest only once the actors are ready, so a failed start leaves nothing behind.
 
 Shards already recorded, whose object is there at its recorded size, are skipped. The units of an
-actor that died go back to the queue and the actor is replaced, `ray.max_failures` times at most; an
+actor that died go back to the queue and the actor is replaced, `ray.max_failures` times at most (one
+that dies starting, on a host whose GPU is unusable, say, is replaced the same way); an
 error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops the job.
 """
 
@@ -31,7 +32,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
-from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray
+from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError
 from dydit_dist.diffusion.noise import stream_kind
 from dydit_dist.models import CheckpointError, family
@@ -165,14 +166,26 @@ class SamplingPool:
         self.max_failures = cfg.ray.max_failures
         self.failures = 0
         self.actors = [self.actor_cls.remote(*self.args) for _ in range(self.num_actors)]
-        try:
-            self.load_seconds = ray.get([a.ready.remote() for a in self.actors])  # a bad checkpoint fails here
-        except LOAD_ERRORS as err:  # Ray's RayTaskError subclasses the actor's error type; `cause` is the error
-            self.shutdown()
-            raise err.cause if isinstance(err, RayTaskError) else err from None
-        except RayActorError as err:
-            self.shutdown()
-            raise RuntimeError(f"sampling actors could not load the network, method or decoder: {err}") from None
+        # Every actor ready before the first unit. An input error (a bad checkpoint) stops the job; an actor
+        # that died starting (its host's GPU unusable, `GpuUnavailable`; a lost node) is replaced, as later.
+        self.load_seconds = []
+        starting = {actor.ready.remote(): actor for actor in self.actors}
+        while starting:
+            [ref], _ = ray.wait(list(starting), num_returns=1)
+            actor = starting.pop(ref)
+            try:
+                self.load_seconds.append(ray.get(ref))
+            except LOAD_ERRORS as err:  # Ray's RayTaskError subclasses the actor's error type; `cause` is the error
+                self.shutdown()
+                raise err.cause if isinstance(err, RayTaskError) else err from None
+            except RayActorError as err:
+                log.warning("sampling actor died starting: %s", death_cause(err))
+                if self.failures >= self.max_failures:
+                    self.shutdown()
+                    raise RuntimeError(f"sampling actors could not start ({self.failures + 1} failures > "
+                                       f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
+                self.replace(actor)
+                starting[self.actors[-1].ready.remote()] = self.actors[-1]
 
     def replace(self, actor) -> None:
         """Drop a dead actor; start another while the failure budget lasts (it loads while it waits for
