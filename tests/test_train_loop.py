@@ -189,3 +189,30 @@ def test_stage_switch_inside_a_run_survives_a_resume(one_rank, tmp_path):
     resumed, session_b = _run(_cfg(root_b, *switch), tmp_path / "b")
     assert resumed.resumed_from == 2 and [r["complete"] for r in session_b.reports] == [0.0, 0.0]
     assert session_a.reports[-1]["loss"] == pytest.approx(session_b.reports[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("part", ["deepspeed/mp_rank_00_model_states.pt", "optim_states", "trainer/rank-00000.pt"])
+def test_a_corrupt_checkpoint_is_an_input_error_naming_the_file(one_rank, tmp_path, part):
+    """A committed checkpoint whose file went bad on storage (truncated: a restart reads the same bytes):
+    CheckpointError naming the checkpoint and the file, which the launcher does not retry
+    (`train.worker.NOT_RETRIED`), with what to do."""
+    from dydit_dist.models import CheckpointError
+    from dydit_dist.train import checkpoints
+    from dydit_dist.train.worker import NOT_RETRIED
+
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=2")
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    _run(cfg, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "step-0000002"
+    assert checkpoints.unreadable_files(str(checkpoint)) == []  # whole files: another error is re-raised as it is
+    [bad] = [p for p in checkpoint.rglob("*.pt") if part in str(p.relative_to(checkpoint))]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        _run(_cfg(root, "train.max_steps=4"), tmp_path / "run")
+    assert isinstance(err.value, NOT_RETRIED)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {root}/runs/{cfg.storage.run}/checkpoints/step-0000002 is unreadable: "
+                              f"{bad.relative_to(checkpoint)} is not a whole torch file (RuntimeError: ")
+    assert message.endswith("a restart would read the same bytes: remove the folder to resume from the checkpoint "
+                            "before it")

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from dydit_dist import storage
 from dydit_dist.models import CheckpointError
 from dydit_dist.network import save_weights
-from dydit_dist.paths import EMA_POINTER
+from dydit_dist.paths import EMA_POINTER, RunPaths
 from dydit_dist.train.state import TrainerState
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,41 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         raise CheckpointError(f"checkpoint {directory} cannot be resumed by this run ({'; '.join(changed)}): keep "
                          f"ray.num_workers={meta['world_size']} and deepspeed.zero_stage={meta['zero_stage']}, "
                          "or start a new storage.run with train.init_from set to this run")
-    path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise FileNotFoundError(f"{directory}/{DS_TAG}: no DeepSpeed checkpoint to resume from")
-    state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+    try:
+        path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}/{DS_TAG}: no DeepSpeed checkpoint to resume from")
+        state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+    except Exception as err:  # a file of the committed checkpoint went bad: every restart would meet it again
+        bad = unreadable_files(directory)
+        if not bad:
+            raise  # not the files (a lost peer in a collective, say): retried like any other failure
+        where = storage.join(RunPaths(cfg).checkpoints, checkpoint_name(meta["step"]))
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"checkpoint {where} is unreadable: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                              f"not a whole torch file ({cause[:200]}); a restart would read the same bytes: remove "
+                              "the folder to resume from the checkpoint before it") from None
     if state.step != meta["step"]:
         raise CheckpointError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
     set_lr(engine, cfg.train.lr)
+
+
+def unreadable_files(directory: str) -> list[str]:
+    """The torch files under `directory` (relative paths) that are not whole: not a zip archive (truncated)
+    or a member whose CRC-32 does not match (bytes changed). Reads every byte: for errors only."""
+    bad = []
+    for folder, _, names in sorted(os.walk(directory)):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            path = os.path.join(folder, name)
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    whole = archive.testzip() is None
+            except (zipfile.BadZipFile, OSError, EOFError):
+                whole = False
+            if not whole:
+                bad.append(os.path.relpath(path, directory))
+    return bad
 
 
 def set_lr(engine, lr: float) -> None:
