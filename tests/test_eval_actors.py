@@ -4,17 +4,14 @@ are exactly those of the in-process pass (eval.num_actors=0); the decode thread 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import pytest
 import torch
-from ray import cloudpickle  # the one Ray ships actors with
+from actor_faults import FeatureWorkerWithoutGpu, lost_gpu_at_start
 from sampling_util import random_checkpoint, tiny_config, write_samples
 
-from dydit_dist.capacity import GpuUnavailable
 from dydit_dist.eval import actors as eval_actors
-from dydit_dist.eval.actors import FeatureWorker, prefetched
+from dydit_dist.eval.actors import prefetched
 from dydit_dist.eval.digits import DigitsNet
 from dydit_dist.eval.evaluate import evaluate
 from dydit_dist.network import save_weights
@@ -73,29 +70,11 @@ def test_a_killed_actor_is_replaced_and_its_shards_made_again(tmp_path, ray_loca
             torch.testing.assert_close(part[name], expected[name], rtol=0, atol=0)
 
 
-FAIL_FLAG = ""  # set by the test before StartsWithoutGpu is pickled; "" fails every start
-
-
-class StartsWithoutGpu(FeatureWorker):
-    """An evaluation actor on a host without a usable GPU (as `check_gpu` raises it): every start fails, or
-    only the first one to create FAIL_FLAG."""
-
-    def __init__(self, *args):
-        if FAIL_FLAG:
-            try:
-                os.close(os.open(FAIL_FLAG, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                super().__init__(*args)
-                return
-        raise GpuUnavailable("evaluation actor on host-a is configured for a GPU but torch sees none")
-
-
 def test_an_actor_that_dies_starting_is_replaced(tmp_path, ray_local, monkeypatch):
     """An actor dying in its start (its host's GPU unusable, a lost node) is replaced like one lost later;
     when every start fails, the error names the cause once the failure budget is spent."""
     from dydit_dist.sample import SamplesManifest
 
-    global FAIL_FLAG
     save_weights(DigitsNet(), str(tmp_path / "digits.safetensors"))
     root = f"file://{tmp_path}"
     cfg = tiny_config(root, f"model.checkpoint={random_checkpoint(str(tmp_path / 'static.safetensors'))}",
@@ -106,19 +85,15 @@ def test_an_actor_that_dies_starting_is_replaced(tmp_path, ray_local, monkeypatc
     url = f"{root}/runs/t/samples"
     write_samples(cfg, url)
     records = SamplesManifest.read(url).records()
-    monkeypatch.setattr(eval_actors, "FeatureWorker", StartsWithoutGpu)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
-    try:
-        FAIL_FLAG = str(tmp_path / "failed-once")
+    flag = tmp_path / "failed-once"
+    with lost_gpu_at_start(monkeypatch, eval_actors, "FeatureWorker", FeatureWorkerWithoutGpu, str(flag)):
         parts = eval_actors._on_actors(cfg, url, records, lambda record: None)
-        assert len(parts) == len(records) == 4 and os.path.exists(FAIL_FLAG)
-        FAIL_FLAG = ""
-        with pytest.raises(RuntimeError, match=r"every evaluation actor died \(3 failures > ray.max_failures=1\), "
-                                               r"the last with dydit_dist.capacity.GpuUnavailable: evaluation actor "
-                                               r"on host-a is configured for a GPU but torch sees none$"):
-            eval_actors._on_actors(cfg, url, records, lambda record: None)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert len(parts) == len(records) == 4 and flag.exists()
+    with (lost_gpu_at_start(monkeypatch, eval_actors, "FeatureWorker", FeatureWorkerWithoutGpu),
+          pytest.raises(RuntimeError, match=r"every evaluation actor died \(3 failures > ray.max_failures=1\), the "
+                                            r"last with dydit_dist.capacity.GpuUnavailable: evaluation actor on "
+                                            r"host-a is configured for a GPU but torch sees none$")):
+        eval_actors._on_actors(cfg, url, records, lambda record: None)
 
 
 def test_eval_actors_need_a_gpu_when_configured_for_one(tmp_path, ray_local):

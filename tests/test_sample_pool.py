@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
-import sys
-
 import pytest
 import torch
-from ray import cloudpickle  # the one Ray ships actors with
+from actor_faults import SamplingWorkerWithoutGpu, lost_gpu_at_start
 from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import storage
-from dydit_dist.capacity import GpuUnavailable
 from dydit_dist.sample import SamplesManifest, iter_samples, pool, run_sampling
-from dydit_dist.sample.pool import SamplingWorker
 
 pytestmark = pytest.mark.integration
 
@@ -94,49 +88,24 @@ def test_a_checkpoint_that_does_not_load_in_the_actors_is_its_own_error(ray_loca
 
 
 
-FAILED_ONCE = ""  # the flag file of StartsOnceWithoutGpu: set by the test before the class is pickled
-
-
-class StartsOnceWithoutGpu(SamplingWorker):
-    """A sampling actor whose first start meets a host without a usable GPU (as `check_gpu` raises it)."""
-
-    def __init__(self, *args):
-        try:  # the first of the concurrently starting actors to create the flag fails, no other
-            os.close(os.open(FAILED_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            super().__init__(*args)
-        else:
-            raise GpuUnavailable("sampling actor on host-a is configured for a GPU but torch sees none")
-
-
-@pytest.fixture
-def starts_once_without_gpu(monkeypatch, tmp_path):
-    """pool.SamplingWorker -> StartsOnceWithoutGpu, shipped to the actors by value (they cannot import
-    this test module); yields the flag file."""
-    global FAILED_ONCE
-    FAILED_ONCE = str(tmp_path / "failed-once")
-    monkeypatch.setattr(pool, "SamplingWorker", StartsOnceWithoutGpu)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield pathlib.Path(FAILED_ONCE)
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def test_an_actor_that_dies_starting_is_replaced_within_max_failures(ray_local, tmp_path, checkpoint,
-                                                                    starts_once_without_gpu):
+def test_an_actor_that_dies_starting_is_replaced_within_max_failures(ray_local, tmp_path, checkpoint, monkeypatch):
     """An actor dying in its start (its host's GPU unusable, a lost node) is a lost worker, not a failed job:
     another starts in its place and the run makes exactly its samples; with no failure allowed, one line
     naming the cause and nothing written."""
+    flag = tmp_path / "failed-once"
     cfg = tiny_config(str(tmp_path / "flaky"), f"model.checkpoint={checkpoint}", "sample.num_actors=2")
-    manifest = run_sampling(cfg)
-    assert starts_once_without_gpu.exists()
+    with lost_gpu_at_start(monkeypatch, pool, "SamplingWorker", SamplingWorkerWithoutGpu, str(flag)):
+        manifest = run_sampling(cfg)
+    assert flag.exists()
     assert manifest.stats["actor_failures"] == 1 and manifest.stats["actors"] == 2
     assert manifest.complete and sorted(_samples(str(tmp_path / "flaky" / "runs/t/samples"))) == list(range(16))
 
-    starts_once_without_gpu.unlink()
+    flag.unlink()
     strict = tiny_config(str(tmp_path / "strict"), f"model.checkpoint={checkpoint}", "sample.num_actors=2",
                          "ray.max_failures=0")
-    with pytest.raises(RuntimeError, match=r"sampling actors could not start \(1 failures > ray.max_failures=0\)"
-                                           r", the last with dydit_dist.capacity.GpuUnavailable: sampling actor on "
-                                           r"host-a is configured for a GPU but torch sees none$"):
+    with (lost_gpu_at_start(monkeypatch, pool, "SamplingWorker", SamplingWorkerWithoutGpu, str(flag)),
+          pytest.raises(RuntimeError, match=r"sampling actors could not start \(1 failures > ray.max_failures=0\), "
+                                            r"the last with dydit_dist.capacity.GpuUnavailable: sampling actor on "
+                                            r"host-a is configured for a GPU but torch sees none$")):
         run_sampling(strict)
     assert not storage.find(str(tmp_path / "strict" / "runs/t/samples"))  # a failed start writes no manifest

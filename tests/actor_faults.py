@@ -1,0 +1,53 @@
+"""Actors whose start meets a host without a usable GPU, as `capacity.check_gpu` raises it there, for the
+tests that a start failure is replaced like a lost actor. Ray ships these classes to the actors by value
+(`lost_gpu_at_start`): the actors cannot import the tests' modules."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from ray import cloudpickle  # the one Ray ships actors with
+
+from dydit_dist.capacity import GpuUnavailable
+from dydit_dist.eval.actors import FeatureWorker
+from dydit_dist.sample.pool import SamplingWorker
+
+FLAG = ""  # "": every start fails; a path: only the first start to create that file (O_EXCL: one of many)
+
+
+def _start(where: str) -> None:
+    if FLAG:
+        try:
+            os.close(os.open(FLAG, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    raise GpuUnavailable(f"{where} on host-a is configured for a GPU but torch sees none")
+
+
+class SamplingWorkerWithoutGpu(SamplingWorker):
+    def __init__(self, *args):
+        _start("sampling actor")
+        super().__init__(*args)
+
+
+class FeatureWorkerWithoutGpu(FeatureWorker):
+    def __init__(self, *args):
+        _start("evaluation actor")
+        super().__init__(*args)
+
+
+@contextlib.contextmanager
+def lost_gpu_at_start(monkeypatch, module, name: str, cls, flag: str = ""):
+    """`module.name` -> `cls` (one of the above) while the block runs; `flag` as FLAG."""
+    global FLAG
+    FLAG = flag
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, cls)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        monkeypatch.setattr(module, name, original)
