@@ -12,7 +12,11 @@ missing. For `storage.run=R`, each stage is a run of its own, laid out as `RunPa
     R/{method}                      samples/ and metrics.json of every method in eval.methods
 
 The methods that need trained routers ("dydit") sample the fine-tuned weights; the others the static
-weights (the pretrain run, or model.checkpoint). `data.source: sklearn:digits` materializes
+weights (the pretrain run, or model.checkpoint). The data are prepared only when a stage needs them: a
+training stage, or the reference when eval.reference is unset. A text-to-image comparison that trains
+nothing (`eval.protocol: coco`, e.g. AT-EDM on SD-XL: `--config at_edm_sdxl_1024`) starts instead with
+the reference stage: data.source (image paths and captions, e.g. COCO) -> eval.reference and
+sample.prompts, as `jobs.reference` makes them, skipped when both exist. `data.source: sklearn:digits` materializes
 scikit-learn's digits as an image folder first; `eval.feature_extractor: digits-cnn` without weights
 trains that classifier first (offline demo; it is not Inception, and the report says so).
 """
@@ -28,6 +32,7 @@ from dydit_dist.capacity import connect_ray
 from dydit_dist.config import Config
 from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
+from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesManifest, run_sampling
 from dydit_dist.sample.pool import absolute_root
@@ -93,6 +98,39 @@ def prepare_stage(cfg: Config) -> Config:
     return cfg
 
 
+def trains(cfg: Config) -> bool:
+    """Whether the pipeline of `cfg` trains a network (a pretrain run, or a method with trained routers)."""
+    return bool(cfg.eval.pretrain_config) or any(m in TRAINED_METHODS for m in cfg.eval.methods)
+
+
+def needs_data(cfg: Config) -> bool:
+    """Whether the pipeline of `cfg` prepares the data folder: to train on, or as the reference of an
+    evaluation without eval.reference (a caption reference is made by `reference_stage` instead)."""
+    return trains(cfg) or (not cfg.eval.reference and cfg.eval.protocol != "coco")
+
+
+def makes_caption_reference(cfg: Config) -> bool:
+    """Whether the pipeline of `cfg` makes its caption reference from data.source: a text-to-image
+    comparison that trains nothing (when it trains, data.source is the training data)."""
+    return cfg.eval.protocol == "coco" and not trains(cfg)
+
+
+def reference_done(cfg: Config) -> bool:
+    """Whether eval.reference and sample.prompts (the reference stage's outputs) both exist."""
+    e, s = cfg.eval, cfg.sample
+    return bool(e.reference and s.prompts) and storage.exists(e.reference) and storage.exists(s.prompts)
+
+
+def reference_stage(cfg: Config) -> None:
+    """data.source (image paths and captions) -> eval.reference and sample.prompts, unless both exist."""
+    done = reference_done(cfg)
+    _stage(f"reference {cfg.data.source} -> {cfg.eval.reference}, {cfg.sample.prompts}", done)
+    if not done:
+        made = prepare_caption_reference(cfg)
+        print(f"reference: {made['num_images']} images with captions, {made['feature_extractor']} statistics",
+              flush=True)
+
+
 def trained_to_end(cfg: Config) -> bool:
     """Whether the fine-tuning run of `cfg` exported EMA weights at train.max_steps."""
     pointer = RunPaths(cfg).ema_pointer
@@ -139,8 +177,12 @@ def reproduce(cfg: Config) -> str:
     """Run every stage (see the module docstring); returns the report's URL."""
     connect_ray(cfg.ray.address)
     cfg = absolute_root(cfg)
-    # 1. Data
-    cfg = prepare_stage(cfg)
+    # 1. Data (or the caption reference, for a comparison that trains nothing)
+    if needs_data(cfg):
+        cfg = prepare_stage(cfg)
+    if makes_caption_reference(cfg):
+        cfg = feature_extractor_stage(cfg)
+        reference_stage(cfg)
     # 2. Weights: static (pretrained here, or model.checkpoint), then the DyDiT fine-tune
     static_weights = cfg.model.checkpoint
     notes = [f"Static weights: {static_weights}."]

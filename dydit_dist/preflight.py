@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dydit_dist import flops, pipeline, pretrained, resolve, storage
-from dydit_dist.config import Config
+from dydit_dist.config import SDXL_METHODS, Config
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
@@ -184,7 +184,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
         p.add(resolve.weights(key, source, cfg, allow))
 
 
-def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
+def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by: str | None = None) -> None:
     m, s = cfg.model, cfg.sample
     sdxl = family(m.name) == "sdxl"
     samples = RunPaths(cfg).samples
@@ -207,7 +207,8 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
         p.add(resolve.sampling_weights(cfg, weights_made_by, allow_random=False))
         p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
     if family(m.name) != "dit":
-        p.add(resolve.exists("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
+        p.add(_made("sample.prompts", s.prompts, prompts_by)
+              or resolve.exists("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
     if family(m.name) not in ("dit", "sdxl"):
         p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
         if cfg.data.tokenizer:
@@ -216,8 +217,13 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None) -> None:
         p.add(resolve.exists("sample.eb_cache.schedule", s.eb_cache.schedule, "an EB-Cache table (python -m jobs.calibrate)"))
 
 
-def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_made: bool = False,
-              extractor_made: bool = False) -> None:
+def _made(key: str, value, by: str | None) -> Input | None:
+    """The input `key`, written by the stage `by` of this job before it is read; None when no stage writes it."""
+    return Input(key, value, note=f"made by the {by} stage") if by else None
+
+
+def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: str | None = None,
+              extractor_made: bool = False, prompts_by: str | None = None) -> None:
     e = cfg.eval
     paths = RunPaths(cfg)
     samples = e.samples or paths.samples
@@ -234,18 +240,16 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_made: 
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
     if any(m in ("fid", "sfid", "prc") for m in e.metrics):
-        if reference_made:
-            p.add(Input("eval.reference", e.reference, note="made by the prepare stage"))
-        else:
-            p.add(resolve.reference(e.reference))
+        p.add(_made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
     p.add(resolve.extractor(cfg, extractor_made))
     if e.protocol == "coco":
-        p.add(resolve.exists("sample.prompts", cfg.sample.prompts, "the captions file made with eval.reference"))
+        p.add(_made("sample.prompts", cfg.sample.prompts, prompts_by)
+              or resolve.exists("sample.prompts", cfg.sample.prompts, "the captions file made with eval.reference"))
     if "clip" in e.metrics:
         p.add(resolve.hf_model("eval.clip_model", e.clip_model, cfg.storage.root))
 
 
-def _reference(p: Plan, cfg: Config) -> None:
+def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
     """jobs.reference: real images of data.source with their captions -> eval.reference, sample.prompts."""
     count = f"{resolve.captions_count(cfg.data.source) or '?'} images"
     p.stages.append(Stage("reference", f"{count} of {cfg.data.source} -> {cfg.eval.reference} (statistics of "
@@ -253,7 +257,7 @@ def _reference(p: Plan, cfg: Config) -> None:
     p.add(resolve.source(cfg, builtin_ok=False))
     for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
         p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
-    p.add(resolve.extractor(cfg, made=False))
+    p.add(resolve.extractor(cfg, made=extractor_made))
 
 
 def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8) -> None:
@@ -272,17 +276,30 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
 
 def _reproduce(p: Plan, cfg: Config) -> None:
     """The stages of `pipeline.reproduce`, each checked with what the stages before it make."""
-    # 1. Data
+    if family(cfg.model.name) == "sdxl" and set(cfg.eval.methods) - set(SDXL_METHODS):
+        p.add(Input("eval.methods", cfg.eval.methods, problem=f"model.family sdxl ({cfg.model.name}) compares "
+                                                              f"{' and '.join(SDXL_METHODS)}, which train nothing"))
+        return
+    extractor_made = cfg.eval.feature_extractor == digits.NAME and not cfg.eval.feature_extractor_weights
+    # 1. Data, or the caption reference of a text-to-image comparison that trains nothing
     data = pipeline.with_values(cfg, data={"uri": RunPaths(cfg).data})
-    data_ready = resolve.quietly(pipeline.data_done, data)
+    data_ready = resolve.quietly(pipeline.data_done, data) if pipeline.needs_data(cfg) else False
     if data_ready:
         p.stages.append(Stage("prepare", "outputs exist, skipped"))
-    else:
+    elif pipeline.needs_data(cfg):
         if cfg.data.uri and not cfg.data.source:
             p.add(Input("data.uri", cfg.data.uri, problem="no complete data set there (a manifest.json with "
                                                            "complete: true) and no data.source to prepare one; point "
                                                            "it at the prepare job's output, or set data.source"))
         _prepare(p, data, builtin_ok=True)
+    reference_by = None if cfg.eval.reference or data_ready else "prepare"
+    prompts_by = None
+    if pipeline.makes_caption_reference(cfg):
+        if resolve.quietly(pipeline.reference_done, cfg):
+            p.stages.append(Stage("reference", "outputs exist, skipped"))
+        else:
+            _reference(p, cfg, extractor_made)
+            reference_by = prompts_by = "reference"
     # 2. Weights
     static_weights, static_by = cfg.model.checkpoint, None
     if cfg.eval.pretrain_config:
@@ -297,13 +314,12 @@ def _reproduce(p: Plan, cfg: Config) -> None:
                   "model.checkpoint" if from_static else "train.init_from")
         dynamic_weights = RunPaths(finetune).url
     # 3. Samples and metrics of every method
-    extractor_made = cfg.eval.feature_extractor == digits.NAME and not cfg.eval.feature_extractor_weights
     for method in cfg.eval.methods:
         m_cfg = pipeline.method_config(data, method, static_weights, dynamic_weights)
         made_by = "finetune" if method in pipeline.TRAINED_METHODS else static_by
-        _sample(p, m_cfg, made_by)
-        _evaluate(p, m_cfg, samples_made=True, reference_made=not (cfg.eval.reference or data_ready),
-                  extractor_made=extractor_made)
+        _sample(p, m_cfg, made_by, prompts_by)
+        _evaluate(p, m_cfg, samples_made=True, reference_by=reference_by, extractor_made=extractor_made,
+                  prompts_by=prompts_by)
     # 4. Report
     p.stages.append(Stage("report", RunPaths(cfg).report))
 

@@ -82,7 +82,8 @@ def _width(records, url) -> bool:
 
 def _grid(records, url) -> None:
     """The first ROWS x COLS samples of every method, sample k in column k % COLS (one class per
-    column for 10-class models), 1-pixel grey separators, pixels shown as squares."""
+    column for 10-class models), 1-pixel grey separators, pixels shown as squares; fewer rows when a
+    method has fewer samples."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(records), figsize=(3.6 * len(records), 3.4), squeeze=False)
@@ -93,7 +94,8 @@ def _grid(records, url) -> None:
             if len(images) == ROWS * COLS:
                 break
         h, w, _ = images[0].shape
-        canvas = np.full((ROWS * (h + 1) + 1, COLS * (w + 1) + 1, 3), 96, np.uint8)
+        rows = -(-len(images) // COLS)
+        canvas = np.full((rows * (h + 1) + 1, COLS * (w + 1) + 1, 3), 96, np.uint8)
         for i, image in enumerate(images):
             top, left = 1 + (i // COLS) * (h + 1), 1 + (i % COLS) * (w + 1)
             canvas[top:top + h, left:left + w] = image
