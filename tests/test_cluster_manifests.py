@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR", REPO.parent / "shared" / "reference" / "kuberay-crds"))
 JOBS = ("prepare", "finetune", "sample", "evaluate", "reproduce")
+# The RayJob files: `rayjob-{launch}.yaml`, RayJob `dydit-{launch}`, running jobs.{job} for the launch
+# `{job}` or `{job}-{variant}` (reproduce-sdxl: the AT-EDM comparison on SD-XL).
+LAUNCHES = (*JOBS, "reproduce-sdxl")
 PRESETS = config_lib.PRESET_DIR
 AUTH_SECRET = "dydit-ray-auth"
 S3_SECRET = "dydit-s3"
@@ -106,11 +109,11 @@ VALIDATORS = _crd_validators()
 FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
 DOCS = [(path, i, doc) for path in FILES for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
 DOC_IDS = [f"{path.relative_to(CLUSTER)}#{i}" for path, i, _ in DOCS]
-RAYJOBS = {
-    doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
-    for _, _, doc in DOCS
-    if doc["kind"] == "RayJob"
-}
+RAYJOBS = {doc["metadata"]["name"].removeprefix("dydit-"): doc for _, _, doc in DOCS if doc["kind"] == "RayJob"}
+
+
+def job_of(launch: str) -> str:
+    return launch.split("-", 1)[0]
 
 
 def errors(doc: dict) -> list[str]:
@@ -177,8 +180,8 @@ def pinned_ray_version() -> str:
 def test_manifests_exist():
     kinds = sorted(doc["kind"] for _, _, doc in DOCS)
     assert kinds.count("RayCluster") == 1
-    assert kinds.count("RayJob") == len(JOBS)
-    assert sorted(RAYJOBS) == sorted(JOBS)
+    assert kinds.count("RayJob") == len(LAUNCHES)
+    assert sorted(RAYJOBS) == sorted(LAUNCHES)
     assert {doc["metadata"]["name"] for _, _, doc in DOCS if doc["kind"] == "Secret"} == {
         S3_SECRET,
         AUTH_SECRET,
@@ -229,12 +232,12 @@ def test_unknown_kind_has_no_schema():
 # ----------------------------------------------------------------------------- entrypoints
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(job):
-    doc = RAYJOBS[job]
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(launch):
+    doc = RAYJOBS[launch]
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:2] == ["python", "-m"] and argv[3] == "--config", f"entrypoint: {doc['spec']['entrypoint']}"
-    assert argv[2] == f"jobs.{job}"
+    assert argv[2] == f"jobs.{job_of(launch)}"
     preset, overrides = argv[4], argv[5:]
     assert (PRESETS / f"{preset}.yaml").is_file(), f"{preset} is not in {sorted(config_lib.presets())}"
     bad = [o for o in overrides if not DOTLIST.match(o)]
@@ -255,9 +258,10 @@ def test_rayjob_names_and_files():
             name = doc["metadata"]["name"]
             assert DNS_1035.match(name) and len(name) <= MAX_RAYJOB_NAME, name
         if doc["kind"] == "RayJob":
-            job = doc["metadata"]["labels"]["app.kubernetes.io/component"]
-            assert path.name == f"rayjob-{job}.yaml"
-            assert doc["metadata"]["name"] == f"dydit-{job}"
+            launch = doc["metadata"]["name"].removeprefix("dydit-")
+            assert doc["metadata"]["name"] == f"dydit-{launch}" and launch in LAUNCHES
+            assert path.name == f"rayjob-{launch}.yaml"
+            assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == job_of(launch)
 
 
 # ----------------------------------------------------------------------------- pins, auth, credentials

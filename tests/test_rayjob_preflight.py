@@ -25,12 +25,14 @@ from sampling_util import random_checkpoint, write_samples
 from dydit_dist import config, pretrained, storage
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.dynamic import ROUTER_KEY_PATTERNS
+from dydit_dist.models.registry import arch
 from dydit_dist.network import build_network
 from dydit_dist.paths import RunPaths, ema_pointer
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "s3://CHANGE-ME-bucket"
-JOBS = ("prepare", "finetune", "sample", "evaluate", "reproduce")
+# The launch files rayjob-{launch}.yaml; the launch `job` or `job-variant` runs jobs.{job}.
+LAUNCHES = ("prepare", "finetune", "sample", "evaluate", "reproduce", "reproduce-sdxl")
 # The inputs each entrypoint must name (the launch files are complete when these are all there).
 INPUTS = {
     "prepare": ("data.source", "data.vae"),  # and data.uri, where its output goes
@@ -38,14 +40,20 @@ INPUTS = {
     "sample": ("model.checkpoint", "data.vae"),
     "evaluate": ("eval.reference", "eval.inception_weights"),
     "reproduce": ("model.checkpoint", "data.uri", "data.vae", "eval.reference", "eval.inception_weights"),
+    # AT-EDM on SD-XL: a pipeline folder, COCO image paths with captions (the reference is made from them)
+    "reproduce-sdxl": ("model.checkpoint", "data.source", "eval.inception_weights", "eval.clip_model"),
 }
 
 
-def entrypoint(job: str, bucket: str) -> list[str]:
+def job_of(launch: str) -> str:
+    return launch.split("-", 1)[0]
+
+
+def entrypoint(launch: str, bucket: str) -> list[str]:
     """The RayJob's arguments after `python -m jobs.<job>`, with the bucket placeholder replaced."""
-    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / f"rayjob-{job}.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / f"rayjob-{launch}.yaml").read_text())
     argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", f"jobs.{job}"]
+    assert argv[:3] == ["python", "-m", f"jobs.{job_of(launch)}"]
     return [a.replace(PLACEHOLDER, bucket) for a in argv[3:]]
 
 
@@ -73,15 +81,40 @@ def _tar(path: str) -> None:
         tar.addfile(info, io.BytesIO(b"0"))
 
 
-def make_fixtures(job: str, argv: list[str], tmp_path: Path, tiny_vae: str) -> None:
+def _mirrored(value: str, cfg: config.Config, files: dict[str, dict]) -> None:
+    """The Hugging Face id `value` as the job's driver leaves it mirrored under storage.root: `files`
+    (name -> JSON) and the completion marker."""
+    mirror = pretrained.mirror_url(value, cfg.storage.root)
+    for name, content in {**files, pretrained.COMPLETE: {}}.items():
+        storage.write_json(storage.join(mirror, name), content)
+
+
+def _caption_list(url: str) -> None:
+    """A .csv of image paths with captions, and its one image."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    storage.write_bytes(storage.join(url.rsplit("/", 1)[0], "img/0.png"), buf.getvalue())
+    storage.write_bytes(url, b"path,caption\nimg/0.png,a black square\n")
+
+
+def make_fixtures(launch: str, argv: list[str], tmp_path: Path, tiny_vae: str) -> None:
     """Write, at the paths the entrypoint names, inputs shaped like the real ones."""
+    job = job_of(launch)
     values = overrides(argv)
     cfg = config.load(argv[argv.index("--config") + 1], list(values_argv(argv)))
     for key, value in values.items():
-        if key not in INPUTS[job]:
+        if key not in INPUTS[launch]:
             continue
         path = value.removeprefix("file://")
-        if key in ("model.checkpoint", "train.init_from"):
+        if key == "model.checkpoint" and pretrained.is_hub_id(value):  # an SD-XL pipeline: its UNet's config
+            _mirrored(value, cfg, {"model_index.json": {}, "unet/config.json": arch(cfg.model.name)})
+        elif key == "eval.clip_model":
+            _mirrored(value, cfg, {"config.json": {}})
+        elif key == "data.source" and cfg.data.source_format == "captions":
+            _caption_list(value)
+        elif key in ("model.checkpoint", "train.init_from"):
             if value.endswith(".pt"):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save({"ema": _static_keys(cfg, routers=False)}, path)
@@ -124,36 +157,38 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_each_rayjob_names_every_input_of_its_job(job):
-    named = overrides(entrypoint(job, PLACEHOLDER))
-    assert set(INPUTS[job]) <= set(named), f"rayjob-{job}.yaml does not name {set(INPUTS[job]) - set(named)}"
-    for key in INPUTS[job]:
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_each_rayjob_names_every_input_of_its_job(launch):
+    named = overrides(entrypoint(launch, PLACEHOLDER))
+    missing = set(INPUTS[launch]) - set(named)
+    assert not missing, f"rayjob-{launch}.yaml does not name {missing}"
+    for key in INPUTS[launch]:
         assert named[key].startswith(PLACEHOLDER) or pretrained.is_hub_id(named[key]), (key, named[key])
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_rayjob_entrypoint_resolves_against_local_fixtures(job, tmp_path, tiny_vae, offline, capsys):
-    argv = entrypoint(job, f"file://{tmp_path}/bucket")
-    make_fixtures(job, argv, tmp_path, tiny_vae)
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_rayjob_entrypoint_resolves_against_local_fixtures(launch, tmp_path, tiny_vae, offline, capsys):
+    argv = entrypoint(launch, f"file://{tmp_path}/bucket")
+    make_fixtures(launch, argv, tmp_path, tiny_vae)
+    job = job_of(launch)
     main = importlib.import_module(f"jobs.{job}").main
     code = main(["--dry-run", *argv])
     captured = capsys.readouterr()
     assert code == 0, captured.err + captured.out
     assert f"preflight {job}" in captured.out and "UNRESOLVED" not in captured.out
-    for key in INPUTS[job]:
+    for key in INPUTS[launch]:
         assert f"ok         {key}=" in captured.out, (key, captured.out)
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_rayjob_entrypoint_without_its_inputs_fails_in_seconds_naming_each(job, tmp_path, offline, capsys):
-    argv = entrypoint(job, f"file://{tmp_path}/bucket")
-    main = importlib.import_module(f"jobs.{job}").main
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_rayjob_entrypoint_without_its_inputs_fails_in_seconds_naming_each(launch, tmp_path, offline, capsys):
+    argv = entrypoint(launch, f"file://{tmp_path}/bucket")
+    main = importlib.import_module(f"jobs.{job_of(launch)}").main
     start = time.monotonic()
     code = main(["--dry-run", *argv])
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err
     assert code == 2 and elapsed < 30, (code, elapsed, err)
     unresolved = [line.strip().split("=", 1)[0] for line in err.splitlines()[1:] if "=" in line]
-    assert set(INPUTS[job]) <= set(unresolved), err
+    assert set(INPUTS[launch]) <= set(unresolved), err
     assert not (tmp_path / "bucket").exists()  # a dry run writes nothing
