@@ -7,12 +7,14 @@ missing. For `storage.run=R`, each stage is a run of its own, laid out as `RunPa
     storage.run                     what it holds
     R                               the data folder (unless data.uri is set), report.md with plots/
     R/pretrain                      eval.pretrain_config's static run from scratch (the demo only)
-    R/finetune                      the DyDiT fine-tune (model.method=dydit), from the pretrain run
-                                    or model.checkpoint
+    R/finetune                      the DyDiT fine-tune (model.method=dydit), from the static weights
+    R/finetune-flexdit              the FlexDiT fine-tune (model.method=flexdit), from the static weights
     R/{method}                      samples/ and metrics.json of every method in eval.methods
 
-The methods that need trained routers ("dydit") sample the fine-tuned weights; the others the static
-weights (the pretrain run, or model.checkpoint). The data are prepared only when a stage needs them: a
+The static weights are the pretrain run's, else model.checkpoint, else train.init_from (the official
+checkpoint a preset fine-tunes from). The methods that are trained ("dydit", "flexdit": TRAINED_METHODS)
+sample their fine-tuned weights; the others (static and the training-free methods) the static weights.
+The presets name their comparison in eval.methods (static against the paper's method). The data are prepared only when a stage needs them: a
 training stage, or the reference when eval.reference is unset. A text-to-image comparison that trains
 nothing (`eval.protocol: coco`, e.g. AT-EDM on SD-XL: `--config at_edm_sdxl_1024`) starts instead with
 the reference stage: data.source (image paths and captions, e.g. COCO) -> eval.reference and
@@ -40,7 +42,9 @@ from dydit_dist.shardset import manifest_url
 from dydit_dist.train import launcher
 
 BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
-TRAINED_METHODS = ("dydit",)  # sample the fine-tuned dynamic network
+# The methods whose network is fine-tuned from the static weights (model.method = the method), and the run
+# of that fine-tune below the pipeline's (DyDiT's `finetune` predates FlexDiT; runs on storage keep the name).
+TRAINED_METHODS = {"dydit": "finetune", "flexdit": "finetune-flexdit"}
 
 
 def with_values(cfg: Config, **sections) -> Config:
@@ -58,23 +62,43 @@ def data_done(cfg: Config) -> bool:
     return storage.exists(url) and storage.read_json(url).get("complete", False)
 
 
-def finetune_config(cfg: Config, static_weights: str | None) -> Config:
-    """The DyDiT fine-tune of `cfg` (run `{run}/finetune`), from `static_weights` (the static row's
-    weights: model.checkpoint or the pretrain run), else train.init_from: the rows of a report compare
-    a fine-tuned network with the one it started from."""
-    return with_values(cfg, model={"method": "dydit"}, storage={"run": f"{cfg.storage.run}/finetune"},
-                 train={"init_from": static_weights or cfg.train.init_from})
+def static_weights(cfg: Config) -> str | None:
+    """The static row's weights unless a pretrain run makes them: model.checkpoint, else train.init_from."""
+    return cfg.model.checkpoint or cfg.train.init_from
 
 
-def method_config(cfg: Config, method: str, static_weights: str | None, dynamic_weights: str | None) -> Config:
-    """The sample + evaluate run of one method of eval.methods (run `{run}/{method}`): the fine-tuned
-    dynamic weights for the methods in TRAINED_METHODS, the static ones otherwise; the reference is
-    eval.reference, else the data folder."""
-    trained = method in TRAINED_METHODS
+def finetune_config(cfg: Config, static: str | None, method: str = "dydit") -> Config:
+    """The fine-tune of the trained `method` (run `{run}/{TRAINED_METHODS[method]}`) from `static` (the
+    static row's weights), else train.init_from: the rows of a report compare a fine-tuned network with
+    the one it started from."""
+    return with_values(cfg, model={"method": method}, storage={"run": f"{cfg.storage.run}/{TRAINED_METHODS[method]}"},
+                       train={"init_from": static or cfg.train.init_from})
+
+
+def trained_methods(cfg: Config) -> list[str]:
+    """The methods of eval.methods that are fine-tuned, in their order."""
+    return [m for m in cfg.eval.methods if m in TRAINED_METHODS]
+
+
+def finetune_note(cfg: Config, weights: str) -> str:
+    """The report's line on a fine-tune (`cfg`: its config)."""
+    m = cfg.model
+    what = (f"at lambda {m.dynamic.target_lambda}" if m.method == "dydit" else
+            f"(layout {m.flexdit.layout}, token grids {list(m.flexdit.grid_sizes)})")
+    return (f"{'DyDiT' if m.method == 'dydit' else 'FlexDiT'} weights: the static ones fine-tuned "
+            f"{cfg.train.max_steps} more steps {what} on {cfg.ray.num_workers} workers, "
+            f"ZeRO-{cfg.deepspeed.zero_stage} ({weights}).")
+
+
+def method_config(cfg: Config, method: str, static: str | None, trained: dict[str, str]) -> Config:
+    """The sample + evaluate run of one method of eval.methods (run `{run}/{method}`): its fine-tuned
+    weights (`trained`: method -> run) for the methods in TRAINED_METHODS, the static ones otherwise;
+    the reference is eval.reference, else the data folder."""
+    fine_tuned = method in TRAINED_METHODS
     return with_values(cfg, sample={"method": method}, storage={"run": f"{cfg.storage.run}/{method}"},
-                 model={"method": "dydit" if trained else "static",
-                        "checkpoint": dynamic_weights if trained else static_weights},
-                 eval={"reference": cfg.eval.reference or RunPaths(cfg).data})
+                       model={"method": method if fine_tuned else "static",
+                              "checkpoint": trained[method] if fine_tuned else static},
+                       eval={"reference": cfg.eval.reference or RunPaths(cfg).data})
 
 
 def _stage(name: str, skipped: bool) -> None:
@@ -100,7 +124,7 @@ def prepare_stage(cfg: Config) -> Config:
 
 def trains(cfg: Config) -> bool:
     """Whether the pipeline of `cfg` trains a network (a pretrain run, or a method with trained routers)."""
-    return bool(cfg.eval.pretrain_config) or any(m in TRAINED_METHODS for m in cfg.eval.methods)
+    return bool(cfg.eval.pretrain_config) or bool(trained_methods(cfg))
 
 
 def needs_data(cfg: Config) -> bool:
@@ -183,25 +207,23 @@ def reproduce(cfg: Config) -> str:
     if makes_caption_reference(cfg):
         cfg = feature_extractor_stage(cfg)
         reference_stage(cfg)
-    # 2. Weights: static (pretrained here, or model.checkpoint), then the DyDiT fine-tune
-    static_weights = cfg.model.checkpoint
-    notes = [f"Static weights: {static_weights}."]
+    # 2. Weights: static (pretrained here, or given), then the fine-tune of each trained method
+    static = static_weights(cfg)
+    notes = [f"Static weights: {static}."]
     if cfg.eval.pretrain_config:
         pretrain = pretrain_config(cfg)
-        static_weights = train_stage(pretrain, "pretrain")
-        notes = [f"Static weights: trained from scratch for {pretrain.train.max_steps} steps ({static_weights})."]
-    dynamic_weights = None
-    if any(m in TRAINED_METHODS for m in cfg.eval.methods):
-        finetune = finetune_config(cfg, static_weights)
-        dynamic_weights = train_stage(finetune, "finetune")
-        notes.append(f"DyDiT weights: the static ones fine-tuned {finetune.train.max_steps} more steps at "
-                     f"lambda {finetune.model.dynamic.target_lambda} on {finetune.ray.num_workers} workers, "
-                     f"ZeRO-{finetune.deepspeed.zero_stage} ({dynamic_weights}).")
+        static = train_stage(pretrain, "pretrain")
+        notes = [f"Static weights: trained from scratch for {pretrain.train.max_steps} steps ({static})."]
+    trained = {}
+    for method in trained_methods(cfg):
+        finetune = finetune_config(cfg, static, method)
+        trained[method] = train_stage(finetune, TRAINED_METHODS[method])
+        notes.append(finetune_note(finetune, trained[method]))
     # 3. Samples and metrics of every method
     cfg = feature_extractor_stage(cfg)
     records = []
     for method in cfg.eval.methods:
-        m_cfg = method_config(cfg, method, static_weights, dynamic_weights)
+        m_cfg = method_config(cfg, method, static, trained)
         m_paths = RunPaths(m_cfg)
         samples = m_paths.samples
         done = storage.exists(manifest_url(samples)) and SamplesManifest.read(samples).complete

@@ -301,22 +301,22 @@ def _reproduce(p: Plan, cfg: Config) -> None:
             _reference(p, cfg, extractor_made)
             reference_by = prompts_by = "reference"
     # 2. Weights
-    static_weights, static_by = cfg.model.checkpoint, None
+    static, static_by = pipeline.static_weights(cfg), None
     if cfg.eval.pretrain_config:
         pretrain = pipeline.pretrain_config(data)
         _finetune(p, pretrain, "pretrain", data_ready)
-        static_weights, static_by = RunPaths(pretrain).url, "pretrain"
-    dynamic_weights = None
-    if any(m in pipeline.TRAINED_METHODS for m in cfg.eval.methods):
-        finetune = pipeline.finetune_config(data, static_weights)
-        from_static = static_weights is not None
-        _finetune(p, finetune, "finetune", data_ready, static_by if from_static else None,
-                  "model.checkpoint" if from_static else "train.init_from")
-        dynamic_weights = RunPaths(finetune).url
+        static, static_by = RunPaths(pretrain).url, "pretrain"
+    trained = {}
+    for method in pipeline.trained_methods(cfg):
+        finetune = pipeline.finetune_config(data, static, method)
+        name = pipeline.TRAINED_METHODS[method]
+        _finetune(p, finetune, name, data_ready, static_by,
+                  "model.checkpoint" if static_by or cfg.model.checkpoint else "train.init_from")
+        trained[method] = RunPaths(finetune).url
     # 3. Samples and metrics of every method
     for method in cfg.eval.methods:
-        m_cfg = pipeline.method_config(data, method, static_weights, dynamic_weights)
-        made_by = "finetune" if method in pipeline.TRAINED_METHODS else static_by
+        m_cfg = pipeline.method_config(data, method, static, trained)
+        made_by = pipeline.TRAINED_METHODS.get(method, static_by)
         _sample(p, m_cfg, made_by, prompts_by)
         _evaluate(p, m_cfg, samples_made=True, reference_by=reference_by, extractor_made=extractor_made,
                   prompts_by=prompts_by)

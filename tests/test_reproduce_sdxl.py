@@ -96,15 +96,3 @@ def test_sdxl_comparison_refuses_a_trained_method(tmp_path):
     assert [(i.key, i.problem) for i in problems] == [
         ("eval.methods", "model.family sdxl (SDXL-debug) compares static and at_edm, which train nothing")]
 
-
-def test_data_are_prepared_only_when_a_stage_needs_them(tmp_path):
-    """Training-free DiT methods against a given reference read no data: no prepare stage, no VAE to
-    encode with; a trained method, or no eval.reference, brings the prepare stage back."""
-    base = [f"storage.root=file://{tmp_path}", "storage.run=r", "data.source=/nonexistent/images",
-            "eval.reference=/nonexistent/ref.npz"]
-    free = config.load("debug", [*base, "eval.methods=[static,fora]"])
-    assert not pipeline.needs_data(free) and not pipeline.makes_caption_reference(free)
-    stages = [s.name for s in preflight.plan(free, "reproduce").stages]
-    assert stages == ["sample static", "evaluate static", "sample fora", "evaluate fora", "report"]
-    assert pipeline.needs_data(config.load("debug", [*base, "eval.methods=[static,dydit]"]))
-    assert pipeline.needs_data(config.load("debug", [*base[:-1], "eval.methods=[static,fora]"]))
