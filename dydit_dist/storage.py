@@ -205,16 +205,20 @@ def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            raise _failure(url, what, err, attempt, time.monotonic() - start, budget) from err
+            out_of_time = attempt <= _RETRIES and _is_transient(err)  # a retry was due, the deadline too close
+            raise _failure(url, what, err, attempt, time.monotonic() - start, budget, out_of_time) from err
     raise AssertionError("unreachable")
 
 
-def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float, budget: float) -> StorageError:
+def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float, budget: float,
+             out_of_time: bool = False) -> StorageError:
     where = f"endpoint {_endpoint(url)}, " if _protocol(url) == "s3" else ""
     tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f} s"
-    if isinstance(err, TimeoutError) and not str(err):  # fsspec's deadline
-        return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.0f} s "
-                            f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries})")
+    fsspec_deadline = isinstance(err, TimeoutError) and not str(err)
+    if fsspec_deadline or out_of_time:
+        last = "" if fsspec_deadline else f"; the last attempt: {type(err).__name__}: {err}"
+        return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.3g} s "
+                            f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries}{last})")
     return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries})")
 
 

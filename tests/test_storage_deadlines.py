@@ -89,13 +89,17 @@ def test_stalled_endpoint_fails_within_the_deadline(stalled, op):
 
 
 def test_retries_stay_within_the_deadline_and_are_logged(stalled, caplog):
-    storage.configure(endpoint_url=stalled.url, retries=5, timeout_s=TIMEOUT_S)
+    """Each attempt may take half the deadline (here 3 of 6 s), so the first is retried however loaded
+    the machine; the failure says the deadline ran out whichever attempt was the last (cut by the
+    deadline itself, or stopped because no retry fits in what is left)."""
+    timeout_s = 3 * TIMEOUT_S
+    storage.configure(endpoint_url=stalled.url, retries=5, timeout_s=timeout_s)
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"), pytest.raises(StorageError) as err:
         storage.write_bytes("s3://bucket/key", b"x")
     elapsed = time.monotonic() - start
-    assert elapsed < TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
-    assert f"no answer within the deadline of 2 s (endpoint {stalled.url}, storage.timeout_s=2" in str(err.value)
+    assert elapsed < timeout_s + SLACK_S, f"took {elapsed:.1f} s"
+    assert f"no answer within the deadline of 6 s (endpoint {stalled.url}, storage.timeout_s=6" in str(err.value)
     assert "writing s3://bucket/key: attempt 1 of 6 failed" in caplog.text and "retrying in 0.2 s" in caplog.text
 
 
@@ -176,3 +180,18 @@ def test_a_pickled_filesystem_keeps_one_attempt_and_no_expect(stalled):
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S
     request = bytes(stalled.received).lower()
     assert request.startswith(b"put /bucket/key") and b"expect:" not in request
+
+
+def test_a_retry_that_no_longer_fits_in_the_deadline_is_reported_as_the_deadline(aws_env):
+    """A transient failure with retries left but less time left than the backoff: the error says the
+    deadline ran out and gives the last attempt's error, not only that error."""
+    storage.configure(retries=5, timeout_s=0.3)
+
+    def slow_failure(left: float):
+        time.sleep(0.2)
+        raise ConnectionError("Read timeout on endpoint URL")
+
+    with pytest.raises(StorageError) as err:
+        storage._retry("s3://bucket/key", "reading", slow_failure)
+    assert str(err.value).startswith("reading s3://bucket/key failed: no answer within the deadline of 0.3 s")
+    assert "storage.timeout_s=0.3, 1 attempt in 0.2 s; the last attempt: ConnectionError: Read timeout" in str(err.value)
