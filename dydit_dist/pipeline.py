@@ -14,13 +14,14 @@ missing. For `storage.run=R`, each stage is a run of its own, laid out as `RunPa
 The static weights are the pretrain run's, else model.checkpoint, else train.init_from (the official
 checkpoint a preset fine-tunes from). The methods that are trained ("dydit", "flexdit": TRAINED_METHODS)
 sample their fine-tuned weights; the others (static and the training-free methods) the static weights.
-The presets name their comparison in eval.methods (static against the paper's method). The data are prepared only when a stage needs them: a
-training stage, or the reference when eval.reference is unset. A text-to-image comparison that trains
-nothing (`eval.protocol: coco`, e.g. AT-EDM on SD-XL: `--config at_edm_sdxl_1024`) starts instead with
-the reference stage: data.source (image paths and captions, e.g. COCO) -> eval.reference and
-sample.prompts, as `jobs.reference` makes them, skipped when both exist. `data.source: sklearn:digits` materializes
-scikit-learn's digits as an image folder first; `eval.feature_extractor: digits-cnn` without weights
-trains that classifier first (offline demo; it is not Inception, and the report says so).
+The presets name their comparison in eval.methods (static against the paper's method). The data are
+prepared only when a stage needs them: a training stage, or the reference when eval.reference is unset.
+A text-to-image comparison that trains nothing (`eval.protocol: coco`, e.g. AT-EDM on SD-XL: `--config
+at_edm_sdxl_1024`) starts instead with the reference stage: data.source (image paths and captions, e.g.
+COCO) -> eval.reference and sample.prompts, as `jobs.reference` makes them, skipped when both exist.
+`data.source: sklearn:digits` materializes scikit-learn's digits as an image folder first;
+`eval.feature_extractor: digits-cnn` without weights trains that classifier first (offline demo; it is
+not Inception, and the report says so).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def prepare_stage(cfg: Config) -> Config:
 
 
 def trains(cfg: Config) -> bool:
-    """Whether the pipeline of `cfg` trains a network (a pretrain run, or a method with trained routers)."""
+    """Whether the pipeline of `cfg` trains a network (a pretrain run, or a method of TRAINED_METHODS)."""
     return bool(cfg.eval.pretrain_config) or bool(trained_methods(cfg))
 
 

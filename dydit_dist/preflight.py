@@ -283,10 +283,11 @@ def _reproduce(p: Plan, cfg: Config) -> None:
     extractor_made = cfg.eval.feature_extractor == digits.NAME and not cfg.eval.feature_extractor_weights
     # 1. Data, or the caption reference of a text-to-image comparison that trains nothing
     data = pipeline.with_values(cfg, data={"uri": RunPaths(cfg).data})
-    data_ready = resolve.quietly(pipeline.data_done, data) if pipeline.needs_data(cfg) else False
+    needs_data = pipeline.needs_data(cfg)
+    data_ready = needs_data and resolve.quietly(pipeline.data_done, data)
     if data_ready:
         p.stages.append(Stage("prepare", "outputs exist, skipped"))
-    elif pipeline.needs_data(cfg):
+    elif needs_data:
         if cfg.data.uri and not cfg.data.source:
             p.add(Input("data.uri", cfg.data.uri, problem="no complete data set there (a manifest.json with "
                                                            "complete: true) and no data.source to prepare one; point "

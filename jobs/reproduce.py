@@ -5,8 +5,8 @@
 prepare -> finetune -> sample -> evaluate for every method in `eval.methods`, each stage skipped when
 its outputs exist, ending in `{storage.root}/runs/{storage.run}/report.md` (see `dydit_dist.pipeline`
 for where everything goes; a text-to-image comparison that trains nothing, such as `--config
-at_edm_sdxl_1024`, starts with the caption reference instead of prepare). The inputs of every stage are resolved before the first one starts
-(`dydit_dist.preflight`; `--dry-run` prints the plan and stops).
+at_edm_sdxl_1024`, starts with the caption reference instead of prepare). The inputs of every stage
+are resolved before the first one starts (`dydit_dist.preflight`; `--dry-run` prints the plan and stops).
 """
 
 from __future__ import annotations
