@@ -37,6 +37,16 @@ class LocalClusterError(RuntimeError):
     """The local cluster did not start, or left processes behind when stopped."""
 
 
+# The KubeRay launch files, cluster/kuberay/rayjob-{launch}.yaml (RayJob `dydit-{launch}`): the launch
+# `{job}` or `{job}-{variant}` runs `python -m jobs.{job}` (reproduce-sdxl: the AT-EDM comparison on SD-XL).
+RAYJOB_JOBS = ("prepare", "finetune", "sample", "evaluate", "reproduce")
+LAUNCHES = (*RAYJOB_JOBS, "reproduce-sdxl")
+
+
+def job_of(launch: str) -> str:
+    """The job module a launch file runs: `reproduce-sdxl` -> `reproduce`."""
+    return launch.split("-", 1)[0]
+
 @dataclass(frozen=True)
 class LocalCluster:
     dir: Path  # the cluster's directory: pids, auth_token, cluster.env, logs/, one temp dir per node

@@ -18,16 +18,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from cluster_util import LAUNCHES, RAYJOB_JOBS, job_of
 
 from dydit_dist import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR", REPO.parent / "shared" / "reference" / "kuberay-crds"))
-JOBS = ("prepare", "finetune", "sample", "evaluate", "reproduce")
-# The RayJob files: `rayjob-{launch}.yaml`, RayJob `dydit-{launch}`, running jobs.{job} for the launch
-# `{job}` or `{job}-{variant}` (reproduce-sdxl: the AT-EDM comparison on SD-XL).
-LAUNCHES = (*JOBS, "reproduce-sdxl")
 PRESETS = config_lib.PRESET_DIR
 AUTH_SECRET = "dydit-ray-auth"
 S3_SECRET = "dydit-s3"
@@ -110,10 +107,6 @@ FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
 DOCS = [(path, i, doc) for path in FILES for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
 DOC_IDS = [f"{path.relative_to(CLUSTER)}#{i}" for path, i, _ in DOCS]
 RAYJOBS = {doc["metadata"]["name"].removeprefix("dydit-"): doc for _, _, doc in DOCS if doc["kind"] == "RayJob"}
-
-
-def job_of(launch: str) -> str:
-    return launch.split("-", 1)[0]
 
 
 def errors(doc: dict) -> list[str]:
@@ -245,7 +238,7 @@ def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(launch):
     config_lib.load(preset, overrides)  # every key exists, every value fits
 
 
-@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("job", RAYJOB_JOBS)
 def test_entrypoint_job_module_exists(job):
     """The entrypoint's module is a job with a `main(argv)`."""
     module = importlib.import_module(f"jobs.{job}")

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from braceexpand import braceexpand
+from cluster_util import LAUNCHES, job_of
 from sampling_util import random_checkpoint, write_samples
 
 from dydit_dist import config, pretrained, storage
@@ -31,8 +32,6 @@ from dydit_dist.paths import RunPaths, ema_pointer
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "s3://CHANGE-ME-bucket"
-# The launch files rayjob-{launch}.yaml; the launch `job` or `job-variant` runs jobs.{job}.
-LAUNCHES = ("prepare", "finetune", "sample", "evaluate", "reproduce", "reproduce-sdxl")
 # The inputs each entrypoint must name (the launch files are complete when these are all there).
 INPUTS = {
     "prepare": ("data.source", "data.vae"),  # and data.uri, where its output goes
@@ -43,10 +42,6 @@ INPUTS = {
     # AT-EDM on SD-XL: a pipeline folder, COCO image paths with captions (the reference is made from them)
     "reproduce-sdxl": ("model.checkpoint", "data.source", "eval.inception_weights", "eval.clip_model"),
 }
-
-
-def job_of(launch: str) -> str:
-    return launch.split("-", 1)[0]
 
 
 def entrypoint(launch: str, bucket: str) -> list[str]:
