@@ -13,7 +13,7 @@ from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.models import build_model
-from dydit_dist.network import build_network, latest_ema, load_weights, save_weights
+from dydit_dist.network import build_network, latest_ema, load_weights, read_weights, save_weights
 from dydit_dist.train.deepspeed_setup import check_deepspeed
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import LocalSession
@@ -216,3 +216,44 @@ def test_a_corrupt_checkpoint_is_an_input_error_naming_the_file(one_rank, tmp_pa
                               f"{bad.relative_to(checkpoint)} is not a whole torch file (RuntimeError: ")
     assert message.endswith("a restart would read the same bytes: remove the folder to resume from the checkpoint "
                             "before it")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resume_exports_the_ema_that_a_dead_worker_left_unwritten(one_rank, tmp_path, monkeypatch, stage):
+    """The worker dies after the last checkpoint (step == train.max_steps) is committed but before its EMA
+    export is written (train.async_checkpoint writes it in a thread): the resumed run has no step left to
+    train, and exports the EMA of the resumed state itself, so that ema-latest.json reaches max_steps."""
+    from dydit_dist.train import checkpoints
+
+    root = _root()
+    cfg = _cfg(root, f"deepspeed.zero_stage={stage}", "train.keep_checkpoints=1")
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    exports = f"{root}/runs/{cfg.storage.run}/checkpoints"
+    write_ema = checkpoints.write_ema
+
+    def dies_at_the_last_step(weights, step, *args):
+        if step == cfg.train.max_steps:
+            raise RuntimeError("test fault: the worker died before the export was written")
+        return write_ema(weights, step, *args)
+
+    monkeypatch.setattr(checkpoints, "write_ema", dies_at_the_last_step)
+    dead = Trainer(cfg, LocalSession(str(tmp_path)))
+    with pytest.raises(RuntimeError, match="test fault"):
+        dead.train()
+    assert LocalSession(str(tmp_path)).checkpoints() == ["step-0000002", "step-0000004"]  # step 4 is committed
+    assert storage.read_json(f"{exports}/ema-latest.json")["step"] == 2  # its export is not
+    monkeypatch.setattr(checkpoints, "write_ema", write_ema)
+
+    resumed, session = _run(cfg, tmp_path)
+    assert resumed.resumed_from == 4 and session.reports == []  # nothing left to train
+    pointer = storage.read_json(f"{exports}/ema-latest.json")
+    assert pointer["step"] == 4 and pointer["url"] == f"{exports}/ema-0000004.safetensors"
+    assert [u for u in storage.listdir(exports) if u.endswith(".safetensors")] == [pointer["url"]]  # keep=1
+    exported, lost = read_weights(pointer["url"]), dead.state.ema.gather()
+    assert all(torch.equal(exported[k], lost[k]) for k in lost)  # the EMA the dead worker had at step 4
+
+    # Once the export is there, a resume does not write it again.
+    calls = []
+    monkeypatch.setattr(checkpoints, "write_ema", lambda *args: calls.append(args))
+    _run(cfg, tmp_path)
+    assert calls == []

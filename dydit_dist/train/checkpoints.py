@@ -15,7 +15,9 @@ The EMA weights are exported next to them, once per checkpoint, for the sampling
 Neither stops training for its upload (`train.async_checkpoint`): the DeepSpeed state is written to a
 local folder and the session uploads it in the background (a checkpoint is committed, and resumable,
 only once every rank's part is uploaded: `ray_session`); the EMA is gathered into host memory and
-written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept.
+written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept. A worker can die
+after its checkpoint is committed but before that step's export is written: the resumed run exports it
+(`exported_step` is behind the checkpoint's step).
 """
 
 from __future__ import annotations
@@ -152,6 +154,14 @@ def write_ema(weights: dict[str, torch.Tensor], step: int, checkpoints_url: str,
             storage.remove(old)
     log.info("exported EMA weights of step %d to %s", step, url)
     return url
+
+
+def exported_step(checkpoints_url: str) -> int:
+    """The step of the EMA export the pointer names; -1 when there is none yet."""
+    try:
+        return storage.read_json(storage.join(checkpoints_url, EMA_POINTER))["step"]
+    except FileNotFoundError:
+        return -1
 
 
 class Background:

@@ -9,7 +9,8 @@ Each optimizer step runs `accumulation` micro-batches; every `log_every` steps t
 closed (`train.metrics.MetricsWindow`) and, when the session takes reports that often, reported;
 every `checkpoint_every` steps and at the last step a checkpoint is reported and the EMA weights
 exported (`train.checkpoints`), both uploaded while training goes on (`train.async_checkpoint`). Every
-rank reports at the same steps.
+rank reports at the same steps. A resumed run first exports the EMA of its checkpoint when the export
+of that step was lost (the worker died between the commit and the export's write).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import tempfile
 
 import torch
+import torch.distributed as dist
 
 from dydit_dist import config as config_lib
 from dydit_dist import storage
@@ -117,6 +119,7 @@ class Trainer:
         window = MetricsWindow(t, self.tensorboard, self.device, self.rank, self.world_size,
                                self.session.min_report_interval_s)
         last = None
+        self.export_lost_ema()
         if self.state.step >= t.max_steps:
             log.info("rank %d: already at step %d of train.max_steps=%d, nothing to do", self.rank, self.state.step,
                      t.max_steps)
@@ -157,16 +160,37 @@ class Trainer:
         self.session.wait_committed()
         self.exports.wait()
         self.state.data = self.stream.state_dict()
-        step, name = self.state.step, checkpoints.checkpoint_name(self.state.step)
-        weights = checkpoints.gather_ema(self.state, self.network)
-        if weights is not None:
-            self.exports.submit(checkpoints.write_ema, weights, step, self.paths.checkpoints,
-                                dataclasses.asdict(self.cfg.model), self.cfg.train.keep_checkpoints)
-            if not self.cfg.train.async_checkpoint:
-                self.exports.wait()
+        self.export_ema(wait=not self.cfg.train.async_checkpoint)
         folder = tempfile.mkdtemp(prefix="dydit-ckpt-")  # the session deletes it once uploaded
         checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
-        self.session.report(metrics, checkpoint_dir=folder, name=name)
+        self.session.report(metrics, checkpoint_dir=folder, name=checkpoints.checkpoint_name(self.state.step))
+
+    def export_ema(self, wait: bool) -> None:
+        """Rank 0 gathers the EMA of `state.step` into host memory (collective: every rank calls this) and
+        writes it, then the pointer to it, in the export thread; `wait`: return once it is written."""
+        weights = checkpoints.gather_ema(self.state, self.network)
+        if weights is not None:
+            self.exports.submit(checkpoints.write_ema, weights, self.state.step, self.paths.checkpoints,
+                                dataclasses.asdict(self.cfg.model), self.cfg.train.keep_checkpoints)
+            if wait:
+                self.exports.wait()
+
+    def export_lost_ema(self) -> None:
+        """Export the EMA of the resumed state when the pointer is behind it: a worker that died after its
+        checkpoint was committed but before the export thread wrote that step's EMA left no export of it,
+        and a run resumed at train.max_steps has no checkpoint left to write one. Rank 0 reads the
+        pointer and tells the others, so that every rank joins the gather or none does."""
+        if self.resumed_from == 0:
+            return
+        behind = self.rank == 0 and checkpoints.exported_step(self.paths.checkpoints) < self.state.step
+        if self.world_size > 1:
+            flag = torch.tensor([int(behind)], device=self.device)
+            dist.broadcast(flag, src=0)
+            behind = bool(flag.item())
+        if behind:
+            if self.rank == 0:
+                log.info("EMA export of the resumed step %d is missing: exporting it", self.state.step)
+            self.export_ema(wait=True)
 
 
 def _total_norm(params) -> float:
