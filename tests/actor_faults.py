@@ -1,6 +1,7 @@
 """Actors whose start meets a host without a usable GPU, as `capacity.check_gpu` raises it there, for the
-tests that a start failure is replaced like a lost actor. Ray ships these classes to the actors by value
-(`lost_gpu_at_start`): the actors cannot import the tests' modules."""
+tests that a start failure is replaced like a lost actor; and one that refuses its config, for the test that
+this is an input error. Ray ships these classes to the actors by value (`swapped_actor`): the actors cannot
+import the tests' modules."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ class SamplingWorkerWithoutGpu(SamplingWorker):
         super().__init__(*args)
 
 
+class SamplingWorkerWithBadConfig(SamplingWorker):
+    """A config the actor's copy of the package refuses (a key it does not know)."""
+
+    def __init__(self, cfg_dict: dict, *args):
+        super().__init__({**cfg_dict, "sample": {**cfg_dict["sample"], "colour": "red"}}, *args)
+
+
 class FeatureWorkerWithoutGpu(FeatureWorker):
     def __init__(self, *args):
         _start("evaluation actor")
@@ -43,6 +51,13 @@ def lost_gpu_at_start(monkeypatch, module, name: str, cls, flag: str = ""):
     """`module.name` -> `cls` (one of the above) while the block runs; `flag` as FLAG."""
     global FLAG
     FLAG = flag
+    with swapped_actor(monkeypatch, module, name, cls):
+        yield
+
+
+@contextlib.contextmanager
+def swapped_actor(monkeypatch, module, name: str, cls):
+    """`module.name` -> `cls` (one of the above) while the block runs."""
     original = getattr(module, name)
     monkeypatch.setattr(module, name, cls)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

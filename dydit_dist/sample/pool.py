@@ -15,9 +15,10 @@ driver merges the records into the manifest (it alone writes it), shows samples/
 writes the manifest only once the actors are ready, so a failed start leaves nothing behind.
 
 Shards already recorded, whose object is there at its recorded size, are skipped. The units of an
-actor that died go back to the queue and the actor is replaced, `ray.max_failures` times at most (one
-that dies starting, on a host whose GPU is unusable, say, is replaced the same way); an
-error raised by the sampling code itself (a bad checkpoint, a wrong shape) stops the job.
+actor that died go back to the queue and the actor is killed (it may only be unreachable) and replaced,
+`ray.max_failures` times at most (one that dies starting, on a host whose GPU is unusable, say, is
+replaced the same way); an error raised by the sampling code itself (a bad checkpoint or config, in a
+first actor or a replacement; a wrong shape) stops the job.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def sampling_settings(cfg: Config) -> dict:
     }  # fmt: skip
 
 
+def sampling_config(cfg: Config) -> Config:
+    """`cfg` as the sample job runs it: an absolute storage.root, model.checkpoint pinned to its weights file
+    (`resolve_checkpoint`; an SD-XL checkpoint is a pipeline folder, used as it is)."""
+    cfg = absolute_root(cfg)
+    return cfg if family(cfg.model.name) == "sdxl" else resolve_checkpoint(cfg)
+
+
 def shard_generator(cfg: Config, device: str) -> ShardGenerator | SDXLShardGenerator:
     """What makes a worker's samples: diffusers' SD-XL pipeline for model.family sdxl, else this package's
     network, method and sampler."""
@@ -89,20 +97,20 @@ class SamplingWorker:
     the device while `write` encodes and uploads the unit before."""
 
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
-        cfg = config_lib.from_dict(cfg_dict)
-        storage.configure_from(cfg.storage)
-        if use_gpu:
-            check_gpu("sampling actor")
-        torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
         self.url = url
-        self.digest = settings_digest(sampling_settings(cfg))
         self.load_error: Exception | None = None
-        try:
-            self.generator = shard_generator(cfg, "cuda" if use_gpu else "cpu")
-        except LOAD_ERRORS as err:  # raised by `ready`: the driver gets the error itself, not a dead actor
-            self.load_error = err
         self.made: dict[int, tuple[ShardSpec, list, dict]] = {}  # sampled units, until written or dropped
         self.last_stats: dict = {}
+        try:  # raised by `ready` and `sample`: the driver gets the error itself, not a dead actor
+            cfg = config_lib.from_dict(cfg_dict)
+            storage.configure_from(cfg.storage)
+            if use_gpu:
+                check_gpu("sampling actor")
+            torch.set_num_threads(max(1, int(cfg.sample.cpus_per_actor)))
+            self.digest = settings_digest(sampling_settings(cfg))
+            self.generator = shard_generator(cfg, "cuda" if use_gpu else "cpu")
+        except LOAD_ERRORS as err:
+            self.load_error = err
 
     def ready(self) -> float:
         """Seconds the network, method and decoder took to load (or the input error that stopped them)."""
@@ -111,7 +119,9 @@ class SamplingWorker:
         return self.generator.load_seconds
 
     def sample(self, unit: ShardSpec) -> dict:
-        """Make the samples of `unit` and hold them for `write` or `discard`; returns their timing."""
+        """Make the samples of `unit` and hold them for `write` or `discard`; returns their timing. A
+        replacement actor's first call: it raises the input error that stopped its load, as `ready`."""
+        self.ready()
         samples, timing = self.generator.generate(unit)
         self.made[unit.index] = (unit, samples, timing)
         self.last_stats = self.generator.stats()  # `stats` may be asked while the next unit samples
@@ -151,7 +161,7 @@ class SamplingPool:
 
     def __init__(self, cfg: Config, url: str, num_todo: int):
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError
 
         s = cfg.sample
         self.use_gpu = cfg.ray.use_gpu
@@ -175,9 +185,9 @@ class SamplingPool:
             actor = starting.pop(ref)
             try:
                 self.load_seconds.append(ray.get(ref))
-            except LOAD_ERRORS as err:  # Ray's RayTaskError subclasses the actor's error type; `cause` is the error
+            except LOAD_ERRORS as err:
                 self.shutdown()
-                raise err.cause if isinstance(err, RayTaskError) else err from None
+                raise input_error(err) from None
             except RayActorError as err:
                 log.warning("sampling actor died starting: %s", death_cause(err))
                 if self.failures >= self.max_failures:
@@ -188,8 +198,13 @@ class SamplingPool:
                 starting[self.actors[-1].ready.remote()] = self.actors[-1]
 
     def replace(self, actor) -> None:
-        """Drop a dead actor; start another while the failure budget lasts (it loads while it waits for
-        its first unit)."""
+        """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for
+        its first unit). The lost one is killed: Ray reports an actor that is only unavailable for the
+        moment (`ActorUnavailableError`) as lost too, and one still alive would go on writing the units
+        now requeued and holding its GPU (killing a dead actor does nothing)."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
         self.actors.remove(actor)
         self.failures += 1
         if self.failures <= self.max_failures:
@@ -206,13 +221,19 @@ class SamplingPool:
         self.actors = []
 
 
+def input_error(err: Exception) -> Exception:
+    """The actor's own input error from what `ray.get` raised: Ray's RayTaskError subclasses the actor's
+    error type, and its `cause` is the error."""
+    from ray.exceptions import RayTaskError
+
+    return err.cause if isinstance(err, RayTaskError) else err
+
+
 def run_sampling(cfg: Config, url: str | None = None,
                  on_shard: Callable[[SamplingPool, dict], None] | None = None) -> SamplesManifest:
     """Make every missing shard of `cfg.sample` under `url` (default `RunPaths(cfg).samples`); returns the
     complete manifest. `on_shard(pool, record)` runs on the driver after each written shard."""
-    cfg = absolute_root(cfg)
-    if family(cfg.model.name) != "sdxl":  # an SD-XL checkpoint is a pipeline folder, used as it is
-        cfg = resolve_checkpoint(cfg)
+    cfg = sampling_config(cfg)
     url = url or RunPaths(cfg).samples
     # 1. Plan, and what is already done (a record whose object is missing or of another size is made again)
     units = plan_shards(cfg.sample.num_samples, cfg.sample.shard_size)
@@ -280,11 +301,14 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
             actor, kind, index = pending.pop(ref)
             try:
                 result = ray.get(ref)
+            except LOAD_ERRORS as err:  # a replacement that could not load (no `ready` before its first unit)
+                raise input_error(err) from None
             except RayActorError as err:
                 for lost in [r for r, (a, _, _) in pending.items() if a == actor]:
                     del pending[lost]
                 back = dispatch.lost(actor)
                 log.warning("sampling actor died (%s); %d units go back to the queue", type(err).__name__, len(back))
+                worked.discard(actor)  # no handle kept: Ray reclaims the actor
                 pool.replace(actor)
                 feed()
                 continue
