@@ -31,15 +31,44 @@ def test_shard_round_trip_is_deterministic_and_webdataset_readable(tmp_path):
         unpack(data[:700], "bad.tar")
 
 
+def _adm_center_crop_reference(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion `center_crop_arr`), written here from its definition so the
+    project's function is checked against an independent version: (1) halve with BOX resampling while
+    the shorter side is at least twice `size`; (2) one BICUBIC resize taking the shorter side to `size`
+    (each side scaled by the same factor, rounded); (3) cut the central size x size window, offsets
+    rounded down."""
+    width, height = image.size
+    while min(width, height) >= 2 * size:
+        width, height = width // 2, height // 2
+        image = image.resize((width, height), Image.BOX)
+    factor = size / min(width, height)
+    width, height = round(width * factor), round(height * factor)
+    image = image.resize((width, height), Image.BICUBIC)
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.asarray(image)[top : top + size, left : left + size]
+
+
 def test_center_crop_matches_adm():
-    # A 96x64 image with a bright column in the middle: box-halved to 48x32, bicubic to 36x24... then cropped.
+    # A 96x64 image with a bright column in the middle: box-halved to 48x32, 24x16, bicubic at 1, cropped.
     arr = np.zeros((64, 96, 3), np.uint8)
     arr[:, 44:52] = 255
     out = np.asarray(sources.center_crop_arr(Image.fromarray(arr), 16))
     assert out.shape == (16, 16, 3)
     assert out[:, 8].mean() > 200 and out[:, 0].mean() < 10  # the column stays centred
-    small = np.asarray(sources.center_crop_arr(Image.fromarray(arr[:20, :30]), 16))
-    assert small.shape == (16, 16, 3)
+    # Random images of odd sizes, bit for bit against the reference: three halvings then a bicubic
+    # downscale (157x203 -> 78x101 -> 39x50 -> 19x25 -> 16x21 for 16), a shorter side of exactly 2 * size
+    # (halved, not resized), a bicubic downscale alone, upscaling of images smaller than the crop (7x11,
+    # 13x5, 6x13 -> 16x34.67 rounded up to 35, 6x7 -> 9x10.5 rounded half to even to 10), either side the
+    # shorter one, and centre offsets that round down.
+    rng = np.random.default_rng(0)
+    cases = [((157, 203), 16), ((203, 157), 16), ((64, 99), 32), ((45, 33), 16), ((31, 47), 16),
+             ((7, 11), 16), ((13, 5), 9), ((6, 13), 16), ((6, 7), 9), ((33, 33), 16), ((17, 40), 17)]
+    for (h, w), size in cases:
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got = np.asarray(sources.center_crop_arr(Image.fromarray(arr), size))
+        want = _adm_center_crop_reference(Image.fromarray(arr), size)
+        assert want.shape == (size, size, 3)
+        assert np.array_equal(got, want), f"{h}x{w} -> {size}: differs from ADM's center crop"
 
 
 def test_imagefolder_plan_and_layout_errors(image_source, tmp_path):

@@ -61,9 +61,9 @@ def test_class_batch_uses_null_class():
     x2, y2 = cfg_class_batch(x, torch.tensor([0, 999]), num_classes=1000)
     assert y2.tolist() == [0, 999, 1000, 1000]
     torch.testing.assert_close(x2, torch.cat([x, x]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 1000\)"):
         cfg_class_batch(x, torch.tensor([0, 1000]), num_classes=1000)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\), got \(1,\)"):
         cfg_class_batch(x, torch.tensor([0]), num_classes=1000)
 
 
@@ -78,12 +78,12 @@ def test_caption_batch_uses_null_caption_and_repeats_mask():
     torch.testing.assert_close(c2[B:], null.expand(B, 1, 5, 8))
     assert torch.equal(m2, torch.cat([mask, mask]))
     assert cfg_caption_batch(x, caption, null)[2] is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"null caption \(6, 8\) does not broadcast to \(2, 1, 5, 8\)"):
         cfg_caption_batch(x, caption, torch.randn(6, 8))
 
 
 def test_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="guidance_channels must be >= 1 or None, got 0"):
         cfg_model_fn(_labelled_model, 1.5, 0)
     with pytest.raises(ValueError, match="even"):
         cfg_model_fn(_labelled_model, 1.5)(torch.randn(3, C, 2, 2), torch.zeros(3), y=torch.zeros(3))

@@ -131,5 +131,7 @@ def test_without_learned_sigma():
     assert terms["mse"].abs().max() == 0 and terms["vb"].abs().max() == 0
     with pytest.raises(ValueError, match="channels|shape"):
         training_losses(lambda x, t: torch.cat([x, x], 1), x0, torch.tensor([1, 2]), learn_sigma=False)
-    with pytest.raises(ValueError):
+    # learn_sigma (the default) wants 2C channels
+    wrong = rf"model output shape \(2, {C}, {H}, {H}\); expected \(2, {2 * C}, \.\.\)"
+    with pytest.raises(ValueError, match=wrong):
         training_losses(lambda x, t: x, x0, torch.tensor([1, 2]))

@@ -200,5 +200,5 @@ def test_bad_input_errors():
         sample(_toy_model, SHAPE, noise=torch.zeros(1, 4, 3, 3))
     with pytest.raises(ValueError, match="channels"):
         sample(lambda x, t: x[:, :3], SHAPE, "ddim", 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"dpm-solver\+\+ needs an integer number of steps >= 1, got 'ddim"):
         sample(_toy_model, SHAPE, "dpm-solver++", "ddim20")

@@ -44,9 +44,15 @@ def test_space_timesteps_sections():
     assert space_timesteps(300, "10,15,20") == set(steps)
 
 
-@pytest.mark.parametrize("bad", ["ddim999", "1001", "abc", "ddimx", "0"])
-def test_space_timesteps_rejects_bad_input(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    ("ddim999", "cannot create exactly 999 steps with an integer stride over 1000"),
+    ("1001", "cannot divide a section of 1000 steps into 1001"),
+    ("abc", r"bad respacing 'abc'; expected 'N', 'a,b,\.\.' or 'ddimN'"),
+    ("ddimx", r"bad respacing 'ddimx'; expected 'ddimN'$"),
+    ("0", "cannot divide a section of 1000 steps into 0"),
+])
+def test_space_timesteps_rejects_bad_input(bad, message):
+    with pytest.raises(ValueError, match=message):
         space_timesteps(1000, bad)
 
 
@@ -100,7 +106,7 @@ def test_create_diffusion_is_cached_and_read_only():
 
 
 def test_gaussian_diffusion_validates_betas():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"betas must be a 1-D array with values in \(0, 1\]"):
         GaussianDiffusion(np.array([0.1, 0.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timestep_map has 1 entries for 2 betas"):
         GaussianDiffusion(np.array([0.1, 0.2]), timestep_map=[0])

@@ -31,7 +31,9 @@ def test_fifty_per_class_in_a_fixed_order():
 
 
 def test_seeds_depend_on_seed_and_index_only():
-    assert sample_seed(0, 7) == sample_seed(0, 7)
+    # A literal, computed once: pins the seed stream across processes and versions (a change here
+    # changes every generated sample of every seeded job).
+    assert sample_seed(0, 7) == 9250883288030345305
     seeds = {sample_seed(s, k) for s in range(3) for k in range(1000)}
     assert len(seeds) == 3000  # (seed, index) pairs never collide by arithmetic
     a = torch.randn(4, generator=sample_generators(0, [5])[0])

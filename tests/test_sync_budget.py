@@ -100,24 +100,64 @@ def syncs_per_step(runner, steps: int = 4) -> list[list[int]]:
     return per_run
 
 
-# (name, network, method, options, budget of a step at a new timestep, budget at a known one)
-DEPTH = len(dit().blocks)
-CASES = [
-    ("static", dit, "static", None, 0, 0),
-    ("dydit", dydit, "dydit", None, 1 + DEPTH, DEPTH),
-    ("fora", dit, "fora", {"interval": 2}, 0, 0),
-    ("eb_cache", dit, "eb_cache", {"schedule": "0120"}, 0, 0),
-    ("eb_cache on dydit", dydit, "eb_cache", {"schedule": "0120"}, 1 + DEPTH, DEPTH),
-    ("flexdit", flexdit, "flexdit", None, 0, 0),
-    # AT-EDM may read its pruned-token count once per step (the issue's allowance), never per block.
-    ("at_edm", dit, "at_edm", {"score_layer": 0, "dense_last": 1}, 1, 1),
+class OneRead:
+    """A stand-in runner whose every model call makes the host reads of `read(t)` and nothing else: the
+    positive control of the counter (a budget of 0 passes silently if the counter stops seeing reads)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def begin(self, steps):
+        pass
+
+    def step_callback(self, i, t):
+        pass
+
+    def __call__(self, x, t, **cond):
+        self.read(t)
+        return torch.zeros_like(x)
+
+
+CONTROLS = [
+    ("item", lambda t: t[0].item(), 1),
+    ("tolist", lambda t: t.tolist(), 1),
+    ("bool", lambda t: bool(t[0] > 0), 1),
+    ("unique", lambda t: t.unique(), 1),  # Tensor.unique calls torch.unique: nested, counted once
+    ("item and tolist", lambda t: (t[0].item(), t.tolist()), 2),
+    ("no read", lambda t: t + 1, 0),
 ]
 
 
-@pytest.mark.parametrize("name, network, method, options, first_budget, budget", CASES, ids=[c[0] for c in CASES])
-def test_host_reads_per_step_within_budget(name, network, method, options, first_budget, budget):
+@pytest.mark.parametrize("read, per_call", [c[1:] for c in CONTROLS], ids=[c[0] for c in CONTROLS])
+def test_the_counter_sees_each_host_read(read, per_call):
+    assert syncs_per_step(OneRead(read)) == [[per_call] * 4, [per_call] * 4]
+
+
+# (name, network, method, options, budget of a step at a new timestep, budget at a known one, exact)
+# exact: every step makes exactly its budget of reads. A DyDiT (default options: TDW and SDT in every
+# block) needs, by the module docstring, its width plan once per new timestep plus each block's kept-token
+# count: exactly 1 + DEPTH reads at a new timestep and DEPTH at a known one. Fewer would mean the counter
+# misses reads of the real fast path. eb_cache reuses whole steps (no reads there) and AT-EDM "may" read.
+DEPTH = len(dit().blocks)
+CASES = [
+    ("static", dit, "static", None, 0, 0, True),
+    ("dydit", dydit, "dydit", None, 1 + DEPTH, DEPTH, True),
+    ("fora", dit, "fora", {"interval": 2}, 0, 0, True),
+    ("eb_cache", dit, "eb_cache", {"schedule": "0120"}, 0, 0, True),
+    ("eb_cache on dydit", dydit, "eb_cache", {"schedule": "0120"}, 1 + DEPTH, DEPTH, False),
+    ("flexdit", flexdit, "flexdit", None, 0, 0, True),
+    # AT-EDM may read its pruned-token count once per step (the issue's allowance), never per block.
+    ("at_edm", dit, "at_edm", {"score_layer": 0, "dense_last": 1}, 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("name, network, method, options, first_budget, budget, exact", CASES,
+                         ids=[c[0] for c in CASES])
+def test_host_reads_per_step_within_budget(name, network, method, options, first_budget, budget, exact):
     torch.manual_seed(0)
     first, again = syncs_per_step(build_runner(method, network(), options))
     print(f"{name}: host reads per step, first run {first}, second run {again}")
     assert max(first) <= first_budget, f"{name}: {first} exceeds {first_budget} host reads per step"
     assert max(again) <= budget, f"{name}: {again} exceeds {budget} host reads per step"
+    if exact:
+        assert (first, again) == ([first_budget] * 4, [budget] * 4), f"{name}: {first}, {again} != its needs"

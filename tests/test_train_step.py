@@ -36,7 +36,10 @@ def _pixart_batch(b=8):
 
 def test_step_generator_is_a_function_of_seed_rank_step_micro():
     draw = lambda *key: torch.rand(4, generator=step_generator(*key, "cpu"))  # noqa: E731
-    assert torch.equal(draw(0, 1, 5, 0), draw(0, 1, 5, 0))
+    # Literals, computed once: pin the draws of (seed 0, rank 1, step 5, micro 0) across processes and
+    # versions (the seed derivation and torch's CPU generator), so a resumed run redraws the same inputs.
+    pinned = [0.894511342048645, 0.726905107498169, 0.08050620555877686, 0.6627742648124695]
+    assert draw(0, 1, 5, 0).tolist() == pinned
     others = [draw(1, 1, 5, 0), draw(0, 0, 5, 0), draw(0, 1, 6, 0), draw(0, 1, 5, 1)]
     assert all(not torch.equal(draw(0, 1, 5, 0), o) for o in others)
 
