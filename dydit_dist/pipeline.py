@@ -2,7 +2,11 @@
 
 Every stage is skipped when its outputs exist (a complete data manifest, an EMA export at the last
 step, a complete samples manifest, a metrics.json), so a rerun after a crash does only what is
-missing. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
+missing. Outputs are reused only for the settings they were made with: a finished fine-tune whose
+config differs in a key that decides its weights (`FINETUNE_KEYS`), or samples made with other
+sampling settings or weights, stop the job with `OutputsDiffer` / `SamplesError` naming each change
+(another storage.run, or removing that folder, starts over); metrics of other samples or evaluation
+settings are computed again. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
 
     storage.run                     what it holds
     R                               the data folder (unless data.uri is set), report.md with plots/
@@ -36,9 +40,12 @@ from dydit_dist.config import Config
 from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.eval.captions import prepare_caption_reference
+from dydit_dist.eval.evaluate import evaluation_settings
+from dydit_dist.lease import Lease
 from dydit_dist.paths import RunPaths
-from dydit_dist.sample import SamplesManifest, run_sampling
-from dydit_dist.sample.pool import absolute_root
+from dydit_dist.sample import SamplesManifest, run_sampling, sampling_settings
+from dydit_dist.sample.plan import plan_shards
+from dydit_dist.sample.pool import absolute_root, sampling_config
 from dydit_dist.shardset import manifest_url
 from dydit_dist.train import launcher
 
@@ -46,6 +53,15 @@ BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 # The methods whose network is fine-tuned from the static weights (model.method = the method), and the run
 # of that fine-tune below the pipeline's (DyDiT's `finetune` predates FlexDiT; runs on storage keep the name).
 TRAINED_METHODS = {"dydit": "finetune", "flexdit": "finetune-flexdit"}
+# What decides a fine-tune's weights: a finished fine-tune is reused only when none of these changed. Not
+# among them: where and how it ran (checkpointing, logging, ZeRO stage, workers, the micro-batch split).
+FINETUNE_KEYS = ("model", "diffusion", "train", "data.uri", "data.flip")
+FINETUNE_IGNORED = ("model.checkpoint", "train.micro_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.async_checkpoint", "train.log_every", "train.record_batches", "train.allow_changed_settings")
+
+
+class OutputsDiffer(ValueError):
+    """A stage's outputs exist but were made with other settings than this run's (named in the message)."""
 
 
 def with_values(cfg: Config, **sections) -> Config:
@@ -72,8 +88,9 @@ def finetune_config(cfg: Config, static: str | None, method: str = "dydit") -> C
     """The fine-tune of the trained `method` (run `{run}/{TRAINED_METHODS[method]}`) from `static` (the
     static row's weights), else train.init_from: the rows of a report compare a fine-tuned network with
     the one it started from."""
-    return with_values(cfg, model={"method": method}, storage={"run": f"{cfg.storage.run}/{TRAINED_METHODS[method]}"},
-                       train={"init_from": static or cfg.train.init_from})
+    return with_values(cfg, model={"method": method}, sample={"method": method},  # a sampling method of that network
+                       storage={"run": f"{cfg.storage.run}/{TRAINED_METHODS[method]}"},
+                       train={"init_from": static or cfg.train.init_from}).validate()
 
 
 def trained_methods(cfg: Config) -> list[str]:
@@ -94,12 +111,13 @@ def finetune_note(cfg: Config, weights: str) -> str:
 def method_config(cfg: Config, method: str, static: str | None, trained: dict[str, str]) -> Config:
     """The sample + evaluate run of one method of eval.methods (run `{run}/{method}`): its fine-tuned
     weights (`trained`: method -> run) for the methods in TRAINED_METHODS, the static ones otherwise;
-    the reference is eval.reference, else the data folder."""
+    the reference is eval.reference, else the data folder. ConfigError when the method does not fit the
+    config (an EB-Cache schedule of another step count, AT-EDM on too few blocks)."""
     fine_tuned = method in TRAINED_METHODS
     return with_values(cfg, sample={"method": method}, storage={"run": f"{cfg.storage.run}/{method}"},
                        model={"method": method if fine_tuned else "static",
                               "checkpoint": trained[method] if fine_tuned else static},
-                       eval={"reference": cfg.eval.reference or RunPaths(cfg).data})
+                       eval={"reference": cfg.eval.reference or RunPaths(cfg).data}).validate()
 
 
 def _stage(name: str, skipped: bool) -> None:
@@ -118,8 +136,10 @@ def prepare_stage(cfg: Config) -> Config:
     cfg = with_values(cfg, data={"source": source, "uri": paths.data})
     done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
-    if not done:
-        prepare(cfg)
+    if not done:  # under the data folder's lease, as jobs.prepare: runs sharing a data.uri prepare it once
+        with Lease.acquire(storage.join(paths.data, "lease"), "reproduce", cfg.storage.lease_ttl_s):
+            if not data_done(cfg):
+                prepare(cfg)
     return cfg
 
 
@@ -162,10 +182,28 @@ def trained_to_end(cfg: Config) -> bool:
     return storage.exists(pointer) and storage.read_json(pointer)["step"] >= cfg.train.max_steps
 
 
+def finetune_changes(cfg: Config) -> list[str]:
+    """`key: old -> new` for each of `FINETUNE_KEYS` the fine-tuning run of `cfg` last ran with otherwise."""
+    return run_config.changed_within(run_config.previous(cfg, "finetune"), cfg, FINETUNE_KEYS, FINETUNE_IGNORED)
+
+
+def finetune_done(cfg: Config) -> bool:
+    """Whether the fine-tuning run of `cfg` is finished with these settings; OutputsDiffer when it finished
+    with others (its weights are not the ones asked for)."""
+    if not trained_to_end(cfg):
+        return False
+    changes = finetune_changes(cfg)
+    if changes:
+        url = RunPaths(cfg).url
+        raise OutputsDiffer(f"{url} finished training with other settings ({'; '.join(changes)}); use another "
+                            f"storage.run, or remove {url} to train again")
+    return True
+
+
 def train_stage(cfg: Config, name: str) -> str:
     """Run the fine-tuning job of `cfg` unless it reached train.max_steps; returns the run's URL."""
     run = RunPaths(cfg).url
-    done = trained_to_end(cfg)
+    done = finetune_done(cfg)
     _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
         launcher.preflight(cfg)
@@ -173,7 +211,31 @@ def train_stage(cfg: Config, name: str) -> str:
         launcher.preflight_cluster(cfg)
         run_config.save(cfg, "finetune")
         launcher.fit(launcher.build_trainer(cfg))
+        if not trained_to_end(cfg):
+            raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="
+                               f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer})")
     return run
+
+
+def samples_done(cfg: Config) -> bool:
+    """Whether the samples folder of `cfg` is complete; SamplesError when it holds samples of other
+    settings or weights (as the sample job says when it resumes one)."""
+    url = RunPaths(cfg).samples
+    if not storage.exists(manifest_url(url)):
+        return False
+    settings = sampling_settings(sampling_config(cfg))
+    num_shards = len(plan_shards(cfg.sample.num_samples, cfg.sample.shard_size))
+    return SamplesManifest.resume(url, settings, num_shards).complete
+
+
+def metrics_done(cfg: Config) -> bool:
+    """Whether the run's metrics.json is of its samples as they are now, evaluated with these settings."""
+    paths = RunPaths(cfg)
+    if not storage.exists(paths.metrics):
+        return False
+    record, samples = storage.read_json(paths.metrics), SamplesManifest.read(paths.samples)
+    return (record.get("sampling") == samples.settings and record.get("num_samples") == samples.num_samples
+            and record.get("evaluation") == evaluation_settings(cfg.eval))
 
 
 def pretrain_config(cfg: Config) -> Config:
@@ -226,16 +288,14 @@ def reproduce(cfg: Config) -> str:
     for method in cfg.eval.methods:
         m_cfg = method_config(cfg, method, static, trained)
         m_paths = RunPaths(m_cfg)
-        samples = m_paths.samples
-        done = storage.exists(manifest_url(samples)) and SamplesManifest.read(samples).complete
-        _stage(f"sample {method} -> {samples}", done)
+        done = samples_done(m_cfg)
+        _stage(f"sample {method} -> {m_paths.samples}", done)
         if not done:
             run_config.save(m_cfg, "sample")
             run_sampling(m_cfg)  # makes only the missing shards
-        metrics_url = m_paths.metrics
-        done = storage.exists(metrics_url)
-        _stage(f"evaluate {method} -> {metrics_url}", done)
-        records.append(storage.read_json(metrics_url) if done else evaluate(m_cfg))
+        done = metrics_done(m_cfg)
+        _stage(f"evaluate {method} -> {m_paths.metrics}", done)
+        records.append(storage.read_json(m_paths.metrics) if done else evaluate(m_cfg))
     # 4. Report
     title = f"{cfg.model.name} at {cfg.model.image_size}px: {', '.join(cfg.eval.methods)}"
     return write_report(RunPaths(cfg), records, title, notes)

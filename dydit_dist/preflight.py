@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dydit_dist import flops, pipeline, pretrained, resolve, storage
-from dydit_dist.config import SDXL_METHODS, Config
+from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
@@ -46,6 +46,7 @@ from dydit_dist.models import family
 from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
+from dydit_dist.sample import SamplesError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
 
@@ -145,14 +146,19 @@ def _prepare(p: Plan, cfg: Config, builtin_ok: bool = False) -> None:
 
 
 def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = True,
-              init_made_by: str | None = None, init_key: str | None = None) -> None:
+              init_made_by: str | None = None, init_key: str | None = None) -> bool:
+    """Returns whether the stage trains (False: reproduce finds it done, or it cannot run)."""
     m, t = cfg.model, cfg.train
     if family(m.name) == "sdxl":
         p.stages.append(Stage(name, f"{m.name}: not run"))
         p.add(Input("model.name", m.name, problem="model.family sdxl is sampled through diffusers' "
                                                   "StableDiffusionXLPipeline (the sample and evaluate jobs), not fine-tuned"))
-        return
-    done = p.job == "reproduce" and resolve.quietly(pipeline.trained_to_end, cfg)
+        return False
+    done, differ = _done(pipeline.finetune_done, cfg) if p.job == "reproduce" else (False, None)
+    if differ:
+        p.stages.append(Stage(name, "outputs exist, made with other settings"))
+        p.add(Input("storage.run", RunPaths(cfg).url, problem=differ))
+        return False
     stage1 = 0
     if m.method == "dydit" and m.dynamic.stage == 1:  # stage 1 adds the complete model's forward + backward
         stage1 = t.max_steps if m.dynamic.stage1_steps is None else min(m.dynamic.stage1_steps, t.max_steps)
@@ -164,7 +170,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
             + f" = {_flop(flop)} on {cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage} -> {RunPaths(cfg).url}")
     p.stages.append(Stage(name, "outputs exist, skipped" if done else work, None if done else flop))
     if done:
-        return
+        return False
     if data_ready:
         try:
             launcher.preflight(cfg)
@@ -182,13 +188,17 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
     else:
         allow = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(m.method, ())
         p.add(resolve.weights(key, source, cfg, allow))
+    return True
 
 
 def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by: str | None = None) -> None:
     m, s = cfg.model, cfg.sample
     sdxl = family(m.name) == "sdxl"
     samples = RunPaths(cfg).samples
-    done = p.job == "reproduce" and resolve.samples_complete(samples)
+    done, problem = _samples_state(cfg, weights_made_by)
+    done = done and p.job == "reproduce"
+    if problem:
+        p.add(Input("storage.run", samples, problem=problem))
     guidance = 2 if s.cfg_scale != 1.0 else 1
     macs = network_macs(m)
     scale, how = 1.0, "the static network's MACs" + (f" (an upper bound for {s.method})" if s.method != "static" else "")
@@ -214,7 +224,30 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
         if cfg.data.tokenizer:
             p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
-        p.add(resolve.exists("sample.eb_cache.schedule", s.eb_cache.schedule, "an EB-Cache table (python -m jobs.calibrate)"))
+        p.add(resolve.eb_cache_table(cfg))
+
+
+def _samples_state(cfg: Config, weights_made_by: str | None) -> tuple[bool, str | None]:
+    """(whether the samples folder of `cfg` is complete, why it cannot be sampled into: it holds samples
+    of other settings or weights, or of weights the stage `weights_made_by` of this job replaces)."""
+    samples = RunPaths(cfg).samples
+    if weights_made_by:
+        if resolve.samples_count(samples):
+            return False, (f"holds samples of earlier weights, and the {weights_made_by} stage makes new ones; use "
+                           "another storage.run, or remove that folder")
+        return False, None
+    return _done(pipeline.samples_done, cfg)
+
+
+def _done(check: Callable[[Config], bool], cfg: Config) -> tuple[bool, str | None]:
+    """(a stage's done `check`, why its outputs cannot be reused: made with other settings); storage trouble
+    or weights that do not resolve read as not done (their own checks report them)."""
+    try:
+        return check(cfg), None
+    except (pipeline.OutputsDiffer, SamplesError) as err:
+        return False, str(err)
+    except (OSError, ValueError, KeyError):
+        return False, None
 
 
 def _made(key: str, value, by: str | None) -> Input | None:
@@ -223,11 +256,12 @@ def _made(key: str, value, by: str | None) -> Input | None:
 
 
 def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: str | None = None,
-              extractor_made: bool = False, prompts_by: str | None = None) -> None:
+              extractor_made: bool = False, prompts_by: str | None = None, reference: Input | None = None) -> None:
+    """`reference`: eval.reference as the caller resolved it (reproduce: a data folder that cannot be one)."""
     e = cfg.eval
     paths = RunPaths(cfg)
     samples = e.samples or paths.samples
-    done = p.job == "reproduce" and resolve.quietly(storage.exists, paths.metrics)
+    done = p.job == "reproduce" and resolve.quietly(pipeline.metrics_done, cfg)
     inception = e.feature_extractor == extractors.INCEPTION
     count = cfg.sample.num_samples if samples_made else resolve.samples_count(samples)
     flop = (count or 0) * INCEPTION_FLOP if inception else None
@@ -240,7 +274,7 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
     if any(m in ("fid", "sfid", "prc") for m in e.metrics):
-        p.add(_made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
+        p.add(reference or _made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
     p.add(resolve.extractor(cfg, extractor_made))
     if e.protocol == "coco":
         p.add(_made("sample.prompts", cfg.sample.prompts, prompts_by)
@@ -258,6 +292,25 @@ def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
     for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
         p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
     p.add(resolve.extractor(cfg, made=extractor_made))
+
+
+def _data_reference(cfg: Config) -> Input | None:
+    """eval.reference of a reproduce that leaves it unset: the prepared data folder, which works as a
+    reference only when it holds images (data.vae none) and the protocol is not coco (captions)."""
+    e = cfg.eval
+    if e.reference or pipeline.makes_caption_reference(cfg) or not any(m in ("fid", "sfid", "prc") for m in e.metrics):
+        return None
+    data = RunPaths(cfg).data
+    if e.protocol == "coco":
+        return Input("eval.reference", data, problem="eval.reference unset, so the reference would be the prepared data "
+                                                     "folder, which has no captions; a coco evaluation needs a caption "
+                                                     "reference: make one with python -m jobs.reference and set "
+                                                     "eval.reference and sample.prompts")
+    if cfg.data.vae != "none":
+        return Input("eval.reference", data, problem=f"eval.reference unset, so the reference would be the prepared "
+                                                     f"data folder, which holds {cfg.data.vae} latents, not images; set "
+                                                     "eval.reference to an ADM reference batch (.npz)")
+    return None
 
 
 def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8) -> None:
@@ -281,6 +334,10 @@ def _reproduce(p: Plan, cfg: Config) -> None:
                                                               f"{' and '.join(SDXL_METHODS)}, which train nothing"))
         return
     extractor_made = cfg.eval.feature_extractor == digits.NAME and not cfg.eval.feature_extractor_weights
+    if cfg.eval.samples:
+        p.add(Input("eval.samples", cfg.eval.samples, problem="reproduce samples each method of eval.methods into "
+                                                              "{run}/{method}/samples and evaluates those; unset it"))
+    bad_reference = _data_reference(cfg)
     # 1. Data, or the caption reference of a text-to-image comparison that trains nothing
     data = pipeline.with_values(cfg, data={"uri": RunPaths(cfg).data})
     needs_data = pipeline.needs_data(cfg)
@@ -301,26 +358,37 @@ def _reproduce(p: Plan, cfg: Config) -> None:
         else:
             _reference(p, cfg, extractor_made)
             reference_by = prompts_by = "reference"
-    # 2. Weights
+    # 2. Weights (`*_by`: the stage of this job that makes them, when it runs)
     static, static_by = pipeline.static_weights(cfg), None
     if cfg.eval.pretrain_config:
         pretrain = pipeline.pretrain_config(data)
-        _finetune(p, pretrain, "pretrain", data_ready)
-        static, static_by = RunPaths(pretrain).url, "pretrain"
-    trained = {}
+        static = RunPaths(pretrain).url
+        static_by = "pretrain" if _finetune(p, pretrain, "pretrain", data_ready) else None
+    trained, trained_by = {}, {}
     for method in pipeline.trained_methods(cfg):
-        finetune = pipeline.finetune_config(data, static, method)
         name = pipeline.TRAINED_METHODS[method]
-        _finetune(p, finetune, name, data_ready, static_by,
-                  "model.checkpoint" if static_by or cfg.model.checkpoint else "train.init_from")
+        try:
+            finetune = pipeline.finetune_config(data, static, method)
+        except ConfigError as err:
+            p.add(Input("eval.methods", cfg.eval.methods, problem=f"the {name} stage ({method}): {err}"))
+            continue
+        init_key = "model.checkpoint" if cfg.eval.pretrain_config or cfg.model.checkpoint else "train.init_from"
+        if _finetune(p, finetune, name, data_ready, static_by, init_key):
+            trained_by[method] = name
         trained[method] = RunPaths(finetune).url
     # 3. Samples and metrics of every method
     for method in cfg.eval.methods:
-        m_cfg = pipeline.method_config(data, method, static, trained)
-        made_by = pipeline.TRAINED_METHODS.get(method, static_by)
+        if method in pipeline.TRAINED_METHODS and method not in trained:
+            continue  # its fine-tune does not fit the config (reported above)
+        try:
+            m_cfg = pipeline.method_config(data, method, static, trained)
+        except ConfigError as err:
+            p.add(Input("eval.methods", cfg.eval.methods, problem=f"sample.method={method}: {err}"))
+            continue
+        made_by = trained_by.get(method) if method in pipeline.TRAINED_METHODS else static_by
         _sample(p, m_cfg, made_by, prompts_by)
         _evaluate(p, m_cfg, samples_made=True, reference_by=reference_by, extractor_made=extractor_made,
-                  prompts_by=prompts_by)
+                  prompts_by=prompts_by, reference=bad_reference)
     # 4. Report
     p.stages.append(Stage("report", RunPaths(cfg).report))
 

@@ -56,6 +56,19 @@ def exists(key: str, url: str | None, expected: str) -> Input:
     return Input(key, url, note="exists") if found else Input(key, url, problem=f"not found; expected {expected}")
 
 
+def eb_cache_table(cfg: Config) -> Input:
+    """sample.eb_cache.schedule given as a calibration table: it exists, is one, and is of sample.steps steps."""
+    key, url, expected = "sample.eb_cache.schedule", cfg.sample.eb_cache.schedule, "an EB-Cache table (python -m jobs.calibrate)"
+    found = exists(key, url, expected)
+    if found.problem:
+        return found
+    try:
+        cfg.sample.eb_cache.schedule_for(cfg.sample.steps)
+    except (OSError, ValueError) as err:
+        return Input(key, url, problem=f"{err}; expected {expected} of sample.steps={cfg.sample.steps}")
+    return Input(key, url, note=f"a calibration table of {cfg.sample.steps} steps")
+
+
 def source(cfg: Config, builtin_ok: bool) -> Input:
     d = cfg.data
     if d.source in pipeline.BUILTIN_SOURCES:

@@ -16,6 +16,8 @@ The written config is the typed one: `${...}` interpolations never reach it (`co
 
 from __future__ import annotations
 
+import json
+
 from omegaconf import OmegaConf
 
 from dydit_dist import storage
@@ -47,6 +49,29 @@ def changed(old: dict | None, cfg: Config, keys: tuple[str, ...] = SETTINGS) -> 
     new = cfg.to_dict()
     return [f"{key}: {_value(old, key)!r} -> {_value(new, key)!r}" for key in keys
             if _value(old, key) != _value(new, key)]
+
+
+def _leaves(values: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf of a nested dict."""
+    out = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        out.update(_leaves(value, f"{key}.") if isinstance(value, dict) else {key: value})
+    return out
+
+
+def changed_within(old: dict | None, cfg: Config, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
+    """`changed` over every leaf key under `sections` (a section or a key) but `ignore`, that `old` has too
+    (a key added to the config since `old` was written is not a change); empty when `old` is None."""
+    if old is None:
+        return []
+    before, now = _leaves(old), _leaves(json.loads(json.dumps(cfg.to_dict())))  # tuples as the YAML's lists
+
+    def within(key: str, names: tuple[str, ...]) -> bool:
+        return any(key == name or key.startswith(f"{name}.") for name in names)
+
+    return [f"{key}: {before[key]!r} -> {value!r}" for key, value in now.items()
+            if key in before and within(key, sections) and not within(key, ignore) and before[key] != value]
 
 
 def save(cfg: Config, job: str) -> str:

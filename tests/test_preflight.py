@@ -174,3 +174,23 @@ def test_a_static_checkpoint_for_a_dydit_sampler_lacks_its_routers(tmp_path, cap
     dynamic = random_checkpoint(str(tmp_path / "dydit.safetensors"), "model.method=dydit")
     assert sample.main(["--dry-run", "--config", "debug", root, "model.method=dydit", "sample.method=dydit",
                         f"model.checkpoint={dynamic}"]) == 0
+
+
+def test_an_eb_cache_table_of_another_step_count_is_named(tmp_path):
+    """A calibration table is read in the preflight: one of 5 steps for a 10-step sampler fails in seconds,
+    not in every sampling actor."""
+    f = _fixtures(tmp_path)
+    table = tmp_path / "table.json"
+    table.write_text('{"format": "dydit_dist.eb_cache_table/1", "schedule": "01201"}')
+
+    def table_input(steps: int):
+        cfg = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={f['checkpoint']}",
+                                    "sample.method=eb_cache", f"sample.eb_cache.schedule={table}", f"sample.steps={steps}"])
+        return next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule")
+
+    assert table_input(10).problem == (f"cache schedule has 5 steps but sampling runs 10; calibrate one for this step "
+                                       "count (python -m jobs.calibrate); expected an EB-Cache table (python -m "
+                                       "jobs.calibrate) of sample.steps=10")
+    assert table_input(5).problem is None and table_input(5).note == "a calibration table of 5 steps"
+    table.write_text('{"format": "something else"}')
+    assert "is not an EB-Cache calibration table" in table_input(5).problem

@@ -63,6 +63,14 @@ def _check_captions(samples: str, num_samples: int, reference) -> None:
                          f"{len(reference.captions)} captions; sample at most one per caption")
 
 
+def evaluation_settings(e) -> dict:
+    """What decides the metrics of a samples folder besides the samples (`EvalConfig` e); metrics.json records it."""
+    return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": e.reference,
+            "feature_extractor": e.feature_extractor, "feature_extractor_weights": e.feature_extractor_weights,
+            "inception_weights": e.inception_weights, "clip_model": e.clip_model if "clip" in e.metrics else None,
+            "isc_splits": e.isc_splits, "prc_neighborhood": e.prc_neighborhood}
+
+
 def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) -> dict:
     """Metrics of the samples folder `samples` (default `eval.samples`, else the run's `samples/`),
     written to `out` (default the run's `metrics.json`, see `RunPaths`) and returned."""
@@ -126,6 +134,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "samples": samples,
         "method": manifest.settings["method"],
         "sampling": manifest.settings,
+        "evaluation": evaluation_settings(e),
         "gflops": manifest.stats.get("gflops"),
         "images_per_s": images_per_second(manifest),
         "protocol": e.protocol,

@@ -1,0 +1,133 @@
+"""`jobs.reproduce` reuses a stage's outputs only for the settings they were made with.
+
+A finished fine-tune, a complete samples folder and a metrics.json are found on storage (written here
+as the stages write them, without running them); a rerun with a setting that decides them changed is
+refused with the change named (fine-tune, samples: expensive, never silently replaced), metrics are
+computed again. The preflight says so before stage 1, and refuses comparisons it can see will fail
+late: a reference that is a folder of latents, eval.samples, a method that does not fit the config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dydit_dist import config, pipeline, preflight, run_config, storage
+from dydit_dist.eval.evaluate import evaluation_settings
+from dydit_dist.paths import RunPaths
+from dydit_dist.sample import SamplesError, SamplesManifest, sampling_settings
+from dydit_dist.sample.plan import plan_shards
+from dydit_dist.sample.pool import sampling_config
+
+
+def load(tmp_path, *overrides):
+    return config.load("debug", [f"storage.root=file://{tmp_path}", "storage.run=r", f"data.uri=file://{tmp_path}/data/r",
+                                 "eval.metrics=[isc]",
+                                 "eval.methods=[static,dydit]", "model.dynamic.target_lambda=0.5", *overrides])
+
+
+def finish_finetune(cfg) -> str:
+    """The DyDiT fine-tune of `cfg` as train_stage leaves it: its config, an EMA export at max_steps."""
+    finetune = pipeline.finetune_config(cfg, None, "dydit")
+    run_config.save(finetune, "finetune")
+    step = finetune.train.max_steps
+    url = storage.join(RunPaths(finetune).checkpoints, f"ema-{step:07d}.safetensors")
+    storage.write_bytes(url, b"weights")
+    storage.write_json(RunPaths(finetune).ema_pointer, {"step": step, "file": url.rsplit("/", 1)[-1], "url": url})
+    return RunPaths(finetune).url
+
+
+def finish_samples(m_cfg) -> SamplesManifest:
+    """A complete samples folder of `m_cfg`, as the sample job records it."""
+    s = m_cfg.sample
+    units = plan_shards(s.num_samples, s.shard_size)
+    manifest = SamplesManifest(sampling_settings(sampling_config(m_cfg)), len(units))
+    for u in units:
+        name = f"shard-{u.index:06d}.tar"
+        storage.write_bytes(storage.join(RunPaths(m_cfg).samples, name), b"x")
+        manifest.add({"index": u.index, "name": name, "count": u.count, "bytes": 1})
+    manifest.write(RunPaths(m_cfg).samples)
+    return manifest
+
+
+def problems(cfg) -> dict[str, str]:
+    """{key: its problems, one per line} of the reproduce plan of `cfg`."""
+    found: dict[str, str] = {}
+    for i in preflight.plan(cfg, "reproduce").problems:
+        found[i.key] = f"{found[i.key]}\n{i.problem}" if i.key in found else i.problem
+    return found
+
+
+def test_a_finished_fine_tune_is_reused_only_with_its_settings(tmp_path):
+    cfg = load(tmp_path)
+    run = finish_finetune(cfg)
+    assert pipeline.finetune_done(pipeline.finetune_config(cfg, None, "dydit"))
+    # where and how it ran does not decide the weights
+    same = load(tmp_path, "train.log_every=7", "train.checkpoint_every=5", "deepspeed.zero_stage=3")
+    assert pipeline.finetune_done(pipeline.finetune_config(same, None, "dydit"))
+    assert "finished training" not in problems(same).get("storage.run", "")
+    # what decides them does: the target, fewer steps, the learning rate
+    for override, change in (("model.dynamic.target_lambda=0.7", "model.dynamic.target_lambda: 0.5 -> 0.7"),
+                             ("train.max_steps=10", "train.max_steps: 20 -> 10"),
+                             ("train.lr=0.001", "train.lr: 0.0001 -> 0.001")):
+        other = load(tmp_path, override)
+        with pytest.raises(pipeline.OutputsDiffer, match=f"{run} finished training with other settings") as err:
+            pipeline.finetune_done(pipeline.finetune_config(other, None, "dydit"))
+        assert change in str(err.value)
+        assert change in problems(other)["storage.run"]
+    # more steps: the run goes on from its checkpoint (the launcher's own resume checks apply)
+    assert not pipeline.finetune_done(pipeline.finetune_config(load(tmp_path, "train.max_steps=40"), None, "dydit"))
+
+
+def test_samples_are_reused_only_with_their_settings(tmp_path):
+    cfg = load(tmp_path)
+    trained = {"dydit": finish_finetune(cfg)}
+    m_cfg = pipeline.method_config(cfg, "dydit", None, trained)
+    finish_samples(m_cfg)
+    assert pipeline.samples_done(m_cfg)
+    assert [s.work for s in preflight.plan(cfg, "reproduce").stages if s.name == "sample dydit"] == [
+        "outputs exist, skipped"]
+    other = load(tmp_path, "sample.steps=20")
+    with pytest.raises(SamplesError, match=r"steps: 10 there vs 20 now"):
+        pipeline.samples_done(pipeline.method_config(other, "dydit", None, trained))
+    assert "already holds shards prepared with other settings" in problems(other)["storage.run"]
+
+
+def test_samples_of_weights_a_stage_replaces_are_refused_before_it_trains(tmp_path):
+    cfg = load(tmp_path)
+    trained = {"dydit": finish_finetune(cfg)}
+    finish_samples(pipeline.method_config(cfg, "dydit", None, trained))
+    more = load(tmp_path, "train.max_steps=40")  # the fine-tune goes on: new weights, the old samples stay
+    assert problems(more)["storage.run"] == ("holds samples of earlier weights, and the finetune stage makes new "
+                                             "ones; use another storage.run, or remove that folder")
+
+
+def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
+    cfg = load(tmp_path)
+    m_cfg = pipeline.method_config(cfg, "static", None, {})
+    manifest = finish_samples(m_cfg)
+    record = {"metrics": {"isc_mean": 1.0}, "num_samples": manifest.num_samples, "sampling": manifest.settings,
+              "evaluation": evaluation_settings(m_cfg.eval)}
+    storage.write_json(RunPaths(m_cfg).metrics, record)
+    assert pipeline.metrics_done(m_cfg)
+    assert not pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.isc_splits=5"), "static", None, {}))
+    storage.write_json(RunPaths(m_cfg).metrics, {**record, "num_samples": 3})  # of other samples
+    assert not pipeline.metrics_done(m_cfg)
+    storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})
+    assert not pipeline.metrics_done(m_cfg)  # written before the settings were recorded: not known to match
+
+
+def test_a_reference_that_cannot_be_one_is_refused_before_stage_1(tmp_path):
+    latents = load(tmp_path, "data.vae=stabilityai/sd-vae-ft-ema", "eval.metrics=[fid]")
+    assert "which holds stabilityai/sd-vae-ft-ema latents, not images" in problems(latents)["eval.reference"]
+    assert "eval.reference" not in problems(load(tmp_path, "eval.metrics=[fid]"))  # a folder of pixels is one
+    given = load(tmp_path, "data.vae=stabilityai/sd-vae-ft-ema", "eval.metrics=[fid]", f"eval.reference={tmp_path}/ref.npz")
+    assert "latents" not in problems(given).get("eval.reference", "")
+    assert "unset it" in problems(load(tmp_path, f"eval.samples={tmp_path}/s"))["eval.samples"]
+
+
+def test_a_method_that_does_not_fit_the_config_is_refused_before_stage_1(tmp_path):
+    cfg = load(tmp_path, "eval.methods=[static,eb_cache]")  # the default EB-Cache table is of 50 steps, not 10
+    assert "sample.method=eb_cache: sample.eb_cache.schedule has 50 steps but sample.steps=10" in problems(cfg)[
+        "eval.methods"]
+    fits = load(tmp_path, "eval.methods=[static,eb_cache]", "sample.eb_cache.schedule='0120120120'")
+    assert "eval.methods" not in problems(fits)
