@@ -8,7 +8,8 @@
 
 Exit status: 0 done (or nothing left to do); 2 bad input, one line `job: message` on stderr (config and
 YAML errors, preflight, storage errors about a user-given URL, the errors a job names, a run held by
-another job); 143 / 130 stopped by SIGTERM / SIGINT, with what was kept and how to resume; anything
+another job); 143 / 130 stopped by SIGTERM / SIGINT, with what was kept and how to resume (also 143: the
+run's lease taken over by another job after this one did not renew it for storage.lease_ttl_s); anything
 else is a bug: its traceback, exit 1. A config is checked before ray, deepspeed and diffusers import
 (this module and `config` import none of them; the schema itself still imports torch).
 """
@@ -28,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dydit_dist import config as config_lib
 from dydit_dist import run_config, storage
 from dydit_dist.config import Config
-from dydit_dist.lease import Lease, LeaseHeld
+from dydit_dist.lease import Lease, LeaseHeld, stop_job
 from dydit_dist.paths import RunPaths
 
 # What a job stopped midway leaves, and how it resumes (the signal handler prints it).
@@ -102,7 +103,7 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
             if finished is not None and (message := finished()):
                 print(f"{name}: {message}; nothing to do")
                 return 0
-            _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s)
+            _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s, on_lost=stop_job)
         summary = work()
     except (PreflightError, *USER_ERRORS, *errors) as err:
         # the preflight's message lists every unresolved input, one per line

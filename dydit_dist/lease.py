@@ -19,7 +19,9 @@ number means this job's view was stale (its number had been taken and cleaned up
 removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
 The holder rewrites only its own object: every `ttl_s / 4` with a new `renewed`, and once with
 `"released": true` at the end. Before each write it lists; a higher number means the lease expired
-and was taken over: it logs an error, sets `lost` and stops renewing (it does not stop the job).
+and was taken over: it logs an error, sets `lost`, stops renewing and calls `on_lost(lease)`; the jobs
+pass `stop_job`, which stops the process (SIGTERM, so it exits as a stopped job does), so that two
+jobs never go on writing one run.
 
 Why two jobs never both hold it. (1) The highest number only grows: an object is removed only by
 the holder of a higher number, or by its creator after seeing a higher one; release rewrites it.
@@ -45,10 +47,13 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from dydit_dist import storage
@@ -159,18 +164,19 @@ class Lease:
     """A held lease (object `number` in the folder `url`); `release()` (or the context manager) marks it
     released and stops the heartbeat."""
 
-    def __init__(self, url: str, number: int, holder: Holder):
-        self.url, self.number, self.holder = url, number, holder
+    def __init__(self, url: str, number: int, holder: Holder, on_lost: Callable[[Lease], None] | None = None):
+        self.url, self.number, self.holder, self.on_lost = url, number, holder, on_lost
         self.lost = False  # taken over (or released): this job no longer writes the lease
+        self.taken_by: str | None = None  # who took it over, once the heartbeat saw it
         self._lock = threading.RLock()  # one write at a time; re-entered by a signal handler's release()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     @classmethod
-    def acquire(cls, url: str, job: str, ttl_s: float) -> Lease:
+    def acquire(cls, url: str, job: str, ttl_s: float, on_lost: Callable[[Lease], None] | None = None) -> Lease:
         """Take the lease in the folder `url` for `job` (see the module docstring); LeaseHeld when
-        another job holds it."""
+        another job holds it. `on_lost(lease)` runs in the heartbeat thread once a takeover is seen."""
         holder = Holder(socket.gethostname(), os.getpid(), job, 0.0, 0.0, ttl_s, uuid.uuid4().hex)
         for _ in range(_ATTEMPTS):
             # 1. The highest object decides: none or free -> the next number; held -> refused.
@@ -198,7 +204,7 @@ class Lease:
             for number in numbers:
                 if number < mine:
                     _remove(url, number)
-            return cls(url, mine, holder)
+            return cls(url, mine, holder, on_lost)
         raise LeaseHeld(f"{url}: the lease changed hands {_ATTEMPTS} times while this job tried to take it; "
                         f"another job is taking it")
 
@@ -208,26 +214,29 @@ class Lease:
         if not numbers or numbers[-1] <= self.number:
             return False
         current = _read(self.url, numbers[-1])
-        log.error("%s: this job's lease was taken over by %s; no longer renewing it", self.url,
-                  "another job" if current is None else current.describe(time.time()))
+        self.taken_by = "another job" if current is None else current.describe(time.time())
+        log.error("%s: this job's lease was taken over by %s; no longer renewing it", self.url, self.taken_by)
         return True
 
     def _write(self) -> None:
         storage.write_bytes(_object(self.url, self.number), json.dumps(asdict(self.holder)).encode())
 
     def _heartbeat(self) -> None:
+        taken = False
         while not self._stop.wait(self.holder.ttl_s / 4):
             with self._lock:
                 if self._stop.is_set() or self.lost:
                     return
                 try:
                     if self._taken():
-                        self.lost = True
-                        return
+                        self.lost = taken = True
+                        break
                     self.holder.renewed = time.time()
                     self._write()
                 except OSError as err:  # storage trouble: try again at the next beat, before the lease expires
                     log.warning("%s: lease renewal failed (%s); retrying", self.url, err)
+        if taken and self.on_lost is not None:
+            self.on_lost(self)
 
     def release(self) -> None:
         """Stop the heartbeat and mark the lease released if it is still this job's (the object stays:
@@ -248,3 +257,12 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def stop_job(lease: Lease) -> None:
+    """The jobs' `on_lost`: the run is another job's now, so this process stops as a SIGTERM stops it (the
+    job's handler says what was kept and exits 143)."""
+    print(f"{lease.holder.job}: the lease {lease.url} was taken over by {lease.taken_by} (this job did not renew "
+          f"it for {lease.holder.ttl_s:g} s: stalled, or storage too slow); stopping, so that two jobs never write "
+          "one run", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)

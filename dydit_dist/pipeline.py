@@ -41,7 +41,7 @@ from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.evaluate import evaluation_settings
-from dydit_dist.lease import Lease
+from dydit_dist.lease import Lease, stop_job
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesManifest, run_sampling, sampling_settings
 from dydit_dist.sample.plan import plan_shards
@@ -137,7 +137,7 @@ def prepare_stage(cfg: Config) -> Config:
     done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:  # under the data folder's lease, as jobs.prepare: runs sharing a data.uri prepare it once
-        with Lease.acquire(storage.join(paths.data, "lease"), "reproduce", cfg.storage.lease_ttl_s):
+        with Lease.acquire(storage.join(paths.data, "lease"), "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job):
             if not data_done(cfg):
                 prepare(cfg)
     return cfg

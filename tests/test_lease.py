@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -235,3 +237,46 @@ def test_a_second_job_on_a_held_run_exits_2_naming_the_holder(tmp_path, capsys, 
     # the lease is released at the end of a job: the next one takes it
     assert cli.run_job("evaluate", lambda: "done", (), cfg) == 0
     assert read(url).job == "evaluate" and read(url).released and _numbers(url) == [2]
+
+
+def test_a_lost_lease_calls_on_lost_once_and_release_does_not(tmp_path):
+    """The heartbeat that sees a takeover calls `on_lost` (the jobs stop there); a normal release never does."""
+    url = f"file://{tmp_path}/runs/r/lease"
+    calls = []
+    lease = Lease.acquire(url, "sample", ttl_s=0.4, on_lost=calls.append)
+    _stale(url, number=2, job="finetune", age_s=0)  # taken over while this job stalled
+    lease._thread.join(timeout=10)
+    assert calls == [lease] and lease.lost and "job 'finetune'" in lease.taken_by
+    lease.release()
+    assert calls == [lease]
+    kept = Lease.acquire(f"file://{tmp_path}/runs/other/lease", "sample", ttl_s=0.4, on_lost=calls.append)
+    time.sleep(0.3)  # at least one renewal
+    kept.release()
+    assert calls == [lease]
+
+
+def test_a_job_whose_lease_is_taken_over_stops(tmp_path):
+    """`stop_job`: a job whose run was taken over exits as a stopped job does (143), saying why, instead of
+    writing on beside the job that holds the run now."""
+    script = f"""
+import time
+from dydit_dist import cli, config
+from dydit_dist.paths import RunPaths
+cfg = config.load("debug", ["storage.root={tmp_path}", "storage.run=r", "storage.lease_ttl_s=0.4"])
+cli.install_signal_handlers("sample", cfg)
+def work():
+    import json, os
+    url = RunPaths(cfg).lease.removeprefix("file://")
+    with open(os.path.join(url, "0000000002.json"), "w") as f:  # another job takes the run over
+        json.dump(dict(host="h", pid=1, job="finetune", since=time.time(), renewed=time.time(), ttl_s=60.0,
+                       token="t", released=False), f)
+    time.sleep(30)
+    return "not stopped"
+import dydit_dist.preflight
+dydit_dist.preflight.check = lambda *a, **k: None
+raise SystemExit(cli.run_job("sample", work, (), cfg))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert f"sample: the lease {tmp_path}/runs/r/lease was taken over by job 'finetune'" in done.stderr
+    assert "not stopped" not in done.stdout
