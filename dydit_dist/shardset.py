@@ -102,9 +102,16 @@ def read_shard(uri: str, record: dict) -> bytes:
         raise ShardError(f"missing shard {url} (listed in the manifest)") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != record["sha256"]:
-        raise ShardError(f"corrupt shard {url}: {len(data)} bytes with sha256 {digest[:12]}..., the manifest "
-                         f"has {record['bytes']} bytes with sha256 {record['sha256'][:12]}...")
+        raise _mismatch(url, len(data), digest, record)
     return data
+
+
+def _mismatch(url: str, size: int, digest: str, record: dict) -> ShardError:
+    """A shard whose bytes are not those its record holds. Its job's rerun only checks the sizes of the
+    shards it finds (`drop_missing`), so it remakes the shard only once the object is gone."""
+    return ShardError(f"corrupt shard {url}: {size} bytes with sha256 {digest[:12]}..., the manifest has "
+                      f"{record['bytes']} bytes with sha256 {record['sha256'][:12]}...; remove that object and rerun "
+                      "the job that wrote it (prepare, or sample) with the same config, which makes it again")
 
 
 class _NotUstar(Exception):
@@ -136,10 +143,14 @@ def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
 
 
 def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of any tar's regular files. tarfile ends its iteration quietly at a header that is
+    cut short or missing, as at an end-of-archive block: the block is required here, as in the ustar path."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             if member.isfile():
                 yield member.name, tar.extractfile(member).read()
+        if data[tar.offset : tar.offset + 512] != bytes(512):  # tar.offset: the header where iteration stopped
+            raise EOFError("archive ends without its end-of-archive blocks")
 
 
 def _group(members: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
@@ -210,8 +221,7 @@ def stream(url: str, record: dict | None = None) -> Iterator[Sample]:
         raise ShardError(f"{url}: its manifest record has no sha256 to check it against; make the shard again")
     digest = reader.sha256.hexdigest()
     if digest != record["sha256"] or reader.bytes != record["bytes"]:
-        raise ShardError(f"corrupt shard {url}: {reader.bytes} bytes with sha256 {digest[:12]}..., the manifest "
-                         f"has {record['bytes']} bytes with sha256 {record['sha256'][:12]}...")
+        raise _mismatch(url, reader.bytes, digest, record)
 
 
 # ---------------------------------------------------------------------------- the manifest

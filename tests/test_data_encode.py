@@ -183,3 +183,31 @@ def test_unpack_reads_any_tar_and_npy_layout():
     assert np.array_equal(load_npy(stored.getvalue()), fortran)  # second time from the header cache
     with pytest.raises(ValueError, match="npy payload"):
         load_npy(npy_bytes(fortran)[:-4])
+
+
+@pytest.mark.parametrize("tar_format", ["pax", "gnu"])
+def test_a_truncated_tar_with_long_names_is_an_error_naming_it(tmp_path, tar_format):
+    """Member names over 100 characters take tarfile's path, which stops quietly where a truncated archive
+    ends: unpack requires its end-of-archive block, as the ustar path does, so that the prepare job
+    (`sources.iter_chunk`) stops on a cut input tar instead of encoding only the samples before the cut."""
+    import tarfile
+
+    buf = io.BytesIO()
+    form = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}[tar_format]
+    ends = []  # where each sample's last member ends, at a block boundary
+    with tarfile.open(fileobj=buf, mode="w", format=form) as tar:
+        for i in range(3):
+            for ext, data in (("cls", str(i).encode()), ("jpg", bytes(600))):
+                info = tarfile.TarInfo(f"{'k' * 120}{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            ends.append(tar.offset)
+    whole = buf.getvalue()
+    assert [s["cls"] for s in unpack(whole, "long.tar")] == [b"0", b"1", b"2"]
+    for cut in (ends[1], ends[1] + 300, ends[1] + 512, ends[2] + 100):
+        with pytest.raises(ShardError, match=r"corrupt shard long.tar: not a readable tar \((EOF|Read)Error"):
+            unpack(whole[:cut], "long.tar")
+    url = str(tmp_path / "cut.tar")
+    (tmp_path / "cut.tar").write_bytes(whole[: ends[1]])
+    with pytest.raises(ShardError, match=f"{url}: not a readable tar"):
+        list(sources.iter_chunk(sources.Chunk(0, tar=url), "class"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dydit_dist import config, storage
-from dydit_dist.data import LatentStream, ManifestError, verify_manifest
+from dydit_dist.data import DataError, LatentStream, ManifestError, verify_manifest
 from dydit_dist.data.manifest import read_manifest
 from dydit_dist.data.order import segment, shuffle_order
 from dydit_dist.data.synthetic import random_dataset, write_dataset
@@ -74,8 +74,33 @@ def test_deterministic_and_resumes_exactly(pixels):
     second.load_state_dict(state)
     assert indices(take(second, 5)) == indices(full[9:])
     other = LatentStream(uri, **{**kwargs, "num_workers": 1})
-    with pytest.raises(ValueError, match="num_workers: checkpoint 2, now 1"):
+    with pytest.raises(DataError, match=r"num_workers \(data.num_workers\): 2 -> 1"):
         other.load_state_dict(state)
+
+
+def test_resume_refuses_another_shuffle_buffer_or_other_shards(pixels, tmp_path):
+    """The saved positions only hold under the shuffle order and the shards they were saved with: a
+    resume with another shuffle buffer, or over other shards of as many samples, is an input error
+    (DataError: the job's exit 2, not retried) naming what changed, not a stream that silently repeats
+    and skips samples. A checkpoint saved before the layout recorded them resumes as before."""
+    uri, x = pixels
+    kwargs = dict(batch_size=4, num_workers=2, seed=0, shuffle_buffer=8)
+    full = take(LatentStream(uri, **kwargs), 12)
+    first = LatentStream(uri, **kwargs)
+    take(first, 6)
+    state = first.state_dict()
+    with pytest.raises(DataError, match=r"shuffle_buffer \(data.shuffle_buffer\): 8 -> 16\b.*"
+                                        r"restore .*, or start a new storage.run"):
+        LatentStream(uri, **{**kwargs, "shuffle_buffer": 16}).load_state_dict(state)
+    other = str(tmp_path / "reshaped")
+    write_dataset(other, x, labels=np.arange(50) % 10, shard_size=5, num_classes=10)  # 50 samples, other shards
+    with pytest.raises(DataError, match=r"shards \(the shards at data.uri\): '[0-9a-f]{16}' -> '[0-9a-f]{16}'") as err:
+        LatentStream(other, **kwargs).load_state_dict(state)
+    assert "num_samples" not in str(err.value)
+    old = {**state, "layout": {k: v for k, v in state["layout"].items() if k not in ("shuffle_buffer", "shards")}}
+    resumed = LatentStream(uri, **kwargs)
+    resumed.load_state_dict(old)
+    assert indices(take(resumed, 6)) == indices(full[6:])
 
 
 def test_values_pixels_unchanged_and_latents_scaled_once(pixels, tmp_path):
@@ -131,7 +156,8 @@ def _corrupt(uri, index):
 def test_corrupt_shard_raises_naming_it(pixels, num_workers):
     uri, _ = pixels
     url = _corrupt(uri, 3)
-    with pytest.raises(ShardError, match=f"corrupt shard {url}"):
+    with pytest.raises(ShardError, match=f"corrupt shard {url}: .* sha256 .*; remove that object and rerun the job "
+                                         r"that wrote it \(prepare, or sample\) with the same config"):
         take(LatentStream(uri, batch_size=4, num_workers=num_workers), 30)
 
 

@@ -218,6 +218,49 @@ def test_a_corrupt_checkpoint_is_an_input_error_naming_the_file(one_rank, tmp_pa
                             "before it")
 
 
+def test_a_resume_with_another_shuffle_buffer_is_an_input_error_naming_it(one_rank, tmp_path):
+    """The checkpoint's data positions only hold under the shuffle order they were saved with: a resume
+    with another data.shuffle_buffer stops with a DataError, which the launcher does not retry (exit 2),
+    saying what changed and what to do."""
+    from dydit_dist.data import DataError
+    from dydit_dist.train.worker import NOT_RETRIED
+
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=2")
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    _run(cfg, tmp_path / "run")
+    with pytest.raises(DataError) as err:
+        _run(_cfg(root, "data.shuffle_buffer=4"), tmp_path / "run")
+    assert isinstance(err.value, NOT_RETRIED)
+    assert f"shuffle_buffer (data.shuffle_buffer): {cfg.data.shuffle_buffer} -> 4" in str(err.value)
+    assert str(err.value).endswith("restore those settings, or start a new storage.run")
+
+
+def test_an_input_error_from_a_dataloader_worker_keeps_only_its_own_message(tmp_path):
+    """torch re-raises a DataLoader worker's error with \"Caught ShardError in DataLoader worker process 0\"
+    and the worker's traceback in its message; the job's one-line error is the error's own message, the
+    same as without DataLoader workers."""
+    import numpy as np
+
+    from dydit_dist.data import LatentStream
+    from dydit_dist.data.synthetic import write_dataset
+    from dydit_dist.shardset import ShardError, shard_url
+    from dydit_dist.train.worker import without_worker_traceback
+
+    uri = str(tmp_path / "data")
+    write_dataset(uri, np.zeros((8, 4, 2, 2), np.float16), labels=np.zeros(8, int), shard_size=4, num_classes=1)
+    storage.write_bytes(shard_url(uri, 1), b"not the shard")
+    errors = {}
+    for num_workers in (0, 1):
+        with pytest.raises(ShardError) as err:
+            for _ in LatentStream(uri, batch_size=4, num_workers=num_workers, shuffle_buffer=0):
+                pass
+        errors[num_workers] = without_worker_traceback(err.value)
+    assert "DataLoader worker" in str(err.value) and "Traceback" in str(err.value)  # torch's message
+    assert type(errors[1]) is ShardError and str(errors[1]) == str(errors[0])
+    assert str(errors[1]).startswith(f"corrupt shard {shard_url(uri, 1)}: 13 bytes") and "\n" not in str(errors[1])
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_resume_exports_the_ema_that_a_dead_worker_left_unwritten(one_rank, tmp_path, monkeypatch, stage):
     """The worker dies after the last checkpoint (step == train.max_steps) is committed but before its EMA

@@ -29,11 +29,15 @@ once per log window): about as many as i.i.d. draws when the shards are mixed (s
 
 A missing or corrupt shard raises `ShardError` naming it; with `on_error="skip"` it is skipped,
 logged and counted, and later batches fill up from the next samples. A resume is
-exact with skips too when it goes through `state_dict`, which records each worker's position.
+exact with skips too when it goes through `state_dict`, which records each worker's position and
+the layout those positions hold under (the split over ranks and workers, the seed, the shuffle
+buffer, the shards' counts and sha256); `load_state_dict` refuses another layout with a DataError.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +48,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dydit_dist.data.manifest import Manifest, read_manifest
 from dydit_dist.data.order import per_consumer, segment, shuffle_order
-from dydit_dist.data.shards import Decoded, decode_sample
+from dydit_dist.data.shards import DataError, Decoded, decode_sample
 from dydit_dist.shardset import ShardError, read_shard, shard_url, unpack
 
 log = logging.getLogger(__name__)
+
+# Each layout key of `LatentStream.state_dict`, and the setting it comes from (named when a resume refuses it).
+_SETTING = {"batch_size": "train.micro_batch_size", "rank": "ray.num_workers", "world_size": "ray.num_workers",
+            "num_workers": "data.num_workers", "seed": "train.seed", "shuffle_buffer": "data.shuffle_buffer",
+            "num_samples": "the shards at data.uri", "shards": "the shards at data.uri"}
 
 
 class _Consumer:
@@ -197,6 +206,8 @@ class LatentStream:
         self.samples_per_epoch = self.num_workers * per_consumer(self.manifest.num_samples,
                                                                  world_size * self.num_workers)
         self.skipped_shards, self.skipped_samples = 0, 0
+        shards = json.dumps([[r["count"], r["sha256"]] for r in self.manifest.records()])
+        self._shards_digest = hashlib.sha256(shards.encode()).hexdigest()[:16]
         self._classes, self._batches = 0, 0  # distinct labels summed over the batches since metrics()
         self.seek(start_step)
 
@@ -207,18 +218,28 @@ class LatentStream:
                           for w in range(self.num_workers)]
 
     def _layout(self) -> dict:
+        """What the saved positions mean something under: the split over ranks and workers, the sample
+        order (`shuffle_order(q, shuffle_buffer, seed, ...)`) and the shards (a digest of their counts and
+        sha256, in order)."""
         return {"batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed, "num_samples": self.manifest.num_samples}
+                "num_workers": self.num_workers, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                "num_samples": self.manifest.num_samples, "shards": self._shards_digest}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "positions": list(self.positions), "skipped_shards": self.skipped_shards,
                 "skipped_samples": self.skipped_samples, "layout": self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        changed = {k: (v, state["layout"].get(k)) for k, v in self._layout().items() if state["layout"].get(k) != v}
+        """Continue at the positions of `state`; DataError naming each layout key that changed since.
+        Only the keys `state` has are compared: a checkpoint saved before the layout held
+        `shuffle_buffer` and `shards` resumes as it did then."""
+        saved = state["layout"]
+        changed = [f"{k} ({_SETTING[k]}): {saved[k]!r} -> {v!r}" for k, v in self._layout().items()
+                   if k in saved and saved[k] != v]
         if changed:
-            raise ValueError("the data stream cannot resume with a different layout: " +
-                             ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in changed.items()))
+            raise DataError("the data stream cannot resume from the checkpoint: its positions only hold under the "
+                            f"layout they were saved with, which changed (checkpoint -> now: {'; '.join(changed)}); "
+                            "restore those settings, or start a new storage.run")
         self.step, self.positions = state["step"], list(state["positions"])
         self.skipped_shards, self.skipped_samples = state["skipped_shards"], state["skipped_samples"]
 

@@ -5,7 +5,7 @@ glibc's malloc is told to keep freed memory (`retain_freed_memory`), then the ra
 against the Ray Train session (wrapped by `wrap_session` when a test injects faults). An input error
 (`NOT_RETRIED`: a corrupt shard, a checkpoint of another model, a config the worker refuses) is raised
 again without the traceback through the trainer and the data reader, whose message already names the
-input; the launcher's callback then ends the run without retrying it.
+input (`without_worker_traceback`); the launcher's callback then ends the run without retrying it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,21 @@ def train_loop_per_worker(config_dict: dict, wrap_session: Callable | None = Non
     try:
         Trainer(cfg, session).train()
     except NOT_RETRIED as err:
-        raise type(err)(*err.args) from None  # the message names the input; the reader's frames add nothing
+        raise without_worker_traceback(err) from None  # the message names the input; the reader's frames add nothing
+
+
+def without_worker_traceback(err: Exception) -> Exception:
+    """`err` again, of its type, with the message it was raised with. torch's DataLoader re-raises an
+    error of a worker process (`data.num_workers` > 0) as the same type with the message
+    "Caught ShardError in DataLoader worker process 0.\nOriginal Traceback ...": the worker's formatted
+    traceback, whose last exception ends with `module.ShardError: <the original message>`."""
+    message, cls = str(err), type(err)
+    if message.startswith(f"Caught {cls.__name__} ") and "\nOriginal Traceback" in message:
+        for name in (f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__):  # no module: builtins, __main__
+            _, found, own = message.rpartition(f"\n{name}: ")
+            if found:
+                return cls(own.rstrip("\n"))
+    return cls(*err.args)
 
 
 def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
