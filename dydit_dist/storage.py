@@ -10,8 +10,11 @@ Failures on S3 are bounded and retried in one place, `_retry`:
 - every operation has a wall-clock deadline, `storage.timeout_s` (plus the time its bytes take at
   `SLOWEST_BYTES_PER_S`, so a large object is not cut off), retries included; each botocore request
   also has connect and read timeouts of half of it, so one hung connection leaves time for a retry;
-- transient errors (timeouts, throttling, 5xx) are retried `storage.retries` times with exponential
-  backoff, each retry logged; botocore and s3fs make one attempt each, so the layers do not multiply;
+- transient errors (throttling, 5xx, timeouts, a dropped connection, a body cut short: `_is_transient`)
+  are retried `storage.retries` times with exponential backoff, each retry logged; botocore and s3fs
+  make one attempt each, so the layers do not multiply;
+- a file opened with `open_file` reads through the same retries, each read one operation, resumed at
+  its offset (`_RetryingReader`);
 - PUTs are sent without `Expect: 100-continue` (aiohttp waits for the `100 Continue` with no timeout,
   so a stalled endpoint would hang a write forever);
 - an unreachable endpoint, a missing bucket or denied access raises `StorageError` (an OSError) with
@@ -24,6 +27,9 @@ credentials from the usual AWS environment variables, profile or instance role, 
 
 from __future__ import annotations
 
+import errno
+import functools
+import io
 import json
 import logging
 import os
@@ -176,13 +182,51 @@ def _endpoint(url: str) -> str:
     return _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
 
+# S3 answers to a request that may succeed when sent again: throttling and server errors, as botocore's
+# "standard" retry mode counts them.
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException", "Throttling",
+    "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
+    "RequestLimitExceeded", "TooManyRequestsException", "BandwidthLimitExceeded", "OperationAborted",
+    "PriorRequestNotComplete"})
+# The errnos s3fs gives those answers when it translates them (`s3fs.errors.ERROR_CODE_TO_EXCEPTION`:
+# SlowDown, ServiceUnavailable, 503 -> EBUSY; InternalError, 500 -> EREMOTEIO), and a dropped connection's.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT,
+                               errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
+
+
+@functools.cache
+def _transient_types() -> tuple[type[Exception], ...]:
+    """Failures of a request on its way, raised by botocore and aiohttp as they are (s3fs translates only
+    S3's answers): a timeout, a connection closed early or reset, a body cut short or garbled (throttling
+    answers can be malformed XML)."""
+    import aiohttp
+    from botocore import exceptions as boto
+    from botocore.parsers import ResponseParserError
+
+    return (TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, boto.HTTPClientError,
+            boto.ConnectTimeoutError, ResponseParserError, aiohttp.ClientPayloadError)
+
+
 def _is_transient(err: Exception) -> bool:
-    text = f"{type(err).__name__} {err}".lower()
-    permanent = ("nosuchbucket", "accessdenied", "forbidden", "invalidaccesskey", "signaturedoesnotmatch")
-    if any(p in text.replace(" ", "") for p in permanent) or isinstance(err, FileNotFoundError | PermissionError):
+    """Whether sending the request again may succeed. S3's answer decides when there is one: s3fs raises an
+    OSError whose message names neither status nor code, with botocore's ClientError as its cause (or a
+    cause's cause). Without one: the errno s3fs gives throttling and server errors, or a request that failed
+    on its way. A missing object or bucket, denied access, a bad request, an object replaced under an open
+    file (412) and a refused connection (nothing listens there) are permanent."""
+    cause: BaseException | None = err
+    while cause is not None:
+        answer = getattr(cause, "response", None)
+        if isinstance(answer, dict) and "Error" in answer:
+            status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return answer["Error"].get("Code") in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+        cause = cause.__cause__
+    if isinstance(err, FileNotFoundError | PermissionError | ConnectionRefusedError):
         return False
-    transient = ("timeout", "timed out", "throttl", "slowdown", "503", "500", "connection reset", "temporar")
-    return any(t in text for t in transient)
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    return isinstance(err, _transient_types())
 
 
 def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
@@ -337,15 +381,71 @@ def write_json(url: str, value: Any) -> None:
 
 
 def open_file(url: str, mode: str = "rb", **options):
-    """An fsspec file object for reading (writes go through `write_bytes`); `options` go to `fs.open`
-    (e.g. `block_size`: how much a remote file fetches per read)."""
+    """A binary file object for reading (read, readinto, seek, tell; writes go through `write_bytes`);
+    `options` go to `fs.open` (e.g. `block_size`: how much a remote file fetches per read). On S3 every
+    read is retried like any operation (`_RetryingReader`)."""
     if "r" not in mode:
         raise ValueError("open_file is for reading; write objects whole with write_bytes")
     fs, path = filesystem(url)
     try:
-        return _retry(url, "opening", lambda left: fs.open(path, mode, **options))
+        f = _retry(url, "opening", lambda left: fs.open(path, mode, **options))
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such object") from None
+    return _RetryingReader(url, f) if isinstance(fs, AsyncFileSystem) else f
+
+
+class _RetryingReader(io.RawIOBase):
+    """A remote fsspec file whose reads are operations of `_retry`: a transient failure (a connection
+    dropped mid-body, throttling) is read again from the same offset, within `storage.retries` and the
+    deadline of the bytes asked for (plus the read-ahead block the file fetches with them).
+
+    The same file reads again: s3fs's file fetches byte ranges on demand, one attempt each, and does not
+    move its offset on a failed read; and it asks for the version it opened (`If-Match` its ETag), so a
+    replaced object is an error rather than a mix of two versions. An attempt in flight is bounded by
+    botocore's connect and read timeouts, not cut at the deadline (the file's reads take no timeout)."""
+
+    def __init__(self, url: str, file):
+        super().__init__()
+        self.url, self.file = url, file
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError(f"{self.url}: read from a closed file")
+        start = self.file.tell()
+        left = max(self.file.size - start, 0)
+        nbytes = min(left, size if size is not None and size >= 0 else left)
+
+        def attempt(seconds_left: float) -> bytes:
+            self.file.seek(start)
+            return self.file.read(size)
+
+        return _retry(self.url, f"reading at byte {start} of", attempt, nbytes + self.file.blocksize)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.file.close()
+        super().close()
 
 
 def remove(url: str) -> None:

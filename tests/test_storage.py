@@ -71,17 +71,29 @@ class _FlakyFS:
         return b"ok"
 
 
+def _slow_down() -> OSError:
+    """What s3fs raises for S3's 503 SlowDown: OSError(EBUSY, S3's message), the ClientError as its cause."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    response = {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                "ResponseMetadata": {"HTTPStatusCode": 503}}
+    return translate_boto_error(ClientError(response, "GetObject"))
+
+
 def test_transient_errors_are_retried_then_reported(monkeypatch):
+    from botocore.exceptions import ReadTimeoutError
+
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
-    flaky = _FlakyFS([OSError("503 SlowDown"), TimeoutError("read timed out")])
+    flaky = _FlakyFS([_slow_down(), ReadTimeoutError(endpoint_url="http://s3")])
     monkeypatch.setattr(storage, "filesystem", lambda url: (flaky, "b/x"))
     assert storage.read_bytes("s3://b/x") == b"ok" and flaky.calls == 3
 
     storage.configure(retries=2)
     try:
-        always = _FlakyFS([OSError("503 SlowDown")] * 10)
+        always = _FlakyFS([_slow_down() for _ in range(10)])
         monkeypatch.setattr(storage, "filesystem", lambda url: (always, "b/x"))
-        with pytest.raises(StorageError, match=r"reading s3://b/x failed: OSError: 503 SlowDown"):
+        with pytest.raises(StorageError, match=r"reading s3://b/x failed: OSError: \[Errno 16\] Please reduce your request rate"):
             storage.read_bytes("s3://b/x")
         assert always.calls == 3
         denied = _FlakyFS([PermissionError("AccessDenied")])

@@ -185,13 +185,15 @@ def test_a_pickled_filesystem_keeps_one_attempt_and_no_expect(stalled):
 def test_a_retry_that_no_longer_fits_in_the_deadline_is_reported_as_the_deadline(aws_env):
     """A transient failure with retries left but less time left than the backoff: the error says the
     deadline ran out and gives the last attempt's error, not only that error."""
+    from botocore.exceptions import ReadTimeoutError
+
     storage.configure(retries=5, timeout_s=0.3)
 
     def slow_failure(left: float):
         time.sleep(0.2)
-        raise ConnectionError("Read timeout on endpoint URL")
+        raise ReadTimeoutError(endpoint_url="http://s3")
 
     with pytest.raises(StorageError) as err:
         storage._retry("s3://bucket/key", "reading", slow_failure)
     assert str(err.value).startswith("reading s3://bucket/key failed: no answer within the deadline of 0.3 s")
-    assert "storage.timeout_s=0.3, 1 attempt in 0.2 s; the last attempt: ConnectionError: Read timeout" in str(err.value)
+    assert "storage.timeout_s=0.3, 1 attempt in 0.2 s; the last attempt: ReadTimeoutError: Read timeout" in str(err.value)

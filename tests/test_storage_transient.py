@@ -1,0 +1,284 @@
+"""Storage against S3 errors as s3fs really raises them: throttling and 5xx are retried (and logged), denied
+access and missing objects are not; a streamed read survives a connection cut mid-body, byte for byte.
+
+The faults come from `FaultyProxy`, an HTTP proxy in front of the moto S3 server that answers chosen
+requests with an S3 error document or cuts them off mid-body, so every layer (aiohttp, botocore, s3fs's
+error translation, `storage`) sees what it would see from a real endpoint."""
+
+import errno
+import http.client
+import http.server
+import io
+import logging
+import threading
+import zipfile
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from botocore.exceptions import ClientError
+from s3fs.errors import translate_boto_error
+
+from dydit_dist import storage
+from dydit_dist.sample.export import iter_npz_array
+from dydit_dist.storage import StorageError
+
+
+def s3_error(status: int, code: str, message: str) -> Exception:
+    """The exception s3fs raises for an S3 error response: a botocore ClientError built from the response
+    S3 sends, translated by s3fs's own `translate_boto_error`."""
+    response = {"Error": {"Code": code, "Message": message},
+                "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": {}, "RetryAttempts": 0}}
+    return translate_boto_error(ClientError(response, "GetObject"))
+
+
+TRANSIENT = [(503, "SlowDown", "Please reduce your request rate."),
+             (503, "ServiceUnavailable", "Service is unable to handle request."),
+             (500, "InternalError", "We encountered an internal error. Please try again."),
+             (400, "RequestTimeout", "Your socket connection to the server was not read from or written to within "
+                                     "the timeout period."),
+             (502, "502", "Bad Gateway"), (504, "504", "Gateway Timeout"), (503, "503", "Service Unavailable")]
+PERMANENT = [(403, "AccessDenied", "Access Denied"), (404, "NoSuchKey", "The specified key does not exist."),
+             (404, "NoSuchBucket", "The specified bucket does not exist"),
+             (400, "InvalidArgument", "Invalid Argument"), (403, "403", "Forbidden"), (404, "404", "Not Found"),
+             (412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold")]
+
+
+@pytest.mark.parametrize(("status", "code", "message"), TRANSIENT, ids=[t[1] for t in TRANSIENT])
+def test_s3_throttling_and_server_errors_are_transient(status, code, message):
+    err = s3_error(status, code, message)
+    assert isinstance(err, OSError) and message in str(err)  # s3fs's message names no status or code
+    assert storage._is_transient(err)
+
+
+@pytest.mark.parametrize(("status", "code", "message"), PERMANENT, ids=[p[1] for p in PERMANENT])
+def test_s3_client_errors_are_permanent(status, code, message):
+    assert not storage._is_transient(s3_error(status, code, message))
+
+
+def test_the_errnos_s3fs_gives_throttling_are_transient_without_their_cause():
+    """s3fs drops the ClientError in some paths (`set_cause=False`): its errno decides then."""
+    assert s3_error(503, "SlowDown", "x").errno == errno.EBUSY
+    assert s3_error(500, "InternalError", "x").errno == errno.EREMOTEIO
+    for code in (errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET):
+        assert storage._is_transient(OSError(code, "no cause"))
+    for err in (OSError(errno.EINVAL, "bad"), PermissionError("denied"), FileNotFoundError("x"),
+                ConnectionRefusedError(errno.ECONNREFUSED, "refused")):
+        assert not storage._is_transient(err)
+
+
+def test_a_replaced_object_is_not_retried():
+    """s3fs raises FileExpired (errno EBUSY, like throttling) when the object changed under an open file:
+    the S3 answer in its causes (412) decides, and reading again would not help."""
+    from s3fs.utils import FileExpired
+
+    expired = FileExpired("b/x", '"etag"')
+    expired.__cause__ = s3_error(412, "PreconditionFailed", "pre-conditions")
+    assert expired.errno == errno.EBUSY and not storage._is_transient(expired)
+
+
+# ---------------------------------------------------------------------------- end to end, through a proxy
+
+
+@dataclass
+class Fault:
+    """The next `times` requests of `method` (whose path holds `path`) fail: with an S3 error (`status`,
+    `code`), or, when `cut_after` is set, with the upstream answer cut off after that many body bytes."""
+
+    method: str
+    path: str = ""
+    status: int = 503
+    code: str = "SlowDown"
+    message: str = "Please reduce your request rate."
+    cut_after: int | None = None
+    times: int = 1
+
+
+class FaultyProxy:
+    """An HTTP/1.1 proxy on 127.0.0.1 in front of `upstream`, failing the requests its `faults` match;
+    `requests` lists every request seen as (method, path, range)."""
+
+    def __init__(self, upstream: str):
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fault = proxy._take(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and fault.cut_after is None:
+                    return self._s3_error(fault)
+                host = urlsplit(upstream)
+                conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():  # a HEAD keeps the object's Content-Length
+                    if key.lower() not in ("transfer-encoding", "connection", "date", "server") and not (
+                            key.lower() == "content-length" and self.command != "HEAD"):
+                        self.send_header(key, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fault is not None:  # cut off mid-body: the client was promised len(data) bytes
+                    self.wfile.write(data[: fault.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _s3_error(self, fault: Fault):
+                body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{fault.code}</Code>"
+                        f"<Message>{fault.message}</Message><RequestId>1</RequestId></Error>").encode()
+                self.send_response(fault.status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _take(self, method: str, path: str, byte_range: str | None) -> Fault | None:
+        with self.lock:
+            self.requests.append((method, path, byte_range))
+            for fault in self.faults:
+                if fault.times > 0 and fault.method == method and fault.path in path:
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def seen(self, method: str) -> int:
+        return sum(1 for m, _, _ in self.requests if m == method)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(s3_bucket, s3_endpoint, monkeypatch):
+    """(bucket URL, FaultyProxy): `storage` talks to the moto server through the proxy; no backoff sleeps."""
+    faulty = FaultyProxy(s3_endpoint)
+    storage.configure(endpoint_url=faulty.url, retries=3, timeout_s=20)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    yield s3_bucket, faulty
+    faulty.close()
+    storage.configure()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("status", "code", "message"), TRANSIENT[:3], ids=[t[1] for t in TRANSIENT[:3]])
+def test_a_throttled_request_is_retried_and_logged(proxy, caplog, status, code, message):
+    bucket, faulty = proxy
+    url = f"{bucket}/x.bin"
+    storage.write_bytes(url, b"payload")
+    faulty.faults.append(Fault("GET", "/x.bin", status=status, code=code, message=message))
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"):
+        assert storage.read_bytes(url) == b"payload"
+    assert faulty.seen("GET") == 2
+    assert f"reading {url}: attempt 1 of 4 failed (OSError: [Errno" in caplog.text and message in caplog.text
+
+
+@pytest.mark.integration
+def test_a_throttled_put_and_head_are_retried(proxy):
+    bucket, faulty = proxy
+    url = f"{bucket}/y.bin"
+    faulty.faults += [Fault("PUT", "/y.bin", times=2), Fault("HEAD", "/y.bin", status=503, code="503")]
+    storage.write_bytes(url, b"12345")
+    assert faulty.seen("PUT") == 3 and storage.size(url) == 5
+
+
+@pytest.mark.integration
+def test_denied_access_is_not_retried(proxy):
+    bucket, faulty = proxy
+    url = f"{bucket}/z.bin"
+    storage.write_bytes(url, b"payload")
+    faulty.faults.append(Fault("GET", "/z.bin", status=403, code="AccessDenied", message="Access Denied", times=5))
+    with pytest.raises(StorageError, match=rf"reading {url} failed: PermissionError: Access Denied .*1 attempt in"):
+        storage.read_bytes(url)
+    assert faulty.seen("GET") == 1
+
+
+@pytest.mark.integration
+def test_throttling_past_the_retries_names_the_url(proxy):
+    bucket, faulty = proxy
+    url = f"{bucket}/w.bin"
+    storage.write_bytes(url, b"payload")
+    faulty.faults.append(Fault("GET", "/w.bin", times=10))
+    with pytest.raises(StorageError, match=rf"reading {url} failed: OSError: .*Please reduce your request rate.*4 attempts"):
+        storage.read_bytes(url)
+    assert faulty.seen("GET") == 4
+
+
+def _object(nbytes: int) -> bytes:
+    return np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.integration
+def test_a_streamed_read_cut_mid_body_resumes_where_it_stopped(proxy, caplog):
+    """The first ranged GET is cut off mid-body, a later one before its first byte; the reads (read and
+    readinto, as tarfile, zipfile and torch.load use them) still return the object byte for byte."""
+    bucket, faulty = proxy
+    url = f"{bucket}/shard.tar"
+    data = _object(300_000)
+    storage.write_bytes(url, data)
+    faulty.faults += [Fault("GET", "/shard.tar", cut_after=10_000, times=1)]
+    out = bytearray()
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"), \
+            storage.open_file(url, block_size=1 << 16) as f:
+        out += f.read(50_000)
+        faulty.faults.append(Fault("GET", "/shard.tar", cut_after=0, times=1))
+        buf = bytearray(70_000)
+        out += buf[: f.readinto(buf)]
+        assert f.tell() == 120_000
+        out += f.read()
+    assert bytes(out) == data
+    assert f"reading at byte 0 of {url}: attempt 1 of 4 failed" in caplog.text
+    assert f"reading at byte 50000 of {url}: attempt 1 of 4 failed" in caplog.text
+    assert [f.times for f in faulty.faults] == [0, 0]
+
+
+@pytest.mark.integration
+def test_an_npz_streamed_through_a_cut_connection_is_intact(proxy):
+    """`iter_npz_array` (zipfile: seek, tell, read) over a connection cut in the middle of the array."""
+    bucket, faulty = proxy
+    url = f"{bucket}/ref.npz"
+    array = np.random.default_rng(1).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=array)
+    storage.write_bytes(url, buffer.getvalue())
+    with storage.open_file(url) as f, zipfile.ZipFile(f) as zf:
+        assert zf.namelist() == ["arr_0.npy"]
+    faulty.faults.append(Fault("GET", "/ref.npz", cut_after=1000, times=2))
+    batches = list(iter_npz_array(url, "arr_0", batch=16))
+    assert np.array_equal(np.concatenate(batches), array)
+    assert faulty.faults[-1].times == 0
+
+
+@pytest.mark.integration
+def test_a_streamed_read_denied_is_not_retried(proxy):
+    bucket, faulty = proxy
+    url = f"{bucket}/denied.bin"
+    storage.write_bytes(url, _object(1000))
+    with storage.open_file(url) as f:
+        faulty.faults.append(Fault("GET", "/denied.bin", status=403, code="AccessDenied", message="Access Denied"))
+        with pytest.raises(StorageError, match=rf"reading at byte 0 of {url} failed: PermissionError"):
+            f.read()
+    assert faulty.seen("GET") == 1
