@@ -4,6 +4,7 @@ are exactly those of the in-process pass (eval.num_actors=0); the decode thread 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -94,6 +95,68 @@ def test_an_actor_that_dies_starting_is_replaced(tmp_path, ray_local, monkeypatc
                                             r"last with dydit_dist.capacity.GpuUnavailable: evaluation actor on "
                                             r"host-a is configured for a GPU but torch sees none$")):
         eval_actors._on_actors(cfg, url, records, lambda record: None)
+
+
+def _digits_config(tmp_path, *overrides: str):
+    save_weights(DigitsNet(), str(tmp_path / "digits.safetensors"))
+    return tiny_config(f"file://{tmp_path}", f"model.checkpoint={random_checkpoint(str(tmp_path / 'static.safetensors'))}",
+                       "eval.feature_extractor=digits-cnn", "eval.metrics=[fid]", "ray.cpus_per_worker=0.5",
+                       f"eval.feature_extractor_weights={tmp_path / 'digits.safetensors'}", *overrides)
+
+
+def test_a_replaced_actor_is_killed_even_if_it_is_alive(tmp_path, ray_local):
+    """Ray also reports an actor that is only unavailable for the moment as lost (`ActorUnavailableError` is a
+    `RayActorError`): once replaced it must not go on holding its GPU; killing a dead one is harmless."""
+    from ray.exceptions import RayActorError
+
+    pool = eval_actors.EvalActors(_digits_config(tmp_path, "ray.max_failures=1"), 1)
+    try:
+        old = pool.actors[0]
+        assert ray_local.get(old.__ray_ready__.remote())
+        pool.replace(old, RayActorError())
+        with pytest.raises(RayActorError):
+            ray_local.get(old.__ray_ready__.remote(), timeout=60)
+        new = pool.actors[0]
+        assert new != old and pool.failures == 1
+        ray_local.kill(new)
+        with pytest.raises(RuntimeError, match=r"every evaluation actor died \(2 failures > ray.max_failures=1\)"):
+            pool.replace(new, RayActorError())
+        assert pool.actors == []
+    finally:
+        pool.shutdown()
+
+
+def test_a_live_actor_reported_lost_has_its_shards_made_again_once(tmp_path, ray_local, monkeypatch, caplog):
+    """An actor whose call fails with ActorUnavailableError while it lives: both shards it held (the failed
+    one and the one queued behind it) go back to the queue once, and every shard equals the in-process pass's."""
+    from ray.exceptions import ActorUnavailableError
+
+    from dydit_dist.sample import SamplesManifest
+
+    cfg = _digits_config(tmp_path, "eval.num_actors=2", "eval.batch_size=3")
+    torch.set_num_threads(1)
+    url = f"file://{tmp_path}/runs/t/samples"
+    write_samples(cfg, url)
+    records = SamplesManifest.read(url).records()
+    flag = str(tmp_path / "unavailable-once")
+
+    class UnavailableOnce(eval_actors.FeatureWorker):  # local: Ray ships it by value
+        def features(self, *args):
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return super().features(*args)
+            raise ActorUnavailableError("the actor is unreachable for a while", None)
+
+    monkeypatch.setattr(eval_actors, "FeatureWorker", UnavailableOnce)
+    with caplog.at_level(logging.INFO, logger="dydit_dist.eval.actors"):
+        parts = eval_actors._on_actors(cfg, url, records, lambda record: None)
+    assert caplog.text.count("evaluation actor died (") == 1 and "2 shards go back to the queue" in caplog.text
+    assert "(1 replaced)" in caplog.text
+    local = eval_actors.make_pass(cfg, "cpu")
+    assert len(parts) == len(records) == 4
+    for part, record in zip(parts, records, strict=True):
+        torch.testing.assert_close(part["64"], local(url, record, None)["64"], rtol=0, atol=0)
 
 
 def test_eval_actors_need_a_gpu_when_configured_for_one(tmp_path, ray_local):

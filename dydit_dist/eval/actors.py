@@ -178,33 +178,70 @@ def sample_features(cfg: Config, url: str, records: list[dict], captions: list[s
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
+class EvalActors:
+    """The evaluation actors of one pass: `count` FeatureWorkers (1 CPU share of `ray.cpus_per_worker`, a GPU
+    share of `ray.gpus_per_worker` with `ray.use_gpu`), a lost one replaced `ray.max_failures` times in all."""
+
+    def __init__(self, cfg: Config, count: int):
+        import ray
+
+        r = cfg.ray
+        self.cfg_dict, self.use_gpu, self.max_failures = cfg.to_dict(), r.use_gpu, r.max_failures
+        gpus = r.gpus_per_worker if r.use_gpu else 0.0
+        self.actor_cls = ray.remote(FeatureWorker).options(num_cpus=r.cpus_per_worker, num_gpus=gpus, max_restarts=0)
+        self.actors = [self.actor_cls.remote(self.cfg_dict, self.use_gpu) for _ in range(count)]
+        self.failures = 0
+
+    def replace(self, actor, err: Exception) -> None:
+        """Drop a lost actor; start another while the failure budget lasts (it loads while its shards queue),
+        RuntimeError naming the cause `err` once the budget is spent and no actor is left. The lost one is
+        killed: Ray reports an actor that is only unavailable for the moment (`ActorUnavailableError`) as
+        lost too, and one still alive would go on holding its GPU (killing a dead actor does nothing)."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        self.actors.remove(actor)
+        self.failures += 1
+        if self.failures <= self.max_failures:
+            self.actors.append(self.actor_cls.remote(self.cfg_dict, self.use_gpu))
+        elif not self.actors:
+            raise RuntimeError(f"every evaluation actor died ({self.failures} failures > ray.max_failures="
+                               f"{self.max_failures}), the last with {death_cause(err)}") from None
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
 def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                on_part: Callable[[list], None] | None = None) -> list[dict[str, torch.Tensor]]:
     """Every shard's features from the actors, pulled one shard at a time (two in flight per actor).
 
-    An actor that dies (a lost node) is replaced, `ray.max_failures` times in all, and its shards go back
-    to the queue; an error of the feature code itself (a corrupt shard, a wrong prompt) stops the job.
-    on_part(actors): called after each shard's features arrive (tests kill an actor there)."""
+    An actor that is lost (a lost node, or only unreachable for a while) is killed and replaced
+    (`EvalActors.replace`), and every shard it held goes back to the queue once: its calls leave `pending`
+    together, so a late answer of the lost actor is never read. An error of the feature code itself (a
+    corrupt shard, a wrong prompt) stops the job. on_part(actors): called after each shard's features
+    arrive (tests kill an actor there)."""
     import ray
     from ray.exceptions import RayActorError
 
     connect_ray(cfg.ray.address)
     r = cfg.ray
-    use_gpu = r.use_gpu
     count = min(cfg.eval.num_actors, len(records))
-    gpus = r.gpus_per_worker if use_gpu else 0.0
-    keys = "eval.num_actors, ray.cpus_per_worker" + (", ray.gpus_per_worker" if use_gpu else "")
-    acquire([Need("evaluation actors", count, r.cpus_per_worker, gpus, keys)], use_gpu, r.capacity_timeout_s)
-    actor_cls = ray.remote(FeatureWorker).options(num_cpus=r.cpus_per_worker, num_gpus=gpus, max_restarts=0)
-    actors = [actor_cls.remote(cfg.to_dict(), use_gpu) for _ in range(count)]
-    failures = 0
+    gpus = r.gpus_per_worker if r.use_gpu else 0.0
+    keys = "eval.num_actors, ray.cpus_per_worker" + (", ray.gpus_per_worker" if r.use_gpu else "")
+    acquire([Need("evaluation actors", count, r.cpus_per_worker, gpus, keys)], r.use_gpu, r.capacity_timeout_s)
+    pool = EvalActors(cfg, count)
     try:  # no barrier on `ready`: an actor that dies starting (GpuUnavailable, a lost node) is replaced below
         todo = list(enumerate(records))[::-1]  # popped from the end: index order
         parts: dict[int, dict] = {}
         pending: dict = {}  # ObjectRef -> (actor, shard k)
 
         def top_up() -> None:
-            for actor in actors:
+            for actor in pool.actors:
                 while todo and sum(a == actor for a, _ in pending.values()) < 2:
                     k, record = todo.pop()
                     pending[actor.features.remote(url, record, caption_slice(record))] = (actor, k)
@@ -219,21 +256,14 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                 its = [ref for ref, (a, _) in pending.items() if a == actor]  # its other queued shard
                 lost = [k] + [pending.pop(ref)[1] for ref in its]
                 todo.extend((j, records[j]) for j in sorted(lost, reverse=True))
-                actors.remove(actor)
-                failures += 1
                 log.warning("evaluation actor died (%s); %d shards go back to the queue", type(err).__name__,
                             len(lost))
-                if failures <= r.max_failures:
-                    actors.append(actor_cls.remote(cfg.to_dict(), use_gpu))  # loads while its shards queue
-                elif not actors:
-                    raise RuntimeError(f"every evaluation actor died ({failures} failures > ray.max_failures="
-                                       f"{r.max_failures}), the last with {death_cause(err)}") from None
+                pool.replace(actor, err)
             else:
                 if on_part is not None:
-                    on_part(actors)
+                    on_part(pool.actors)
             top_up()
-        log.info("features of %d shards from %d evaluation actors (%d replaced)", len(records), count, failures)
+        log.info("features of %d shards from %d evaluation actors (%d replaced)", len(records), count, pool.failures)
         return [parts[k] for k in range(len(records))]
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.shutdown()

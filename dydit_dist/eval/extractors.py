@@ -22,6 +22,7 @@ from torch_fidelity.utils import create_feature_extractor
 from dydit_dist import storage
 
 from . import digits
+from .metrics import NEED_REFERENCE
 
 INCEPTION = "inception-v3-compat"
 LABELS = {
@@ -95,11 +96,14 @@ class Extractor:
                 "layers": layers}
 
     def create(self, device: str | torch.device, metrics: list[str]) -> torch.nn.Module:
-        """The torch-fidelity module producing the features of `metrics`, in eval mode on `device` (for
-        sFID alone, the FID layer's: its forward runs through the spatial tap)."""
-        layers = sorted({self.layer(m) for m in metrics if m in METRIC_KEYS} or {self.layer("fid")})
+        """The torch-fidelity module producing the features of `metrics`, in eval mode on `device`. The FID
+        layer is always among them when a metric needs a reference (fid, sfid, prc): a reference computed
+        from images gets its statistics from that layer (`reference.load_reference`), for sFID too."""
+        layers = {self.layer(m) for m in metrics if m in METRIC_KEYS}
+        if not layers or any(m in NEED_REFERENCE for m in metrics):
+            layers.add(self.layer("fid"))
         kwargs = {"feature_extractor_weights_path": self.weights, "verbose": False}
-        module = create_feature_extractor(self.name, layers, cuda=False, **kwargs)
+        module = create_feature_extractor(self.name, sorted(layers), cuda=False, **kwargs)
         return module.to(device)
 
 

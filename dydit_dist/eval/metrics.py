@@ -27,6 +27,7 @@ from dydit_dist.config import Metric
 
 SUPPORTED = typing.get_args(Metric)  # ("fid", "sfid", "isc", "prc", "clip"): the config's vocabulary
 NEED_REFERENCE = ("fid", "sfid", "prc")
+PRC_BATCH_SIZE = 2500  # rows of distances per block in precision/recall (`precision_recall`: its peak memory)
 
 
 def check_metrics(metrics: list[str], protocol: str = "adm") -> None:
@@ -54,9 +55,16 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
-def precision_recall(generated: torch.Tensor, real: torch.Tensor, neighborhood: int = 3) -> dict[str, float]:
-    """Improved precision/recall (Kynkaanniemi et al.) of generated against real (N, D) features."""
+def precision_recall(generated: torch.Tensor, real: torch.Tensor, neighborhood: int = 3,
+                     batch_size: int = PRC_BATCH_SIZE) -> dict[str, float]:
+    """Improved precision/recall (Kynkaanniemi et al.) of generated (N_g, D) against real (N_r, D) features.
+
+    torch-fidelity's blockwise mode (`save_cpu_ram=True`): distances are taken `batch_size` rows at a
+    time against one whole set, so the peak is about 20 * batch_size * max(N_g, N_r) bytes (the fp32
+    row blocks, their concatenation, kthvalue's copy and cdist's temporaries), 2.3 GiB at 50k samples.
+    Its full mode holds N x N distance matrices, about 16 * N^2 bytes (37 GiB at 50k), more than the
+    evaluate driver has. Both give the same radii and the same counts (test_eval_prc)."""
     out = prc_features_to_metric(generated.float(), real.float(), prc_neighborhood=neighborhood,
-                                 prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+                                 prc_batch_size=batch_size, save_cpu_ram=True, verbose=False)
     return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL],
             "f_score": out[KEY_METRIC_F_SCORE]}

@@ -6,7 +6,7 @@
   for. A caption reference (`captions.prepare_caption_reference`) is one too, with `captions` (caption
   k of image k) and `feature_extractor` (the extractor of its statistics, checked).
 - Any other image source (an `.npz` with `arr_0` only, a samples folder, pixel-space data): features
-  are computed once per extractor and weights and cached on storage under
+  are computed once per source content, extractor and weights and cached on storage under
   `RunPaths.reference_features(digest)`, so later evaluations only read them.
 
 torch-fidelity 0.4 takes no statistics file; the statistics are written into its cache in the format
@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from torch_fidelity.utils_torch import torch_atomic_save
 from dydit_dist import storage
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.export import npz_keys, read_npz_small
+from dydit_dist.shardset import manifest_url
 
 from .extractors import SPATIAL, Extractor
 from .features import count_images, extract_features, image_batches, source_kind
@@ -90,11 +92,23 @@ def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.n
     return cache_lookup_one_recompute_on_miss(cached_name, missing, cache=True, cache_root=cache_root, verbose=False)
 
 
+def _source_identity(url: str) -> str:
+    """What identifies the images of a reference source, read without reading them: an .npz's size and the
+    name, CRC-32 and size of each member its zip directory records (at the end of the file); a folder's
+    manifest.json, which records every shard's sha256 (and the shards are checked against it when read)."""
+    if source_kind(url) != "npz":
+        return hashlib.sha256(storage.read_bytes(manifest_url(url))).hexdigest()
+    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+        members = [f"{m.filename}:{m.CRC:08x}:{m.file_size}" for m in zf.infolist()]
+    return " ".join([str(storage.size(url)), *members])
+
+
 def _cached_features(url: str, extractor: Extractor, layers: list[str], module, device, batch_size: int,
                      paths: RunPaths) -> tuple[dict[str, torch.Tensor], str]:
     """Real features of `url` on `layers` (SPATIAL for sFID's), computed in one pass and cached on
-    storage; ({layer: (N, D)}, cache URL)."""
-    key = _digest(url, extractor.name, _file_digest(extractor.weights), *layers)
+    storage; ({layer: (N, D)}, cache URL). The cache is keyed by the source's content
+    (`_source_identity`) as well as its URL: other images written at the same URL are not read from it."""
+    key = _digest(url, _source_identity(url), extractor.name, _file_digest(extractor.weights), *layers)
     cache_url = paths.reference_features(key)
     stored = {layer: "spatial" if layer == SPATIAL else "features" for layer in layers}  # names in the .npz
     if storage.exists(cache_url):

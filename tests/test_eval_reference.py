@@ -1,0 +1,76 @@
+"""Reference features computed from images: the layers every metric needs are extracted (sFID and IS alone
+still give the reference's FID statistics), and the cache follows the reference's content, not its URL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sampling_util import random_checkpoint, tiny_config, write_samples
+
+from dydit_dist.eval.digits import DigitsNet
+from dydit_dist.eval.evaluate import evaluate
+from dydit_dist.eval.extractors import resolve_extractor
+from dydit_dist.eval.features import extract_features
+from dydit_dist.eval.metrics import statistics
+from dydit_dist.eval.reference import load_reference
+from dydit_dist.network import save_weights
+from dydit_dist.paths import RunPaths
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reference")
+    torch.manual_seed(0)
+    save_weights(DigitsNet(), str(root / "digits.safetensors"))
+    return {"digits": str(root / "digits.safetensors"), "checkpoint": random_checkpoint(str(root / "static.safetensors"))}
+
+
+def _overrides(tmp_path, weights, *more: str) -> list[str]:
+    return [f"model.checkpoint={weights['checkpoint']}", "eval.feature_extractor=digits-cnn",
+            f"eval.feature_extractor_weights={weights['digits']}", f"eval.fidelity_cache={tmp_path / 'fc'}",
+            "eval.num_actors=0", "eval.isc_splits=2", *more]
+
+
+def _images(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+
+
+def test_isc_and_sfid_against_a_reference_of_images_only(tmp_path, weights):
+    """eval.metrics=[isc, sfid] with a reference of images (arr_0, no mu/sigma): the reference's features
+    hold the FID layer its statistics are made of, and sFID equals the one of [fid, sfid]."""
+    root = str(tmp_path)
+    torch.set_num_threads(1)
+    write_samples(tiny_config(root, *_overrides(tmp_path, weights)), f"{root}/runs/t/samples")
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=_images(1))
+    record = evaluate(tiny_config(root, *_overrides(tmp_path, weights, "eval.metrics=[isc,sfid]",
+                                                    f"eval.reference={reference}")))
+    assert set(record["metrics"]) == {"isc_mean", "isc_std", "sfid"} and record["metrics"]["sfid"] > 0
+    assert record["reference"]["num_images"] == 12
+    both = evaluate(tiny_config(root, *_overrides(tmp_path, weights, "eval.metrics=[fid,sfid]",
+                                                  f"eval.reference={reference}")))
+    assert both["metrics"]["sfid"] == pytest.approx(record["metrics"]["sfid"], rel=1e-6)
+
+
+def test_a_reference_replaced_at_its_url_is_not_read_from_the_cache(tmp_path, weights):
+    """Other images written at the reference's URL (the same shape, so the same file size): its features
+    and statistics are those of the new images, cached apart from the old ones."""
+    cfg = tiny_config(str(tmp_path), *_overrides(tmp_path, weights, "eval.metrics=[fid,prc]"))
+    extractor = resolve_extractor(cfg.eval)
+    module = extractor.create("cpu", cfg.eval.metrics)
+    url = str(tmp_path / "ref.npz")
+
+    def load():
+        return load_reference(url, extractor, module, "cpu", cfg.eval.metrics, cfg.eval, RunPaths(cfg))
+
+    np.savez(url, arr_0=_images(1))
+    first, size = load(), (tmp_path / "ref.npz").stat().st_size
+    assert load().cache["features_cache"] == first.cache["features_cache"]  # unchanged: read from the cache
+    np.savez(url, arr_0=_images(2))
+    assert (tmp_path / "ref.npz").stat().st_size == size
+    second = load()
+    expected = extract_features(iter([_images(2)]), module, "cpu")[extractor.layer("prc")]
+    assert second.cache["features_cache"] != first.cache["features_cache"]
+    torch.testing.assert_close(second.features, expected, rtol=0, atol=0)
+    np.testing.assert_array_equal(second.mu, statistics(expected)["mu"])
