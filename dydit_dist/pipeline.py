@@ -218,14 +218,15 @@ def train_stage(cfg: Config, name: str) -> str:
 
 
 def samples_done(cfg: Config) -> bool:
-    """Whether the samples folder of `cfg` is complete; SamplesError when it holds samples of other
-    settings or weights (as the sample job says when it resumes one)."""
+    """Whether the samples folder of `cfg` is complete, every recorded shard there at its recorded size (a
+    missing or truncated one is made again, as the sample job does); SamplesError when it holds samples of
+    other settings or weights (as the sample job says when it resumes one)."""
     url = RunPaths(cfg).samples
     if not storage.exists(manifest_url(url)):
         return False
     settings = sampling_settings(sampling_config(cfg))
     num_shards = len(plan_shards(cfg.sample.num_samples, cfg.sample.shard_size))
-    return SamplesManifest.resume(url, settings, num_shards).complete
+    return SamplesManifest.resume(url, settings, num_shards, drop_missing=True).complete
 
 
 def metrics_done(cfg: Config) -> bool:

@@ -92,6 +92,19 @@ def test_samples_are_reused_only_with_their_settings(tmp_path):
     assert "already holds shards prepared with other settings" in problems(other)["storage.run"]
 
 
+def test_samples_with_a_shard_gone_are_not_done(tmp_path):
+    """A recorded shard whose object is missing or of another size: the sample stage runs again and makes it
+    (before, the stage was skipped and every evaluation failed on the missing shard)."""
+    cfg = load(tmp_path)
+    m_cfg = pipeline.method_config(cfg, "static", None, {})
+    finish_samples(m_cfg)
+    assert pipeline.samples_done(m_cfg)
+    storage.remove(storage.join(RunPaths(m_cfg).samples, "shard-000001.tar"))
+    assert not pipeline.samples_done(m_cfg)
+    storage.write_bytes(storage.join(RunPaths(m_cfg).samples, "shard-000001.tar"), b"xy")  # truncated / replaced
+    assert not pipeline.samples_done(m_cfg)
+
+
 def test_samples_of_weights_a_stage_replaces_are_refused_before_it_trains(tmp_path):
     cfg = load(tmp_path)
     trained = {"dydit": finish_finetune(cfg)}
