@@ -60,6 +60,28 @@ def test_units_of_a_dead_actor_go_back_to_the_front_unless_a_copy_runs():
     assert dispatch.sampled("g", 0)
 
 
+
+def test_no_copy_of_a_unit_that_a_copy_already_won():
+    dispatch = Dispatcher(plan_shards(12, 4))  # units 0, 1, 2
+    assert [dispatch.assign(a).index for a in "abc"] == [0, 1, 2]
+    assert dispatch.assign("d").index == 0  # the queue is empty: a copy of the oldest running unit
+    assert dispatch.sampled("a", 0)  # "a" writes unit 0 while "d"'s copy still samples it
+    assert dispatch.assign("e").index == 1  # the next straggler, not a third copy of 0 to be discarded
+    dispatch.written("a", 0)
+    assert dispatch.assign("a").index == 2  # 0 is done: the still-running 2, not 0 again
+    assert dispatch.assign("f") is None  # 1 and 2 have their two copies, 0 needs none
+    assert not dispatch.sampled("d", 0) and dispatch.copies_started == 3 and dispatch.copies_discarded == 1
+
+
+def test_a_unit_whose_writer_died_is_copied_again():
+    dispatch = Dispatcher(plan_shards(8, 4))  # units 0, 1
+    dispatch.assign("a"), dispatch.assign("b"), dispatch.assign("c")  # c copies 0
+    assert dispatch.sampled("a", 0)
+    assert dispatch.assign("x").index == 1  # 0 is being written
+    assert dispatch.lost("a") == []  # c's copy of 0 still runs: left to it, not queued again
+    assert dispatch.assign("y").index == 0  # 0 has one copy and no writer: a second copy is worth starting
+
+
 def _uneven(num_actors: int) -> list[FakeActor]:
     """One actor at a third of the speed, one that dies in the middle of its third unit."""
     return [FakeActor()] * (num_actors - 2) + [FakeActor(speed=1 / 3), FakeActor(dies_at=5.5)]

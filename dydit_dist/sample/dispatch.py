@@ -11,10 +11,10 @@ speculative copies of the oldest running units once the queue is empty.
 
 A unit is one shard (`sample.shard_size` samples, written as one object with its done-marker). Its
 life: queued -> sampling (by one actor, or more once the queue is empty: an idle actor then copies
-the running unit that started first, up to `max_copies` copies at once) -> writing (the first copy to
-finish sampling; the others are told to discard theirs) -> done. Only one actor writes a unit at a
-time, so a duplicate never overwrites a shard or its marker and the manifest counts every unit once;
-the first complete write wins.
+the running unit that started first and that no copy has won yet, up to `max_copies` copies at
+once) -> writing (the first copy to finish sampling; the others are told to discard theirs) -> done.
+Only one actor writes a unit at a time, so a duplicate never overwrites a shard or its marker and the
+manifest counts every unit once; the first complete write wins.
 
 Nothing here knows Ray or clocks: `pool.run_sampling` drives it with actor handles, `simulate` with
 fake actors on an event clock. Actors are any hashable values.
@@ -59,13 +59,15 @@ class Dispatcher:
 
     def assign(self, actor: Hashable) -> ShardSpec | None:
         """The next unit for `actor`: the head of the queue; once the queue is empty (and `speculate`),
-        a copy of the oldest running unit that it is not making and that has fewer than `max_copies`
-        copies; None when there is neither."""
+        a copy of the oldest running unit that it is not making, that has fewer than `max_copies`
+        copies and that no copy has won yet (written or being written: a copy of it would be discarded);
+        None when there is neither."""
         if self.queue:
             index = self.queue.popleft()
         else:
             candidates = [i for i, actors in self.runners.items()
-                          if self.speculate and actor not in actors and len(actors) < self.max_copies]
+                          if self.speculate and actor not in actors and len(actors) < self.max_copies
+                          and i not in self.writers and i not in self.done]
             if not candidates:
                 return None
             index = min(candidates, key=self.first_start.__getitem__)

@@ -10,6 +10,7 @@ Grey images are replicated to 3 channels and alpha is dropped, as the evaluator 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ def iter_samples(samples_url: str, require_complete: bool = True):
 
 def export_adm_npz(samples_url: str, path: str) -> int:
     """Write every sample of a complete samples folder into a local `.npz` (`arr_0`, N x H x W x 3
-    uint8, in index order); returns N. The file appears whole (written under a temporary name)."""
+    uint8, in index order); returns N. The file appears whole: written under a temporary name, synced
+    to disk, then renamed. Temporary files an earlier export of `path` left (a killed one: ~10 GB at
+    50k x 256px) are removed first."""
     manifest = SamplesManifest.read(samples_url)
     count = manifest.num_samples
     samples = iter_samples(samples_url)
@@ -52,18 +55,22 @@ def export_adm_npz(samples_url: str, path: str) -> int:
               "shape": (count, height, width, 3)}
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    remove_stale_temporaries(path)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # the pattern `remove_stale_temporaries` knows
     written = 0
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for s in _chain(first, samples):
-                    if s.image.shape[:2] != (height, width):
-                        raise SamplesError(f"{samples_url}: sample {s.index} is {s.image.shape[:2]}, "
-                                           f"not {(height, width)} like sample 0")
-                    f.write(np.ascontiguousarray(to_rgb(s.image)).tobytes())
-                    written += 1
+        with open(tmp, "wb") as out:
+            with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(f, header)
+                    for s in _chain(first, samples):
+                        if s.image.shape[:2] != (height, width):
+                            raise SamplesError(f"{samples_url}: sample {s.index} is {s.image.shape[:2]}, "
+                                               f"not {(height, width)} like sample 0")
+                        f.write(np.ascontiguousarray(to_rgb(s.image)).tobytes())
+                        written += 1
+            out.flush()
+            os.fsync(out.fileno())  # else a crash after the rename can leave `path` whole in name only
         if written != count:
             raise SamplesError(f"{samples_url}: the manifest counts {count} samples, the shards hold {written}")
         os.replace(tmp, path)
@@ -71,6 +78,18 @@ def export_adm_npz(samples_url: str, path: str) -> int:
         if os.path.exists(tmp):
             os.remove(tmp)
     return count
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files `{path}.{32 hex digits}.tmp` of earlier exports of `path` that were
+    killed before their rename, and nothing else; returns their paths. (An export of the same path
+    running at this moment loses its file, and fails at its rename.)"""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.[0-9a-f]{32}\.tmp")
+    stale = sorted(os.path.join(folder, f) for f in os.listdir(folder) if pattern.fullmatch(f))
+    for f in stale:
+        os.remove(f)
+    return stale
 
 
 def _chain(first, rest):

@@ -65,12 +65,31 @@ def absolute_root(cfg: Config) -> Config:
 
 
 def sampling_settings(cfg: Config) -> dict:
-    """Everything that decides the bytes of the samples; a folder never mixes two of these."""
-    s, m = cfg.sample, cfg.model
+    """Everything that decides the bytes of the samples; a folder never mixes two of these.
+
+    What only some networks read is None for the others, so that it does not change their settings:
+    `dynamic` (model.method dydit), `flexdit` (model.method flexdit; its schedule has no weights, so
+    another one still loads the checkpoint), `text` (PixArt's caption length, positional scale and T5),
+    and what this package's network and decoder read where an SD-XL pipeline uses its own folder.
+    `model.class_dropout_prob` is left out: sampling zeroes it, and the null-class row it adds is a
+    weights shape the strict checkpoint load checks. Values are as JSON keeps them (lists, not tuples),
+    so that the settings read back from a manifest compare equal.
+    """
+    s, m, d = cfg.sample, cfg.model, cfg.data
+    fam = family(m.name)
+    ours = fam != "sdxl"  # this package's network and ImageDecoder
+    flexdit = {**dataclasses.asdict(m.flexdit), "grid_sizes": list(m.flexdit.grid_sizes)}
+    text = {"caption_channels": m.caption_channels, "model_max_length": m.model_max_length,
+            "lewei_scale": m.lewei_scale, "text_encoder": d.text_encoder,
+            "tokenizer": d.tokenizer or d.text_encoder}
     return {
         "model": m.name, "image_size": m.image_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
+        "vae_downsample": m.vae_downsample if ours else None, "learn_sigma": m.learn_sigma if ours else None,
         "checkpoint": m.checkpoint, "dynamic": dataclasses.asdict(m.dynamic) if m.method == "dydit" else None,
-        "vae": cfg.data.vae, "method": s.method, "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
+        "flexdit": flexdit if m.method == "flexdit" else None,
+        "text": text if fam not in ("dit", "sdxl") else None,
+        "vae": d.vae, "vae_scale_factor": d.vae_scale_factor if ours else None, "method": s.method,
+        "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
         "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,

@@ -1,0 +1,61 @@
+"""The sampling settings of a samples folder (`pool.sampling_settings`): every key that decides the bytes
+of the samples changes them, a key the model does not read leaves them as they were, and they read back
+from a manifest equal to themselves (a rerun resumes its folder)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dydit_dist import config
+from dydit_dist.sample import SamplesManifest, sampling_settings
+
+
+def settings(preset: str, *overrides: str) -> dict:
+    return sampling_settings(config.load(preset, list(overrides)))
+
+
+@pytest.mark.parametrize("preset, override", [
+    ("flexdit_xl2_256", "model.flexdit.ramp_start=0.5"),  # the grid schedule: no weights, the checkpoint still loads
+    ("flexdit_xl2_256", "model.flexdit.num_intervals=10"),
+    ("flexdit_xl2_256", "model.flexdit.r_max=0.9"),
+    ("flexdit_xl2_256", "model.flexdit.layout=PDCSSSRDCSSSRDCSSSRDCSSSRDDD"),
+    ("pixart_xl2_256", "model.model_max_length=77"),
+    ("pixart_xl2_256", "model.lewei_scale=2.0"),
+    ("pixart_xl2_256", "data.text_encoder=google/t5-v1_1-xxl"),
+    ("pixart_xl2_256", "data.tokenizer=google/t5-v1_1-xxl"),
+    ("dit_xl2_256", "data.vae_scale_factor=0.13025"),  # the decoder divides by it
+    ("dit_xl2_256", "model.vae_downsample=16"),  # the latent's size
+    ("dit_xl2_256", "model.learn_sigma=false"),  # the sampler's variance
+])
+def test_a_key_the_samples_depend_on_changes_the_settings(preset, override):
+    assert settings(preset, override) != settings(preset)
+
+
+@pytest.mark.parametrize("preset, override", [
+    ("dit_xl2_256", "model.flexdit.ramp_start=0.5"),  # FlexDiT's schedule, on a static DiT
+    ("dit_xl2_256", "model.dynamic.target_lambda=0.7"),  # DyDiT's routers, on a static DiT
+    ("dit_xl2_256", "data.text_encoder=google/t5-v1_1-xxl"),  # PixArt's captions, on a class-conditional DiT
+    ("dit_xl2_256", "model.model_max_length=77"),
+    ("dit_xl2_256", "model.lewei_scale=2.0"),
+    ("dit_xl2_256", "model.class_dropout_prob=0.2"),  # zeroed for sampling
+    ("pixart_xl2_256", "model.flexdit.ramp_start=0.5"),
+    ("flexdit_xl2_256", "data.text_encoder=google/t5-v1_1-xxl"),
+    ("at_edm_sdxl_1024", "data.vae_scale_factor=0.13025"),  # SD-XL decodes with its pipeline's own VAE factor
+    ("at_edm_sdxl_1024", "data.text_encoder=google/t5-v1_1-xxl"),
+])
+def test_a_key_the_model_does_not_read_leaves_the_settings(preset, override):
+    assert settings(preset, override) == settings(preset)
+
+
+def test_pixart_tokenizer_defaults_to_its_text_encoder():
+    encoder = config.load("pixart_xl2_256", []).data.text_encoder
+    assert settings("pixart_xl2_256", f"data.tokenizer={encoder}") == settings("pixart_xl2_256")
+
+
+@pytest.mark.parametrize("preset", ["flexdit_xl2_256", "pixart_xl2_256", "dit_xl2_256"])
+def test_the_settings_a_manifest_keeps_resume_the_folder(tmp_path, preset):
+    url = str(tmp_path / "samples")
+    manifest = SamplesManifest(settings(preset), 2)
+    manifest.add({"index": 0, "name": "shard-000000.tar", "count": 4})
+    manifest.write(url)
+    assert sorted(SamplesManifest.resume(url, settings(preset), 2).shards) == [0]  # FlexDiT's grid sizes: a list
