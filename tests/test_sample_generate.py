@@ -48,6 +48,24 @@ def test_dydit_reports_width_and_fewer_flops(tmp_path, checkpoints):
     assert "width_by_timestep" not in stats["static"]
 
 
+def test_gflops_are_the_mean_over_the_units_images(tmp_path, checkpoints):
+    """A unit's GFLOPs weigh each batch by its images (DyDiT's token count, so its FLOPs, vary per batch):
+    batches of 2, 2 and 1 images at 1, 2 and 4 GFLOPs are 2.0, not the last batch's 4 or the batches' 2.33."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoints['static']}", "sample.batch_size=2",
+                      "sample.steps=2")
+    gen = ShardGenerator(cfg)
+    per_batch = iter([1e9, 2e9, 4e9, 8e9])
+    gen.runner.mean_flops = lambda: next(per_batch)
+    gen.generate(plan_shards(5, 5)[0])
+    assert gen.stats()["gflops"] == pytest.approx(2.0)
+    manifest = SamplesManifest({}, 3)
+    for index, (count, gflops) in enumerate([(4, 10.0), (4, 20.0), (2, None)]):  # a record from before: no GFLOPs
+        manifest.add({"index": index, "name": f"shard-{index:06d}.tar", "count": count, "gflops": gflops})
+    assert manifest.gflops() == pytest.approx(15.0)
+    assert SamplesManifest({}, 1).gflops() is None
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path, checkpoints):
     cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoints['static']}", "model.num_classes=7")
     with pytest.raises(ValueError, match="static.safetensors does not fit"):

@@ -42,6 +42,16 @@ def test_two_actors_on_s3_make_exactly_n_and_a_rerun_does_nothing(ray_local, s3_
     assert calls == [] and again.num_samples == 16 and "wall_s" in again.stats
     after = {u: storage.filesystem(u)[0].info(storage.filesystem(u)[1])["ETag"] for u in before}
     assert after == before
+    # Each shard records its GFLOPs; the stats hold their mean over all samples. A driver that died after
+    # the last done-marker, before its last manifest write (the manifest as written at the start): the
+    # rerun merges the markers and loses none of the GFLOPs, still starting no actor.
+    assert all(r["gflops"] > 0 for r in manifest.records()) and manifest.stats["gflops"] == manifest.gflops()
+    stale = SamplesManifest.read(url)
+    stale.shards, stale.stats = {}, {"model_load_s": stale.stats["model_load_s"]}
+    stale.write(url)
+    healed = run_sampling(cfg, on_shard=lambda pool, record: calls.append(record))
+    assert calls == [] and healed.complete and healed.stats["gflops"] == manifest.stats["gflops"]
+    assert SamplesManifest.read(url).stats["gflops"] == manifest.stats["gflops"]
 
 
 def test_killed_actor_still_gives_exactly_n_identical_to_one_actor(ray_local, tmp_path, checkpoint):

@@ -4,10 +4,12 @@ from a manifest equal to themselves (a rerun resumes its folder)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from dydit_dist import config
-from dydit_dist.sample import SamplesManifest, sampling_settings
+from dydit_dist.sample import SamplesError, SamplesManifest, sampling_settings
 
 
 def settings(preset: str, *overrides: str) -> dict:
@@ -59,3 +61,30 @@ def test_the_settings_a_manifest_keeps_resume_the_folder(tmp_path, preset):
     manifest.add({"index": 0, "name": "shard-000000.tar", "count": 4})
     manifest.write(url)
     assert sorted(SamplesManifest.resume(url, settings(preset), 2).shards) == [0]  # FlexDiT's grid sizes: a list
+
+
+def test_a_prompts_file_rewritten_in_place_is_other_settings(tmp_path):
+    """The prompts decide the samples by their content: a folder sampled from one caption list refuses a rerun
+    after the file at the same URL was rewritten with another (it would mix the two), naming sample.prompts."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue sphere\n")
+    first = settings("pixart_xl2_256", f"sample.prompts={prompts}")
+    assert first["prompts"] == {"url": str(prompts), "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
+    url = str(tmp_path / "samples")
+    manifest = SamplesManifest(first, 2)
+    manifest.add({"index": 0, "name": "shard-000000.tar", "count": 4})
+    manifest.write(url)
+    prompts.write_text("a green cone\na blue sphere\n")
+    second = settings("pixart_xl2_256", f"sample.prompts={prompts}")
+    assert second["prompts"]["url"] == str(prompts) and second != first
+    with pytest.raises(SamplesError, match=r"other settings \(prompts: .*sha256"):
+        SamplesManifest.resume(url, second, 2)
+
+
+def test_prompts_count_only_where_the_model_reads_them(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    assert settings("dit_xl2_256", f"sample.prompts={prompts}") == settings("dit_xl2_256")  # class-conditional
+    assert settings("at_edm_sdxl_1024", f"sample.prompts={prompts}")["prompts"]["url"] == str(prompts)
+    with pytest.raises(FileNotFoundError, match=r"sample.prompts: no prompts file at .*missing.txt"):
+        settings("pixart_xl2_256", f"sample.prompts={tmp_path / 'missing.txt'}")

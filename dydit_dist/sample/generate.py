@@ -112,6 +112,7 @@ class ShardGenerator:
                                     self.device, DTYPES[s.vae_precision])
         self.noise_stream = stream_kind(s.noise, self.device)  # what the samples' records name
         self.timesteps: list[int] = []  # the original timesteps the sampler visits, in order
+        self._unit_flops: list[tuple[float, int]] = []  # (MACs per forward of one row, rows) per batch of a unit
         self.load_seconds = time.perf_counter() - start
 
     def _autocast(self):
@@ -147,17 +148,24 @@ class ShardGenerator:
         with self._autocast():
             x = sample(model_fn, z.shape, s.sampler, s.steps, generator=generator, noise=z,
                        model_kwargs=kwargs, step_callback=self._step_callback)
+        self._unit_flops.append((self.runner.mean_flops(), len(indices)))  # SDT's token count varies per batch
         return x[: len(indices)]
 
     def generate(self, shard: ShardSpec) -> tuple[list[GeneratedSample], dict]:
         """The samples of `shard` in index order, and their timing (`shard_samples`)."""
+        self._unit_flops = []
         return shard_samples(shard, self.cfg.sample, lambda indices: self.decoder(self.latents(indices)),
                              self.conditioner.meta, self.noise_stream, self.device)
 
     def stats(self) -> dict:
-        """What the report needs of the method: GFLOPs per network forward of one image, and for a
-        DyDiT the active width per timestep (fractions of heads and MLP groups, mean over blocks)."""
-        out = {"gflops": float(self.runner.mean_flops()) / 1e9}
+        """What the report needs of the method: GFLOPs per network forward of one image (the mean over
+        the images of the last unit), and for a DyDiT the active width per timestep (fractions of heads
+        and MLP groups, mean over blocks)."""
+        if self._unit_flops:
+            macs = sum(f * n for f, n in self._unit_flops) / sum(n for _, n in self._unit_flops)
+        else:
+            macs = self.runner.mean_flops()
+        out = {"gflops": float(macs) / 1e9}
         if isinstance(self.model, DyDiT | DyPixArt) and self.timesteps:
             plan = FastPath(self.model).plan  # routers only: cheap
             widths = []

@@ -8,10 +8,15 @@
       "settings_sha256": "...",
       "num_shards": 391, "num_samples": 50000,  # planned shards; samples in finished shards
       "shards": [{"index": 0, "name": "shard-000000.tar", "start": 0, "count": 128, "sha256": ...,
-                  "bytes": ..., "settings_sha256": ..., "actor": ...,
+                  "bytes": ..., "settings_sha256": ..., "actor": ..., "gflops": ...,
                   "timing": {"sample_s": .., "encode_s": .., "write_s": ..}}],
       "stats": {"gflops": ..., "model_load_s": [...], "width_by_timestep": ..., "speculative_copies": ...}
     }
+
+A shard's "gflops" is the method's GFLOPs per network forward of one image, averaged over its samples
+(DyDiT's token count, and so its FLOPs, differ from batch to batch); the stats' "gflops" is their
+mean over every sample of the folder (`SamplesManifest.gflops`), recomputed from the records, so a
+driver that died after the last done-marker loses none of it. The other stats are the driver's own.
 
 A samples folder is a `dydit_dist.shardset` shard set: an actor writes each shard it finishes, then
 its done-marker; the driver alone writes the manifest, merging the markers (`SamplesManifest.resume`),
@@ -41,6 +46,14 @@ class SamplesManifest(ShardManifest):
     @property
     def complete(self) -> bool:
         return len(self.shards) == self.num_shards
+
+    def gflops(self) -> float | None:
+        """GFLOPs per network forward of one image, the mean over the samples of every recorded shard that
+        holds its own (None when none does)."""
+        counted = [(r["gflops"], r["count"]) for r in self.records() if r.get("gflops") is not None]
+        if not counted:
+            return None
+        return sum(g * n for g, n in counted) / sum(n for _, n in counted)
 
     def _extra_json(self) -> dict:
         return {"settings_sha256": settings_digest(self.settings), "stats": self.stats}

@@ -24,6 +24,7 @@ first actor or a replacement; a wrong shape) stops the job.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -72,8 +73,10 @@ def sampling_settings(cfg: Config) -> dict:
     another one still loads the checkpoint), `text` (PixArt's caption length, positional scale and T5),
     and what this package's network and decoder read where an SD-XL pipeline uses its own folder.
     `model.class_dropout_prob` is left out: sampling zeroes it, and the null-class row it adds is a
-    weights shape the strict checkpoint load checks. Values are as JSON keeps them (lists, not tuples),
-    so that the settings read back from a manifest compare equal.
+    weights shape the strict checkpoint load checks. A text-to-image model's `prompts` are the file's URL
+    and the sha256 of its bytes: a prompts file rewritten in place (another caption subset) is other
+    settings, not a folder of two caption lists. Values are as JSON keeps them (lists, not tuples), so
+    that the settings read back from a manifest compare equal.
     """
     s, m, d = cfg.sample, cfg.model, cfg.data
     fam = family(m.name)
@@ -93,8 +96,20 @@ def sampling_settings(cfg: Config) -> dict:
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
         "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
-        "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"), "prompts": s.prompts,
+        "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"),
+        "prompts": _prompts_identity(s.prompts) if fam != "dit" else None,
     }  # fmt: skip
+
+
+def _prompts_identity(url: str | None) -> dict | None:
+    """{"url", "sha256"} of a prompts file (FileNotFoundError naming it when there is none)."""
+    if not url:
+        return None
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sample.prompts: no prompts file at {url}") from None
+    return {"url": url, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def sampling_config(cfg: Config) -> Config:
@@ -118,7 +133,7 @@ class SamplingWorker:
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
         self.url = url
         self.load_error: Exception | None = None
-        self.made: dict[int, tuple[ShardSpec, list, dict]] = {}  # sampled units, until written or dropped
+        self.made: dict[int, tuple[ShardSpec, list, dict, float]] = {}  # sampled units, until written or dropped
         self.last_stats: dict = {}
         try:  # raised by `ready` and `sample`: the driver gets the error itself, not a dead actor
             cfg = config_lib.from_dict(cfg_dict)
@@ -142,20 +157,20 @@ class SamplingWorker:
         replacement actor's first call: it raises the input error that stopped its load, as `ready`."""
         self.ready()
         samples, timing = self.generator.generate(unit)
-        self.made[unit.index] = (unit, samples, timing)
         self.last_stats = self.generator.stats()  # `stats` may be asked while the next unit samples
+        self.made[unit.index] = (unit, samples, timing, self.last_stats["gflops"])
         return timing
 
     def write(self, index: int) -> dict:
         """Encode, write and mark the sampled unit `index` (the shard, then its done-marker); returns its
-        manifest record."""
-        unit, samples, timing = self.made.pop(index)
+        manifest record, which holds the unit's GFLOPs per forward of one image (`SamplesManifest.gflops`)."""
+        unit, samples, timing, gflops = self.made.pop(index)
         start = time.perf_counter()
         data = pack(samples)
         timing["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
         record = write_shard(self.url, unit.index, data, unit.count)
-        record.update(start=unit.start, settings_sha256=self.digest, actor=_actor_id(), timing=timing)
+        record.update(start=unit.start, settings_sha256=self.digest, actor=_actor_id(), gflops=gflops, timing=timing)
         write_marker(self.url, record)
         record["timing"]["write_s"] = time.perf_counter() - start  # the manifest's copy adds the write time
         return record
@@ -259,7 +274,7 @@ def run_sampling(cfg: Config, url: str | None = None,
     manifest = SamplesManifest.resume(url, sampling_settings(cfg), len(units), drop_missing=True)
     todo = [u for u in units if u.index not in manifest.shards]
     if not todo:
-        if not manifest.is_stored(url):  # markers of a driver that died before its last manifest write
+        if _count_gflops(manifest) or not manifest.is_stored(url):  # a driver that died before its last write
             manifest.write(url)
         log.info("%s: all %d samples already made", url, manifest.num_samples)
         return manifest
@@ -290,6 +305,16 @@ def run_sampling(cfg: Config, url: str | None = None,
     manifest.write(url)
     log.info("%s: %d samples in %d shards", url, manifest.num_samples, manifest.num_shards)
     return manifest
+
+
+def _count_gflops(manifest: SamplesManifest) -> bool:
+    """Set the stats' GFLOPs to the mean over every shard's samples (not one actor's last unit); whether
+    that changed them. Shards made before their records held GFLOPs leave the actor's figure."""
+    gflops = manifest.gflops()
+    if gflops is None or manifest.stats.get("gflops") == gflops:
+        return False
+    manifest.stats["gflops"] = gflops
+    return True
 
 
 def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest, url: str, num_samples: int,
@@ -350,3 +375,4 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
     live = [a for a in pool.actors if a in worked]
     if live:  # answered at once, beside a copy it may still sample
         manifest.stats.update(ray.get(live[0].stats.remote()))
+    _count_gflops(manifest)
