@@ -274,15 +274,18 @@ def reproduce(cfg: Config) -> str:
     # 2. Weights: static (pretrained here, or given), then the fine-tune of each trained method
     static = static_weights(cfg)
     notes = [f"Static weights: {static}."]
+    training = {}  # the report's training curves: label -> TensorBoard folder
     if cfg.eval.pretrain_config:
         pretrain = pretrain_config(cfg)
         static = train_stage(pretrain, "pretrain")
         notes = [f"Static weights: trained from scratch for {pretrain.train.max_steps} steps ({static})."]
+        training["static (pretrain)"] = RunPaths(pretrain).tensorboard
     trained = {}
     for method in trained_methods(cfg):
         finetune = finetune_config(cfg, static, method)
         trained[method] = train_stage(finetune, TRAINED_METHODS[method])
         notes.append(finetune_note(finetune, trained[method]))
+        training[method] = RunPaths(finetune).tensorboard
     # 3. Samples and metrics of every method
     cfg = feature_extractor_stage(cfg)
     records = []
@@ -299,4 +302,4 @@ def reproduce(cfg: Config) -> str:
         records.append(storage.read_json(m_paths.metrics) if done else evaluate(m_cfg))
     # 4. Report
     title = f"{cfg.model.name} at {cfg.model.image_size}px: {', '.join(cfg.eval.methods)}"
-    return write_report(RunPaths(cfg), records, title, notes)
+    return write_report(RunPaths(cfg), records, title, notes, training)

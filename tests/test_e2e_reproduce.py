@@ -7,6 +7,7 @@ fine-tunes a DyDiT on 2 workers with ZeRO-2, samples both, evaluates and writes 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.error
@@ -78,6 +79,10 @@ def test_reproduce_submitted_to_multinode_cluster(s3_endpoint, s3_bucket):
             assert metrics["num_samples"] == 64 and metrics["metrics"]["fid"] > 0
         report = storage.read_bytes(f"{run}/report.md").decode()
         assert "static" in report and "dydit" in report and "NOT Inception" in report
+        # the training curves of both runs, read back from their TensorBoard event files on S3
+        assert "- static (pretrain) training: last logged step 30," in report
+        assert re.search(r"- dydit training: last logged step 20, loss [0-9.]+, FLOPs ratio [0-9.]+ \(target", report)
+        assert storage.read_bytes(f"{run}/plots/training.png")[:4] == b"\x89PNG"
 
         # 3. A second submission finds every stage done and only checks.
         second, second_s = _submit(cluster, root, s3_endpoint)

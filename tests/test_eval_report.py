@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pytest
 
 from dydit_dist import config, storage
 from dydit_dist.eval import write_report
+from dydit_dist.eval.report import training_scalars
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import GeneratedSample, pack
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.shardset import write_shard
+from dydit_dist.train.metrics import TensorBoardLog
 
 
 def _samples(url: str, stats: dict) -> None:
@@ -51,3 +56,52 @@ def test_report_tables_and_plots(tmp_path):
     assert "- Static weights: trained from scratch." in text
     for name in ("fid_vs_flops.png", "dydit_width.png", "samples_grid.png"):
         assert storage.read_bytes(f"{run}/plots/{name}")[:4] == b"\x89PNG"
+
+
+def _training_run(url: str, sessions: list[list[tuple[int, dict]]]) -> None:
+    """Event files as the trainer writes them: one TensorBoardLog per session (a resumed run starts another)."""
+    for points in sessions:
+        log = TensorBoardLog(url, enabled=True)
+        for step, scalars in points:
+            log.log(step, scalars)
+        log.close()
+        time.sleep(1.1)  # the next file's name holds a later second
+
+
+def test_training_curves_of_a_resumed_run(tmp_path):
+    """A run logged steps 1-4, crashed, resumed from its checkpoint at step 2 and logged 3-6 again: the curve
+    is 1-2 of the first session and 3-6 of the second (the redone steps replace the lost ones)."""
+    url = str(tmp_path / "finetune" / "tensorboard")
+    first = [(s, {"loss": 1.0 / s, "flops_ratio": 1.0, "lambda_t": 1.0}) for s in (1, 2, 3, 4)]
+    second = [(s, {"loss": 0.5 / s, "flops_ratio": 0.9 - 0.1 * s, "lambda_t": 0.5}) for s in (3, 4, 5, 6)]
+    _training_run(url, [first, second])
+    scalars = training_scalars(url)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([1.0, 0.5, 0.5 / 3, 0.125, 0.1, 0.5 / 6])
+    assert scalars["flops_ratio"][-1] == (6, pytest.approx(0.3)) and scalars["lambda_t"][0] == (1, 1.0)
+    assert training_scalars(str(tmp_path / "nothing")) == {}
+
+
+def test_report_shows_the_training_runs(tmp_path):
+    paths = RunPaths(config.load("debug", [f"storage.root={tmp_path}", "storage.run=demo"]))
+    run = paths.url
+    _samples(f"{run}/static/samples", {})
+    _samples(f"{run}/dydit/samples", {})
+    _training_run(f"{run}/pretrain/tensorboard", [[(s, {"loss": 2.0 / s}) for s in (10, 20)]])
+    _training_run(f"{run}/finetune/tensorboard",
+                  [[(s, {"loss": 0.1 * s, "flops_ratio": 0.6, "lambda_t": 0.5}) for s in (1, 2)]])
+    records = [_record(f"{run}/static/samples", "static", 14.2, 0.0035),
+               _record(f"{run}/dydit/samples", "dydit", 8.4, 0.0019)]
+    training = {"static (pretrain)": f"{run}/pretrain/tensorboard", "dydit": f"{run}/finetune/tensorboard",
+                "flexdit": f"{run}/finetune-flexdit/tensorboard"}  # not trained yet: no curve, no line
+    text = storage.read_bytes(write_report(paths, records, "demo", training=training)).decode()
+    assert "- static (pretrain) training: last logged step 20, loss 0.1000." in text
+    assert "- dydit training: last logged step 2, loss 0.2000, FLOPs ratio 0.600 (target 0.500)." in text
+    assert "flexdit training" not in text and "![training curves](plots/training.png)" in text
+    assert storage.read_bytes(f"{run}/plots/training.png")[:4] == b"\x89PNG"
+    # without a training run: no plot and no link
+    other = RunPaths(config.load("debug", [f"storage.root={tmp_path}", "storage.run=other"]))
+    _samples(f"{other.url}/static/samples", {})
+    text = storage.read_bytes(write_report(other, [_record(f"{other.url}/static/samples", "static", 1.0, 1.0)],
+                                           "x", training={"dydit": f"{other.url}/finetune/tensorboard"})).decode()
+    assert "training" not in text and not storage.exists(f"{other.url}/plots/training.png")

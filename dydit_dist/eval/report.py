@@ -2,15 +2,19 @@
 
     write_report(RunPaths(cfg), [metrics_static, metrics_dydit])   # metrics.json records
 
-Plots (matplotlib, Agg): FID against GFLOPs, DyDiT's active width against the timestep, and a grid
-of the first samples of every method. A number computed on features other than Inception's is
-labelled with its extractor ("FID [digits-cnn]"); it is never presented as an Inception FID.
+Plots (matplotlib, Agg): FID against GFLOPs, DyDiT's active width against the timestep, a grid of
+the first samples of every method, and the training runs' curves (loss; DyDiT's FLOPs ratio against
+its target) read back from their TensorBoard event files (`training_scalars`). A number computed on
+features other than Inception's is labelled with its extractor ("FID [digits-cnn]"); it is never
+presented as an Inception FID.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import tempfile
 
 import numpy as np
 
@@ -106,9 +110,91 @@ def _grid(records, url) -> None:
     plt.close(fig)
 
 
-def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison", notes: list[str] = ()) -> str:
+def _event_points(data: bytes) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the bytes of one TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    with tempfile.TemporaryDirectory(prefix="dydit-events-") as folder:
+        path = os.path.join(folder, "events")
+        with open(path, "wb") as f:
+            f.write(data)
+        return [(v.tag, int(event.step), float(tensor_util.make_ndarray(v.tensor)))  # scalars come as tensors
+                for event in EventFileLoader(path).Load() for v in event.summary.value if v.HasField("tensor")]
+
+
+def training_scalars(url: str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars a training run logged under `url` (its `{run}/tensorboard`, `train.metrics.TensorBoardLog`):
+    tag -> [(step, value)] in step order; {} when there is no event file. The files are read in the order
+    they were made (their names start with their creation time); a resumed run's file starts at its
+    checkpoint's step and replaces what the files before it logged from that step on (steps redone)."""
+    try:
+        names = [u for u in storage.listdir(url) if "tfevents" in u.rsplit("/", 1)[-1]]
+    except FileNotFoundError:
+        return {}
+    series: dict[str, dict[int, float]] = {}
+    for name in sorted(names, key=lambda u: (int(u.rsplit("/", 1)[-1].split(".")[3]), u)):
+        points = _event_points(storage.read_bytes(name))
+        if not points:
+            continue
+        first = min(step for _, step, _ in points)
+        series = {tag: {s: v for s, v in values.items() if s < first} for tag, values in series.items()}
+        for tag, step, value in points:
+            series.setdefault(tag, {})[step] = value
+    return {tag: sorted(values.items()) for tag, values in series.items() if values}
+
+
+def _training(runs: dict[str, dict], url: str) -> bool:
+    """Loss against step for every training run (label -> `training_scalars` with a "loss"), and DyDiT's
+    FLOPs ratio against its target; False (no plot) when there is no run."""
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        return False
+    dynamic = {label: scalars for label, scalars in runs.items() if scalars.get("flops_ratio")}
+    fig, axes = plt.subplots(1, 1 + bool(dynamic), figsize=(4.5 * (1 + bool(dynamic)), 3.5), squeeze=False)
+    for label, scalars in runs.items():
+        steps, loss = zip(*scalars["loss"], strict=True)
+        axes[0][0].plot(steps, loss, label=label)
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("training loss (mean over the log window)")
+    axes[0][0].set_title("Training loss")
+    axes[0][0].legend(fontsize=7)
+    for label, scalars in dynamic.items():
+        steps, ratio = zip(*scalars["flops_ratio"], strict=True)
+        line, = axes[0][1].plot(steps, ratio, label=f"{label}: FLOPs ratio")
+        if scalars.get("lambda_t"):
+            steps, target = zip(*scalars["lambda_t"], strict=True)
+            axes[0][1].plot(steps, target, "--", color=line.get_color(), label=f"{label}: target")
+    if dynamic:
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("FLOPs / static FLOPs")
+        axes[0][1].set_title("DyDiT FLOPs ratio")
+        axes[0][1].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, url)
+    plt.close(fig)
+    return True
+
+
+def _training_line(label: str, scalars: dict) -> str:
+    """The report's bullet on a training run's last logged values."""
+    step, loss = scalars["loss"][-1]
+    line = f"{label} training: last logged step {step}, loss {loss:.4f}"
+    if scalars.get("flops_ratio"):
+        line += f", FLOPs ratio {scalars['flops_ratio'][-1][1]:.3f}"
+        if scalars.get("lambda_t"):
+            line += f" (target {scalars['lambda_t'][-1][1]:.3f})"
+    return line + "."
+
+
+def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison", notes: list[str] = (),
+                 training: dict[str, str] | None = None) -> str:
     """Write the run's `report.md` and `plots/*.png` for metrics.json records; returns the report's
-    URL. Each record may carry a "label" (default: its method); `notes` are extra bullets."""
+    URL. Each record may carry a "label" (default: its method); `notes` are extra bullets; `training`:
+    label -> TensorBoard folder of each training run whose curves the report shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,10 +207,13 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
     first = records[0]
     fe = first["feature_extractor"]
     # 1. Plots
-    plots = {name: paths.plot(f"{name}.png") for name in ("fid_vs_flops", "dydit_width", "samples_grid")}
+    plots = {name: paths.plot(f"{name}.png") for name in ("fid_vs_flops", "dydit_width", "samples_grid", "training")}
     _fid_vs_flops(records, plots["fid_vs_flops"])
     has_width = _width(records, plots["dydit_width"])
     _grid(records, plots["samples_grid"])
+    runs = {label: training_scalars(url) for label, url in (training or {}).items()}
+    runs = {label: scalars for label, scalars in runs.items() if scalars.get("loss")}
+    has_training = _training(runs, plots["training"])
     # 2. The table
     fid, sfid, isc = metric_name(first, "fid"), metric_name(first, "sfid"), metric_name(first, "isc")
     clip = any("clip_score" in r["metrics"] for r in records)  # text-to-image (eval.protocol=coco)
@@ -155,11 +244,14 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         *(f"- {r['label']} options: " + ", ".join(f"{k}={v}" for k, v in r["sampling"]["method_options"].items())
           for r in records if r["sampling"].get("method_options")),
         *(f"- {note}" for note in notes),
+        *(f"- {_training_line(label, scalars)}" for label, scalars in runs.items()),
         "",
         f"![{fid} against GFLOPs]({paths.relative(plots['fid_vs_flops'])})",
     ]
     if has_width:
         lines.append(f"![DyDiT width against timestep]({paths.relative(plots['dydit_width'])})")
+    if has_training:
+        lines.append(f"![training curves]({paths.relative(plots['training'])})")
     lines += [f"![samples]({paths.relative(plots['samples_grid'])})", ""]
     url = paths.report
     storage.write_bytes(url, "\n".join(lines).encode())
