@@ -177,12 +177,17 @@ def test_skip_counts_and_resumes(pixels):
     batches = take(stream, 24)  # two epochs of 48 (the corrupt shard is met in each)
     assert not bad & set(indices(batches)) and all(len(b["x"]) == 4 for b in batches)
     metrics = stream.metrics()
-    assert metrics["data/skipped_shards"] >= 2 and metrics["data/skipped_samples"] >= 14
-    first = LatentStream(uri, **kwargs)
-    take(first, 10)
-    again = LatentStream(uri, **kwargs)
-    again.load_state_dict(first.state_dict())
-    assert indices(take(again, 14)) == indices(batches[10:])
+    # every position the workers passed is a sample yielded or a sample skipped, and counted once
+    assert 4 * 24 + metrics["data/skipped_samples"] == sum(stream.positions)
+    assert metrics["data/skipped_shards"] >= 2 and metrics["data/skipped_samples"] >= 7  # met in each epoch
+    for step in (3, 6, 10, 17):  # a resume yields and counts what the stream that was not stopped did
+        first = LatentStream(uri, **kwargs)
+        take(first, step)
+        again = LatentStream(uri, **kwargs)
+        again.load_state_dict(first.state_dict())
+        assert indices(take(again, 24 - step)) == indices(batches[step:])
+        counters = {k: v for k, v in again.metrics().items() if k.startswith("data/skipped")}
+        assert counters == {k: v for k, v in metrics.items() if k.startswith("data/skipped")}, step
 
 
 def test_verify_manifest_names_the_mismatch(tmp_path):

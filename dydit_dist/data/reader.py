@@ -28,7 +28,9 @@ once per log window): about as many as i.i.d. draws when the shards are mixed (s
 `data.sources`), far fewer when they are class-sorted.
 
 A missing or corrupt shard raises `ShardError` naming it; with `on_error="skip"` it is skipped,
-logged and counted, and later batches fill up from the next samples. A resume is
+logged and counted, and later batches fill up from the next samples. The counters count a skipped
+sample where the stream passes its position (and a shard at the first of its samples), so they ride
+with the batches and a resume, which starts after the positions passed, never counts one twice. A resume is
 exact with skips too when it goes through `state_dict`, which records each worker's position and
 the layout those positions hold under (the split over ranks and workers, the seed, the shuffle
 buffer, the shards' counts and sha256); `load_state_dict` refuses another layout with a DataError.
@@ -70,10 +72,10 @@ class _Consumer:
         self.q = per_consumer(int(self.counts.sum()), num_consumers)
         self.seed, self.consumer, self.num_consumers = seed, consumer, num_consumers
         self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, max(1, prefetch)
-        self.skipped: list[tuple[str, int]] = []  # (shard, samples) since the last take_skipped()
+        self.skipped = (0, 0)  # (shards, samples) passed over since the last take_skipped()
 
-    def take_skipped(self) -> list[tuple[str, int]]:
-        skipped, self.skipped = self.skipped, []
+    def take_skipped(self) -> tuple[int, int]:
+        skipped, self.skipped = self.skipped, (0, 0)
         return skipped
 
     def samples(self, start: int):
@@ -95,7 +97,8 @@ class _Consumer:
                   if emitted_at[p.first : p.first + p.stop - p.start].max() >= start]
         futures = deque(pool.submit(self._fetch, p.shard) for p in pieces[: self.prefetch])
         pending: dict[int, tuple[Decoded, int]] = {}
-        missing: set[int] = set()
+        missing: set[int] = set()  # the slots of the shards skipped
+        first_missing: set[int] = set()  # the slot of each skipped piece emitted first: its shard counts there
         position = start
         for i, piece in enumerate(pieces):
             future = futures.popleft()
@@ -109,12 +112,15 @@ class _Consumer:
                     raise
                 lost = sum(1 for p in positions if emitted_at[p] >= start)
                 log.warning("skipping %s (%d samples): %s", shard_url(self.uri, piece.shard), lost, err)
-                self.skipped.append((self.shards[piece.shard]["name"], lost))
                 missing.update(positions)
+                first_missing.add(min(positions, key=lambda p: emitted_at[p]))
             while position < q and (int(order[position]) in pending or int(order[position]) in missing):
                 item = pending.pop(int(order[position]), None)
                 if item is not None:
                     yield epoch * q + position, self._transform(*item, epoch)
+                else:  # counted where the stream passes it, so a resume (which starts after it) never counts it again
+                    shards, samples = self.skipped
+                    self.skipped = (shards + (int(order[position]) in first_missing), samples + 1)
                 position += 1
         assert position == q, f"consumer {self.consumer} stopped at {position} of {q} in epoch {epoch}"
 
@@ -264,8 +270,8 @@ class LatentStream:
             worker = batch.pop("_worker")
             assert worker == self.step % self.num_workers, f"batch of worker {worker} at step {self.step}"
             self.positions[worker] = batch.pop("_position")
-            for _name, lost in batch.pop("_skipped"):
-                self.skipped_shards, self.skipped_samples = self.skipped_shards + 1, self.skipped_samples + lost
+            shards, samples = batch.pop("_skipped")
+            self.skipped_shards, self.skipped_samples = self.skipped_shards + int(shards), self.skipped_samples + int(samples)
             if "y" in batch:
                 self._classes, self._batches = self._classes + len(torch.unique(batch["y"])), self._batches + 1
             self.step += 1
