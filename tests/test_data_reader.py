@@ -168,6 +168,14 @@ def test_missing_shard_raises_naming_it(pixels):
         take(LatentStream(uri, batch_size=4, num_workers=0), 30)
 
 
+def test_a_missing_shard_is_skipped_too(pixels):
+    uri, _ = pixels
+    storage.remove(shard_url(uri, 2))  # samples 14..20
+    stream = LatentStream(uri, batch_size=4, num_workers=0, on_error="skip", seed=0)
+    batches = take(stream, 10)
+    assert not set(range(14, 21)) & set(indices(batches)) and stream.metrics()["data/skipped_samples"] > 0
+
+
 def test_skip_counts_and_resumes(pixels):
     uri, _ = pixels
     _corrupt(uri, 3)
