@@ -97,6 +97,17 @@ def test_resume_refuses_another_shuffle_buffer_or_other_shards(pixels, tmp_path)
     with pytest.raises(DataError, match=r"shards \(the shards at data.uri\): '[0-9a-f]{16}' -> '[0-9a-f]{16}'") as err:
         LatentStream(other, **kwargs).load_state_dict(state)
     assert "num_samples" not in str(err.value)
+    # shards remade with the same settings (as a sha256 mismatch says to), their bytes not bit for bit the
+    # same: the positions still hold; shards of other settings do not
+    remade = str(tmp_path / "remade")
+    write_dataset(remade, x + np.float16(1e-2), labels=np.arange(50) % 10, shard_size=7, num_classes=10)
+    again = LatentStream(remade, **kwargs)
+    again.load_state_dict(state)
+    assert indices(take(again, 6)) == indices(full[6:])
+    relabelled = str(tmp_path / "relabelled")
+    write_dataset(relabelled, x, labels=np.arange(50) % 10, shard_size=7, num_classes=12)
+    with pytest.raises(DataError, match=r"shards \(the shards at data.uri\)"):
+        LatentStream(relabelled, **kwargs).load_state_dict(state)
     old = {**state, "layout": {k: v for k, v in state["layout"].items() if k not in ("shuffle_buffer", "shards")}}
     resumed = LatentStream(uri, **kwargs)
     resumed.load_state_dict(old)

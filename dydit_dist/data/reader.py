@@ -33,7 +33,8 @@ sample where the stream passes its position (and a shard at the first of its sam
 with the batches and a resume, which starts after the positions passed, never counts one twice. A resume is
 exact with skips too when it goes through `state_dict`, which records each worker's position and
 the layout those positions hold under (the split over ranks and workers, the seed, the shuffle
-buffer, the shards' counts and sha256); `load_state_dict` refuses another layout with a DataError.
+buffer, the shards' counts and the settings that made them); `load_state_dict` refuses another layout
+with a DataError.
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ class LatentStream:
         self.samples_per_epoch = self.num_workers * per_consumer(self.manifest.num_samples,
                                                                  world_size * self.num_workers)
         self.skipped_shards, self.skipped_samples = 0, 0
-        shards = json.dumps([[r["count"], r["sha256"]] for r in self.manifest.records()])
+        # the counts and what made them, not the bytes: a shard remade as the sha256 mismatch says (on another GPU,
+        # maybe not bit for bit) holds the same samples at the same positions
+        shards = json.dumps([[r["count"] for r in self.manifest.records()], self.manifest.settings], sort_keys=True)
         self._shards_digest = hashlib.sha256(shards.encode()).hexdigest()[:16]
         self._classes, self._batches = 0, 0  # distinct labels summed over the batches since metrics()
         self.seek(start_step)
@@ -225,8 +228,8 @@ class LatentStream:
 
     def _layout(self) -> dict:
         """What the saved positions mean something under: the split over ranks and workers, the sample
-        order (`shuffle_order(q, shuffle_buffer, seed, ...)`) and the shards (a digest of their counts and
-        sha256, in order)."""
+        order (`shuffle_order(q, shuffle_buffer, seed, ...)`) and the shards (a digest of their counts, in
+        order, and of the data settings that made them)."""
         return {"batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_workers, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
                 "num_samples": self.manifest.num_samples, "shards": self._shards_digest}

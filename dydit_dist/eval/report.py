@@ -110,8 +110,9 @@ def _grid(records, url) -> None:
     plt.close(fig)
 
 
-def _event_points(data: bytes) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of every scalar in the bytes of one TensorBoard event file."""
+def _event_points(data: bytes) -> tuple[float, list[tuple[str, int, float]]]:
+    """The wall time of the first event in the bytes of one TensorBoard event file (when its writer
+    started), and (tag, step, value) of every scalar in it."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
 
@@ -119,22 +120,23 @@ def _event_points(data: bytes) -> list[tuple[str, int, float]]:
         path = os.path.join(folder, "events")
         with open(path, "wb") as f:
             f.write(data)
-        return [(v.tag, int(event.step), float(tensor_util.make_ndarray(v.tensor)))  # scalars come as tensors
-                for event in EventFileLoader(path).Load() for v in event.summary.value if v.HasField("tensor")]
+        events = list(EventFileLoader(path).Load())
+    return (events[0].wall_time if events else 0.0,
+            [(v.tag, int(event.step), float(tensor_util.make_ndarray(v.tensor)))  # scalars come as tensors
+             for event in events for v in event.summary.value if v.HasField("tensor")])
 
 
 def training_scalars(url: str) -> dict[str, list[tuple[int, float]]]:
     """The scalars a training run logged under `url` (its `{run}/tensorboard`, `train.metrics.TensorBoardLog`):
     tag -> [(step, value)] in step order; {} when there is no event file. The files are read in the order
-    they were made (their names start with their creation time); a resumed run's file starts at its
-    checkpoint's step and replaces what the files before it logged from that step on (steps redone)."""
-    try:
-        names = [u for u in storage.listdir(url) if "tfevents" in u.rsplit("/", 1)[-1]]
+    their writers started (the first event's wall time); a resumed run's file starts at its checkpoint's
+    step and replaces what the files before it logged from that step on (steps redone)."""
+    try:  # not the temporaries of an upload cut short (`.events.out.tfevents...tmp`)
+        names = [u for u in storage.listdir(url) if u.rsplit("/", 1)[-1].startswith("events.out.tfevents.")]
     except FileNotFoundError:
         return {}
     series: dict[str, dict[int, float]] = {}
-    for name in sorted(names, key=lambda u: (int(u.rsplit("/", 1)[-1].split(".")[3]), u)):
-        points = _event_points(storage.read_bytes(name))
+    for _, points in sorted(_event_points(storage.read_bytes(name)) for name in names):
         if not points:
             continue
         first = min(step for _, step, _ in points)
