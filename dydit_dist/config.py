@@ -151,7 +151,7 @@ class TrainConfig:
     log_every: int = bounded(50, "[1, inf)")
     caption_dropout: float = bounded(0.1, "[0, 1]")  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
-    allow_changed_settings: bool = False  # resume although run_config.SETTINGS changed (lr, batch, precision, model)
+    allow_changed_settings: bool = False  # resume although what decides the weights changed (run_config.WEIGHTS)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every stage is skipped when its outputs exist (a complete data manifest, an EMA export at the last
 step, a complete samples manifest, a metrics.json), so a rerun after a crash does only what is
 missing. Outputs are reused only for the settings they were made with: a finished fine-tune whose
-config differs in a key that decides its weights (`FINETUNE_KEYS`), or samples made with other
+config differs in a key that decides its weights (`run_config.WEIGHTS`), or samples made with other
 sampling settings or weights, stop the job with `OutputsDiffer` / `SamplesError` naming each change
 (another storage.run, or removing that folder, starts over); metrics of other samples or evaluation
 settings are computed again. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
@@ -53,11 +53,6 @@ BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 # The methods whose network is fine-tuned from the static weights (model.method = the method), and the run
 # of that fine-tune below the pipeline's (DyDiT's `finetune` predates FlexDiT; runs on storage keep the name).
 TRAINED_METHODS = {"dydit": "finetune", "flexdit": "finetune-flexdit"}
-# What decides a fine-tune's weights: a finished fine-tune is reused only when none of these changed. Not
-# among them: where and how it ran (checkpointing, logging, ZeRO stage, workers, the micro-batch split).
-FINETUNE_KEYS = ("model", "diffusion", "train", "data.uri", "data.flip")
-FINETUNE_IGNORED = ("model.checkpoint", "train.micro_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.async_checkpoint", "train.log_every", "train.record_batches", "train.allow_changed_settings")
 
 
 class OutputsDiffer(ValueError):
@@ -183,8 +178,9 @@ def trained_to_end(cfg: Config) -> bool:
 
 
 def finetune_changes(cfg: Config) -> list[str]:
-    """`key: old -> new` for each of `FINETUNE_KEYS` the fine-tuning run of `cfg` last ran with otherwise."""
-    return run_config.changed_within(run_config.previous(cfg, "finetune"), cfg, FINETUNE_KEYS, FINETUNE_IGNORED)
+    """`key: old -> new` for each key that decides the weights (`run_config.WEIGHTS`, the micro-batch split
+    aside) the fine-tuning run of `cfg` last ran with otherwise."""
+    return run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg, ignore=("train.micro_batch_size",))
 
 
 def finetune_done(cfg: Config) -> bool:
@@ -219,14 +215,17 @@ def train_stage(cfg: Config, name: str) -> str:
 
 def samples_done(cfg: Config) -> bool:
     """Whether the samples folder of `cfg` is complete, every recorded shard there at its recorded size (a
-    missing or truncated one is made again, as the sample job does); SamplesError when it holds samples of
-    other settings or weights (as the sample job says when it resumes one)."""
+    missing or truncated one is made again, as the sample job does), and its manifest says so (done-markers
+    of a sampling driver that died before its last manifest write: the sample job writes it, making
+    nothing); SamplesError when it holds samples of other settings or weights (as the sample job says when
+    it resumes one)."""
     url = RunPaths(cfg).samples
     if not storage.exists(manifest_url(url)):
         return False
     settings = sampling_settings(sampling_config(cfg))
     num_shards = len(plan_shards(cfg.sample.num_samples, cfg.sample.shard_size))
-    return SamplesManifest.resume(url, settings, num_shards, drop_missing=True).complete
+    manifest = SamplesManifest.resume(url, settings, num_shards, drop_missing=True)
+    return manifest.complete and manifest.is_stored(url)
 
 
 def metrics_done(cfg: Config) -> bool:

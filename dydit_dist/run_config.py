@@ -1,7 +1,7 @@
 """The resolved config a job writes into its run folder, and the settings a resumed run keeps.
 
     run_config.save(cfg, "finetune")            # after the job's checks pass
-    changes = run_config.changed(run_config.previous(cfg, "finetune"), cfg)
+    changes = run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg)
 
 Policy (one file per distinct config, plus the latest): `config.{job}.yaml` is the config of the
 job's latest run in this folder, and `config-history/{job}-{n:03d}.yaml` keeps every distinct config
@@ -10,8 +10,12 @@ becomes the next history entry, then the latest, so no file that described earli
 (a folder from before the history gets its old `config.{job}.yaml` saved as entry 001 first).
 The written config is the typed one: `${...}` interpolations never reach it (`config.load` refuses them).
 
-`SETTINGS` are the keys a fine-tune may not change when it resumes from a checkpoint without
-`train.allow_changed_settings=true` (see `train.launcher.check_settings`).
+What decides a training run's weights is one list, `WEIGHTS`: every leaf key under it but `RUN_ONLY`
+(where and how the run ran) and the options of a method the model does not use (`weights_changes`).
+A run that resumes from a checkpoint keeps them, but train.max_steps (a run may be extended) and
+train.init_from (a resume starts from its checkpoint), unless `train.allow_changed_settings=true`
+(`train.launcher.check_settings`); a finished run is reused only when none of them changed, but
+train.micro_batch_size (`pipeline.finetune_changes`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from dydit_dist import storage
 from dydit_dist.config import Config
 from dydit_dist.paths import RunPaths
 
-SETTINGS = ("model.name", "model.method", "model.image_size", "train.lr", "train.global_batch_size",
-            "train.micro_batch_size", "train.precision")
+WEIGHTS = ("model", "diffusion", "train", "data.uri", "data.flip", "data.shuffle_buffer")
+RUN_ONLY = ("model.checkpoint", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+            "train.log_every", "train.record_batches", "train.allow_changed_settings")
+METHOD_OPTIONS = {"dydit": "model.dynamic", "flexdit": "model.flexdit"}  # read only by that model.method
 
 
 def previous(cfg: Config, job: str) -> dict | None:
@@ -34,21 +40,6 @@ def previous(cfg: Config, job: str) -> dict | None:
     if not storage.exists(url):
         return None
     return OmegaConf.to_container(OmegaConf.create(storage.read_bytes(url).decode()), resolve=False)
-
-
-def _value(values: dict, key: str):
-    for part in key.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
-
-
-def changed(old: dict | None, cfg: Config, keys: tuple[str, ...] = SETTINGS) -> list[str]:
-    """`key: old -> new` for each of `keys` whose value in `cfg` differs from `old` (empty when `old` is None)."""
-    if old is None:
-        return []
-    new = cfg.to_dict()
-    return [f"{key}: {_value(old, key)!r} -> {_value(new, key)!r}" for key in keys
-            if _value(old, key) != _value(new, key)]
 
 
 def _leaves(values: dict, prefix: str = "") -> dict:
@@ -61,8 +52,9 @@ def _leaves(values: dict, prefix: str = "") -> dict:
 
 
 def changed_within(old: dict | None, cfg: Config, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
-    """`changed` over every leaf key under `sections` (a section or a key) but `ignore`, that `old` has too
-    (a key added to the config since `old` was written is not a change); empty when `old` is None."""
+    """`key: old -> new` for every leaf key under `sections` (a section or a key) but `ignore` whose value in
+    `cfg` differs from `old`, that `old` has too (a key added to the config since `old` was written is not
+    a change); empty when `old` is None."""
     if old is None:
         return []
     before, now = _leaves(old), _leaves(json.loads(json.dumps(cfg.to_dict())))  # tuples as the YAML's lists
@@ -72,6 +64,13 @@ def changed_within(old: dict | None, cfg: Config, sections: tuple[str, ...], ign
 
     return [f"{key}: {before[key]!r} -> {value!r}" for key, value in now.items()
             if key in before and within(key, sections) and not within(key, ignore) and before[key] != value]
+
+
+def weights_changes(old: dict | None, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for each key of `WEIGHTS` (but `RUN_ONLY`, `ignore` and the options of the methods
+    other than cfg.model.method) whose value in `cfg` differs from `old`; empty when `old` is None."""
+    unused = tuple(key for method, key in METHOD_OPTIONS.items() if method != cfg.model.method)
+    return changed_within(old, cfg, WEIGHTS, RUN_ONLY + unused + ignore)
 
 
 def save(cfg: Config, job: str) -> str:

@@ -4,7 +4,8 @@
         model.method=dydit data.uri=s3://bucket/imagenet-256-latents storage.root=s3://bucket storage.run=dydit-0.5
 
 Submitting again with the same `storage.run` resumes from the run's latest checkpoint, with the same
-settings (lr, batch sizes, precision, model, method) unless `train.allow_changed_settings=true`; a run
+settings (what decides the weights: the model and its method's options, the diffusion, the training
+recipe but train.max_steps, the data) unless `train.allow_changed_settings=true`; a run
 that already exported its EMA weights at train.max_steps exits at once. A worker that fails on its
 input (a corrupt shard, a checkpoint of another model) ends the job at once with one line and exit
 status 2; Ray Train retries only the other failures (`ray.max_failures`). The exported EMA weights land

@@ -14,9 +14,10 @@ import pytest
 from dydit_dist import config, pipeline, preflight, run_config, storage
 from dydit_dist.eval.evaluate import evaluation_settings
 from dydit_dist.paths import RunPaths
-from dydit_dist.sample import SamplesError, SamplesManifest, sampling_settings
+from dydit_dist.sample import SamplesError, SamplesManifest, run_sampling, sampling_settings
 from dydit_dist.sample.plan import plan_shards
 from dydit_dist.sample.pool import sampling_config
+from dydit_dist.shardset import settings_digest, write_marker
 
 
 def load(tmp_path, *overrides):
@@ -62,7 +63,8 @@ def test_a_finished_fine_tune_is_reused_only_with_its_settings(tmp_path):
     run = finish_finetune(cfg)
     assert pipeline.finetune_done(pipeline.finetune_config(cfg, None, "dydit"))
     # where and how it ran does not decide the weights
-    same = load(tmp_path, "train.log_every=7", "train.checkpoint_every=5", "deepspeed.zero_stage=3")
+    same = load(tmp_path, "train.log_every=7", "train.checkpoint_every=5", "deepspeed.zero_stage=3",
+                "train.micro_batch_size=2", "model.flexdit.ramp_start=0.5")  # nor FlexDiT's options, on a DyDiT
     assert pipeline.finetune_done(pipeline.finetune_config(same, None, "dydit"))
     assert "finished training" not in problems(same).get("storage.run", "")
     # what decides them does: the target, fewer steps, the learning rate
@@ -103,6 +105,22 @@ def test_samples_with_a_shard_gone_are_not_done(tmp_path):
     assert not pipeline.samples_done(m_cfg)
     storage.write_bytes(storage.join(RunPaths(m_cfg).samples, "shard-000001.tar"), b"xy")  # truncated / replaced
     assert not pipeline.samples_done(m_cfg)
+
+
+def test_samples_whose_manifest_lags_their_markers_are_not_done_until_written(tmp_path):
+    """A sampling driver that died after the last done-marker, before its last manifest write: the folder is
+    not done (the evaluation reads the manifest, and would fail on it at every rerun) until the sample job,
+    which makes nothing then, writes the manifest from the markers."""
+    cfg = load(tmp_path)
+    m_cfg = pipeline.method_config(cfg, "static", None, {})
+    done = finish_samples(m_cfg)
+    url = RunPaths(m_cfg).samples
+    for record in done.records():
+        write_marker(url, {**record, "settings_sha256": settings_digest(done.settings)})
+    SamplesManifest(done.settings, done.num_shards).write(url)  # as written when the actors were ready
+    assert not pipeline.samples_done(m_cfg)
+    assert run_sampling(m_cfg).complete  # no Ray: nothing to make
+    assert SamplesManifest.read(url).complete and pipeline.samples_done(m_cfg)
 
 
 def test_samples_of_weights_a_stage_replaces_are_refused_before_it_trains(tmp_path):

@@ -1,5 +1,6 @@
 """Settings a run cannot silently change: the config history (`run_config.save`), a resumed fine-tune
-refused when lr / batch / precision / model / method changed (and applied with
+refused when what decides its weights changed (`run_config.WEIGHTS`: lr, batch, precision, the model
+and its method's options, ...; applied with
 train.allow_changed_settings=true, the optimizer's lr included), a finished fine-tune detected before
 Ray starts, and no `${...}` interpolation in a written config."""
 
@@ -38,16 +39,22 @@ def test_config_history_keeps_every_distinct_config(tmp_path):
     assert storage.read_bytes(paths.config("finetune")) == changed.to_yaml().encode()
 
 
-def test_changed_lists_each_setting_old_to_new(tmp_path):
-    old = _cfg(tmp_path).to_dict()
-    new = _cfg(tmp_path, "train.lr=1e-3", "train.global_batch_size=8", "train.log_every=7")
-    assert run_config.changed(old, new) == ["train.lr: 0.0001 -> 0.001", "train.global_batch_size: 4 -> 8"]
-    assert run_config.changed(None, new) == []
+def test_weights_changes_lists_each_key_that_decides_the_weights(tmp_path):
+    old = _cfg(tmp_path, "model.method=dydit").to_dict()
+    new = _cfg(tmp_path, "model.method=dydit", "train.lr=1e-3", "train.global_batch_size=8", "train.log_every=7",
+               "model.dynamic.target_lambda=0.7", "model.flexdit.ramp_start=0.5", "data.shuffle_buffer=7",
+               "data.num_workers=1")
+    assert run_config.weights_changes(old, new) == [  # in the config's order
+        "model.dynamic.target_lambda: 0.5 -> 0.7", "data.shuffle_buffer: 16 -> 7", "train.global_batch_size: 4 -> 8",
+        "train.lr: 0.0001 -> 0.001"]  # not how it ran (logging, loader workers), nor FlexDiT's options on a DyDiT
+    assert run_config.weights_changes(old, new, ignore=("train",)) == [
+        "model.dynamic.target_lambda: 0.5 -> 0.7", "data.shuffle_buffer: 16 -> 7"]
+    assert run_config.weights_changes(None, new) == []
 
 
-def _resumable_run(root) -> None:
+def _resumable_run(root, *overrides) -> None:
     """A run folder as a first fine-tune leaves it: data, its config, a checkpoint folder."""
-    cfg = _cfg(root)
+    cfg = _cfg(root, *overrides)
     random_dataset(f"{root}/data", cfg, num_samples=24)
     run_config.save(cfg, "finetune")
     storage.write_bytes(f"{RunPaths(cfg).checkpoints}/step-0000002/meta.json", b"{}")
@@ -72,10 +79,24 @@ def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys, 
                         "train.lr=1e-3", "train.global_batch_size=8", "train.precision=bf16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert err[0].startswith("finetune: ") and "resumes from a checkpoint made with other settings (train.lr: " \
-        "0.0001 -> 0.001; train.global_batch_size: 4 -> 8; train.precision: 'fp32' -> 'bf16')" in err[0]
+    assert err[0].startswith("finetune: ") and "resumes from a checkpoint made with other settings (train.global_batch_size: " \
+        "4 -> 8; train.lr: 0.0001 -> 0.001; train.precision: 'fp32' -> 'bf16')" in err[0]
     assert "train.allow_changed_settings=true" in err[0]
     assert storage.find(f"{tmp_path}/runs") == before and ray_calls == []  # nothing written, no lease left
+
+
+def test_a_resume_keeps_the_method_options_but_may_run_longer(tmp_path):
+    """DyDiT's target lambda decides the weights: a resume with another one is refused, as the lr is; more
+    steps, another init_from (a resume starts from its checkpoint) or FlexDiT's options are not changes."""
+    from dydit_dist.config import ConfigError
+    from dydit_dist.train.launcher import check_settings
+
+    _resumable_run(tmp_path, "model.method=dydit")
+    with pytest.raises(ConfigError, match=r"other settings \(model.dynamic.target_lambda: 0.5 -> 0.7\); rerun with "
+                                          r"train.allow_changed_settings=true"):
+        check_settings(_cfg(tmp_path, "model.method=dydit", "model.dynamic.target_lambda=0.7"))
+    assert check_settings(_cfg(tmp_path, "model.method=dydit", "train.max_steps=40", "train.init_from=elsewhere.pt",
+                               "model.flexdit.ramp_start=0.5")) == []
 
 
 def test_allowed_changes_are_logged_and_recorded(tmp_path, caplog):

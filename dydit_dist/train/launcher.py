@@ -63,14 +63,16 @@ def preflight(cfg) -> None:
 
 
 def check_settings(cfg) -> list[str]:
-    """A run that resumes from a checkpoint keeps `run_config.SETTINGS` (lr, batch sizes, precision, model,
-    method) of its last config: ConfigError listing each change `key: old -> new`, unless
+    """A run that resumes from a checkpoint keeps what decides its weights (`run_config.WEIGHTS`: the model
+    and its method's options, the diffusion, the training recipe, the data) as its last config had them,
+    train.max_steps and train.init_from aside: ConfigError listing each change `key: old -> new`, unless
     train.allow_changed_settings=true, which applies them (the optimizer's lr too, `checkpoints.set_lr`)
     and logs them; the changed config becomes the run's next config-history entry. Returns the changes."""
     paths = RunPaths(cfg)
     if not any(CHECKPOINT_NAME.search(url.rstrip("/")) for url in storage.listdir(paths.checkpoints)):
         return []  # nothing to resume: the settings are free
-    changes = run_config.changed(run_config.previous(cfg, "finetune"), cfg)
+    changes = run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg,
+                                         ignore=("train.max_steps", "train.init_from"))
     if changes and not cfg.train.allow_changed_settings:
         raise ConfigError(f"{paths.url} resumes from a checkpoint made with other settings ({'; '.join(changes)}); "
                           "rerun with train.allow_changed_settings=true to apply them from the checkpoint on, "
