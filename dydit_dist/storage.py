@@ -213,8 +213,9 @@ def _is_transient(err: Exception) -> bool:
     """Whether sending the request again may succeed. S3's answer decides when there is one: s3fs raises an
     OSError whose message names neither status nor code, with botocore's ClientError as its cause (or a
     cause's cause). Without one: the errno s3fs gives throttling and server errors, or a request that failed
-    on its way. A missing object or bucket, denied access, a bad request, an object replaced under an open
-    file (412) and a refused connection (nothing listens there) are permanent."""
+    on its way, or over a connection that dropped (`_dropped`). A missing object or bucket, denied access, a
+    bad request, an object replaced under an open file (412) and a refused connection (nothing listens
+    there) are permanent."""
     cause: BaseException | None = err
     while cause is not None:
         answer = getattr(cause, "response", None)
@@ -224,9 +225,28 @@ def _is_transient(err: Exception) -> bool:
         cause = cause.__cause__
     if isinstance(err, FileNotFoundError | PermissionError | ConnectionRefusedError):
         return False
+    if _dropped(err):
+        return True
     if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
         return True
     return isinstance(err, _transient_types())
+
+
+def _dropped(err: BaseException) -> bool:
+    """Whether `err` (or a cause of it) is botocore's EndpointConnectionError over a connection that was made
+    and then reset or closed (aiobotocore raises it for any aiohttp ClientConnectionError, a keep-alive
+    connection reset as a request starts included), not one that could not be made (refused, no such
+    host: aiohttp's ClientConnectorError, a DNS error), which stays permanent."""
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, EndpointConnectionError):
+            inner = cause.kwargs.get("error")
+            return isinstance(inner, aiohttp.ClientConnectionError) and not isinstance(inner, aiohttp.ClientConnectorError)
+        cause = cause.__cause__
+    return False
 
 
 def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:

@@ -16,6 +16,7 @@ from dydit_dist.eval.metrics import statistics
 from dydit_dist.eval.reference import load_reference
 from dydit_dist.network import save_weights
 from dydit_dist.paths import RunPaths
+from dydit_dist.sample import SamplesManifest
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,26 @@ def test_a_reference_replaced_at_its_url_is_not_read_from_the_cache(tmp_path, we
     assert second.cache["features_cache"] != first.cache["features_cache"]
     torch.testing.assert_close(second.features, expected, rtol=0, atol=0)
     np.testing.assert_array_equal(second.mu, statistics(expected)["mu"])
+
+
+def test_a_folder_reference_is_keyed_by_its_shards_not_its_manifest_bytes(tmp_path, weights):
+    """A samples folder as the reference: a manifest written again with other stats (its driver's timings)
+    is the same images and reads the cache; a shard made again with other bytes is not."""
+    cfg = tiny_config(str(tmp_path), *_overrides(tmp_path, weights, "eval.metrics=[fid]", "sample.num_samples=8",
+                                                 "sample.shard_size=4", "sample.steps=2"))
+    extractor = resolve_extractor(cfg.eval)
+    module = extractor.create("cpu", cfg.eval.metrics)
+    url = str(tmp_path / "refs")
+    write_samples(cfg, url)
+
+    def load():
+        return load_reference(url, extractor, module, "cpu", cfg.eval.metrics, cfg.eval, RunPaths(cfg))
+
+    first = load().cache["features_cache"]
+    manifest = SamplesManifest.read(url)
+    manifest.stats["wall_s"] = 123.0
+    manifest.write(url)
+    assert load().cache["features_cache"] == first
+    write_samples(tiny_config(str(tmp_path), *_overrides(tmp_path, weights, "sample.num_samples=8",
+                                                          "sample.shard_size=4", "sample.steps=2", "sample.seed=1")), url)
+    assert load().cache["features_cache"] != first

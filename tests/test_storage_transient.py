@@ -10,6 +10,7 @@ import http.client
 import http.server
 import io
 import logging
+import socket
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -282,3 +283,29 @@ def test_a_streamed_read_denied_is_not_retried(proxy):
         with pytest.raises(StorageError, match=rf"reading at byte 0 of {url} failed: PermissionError"):
             f.read()
     assert faulty.seen("GET") == 1
+
+
+def test_a_reset_connection_is_transient_a_refused_one_is_not():
+    """aiobotocore raises botocore's EndpointConnectionError for every aiohttp connection error: a keep-alive
+    connection reset as a request starts is worth another try, a connection refused (nothing listens) is not."""
+    import asyncio
+
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def connect_to_nothing():
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"http://127.0.0.1:{port}/")
+
+    with pytest.raises(aiohttp.ClientConnectorError) as refused:
+        asyncio.run(connect_to_nothing())
+    reset = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+    assert storage._is_transient(EndpointConnectionError(endpoint_url="http://s3", error=reset))
+    assert not storage._is_transient(EndpointConnectionError(endpoint_url="http://s3", error=refused.value))
+    wrapped = OSError("s3fs's own error")
+    wrapped.__cause__ = EndpointConnectionError(endpoint_url="http://s3", error=reset)
+    assert storage._is_transient(wrapped)

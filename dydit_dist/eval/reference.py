@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import zipfile
@@ -95,9 +96,11 @@ def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.n
 def _source_identity(url: str) -> str:
     """What identifies the images of a reference source, read without reading them: an .npz's size and the
     name, CRC-32 and size of each member its zip directory records (at the end of the file); a folder's
-    manifest.json, which records every shard's sha256 (and the shards are checked against it when read)."""
+    shards as its manifest records them, names and sha256 (the shards are checked against them when read;
+    not the manifest's bytes, whose stats and timings change when its driver writes it again)."""
     if source_kind(url) != "npz":
-        return hashlib.sha256(storage.read_bytes(manifest_url(url))).hexdigest()
+        shards = [(r["name"], r["sha256"]) for r in storage.read_json(manifest_url(url))["shards"]]
+        return hashlib.sha256(json.dumps(sorted(shards)).encode()).hexdigest()
     with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
         members = [f"{m.filename}:{m.CRC:08x}:{m.file_size}" for m in zf.infolist()]
     return " ".join([str(storage.size(url)), *members])
