@@ -164,7 +164,7 @@ def install_signal_handlers(job: str, cfg: Config | None) -> None:
 def _lease_url(cfg: Config, job: str) -> str:
     """prepare writes the data folder; every other job the run folder."""
     paths = RunPaths(cfg)
-    return storage.join(paths.data, "lease") if job == "prepare" else paths.lease
+    return paths.data_lease if job == "prepare" else paths.lease
 
 
 def _one_line(err: BaseException) -> str:

@@ -16,7 +16,7 @@
         {name}.safetensors                  paths.weights(name): weights a run trains on the side
     {root}/data/{run}/  (or data.uri)       paths.data: prepared shards + manifest (`shardset`)
         prepare.config.yaml                 paths.data_config
-        lease/NNNNNNNNNN.json               prepare's lease (`cli._lease_url`)
+        lease/NNNNNNNNNN.json               paths.data_lease: the lease of whoever prepares it
     {root}/sources/{name}/                  paths.source(name): built-in sources, materialized
     {root}/references/{key}/features.npz    paths.reference_features(key): cached reference features
 """
@@ -110,6 +110,10 @@ class RunPaths:
     @property
     def data_config(self) -> str:
         return storage.join(self.data, "prepare.config.yaml")
+
+    @property
+    def data_lease(self) -> str:
+        return storage.join(self.data, "lease")
 
     def source(self, name: str) -> str:
         return storage.join(self.root, "sources", name)

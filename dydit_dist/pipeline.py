@@ -132,7 +132,7 @@ def prepare_stage(cfg: Config) -> Config:
     done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:  # under the data folder's lease, as jobs.prepare: runs sharing a data.uri prepare it once
-        with Lease.acquire(storage.join(paths.data, "lease"), "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job):
+        with Lease.acquire(paths.data_lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job):
             if not data_done(cfg):
                 prepare(cfg)
     return cfg

@@ -65,7 +65,7 @@ def eb_cache_table(cfg: Config) -> Input:
     try:
         cfg.sample.eb_cache.schedule_for(cfg.sample.steps)
     except (OSError, ValueError) as err:
-        return Input(key, url, problem=f"{err}; expected {expected} of sample.steps={cfg.sample.steps}")
+        return Input(key, url, problem=str(err))  # names the step counts and the calibration job
     return Input(key, url, note=f"a calibration table of {cfg.sample.steps} steps")
 
 
@@ -214,10 +214,6 @@ def quietly(done: Callable[..., bool], *args) -> bool:
         return bool(done(*args))
     except (OSError, ValueError, KeyError):
         return False
-
-
-def samples_complete(url: str) -> bool:
-    return quietly(lambda: storage.exists(manifest_url(url)) and SamplesManifest.read(url).complete)
 
 
 def samples_count(url: str) -> int | None:

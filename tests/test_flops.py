@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_util import torch_macs
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from dydit_dist import models
 from dydit_dist.flops import Arch, BlockActivity, block_macs, count, main, mlp_macs
@@ -135,14 +134,8 @@ def test_cli_prints_tables(capsys):
     assert "| DiT-S/8 |" in out and "| PixArt-XL/2 | 149.12 | 618.26 |" in out
 
 
-def _counted_macs(fn) -> float:
-    """MACs torch's FlopCounterMode sees (it reports 2 per MAC and skips LayerNorm).
-
-    On CPU the fused SDPA kernel is not in its registry; the math backend runs it as bmm, which is.
-    """
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops() / 2
+def _macs(fn) -> float:
+    return torch_macs(fn)[0]
 
 
 class _FastBlock(nn.Module):
@@ -192,7 +185,7 @@ def test_activity_matches_torch_counter_on_a_fast_block(act):
     dense = None if act.kv_tokens is None else torch.randn(1, round(act.kv_tokens * n), d)
     macs = block_macs(a, n, act, 0)
     assert (
-        _counted_macs(lambda: block(x, dense, torch.randn(1, d), act))
+        _macs(lambda: block(x, dense, torch.randn(1, d), act))
         == macs["adaLN"] + macs["attn"] + macs["mlp"]
     )
 
@@ -202,7 +195,7 @@ def test_dit_matches_torch_counter(name):
     model = models.build_model(name, input_size=8, num_classes=10).eval()
     x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.tensor([3])
     report = count(name, 64, num_classes=10)
-    assert _counted_macs(lambda: model(x, t, y)) == report.total - report.by_component["norm"]
+    assert _macs(lambda: model(x, t, y)) == report.total - report.by_component["norm"]
 
 
 def test_pixart_matches_torch_counter():
@@ -211,7 +204,7 @@ def test_pixart_matches_torch_counter():
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     y, mask = torch.randn(1, 1, 6, 48), torch.ones(1, 6, dtype=torch.long)
     report = count("PixArt-debug", 64, **kw)
-    assert _counted_macs(lambda: model(x, t, y, mask)) == report.total - report.by_component["norm"]
+    assert _macs(lambda: model(x, t, y, mask)) == report.total - report.by_component["norm"]
 
 
 def test_pixart_ms_matches_torch_counter():
@@ -221,4 +214,4 @@ def test_pixart_ms_matches_torch_counter():
     info = {"img_hw": torch.tensor([[64.0, 128.0]]), "aspect_ratio": torch.tensor([[0.5]])}
     report = count(dict(family="pixart_ms", **kw), (64, 128), caption_channels=24, model_max_length=5)
     assert report.by_component["size_embedder"] == 3 * (256 * 16 + 16 * 16)
-    assert _counted_macs(lambda: model(x, t, y, data_info=info)) == report.total - report.by_component["norm"]
+    assert _macs(lambda: model(x, t, y, data_info=info)) == report.total - report.by_component["norm"]

@@ -189,8 +189,7 @@ def test_an_eb_cache_table_of_another_step_count_is_named(tmp_path):
         return next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule")
 
     assert table_input(10).problem == ("cache schedule has 5 steps but sampling runs 10; calibrate one for this step "
-                                       "count (python -m jobs.calibrate); expected an EB-Cache table (python -m "
-                                       "jobs.calibrate) of sample.steps=10")
+                                       "count (python -m jobs.calibrate)")
     assert table_input(5).problem is None and table_input(5).note == "a calibration table of 5 steps"
     table.write_text('{"format": "something else"}')
     assert "is not an EB-Cache calibration table" in table_input(5).problem

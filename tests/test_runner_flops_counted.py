@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_util import randomize_
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from model_util import randomize_, torch_macs
 
 from dydit_dist import flops
 from dydit_dist.accel import build_runner
@@ -79,9 +77,8 @@ def _counted_run(runner, shape, cond) -> list[float]:
     macs = []
 
     def counted(x, t, **kwargs):
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            out = runner(x, t, **kwargs)
-        macs.append(counter.get_total_flops() / 2 / x.shape[0])  # the counter reports 2 FLOPs per MAC
+        total, out = torch_macs(lambda: runner(x, t, **kwargs))
+        macs.append(total / x.shape[0])
         return out
 
     runner.begin(STEPS)
