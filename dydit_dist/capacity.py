@@ -142,6 +142,46 @@ def acquire(needs: list[Need], use_gpu: bool, timeout_s: float) -> None:
                         f"{why}.{fallback}")
 
 
+class ActorPool:
+    """The actors of one kind a job runs: once the cluster has room for all of them (`acquire`), `need.count`
+    actors `worker_cls(*args)` of `need`'s CPUs and GPUs each (`options`: more `ray.remote` options). A lost
+    one is replaced (`replace`), `max_failures` times in all."""
+
+    def __init__(self, worker_cls: type, args: tuple, need: Need, use_gpu: bool, timeout_s: float,
+                 max_failures: int, noun: str, **options):
+        import ray
+
+        acquire([need], use_gpu, timeout_s)
+        self.actor_cls = ray.remote(worker_cls).options(num_cpus=need.cpus, num_gpus=need.gpus, max_restarts=0, **options)
+        self.args, self.max_failures, self.noun = args, max_failures, noun
+        self.failures = 0
+        self.actors = [self.actor_cls.remote(*args) for _ in range(need.count)]
+
+    def replace(self, actor, err: Exception) -> None:
+        """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
+        first call); RuntimeError naming the cause `err` once the budget is spent and no actor is left. The
+        lost one is killed: Ray reports an actor that is only unavailable for the moment
+        (`ActorUnavailableError`) as lost too, and one still alive would go on working on what is now
+        requeued and holding its GPU (killing a dead actor does nothing)."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        self.actors.remove(actor)
+        self.failures += 1
+        if self.failures <= self.max_failures:
+            self.actors.append(self.actor_cls.remote(*self.args))
+        elif not self.actors:
+            raise RuntimeError(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
+                               f"{self.max_failures}), the last with {death_cause(err)}") from None
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
 def _have(resources: dict) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}s" for k in ("CPU", "GPU"))
 

@@ -232,7 +232,7 @@ def _samples_state(cfg: Config, weights_made_by: str | None) -> tuple[bool, str 
     of other settings or weights, or of weights the stage `weights_made_by` of this job replaces)."""
     samples = RunPaths(cfg).samples
     if weights_made_by:
-        if resolve.samples_count(samples):
+        if resolve.holds_samples(samples):
             return False, (f"holds samples of earlier weights, and the {weights_made_by} stage makes new ones; use "
                            "another storage.run, or remove that folder")
         return False, None
@@ -376,7 +376,10 @@ def _reproduce(p: Plan, cfg: Config) -> None:
         if _finetune(p, finetune, name, data_ready, static_by, init_key):
             trained_by[method] = name
         trained[method] = RunPaths(finetune).url
-    # 3. Samples and metrics of every method
+    # 3. Samples and metrics of every method (evaluated with the digits classifier's weights as
+    # `pipeline.feature_extractor_stage` sets them, which metrics.json records)
+    if extractor_made:
+        data = pipeline.with_values(data, eval={"feature_extractor_weights": RunPaths(cfg).weights(digits.NAME)})
     for method in cfg.eval.methods:
         if method in pipeline.TRAINED_METHODS and method not in trained:
             continue  # its fine-tune does not fit the config (reported above)

@@ -28,7 +28,7 @@ from dydit_dist.models import read_shapes
 from dydit_dist.network import build_network
 from dydit_dist.paths import ema_pointer
 from dydit_dist.sample import SamplesManifest
-from dydit_dist.shardset import manifest_url
+from dydit_dist.shardset import MARKERS, manifest_url
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 HUB_TIMEOUT_S = 5.0
@@ -221,6 +221,13 @@ def samples_count(url: str) -> int | None:
         return int(storage.read_json(manifest_url(url))["num_samples"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def holds_samples(url: str) -> bool:
+    """Whether a samples folder holds samples: recorded in its manifest, or done-markers beside it (of a
+    sampling driver that died before recording them)."""
+    return bool(samples_count(url)) or quietly(
+        lambda: any(u.endswith(".json") for u in storage.listdir(storage.join(url, MARKERS))))
 
 
 def samples(url: str, cfg: Config) -> Input:

@@ -11,6 +11,7 @@ import torch
 from actor_faults import FeatureWorkerWithoutGpu, lost_gpu_at_start
 from sampling_util import random_checkpoint, tiny_config, write_samples
 
+from dydit_dist.capacity import ActorPool, Need
 from dydit_dist.eval import actors as eval_actors
 from dydit_dist.eval.actors import prefetched
 from dydit_dist.eval.digits import DigitsNet
@@ -109,7 +110,9 @@ def test_a_replaced_actor_is_killed_even_if_it_is_alive(tmp_path, ray_local):
     `RayActorError`): once replaced it must not go on holding its GPU; killing a dead one is harmless."""
     from ray.exceptions import RayActorError
 
-    pool = eval_actors.EvalActors(_digits_config(tmp_path, "ray.max_failures=1"), 1)
+    cfg = _digits_config(tmp_path, "ray.max_failures=1")
+    need = Need("evaluation actors", 1, cfg.ray.cpus_per_worker)
+    pool = ActorPool(eval_actors.FeatureWorker, (cfg.to_dict(), False), need, False, 60.0, 1, "evaluation actor")
     try:
         old = pool.actors[0]
         assert ray_local.get(old.__ray_ready__.remote())

@@ -128,8 +128,15 @@ def test_samples_of_weights_a_stage_replaces_are_refused_before_it_trains(tmp_pa
     trained = {"dydit": finish_finetune(cfg)}
     finish_samples(pipeline.method_config(cfg, "dydit", None, trained))
     more = load(tmp_path, "train.max_steps=40")  # the fine-tune goes on: new weights, the old samples stay
-    assert problems(more)["storage.run"] == ("holds samples of earlier weights, and the finetune stage makes new "
-                                             "ones; use another storage.run, or remove that folder")
+    refused = ("holds samples of earlier weights, and the finetune stage makes new ones; use another storage.run, "
+               "or remove that folder")
+    assert problems(more)["storage.run"] == refused
+    # samples only in done-markers (the sampling driver died before recording any in the manifest)
+    url = RunPaths(pipeline.method_config(cfg, "dydit", None, trained)).samples
+    done = SamplesManifest.read(url)
+    write_marker(url, {**done.records()[0], "settings_sha256": settings_digest(done.settings)})
+    SamplesManifest(done.settings, done.num_shards).write(url)
+    assert problems(more)["storage.run"] == refused
 
 
 def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
@@ -145,6 +152,20 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     assert not pipeline.metrics_done(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})
     assert not pipeline.metrics_done(m_cfg)  # written before the settings were recorded: not known to match
+
+
+def test_metrics_evaluated_with_the_digits_classifier_the_job_trains_are_done_in_the_plan(tmp_path):
+    """The reproduce job trains the digits classifier when it has no weights and records their URL in
+    metrics.json: its plan evaluates with that URL too, so a finished run's evaluate stages read as done."""
+    cfg = load(tmp_path, "eval.feature_extractor=digits-cnn", "eval.methods=[static]")
+    made = pipeline.with_values(cfg, eval={"feature_extractor_weights": RunPaths(cfg).weights("digits-cnn")})
+    m_cfg = pipeline.method_config(made, "static", None, {})
+    manifest = finish_samples(m_cfg)
+    storage.write_json(RunPaths(m_cfg).metrics, {"metrics": {"isc_mean": 1.0}, "num_samples": manifest.num_samples,
+                                                 "sampling": manifest.settings,
+                                                 "evaluation": evaluation_settings(m_cfg.eval)})
+    stages = {s.name: s.work for s in preflight.plan(cfg, "reproduce").stages}
+    assert stages["evaluate static"] == "outputs exist, skipped"
 
 
 def test_a_reference_that_cannot_be_one_is_refused_before_stage_1(tmp_path):

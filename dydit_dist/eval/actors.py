@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray, death_cause
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray
 from dydit_dist.config import Config
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
@@ -178,50 +178,12 @@ def sample_features(cfg: Config, url: str, records: list[dict], captions: list[s
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
-class EvalActors:
-    """The evaluation actors of one pass: `count` FeatureWorkers (1 CPU share of `ray.cpus_per_worker`, a GPU
-    share of `ray.gpus_per_worker` with `ray.use_gpu`), a lost one replaced `ray.max_failures` times in all."""
-
-    def __init__(self, cfg: Config, count: int):
-        import ray
-
-        r = cfg.ray
-        self.cfg_dict, self.use_gpu, self.max_failures = cfg.to_dict(), r.use_gpu, r.max_failures
-        gpus = r.gpus_per_worker if r.use_gpu else 0.0
-        self.actor_cls = ray.remote(FeatureWorker).options(num_cpus=r.cpus_per_worker, num_gpus=gpus, max_restarts=0)
-        self.actors = [self.actor_cls.remote(self.cfg_dict, self.use_gpu) for _ in range(count)]
-        self.failures = 0
-
-    def replace(self, actor, err: Exception) -> None:
-        """Drop a lost actor; start another while the failure budget lasts (it loads while its shards queue),
-        RuntimeError naming the cause `err` once the budget is spent and no actor is left. The lost one is
-        killed: Ray reports an actor that is only unavailable for the moment (`ActorUnavailableError`) as
-        lost too, and one still alive would go on holding its GPU (killing a dead actor does nothing)."""
-        import ray
-
-        ray.kill(actor, no_restart=True)
-        self.actors.remove(actor)
-        self.failures += 1
-        if self.failures <= self.max_failures:
-            self.actors.append(self.actor_cls.remote(self.cfg_dict, self.use_gpu))
-        elif not self.actors:
-            raise RuntimeError(f"every evaluation actor died ({self.failures} failures > ray.max_failures="
-                               f"{self.max_failures}), the last with {death_cause(err)}") from None
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-
-
 def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                on_part: Callable[[list], None] | None = None) -> list[dict[str, torch.Tensor]]:
     """Every shard's features from the actors, pulled one shard at a time (two in flight per actor).
 
     An actor that is lost (a lost node, or only unreachable for a while) is killed and replaced
-    (`EvalActors.replace`), and every shard it held goes back to the queue once: its calls leave `pending`
+    (`capacity.ActorPool.replace`), and every shard it held goes back to the queue once: its calls leave `pending`
     together, so a late answer of the lost actor is never read. An error of the feature code itself (a
     corrupt shard, a wrong prompt) stops the job. on_part(actors): called after each shard's features
     arrive (tests kill an actor there)."""
@@ -230,11 +192,11 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
 
     connect_ray(cfg.ray.address)
     r = cfg.ray
-    count = min(cfg.eval.num_actors, len(records))
-    gpus = r.gpus_per_worker if r.use_gpu else 0.0
     keys = "eval.num_actors, ray.cpus_per_worker" + (", ray.gpus_per_worker" if r.use_gpu else "")
-    acquire([Need("evaluation actors", count, r.cpus_per_worker, gpus, keys)], r.use_gpu, r.capacity_timeout_s)
-    pool = EvalActors(cfg, count)
+    need = Need("evaluation actors", min(cfg.eval.num_actors, len(records)), r.cpus_per_worker,
+                r.gpus_per_worker if r.use_gpu else 0.0, keys)
+    pool = ActorPool(FeatureWorker, (cfg.to_dict(), r.use_gpu), need, r.use_gpu, r.capacity_timeout_s, r.max_failures,
+                     "evaluation actor")
     try:  # no barrier on `ready`: an actor that dies starting (GpuUnavailable, a lost node) is replaced below
         todo = list(enumerate(records))[::-1]  # popped from the end: index order
         parts: dict[int, dict] = {}
@@ -263,7 +225,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                 if on_part is not None:
                     on_part(pool.actors)
             top_up()
-        log.info("features of %d shards from %d evaluation actors (%d replaced)", len(records), count, pool.failures)
+        log.info("features of %d shards from %d evaluation actors (%d replaced)", len(records), need.count, pool.failures)
         return [parts[k] for k in range(len(records))]
     finally:
         pool.shutdown()

@@ -34,7 +34,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
-from dydit_dist.capacity import Need, acquire, check_gpu, connect_ray, death_cause
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError
 from dydit_dist.diffusion.noise import stream_kind
 from dydit_dist.models import CheckpointError, family
@@ -190,26 +190,21 @@ def _actor_id() -> str:
     return ray.get_runtime_context().get_actor_id() or "local"
 
 
-class SamplingPool:
-    """The actors; replaces those that die (see the module docstring)."""
+class SamplingPool(ActorPool):
+    """The sampling actors, every one ready before the first unit; replaces those that die (see the module
+    docstring)."""
 
     def __init__(self, cfg: Config, url: str, num_todo: int):
         import ray
         from ray.exceptions import RayActorError
 
-        s = cfg.sample
-        self.use_gpu = cfg.ray.use_gpu
+        s, self.use_gpu = cfg.sample, cfg.ray.use_gpu
         self.num_actors = min(s.num_actors, num_todo)
         keys = "sample.num_actors, sample.cpus_per_actor" + (", sample.gpus_per_actor" if self.use_gpu else "")
-        acquire([Need("sampling actors", self.num_actors, s.cpus_per_actor, s.gpus_per_actor if self.use_gpu else 0.0,
-                      keys)], self.use_gpu, cfg.ray.capacity_timeout_s)
-        self.actor_cls = ray.remote(SamplingWorker).options(
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if self.use_gpu else 0, max_restarts=0,
-            max_concurrency=2)  # `sample` and `write` at once
-        self.args = (cfg.to_dict(), url, self.use_gpu)
-        self.max_failures = cfg.ray.max_failures
-        self.failures = 0
-        self.actors = [self.actor_cls.remote(*self.args) for _ in range(self.num_actors)]
+        need = Need("sampling actors", self.num_actors, s.cpus_per_actor, s.gpus_per_actor if self.use_gpu else 0.0, keys)
+        super().__init__(SamplingWorker, (cfg.to_dict(), url, self.use_gpu), need, self.use_gpu,
+                         cfg.ray.capacity_timeout_s, cfg.ray.max_failures, "sampling actor",
+                         max_concurrency=2)  # `sample` and `write` at once
         # Every actor ready before the first unit. An input error (a bad checkpoint) stops the job; an actor
         # that died starting (its host's GPU unusable, `GpuUnavailable`; a lost node) is replaced, as later.
         self.load_seconds = []
@@ -228,31 +223,8 @@ class SamplingPool:
                     self.shutdown()
                     raise RuntimeError(f"sampling actors could not start ({self.failures + 1} failures > "
                                        f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
-                self.replace(actor)
+                self.replace(actor, err)
                 starting[self.actors[-1].ready.remote()] = self.actors[-1]
-
-    def replace(self, actor) -> None:
-        """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for
-        its first unit). The lost one is killed: Ray reports an actor that is only unavailable for the
-        moment (`ActorUnavailableError`) as lost too, and one still alive would go on writing the units
-        now requeued and holding its GPU (killing a dead actor does nothing)."""
-        import ray
-
-        ray.kill(actor, no_restart=True)
-        self.actors.remove(actor)
-        self.failures += 1
-        if self.failures <= self.max_failures:
-            self.actors.append(self.actor_cls.remote(*self.args))
-        elif not self.actors:
-            raise RuntimeError(f"every sampling actor died ({self.failures} failures > ray.max_failures="
-                               f"{self.max_failures}); see the actor logs")
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
 
 
 def input_error(err: Exception) -> Exception:
@@ -353,7 +325,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 back = dispatch.lost(actor)
                 log.warning("sampling actor died (%s); %d units go back to the queue", type(err).__name__, len(back))
                 worked.discard(actor)  # no handle kept: Ray reclaims the actor
-                pool.replace(actor)
+                pool.replace(actor, err)
                 feed()
                 continue
             if kind == "sample":
