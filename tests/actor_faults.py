@@ -1,13 +1,14 @@
 """Actors whose start meets a host without a usable GPU, as `capacity.check_gpu` raises it there, for the
 tests that a start failure is replaced like a lost actor; and one that refuses its config, for the test that
 this is an input error. Ray ships these classes to the actors by value (`swapped_actor`): the actors cannot
-import the tests' modules."""
+import the tests' modules. `dies_soon`: whether a killed actor stops answering."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 
 from ray import cloudpickle  # the one Ray ships actors with
 
@@ -66,3 +67,21 @@ def swapped_actor(monkeypatch, module, name: str, cls):
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         monkeypatch.setattr(module, name, original)
+
+
+def dies_soon(actor, seconds: float = 60.0) -> bool:
+    """Whether `actor` stops answering within `seconds`. `ray.kill` takes effect asynchronously: a call sent
+    right after it may still be answered (seen for a `__ray_ready__` sent at once), so one call proves nothing."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False
+        time.sleep(0.2)
+    return False

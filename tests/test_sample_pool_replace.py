@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from actor_faults import SamplingWorkerWithBadConfig, swapped_actor
+from actor_faults import SamplingWorkerWithBadConfig, dies_soon, swapped_actor
 from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import storage
@@ -32,13 +32,12 @@ def test_a_replaced_actor_is_killed_even_if_it_is_alive(ray_local, tmp_path, che
     sampling = pool.SamplingPool(cfg, str(tmp_path / "samples"), num_todo=1)
     try:
         old = sampling.actors[0]
-        sampling.replace(old)
-        with pytest.raises(RayActorError):
-            ray_local.get(old.ready.remote())
+        sampling.replace(old, RayActorError())
+        assert dies_soon(old)
         new = sampling.actors[0]
         assert new != old and sampling.failures == 1
         ray_local.kill(new)
-        sampling.replace(new)  # killing an actor that is already dead is harmless
+        sampling.replace(new, RayActorError())  # killing an actor that is already dead is harmless
         assert sampling.failures == 2 and len(sampling.actors) == 1
     finally:
         sampling.shutdown()
