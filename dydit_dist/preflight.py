@@ -49,6 +49,7 @@ from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
+from dydit_dist.train.checkpoints import exported_step, has_checkpoint
 
 SUSTAINED_FLOPS = 400e12  # FLOP/s assumed sustained on one GPU (40% of an H100's dense bf16 peak)
 INCEPTION_FLOP = 6e9  # per image: Inception-v3 at 299 x 299
@@ -155,6 +156,10 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
                                                   "StableDiffusionXLPipeline (the sample and evaluate jobs), not fine-tuned"))
         return False
     done, differ = _done(pipeline.finetune_done, cfg) if p.job == "reproduce" else (False, None)
+    trained = RunPaths(cfg).checkpoints
+    if init_made_by and resolve.quietly(lambda: has_checkpoint(trained) or exported_step(trained) >= 0):
+        differ = (f"holds a {name} of earlier {init_key or 'train.init_from'} weights, and the {init_made_by} "
+                  "stage makes new ones; use another storage.run, or remove that folder")
     if differ:
         p.stages.append(Stage(name, "outputs exist, made with other settings"))
         p.add(Input("storage.run", RunPaths(cfg).url, problem=differ))

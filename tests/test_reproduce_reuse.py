@@ -26,9 +26,9 @@ def load(tmp_path, *overrides):
                                  "eval.methods=[static,dydit]", "model.dynamic.target_lambda=0.5", *overrides])
 
 
-def finish_finetune(cfg) -> str:
-    """The DyDiT fine-tune of `cfg` as train_stage leaves it: its config, an EMA export at max_steps."""
-    finetune = pipeline.finetune_config(cfg, None, "dydit")
+def finish_finetune(cfg, static: str | None = None) -> str:
+    """The DyDiT fine-tune of `cfg` (from `static`) as train_stage leaves it: its config, an EMA export at max_steps."""
+    finetune = pipeline.finetune_config(cfg, static, "dydit")
     run_config.save(finetune, "finetune")
     step = finetune.train.max_steps
     url = storage.join(RunPaths(finetune).checkpoints, f"ema-{step:07d}.safetensors")
@@ -78,6 +78,16 @@ def test_a_finished_fine_tune_is_reused_only_with_its_settings(tmp_path):
         assert change in problems(other)["storage.run"]
     # more steps: the run goes on from its checkpoint (the launcher's own resume checks apply)
     assert not pipeline.finetune_done(pipeline.finetune_config(load(tmp_path, "train.max_steps=40"), None, "dydit"))
+
+
+def test_a_fine_tune_of_static_weights_a_stage_makes_again_is_refused(tmp_path):
+    """The demo's pretrain run goes on (more steps): the finished fine-tune started from its earlier weights,
+    so the report would compare new static weights with a fine-tune of the old ones."""
+    cfg = load(tmp_path, "eval.pretrain_config=reproduce_debug_pretrain")
+    run = finish_finetune(cfg, RunPaths(pipeline.pretrain_config(cfg)).url)  # the pretrain run: no export yet
+    assert problems(cfg)["storage.run"].startswith(
+        "holds a finetune of earlier model.checkpoint weights, and the pretrain stage makes new ones")
+    assert run.endswith("/runs/r/finetune")
 
 
 def test_samples_are_reused_only_with_their_settings(tmp_path):

@@ -156,6 +156,11 @@ def write_ema(weights: dict[str, torch.Tensor], step: int, checkpoints_url: str,
     return url
 
 
+def has_checkpoint(checkpoints_url: str) -> bool:
+    """Whether a run's checkpoints folder holds a resumable checkpoint (`step-NNNNNNN`)."""
+    return any(CHECKPOINT_NAME.search(url.rstrip("/")) for url in storage.listdir(checkpoints_url))
+
+
 def exported_step(checkpoints_url: str) -> int:
     """The step of the EMA export the pointer names; -1 when there is none yet."""
     try:

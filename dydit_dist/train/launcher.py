@@ -33,7 +33,7 @@ from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
 from dydit_dist.paths import CHECKPOINTS, RunPaths
-from dydit_dist.train.checkpoints import CHECKPOINT_NAME
+from dydit_dist.train.checkpoints import has_checkpoint
 from dydit_dist.train.deepspeed_setup import check_deepspeed, grad_accumulation
 from dydit_dist.train.metrics import progress_line
 from dydit_dist.train.worker import NOT_RETRIED, train_loop_per_worker
@@ -69,7 +69,7 @@ def check_settings(cfg) -> list[str]:
     train.allow_changed_settings=true, which applies them (the optimizer's lr too, `checkpoints.set_lr`)
     and logs them; the changed config becomes the run's next config-history entry. Returns the changes."""
     paths = RunPaths(cfg)
-    if not any(CHECKPOINT_NAME.search(url.rstrip("/")) for url in storage.listdir(paths.checkpoints)):
+    if not has_checkpoint(paths.checkpoints):
         return []  # nothing to resume: the settings are free
     changes = run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg,
                                          ignore=("train.max_steps", "train.init_from"))
