@@ -10,7 +10,7 @@ Failures on S3 are bounded and retried in one place, `_retry`:
 - every operation has a wall-clock deadline, `storage.timeout_s` (plus the time its bytes take at
   `SLOWEST_BYTES_PER_S`, so a large object is not cut off), retries included; each botocore request
   also has connect and read timeouts of half of it, so one hung connection leaves time for a retry;
-- transient errors (throttling, 5xx, timeouts, a dropped connection, a body cut short: `_is_transient`)
+- transient errors (throttling, 5xx, timeouts, a dropped connection, a body cut short: `s3_errors.is_transient`)
   are retried `storage.retries` times with exponential backoff, each retry logged; botocore and s3fs
   make one attempt each, so the layers do not multiply;
 - a file opened with `open_file` reads through the same retries, each read one operation, resumed at
@@ -27,8 +27,6 @@ credentials from the usual AWS environment variables, profile or instance role, 
 
 from __future__ import annotations
 
-import errno
-import functools
 import io
 import json
 import logging
@@ -43,6 +41,8 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
+
+from dydit_dist.s3_errors import is_transient
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -182,73 +182,6 @@ def _endpoint(url: str) -> str:
     return _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
 
-# S3 answers to a request that may succeed when sent again: throttling and server errors, as botocore's
-# "standard" retry mode counts them.
-_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException", "Throttling",
-    "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
-    "RequestLimitExceeded", "TooManyRequestsException", "BandwidthLimitExceeded", "OperationAborted",
-    "PriorRequestNotComplete"})
-# The errnos s3fs gives those answers when it translates them (`s3fs.errors.ERROR_CODE_TO_EXCEPTION`:
-# SlowDown, ServiceUnavailable, 503 -> EBUSY; InternalError, 500 -> EREMOTEIO), and a dropped connection's.
-_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT,
-                               errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
-
-
-@functools.cache
-def _transient_types() -> tuple[type[Exception], ...]:
-    """Failures of a request on its way, raised by botocore and aiohttp as they are (s3fs translates only
-    S3's answers): a timeout, a connection closed early or reset, a body cut short or garbled (throttling
-    answers can be malformed XML)."""
-    import aiohttp
-    from botocore import exceptions as boto
-    from botocore.parsers import ResponseParserError
-
-    return (TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, boto.HTTPClientError,
-            boto.ConnectTimeoutError, ResponseParserError, aiohttp.ClientPayloadError)
-
-
-def _is_transient(err: Exception) -> bool:
-    """Whether sending the request again may succeed. S3's answer decides when there is one: s3fs raises an
-    OSError whose message names neither status nor code, with botocore's ClientError as its cause (or a
-    cause's cause). Without one: the errno s3fs gives throttling and server errors, or a request that failed
-    on its way, or over a connection that dropped (`_dropped`). A missing object or bucket, denied access, a
-    bad request, an object replaced under an open file (412) and a refused connection (nothing listens
-    there) are permanent."""
-    cause: BaseException | None = err
-    while cause is not None:
-        answer = getattr(cause, "response", None)
-        if isinstance(answer, dict) and "Error" in answer:
-            status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return answer["Error"].get("Code") in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
-        cause = cause.__cause__
-    if isinstance(err, FileNotFoundError | PermissionError | ConnectionRefusedError):
-        return False
-    if _dropped(err):
-        return True
-    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-        return True
-    return isinstance(err, _transient_types())
-
-
-def _dropped(err: BaseException) -> bool:
-    """Whether `err` (or a cause of it) is botocore's EndpointConnectionError over a connection that was made
-    and then reset or closed (aiobotocore raises it for any aiohttp ClientConnectionError, a keep-alive
-    connection reset as a request starts included), not one that could not be made (refused, no such
-    host: aiohttp's ClientConnectorError, a DNS error), which stays permanent."""
-    import aiohttp
-    from botocore.exceptions import EndpointConnectionError
-
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, EndpointConnectionError):
-            inner = cause.kwargs.get("error")
-            return isinstance(inner, aiohttp.ClientConnectionError) and not isinstance(inner, aiohttp.ClientConnectorError)
-        cause = cause.__cause__
-    return False
-
-
 def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
     """`fn(seconds_left)`, retried on transient errors with backoff, `storage.retries` times at most,
     all within one deadline: `storage.timeout_s` plus `nbytes` at `SLOWEST_BYTES_PER_S`."""
@@ -263,13 +196,13 @@ def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
             raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised with the URL
             left = budget - (time.monotonic() - start)
-            if attempt <= _RETRIES and _is_transient(err) and left > delay:
+            if attempt <= _RETRIES and is_transient(err) and left > delay:
                 log.warning("%s %s: attempt %d of %d failed (%s: %s); retrying in %.1f s",
                             what, url, attempt, _RETRIES + 1, type(err).__name__, err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            out_of_time = attempt <= _RETRIES and _is_transient(err)  # a retry was due, the deadline too close
+            out_of_time = attempt <= _RETRIES and is_transient(err)  # a retry was due, the deadline too close
             raise _failure(url, what, err, attempt, time.monotonic() - start, budget, out_of_time) from err
     raise AssertionError("unreachable")
 

@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
-from dydit_dist import storage
+from dydit_dist import s3_errors, storage
 from dydit_dist.sample.export import iter_npz_array
 from dydit_dist.storage import StorageError
 
@@ -50,12 +50,12 @@ PERMANENT = [(403, "AccessDenied", "Access Denied"), (404, "NoSuchKey", "The spe
 def test_s3_throttling_and_server_errors_are_transient(status, code, message):
     err = s3_error(status, code, message)
     assert isinstance(err, OSError) and message in str(err)  # s3fs's message names no status or code
-    assert storage._is_transient(err)
+    assert s3_errors.is_transient(err)
 
 
 @pytest.mark.parametrize(("status", "code", "message"), PERMANENT, ids=[p[1] for p in PERMANENT])
 def test_s3_client_errors_are_permanent(status, code, message):
-    assert not storage._is_transient(s3_error(status, code, message))
+    assert not s3_errors.is_transient(s3_error(status, code, message))
 
 
 def test_the_errnos_s3fs_gives_throttling_are_transient_without_their_cause():
@@ -63,10 +63,10 @@ def test_the_errnos_s3fs_gives_throttling_are_transient_without_their_cause():
     assert s3_error(503, "SlowDown", "x").errno == errno.EBUSY
     assert s3_error(500, "InternalError", "x").errno == errno.EREMOTEIO
     for code in (errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET):
-        assert storage._is_transient(OSError(code, "no cause"))
+        assert s3_errors.is_transient(OSError(code, "no cause"))
     for err in (OSError(errno.EINVAL, "bad"), PermissionError("denied"), FileNotFoundError("x"),
                 ConnectionRefusedError(errno.ECONNREFUSED, "refused")):
-        assert not storage._is_transient(err)
+        assert not s3_errors.is_transient(err)
 
 
 def test_a_replaced_object_is_not_retried():
@@ -76,7 +76,7 @@ def test_a_replaced_object_is_not_retried():
 
     expired = FileExpired("b/x", '"etag"')
     expired.__cause__ = s3_error(412, "PreconditionFailed", "pre-conditions")
-    assert expired.errno == errno.EBUSY and not storage._is_transient(expired)
+    assert expired.errno == errno.EBUSY and not s3_errors.is_transient(expired)
 
 
 # ---------------------------------------------------------------------------- end to end, through a proxy
@@ -304,8 +304,8 @@ def test_a_reset_connection_is_transient_a_refused_one_is_not():
     with pytest.raises(aiohttp.ClientConnectorError) as refused:
         asyncio.run(connect_to_nothing())
     reset = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
-    assert storage._is_transient(EndpointConnectionError(endpoint_url="http://s3", error=reset))
-    assert not storage._is_transient(EndpointConnectionError(endpoint_url="http://s3", error=refused.value))
+    assert s3_errors.is_transient(EndpointConnectionError(endpoint_url="http://s3", error=reset))
+    assert not s3_errors.is_transient(EndpointConnectionError(endpoint_url="http://s3", error=refused.value))
     wrapped = OSError("s3fs's own error")
     wrapped.__cause__ = EndpointConnectionError(endpoint_url="http://s3", error=reset)
-    assert storage._is_transient(wrapped)
+    assert s3_errors.is_transient(wrapped)

@@ -1,0 +1,77 @@
+"""Which failures of an S3 request may succeed when it is sent again (`storage` retries those, with backoff,
+within its deadline): S3's own answer when there is one (throttling, server errors), else the errno s3fs
+gives such answers, or the way the request failed on its way (a timeout, a connection reset or cut
+short, a garbled body). Everything else (a missing object or bucket, denied access, a bad request, an
+object replaced under an open file, a connection refused) is permanent.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+
+# S3 answers to a request that may succeed when sent again: throttling and server errors, as botocore's
+# "standard" retry mode counts them.
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException", "Throttling",
+    "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
+    "RequestLimitExceeded", "TooManyRequestsException", "BandwidthLimitExceeded", "OperationAborted",
+    "PriorRequestNotComplete"})
+# The errnos s3fs gives those answers when it translates them (`s3fs.errors.ERROR_CODE_TO_EXCEPTION`:
+# SlowDown, ServiceUnavailable, 503 -> EBUSY; InternalError, 500 -> EREMOTEIO), and a dropped connection's.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT,
+                               errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
+
+
+@functools.cache
+def _transient_types() -> tuple[type[Exception], ...]:
+    """Failures of a request on its way, raised by botocore and aiohttp as they are (s3fs translates only
+    S3's answers): a timeout, a connection closed early or reset, a body cut short or garbled (throttling
+    answers can be malformed XML)."""
+    import aiohttp
+    from botocore import exceptions as boto
+    from botocore.parsers import ResponseParserError
+
+    return (TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, boto.HTTPClientError,
+            boto.ConnectTimeoutError, ResponseParserError, aiohttp.ClientPayloadError)
+
+
+def is_transient(err: Exception) -> bool:
+    """Whether sending the request again may succeed. S3's answer decides when there is one: s3fs raises an
+    OSError whose message names neither status nor code, with botocore's ClientError as its cause (or a
+    cause's cause). Without one: the errno s3fs gives throttling and server errors, or a request that failed
+    on its way, or over a connection that dropped (`_dropped`). A missing object or bucket, denied access, a
+    bad request, an object replaced under an open file (412) and a refused connection (nothing listens
+    there) are permanent."""
+    cause: BaseException | None = err
+    while cause is not None:
+        answer = getattr(cause, "response", None)
+        if isinstance(answer, dict) and "Error" in answer:
+            status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return answer["Error"].get("Code") in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+        cause = cause.__cause__
+    if isinstance(err, FileNotFoundError | PermissionError | ConnectionRefusedError):
+        return False
+    if _dropped(err):
+        return True
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    return isinstance(err, _transient_types())
+
+
+def _dropped(err: BaseException) -> bool:
+    """Whether `err` (or a cause of it) is botocore's EndpointConnectionError over a connection that was made
+    and then reset or closed (aiobotocore raises it for any aiohttp ClientConnectionError, a keep-alive
+    connection reset as a request starts included), not one that could not be made (refused, no such
+    host: aiohttp's ClientConnectorError, a DNS error), which stays permanent."""
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, EndpointConnectionError):
+            inner = cause.kwargs.get("error")
+            return isinstance(inner, aiohttp.ClientConnectionError) and not isinstance(inner, aiohttp.ClientConnectorError)
+        cause = cause.__cause__
+    return False
