@@ -158,6 +158,11 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     storage.write_json(RunPaths(m_cfg).metrics, record)
     assert pipeline.metrics_done(m_cfg)
     assert not pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.isc_splits=5"), "static", None, {}))
+    # a reference the metrics do not read (IS alone) is no change; for FID it is
+    elsewhere = load(tmp_path, f"eval.reference={tmp_path}/other.npz")
+    assert pipeline.metrics_done(pipeline.method_config(elsewhere, "static", None, {}))
+    assert evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={tmp_path}/other.npz").eval) != \
+        evaluation_settings(load(tmp_path, "eval.metrics=[fid]").eval)
     storage.write_json(RunPaths(m_cfg).metrics, {**record, "num_samples": 3})  # of other samples
     assert not pipeline.metrics_done(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})

@@ -64,8 +64,10 @@ def _check_captions(samples: str, num_samples: int, reference) -> None:
 
 
 def evaluation_settings(e) -> dict:
-    """What decides the metrics of a samples folder besides the samples (`EvalConfig` e); metrics.json records it."""
-    return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": e.reference,
+    """What decides the metrics of a samples folder besides the samples (`EvalConfig` e); metrics.json records it.
+    The reference and the CLIP model only where a metric reads them."""
+    reference = e.reference if any(m in NEED_REFERENCE for m in e.metrics) else None
+    return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": reference,
             "feature_extractor": e.feature_extractor, "feature_extractor_weights": e.feature_extractor_weights,
             "inception_weights": e.inception_weights, "clip_model": e.clip_model if "clip" in e.metrics else None,
             "isc_splits": e.isc_splits, "prc_neighborhood": e.prc_neighborhood}
