@@ -75,6 +75,9 @@ def test_reproduce_submitted_to_multinode_cluster(s3_endpoint, s3_bucket):
             assert len(shards) == 4, (method, shards)  # 64 samples in shards of 16
             manifest = storage.read_json(f"{run}/{method}/samples/manifest.json")
             assert manifest["complete"] and manifest["num_samples"] == 64
+            assert manifest["stats"]["gflops"] > 0 and all(r["gflops"] > 0 for r in manifest["shards"])
+            if method == "dydit":  # the report's width plot, from shard 0's record
+                assert manifest["stats"]["width_by_timestep"] == manifest["shards"][0]["width_by_timestep"]
             metrics = storage.read_json(f"{run}/{method}/metrics.json")
             assert metrics["num_samples"] == 64 and metrics["metrics"]["fid"] > 0
         report = storage.read_bytes(f"{run}/report.md").decode()

@@ -16,6 +16,7 @@ from dydit_dist.sample import (
 )
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest
+from dydit_dist.sample.pool import _method_stats
 
 
 @pytest.mark.parametrize("method", ["static", "dydit"])
@@ -64,6 +65,11 @@ def test_gflops_are_the_mean_over_the_units_images(tmp_path, checkpoints):
         manifest.add({"index": index, "name": f"shard-{index:06d}.tar", "count": count, "gflops": gflops})
     assert manifest.gflops() == pytest.approx(15.0)
     assert SamplesManifest({}, 1).gflops() is None
+    # the stats take both from the records (the done-markers keep them): shard 0 holds the width per timestep
+    width = [{"t": 999, "heads": 0.5, "mlp": 0.25}]
+    manifest.shards[0]["width_by_timestep"] = width
+    assert _method_stats(manifest) and manifest.stats == {"gflops": pytest.approx(15.0), "width_by_timestep": width}
+    assert not _method_stats(manifest)  # nothing new: no manifest write
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, checkpoints):

@@ -51,6 +51,7 @@ def test_two_actors_on_s3_make_exactly_n_and_a_rerun_does_nothing(ray_local, s3_
     stale.write(url)
     healed = run_sampling(cfg, on_shard=lambda pool, record: calls.append(record))
     assert calls == [] and healed.complete and healed.stats["gflops"] == manifest.stats["gflops"]
+    assert "width_by_timestep" not in healed.stats  # a static DiT has none (DyDiT: test_sample_generate)
     assert SamplesManifest.read(url).stats["gflops"] == manifest.stats["gflops"]
 
 

@@ -15,8 +15,10 @@
 
 A shard's "gflops" is the method's GFLOPs per network forward of one image, averaged over its samples
 (DyDiT's token count, and so its FLOPs, differ from batch to batch); the stats' "gflops" is their
-mean over every sample of the folder (`SamplesManifest.gflops`), recomputed from the records, so a
-driver that died after the last done-marker loses none of it. The other stats are the driver's own.
+mean over every sample of the folder (`SamplesManifest.gflops`). Shard 0's record also holds a
+DyDiT's "width_by_timestep" (the same for every shard), which the stats take from there. Both come
+from the records, which the done-markers keep, so a driver that died after the last marker loses
+neither. The other stats are the driver's own.
 
 A samples folder is a `dydit_dist.shardset` shard set: an actor writes each shard it finishes, then
 its done-marker; the driver alone writes the manifest, merging the markers (`SamplesManifest.resume`),

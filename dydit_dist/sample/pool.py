@@ -133,8 +133,7 @@ class SamplingWorker:
     def __init__(self, cfg_dict: dict, url: str, use_gpu: bool):
         self.url = url
         self.load_error: Exception | None = None
-        self.made: dict[int, tuple[ShardSpec, list, dict, float]] = {}  # sampled units, until written or dropped
-        self.last_stats: dict = {}
+        self.made: dict[int, tuple[ShardSpec, list, dict, dict]] = {}  # sampled units, until written or dropped
         try:  # raised by `ready` and `sample`: the driver gets the error itself, not a dead actor
             cfg = config_lib.from_dict(cfg_dict)
             storage.configure_from(cfg.storage)
@@ -157,20 +156,23 @@ class SamplingWorker:
         replacement actor's first call: it raises the input error that stopped its load, as `ready`."""
         self.ready()
         samples, timing = self.generator.generate(unit)
-        self.last_stats = self.generator.stats()  # `stats` may be asked while the next unit samples
-        self.made[unit.index] = (unit, samples, timing, self.last_stats["gflops"])
+        self.made[unit.index] = (unit, samples, timing, self.generator.stats())
         return timing
 
     def write(self, index: int) -> dict:
         """Encode, write and mark the sampled unit `index` (the shard, then its done-marker); returns its
-        manifest record, which holds the unit's GFLOPs per forward of one image (`SamplesManifest.gflops`)."""
-        unit, samples, timing, gflops = self.made.pop(index)
+        manifest record, which holds the unit's GFLOPs per forward of one image (`SamplesManifest.gflops`),
+        and for shard 0 the method's active width per timestep (the same for every shard)."""
+        unit, samples, timing, stats = self.made.pop(index)
         start = time.perf_counter()
         data = pack(samples)
         timing["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
         record = write_shard(self.url, unit.index, data, unit.count)
-        record.update(start=unit.start, settings_sha256=self.digest, actor=_actor_id(), gflops=gflops, timing=timing)
+        record.update(start=unit.start, settings_sha256=self.digest, actor=_actor_id(), gflops=stats["gflops"],
+                      timing=timing)
+        if unit.index == 0 and "width_by_timestep" in stats:
+            record["width_by_timestep"] = stats["width_by_timestep"]
         write_marker(self.url, record)
         record["timing"]["write_s"] = time.perf_counter() - start  # the manifest's copy adds the write time
         return record
@@ -179,9 +181,6 @@ class SamplingWorker:
         """Drop a sampled unit that another copy wrote."""
         self.made.pop(index, None)
 
-    def stats(self) -> dict:
-        """The method's FLOPs and widths (see `ShardGenerator.stats`) as of the last unit sampled."""
-        return self.last_stats
 
 
 def _actor_id() -> str:
@@ -246,7 +245,7 @@ def run_sampling(cfg: Config, url: str | None = None,
     manifest = SamplesManifest.resume(url, sampling_settings(cfg), len(units), drop_missing=True)
     todo = [u for u in units if u.index not in manifest.shards]
     if not todo:
-        if _count_gflops(manifest) or not manifest.is_stored(url):  # a driver that died before its last write
+        if _method_stats(manifest) or not manifest.is_stored(url):  # a driver that died before its last write
             manifest.write(url)
         log.info("%s: all %d samples already made", url, manifest.num_samples)
         return manifest
@@ -279,14 +278,14 @@ def run_sampling(cfg: Config, url: str | None = None,
     return manifest
 
 
-def _count_gflops(manifest: SamplesManifest) -> bool:
-    """Set the stats' GFLOPs to the mean over every shard's samples (not one actor's last unit); whether
-    that changed them. Shards made before their records held GFLOPs leave the actor's figure."""
-    gflops = manifest.gflops()
-    if gflops is None or manifest.stats.get("gflops") == gflops:
-        return False
-    manifest.stats["gflops"] = gflops
-    return True
+def _method_stats(manifest: SamplesManifest) -> bool:
+    """Set the stats the report reads of the method from the records, where the done-markers keep them:
+    the GFLOPs as the mean over every shard's samples, and the width per timestep that shard 0's record
+    holds. Whether that changed them (shards made before their records held these leave what is there)."""
+    found = {"gflops": manifest.gflops(), "width_by_timestep": manifest.shards.get(0, {}).get("width_by_timestep")}
+    changed = {k: v for k, v in found.items() if v is not None and manifest.stats.get(k) != v}
+    manifest.stats.update(changed)
+    return bool(changed)
 
 
 def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest, url: str, num_samples: int,
@@ -307,7 +306,6 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 if unit is not None:
                     pending[actor.sample.remote(unit)] = (actor, "sample", unit.index)
 
-    worked: set = set()  # actors that wrote a unit: they can tell the method's FLOPs and widths
     last_write = time.monotonic()
     with tqdm(total=num_samples, initial=manifest.num_samples, unit="img", desc="sample",
               mininterval=1.0, smoothing=0.1) as bar:
@@ -324,7 +322,6 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                     del pending[lost]
                 back = dispatch.lost(actor)
                 log.warning("sampling actor died (%s); %d units go back to the queue", type(err).__name__, len(back))
-                worked.discard(actor)  # no handle kept: Ray reclaims the actor
                 pool.replace(actor, err)
                 feed()
                 continue
@@ -336,7 +333,6 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
             else:
                 dispatch.written(actor, index)
                 manifest.add(result)
-                worked.add(actor)
                 bar.update(result["count"])
                 if on_shard is not None:
                     on_shard(pool, result)
@@ -344,7 +340,4 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                     manifest.write(url)
                     last_write = time.monotonic()
             feed()
-    live = [a for a in pool.actors if a in worked]
-    if live:  # answered at once, beside a copy it may still sample
-        manifest.stats.update(ray.get(live[0].stats.remote()))
-    _count_gflops(manifest)
+    _method_stats(manifest)
