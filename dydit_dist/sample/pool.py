@@ -182,7 +182,6 @@ class SamplingWorker:
         self.made.pop(index, None)
 
 
-
 def _actor_id() -> str:
     import ray
 
