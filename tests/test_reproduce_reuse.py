@@ -9,6 +9,7 @@ late: a reference that is a folder of latents, eval.samples, a method that does 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dydit_dist import config, pipeline, preflight, run_config, storage
@@ -158,11 +159,17 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     storage.write_json(RunPaths(m_cfg).metrics, record)
     assert pipeline.metrics_done(m_cfg)
     assert not pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.isc_splits=5"), "static", None, {}))
-    # a reference the metrics do not read (IS alone) is no change; for FID it is
+    # a reference the metrics do not read (IS alone) is no change; for FID it is, by URL and by content
     elsewhere = load(tmp_path, f"eval.reference={tmp_path}/other.npz")
     assert pipeline.metrics_done(pipeline.method_config(elsewhere, "static", None, {}))
-    assert evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={tmp_path}/other.npz").eval) != \
-        evaluation_settings(load(tmp_path, "eval.metrics=[fid]").eval)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    fid = load(tmp_path, "eval.metrics=[fid]", f"eval.reference={ref}").eval
+    before = evaluation_settings(fid)
+    np.savez(tmp_path / "copy.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    assert evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={tmp_path}/copy.npz").eval) != before
+    np.savez(ref, arr_0=np.ones((2, 8, 8, 3), np.uint8))  # other images of the same size at the same URL
+    assert evaluation_settings(fid)["reference"] == before["reference"] and evaluation_settings(fid) != before
     storage.write_json(RunPaths(m_cfg).metrics, {**record, "num_samples": 3})  # of other samples
     assert not pipeline.metrics_done(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})

@@ -23,6 +23,7 @@ image's caption; the metric `clip` adds the CLIP score of each sample and its pr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -43,7 +44,7 @@ from .metrics import (
     precision_recall,
     statistics,
 )
-from .reference import load_reference
+from .reference import load_reference, source_identity
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ def _check_captions(samples: str, num_samples: int, reference) -> None:
 
 def evaluation_settings(e) -> dict:
     """What decides the metrics of a samples folder besides the samples (`EvalConfig` e); metrics.json records it.
-    The reference and the CLIP model only where a metric reads them."""
+    The reference (its URL and a digest of its content, `reference.source_identity`: images rewritten at the
+    same URL are another reference) and the CLIP model only where a metric reads them."""
     reference = e.reference if any(m in NEED_REFERENCE for m in e.metrics) else None
-    return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": reference,
+    content = hashlib.sha256(source_identity(reference).encode()).hexdigest()[:16] if reference else None
+    return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": reference, "reference_content": content,
             "feature_extractor": e.feature_extractor, "feature_extractor_weights": e.feature_extractor_weights,
             "inception_weights": e.inception_weights, "clip_model": e.clip_model if "clip" in e.metrics else None,
             "isc_splits": e.isc_splits, "prc_neighborhood": e.prc_neighborhood}

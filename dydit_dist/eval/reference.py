@@ -93,7 +93,7 @@ def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.n
     return cache_lookup_one_recompute_on_miss(cached_name, missing, cache=True, cache_root=cache_root, verbose=False)
 
 
-def _source_identity(url: str) -> str:
+def source_identity(url: str) -> str:
     """What identifies the images of a reference source, read without reading them: an .npz's size and the
     name, CRC-32 and size of each member its zip directory records (at the end of the file); a folder's
     shards as its manifest records them, names and sha256 (the shards are checked against them when read;
@@ -110,8 +110,8 @@ def _cached_features(url: str, extractor: Extractor, layers: list[str], module, 
                      paths: RunPaths) -> tuple[dict[str, torch.Tensor], str]:
     """Real features of `url` on `layers` (SPATIAL for sFID's), computed in one pass and cached on
     storage; ({layer: (N, D)}, cache URL). The cache is keyed by the source's content
-    (`_source_identity`) as well as its URL: other images written at the same URL are not read from it."""
-    key = _digest(url, _source_identity(url), extractor.name, _file_digest(extractor.weights), *layers)
+    (`source_identity`) as well as its URL: other images written at the same URL are not read from it."""
+    key = _digest(url, source_identity(url), extractor.name, _file_digest(extractor.weights), *layers)
     cache_url = paths.reference_features(key)
     stored = {layer: "spatial" if layer == SPATIAL else "features" for layer in layers}  # names in the .npz
     if storage.exists(cache_url):
