@@ -60,14 +60,26 @@ class TensorBoardLog:
 
 
 def progress_line(metrics: dict, max_steps: int) -> str:
-    """One line for the driver: step, loss, FLOPs ratio vs its target, throughput, LR."""
+    """One line for the driver: step, loss, FLOPs ratio vs its target, throughput, LR, the time left at
+    this window's throughput."""
     parts = [f"step {metrics['step']}/{max_steps}", f"loss {metrics['loss']:.4f}"]
     if "flops_ratio" in metrics:
         parts.append(f"flops {metrics['flops_ratio']:.3f} (target {metrics['lambda_t']:.3f})")
     parts += [f"{metrics['samples_per_s']:.1f} samples/s", f"lr {metrics['lr']:.2e}"]
     if metrics.get("grad_norm") is not None:
         parts.append(f"grad norm {metrics['grad_norm']:.3f}")
+    if metrics.get("eta_s") is not None:
+        parts.append(f"eta {duration(metrics['eta_s'])}")
     return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """`2d 03h`, `3h 12m`, `4m 05s` or `12s`: the two largest units of a time span."""
+    s = max(0, round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size:02d}{sub}"
+    return f"{s}s"
 
 
 class MetricsWindow:
@@ -109,8 +121,9 @@ class MetricsWindow:
     def close(self, step: int, extra: dict) -> tuple[dict, bool]:
         """End the window at `step` (collective): loss terms averaged over the window and the ranks,
         `extra` (learning rate, gradient norm, ...), throughput (samples/s of the whole job;
-        cpu_s_per_step: this process's CPU seconds per step, rank 0's kept). The progress line (rank 0)
-        and TensorBoard get them. -> (metrics, whether they go to the session too)."""
+        cpu_s_per_step: this process's CPU seconds per step, rank 0's kept), eta_s (the steps left at this
+        window's throughput). The progress line (rank 0) and TensorBoard get them. -> (metrics, whether
+        they go to the session too)."""
         now, now_cpu = time.perf_counter(), time.process_time()
         names = sorted(self.sums)
         values = torch.stack([self.sums[k] / self.steps for k in names]).to(self.device)
@@ -120,14 +133,15 @@ class MetricsWindow:
             values /= self.world_size
         *terms, since_report = values.tolist()
         metrics = dict(zip(names, terms, strict=True))
-        metrics.update(step=step, **extra,
-                       samples_per_s=self.global_batch_size * self.steps / max(now - self.start, 1e-9),
-                       cpu_s_per_step=(now_cpu - self.start_cpu) / self.steps)
+        steps_per_s = self.steps / max(now - self.start, 1e-9)
+        metrics.update(step=step, **extra, samples_per_s=self.global_batch_size * steps_per_s,
+                       cpu_s_per_step=(now_cpu - self.start_cpu) / self.steps,
+                       eta_s=(self.max_steps - step) / steps_per_s)
         if self.rank == 0:
             log.info(progress_line(metrics, self.max_steps))
         # The next window starts here, so its samples/s includes this window's logging and report.
         self.start, self.start_cpu, self.sums, self.steps = now, now_cpu, {}, 0
-        self.tensorboard.log(step, {k: v for k, v in metrics.items() if k != "step" and v is not None})
+        self.tensorboard.log(step, {k: v for k, v in metrics.items() if k not in ("step", "eta_s") and v is not None})
         return metrics, since_report >= self.min_report_interval_s
 
     def restart(self) -> None:
