@@ -157,15 +157,18 @@ class ShardGenerator:
         return shard_samples(shard, self.cfg.sample, lambda indices: self.decoder(self.latents(indices)),
                              self.conditioner.meta, self.noise_stream, self.device)
 
-    def stats(self) -> dict:
-        """What the report needs of the method: GFLOPs per network forward of one image (the mean over
-        the images of the last unit), and for a DyDiT the active width per timestep (fractions of heads
-        and MLP groups, mean over blocks)."""
+    def gflops(self) -> float:
+        """GFLOPs per network forward of one image, the mean over the images of the last unit."""
         if self._unit_flops:
             macs = sum(f * n for f, n in self._unit_flops) / sum(n for _, n in self._unit_flops)
         else:
             macs = self.runner.mean_flops()
-        out = {"gflops": float(macs) / 1e9}
+        return float(macs) / 1e9
+
+    def stats(self) -> dict:
+        """What the report needs of the method: `gflops`, and for a DyDiT the active width per timestep
+        (fractions of heads and MLP groups, mean over blocks)."""
+        out = {"gflops": self.gflops()}
         if isinstance(self.model, DyDiT | DyPixArt) and self.timesteps:
             plan = FastPath(self.model).plan  # routers only: cheap
             widths = []

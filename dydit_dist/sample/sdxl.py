@@ -111,11 +111,14 @@ class SDXLShardGenerator:
         return shard_samples(shard, self.cfg.sample, lambda indices: self.decoder(self.latents(indices)),
                              lambda indices: prompt_meta(self.prompts, indices), self.noise_stream, self.device)
 
-    def stats(self) -> dict:
-        """{"gflops": the UNet's GFLOPs per image forward (FlopCounterMode), averaged over the steps' plans}."""
+    def gflops(self) -> float:
+        """The UNet's GFLOPs per image forward (FlopCounterMode), averaged over the steps' plans."""
         if self._gflops is None:
             self._gflops = self._count_gflops()
-        return {"gflops": self._gflops}
+        return self._gflops
+
+    def stats(self) -> dict:
+        return {"gflops": self.gflops()}
 
     def _count_gflops(self) -> float:
         unet, steps = self.pipe.unet, self.cfg.sample.steps
