@@ -42,7 +42,7 @@ from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
-from dydit_dist.eval.metrics import NEED_REFERENCE
+from dydit_dist.eval.metrics import needs_reference
 from dydit_dist.models import family
 from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
@@ -279,7 +279,7 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
         return
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
-    if any(m in NEED_REFERENCE for m in e.metrics):
+    if needs_reference(e.metrics):
         p.add(reference or _made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
     p.add(resolve.extractor(cfg, extractor_made))
     if e.protocol == "coco":
@@ -304,7 +304,7 @@ def _data_reference(cfg: Config) -> Input | None:
     """eval.reference of a reproduce that leaves it unset: the prepared data folder, which works as a
     reference only when it holds images (data.vae none) and the protocol is not coco (captions)."""
     e = cfg.eval
-    if e.reference or pipeline.makes_caption_reference(cfg) or not any(m in NEED_REFERENCE for m in e.metrics):
+    if e.reference or pipeline.makes_caption_reference(cfg) or not needs_reference(e.metrics):
         return None
     data = RunPaths(cfg).data
     if e.protocol == "coco":

@@ -37,10 +37,10 @@ from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 from .actors import CLIP, make_pass, sample_features
 from .extractors import SPATIAL, resolve_extractor
 from .metrics import (
-    NEED_REFERENCE,
     check_metrics,
     frechet_distance,
     inception_score,
+    needs_reference,
     precision_recall,
     statistics,
 )
@@ -68,7 +68,7 @@ def evaluation_settings(e) -> dict:
     """What decides the metrics of a samples folder besides the samples (`EvalConfig` e); metrics.json records it.
     The reference (its URL and a digest of its content, `reference.source_identity`: images rewritten at the
     same URL are another reference) and the CLIP model only where a metric reads them."""
-    reference = e.reference if any(m in NEED_REFERENCE for m in e.metrics) else None
+    reference = e.reference if needs_reference(e.metrics) else None
     content = hashlib.sha256(source_identity(reference).encode()).hexdigest()[:16] if reference else None
     return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": reference, "reference_content": content,
             "feature_extractor": e.feature_extractor, "feature_extractor_weights": e.feature_extractor_weights,
@@ -92,8 +92,8 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     if not manifest.complete:
         raise SamplesError(f"{samples}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
                            "rerun the sample job to finish them")
-    needs_reference = any(m in NEED_REFERENCE for m in e.metrics)
-    if needs_reference and not e.reference:
+    compared = needs_reference(e.metrics)
+    if compared and not e.reference:
         raise ValueError("eval.reference is required for FID, sFID and precision/recall: an ADM reference batch "
                          "(.npz), a samples folder or a pixel-space data folder")
     if "clip" in e.metrics and not e.clip_model:
@@ -104,10 +104,10 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = extractor.create(device, e.metrics)
     reference = None
-    if needs_reference:
+    if compared:
         reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
     captions = None
-    if e.protocol == "coco" and needs_reference:
+    if e.protocol == "coco" and compared:
         _check_captions(samples, manifest.num_samples, reference)
         captions = reference.captions
     local = make_pass(cfg, device, module) if e.num_actors == 0 else None

@@ -22,7 +22,7 @@ from torch_fidelity.utils import create_feature_extractor
 from dydit_dist import storage
 
 from . import digits
-from .metrics import NEED_REFERENCE
+from .metrics import needs_reference
 
 INCEPTION = "inception-v3-compat"
 LABELS = {
@@ -100,7 +100,7 @@ class Extractor:
         layer is always among them when a metric needs a reference (fid, sfid, prc): a reference computed
         from images gets its statistics from that layer (`reference.load_reference`), for sFID too."""
         layers = {self.layer(m) for m in metrics if m in METRIC_KEYS}
-        if not layers or any(m in NEED_REFERENCE for m in metrics):
+        if not layers or needs_reference(metrics):
             layers.add(self.layer("fid"))
         kwargs = {"feature_extractor_weights_path": self.weights, "verbose": False}
         module = create_feature_extractor(self.name, sorted(layers), cuda=False, **kwargs)

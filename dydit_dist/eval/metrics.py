@@ -30,6 +30,11 @@ NEED_REFERENCE = ("fid", "sfid", "prc")
 PRC_BATCH_SIZE = 2500  # rows of distances per block in precision/recall (`precision_recall`: its peak memory)
 
 
+def needs_reference(metrics) -> bool:
+    """Whether any of `metrics` compares the samples with a reference (FID, sFID, precision/recall)."""
+    return any(m in NEED_REFERENCE for m in metrics)
+
+
 def check_metrics(metrics: list[str], protocol: str = "adm") -> None:
     unknown = sorted(set(metrics) - set(SUPPORTED))
     if unknown or not metrics:
