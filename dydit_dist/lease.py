@@ -23,6 +23,13 @@ and was taken over: it logs an error, sets `lost`, stops renewing and calls `on_
 pass `stop_job`, which stops the process (SIGTERM, so it exits as a stopped job does), so that two
 jobs never go on writing one run.
 
+A holder that cannot renew (storage unreachable, or slower than the beats) stops itself first. Another
+job may take over only `ttl_s` after the last `renewed` it can read, and that is never earlier than
+the holder's last *confirmed* renewal (a write that returned). So when `FENCE * ttl_s` has passed since
+that one, the holder sets `lost` and `stalled` and calls `on_lost` too: it stops while nobody else can
+hold the run yet, leaving `(1 - FENCE) * ttl_s` for the process to stop and for the hosts' clocks to
+disagree. A failed beat is retried after `ttl_s / 16` instead of the usual `ttl_s / 4`.
+
 Why two jobs never both hold it. (1) The highest number only grows: an object is removed only by
 the holder of a higher number, or by its creator after seeing a higher one; release rewrites it.
 (2) A job holds m only if it created m and then listed nothing above m; so m had never existed
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{10})\.json$")
 _ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
 _MEMORY_LOCK = threading.Lock()
+FENCE = 0.75  # a holder whose last confirmed renewal is this many ttl_s old stops (module docstring)
 
 
 class LeaseHeld(RuntimeError):
@@ -168,10 +176,14 @@ class Lease:
         self.url, self.number, self.holder, self.on_lost = url, number, holder, on_lost
         self.lost = False  # taken over (or released): this job no longer writes the lease
         self.taken_by: str | None = None  # who took it over, once the heartbeat saw it
+        self.stalled = False  # lost because this job could not renew it in time (the fence), not taken over
+        self.confirmed = holder.renewed  # `renewed` of the last write that returned: stored for sure
         self._lock = threading.RLock()  # one write at a time; re-entered by a signal handler's release()
+        self._lost_lock = threading.Lock()  # the heartbeat and the fence decide `lost` once between them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._fence, name="lease-fence", daemon=True).start()
 
     @classmethod
     def acquire(cls, url: str, job: str, ttl_s: float, on_lost: Callable[[Lease], None] | None = None) -> Lease:
@@ -221,34 +233,61 @@ class Lease:
     def _write(self) -> None:
         storage.write_bytes(_object(self.url, self.number), json.dumps(asdict(self.holder)).encode())
 
+    def _lose(self, stalled: bool) -> bool:
+        """Mark the lease lost; True for the first caller only (who then calls `on_lost`)."""
+        with self._lost_lock:
+            if self.lost:
+                return False
+            self.lost, self.stalled = True, stalled
+            return True
+
     def _heartbeat(self) -> None:
-        taken = False
-        while not self._stop.wait(self.holder.ttl_s / 4):
+        interval = self.holder.ttl_s / 4
+        while not self._stop.wait(interval):
             with self._lock:
                 if self._stop.is_set() or self.lost:
                     return
                 try:
                     if self._taken():
-                        self.lost = taken = True
-                        break
-                    self.holder.renewed = time.time()
+                        if self._lose(stalled=False) and self.on_lost is not None:
+                            self.on_lost(self)
+                        return
+                    if self.lost:  # the fence stopped the job while the listing hung
+                        return
+                    stamp = self.holder.renewed = time.time()
                     self._write()
-                except OSError as err:  # storage trouble: try again at the next beat, before the lease expires
+                    self.confirmed, interval = stamp, self.holder.ttl_s / 4
+                except OSError as err:  # storage trouble: try again soon, before the fence stops the job
                     log.warning("%s: lease renewal failed (%s); retrying", self.url, err)
-        if taken and self.on_lost is not None:
-            self.on_lost(self)
+                    interval = self.holder.ttl_s / 16
+
+    def _fence(self) -> None:
+        """Stop the job (`on_lost`, with `stalled`) once its last confirmed renewal is FENCE * ttl_s old."""
+        while True:
+            deadline = self.confirmed + FENCE * self.holder.ttl_s
+            if self._stop.wait(max(0.0, deadline - time.time())) or self.lost:
+                return
+            if time.time() >= self.confirmed + FENCE * self.holder.ttl_s and not self._stop.is_set():
+                log.error("%s: this job's lease was not renewed for %.0f s (storage unreachable or too slow); "
+                          "stopping before another job can take it over", self.url, time.time() - self.confirmed)
+                if self._lose(stalled=True) and self.on_lost is not None:
+                    self.on_lost(self)
+                return
 
     def release(self) -> None:
         """Stop the heartbeat and mark the lease released if it is still this job's (the object stays:
         numbers are never reused). A second call does nothing."""
         self._stop.set()
+        if self.lost:  # nothing to write; a heartbeat stuck on storage is not waited for
+            return
         with self._lock:  # waits for a heartbeat write in flight, which could otherwise undo this one
             if self.lost:
                 return
             if not self._taken():
                 self.holder.released, self.holder.renewed = True, time.time()
                 self._write()
-            self.lost = True
+            with self._lost_lock:
+                self.lost = True
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -260,9 +299,15 @@ class Lease:
 
 
 def stop_job(lease: Lease) -> None:
-    """The jobs' `on_lost`: the run is another job's now, so this process stops as a SIGTERM stops it (the
-    job's handler says what was kept and exits 143)."""
-    print(f"{lease.holder.job}: the lease {lease.url} was taken over by {lease.taken_by} (this job did not renew "
-          f"it for {lease.holder.ttl_s:g} s: stalled, or storage too slow); stopping, so that two jobs never write "
-          "one run", file=sys.stderr, flush=True)
+    """The jobs' `on_lost`: the run is another job's now, or may be soon (the fence), so this process stops
+    as a SIGTERM stops it (the job's handler says what was kept and exits 143)."""
+    job, ttl = lease.holder.job, lease.holder.ttl_s
+    if lease.stalled:
+        print(f"{job}: could not renew the lease {lease.url} for {time.time() - lease.confirmed:.0f} s (storage "
+              f"unreachable or too slow; another job may take the run over {ttl:g} s after the last renewal, "
+              "storage.lease_ttl_s); stopping first, so that two jobs never write one run", file=sys.stderr, flush=True)
+    else:
+        print(f"{job}: the lease {lease.url} was taken over by {lease.taken_by} (this job did not renew it for "
+              f"{ttl:g} s: stalled, or storage too slow); stopping, so that two jobs never write one run",
+              file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -255,9 +256,19 @@ def test_a_lost_lease_calls_on_lost_once_and_release_does_not(tmp_path):
     assert calls == [lease]
 
 
-def test_a_job_whose_lease_is_taken_over_stops(tmp_path):
-    """`stop_job`: a job whose run was taken over exits as a stopped job does (143), saying why, instead of
-    writing on beside the job that holds the run now."""
+@pytest.mark.parametrize("cause", ["taken over", "storage hangs"])
+def test_a_job_whose_lease_is_lost_stops(tmp_path, cause):
+    """`stop_job`: a job whose run was taken over, or whose storage hangs under the heartbeat (the fence),
+    exits as a stopped job does (143), saying why, instead of writing on beside the job that holds the run
+    now or may hold it soon."""
+    lose = {"taken over": """
+    url = RunPaths(cfg).lease.removeprefix("file://")
+    with open(os.path.join(url, "0000000002.json"), "w") as f:  # another job takes the run over
+        json.dump(dict(host="h", pid=1, job="finetune", since=time.time(), renewed=time.time(), ttl_s=60.0,
+                       token="t", released=False), f)""",
+            "storage hangs": """
+    from dydit_dist import lease
+    lease.Lease._write = lambda self: time.sleep(60)  # every renewal hangs"""}[cause]
     script = f"""
 import time
 from dydit_dist import cli, config
@@ -265,11 +276,7 @@ from dydit_dist.paths import RunPaths
 cfg = config.load("debug", ["storage.root={tmp_path}", "storage.run=r", "storage.lease_ttl_s=0.4"])
 cli.install_signal_handlers("sample", cfg)
 def work():
-    import json, os
-    url = RunPaths(cfg).lease.removeprefix("file://")
-    with open(os.path.join(url, "0000000002.json"), "w") as f:  # another job takes the run over
-        json.dump(dict(host="h", pid=1, job="finetune", since=time.time(), renewed=time.time(), ttl_s=60.0,
-                       token="t", released=False), f)
+    import json, os{lose}
     time.sleep(30)
     return "not stopped"
 import dydit_dist.preflight
@@ -278,5 +285,58 @@ raise SystemExit(cli.run_job("sample", work, (), cfg))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143, done.stderr[-2000:]
-    assert f"sample: the lease {tmp_path}/runs/r/lease was taken over by job 'finetune'" in done.stderr
+    if cause == "taken over":
+        assert f"sample: the lease {tmp_path}/runs/r/lease was taken over by job 'finetune'" in done.stderr
+    else:
+        assert re.search(rf"sample: could not renew the lease {re.escape(str(tmp_path))}/runs/r/lease for \d+ s", done.stderr)
+        assert "stopping first, so that two jobs never write one run" in done.stderr
     assert "not stopped" not in done.stdout
+
+
+def test_a_holder_that_cannot_renew_stops_before_its_lease_can_be_taken(tmp_path, monkeypatch):
+    """Storage hangs under the heartbeat: the fence calls `on_lost` (stalled) FENCE * ttl_s after the last
+    renewal that was stored, while the lease still reads as held: no other job could have taken the run."""
+    url = f"file://{tmp_path}/runs/r/lease"
+    hang, seen, writes = threading.Event(), [], []
+    write = Lease._write
+    monkeypatch.setattr(Lease, "_write", lambda self: hang.wait(30) and writes.append(write(self)))
+
+    def on_lost(lease):
+        seen.append((lease.stalled, read(url).free(time.time()), time.time() - read(url).renewed))
+
+    lease = Lease.acquire(url, "finetune", ttl_s=1.0, on_lost=on_lost)
+    deadline = time.time() + 10
+    while not seen and time.time() < deadline:
+        time.sleep(0.05)
+    hang.set()
+    assert len(seen) == 1 and lease.lost and lease.stalled
+    stalled, free, age = seen[0]
+    assert stalled and not free and lease_lib.FENCE * 1.0 <= age < 1.0, seen
+    lease._thread.join(timeout=10)  # the heartbeat ends after the write it was stuck in: no beat after the fence
+    assert not lease._thread.is_alive() and len(writes) == 1
+    lease.release()
+    assert seen == [(True, False, age)] and not read(url).released
+
+
+def test_a_failed_beat_is_retried_before_the_fence(tmp_path, monkeypatch):
+    """A renewal that fails once (storage error) is retried at ttl_s / 16 and the job keeps its lease."""
+    url = f"file://{tmp_path}/runs/r/lease"
+    failures, calls = [OSError("connection reset")], []
+    write = Lease._write
+
+    def flaky(self):
+        if failures:
+            raise failures.pop()
+        write(self)
+
+    monkeypatch.setattr(Lease, "_write", flaky)
+    with Lease.acquire(url, "finetune", ttl_s=1.6, on_lost=calls.append) as lease:
+        first = lease.confirmed
+        deadline = time.time() + 10
+        while lease.confirmed == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert not failures and lease.confirmed > first
+        assert lease.confirmed - first < 0.4 + 0.1 + 0.5  # ttl/4, then ttl/16: well before the fence (1.2 s)
+        time.sleep(1.3)  # past the fence's first deadline: renewed since, so it did not fire
+        assert calls == [] and not lease.lost
+    assert read(url).released
