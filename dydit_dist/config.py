@@ -235,7 +235,7 @@ class StorageConfig:
     region: str | None = None
     retries: int = bounded(5, "[0, inf)")  # retries of a transient error (timeout, throttling, 5xx), with backoff
     timeout_s: float = bounded(60.0, "(0, inf)")  # deadline of one S3 operation, retries included (`storage`)
-    lease_ttl_s: float = bounded(120.0, "(0, inf)")  # a run's lease expires this long after its holder's last heartbeat
+    lease_ttl_s: float = bounded(120.0, "(0, inf)")  # a run's lease expires this long after its holder's last heartbeat; >= 2 x timeout_s
 
 
 @dataclass
@@ -254,6 +254,11 @@ class Config:
         """Cross-field rules; raises ConfigError naming the keys and the numbers."""
         m, s = self.model, self.sample
         self._check_locations()
+        st = self.storage
+        if st.lease_ttl_s < 2 * st.timeout_s:  # a beat at ttl/4 must fit one whole operation before the fence (3/4)
+            raise ConfigError(f"storage.lease_ttl_s={st.lease_ttl_s:g} must be at least twice storage.timeout_s="
+                              f"{st.timeout_s:g}: a holder stops itself when its lease goes unrenewed for 3/4 of the "
+                              "ttl, and one renewal may take a whole storage operation (dydit_dist/lease.py)")
         if not self.eval.metrics:
             raise ConfigError(f"eval.metrics is empty; name at least one of {list(typing.get_args(Metric))}")
         try:

@@ -130,3 +130,11 @@ def test_a_run_name_that_leaves_runs_is_refused(run):
 def test_run_names_joined_by_a_slash_stay_valid():
     """The reproduce pipeline keeps each stage in `{run}/{stage}`."""
     assert load("debug", ["storage.run=demo/finetune"]).storage.run == "demo/finetune"
+
+
+def test_a_lease_too_short_for_one_storage_operation_is_refused():
+    """The lease's fence stops a holder at 3/4 of `storage.lease_ttl_s` without a stored renewal, and a renewal
+    may take one whole storage operation: a ttl under twice `storage.timeout_s` could stop a healthy job."""
+    with pytest.raises(ConfigError, match=r"storage.lease_ttl_s=100 must be at least twice storage.timeout_s=60"):
+        load("debug", ["storage.lease_ttl_s=100"])
+    assert load("debug", ["storage.lease_ttl_s=20", "storage.timeout_s=10"]).storage.lease_ttl_s == 20

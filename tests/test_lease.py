@@ -273,7 +273,7 @@ def test_a_job_whose_lease_is_lost_stops(tmp_path, cause):
 import time
 from dydit_dist import cli, config
 from dydit_dist.paths import RunPaths
-cfg = config.load("debug", ["storage.root={tmp_path}", "storage.run=r", "storage.lease_ttl_s=0.4"])
+cfg = config.load("debug", ["storage.root={tmp_path}", "storage.run=r", "storage.lease_ttl_s=0.4", "storage.timeout_s=0.2"])
 cli.install_signal_handlers("sample", cfg)
 def work():
     import json, os{lose}
