@@ -159,17 +159,23 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     storage.write_json(RunPaths(m_cfg).metrics, record)
     assert pipeline.metrics_done(m_cfg)
     assert not pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.isc_splits=5"), "static", None, {}))
-    # a reference the metrics do not read (IS alone) is no change; for FID it is, by URL and by content
+    # options of metrics not computed, and a reference the metrics do not read (IS alone), are no change
+    assert pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.prc_neighborhood=7"), "static", None, {}))
     elsewhere = load(tmp_path, f"eval.reference={tmp_path}/other.npz")
     assert pipeline.metrics_done(pipeline.method_config(elsewhere, "static", None, {}))
+    # for FID the reference is a change, by URL and by content; the same content reads the same
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     fid = load(tmp_path, "eval.metrics=[fid]", f"eval.reference={ref}").eval
     before = evaluation_settings(fid)
+    assert evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={ref}").eval) == before
     np.savez(tmp_path / "copy.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     assert evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={tmp_path}/copy.npz").eval) != before
     np.savez(ref, arr_0=np.ones((2, 8, 8, 3), np.uint8))  # other images of the same size at the same URL
     assert evaluation_settings(fid)["reference"] == before["reference"] and evaluation_settings(fid) != before
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "copy.npz").read_bytes()[:40])  # an upload cut short
+    with pytest.raises(ValueError, match=rf"{tmp_path}/cut.npz: not a readable .npz .*expected an ADM reference"):
+        evaluation_settings(load(tmp_path, "eval.metrics=[fid]", f"eval.reference={tmp_path}/cut.npz").eval)
     storage.write_json(RunPaths(m_cfg).metrics, {**record, "num_samples": 3})  # of other samples
     assert not pipeline.metrics_done(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})

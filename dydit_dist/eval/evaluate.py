@@ -73,7 +73,8 @@ def evaluation_settings(e) -> dict:
     return {"metrics": list(e.metrics), "protocol": e.protocol, "reference": reference, "reference_content": content,
             "feature_extractor": e.feature_extractor, "feature_extractor_weights": e.feature_extractor_weights,
             "inception_weights": e.inception_weights, "clip_model": e.clip_model if "clip" in e.metrics else None,
-            "isc_splits": e.isc_splits, "prc_neighborhood": e.prc_neighborhood}
+            "isc_splits": e.isc_splits if "isc" in e.metrics else None,
+            "prc_neighborhood": e.prc_neighborhood if "prc" in e.metrics else None}
 
 
 def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) -> dict:
@@ -103,6 +104,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     extractor = resolve_extractor(e)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = extractor.create(device, e.metrics)
+    settings = evaluation_settings(e)  # before the reference is read: its content digest is what was read
     reference = None
     if compared:
         reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
@@ -139,7 +141,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "samples": samples,
         "method": manifest.settings["method"],
         "sampling": manifest.settings,
-        "evaluation": evaluation_settings(e),
+        "evaluation": settings,
         "gflops": manifest.stats.get("gflops"),
         "images_per_s": images_per_second(manifest),
         "protocol": e.protocol,

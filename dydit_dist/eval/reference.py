@@ -101,8 +101,12 @@ def source_identity(url: str) -> str:
     if source_kind(url) != "npz":
         shards = [(r["name"], r["sha256"]) for r in storage.read_json(manifest_url(url))["shards"]]
         return hashlib.sha256(json.dumps(sorted(shards)).encode()).hexdigest()
-    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
-        members = [f"{m.filename}:{m.CRC:08x}:{m.file_size}" for m in zf.infolist()]
+    try:
+        with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+            members = [f"{m.filename}:{m.CRC:08x}:{m.file_size}" for m in zf.infolist()]
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{url}: not a readable .npz ({err}); expected an ADM reference batch "
+                         "(a zip of .npy arrays)") from None
     return " ".join([str(storage.size(url)), *members])
 
 
