@@ -27,3 +27,27 @@ def test_a_window_tells_the_time_left_at_its_throughput():
     assert progress_line(metrics, 100).endswith(f"| eta {duration(metrics['eta_s'])}")
     line = progress_line({**metrics, "eta_s": 11520.0}, 100)
     assert line.startswith("step 10/100 | loss 0.5000 | ") and line.endswith("| lr 1.00e-04 | eta 3h 12m")
+
+
+def test_the_time_left_counts_the_checkpoints_left_at_the_last_ones_duration(monkeypatch):
+    train = config_lib.load("debug", ["train.max_steps=105", "train.global_batch_size=8", "train.log_every=10",
+                                      "train.checkpoint_every=20"]).train
+    clock = [0.0]
+    monkeypatch.setattr("dydit_dist.train.metrics.time.perf_counter", lambda: clock[0])
+    window = MetricsWindow(train, TensorBoardLog("memory://unused", enabled=False), torch.device("cpu"), rank=0,
+                           world_size=1, min_report_interval_s=0.0)
+    # after the close at step s: the checkpoints at 20, 40, 60, 80, 100 and 105 from s on (s's own comes next)
+    assert [window.checkpoints_left(s) for s in (1, 20, 21, 100, 101, 105, 106)] == [6, 6, 5, 2, 1, 1, 0]
+
+    def steps(n: int, step: int, seconds_each: float = 1.0) -> dict:
+        for _ in range(n):
+            clock[0] += seconds_each
+            window.add({"loss": torch.tensor(0.5)})
+        return window.close(step, {"lr": 1e-4})[0]
+
+    assert steps(20, 20)["eta_s"] == pytest.approx(85.0)  # no checkpoint measured yet
+    clock[0] += 7.0  # the checkpoint at step 20
+    window.restart()
+    # 20 steps at 1 s (the checkpoint left out), then 65 steps and the checkpoints at 40, 60, 80, 100, 105
+    assert steps(20, 40)["eta_s"] == pytest.approx(65.0 + 5 * 7.0)
+    assert steps(65, 105)["eta_s"] == pytest.approx(7.0)  # the last checkpoint

@@ -116,10 +116,10 @@ class Trainer:
 
     def train(self) -> dict | None:
         t = self.cfg.train
+        self.export_lost_ema()  # before the first window: not part of the throughput
         window = MetricsWindow(t, self.tensorboard, self.device, self.rank, self.world_size,
                                self.session.min_report_interval_s)
         last = None
-        self.export_lost_ema()
         if self.state.step >= t.max_steps:
             log.info("rank %d: already at step %d of train.max_steps=%d, nothing to do", self.rank, self.state.step,
                      t.max_steps)

@@ -101,6 +101,8 @@ class MetricsWindow:
     def __init__(self, train_cfg, tensorboard: TensorBoardLog, device: torch.device, rank: int, world_size: int,
                  min_report_interval_s: float):
         self.log_every, self.max_steps = train_cfg.log_every, train_cfg.max_steps
+        self.checkpoint_every = train_cfg.checkpoint_every
+        self.checkpoint_s = 0.0  # how long the last checkpoint held the loop up (`restart`)
         self.global_batch_size = train_cfg.global_batch_size
         self.tensorboard, self.device = tensorboard, device
         self.rank, self.world_size = rank, world_size
@@ -122,7 +124,7 @@ class MetricsWindow:
         """End the window at `step` (collective): loss terms averaged over the window and the ranks,
         `extra` (learning rate, gradient norm, ...), throughput (samples/s of the whole job;
         cpu_s_per_step: this process's CPU seconds per step, rank 0's kept), eta_s (the steps left at this
-        window's throughput). The progress line (rank 0) and TensorBoard get them. -> (metrics, whether
+        window's throughput, plus the checkpoints left at the last one's duration). The progress line (rank 0) and TensorBoard get them. -> (metrics, whether
         they go to the session too)."""
         now, now_cpu = time.perf_counter(), time.process_time()
         names = sorted(self.sums)
@@ -136,7 +138,7 @@ class MetricsWindow:
         steps_per_s = self.steps / max(now - self.start, 1e-9)
         metrics.update(step=step, **extra, samples_per_s=self.global_batch_size * steps_per_s,
                        cpu_s_per_step=(now_cpu - self.start_cpu) / self.steps,
-                       eta_s=(self.max_steps - step) / steps_per_s)
+                       eta_s=(self.max_steps - step) / steps_per_s + self.checkpoints_left(step) * self.checkpoint_s)
         if self.rank == 0:
             log.info(progress_line(metrics, self.max_steps))
         # The next window starts here, so its samples/s includes this window's logging and report.
@@ -144,8 +146,19 @@ class MetricsWindow:
         self.tensorboard.log(step, {k: v for k, v in metrics.items() if k not in ("step", "eta_s") and v is not None})
         return metrics, since_report >= self.min_report_interval_s
 
+    def checkpoints_left(self, step: int) -> int:
+        """Checkpoints still to write once the window closes at `step` (`step` >= 1; its own checkpoint, if due,
+        comes after the close): every `train.checkpoint_every` steps and at the last (`checkpoints.due`)."""
+        if step > self.max_steps:
+            return 0
+        every = self.checkpoint_every
+        return self.max_steps // every - (step - 1) // every + (1 if self.max_steps % every else 0)
+
     def restart(self) -> None:
-        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        """After a checkpoint: its time is left out of the next window's throughput, and counted in the ETA."""
+        now = time.perf_counter()
+        self.checkpoint_s = now - self.start
+        self.start, self.start_cpu = now, time.process_time()
 
     def reported(self) -> None:
         self.reported_at = time.perf_counter()
