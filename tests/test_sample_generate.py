@@ -120,3 +120,24 @@ def test_text_to_image_samples_record_their_prompts(tmp_path, tiny_t5):
 
     back = unpack(pack(samples))
     assert back[1].meta["prompt"] == "small green"
+
+
+def test_a_dydit_actor_records_its_width_with_shard_0_and_every_shards_gflops(tmp_path, checkpoints):
+    """The sampling actor's code without Ray: shard 0's record holds the width per timestep (what the report's
+    width plot reads, via the manifest's stats), every record its own GFLOPs."""
+    from dydit_dist.sample.pool import SamplingWorker
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(str(tmp_path), "model.method=dydit", "sample.method=dydit",
+                      f"model.checkpoint={checkpoints['dydit']}")
+    worker = SamplingWorker(cfg.to_dict(), f"file://{tmp_path}/samples", use_gpu=False)
+    records = {}
+    for unit in reversed(plan_shards(4, 2)):  # shard 1 first: the width does not depend on the order
+        worker.sample(unit)
+        records[unit.index] = worker.write(unit.index)
+    assert "width_by_timestep" not in records[1] and len(records[0]["width_by_timestep"]) == cfg.sample.steps
+    assert all(0 < r["gflops"] < 1e3 for r in records.values())
+    manifest = SamplesManifest({}, 2)
+    for record in records.values():
+        manifest.add(record)
+    assert _method_stats(manifest) and manifest.stats["width_by_timestep"] == records[0]["width_by_timestep"]
