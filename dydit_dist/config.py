@@ -255,10 +255,11 @@ class Config:
         m, s = self.model, self.sample
         self._check_locations()
         st = self.storage
-        if st.lease_ttl_s < 2 * st.timeout_s:  # a beat at ttl/4 must fit one whole operation before the fence (3/4)
+        if st.lease_ttl_s < 2 * st.timeout_s:  # a beat starts at ttl/4, the fence is at 3/4 (dydit_dist/lease.py)
             raise ConfigError(f"storage.lease_ttl_s={st.lease_ttl_s:g} must be at least twice storage.timeout_s="
-                              f"{st.timeout_s:g}: a holder stops itself when its lease goes unrenewed for 3/4 of the "
-                              "ttl, and one renewal may take a whole storage operation (dydit_dist/lease.py)")
+                              f"{st.timeout_s:g}: a renewal starts a quarter of the ttl after the last one and must "
+                              "be stored by three quarters, when the holder stops itself (dydit_dist/lease.py); the "
+                              "half between must fit one whole storage operation")
         if not self.eval.metrics:
             raise ConfigError(f"eval.metrics is empty; name at least one of {list(typing.get_args(Metric))}")
         try:

@@ -25,10 +25,14 @@ jobs never go on writing one run.
 
 A holder that cannot renew (storage unreachable, or slower than the beats) stops itself first. Another
 job may take over only `ttl_s` after the last `renewed` it can read, and that is never earlier than
-the holder's last *confirmed* renewal (a write that returned). So when `FENCE * ttl_s` has passed since
-that one, the holder sets `lost` and `stalled` and calls `on_lost` too: it stops while nobody else can
-hold the run yet, leaving `(1 - FENCE) * ttl_s` for the process to stop and for the hosts' clocks to
-disagree. A failed beat is retried after `ttl_s / 16` instead of the usual `ttl_s / 4`.
+the holder's last *confirmed* renewal (a write that returned; this assumes a PUT the holder gave up on
+does not land later over a newer one). So when `FENCE * ttl_s` has passed since that one (measured on
+the monotonic clock), the holder sets `lost` and `stalled` and calls `on_lost` too: it stops while
+nobody else can hold the run yet, leaving `(1 - FENCE) * ttl_s` for the process to stop and for the
+hosts' clocks to disagree. A beat starts `ttl_s / 4` after the last confirmed renewal, or `ttl_s / 16`
+after a failed one; its storage operations end by the fence (`storage.deadline`), so the half ttl
+between them must fit at least one whole storage operation (`config`: lease_ttl_s >= 2 x timeout_s).
+`release()` waits for a renewal in flight only until the fence, then gives up (`lost`, `stalled`).
 
 Why two jobs never both hold it. (1) The highest number only grows: an object is removed only by
 the holder of a higher number, or by its creator after seeing a higher one; release rewrites it.
@@ -178,9 +182,11 @@ class Lease:
         self.taken_by: str | None = None  # who took it over, once the heartbeat saw it
         self.stalled = False  # lost because this job could not renew it in time (the fence), not taken over
         self.confirmed = holder.renewed  # `renewed` of the last write that returned: stored for sure
+        self._confirmed_at = time.monotonic() - max(0.0, time.time() - holder.renewed)  # the same, monotonic
         self._lock = threading.RLock()  # one write at a time; re-entered by a signal handler's release()
-        self._lost_lock = threading.Lock()  # the heartbeat and the fence decide `lost` once between them
-        self._stop = threading.Event()
+        self._lost_lock = threading.Lock()  # the heartbeat, the fence and release decide `lost` once
+        self._stop = threading.Event()  # the heartbeat ends
+        self._done = threading.Event()  # the fence ends: lost, or release() began (the job writes no more)
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
         threading.Thread(target=self._fence, name="lease-fence", daemon=True).start()
@@ -239,35 +245,40 @@ class Lease:
             if self.lost:
                 return False
             self.lost, self.stalled = True, stalled
+            self._done.set()
             return True
 
+    def _fence_at(self) -> float:
+        """When (time.monotonic()) the holder stops unless a renewal is confirmed before."""
+        return self._confirmed_at + FENCE * self.holder.ttl_s
+
     def _heartbeat(self) -> None:
-        interval = self.holder.ttl_s / 4
-        while not self._stop.wait(interval):
+        ttl = self.holder.ttl_s
+        next_beat = self._confirmed_at + ttl / 4
+        while not self._stop.wait(max(0.0, next_beat - time.monotonic())):
             with self._lock:
                 if self._stop.is_set() or self.lost:
                     return
                 try:
-                    if self._taken():
-                        if self._lose(stalled=False) and self.on_lost is not None:
-                            self.on_lost(self)
-                        return
-                    if self.lost:  # the fence stopped the job while the listing hung
-                        return
-                    stamp = self.holder.renewed = time.time()
-                    self._write()
-                    self.confirmed, interval = stamp, self.holder.ttl_s / 4
+                    with storage.deadline(self._fence_at()):
+                        if self._taken():
+                            if self._lose(stalled=False) and self.on_lost is not None:
+                                self.on_lost(self)
+                            return
+                        if self.lost:  # the fence stopped the job while the listing took its time
+                            return
+                        stamp, at = time.time(), time.monotonic()
+                        self.holder.renewed = stamp
+                        self._write()
+                    self.confirmed, self._confirmed_at, next_beat = stamp, at, at + ttl / 4
                 except OSError as err:  # storage trouble: try again soon, before the fence stops the job
                     log.warning("%s: lease renewal failed (%s); retrying", self.url, err)
-                    interval = self.holder.ttl_s / 16
+                    next_beat = time.monotonic() + ttl / 16
 
     def _fence(self) -> None:
         """Stop the job (`on_lost`, with `stalled`) once its last confirmed renewal is FENCE * ttl_s old."""
-        while True:
-            deadline = self.confirmed + FENCE * self.holder.ttl_s
-            if self._stop.wait(max(0.0, deadline - time.time())) or self.lost:
-                return
-            if time.time() >= self.confirmed + FENCE * self.holder.ttl_s and not self._stop.is_set():
+        while not self._done.wait(max(0.0, self._fence_at() - time.monotonic())):
+            if time.monotonic() >= self._fence_at():
                 log.error("%s: this job's lease was not renewed for %.0f s (storage unreachable or too slow); "
                           "stopping before another job can take it over", self.url, time.time() - self.confirmed)
                 if self._lose(stalled=True) and self.on_lost is not None:
@@ -276,18 +287,29 @@ class Lease:
 
     def release(self) -> None:
         """Stop the heartbeat and mark the lease released if it is still this job's (the object stays:
-        numbers are never reused). A second call does nothing."""
+        numbers are never reused). A second call does nothing. It waits for a renewal in flight (which
+        could otherwise undo this write) only until the fence: a renewal stuck on storage must not keep a
+        stopping job alive past the time another job may take the run over."""
         self._stop.set()
-        if self.lost:  # nothing to write; a heartbeat stuck on storage is not waited for
+        self._done.set()  # the job writes no more (its work ended, or it is exiting): nothing left to fence
+        if self.lost:
             return
-        with self._lock:  # waits for a heartbeat write in flight, which could otherwise undo this one
+        if not self._lock.acquire(timeout=max(0.0, self._fence_at() - time.monotonic())):
+            if self._lose(stalled=True):
+                log.warning("%s: a lease renewal is stuck on storage; not released, it expires %g s after the "
+                            "last renewal", self.url, self.holder.ttl_s)
+            return
+        try:
             if self.lost:
                 return
-            if not self._taken():
-                self.holder.released, self.holder.renewed = True, time.time()
-                self._write()
+            with storage.deadline(self._fence_at()):
+                if not self._taken():
+                    self.holder.released, self.holder.renewed = True, time.time()
+                    self._write()
             with self._lost_lock:
                 self.lost = True
+        finally:
+            self._lock.release()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 

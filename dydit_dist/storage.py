@@ -18,7 +18,9 @@ Failures on S3 are bounded and retried in one place, `_retry`:
 - PUTs are sent without `Expect: 100-continue` (aiohttp waits for the `100 Continue` with no timeout,
   so a stalled endpoint would hang a write forever);
 - an unreachable endpoint, a missing bucket or denied access raises `StorageError` (an OSError) with
-  the URL and the endpoint in the message.
+  the URL and the endpoint in the message;
+- `with deadline(at):` ends every operation of this thread by `at` (time.monotonic()) as well (the
+  lease's heartbeat: its renewal is worthless after the holder's fence).
 Local and `memory://` operations have no deadline.
 
 S3 endpoint and region come from `configure` (the `storage` config section) or `AWS_ENDPOINT_URL`;
@@ -27,6 +29,7 @@ credentials from the usual AWS environment variables, profile or instance role, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -34,6 +37,7 @@ import os
 import posixpath
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -182,11 +186,28 @@ def _endpoint(url: str) -> str:
     return _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
 
+_THREAD = threading.local()  # .at: the `deadline` of this thread's operations, if any
+
+
+@contextlib.contextmanager
+def deadline(at: float):
+    """Within the block, this thread's S3 operations also end by `at` (time.monotonic()); nested: the earliest."""
+    previous = getattr(_THREAD, "at", None)
+    _THREAD.at = at if previous is None else min(at, previous)
+    try:
+        yield
+    finally:
+        _THREAD.at = previous
+
+
 def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
     """`fn(seconds_left)`, retried on transient errors with backoff, `storage.retries` times at most,
-    all within one deadline: `storage.timeout_s` plus `nbytes` at `SLOWEST_BYTES_PER_S`."""
-    budget = _TIMEOUT_S + nbytes / SLOWEST_BYTES_PER_S
+    all within one deadline: `storage.timeout_s` plus `nbytes` at `SLOWEST_BYTES_PER_S`, or the
+    thread's `deadline` when that comes first."""
     start = time.monotonic()
+    budget = _TIMEOUT_S + nbytes / SLOWEST_BYTES_PER_S
+    if getattr(_THREAD, "at", None) is not None:
+        budget = max(min(budget, _THREAD.at - start), 0.0)
     delay = 0.2
     for attempt in range(1, _RETRIES + 2):
         try:

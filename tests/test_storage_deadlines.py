@@ -197,3 +197,15 @@ def test_a_retry_that_no_longer_fits_in_the_deadline_is_reported_as_the_deadline
         storage._retry("s3://bucket/key", "reading", slow_failure)
     assert str(err.value).startswith("reading s3://bucket/key failed: no answer within the deadline of 0.3 s")
     assert "storage.timeout_s=0.3, 1 attempt in 0.2 s; the last attempt: ReadTimeoutError: Read timeout" in str(err.value)
+
+
+def test_a_threads_deadline_cuts_its_operations_short(stalled):
+    """`storage.deadline` (the lease's heartbeat): an operation ends by it, well before `storage.timeout_s`."""
+    storage.configure(endpoint_url=stalled.url, retries=5, timeout_s=60.0)
+    start = time.monotonic()
+    with storage.deadline(start + TIMEOUT_S), pytest.raises(StorageError, match="no answer within the deadline"):
+        storage.exists("s3://bucket/key")
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+    with storage.deadline(start + 100.0), storage.deadline(start), pytest.raises(StorageError):  # the earliest
+        storage.exists("s3://bucket/key")
+    assert time.monotonic() - start < TIMEOUT_S + 2 * SLACK_S
