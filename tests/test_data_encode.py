@@ -99,6 +99,49 @@ def test_captions_and_webdataset_plans(image_source, tmp_path):
     assert sources.plan_webdataset(str(tmp_path / "in-*.tar")).num_inputs == 3
     with pytest.raises(DataError, match="matches no .tar files"):
         sources.plan_webdataset(str(tmp_path / "nothing-{0..3}.tar"))
+    # one tar of a pattern not uploaded yet: refused, not prepared without its samples
+    with pytest.raises(DataError, match=rf"in-{{000..003}}.tar: 1 of the tars it names do not exist: {tmp_path}/in-003"):
+        sources.plan_webdataset(str(tmp_path / "in-{000..003}.tar"))
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.jsonl", '{"path": "a.png", "caption": "a"}\n{"path": "b.png", caption: "b"}\n',
+     r"bad.jsonl line 2: not a JSON object \(Expecting property name"),
+    ("list.jsonl", '{"path": "a.png", "caption": "a"}\n\n["b.png", "b"]\n',
+     r"list.jsonl line 3: expected an object with an image and a caption, got list"),
+    ("latin.csv", None, r"latin.csv is not UTF-8 text"),
+    ("web.csv", "path,caption\nhttps://example.com/a.png,a\n", r"web.csv line 2: .*unsupported storage protocol 'https'"),
+])
+def test_a_malformed_captions_file_is_an_error_naming_its_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is None:
+        path.write_bytes("path,caption\na.png,caf\xe9\n".encode("latin-1"))
+    else:
+        path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        sources.plan_captions(str(path), shard_size=4)
+
+
+def test_an_input_denied_to_this_job_is_skipped_and_listed(tmp_path, monkeypatch):
+    """Access denied to one object is that input's problem (skipped, listed with the reason); any other
+    storage failure stops the job, whose rerun goes on from the shards written."""
+    from dydit_dist import storage
+
+    items = (sources.Item("0", "s3://b/ok.png"), sources.Item("1", "s3://b/denied.png"), sources.Item("2", "s3://b/x.png"))
+    failures = {"s3://b/denied.png": PermissionError("Access Denied")}
+
+    def read_bytes(url):
+        if url in failures:
+            raise storage.StorageError(f"reading {url} failed: {failures[url]}") from failures[url]
+        return b"image"
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    out = [(item.url, data, error) for item, data, error in sources.iter_chunk(sources.Chunk(0, items=items), "class")]
+    assert out[0] == ("s3://b/ok.png", b"image", None) and out[2] == ("s3://b/x.png", b"image", None)
+    assert out[1][:2] == ("s3://b/denied.png", None) and "Access Denied" in out[1][2]
+    failures["s3://b/x.png"] = TimeoutError("no answer")  # the store failing: not an input's fault
+    with pytest.raises(storage.StorageError, match="x.png"):
+        list(sources.iter_chunk(sources.Chunk(0, items=items), "class"))
 
 
 def test_plan_rejects_configs_that_do_not_fit(image_source, tiny_vae):

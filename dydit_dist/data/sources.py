@@ -130,18 +130,33 @@ def plan_captions(source: str, shard_size: int, seed: int = 0) -> SourcePlan:
         text = storage.read_bytes(source).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"data.source={source} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"data.source={source} is not UTF-8 text ({err}); expected a .csv or .jsonl file") from None
     if source.endswith(".jsonl"):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = []  # (line number, row)
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{source} line {number}: not a JSON object ({err.msg})") from None
     elif source.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
+        rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(io.StringIO(text)))]  # line 1: the header
     else:
         raise DataError(f"data.source={source}: captions must be a .csv or .jsonl file")
     folder = source.rsplit("/", 1)[0] if "/" in source else "."
     items = []
-    for i, row in enumerate(rows):
-        path = _column(row, _PATH_COLUMNS, source, i + 2)
+    for i, (number, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source} line {number}: expected an object with an image and a caption, got "
+                            f"{type(row).__name__}")
+        path = _column(row, _PATH_COLUMNS, source, number)
         url = path if "://" in path or path.startswith("/") else storage.join(folder, path)
-        items.append(Item(f"{i:09d}", url, caption=_column(row, _CAPTION_COLUMNS, source, i + 2)))
+        try:
+            storage.check_url(url)
+        except storage.StorageError as err:
+            raise DataError(f"{source} line {number}: {err}") from None
+        items.append(Item(f"{i:09d}", url, caption=_column(row, _CAPTION_COLUMNS, source, number)))
     if not items:
         raise DataError(f"data.source={source} lists no images")
     digest = _digest([f"{it.url}\t{it.caption}" for it in items])
@@ -151,10 +166,10 @@ def plan_captions(source: str, shard_size: int, seed: int = 0) -> SourcePlan:
 def plan_webdataset(source: str) -> SourcePlan:
     """One chunk per input tar (brace patterns, globs and folders expanded, sorted)."""
     urls: list[str] = []
+    missing: list[str] = []  # tars named in full (a brace pattern) that are not there
     for pattern in braceexpand(source):
         if pattern.endswith(".tar") and not any(c in pattern for c in "*?["):
-            if storage.exists(pattern):
-                urls.append(pattern)
+            (urls if storage.exists(pattern) else missing).append(pattern)
         elif any(c in pattern for c in "*?["):
             urls += storage.glob(pattern)
         else:
@@ -162,6 +177,9 @@ def plan_webdataset(source: str) -> SourcePlan:
     urls = sorted(set(urls))
     if not urls:
         raise DataError(f"data.source={source} matches no .tar files")
+    if missing:  # a partial prepare would be refused later as other settings, once they are uploaded
+        raise DataError(f"data.source={source}: {len(missing)} of the tars it names do not exist: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return SourcePlan(tuple(Chunk(i, tar=u) for i, u in enumerate(urls)), len(urls), _digest(urls))
 
 
@@ -189,8 +207,12 @@ def iter_chunk(chunk: Chunk, conditioning: str) -> Iterator[tuple[Item, bytes | 
         for item in chunk.items:
             try:
                 yield item, storage.read_bytes(item.url), None
-            except FileNotFoundError as err:
+            except (FileNotFoundError, PermissionError) as err:
                 yield item, None, str(err)
+            except storage.StorageError as err:
+                if not isinstance(err.__cause__, PermissionError):  # the store failing: stop, a rerun goes on
+                    raise
+                yield item, None, str(err)  # access denied to this one object: a bad input, skipped and listed
         return
     stem = chunk.tar.rsplit("/", 1)[-1].removesuffix(".tar")
     for j, files in enumerate(unpack(storage.read_bytes(chunk.tar), chunk.tar)):
