@@ -141,7 +141,7 @@ class TrainConfig:
     warmup_steps: int = bounded(0, "[0, inf)")  # linear lr warm-up over these optimizer steps, then constant
     grad_clip: float | None = bounded(1.0, "(0, inf)")  # global gradient-norm clipping; None: no clipping (DiT, DyDiT, FlexDiT)
     skip_grad_norm: float | None = bounded(None, "(0, inf)")  # skip the update when the global gradient norm reaches this (DyDiT)
-    ema_decay: float = bounded(0.9999, "[0, 1]")
+    ema_decay: float = bounded(0.9999, "[0, 1)")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = bounded(0, "[0, inf)")
     init_from: str | None = None  # static checkpoint or a previous run

@@ -179,8 +179,9 @@ def trained_to_end(cfg: Config) -> bool:
 
 def finetune_changes(cfg: Config) -> list[str]:
     """`key: old -> new` for each key that decides the weights (`run_config.WEIGHTS`, the micro-batch split
-    aside) the fine-tuning run of `cfg` last ran with otherwise."""
-    return run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg, ignore=("train.micro_batch_size",))
+    and the loader workers aside: the same recipe) the fine-tuning run of `cfg` last ran with otherwise."""
+    return run_config.weights_changes(run_config.previous(cfg, "finetune"), cfg,
+                                      ignore=("train.micro_batch_size", "data.num_workers"))
 
 
 def finetune_done(cfg: Config) -> bool:

@@ -15,7 +15,7 @@ What decides a training run's weights is one list, `WEIGHTS`: every leaf key und
 A run that resumes from a checkpoint keeps them, but train.max_steps (a run may be extended) and
 train.init_from (a resume starts from its checkpoint), unless `train.allow_changed_settings=true`
 (`train.launcher.check_settings`); a finished run is reused only when none of them changed, but
-train.micro_batch_size (`pipeline.finetune_changes`).
+train.micro_batch_size and data.num_workers (`pipeline.finetune_changes`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dydit_dist import storage
 from dydit_dist.config import Config
 from dydit_dist.paths import RunPaths
 
-WEIGHTS = ("model", "diffusion", "train", "data.uri", "data.flip", "data.shuffle_buffer")
+WEIGHTS = ("model", "diffusion", "train", "data.uri", "data.flip", "data.shuffle_buffer",
+           "data.num_workers")  # the loader workers take turns: they decide the sample order too
 RUN_ONLY = ("model.checkpoint", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
             "train.log_every", "train.record_batches", "train.allow_changed_settings")
 METHOD_OPTIONS = {"dydit": "model.dynamic", "flexdit": "model.flexdit"}  # read only by that model.method

@@ -20,7 +20,8 @@ OUT_OF_RANGE = [
     ("sample.steps=0", "sample.steps=0 is outside its allowed range [1, inf)"),
     ("sample.cfg_scale=-3", "sample.cfg_scale=-3.0 is outside its allowed range [0, inf)"),
     ("train.lr=-1", "train.lr=-1.0 is outside its allowed range (0, inf)"),
-    ("train.ema_decay=2", "train.ema_decay=2.0 is outside its allowed range [0, 1]"),
+    ("train.ema_decay=2", "train.ema_decay=2.0 is outside its allowed range [0, 1)"),
+    ("train.ema_decay=1", "train.ema_decay=1.0 is outside its allowed range [0, 1)"),  # the EMA would never move
     ("model.image_size=-16", "model.image_size=-16 is outside its allowed range [1, inf)"),
     ("storage.timeout_s=0", "storage.timeout_s=0.0 is outside its allowed range (0, inf)"),
     ("model.dynamic.gumbel_temperature=0", "model.dynamic.gumbel_temperature=0.0 is outside its allowed range (0, inf)"),
@@ -52,7 +53,7 @@ def test_nan_is_outside_every_range(tmp_path):
 
 
 def test_the_bounds_are_inclusive_or_exclusive_as_written():
-    assert load("debug", ["train.ema_decay=1", "sample.cfg_scale=0", "model.dynamic.target_lambda=1"]).train.ema_decay == 1
+    assert load("debug", ["train.ema_decay=0", "sample.cfg_scale=0", "model.dynamic.target_lambda=1"]).train.ema_decay == 0
     with pytest.raises(ConfigError, match=r"model.dynamic.target_lambda=0.0 is outside its allowed range \(0, 1\]"):
         load("debug", ["model.dynamic.target_lambda=0"])
 

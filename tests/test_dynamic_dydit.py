@@ -300,6 +300,11 @@ def test_flops_ratio_and_loss_follow_the_formula():
     assert attn == 4 * 16 * 64 * 64 + 2 * 16 * 16 * 64 and mlp == 2 * 16 * 64 * 256
     expected = (attn * (0.5 + 0.25 + 1) + mlp * (0.25 * 0.5 + 1 * 1 + 0.75 * 0.25)) / (3 * (attn + mlp))
     assert float(flops_ratio(model, result)[0]) == pytest.approx(expected)
+    # masks out of fp16 / bf16 autocast: the ratio is computed in fp32 (a block's MACs overflow fp16)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = DynamicOutput(torch.zeros(1), heads.to(dtype), groups.to(dtype), tokens.to(dtype))
+        ratio = flops_ratio(model, low)
+        assert ratio.dtype == torch.float32 and float(ratio[0]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_stratified_timesteps_cover_quarters():

@@ -57,3 +57,41 @@ def test_bf16_sampling_stays_near_fp32(tmp_path, checkpoints, method):
     distance = float((bf16 - fp32).norm() / fp32.norm())
     print(f"{method}: bf16 vs fp32 relative L2 of the final samples = {distance:.4f}")
     assert 0 < distance < 0.1
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp16_loss_scale_survives_a_resume(one_rank, tmp_path, stage):
+    """train.precision=fp16: the loss scaler's state (scale, growth counter) is saved with the checkpoint and
+    restored, as DeepSpeed's own checkpoint does not; the logged gradient norm is of the unscaled gradients."""
+    from dydit_dist.train.checkpoints import grad_scaler
+
+    root = f"memory://fp16-{uuid.uuid4().hex[:8]}"
+    overrides = ["ray.num_workers=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
+                 "train.checkpoint_every=2", "model.method=dydit", "data.num_workers=0", f"storage.root={root}",
+                 f"data.uri={root}/data", "train.precision=fp16", f"deepspeed.zero_stage={stage}", "train.grad_clip=null"]
+    cfg = config_lib.load("debug", [*overrides, "train.max_steps=2"])
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    session = LocalSession(str(tmp_path))
+    first = Trainer(cfg, session)
+    first.train()
+    saved = grad_scaler(first.engine).state_dict()
+    assert saved["scale"] > 1 and saved["_growth_tracker"] == 2  # two steps without overflow: not a fresh scaler's 0
+    norms = [r["grad_norm"] for r in session.reports]
+    assert all(0 < n < 1e3 for n in norms), norms  # scaled by 2^16 they would be ~1e4 and more
+    resumed = Trainer(config_lib.load("debug", [*overrides, "train.max_steps=3"]), LocalSession(str(tmp_path)))
+    assert resumed.resumed_from == 2 and grad_scaler(resumed.engine).state_dict() == saved
+
+
+def test_fp16_clipping_under_zero_is_refused():
+    """DeepSpeed clips ZeRO 1-3's fp16 gradients against their loss-scaled norm (every step clipped);
+    ZeRO-0 unscales them first."""
+    from dydit_dist.config import ConfigError
+    from dydit_dist.train.deepspeed_setup import check_deepspeed
+
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match=rf"train.precision=fp16 with train.grad_clip=1.0 needs "
+                                              rf"deepspeed.zero_stage=0 \(got {stage}\)"):
+            check_deepspeed(config_lib.load("debug", ["train.precision=fp16", "train.grad_clip=1.0",
+                                                      f"deepspeed.zero_stage={stage}"]))
+    check_deepspeed(config_lib.load("debug", ["train.precision=fp16", "train.grad_clip=1.0", "deepspeed.zero_stage=0"]))
+    check_deepspeed(config_lib.load("debug", ["train.precision=bf16", "train.grad_clip=1.0", "deepspeed.zero_stage=2"]))

@@ -45,9 +45,10 @@ def test_weights_changes_lists_each_key_that_decides_the_weights(tmp_path):
                "model.dynamic.target_lambda=0.7", "model.flexdit.ramp_start=0.5", "data.shuffle_buffer=7",
                "data.num_workers=1")
     assert run_config.weights_changes(old, new) == [  # in the config's order
-        "model.dynamic.target_lambda: 0.5 -> 0.7", "data.shuffle_buffer: 16 -> 7", "train.global_batch_size: 4 -> 8",
-        "train.lr: 0.0001 -> 0.001"]  # not how it ran (logging, loader workers), nor FlexDiT's options on a DyDiT
-    assert run_config.weights_changes(old, new, ignore=("train",)) == [
+        "model.dynamic.target_lambda: 0.5 -> 0.7", "data.shuffle_buffer: 16 -> 7", "data.num_workers: 0 -> 1",
+        "train.global_batch_size: 4 -> 8", "train.lr: 0.0001 -> 0.001"]  # the loader workers decide the order;
+    # not how it ran (logging), nor FlexDiT's options on a DyDiT
+    assert run_config.weights_changes(old, new, ignore=("train", "data.num_workers")) == [
         "model.dynamic.target_lambda: 0.5 -> 0.7", "data.shuffle_buffer: 16 -> 7"]
     assert run_config.weights_changes(None, new) == []
 
@@ -140,7 +141,8 @@ def test_interpolations_are_refused_not_written(tmp_path, monkeypatch):
 
 
 def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
-    """DeepSpeed's checkpoint load restores the optimizer's (and the schedule's) old lr; the config's wins."""
+    """DeepSpeed's checkpoint load restores the optimizer's (and the schedule's) old lr, weight decay and eps;
+    the config's win."""
     import torch
 
     from dydit_dist.train.deepspeed_setup import init_single_process
@@ -160,8 +162,8 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
         first = Trainer(cfg, LocalSession(str(tmp_path)))
         first.train()
         resumed_cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data",
-                                                "train.warmup_steps=8", "train.lr=1e-3",
-                                                "train.allow_changed_settings=true"])
+                                                "train.warmup_steps=8", "train.lr=1e-3", "train.weight_decay=0.05",
+                                                "train.adam_eps=1e-10", "train.allow_changed_settings=true"])
         session = LocalSession(str(tmp_path))
         resumed = Trainer(resumed_cfg, session)
         resumed.train()
@@ -170,3 +172,6 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     assert resumed.resumed_from == 2
     # warm-up over 4 steps: the step-3 and step-4 updates run at 3/4 and 4/4 of the NEW lr
     assert [r["lr"] for r in session.reports] == pytest.approx([0.5e-3, 0.625e-3])
+    # torch's load_state_dict took every group's settings from the checkpoint; the config's win
+    groups = (resumed.engine.lr_scheduler or resumed.engine).optimizer.param_groups
+    assert {(g["weight_decay"], g["eps"]) for g in groups} == {(0.05, 1e-10)}

@@ -47,14 +47,16 @@ def flops_ratio(model, result: DynamicOutput) -> torch.Tensor:
     """Per-sample F_dyn / F_static over the blocks, differentiable through the masks. -> (B,).
 
     Each block's attention is scaled by its head fraction, its MLP by group fraction x token fraction.
+    In fp32 with the costs as shares of a block (the masks come out of fp16 / bf16 autocast, where a
+    DiT-XL block's 1.5e9 MACs overflow fp16 and the ratio would be inf).
     """
     num_tokens = result.token_masks.shape[-1]
     attn, mlp = block_costs(model, num_tokens)
-    head_frac = result.head_masks.mean(dim=-1)  # (B, depth)
-    group_frac = result.mlp_masks.mean(dim=-1)
-    token_frac = result.token_masks.mean(dim=-1)
-    dyn = (attn * head_frac + mlp * group_frac * token_frac).sum(dim=1)
-    return dyn / (len(model.blocks) * (attn + mlp))
+    head_frac = result.head_masks.float().mean(dim=-1)  # (B, depth)
+    group_frac = result.mlp_masks.float().mean(dim=-1)
+    token_frac = result.token_masks.float().mean(dim=-1)
+    attn_share = attn / (attn + mlp)
+    return (attn_share * head_frac + (1.0 - attn_share) * group_frac * token_frac).mean(dim=1)
 
 
 def dydit_loss_terms(model, diffusion, x0: torch.Tensor, step: int, dyn_cfg, t: torch.Tensor | None = None,

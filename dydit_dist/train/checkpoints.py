@@ -59,6 +59,8 @@ def save(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
     engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
     os.makedirs(os.path.join(directory, "trainer"), exist_ok=True)
     state.save(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+    if (scaler := grad_scaler(engine)) is not None:  # DeepSpeed's own checkpoint leaves it out
+        torch.save(scaler.state_dict(), os.path.join(directory, "trainer", f"grad-scaler-{rank:05d}.pt"))
     if rank == 0:
         meta = {"step": state.step, "world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
                 "precision": cfg.train.precision}
@@ -82,6 +84,7 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         if path is None:
             raise FileNotFoundError(f"{directory}/{DS_TAG}: no DeepSpeed checkpoint to resume from")
         state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
+        _load_grad_scaler(engine, os.path.join(directory, "trainer", f"grad-scaler-{rank:05d}.pt"))
     except Exception as err:  # a file of the committed checkpoint went bad: every restart would meet it again
         bad = unreadable_files(directory)
         if not bad:
@@ -93,7 +96,27 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
                               "the folder to resume from the checkpoint before it") from None
     if state.step != meta["step"]:
         raise CheckpointError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
-    set_lr(engine, cfg.train.lr)
+    apply_optimizer_settings(engine, cfg.train)
+
+
+def grad_scaler(engine) -> torch.amp.GradScaler | None:
+    """The loss scaler of fp16 training under DeepSpeed's torch_autocast (ZeRO 0: the engine's; 1-3: the
+    optimizer's); None for fp32 and bf16."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return scaler if scaler is not None else getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
+def _load_grad_scaler(engine, path: str) -> None:
+    """Restore the fp16 loss scale and its growth counter: without them a resume starts again at 2^16 and
+    skips other steps for overflow than the run it continues."""
+    scaler = grad_scaler(engine)
+    if scaler is None:
+        return
+    if not os.path.exists(path):
+        log.warning("%s: no fp16 loss-scaler state (a checkpoint of another precision, or of an earlier version); "
+                    "the loss scale starts again", path)
+        return
+    scaler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def unreadable_files(directory: str) -> list[str]:
@@ -113,16 +136,20 @@ def unreadable_files(directory: str) -> list[str]:
     return bad
 
 
-def set_lr(engine, lr: float) -> None:
-    """Make `lr` the base learning rate after a checkpoint restored another one with the optimizer and
-    its schedule (a resume with train.allow_changed_settings=true; a no-op when they agree). The
-    schedule's factor at the restored step is kept: each group's lr is rescaled by lr / old base."""
+def apply_optimizer_settings(engine, train_cfg) -> None:
+    """Make the config's optimizer settings those of every param group after a checkpoint restored the old
+    ones with the optimizer and its schedule (torch's `load_state_dict` takes each group's settings from
+    the checkpoint; a resume with train.allow_changed_settings=true; a no-op when they agree): weight_decay,
+    eps, and `lr` as the base learning rate, keeping the schedule's factor at the restored step (each
+    group's lr is rescaled by lr / old base)."""
+    lr = train_cfg.lr
     scheduler = engine.lr_scheduler
     groups = (scheduler.optimizer if scheduler is not None else engine.optimizer).param_groups
     bases = scheduler.base_lrs if scheduler is not None else [g["lr"] for g in groups]
     for group, base in zip(groups, bases, strict=True):
         group["lr"] = group["lr"] * lr / base if base else lr
         group["initial_lr"] = lr
+        group["weight_decay"], group["eps"] = train_cfg.weight_decay, train_cfg.adam_eps
     if scheduler is not None:
         scheduler.base_lrs = [lr] * len(groups)
         scheduler._last_lr = [g["lr"] for g in groups]

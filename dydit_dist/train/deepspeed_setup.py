@@ -50,6 +50,12 @@ def check_deepspeed(cfg) -> None:
         raise ConfigError(f"deepspeed.offload_params needs deepspeed.zero_stage=3, got {z.zero_stage}")
     if z.offload_optimizer and z.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1, got 0")
+    if cfg.train.precision == "fp16" and cfg.train.grad_clip and z.zero_stage >= 1:
+        # DeepSpeed (0.19) clips ZeRO 1-3's gradients against their norm *with* torch_autocast's fp16 loss
+        # scale in it (2^16 times too large), so every step would be clipped
+        raise ConfigError(f"train.precision=fp16 with train.grad_clip={cfg.train.grad_clip} needs "
+                          f"deepspeed.zero_stage=0 (got {z.zero_stage}): DeepSpeed clips ZeRO's fp16 gradients "
+                          "against their loss-scaled norm; use train.precision=bf16, or train.grad_clip=null")
     if cfg.train.skip_grad_norm is not None:
         if z.zero_stage == 3:
             raise ConfigError("train.skip_grad_norm works with deepspeed.zero_stage 0-2 (ZeRO-3 steps its optimizer "

@@ -66,7 +66,7 @@ def check_settings(cfg) -> list[str]:
     """A run that resumes from a checkpoint keeps what decides its weights (`run_config.WEIGHTS`: the model
     and its method's options, the diffusion, the training recipe, the data) as its last config had them,
     train.max_steps and train.init_from aside: ConfigError listing each change `key: old -> new`, unless
-    train.allow_changed_settings=true, which applies them (the optimizer's lr too, `checkpoints.set_lr`)
+    train.allow_changed_settings=true, which applies them (the optimizer's lr, weight decay and eps too, `checkpoints.apply_optimizer_settings`)
     and logs them; the changed config becomes the run's next config-history entry. Returns the changes."""
     paths = RunPaths(cfg)
     if not has_checkpoint(paths.checkpoints):

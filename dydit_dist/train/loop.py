@@ -70,6 +70,8 @@ class Trainer:
                 log.info("rank %d resumed at step %d from %s", self.rank, self.state.step, folder)
         self.resumed_from = self.state.step
         self._grad_norm: float | None = None  # ZeRO-0 only; DeepSpeed reports it under ZeRO
+        self._grad_scale = 1.0  # fp16: the loss scale the last step's gradients carried
+        self._scaler = checkpoints.grad_scaler(self.engine)
         self._indices: list[list[int]] = []  # sample indices of the current step's micro-batches
 
         # 3. Data, continuing where the checkpoint left it
@@ -93,8 +95,11 @@ class Trainer:
         inputs = draw_inputs(batch, self.network, self.cfg, g, self.device, t_range=self.t_range)
         terms = self.engine(**inputs, step=self.state.step, generator=g)
         self.engine.backward(terms["loss"])
-        if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-            self._grad_norm = _total_norm(self.engine.module.parameters())  # DeepSpeed keeps it only for ZeRO
+        if self.engine.is_gradient_accumulation_boundary():
+            if self._scaler is not None:  # fp16: the gradients carry the loss scale (one host read per step)
+                self._grad_scale = self._scaler.get_scale()
+            if self.cfg.deepspeed.zero_stage == 0:  # DeepSpeed keeps the norm only under ZeRO
+                self._grad_norm = _total_norm(self.engine.module.parameters()) / self._grad_scale
         self.engine.step()
         return {k: v.detach().float().to(self.device) for k, v in terms.items()}
 
@@ -146,6 +151,8 @@ class Trainer:
     def step_metrics(self) -> dict:
         """What the metrics window adds to the loss terms: learning rate, gradient norm, data counters."""
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self._grad_norm
+        if grad_norm is not None and self.cfg.deepspeed.zero_stage:  # fp16 under ZeRO: DeepSpeed's is scaled
+            grad_norm = float(grad_norm) / self._grad_scale
         metrics = dict(lr=float(self.engine.get_lr()[0]), grad_norm=None if grad_norm is None else float(grad_norm),
                        resumed_from=self.resumed_from, **self.stream.metrics())
         if self.cfg.model.method == "dydit":
