@@ -1,7 +1,9 @@
 """The prepare job on a local Ray instance, into a local folder and an S3 bucket, and reading it back."""
 
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +140,28 @@ def test_prepare_webdataset_source_and_job_entry_point(ray_local, image_source, 
     assert batch["x"].shape == (5, 4, 16, 16) and batch["x"].min() >= -1 and batch["x"].max() <= 1
     assert main([*args[:-1], "model.num_classes=5", f"data.source={tmp_path}/nothing-*.tar"]) == 2
     assert "matches no .tar files" in capsys.readouterr().err
+
+
+def test_a_chunk_is_encoded_batch_by_batch_to_the_same_shard(image_source, tiny_vae, tmp_path):
+    """Images are decoded one encode batch ahead of the encoder (not a whole chunk at once): batches of 3
+    give a chunk of 8 the same samples, labels and bad inputs as one batch of 8."""
+    from dydit_dist.data import pipeline
+    from dydit_dist.shardset import unpack
+
+    records, shards = {}, {}
+    for size in (8, 3):
+        uri = f"{tmp_path}/latents-{size}"
+        cfg = _dit(image_source, uri, tiny_vae, f"data.encode_batch_size={size}", "data.flip=true")
+        settings, plan = pipeline.plan(cfg)
+        chunk = plan.chunks[0]
+        records[size] = pipeline.ShardEncoder(cfg.to_dict(), settings).encode(chunk, uri)
+        shards[size] = unpack(storage.read_bytes(shard_url(uri, chunk.index)), uri)
+    a, b = records[8], records[3]
+    assert (a["count"], a["inputs"], a["bad"], a.get("classes")) == (b["count"], b["inputs"], b["bad"], b.get("classes"))
+    assert a["count"] > 3 and [s["__key__"] for s in shards[8]] == [s["__key__"] for s in shards[3]]
+    for x, y in zip(shards[8], shards[3], strict=True):
+        assert set(x) == set(y) and x.get("cls") == y.get("cls")
+        names = [n for n in x if n.endswith(".npy")]
+        assert names  # the latents: the same up to the batch's float order
+        for name in names:
+            np.testing.assert_allclose(np.load(io.BytesIO(x[name])), np.load(io.BytesIO(y[name])), rtol=1e-4, atol=1e-5)
