@@ -56,6 +56,24 @@ def test_gwpr_matches_numpy_power_iteration_and_the_stationary_vector():
     np.testing.assert_allclose(gwpr(torch.tensor(a)[None], 200)[0].numpy(), stationary / stationary.sum(), atol=1e-10)
 
 
+def test_gwpr_and_the_copy_recovery_rank_in_fp32_under_bf16_autocast():
+    """Sampling runs under bf16 autocast: there the scores, all near 1/N, would collapse to a few values (and
+    the ranking's ties keep the first tokens in raster order); G-WPR and the nearest-kept search leave it."""
+    from dydit_dist.accel.at_edm import nearest_kept
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 256, 256, generator=g), dim=-1)
+    feats = torch.randn(2, 256, 32, generator=g)
+    keep, drop = torch.arange(128).expand(2, -1), torch.arange(128, 256).expand(2, -1)
+    exact = gwpr(attn, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = gwpr(attn, 5)
+        nearest = nearest_kept(feats, keep, drop)
+        assert torch.bmm(attn, attn).dtype == torch.bfloat16  # what autocast would have done to them
+    assert scores.dtype == torch.float32 and torch.equal(scores, exact) and len(scores[0].unique()) == 256
+    assert torch.equal(nearest, nearest_kept(feats, keep, drop))
+
+
 def reference_per_layer(model, x, t, y, counts, first_dense, iterations, recovery):
     """One pruned call written plainly: each pruning block ranks its own tokens (numpy G-WPR), keeps the
     top ones, and the dropped ones are put back in reverse order before the dense tail."""

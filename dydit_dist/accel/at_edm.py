@@ -41,11 +41,15 @@ def gwpr(attn_map: torch.Tensor, iterations: int) -> torch.Tensor:
 
     s starts at 1/N; each iteration s_j <- sum_i A[i, j] s_i (the attention a token receives,
     weighted by the score of the tokens attending to it). Row-stochastic maps keep sum(s) = 1.
+    In fp32 outside autocast: under bf16 autocast the scores, all near 1/N, collapse to a few values,
+    and the ranking's ties would keep the first tokens in raster order.
     """
     b, n, _ = attn_map.shape
-    scores = attn_map.new_full((b, n), 1.0 / n)
-    for _ in range(iterations):
-        scores = torch.bmm(scores.unsqueeze(1), attn_map).squeeze(1)
+    with torch.autocast(attn_map.device.type, enabled=False):
+        attn = attn_map if attn_map.dtype in (torch.float32, torch.float64) else attn_map.float()
+        scores = attn.new_full((b, n), 1.0 / n)
+        for _ in range(iterations):
+            scores = torch.bmm(scores.unsqueeze(1), attn).squeeze(1)
     return scores
 
 
@@ -56,9 +60,10 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def nearest_kept(features: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor) -> torch.Tensor:
     """features (B, N, D), keep_idx (B, K), drop_idx (B, N-K) -> (B, N-K): for each dropped token the index
-    (into keep_idx) of the kept token most cosine-similar to it."""
-    unit = F.normalize(features, dim=-1)
-    similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
+    (into keep_idx) of the kept token most cosine-similar to it. In fp32 outside autocast, as `gwpr`."""
+    with torch.autocast(features.device.type, enabled=False):
+        unit = F.normalize(features if features.dtype in (torch.float32, torch.float64) else features.float(), dim=-1)
+        similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
     return similarity.argmax(dim=-1)
 
 

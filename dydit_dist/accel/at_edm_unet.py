@@ -111,7 +111,7 @@ class PrunedTransformer2D(nn.Module):
                            cross_attention_kwargs=kwargs, class_labels=class_labels)
             if not sink:
                 continue
-            order = gwpr(sink[0].float(), o.iterations).argsort(dim=1, descending=True, stable=True)
+            order = gwpr(sink[0], o.iterations).argsort(dim=1, descending=True, stable=True)
             keep_idx, drop_idx = order[:, :keep], order[:, keep:]
             fill = nearest_kept(tokens, keep_idx, drop_idx) if o.recovery == "copy" else _take(tokens, drop_idx)
             dropped.append((keep_idx, drop_idx, fill))

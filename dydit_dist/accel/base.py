@@ -81,7 +81,7 @@ class Runner:
         out, records = self.forward(x, t, cond)
         if records is not None:
             self._calls.append(records)
-        self.step = None  # the next call needs its own step_callback
+        self.step = self.timestep = None  # the next call needs its own step_callback (a stale timestep would pick its plan)
         return out
 
     def forward(self, x, t, cond) -> tuple[torch.Tensor, list[BlockRecord] | None]:
