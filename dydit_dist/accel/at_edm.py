@@ -21,6 +21,7 @@ the host, so pruning adds no host sync.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,6 +37,12 @@ from .dsap import build_plan, dit_early_unpruned, dit_layout
 from .options import ATEDMOptions
 
 
+def _no_autocast(x: torch.Tensor):
+    """Autocast off on the device of `x` (a meta tensor, whose FLOPs are counted, has none)."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def gwpr(attn_map: torch.Tensor, iterations: int) -> torch.Tensor:
     """Generalized weighted PageRank: attn_map (B, N, N), rows = queries -> token scores (B, N).
 
@@ -45,7 +52,7 @@ def gwpr(attn_map: torch.Tensor, iterations: int) -> torch.Tensor:
     and the ranking's ties would keep the first tokens in raster order.
     """
     b, n, _ = attn_map.shape
-    with torch.autocast(attn_map.device.type, enabled=False):
+    with _no_autocast(attn_map):
         attn = attn_map if attn_map.dtype in (torch.float32, torch.float64) else attn_map.float()
         scores = attn.new_full((b, n), 1.0 / n)
         for _ in range(iterations):
@@ -61,7 +68,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def nearest_kept(features: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor) -> torch.Tensor:
     """features (B, N, D), keep_idx (B, K), drop_idx (B, N-K) -> (B, N-K): for each dropped token the index
     (into keep_idx) of the kept token most cosine-similar to it. In fp32 outside autocast, as `gwpr`."""
-    with torch.autocast(features.device.type, enabled=False):
+    with _no_autocast(features):
         unit = F.normalize(features if features.dtype in (torch.float32, torch.float64) else features.float(), dim=-1)
         similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
     return similarity.argmax(dim=-1)
