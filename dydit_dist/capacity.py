@@ -40,6 +40,7 @@ from dydit_dist.config import ConfigError
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
+POLL_S = 30.0  # how often `ActorPool.wait` checks that replacement actors have started
 
 
 def connect_ray(address: str | None) -> None:
@@ -154,8 +155,10 @@ class ActorPool:
         acquire([need], use_gpu, timeout_s)
         self.actor_cls = ray.remote(worker_cls).options(num_cpus=need.cpus, num_gpus=need.gpus, max_restarts=0, **options)
         self.args, self.max_failures, self.noun = args, max_failures, noun
+        self.need, self.timeout_s = need, timeout_s
         self.failures = 0
         self.actors = [self.actor_cls.remote(*args) for _ in range(need.count)]
+        self._starting: list[tuple] = []  # (replacement actor, its __ray_ready__ ref, when it was asked for)
 
     def replace(self, actor, err: Exception) -> None:
         """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
@@ -170,9 +173,36 @@ class ActorPool:
         self.failures += 1
         if self.failures <= self.max_failures:
             self.actors.append(self.actor_cls.remote(*self.args))
+            self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic()))
         elif not self.actors:
             raise RuntimeError(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
                                f"{self.max_failures}), the last with {death_cause(err)}") from None
+
+    def wait(self, refs: list):
+        """The first of `refs` (calls on this pool's actors) to finish, as `ray.wait`; meanwhile, every
+        POLL_S, a CapacityError once a replacement actor has waited for room longer than
+        ray.capacity_timeout_s (its node lost and none back: the calls on it would wait forever)."""
+        import ray
+
+        while True:
+            done, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+            if done:
+                return done[0]
+            self._check_started()
+
+    def _check_started(self) -> None:
+        import ray
+
+        waiting = []
+        for actor, ref, since in self._starting:
+            if actor not in self.actors or ray.wait([ref], timeout=0)[0]:
+                continue  # replaced again, or started
+            if time.monotonic() - since > self.timeout_s:
+                raise CapacityError(f"a replacement {self.noun} found no room within ray.capacity_timeout_s="
+                                    f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: its "
+                                    "node lost and none back); what is done is kept, rerun to go on")
+            waiting.append((actor, ref, since))
+        self._starting = waiting
 
     def shutdown(self) -> None:
         import ray

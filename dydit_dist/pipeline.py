@@ -207,7 +207,7 @@ def train_stage(cfg: Config, name: str) -> str:
         launcher.check_settings(cfg)
         launcher.preflight_cluster(cfg)
         run_config.save(cfg, "finetune")
-        launcher.fit(launcher.build_trainer(cfg))
+        launcher.fit(launcher.build_trainer(cfg), cfg.ray.capacity_timeout_s)
         if not trained_to_end(cfg):
             raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="
                                f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer})")

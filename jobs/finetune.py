@@ -31,7 +31,7 @@ def fit(cfg, wrap_session=None):
     cli.connect_ray(cfg, "finetune")
     launcher.preflight_cluster(cfg)
     cli.save_resolved_config(cfg, "finetune")
-    result = launcher.fit(launcher.build_trainer(cfg, wrap_session))
+    result = launcher.fit(launcher.build_trainer(cfg, wrap_session), cfg.ray.capacity_timeout_s)
     print(f"finetune: done at step {(result.metrics or {}).get('step')}; checkpoint "
           f"{result.checkpoint.path if result.checkpoint else None}; EMA weights {launcher.latest_ema_url(cfg)}")
     return result

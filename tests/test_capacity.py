@@ -77,3 +77,62 @@ def test_cpu_capacity_that_fits_is_taken_at_once(ray_local):
     assert time.monotonic() - start < 5
     with pytest.raises(CapacityError, match=r"it needs 3 CPUs \(the cluster has 2\)\.$"):
         acquire([Need("encoder tasks", 3, cpus=1)], use_gpu=False, timeout_s=1)
+
+
+def test_training_workers_that_never_start_again_end_within_the_capacity_timeout(monkeypatch):
+    """Ray Train restarts a worker group that did not start forever by default (a lost node whose GPUs never
+    come back would hold the job and its lease): the restarts add up to about ray.capacity_timeout_s, and
+    the last failure is a CapacityError (exit 2) naming it."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from dydit_dist.capacity import CapacityError
+    from dydit_dist.train import launcher
+
+    assert [launcher.worker_start_retries(s) for s in (1, 60, 61, 900)] == [1, 1, 2, 15]
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    assert launcher.worker_start_retries(900) == 3
+
+    class NeverStarts:
+        def fit(self):
+            raise ControllerError(WorkerGroupStartupTimeoutError(4))
+
+    with pytest.raises(CapacityError, match=r"training workers did not start again within ray.capacity_timeout_s=900 s "
+                                            r"\(4 workers"):
+        launcher.fit(NeverStarts(), 900)
+
+
+@pytest.mark.integration
+def test_a_replacement_actor_that_finds_no_room_ends_the_wait(ray_local, monkeypatch):
+    """A lost actor's replacement that no node can hold (its node gone, the rest taken): the pool's wait
+    stops with a CapacityError after ray.capacity_timeout_s instead of waiting on it forever."""
+    import ray
+
+    from dydit_dist import capacity
+
+    class Idle:  # defined here: Ray's workers get it by value (the tests folder is not on their path)
+        def work(self, seconds: float) -> str:
+            time.sleep(seconds)
+            return "done"
+
+    monkeypatch.setattr(capacity, "POLL_S", 0.5)
+    pool = capacity.ActorPool(Idle, (), Need("test actors", 1, cpus=1), False, 3.0, 2, "test actor")
+    blockers = []
+    try:
+        ref = pool.actors[0].work.remote(0.0)
+        assert pool.wait([ref]) == ref and ray.get(ref) == "done"
+        for _ in range(2):  # the cluster's other CPU, then the one the lost actor frees: taken by others
+            blockers.append(ray.remote(num_cpus=1)(Idle).remote())
+            assert ray.get(blockers[-1].work.remote(0.0), timeout=60) == "done"
+            if len(blockers) == 1:
+                ray.kill(pool.actors[0])
+        pool.replace(pool.actors[0], RuntimeError("lost"))
+        start = time.monotonic()
+        with pytest.raises(CapacityError, match=r"a replacement test actor found no room within "
+                                                r"ray.capacity_timeout_s=3 s \(1 CPUs, 0 GPUs"):
+            pool.wait([pool.actors[0].work.remote(0.0)])
+        assert 3.0 <= time.monotonic() - start < 30
+    finally:
+        pool.shutdown()
+        for blocker in blockers:
+            ray.kill(blocker)

@@ -210,7 +210,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
 
         top_up()
         while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
+            done = pool.wait(list(pending))
             actor, k = pending.pop(done)
             try:
                 parts[k] = ray.get(done)

@@ -210,7 +210,7 @@ class SamplingPool(ActorPool):
         self.load_seconds = []
         starting = {actor.ready.remote(): actor for actor in self.actors}
         while starting:
-            [ref], _ = ray.wait(list(starting), num_returns=1)
+            ref = self.wait(list(starting))
             actor = starting.pop(ref)
             try:
                 self.load_seconds.append(ray.get(ref))
@@ -312,7 +312,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
               mininterval=1.0, smoothing=0.1) as bar:
         feed()
         while not dispatch.finished:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            ref = pool.wait(list(pending))
             actor, kind, index = pending.pop(ref)
             try:
                 result = ray.get(ref)

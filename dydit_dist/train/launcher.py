@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 from collections.abc import Callable
 
 from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
-from dydit_dist.capacity import Need, acquire
+from dydit_dist.capacity import CapacityError, Need, acquire
 from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
@@ -115,6 +117,14 @@ def ray_storage(url: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def worker_start_retries(capacity_timeout_s: float) -> int:
+    """How often Ray Train may restart a worker group that did not start (each try waits
+    `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, 60 s by default): about `ray.capacity_timeout_s` in all.
+    Its default is forever, and a lost node whose GPUs never come back would hold the job and its lease."""
+    start_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(capacity_timeout_s / start_s))
+
+
 def build_trainer(cfg, wrap_session: Callable | None = None):
     """A `TorchTrainer` running `train_loop_per_worker` on `ray.num_workers` workers.
 
@@ -129,7 +139,8 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
     run_config = RunConfig(
         name=CHECKPOINTS, storage_path=path, storage_filesystem=filesystem,
-        failure_config=FailureConfig(max_failures=r.max_failures),
+        failure_config=FailureConfig(max_failures=r.max_failures,
+                                     controller_failure_limit=worker_start_retries(r.capacity_timeout_s)),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
         callbacks=[ProgressCallback(cfg.train.max_steps), StopOnInputError()],
@@ -182,13 +193,20 @@ class StopOnInputError(UserCallback):
             raise InputFailure(errors)
 
 
-def fit(trainer):
-    """`trainer.fit()`, with an input error in a worker raised as `InputFailure` (one line, no retry)."""
+def fit(trainer, capacity_timeout_s: float | None = None):
+    """`trainer.fit()`, with an input error in a worker raised as `InputFailure` (one line, no retry), and
+    workers that never started again within `ray.capacity_timeout_s` as `CapacityError`."""
     from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     try:
         return trainer.fit()
     except ControllerError as err:
         if isinstance(err.controller_failure, InputFailure):
             raise err.controller_failure from None
+        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError) and capacity_timeout_s is not None:
+            raise CapacityError(f"the training workers did not start again within ray.capacity_timeout_s="
+                                f"{capacity_timeout_s:g} s ({err.controller_failure.num_workers} workers; a node "
+                                "lost, or its GPUs taken by another job); rerun to resume from the last "
+                                "checkpoint") from None
         raise
