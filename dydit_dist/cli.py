@@ -111,7 +111,11 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
         return 2
     finally:
         if _lease is not None:
-            _lease.release()
+            try:
+                _lease.release()
+            except OSError as err:  # the job's outcome stands; the lease expires on its own
+                print(f"{name}: could not release the lease {_lease.url} ({_one_line(err)}); it expires "
+                      f"{_lease.holder.ttl_s:g} s after its last renewal", file=sys.stderr, flush=True)
             _lease = None
         for sig, handler in previous.items():  # a caller that goes on (a test, a notebook) gets its own back
             signal.signal(sig, handler)

@@ -13,7 +13,9 @@ renewed for `ttl_s` seconds: its holder died; wall clock, hosts are assumed to a
 PUT with `If-None-Match: *` (s3fs `pipe_file(mode="create")`, botocore >= 1.35.20), which AWS S3 and
 moto answer with 412 when the object exists; `memory://` (one process) checks and writes under a lock.
 
-Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld; free -> create n + 1. A
+Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld, but when it was not renewed
+for half its ttl (its holder missed beats: killed without releasing it, as a retry after a crash finds
+it) the job waits until it expires and decides again; free -> create n + 1. A
 failed create means another job took n + 1 first: decide again. After a create, list again: a higher
 number means this job's view was stale (its number had been taken and cleaned up, see below), so it
 removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
@@ -204,6 +206,15 @@ class Lease:
                 current = _read(url, top)
                 if current is None:
                     continue  # cleaned up after the listing: a higher one exists now
+                age = time.time() - current.renewed
+                if not current.free(time.time()) and age > current.ttl_s / 2:
+                    # a live holder renews every ttl/4 (and stops itself at 3/4): this one missed beats,
+                    # most likely killed without releasing it (an OOM-killed pod, a SIGKILL): wait it out
+                    wait_s = current.ttl_s - age + 1.0
+                    log.warning("%s: the lease of %s; waiting %.0f s for it to expire", url,
+                                current.describe(time.time()), wait_s)
+                    time.sleep(wait_s)
+                    continue
                 if not current.free(time.time()):
                     raise LeaseHeld(f"{url}: the run is held by {current.describe(time.time())}; wait for it to "
                                     f"finish, stop it, or use another storage.run")

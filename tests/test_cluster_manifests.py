@@ -204,7 +204,7 @@ WORKERS = ("workerGroupSpecs", 0)
         (HEAD, "imagePullPolicyy", "Always", "'imagePullPolicyy' was unexpected"),
         (WORKERS, "maxReplicas", "four", "'four' is not of type 'integer'"),
         (("authOptions",), "mode", "tokens", "'tokens' is not one of"),
-        ((*HEAD, "env", 0, "valueFrom", "secretKeyRef"), "nam", "x", "'nam' was unexpected"),
+        ((*HEAD, "env", 1, "valueFrom", "secretKeyRef"), "nam", "x", "'nam' was unexpected"),  # env 0: a value
     ],
     ids=["group field", "container field", "wrong type", "enum", "secretKeyRef field"],
 )
@@ -351,6 +351,10 @@ def test_s3_settings_reach_every_ray_container():
         for group, template in pod_templates(spec):
             env = {e["name"] for e in template["spec"]["containers"][0].get("env", [])}
             assert expected <= env, f"{where} {group}: missing {sorted(expected - env)}"
+            for e in template["spec"]["containers"][0]["env"]:  # each variable reads its own key
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if e["name"] in expected:
+                    assert ref == {**ref, "name": S3_SECRET, "key": e["name"]}, f"{where} {group}: {e}"
 
 
 # ----------------------------------------------------------------------------- cluster shape and job lifecycle
@@ -380,6 +384,23 @@ def test_cluster_shape():
             assert any(mounts.get(v["name"]) == "/dev/shm" for v in shm), (
                 f"{where}: no shared memory for NCCL"
             )
+        # Ray's object store lives in /dev/shm and by default takes 95% of it (or spills to disk when its
+        # default is larger): each pod sets it to leave room for NCCL and the DataLoader workers
+        for group, template in pod_templates(spec):
+            params = head["rayStartParams"] if group == "head" else \
+                next(g for g in spec["workerGroupSpecs"] if g["groupName"] == group)["rayStartParams"]
+            shm = next(v for v in template["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+            shm_bytes = int(shm["emptyDir"]["sizeLimit"].removesuffix("Gi")) * 2**30
+            assert 0 < int(params["object-store-memory"]) <= 0.6 * shm_bytes, f"{where} {group}: {params}"
+
+
+def test_a_stopped_job_has_time_to_release_its_lease():
+    """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default): the head
+    gives the job's handler longer than one storage operation to release the run's lease."""
+    timeout_s = config_lib.StorageConfig().timeout_s
+    for where, spec in cluster_specs():
+        env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) > timeout_s, where
 
 
 def test_rayjob_lifecycle():

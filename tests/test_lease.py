@@ -364,3 +364,41 @@ def test_a_failed_beat_is_retried_before_the_fence(tmp_path, monkeypatch):
         time.sleep(max(0.0, first + lease_lib.FENCE * 4.0 + 0.3 - time.time()))  # past the first fence time
         assert calls == [] and not lease.lost
     assert read(url).released
+
+
+def test_a_lease_that_missed_its_beats_is_waited_out_not_refused(tmp_path):
+    """A holder killed without releasing (an OOM-killed pod; the KubeRay retry comes in seconds): its lease,
+    not renewed for over half its ttl, is waited out and taken over; a recently renewed one is refused."""
+    url = f"file://{tmp_path}/runs/r/lease"
+    now = time.time()
+    storage.write_bytes(_object(url, 1), json.dumps({
+        "host": "gone-host", "pid": 4242, "job": "finetune", "since": now - 60, "renewed": now - 3.0,
+        "ttl_s": 4.0, "token": "old"}).encode())
+    start = time.monotonic()
+    with Lease.acquire(url, "finetune", ttl_s=60) as lease:
+        assert lease.number == 2 and 0.9 <= time.monotonic() - start < 10  # ~2 s: until it expired
+    storage.write_bytes(_object(url, 3), json.dumps({
+        "host": "live-host", "pid": 4343, "job": "sample", "since": now, "renewed": time.time() - 0.5,
+        "ttl_s": 4.0, "token": "live"}).encode())
+    start = time.monotonic()
+    with pytest.raises(LeaseHeld, match="job 'sample' .pid 4343 on host live-host"):
+        Lease.acquire(url, "finetune", ttl_s=60)
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_lease_that_cannot_be_released_leaves_the_jobs_outcome_as_it_was(tmp_path, capsys, monkeypatch):
+    """A storage error while releasing, after the work ended: the job's exit status stands (0 here, not a
+    crash), and the message says the lease expires on its own."""
+    monkeypatch.setattr("dydit_dist.preflight.check", lambda *args, **kwargs: None)
+    cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "storage.run=r"])
+
+    def fail(self):
+        self._stop.set()
+        raise storage.StorageError("writing the lease failed: no answer within the deadline")
+
+    monkeypatch.setattr(Lease, "release", fail)
+    assert cli.run_job("evaluate", lambda: "done", (), cfg) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "done"
+    assert f"evaluate: could not release the lease {RunPaths(cfg).lease} (writing the lease failed" in err
+    assert "it expires 120 s after its last renewal" in err
