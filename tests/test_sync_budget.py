@@ -161,3 +161,19 @@ def test_host_reads_per_step_within_budget(name, network, method, options, first
     assert max(again) <= budget, f"{name}: {again} exceeds {budget} host reads per step"
     if exact:
         assert (first, again) == ([first_budget] * 4, [budget] * 4), f"{name}: {first}, {again} != its needs"
+
+
+def test_counting_a_dydit_runs_flops_reads_the_device_once():
+    """The FLOPs of a whole sampling run come from the token fractions kept on the device: read in one go
+    at the end (not one read per block and step, 7,000 for DiT-XL at 250 steps), and the same numbers."""
+    torch.manual_seed(0)
+    runner = build_runner("dydit", dydit(), None)
+    syncs_per_step(runner)
+    counter = SyncCounter()
+    with counter.patched():
+        counter.active = True
+        per_step = runner.flops_per_step()
+        counter.active = False
+    assert counter.count == 1 and len(per_step) == 4
+    one_by_one = [runner.backend.count(records, runner._grid) for records in runner._calls]  # a read per record
+    assert per_step == one_by_one and len(set(per_step)) > 1

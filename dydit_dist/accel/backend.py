@@ -18,6 +18,7 @@ For a static model this is exactly `model(x, t, **cond)`; for a DyDiT it is `Fas
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -28,8 +29,9 @@ from dydit_dist.models import Branches, DiT, PixArt
 
 
 class BlockRecord(NamedTuple):
-    """What block i computed in one call; `keep` (B, N) bool is DyDiT's token mask, read when counted
-    (not per call: on a GPU that read is a host sync)."""
+    """What block i computed in one call; `keep` (a 0-dim tensor on the device) is the fraction of tokens
+    DyDiT's token mask kept, read when counted (not per call: on a GPU that read is a host sync; nor the
+    mask itself, B x N per block and step, kept for the whole batch)."""
 
     activity: flops.BlockActivity
     keep: torch.Tensor | None = None
@@ -70,17 +72,19 @@ class Backend:
             heads = len(branches.plan.heads[i]) / self.num_heads
             groups = len(branches.plan.groups[i]) / self.num_heads
             if mlp and self.sdt:
-                keep = branches.keeps[i]
+                keep = branches.keeps[i].float().mean()
                 d = self.arch.hidden_size
                 extra["token_router"] = flops.mlp_macs(tokens * self._num_tokens, d, max(d // 16, 1), 1)
         act = flops.BlockActivity(heads=heads if attn else 0.0, cross_heads=1.0 if attn else 0.0,
                                   mlp=groups if mlp else 0.0, tokens=tokens, extra=extra)
         return BlockRecord(act, keep)
 
-    def count(self, records: list[BlockRecord], grid: tuple[int, int]) -> float:
-        """MACs of one forward pass of one sample row from its block records."""
+    def count(self, records: list[BlockRecord], grid: tuple[int, int], kept: Iterator[float] | None = None) -> float:
+        """MACs of one forward pass of one sample row from its block records; `kept`: the records' `keep`
+        values in order, read from the device beforehand (else each is read here)."""
         blocks = [rec.activity if rec.keep is None else
-                  dataclasses.replace(rec.activity, mlp_tokens=rec.activity.tokens * float(rec.keep.float().mean()))
+                  dataclasses.replace(rec.activity, mlp_tokens=rec.activity.tokens *
+                                      (next(kept) if kept is not None else float(rec.keep)))
                   for rec in records]
         size = (grid[0] * self.arch.patch_size, grid[1] * self.arch.patch_size)
         return flops.count(self.arch, size, blocks, vae_downsample=1).total

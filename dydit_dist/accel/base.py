@@ -96,7 +96,9 @@ class Runner:
         """MACs of each model call of the current run (since `begin` or step 0), for one sample row."""
         if not self._calls:
             raise ValueError(f"{self.method}: no model call recorded yet; run a sampling pass first")
-        return [self.backend.count(records, self._grid) for records in self._calls]
+        kept = [rec.keep for records in self._calls for rec in records if rec.keep is not None]
+        values = iter(torch.stack(kept).tolist() if kept else [])  # one host read for all the calls
+        return [self.backend.count(records, self._grid, values) for records in self._calls]
 
     def mean_flops(self) -> float:
         per_step = self.flops_per_step()
