@@ -70,3 +70,45 @@ def test_entry_point_refuses_random_weights_unless_asked(tmp_path):
     bad.write_text('{"schedule": "00"}')
     with pytest.raises(ValueError, match="not an EB-Cache calibration table"):
         load_table(str(bad))
+
+
+def _visited(monkeypatch, module, run) -> list[torch.Tensor]:
+    """The inputs x of the full (state 0) network calls `run()` makes through `module.forward_with_cache`."""
+    from dydit_dist.accel import cache as cache_module
+
+    seen, original = [], cache_module.forward_with_cache
+
+    def recorded(backend, x, t, c, timestep, state, cache):
+        if state == 0:
+            seen.append(x.clone())
+        return original(backend, x, t, c, timestep, state, cache)
+
+    monkeypatch.setattr(module, "forward_with_cache", recorded)
+    run()
+    monkeypatch.setattr(module, "forward_with_cache", original)
+    return seen
+
+
+@pytest.mark.parametrize("eps_scale", ["released", "paper"])
+def test_calibration_follows_the_trajectory_the_runner_samples(monkeypatch, eps_scale):
+    """The runner corrects the predicted noise for exposure bias (`eps_scale`); the calibration steps with
+    the same correction, so the states it visits are those the runner visits with its table."""
+    from dydit_dist.accel import cache as cache_module
+    from dydit_dist.accel import calibrate as calibrate_module
+    from dydit_dist.diffusion import sample
+
+    backend, noise, cond = setup()
+    tables = []
+    calibrated = _visited(monkeypatch, calibrate_module, lambda: tables.append(
+        calibrate(backend, noise, cond, sampler="ddim", steps=5, tolerance=0.0, eps_scale=eps_scale)))
+    assert tables[0]["schedule"] == "00000" and tables[0]["eps_scale"] == eps_scale
+    runner = build_runner("eb_cache", backend.model, EBCacheOptions(schedule="00000", eps_scale=eps_scale))
+    runner.begin(5)
+    sampled = _visited(monkeypatch, cache_module, lambda: sample(
+        runner, noise.shape, "ddim", 5, None, noise=noise, model_kwargs=cond, step_callback=runner.step_callback))
+    assert len(sampled) == len(calibrated) == 5
+    for step, (a, b) in enumerate(zip(calibrated, sampled, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"step {step}")
+    uncorrected = _visited(monkeypatch, calibrate_module, lambda: calibrate(
+        backend, noise, cond, sampler="ddim", steps=5, tolerance=0.0, eps_scale="none"))
+    assert not torch.allclose(uncorrected[-1], sampled[-1])  # the correction does change the trajectory

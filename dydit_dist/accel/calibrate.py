@@ -10,7 +10,10 @@ from the cache built so far; the error of a state is
 
 and the cheapest state (fewest MACs, by the FLOPs counter) whose error is within the tolerance
 tol(t) = tolerance_at_zero + (tolerance - tolerance_at_zero) * t / (T - 1), which grows linearly
-with the timestep t, is taken; sampling continues with that state's output and cache.
+with the timestep t, is taken; sampling continues with that state's output and cache, corrected for
+exposure bias as the runner corrects it (`eps_scale`, `cache.correct_eps`): the trajectory calibrated is
+the one the runner samples. (The errors do not depend on it: one step's factor scales both outputs.
+The official repository ships its table without the code that made it, so this is this repo's choice.)
 
     python -m jobs.calibrate --config dit_xl2_256 --tolerance 0.05 [--out URL] [key=value ...]
 
@@ -28,8 +31,8 @@ import torch
 from dydit_dist.diffusion import cfg_model_fn, sample
 
 from .backend import Backend
-from .cache import forward_with_cache
-from .options import CRITERIA, TABLE_FORMAT
+from .cache import correct_eps, forward_with_cache
+from .options import CRITERIA, TABLE_FORMAT, eps_scale_at, parse_eps_scale
 
 
 def state_error(eps: torch.Tensor, ref: torch.Tensor, criterion: str) -> float:
@@ -55,6 +58,7 @@ def calibrate(
     guidance_channels: int | None = 3,
     generator: torch.Generator | list | None = None,
     num_train_timesteps: int = 1000,
+    eps_scale: str = "released",
 ) -> dict:
     """Run Algorithm 1 from `noise` (the sampler's x_T; doubled batch when cfg_scale != 1) -> the table dict."""
     if criterion not in CRITERIA:
@@ -62,6 +66,7 @@ def calibrate(
     if not 0.0 <= tolerance_at_zero <= tolerance:
         raise ValueError(f"need 0 <= tolerance_at_zero <= tolerance, got {tolerance_at_zero}, {tolerance}")
     channels = backend.in_channels
+    knots = parse_eps_scale(eps_scale)
     run = {"step": None, "timestep": None, "cache": None}
     rows: list[dict] = []
 
@@ -94,7 +99,7 @@ def calibrate(
         out, run["cache"], macs = tried[chosen]
         rows.append({"step": run["step"], "timestep": timestep, "tolerance": tol, "state": chosen,
                      "errors": {str(s): e for s, e in errors.items()}, "macs": macs, "full_macs": tried[0][2]})
-        return out
+        return correct_eps(out, channels, eps_scale_at(knots, timestep / (num_train_timesteps - 1)))
 
     grid = backend.set_grid(noise)
     sample(model_fn, noise.shape, sampler, steps, generator, noise=noise, model_kwargs=model_kwargs,
@@ -104,6 +109,6 @@ def calibrate(
     return {
         "format": TABLE_FORMAT, "schedule": schedule, "num_steps": len(rows), "full_steps": schedule.count("0"),
         "flops_ideal_speedup": full / used, "sampler": sampler, "tolerance": tolerance,
-        "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale,
+        "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale, "eps_scale": eps_scale,
         "num_samples": noise.shape[0] // (2 if cfg_scale != 1.0 else 1), "steps": rows,
     }

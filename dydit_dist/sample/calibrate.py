@@ -66,7 +66,8 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
     x, kwargs = calibration_inputs(model, num_samples, generator, s.cfg_scale != 1.0, noise)
     table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=tolerance,
                       tolerance_at_zero=tolerance_at_zero, criterion=criterion, cfg_scale=s.cfg_scale,
-                      guidance_channels=s.guidance_channels, generator=generator)
+                      guidance_channels=s.guidance_channels, generator=generator,
+                      eps_scale=s.eb_cache.eps_scale)  # the trajectory the runner will sample
     table.update(model=cfg.model.name, image_size=cfg.model.image_size, method=cfg.model.method,
                  checkpoint=cfg.model.checkpoint, seed=seed)
     name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}.json"
