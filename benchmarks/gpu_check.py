@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import signal
 import sys
@@ -102,19 +103,25 @@ def run_section(name, fn, s, device, results, limit_s: float | None = None) -> t
         previous = signal.signal(signal.SIGALRM, _over_budget)
         signal.setitimer(signal.ITIMER_REAL, max(limit_s, 0.001))
     try:
-        return fn(s, device, results), True
+        try:
+            return fn(s, device, results), True
+        finally:  # the timer off first: an alarm while the failure is recorded would lose every later section
+            if limit_s is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
     except Exception as err:  # noqa: BLE001 - one section's failure must not lose the others' numbers
         tail = traceback.format_exc().strip().splitlines()[-12:]
         print(f"{name}: FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                 "traceback": "\n".join(tail)}, False
     finally:
-        if limit_s is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
         if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+            try:  # a section that broke the CUDA context fails the next ones too, each recorded
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            except Exception as err:  # noqa: BLE001 - reported; the next sections say what they meet
+                print(f"{name}: the GPU did not recover after it: {type(err).__name__}: {err}", file=sys.stderr,
+                      flush=True)
 
 
 def run(smoke: bool, skip: set[str], device: str, budget_s: float, write=None) -> dict:
@@ -316,9 +323,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def write(result):
-        (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "gpu_check.md").write_text(to_markdown(result) + "\n")
+    def write(result):  # whole files (a temporary renamed): a run stopped mid-write keeps the last ones
+        for name, text in (("gpu_check.json", json.dumps(result, indent=2)), ("gpu_check.md", to_markdown(result))):
+            (out / f".{name}.tmp").write_text(text + "\n")
+            os.replace(out / f".{name}.tmp", out / name)
 
     result = run(args.smoke, set(args.skip), "cpu" if args.smoke else "cuda", args.budget_s, write)
     print(to_markdown(result))

@@ -266,14 +266,24 @@ def vae(s, device, results) -> list[dict] | dict:
     rows = []
     for size in s["vae_size"]:
         for name in ("fp32", "bf16"):
-            model = AutoencoderKL(down_block_types=blocks[0], up_block_types=blocks[1], block_out_channels=width,
-                                  latent_channels=4, layers_per_block=2, norm_num_groups=min(32, width[0]))
-            model = model.to(device, DTYPES[name]).eval()
-            z = torch.randn(s["vae_batch"], 4, size // 8, size // 8, device=device, dtype=DTYPES[name])
-            with precision(name, device), torch.no_grad():  # fp32: strict, TF32 off
-                seconds = timed(lambda model=model, z=z: model.decode(z).sample, device, max(1, s["repeats"] // 2))
-            rows.append({"size": size, "precision": name, "seconds": seconds,
-                         "images_per_s": s["vae_batch"] / seconds})
+            try:  # one row's failure (memory at 512 px x 64) keeps the others, the cost table's 256 px bf16 row
+                model = AutoencoderKL(down_block_types=blocks[0], up_block_types=blocks[1], block_out_channels=width,
+                                      latent_channels=4, layers_per_block=2, norm_num_groups=min(32, width[0]))
+                model = model.to(device, DTYPES[name]).eval()
+                z = torch.randn(s["vae_batch"], 4, size // 8, size // 8, device=device, dtype=DTYPES[name])
+                with precision(name, device), torch.no_grad():  # fp32: strict, TF32 off
+                    seconds = timed(lambda model=model, z=z: model.decode(z).sample, device,
+                                    max(1, s["repeats"] // 2))
+                rows.append({"size": size, "precision": name, "seconds": seconds,
+                             "images_per_s": s["vae_batch"] / seconds})
+            except Exception as err:  # noqa: BLE001 - recorded in the row
+                if type(err).__name__ == "OverBudget":  # the section's time is up (gpu_check.run_section)
+                    raise
+                rows.append({"size": size, "precision": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            finally:
+                model = z = None
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
     return rows
 
 

@@ -34,7 +34,7 @@ def randomize_zero_init(model, generator: torch.Generator, modulation_std: float
             normal_(block.cross_attn.proj.weight, 1 / math.sqrt(d))
         final = model.final_layer
     elif isinstance(model, DiT):
-        t = torch.tensor([0, 500, 999])
+        t = torch.tensor([0, 500, 999], device=final_device(model))
         c = model.t_embedder(t) + model.y_embedder.embedding_table.weight[:3]
         c = nn.functional.silu(c)
         std = modulation_std / (c.pow(2).mean().sqrt().item() * math.sqrt(d))
@@ -45,15 +45,20 @@ def randomize_zero_init(model, generator: torch.Generator, modulation_std: float
         raise ValueError(f"expected a DiT or PixArt model, got {type(model).__name__}")
     normal_(final.linear.weight, 1 / math.sqrt(d))
     out = model.out_channels
-    sigma_rows = (torch.arange(final.linear.weight.shape[0]) % out) >= model.in_channels
+    sigma_rows = (torch.arange(final.linear.weight.shape[0], device=final.linear.weight.device) % out) >= model.in_channels
     final.linear.weight[sigma_rows] = 0.0  # variance values 0: mid-range, DDPM stays stable
+
+
+def final_device(model) -> torch.device:
+    """Where the model's weights are (a model on a GPU takes its timesteps there)."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def randomize_routers(model, generator: torch.Generator, width_std: float = 2.0, token_bias: float = 0.5) -> None:
     """Random DyDiT routers: about half of the heads and MLP groups on (logits of about `width_std`,
     varying with the timestep) and most tokens through the MLP (a larger `token_bias` keeps more)."""
-    t_emb = model.t_embedder(torch.linspace(0, 999, 16))
+    t_emb = model.t_embedder(torch.linspace(0, 999, 16, device=final_device(model)))  # the model's device
     scale = width_std / (t_emb.pow(2).mean().sqrt().item() * math.sqrt(t_emb.shape[1]))
     for block in model.blocks:
         for router in (block.attn_rate.router, block.mlp_rate.router):

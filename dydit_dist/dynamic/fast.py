@@ -37,6 +37,15 @@ class WidthPlan:
         return [(len(h) / num_heads, len(g) / num_heads) for h, g in zip(self.heads, self.groups, strict=True)]
 
 
+
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An index tensor on `device`; on a GPU copied from pinned memory without blocking the host (a copy
+    from ordinary memory waits for the device: a sync per block and new plan)."""
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
 class FastPath:
     """Callable like the static network: (x, t, **cond) -> output tensor, for a DyDiT/DyPixArt in eval mode."""
 
@@ -72,7 +81,7 @@ class FastPath:
             if model.router_options.tdw:
                 # fp32 whatever the sampling autocast: the discrete plan must not change with precision.
                 with torch.autocast(ref.device.type, enabled=False):
-                    t_emb = model.t_embedder(torch.tensor([timestep], device=ref.device))
+                    t_emb = model.t_embedder(torch.full((1,), timestep, device=ref.device))  # no host copy
                     one = t_emb.new_ones(1, 1)
                     masks = [torch.cat([one, hard_mask(rate(t_emb))], dim=1)[0]
                              for block in model.blocks for rate in (block.attn_rate, block.mlp_rate)]
@@ -93,12 +102,7 @@ class FastPath:
             return cache[key]
         block = self.model.blocks[index]
         device = block.attn.qkv.weight.device
-        sliced = SlicedBlock.from_block(
-            block,
-            torch.tensor(heads, device=device),
-            torch.tensor(groups, device=device),
-            self.model.num_groups,
-        )
+        sliced = SlicedBlock.from_block(block, _index(heads, device), _index(groups, device), self.model.num_groups)
         cache[key] = sliced
         while len(cache) > self.slices_per_block:
             cache.popitem(last=False)

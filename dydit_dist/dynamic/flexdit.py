@@ -56,8 +56,8 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], g: int) -> torch.Te
 @functools.lru_cache(maxsize=64)
 def _upsample_index(g: int, h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h*w,) index of the sparse token each dense token copies under F.interpolate(mode="nearest")."""
-    ids = torch.arange(g * g, dtype=torch.float64).reshape(1, 1, g, g)
-    return F.interpolate(ids, size=(h, w), mode="nearest").reshape(-1).long().to(device)
+    ids = torch.arange(g * g, dtype=torch.float32, device=device).reshape(1, 1, g, g)  # exact below 2^24; no copy
+    return F.interpolate(ids, size=(h, w), mode="nearest").reshape(-1).long()
 
 
 def upsample_tokens(sparse: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -51,6 +51,8 @@ class Trainer:
             check_gpu(f"training worker {self.rank}")
         self.device = session.device(cfg.ray.use_gpu)
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda" (a session outside Ray): the current device, made explicit
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.accumulation = grad_accumulation(cfg, self.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
