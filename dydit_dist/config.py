@@ -174,6 +174,9 @@ class SampleConfig:
     cfg_scale: float = bounded(1.5, "[0, inf)")
     guidance_channels: int | None = bounded(3, "[1, inf)")  # DiT guides only the first 3 channels; None = all
     seed: int = bounded(0, "[0, inf)")
+    # class of sample k: "random" draws it uniformly from (seed, k), as DiT's sample_ddp.py draws labels at
+    # random (the published FID-50K); "balanced" is k % num_classes, exactly 50 per class at 50k (lower FID)
+    labels: Literal["random", "balanced"] = "random"
     method: SampleMethod = "static"  # how the network runs (accel.methods); its options are the section below
     prompts: str | None = None  # text-to-image: a file of prompts
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # the network's autocast dtype; x, noise and sampler math stay fp32

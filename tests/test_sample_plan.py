@@ -30,6 +30,19 @@ def test_fifty_per_class_in_a_fixed_order():
     assert labels[:3] == [0, 1, 2] and labels[1000] == 0
 
 
+def test_random_labels_are_uniform_draws_fixed_by_seed_and_index():
+    """sample.labels=random (the default, as DiT's sample_ddp.py): each sample's class is its own draw from
+    (seed, index): the same whatever the batch or shard, other for another seed, about 50 per class at 50k
+    but not exactly (a balanced plan lowers FID against the published protocol)."""
+    labels = [class_label(k, 1000, "random", 0) for k in range(50_000)]
+    counts = np.bincount(labels, minlength=1000)
+    assert counts.min() > 20 and counts.max() < 85 and len(set(counts.tolist())) > 5  # binomial(50k, 1/1000)
+    assert [class_label(k, 1000, "random", 0) for k in (7, 3, 49_999)] == [labels[7], labels[3], labels[49_999]]
+    assert sum(a == b for a, b in zip(labels, (class_label(k, 1000, "random", 1) for k in range(50_000)), strict=True)) < 200
+    with pytest.raises(ValueError, match="sample.labels='uniform': expected random or balanced"):
+        class_label(0, 10, "uniform")
+
+
 def test_seeds_depend_on_seed_and_index_only():
     # A literal, computed once: pins the seed stream across processes and versions (a change here
     # changes every generated sample of every seeded job).

@@ -9,6 +9,7 @@ from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import storage
 from dydit_dist.sample import SamplesManifest, iter_samples, pool, run_sampling
+from dydit_dist.sample.plan import class_label
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def test_two_actors_on_s3_make_exactly_n_and_a_rerun_does_nothing(ray_local, s3_
     assert len({r["actor"] for r in manifest.shards.values()}) == 2  # both actors worked
     samples = _samples(url)
     assert sorted(samples) == list(range(16))  # no gaps; iter_samples refuses duplicates and disorder
-    assert [s.meta["class"] for s in samples.values()] == [k % 10 for k in range(16)]
+    assert [s.meta["class"] for s in samples.values()] == [class_label(k, 10, "random", 0) for k in range(16)]
     shard_names = sorted(u.rsplit("/", 1)[-1] for u in storage.listdir(url) if u.endswith(".tar"))
     assert shard_names == [f"shard-{i:06d}.tar" for i in range(4)]
     # A rerun starts no actor and writes no shard.

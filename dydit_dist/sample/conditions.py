@@ -22,16 +22,19 @@ def prompt_meta(prompts: list[str], indices) -> list[dict]:
 
 
 class ClassConditioner:
-    """Class-conditional models (DiT): sample k is of class k % num_classes."""
+    """Class-conditional models (DiT): sample k is of class `plan.class_label(k, ...)` (`sample.labels`)."""
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, labels: str = "random", seed: int = 0):
+        self.num_classes, self.labels, self.seed = num_classes, labels, seed
+
+    def classes(self, indices) -> list[int]:
+        return [class_label(k, self.num_classes, self.labels, self.seed) for k in indices]
 
     def meta(self, indices) -> list[dict]:
-        return [{"class": class_label(k, self.num_classes)} for k in indices]
+        return [{"class": c} for c in self.classes(indices)]
 
     def model_kwargs(self, indices, device) -> dict:
-        return {"y": torch.tensor([class_label(k, self.num_classes) for k in indices], device=device)}
+        return {"y": torch.tensor(self.classes(indices), device=device)}
 
     def doubled(self, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
         x2, y2 = cfg_class_batch(x, kwargs["y"], self.num_classes)

@@ -70,7 +70,7 @@ class ImageDecoder:
 
 def _conditioner(cfg: Config, model, device):
     if family(cfg.model.name) == "dit":
-        return ClassConditioner(cfg.model.num_classes)
+        return ClassConditioner(cfg.model.num_classes, cfg.sample.labels, cfg.sample.seed)
     if not cfg.sample.prompts:
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
     d, root = cfg.data, cfg.storage.root

@@ -52,8 +52,17 @@ def plan_shards(num_samples: int, shard_size: int) -> list[ShardSpec]:
             for i, start in enumerate(range(0, num_samples, shard_size))]
 
 
-def class_label(index: int, num_classes: int) -> int:
-    return index % num_classes
+def class_label(index: int, num_classes: int, labels: str = "balanced", seed: int = 0) -> int:
+    """The class of sample `index` (`sample.labels`): balanced, index % num_classes; random, a uniform draw
+    of its own stream keyed by (seed, index), independent of the batch and of the sample's noise."""
+    if labels == "balanced":
+        return index % num_classes
+    if labels != "random":
+        raise ValueError(f"sample.labels={labels!r}: expected random or balanced")
+    return int(np.random.default_rng([seed, index, _LABEL_STREAM]).integers(num_classes))
+
+
+_LABEL_STREAM = 0x6C6162656C  # "label": the labels' stream, apart from the noise's SeedSequence([seed, index])
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -94,7 +94,7 @@ def sampling_settings(cfg: Config) -> dict:
         "vae": d.vae, "vae_scale_factor": d.vae_scale_factor if ours else None, "method": s.method,
         "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
-        "seed": s.seed, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
+        "seed": s.seed, "labels": s.labels if fam == "dit" else None, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
         "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"),
         "prompts": _prompts_identity(s.prompts) if fam != "dit" else None,
