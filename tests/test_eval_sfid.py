@@ -83,3 +83,21 @@ def test_sfid_uses_mu_s_sigma_s_of_an_adm_reference(tmp_path):
     assert "features_cache" not in record["reference"]  # nothing recomputed
     assert record["metrics"]["sfid"] == pytest.approx(computed["metrics"]["sfid"], rel=1e-5)
     assert record["metrics"]["fid"] == pytest.approx(computed["metrics"]["fid"], rel=1e-5)
+
+
+def test_inception_weights_other_than_torch_fidelitys_are_not_called_fid(tmp_path, monkeypatch, caplog):
+    """Weights of Inception's shape but not torch-fidelity's (their sha256): the metrics are labelled with the
+    extractor and the reason, never as the published kind; the official weights' digest is what decides."""
+    from dydit_dist import config as config_lib
+    from dydit_dist.eval import extractors
+    from dydit_dist.eval.report import metric_name
+
+    weights = random_inception_weights(str(tmp_path / "inception.pth"))
+    e = config_lib.load("debug", [f"eval.inception_weights={weights}", "eval.feature_extractor=inception-v3-compat"]).eval
+    other = extractors.resolve_extractor(e)
+    assert not other.is_inception and "not torch-fidelity's Inception weights" in caplog.text
+    assert metric_name({"feature_extractor": other.describe()}, "fid") == \
+        "FID [inception-v3-compat, not torch-fidelity's weights]"
+    monkeypatch.setattr(extractors, "INCEPTION_SHA256", extractors._sha256(weights)[:8])  # as if they were
+    official = extractors.resolve_extractor(e)
+    assert official.is_inception and metric_name({"feature_extractor": official.describe()}, "fid") == "FID"

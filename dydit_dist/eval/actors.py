@@ -188,7 +188,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
     corrupt shard, a wrong prompt) stops the job. on_part(actors): called after each shard's features
     arrive (tests kill an actor there)."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ObjectLostError, RayActorError
 
     connect_ray(cfg.ray.address)
     r = cfg.ray
@@ -214,7 +214,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
             actor, k = pending.pop(done)
             try:
                 parts[k] = ray.get(done)
-            except RayActorError as err:
+            except (RayActorError, ObjectLostError) as err:  # the actor, or the node holding its result, lost
                 its = [ref for ref, (a, _) in pending.items() if a == actor]  # its other queued shard
                 lost = [k] + [pending.pop(ref)[1] for ref in its]
                 todo.extend((j, records[j]) for j in sorted(lost, reverse=True))

@@ -10,6 +10,7 @@ before torch-fidelity (which unpickles freely) sees it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -24,7 +25,10 @@ from dydit_dist import storage
 from . import digits
 from .metrics import needs_reference
 
+log = logging.getLogger(__name__)
+
 INCEPTION = "inception-v3-compat"
+INCEPTION_SHA256 = "6726825d"  # the start of the sha256 of torch-fidelity's weights (its file name says so too)
 LABELS = {
     INCEPTION: "Inception-v3 (torch-fidelity's TF-compatible port, pool3 / logits)",
     digits.NAME: "digits-cnn: a small CNN classifier trained on scikit-learn's digits (NOT Inception; "
@@ -70,10 +74,13 @@ class Extractor:
     weights: str | None
     source: str | None
     label: str
+    official: bool = True  # Inception: the weights are torch-fidelity's (their sha256), so its numbers are FID
 
     @property
     def is_inception(self) -> bool:
-        return self.name == INCEPTION
+        """Whether the metrics are the published kind: Inception-v3 with the official weights (other weights of
+        the same shape give other numbers, labelled with the extractor's name in the report)."""
+        return self.name == INCEPTION and self.official
 
     def layer(self, metric: str) -> str:
         """The features of `metric` (fid, sfid, isc, prc): a torch-fidelity layer, or SPATIAL for sfid."""
@@ -160,6 +167,14 @@ def inception_missing_message() -> str:
             f"For an offline smoke test use eval.feature_extractor={digits.NAME} (NOT Inception).")
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def inception_weights(configured: str | None) -> str:
     """A local, checked Inception-v3 weights file, or FeatureExtractorUnavailable saying how to get one."""
     if configured:
@@ -180,8 +195,13 @@ def resolve_extractor(eval_cfg) -> Extractor:
         raise ValueError(f"eval.feature_extractor={name!r} is not registered with torch-fidelity "
                          f"{torch_fidelity.__version__}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
     if name == INCEPTION:
-        return Extractor(name, inception_weights(eval_cfg.inception_weights), eval_cfg.inception_weights
-                         or "torch hub cache", LABELS[name])
+        path = inception_weights(eval_cfg.inception_weights)
+        official = _sha256(path).startswith(INCEPTION_SHA256)
+        if not official:
+            log.warning("eval.inception_weights=%s: not torch-fidelity's Inception weights (sha256 %s..., expected "
+                        "%s...): the metrics are not comparable with published FIDs, and say so", path,
+                        _sha256(path)[:8], INCEPTION_SHA256)
+        return Extractor(name, path, eval_cfg.inception_weights or "torch hub cache", LABELS[name], official)
     source = eval_cfg.feature_extractor_weights
     if name == digits.NAME and not source:
         raise ValueError(f"eval.feature_extractor={name} needs eval.feature_extractor_weights "

@@ -35,7 +35,10 @@ def _fmt(value, digits: int = 2, spec: str = "f") -> str:
 def metric_name(record: dict, metric: str) -> str:
     fe = record["feature_extractor"]
     base = {"fid": "FID", "sfid": "sFID", "isc": "IS"}[metric]
-    return base if fe["is_inception"] else f"{base} [{fe['name']}]"
+    if fe["is_inception"]:
+        return base
+    other = ", not torch-fidelity's weights" if fe["name"] == "inception-v3-compat" else ""
+    return f"{base} [{fe['name']}{other}]"
 
 
 def _save(fig, url: str) -> None:
