@@ -1,6 +1,7 @@
 """CLIP score of text-to-image samples: 100 x the cosine of CLIP's image and text embeddings of each
-sample and its caption, clamped at 0, averaged over the samples (Hessel et al. 2021's CLIPScore with
-w = 100, as torchmetrics and the PixArt / AT-EDM tables report it).
+sample and its caption, each clamped at 0 (Hessel et al. 2021's CLIPScore with w = 100), averaged over the
+samples. torchmetrics clamps the mean instead; the two agree whenever every cosine is positive, as CLIP's
+are for real image-caption pairs (the PixArt / AT-EDM tables report this score).
 
     scorer = ClipScorer.load(eval_cfg.clip_model, storage_root, device)
     scores = scorer(images, captions)          # uint8 (B, H, W, 3), B captions -> (B,)
