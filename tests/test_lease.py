@@ -393,10 +393,9 @@ def test_a_lease_that_cannot_be_released_leaves_the_jobs_outcome_as_it_was(tmp_p
     cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "storage.run=r"])
 
     def fail(self):
-        self._stop.set()
         raise storage.StorageError("writing the lease failed: no answer within the deadline")
 
-    monkeypatch.setattr(Lease, "release", fail)
+    monkeypatch.setattr(Lease, "_write", fail)  # renewals and the release's write (acquire creates, not writes)
     assert cli.run_job("evaluate", lambda: "done", (), cfg) == 0
     out, err = capsys.readouterr()
     assert out.strip() == "done"
