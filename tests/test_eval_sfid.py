@@ -98,6 +98,6 @@ def test_inception_weights_other_than_torch_fidelitys_are_not_called_fid(tmp_pat
     assert not other.is_inception and "not torch-fidelity's Inception weights" in caplog.text
     assert metric_name({"feature_extractor": other.describe()}, "fid") == \
         "FID [inception-v3-compat, not torch-fidelity's weights]"
-    monkeypatch.setattr(extractors, "INCEPTION_SHA256", extractors._sha256(weights)[:8])  # as if they were
+    monkeypatch.setattr(extractors, "INCEPTION_SHA256", extractors.file_sha256(weights)[:8])  # as if they were
     official = extractors.resolve_extractor(e)
     assert official.is_inception and metric_name({"feature_extractor": official.describe()}, "fid") == "FID"

@@ -167,7 +167,8 @@ def inception_missing_message() -> str:
             f"For an offline smoke test use eval.feature_extractor={digits.NAME} (NOT Inception).")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -196,11 +197,12 @@ def resolve_extractor(eval_cfg) -> Extractor:
                          f"{torch_fidelity.__version__}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
     if name == INCEPTION:
         path = inception_weights(eval_cfg.inception_weights)
-        official = _sha256(path).startswith(INCEPTION_SHA256)
+        digest = file_sha256(path)
+        official = digest.startswith(INCEPTION_SHA256)
         if not official:
             log.warning("eval.inception_weights=%s: not torch-fidelity's Inception weights (sha256 %s..., expected "
                         "%s...): the metrics are not comparable with published FIDs, and say so", path,
-                        _sha256(path)[:8], INCEPTION_SHA256)
+                        digest[:8], INCEPTION_SHA256)
         return Extractor(name, path, eval_cfg.inception_weights or "torch hub cache", LABELS[name], official)
     source = eval_cfg.feature_extractor_weights
     if name == digits.NAME and not source:

@@ -34,7 +34,7 @@ from dydit_dist.paths import RunPaths
 from dydit_dist.sample.export import npz_keys, read_npz_small
 from dydit_dist.shardset import manifest_url
 
-from .extractors import SPATIAL, Extractor
+from .extractors import SPATIAL, Extractor, file_sha256
 from .features import count_images, extract_features, image_batches, source_kind
 from .metrics import statistics
 
@@ -70,13 +70,7 @@ def _digest(*parts: str) -> str:
 
 
 def _file_digest(path: str | None) -> str:
-    if path is None:
-        return "none"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return "none" if path is None else file_sha256(path)[:16]
 
 
 def through_fidelity_cache(name: str, extractor: Extractor, layer: str, mu: np.ndarray, sigma: np.ndarray,
