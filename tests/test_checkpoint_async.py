@@ -52,6 +52,9 @@ def test_a_failed_upload_leaves_the_previous_committed_checkpoint_as_the_resume_
     assert trainer.state.step == 6
     assert os.path.exists(os.path.join(folder, "step-0000004", "meta.json"))  # half an upload is there...
     assert LocalSession(folder).checkpoints() == ["step-0000002"]  # ...but only step 2 is committed
+    exports = f"{root}/runs/debug/checkpoints"
+    assert storage.exists(f"{exports}/ema-0000004.safetensors")  # step 4's EMA was written, but the pointer
+    assert storage.read_json(f"{exports}/ema-latest.json")["step"] == 2  # names only a committed step's
 
     # A new run resumes from step 2, and its checkpoints commit.
     resumed = Trainer(cfg, LocalSession(folder))

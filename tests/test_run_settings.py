@@ -59,6 +59,48 @@ def _resumable_run(root, *overrides) -> None:
     random_dataset(f"{root}/data", cfg, num_samples=24)
     run_config.save(cfg, "finetune")
     storage.write_bytes(f"{RunPaths(cfg).checkpoints}/step-0000002/meta.json", b"{}")
+    _commit(RunPaths(cfg).checkpoints, "step-0000002")
+
+
+def _commit(checkpoints: str, *names: str) -> None:
+    """Ray Train's snapshot as it writes it once a checkpoint is committed (the fields `has_checkpoint` reads)."""
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    storage.write_json(f"{checkpoints}/checkpoint_manager_snapshot.json",
+                       {"checkpoint_results": results, "latest_checkpoint_result": results[-1] if results else None})
+
+
+def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
+    """A step folder whose upload was cut short (a worker lost before Ray Train committed it) is not resumed:
+    Ray starts from scratch, so the next run's settings are free; a committed one keeps them."""
+    from dydit_dist.config import ConfigError
+    from dydit_dist.models import CheckpointError
+    from dydit_dist.train.checkpoints import RAY_SNAPSHOT, has_checkpoint
+    from dydit_dist.train.launcher import check_settings
+
+    cfg = _cfg(tmp_path)
+    random_dataset(f"{tmp_path}/data", cfg, num_samples=24)
+    run_config.save(cfg, "finetune")
+    checkpoints = RunPaths(cfg).checkpoints
+    storage.write_bytes(f"{checkpoints}/step-0000002/deepspeed/mp_rank_00_model_states.pt", b"half")
+    assert not has_checkpoint(checkpoints)
+    assert check_settings(_cfg(tmp_path, "train.lr=1e-3")) == []
+    _commit(checkpoints)  # a snapshot before any commit (Ray writes one when a run starts)
+    assert not has_checkpoint(checkpoints)
+    _commit(checkpoints, "step-0000002")
+    assert has_checkpoint(checkpoints)
+    with pytest.raises(ConfigError, match=r"other settings \(train.lr: 0.0001 -> 0.001\)"):
+        check_settings(_cfg(tmp_path, "train.lr=1e-3"))
+    storage.write_bytes(f"{checkpoints}/{RAY_SNAPSHOT}", b'{"checkpoint_res')  # cut short
+    with pytest.raises(CheckpointError, match=rf"{RAY_SNAPSHOT} is not the JSON Ray Train writes"):
+        has_checkpoint(checkpoints)
+
+
+def test_the_snapshot_name_is_ray_trains():
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from dydit_dist.train.checkpoints import RAY_SNAPSHOT
+
+    assert RAY_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from dydit_dist.network import build_network, latest_ema, load_weights
 from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import ShardError, shard_url
 from dydit_dist.train import launcher
+from dydit_dist.train.checkpoints import has_checkpoint
 from dydit_dist.train.ray_session import FaultySession
 from jobs import finetune
 
@@ -98,6 +99,7 @@ def test_zero3_second_submission_resumes(ray_local, s3_bucket, s3_endpoint):
     _data(s3_bucket, argv)
     first = finetune.run([*argv, "train.max_steps=2"])
     assert first.metrics["step"] == 2 and first.metrics["resumed_from"] == 0
+    assert has_checkpoint(f"{s3_bucket}/runs/again/checkpoints")  # Ray Train's snapshot lists step 2
     second = finetune.run([*argv, "train.max_steps=4"])
     assert second.metrics["step"] == 4 and second.metrics["resumed_from"] == 2
     run = f"{s3_bucket}/runs/again/checkpoints"

@@ -15,9 +15,13 @@ The EMA weights are exported next to them, once per checkpoint, for the sampling
 Neither stops training for its upload (`train.async_checkpoint`): the DeepSpeed state is written to a
 local folder and the session uploads it in the background (a checkpoint is committed, and resumable,
 only once every rank's part is uploaded: `ray_session`); the EMA is gathered into host memory and
-written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept. A worker can die
-after its checkpoint is committed but before that step's export is written: the resumed run exports it
-(`exported_step` is behind the checkpoint's step).
+written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept.
+
+The pointer names an export only once that step's checkpoint is committed (`publish_ema`, at the next
+checkpoint or the end of the run): an export written by an attempt that was lost before its commit is
+never named, and the resumed run writes that step's file again, from the same state, before naming it.
+A worker can die after its checkpoint is committed but before the pointer names its export: the
+resumed run exports it (`exported_step` is behind the checkpoint's step).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 EMA_NAME = re.compile(r"ema-(\d{7})\.safetensors$")
-CHECKPOINT_NAME = re.compile(r"step-(\d{7})$")  # `checkpoint_name`
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of committed checkpoints (ray is optional here)
 
 
 def due(step: int, train_cfg) -> bool:
@@ -166,26 +170,50 @@ def gather_ema(state: TrainerState, network: nn.Module) -> dict[str, torch.Tenso
     return {**weights, **buffers}
 
 
-def write_ema(weights: dict[str, torch.Tensor], step: int, checkpoints_url: str, model_cfg: dict,
-              keep: int | None) -> str:
-    """Write gathered EMA weights as safetensors, then the pointer to them; keeps the newest `keep` exports
-    (all when None). Returns the URL."""
-    name = f"ema-{step:07d}.safetensors"
-    url = storage.join(checkpoints_url, name)
+def write_ema(weights: dict[str, torch.Tensor], step: int, checkpoints_url: str, model_cfg: dict) -> str:
+    """Write gathered EMA weights as safetensors (not yet named by the pointer: `publish_ema`). Returns
+    the URL."""
+    url = storage.join(checkpoints_url, ema_name(step))
     save_weights(weights, url, metadata={"step": str(step), "model": json.dumps(model_cfg, sort_keys=True)})
-    storage.write_json(storage.join(checkpoints_url, EMA_POINTER),
-                       {"step": step, "file": name, "url": url, "model": model_cfg})
-    if keep:
-        exports = sorted(u for u in storage.listdir(checkpoints_url) if EMA_NAME.search(u))
-        for old in exports[:-keep]:
-            storage.remove(old)
     log.info("exported EMA weights of step %d to %s", step, url)
     return url
 
 
+def publish_ema(step: int, checkpoints_url: str, model_cfg: dict, keep: int | None) -> None:
+    """Point `ema-latest.json` at the export of `step`, whose checkpoint is committed, then keep the newest
+    `keep` exports up to it (all when None); exports of later steps stay (written, their checkpoint not
+    yet committed)."""
+    url = storage.join(checkpoints_url, ema_name(step))
+    storage.write_json(storage.join(checkpoints_url, EMA_POINTER),
+                       {"step": step, "file": ema_name(step), "url": url, "model": model_cfg})
+    if keep:
+        named = sorted(u for u in storage.listdir(checkpoints_url)
+                       if (m := EMA_NAME.search(u)) and int(m.group(1)) <= step)
+        for old in named[:-keep]:
+            storage.remove(old)
+
+
+def ema_name(step: int) -> str:
+    return f"ema-{step:07d}.safetensors"
+
+
 def has_checkpoint(checkpoints_url: str) -> bool:
-    """Whether a run's checkpoints folder holds a resumable checkpoint (`step-NNNNNNN`)."""
-    return any(CHECKPOINT_NAME.search(url.rstrip("/")) for url in storage.listdir(checkpoints_url))
+    """Whether a run's checkpoints folder holds a committed checkpoint: one Ray Train lists in its snapshot
+    (`RAY_SNAPSHOT`), which is what it resumes from. A `step-NNNNNNN` folder the snapshot does not list
+    is an upload cut short (a worker lost before the commit): the next run starts from scratch, so its
+    settings are free. CheckpointError for a snapshot that is not JSON (Ray Train would fail on it too)."""
+    url = storage.join(checkpoints_url, RAY_SNAPSHOT)
+    try:
+        snapshot = storage.read_json(url)
+    except FileNotFoundError:
+        return False
+    except ValueError as err:
+        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({err}); remove it to start the run "
+                              "again from scratch, or restore it to resume") from None
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results", []), list):
+        raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (an object with a "
+                              "'checkpoint_results' list)")
+    return bool(snapshot.get("checkpoint_results"))
 
 
 def exported_step(checkpoints_url: str) -> int:

@@ -86,6 +86,7 @@ class Trainer:
         self.batches = iter(self.stream)
         self.tensorboard = TensorBoardLog(self.paths.tensorboard, enabled=self.rank == 0)
         self.exports = checkpoints.Background("ema-export")  # rank 0 writes the EMA weights here
+        self._unpublished: int | None = None  # rank 0: the step of an export the pointer does not name yet
 
     # ------------------------------------------------------------------ one step
 
@@ -146,6 +147,8 @@ class Trainer:
                 continue
             window.reported()
         self.session.wait_committed()
+        self.exports.wait()
+        self.publish_ema()
         self.exports.close()
         self.tensorboard.close()
         return last
@@ -165,24 +168,40 @@ class Trainer:
         """Every rank writes its part locally and hands it to the session, which uploads it (in the
         background with train.async_checkpoint); rank 0 gathers the EMA into host memory and exports it
         (in a thread with train.async_checkpoint). At most one checkpoint is in flight: the previous one
-        must be committed, and its EMA export written, before this one starts (their errors surface here)."""
+        must be committed, and its EMA export written, before this one starts (their errors surface here);
+        the pointer then names that export."""
         self.session.wait_committed()
         self.exports.wait()
+        self.publish_ema()
         self.state.data = self.stream.state_dict()
-        self.export_ema(wait=not self.cfg.train.async_checkpoint)
+        synchronous = not self.cfg.train.async_checkpoint
+        self.export_ema(wait=synchronous)
         folder = tempfile.mkdtemp(prefix="dydit-ckpt-")  # the session deletes it once uploaded
         checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
         self.session.report(metrics, checkpoint_dir=folder, name=checkpoints.checkpoint_name(self.state.step))
+        if synchronous:  # the report returned once committed
+            self.session.wait_committed()
+            self.publish_ema()
 
     def export_ema(self, wait: bool) -> None:
         """Rank 0 gathers the EMA of `state.step` into host memory (collective: every rank calls this) and
-        writes it, then the pointer to it, in the export thread; `wait`: return once it is written."""
+        writes it in the export thread; `wait`: return once it is written. The pointer names it only once
+        the step's checkpoint is committed (`publish_ema`)."""
         weights = checkpoints.gather_ema(self.state, self.network)
         if weights is not None:
             self.exports.submit(checkpoints.write_ema, weights, self.state.step, self.paths.checkpoints,
-                                dataclasses.asdict(self.cfg.model), self.cfg.train.keep_checkpoints)
+                                dataclasses.asdict(self.cfg.model))
+            self._unpublished = self.state.step
             if wait:
                 self.exports.wait()
+
+    def publish_ema(self) -> None:
+        """Rank 0 points `ema-latest.json` at the last export; only once its checkpoint is committed and the
+        export written (the caller has waited for both)."""
+        if self._unpublished is not None:
+            checkpoints.publish_ema(self._unpublished, self.paths.checkpoints, dataclasses.asdict(self.cfg.model),
+                                    self.cfg.train.keep_checkpoints)
+            self._unpublished = None
 
     def export_lost_ema(self) -> None:
         """Export the EMA of the resumed state when the pointer is behind it: a worker that died after its
@@ -200,6 +219,7 @@ class Trainer:
             if self.rank == 0:
                 log.info("EMA export of the resumed step %d is missing: exporting it", self.state.step)
             self.export_ema(wait=True)
+            self.publish_ema()  # the resumed state is a committed checkpoint's
 
 
 def _total_norm(params) -> float:
