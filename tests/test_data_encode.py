@@ -86,6 +86,28 @@ def test_imagefolder_plan_and_layout_errors(image_source, tmp_path):
         sources.plan_imagefolder(str(tmp_path / "empty"), num_classes=1, shard_size=8)
 
 
+def test_imagefolder_lists_class_folders_in_parallel_in_label_order(tmp_path, monkeypatch):
+    """60 class folders listed 16 at a time: each image keeps its folder's label (sorted folder names) and
+    the plan is the one a listing in order gives; a wrong folder count is refused before any listing."""
+    for k in range(60):
+        (tmp_path / f"c{k:02d}").mkdir()
+        for i in range(k % 3 + 1):
+            Image.new("RGB", (8, 8), (k, i, 0)).save(tmp_path / f"c{k:02d}" / f"{i}.png")
+    plan = sources.plan_imagefolder(str(tmp_path), num_classes=60, shard_size=8, seed=3)
+    got = sorted((item.key, item.url, item.label) for chunk in plan.chunks for item in chunk.items)
+    want, key = [], 0
+    for k in range(60):
+        for i in range(k % 3 + 1):
+            want.append((f"{key:09d}", f"file://{tmp_path}/c{k:02d}/{i}.png", k))
+            key += 1
+    assert got == want
+    listed = []
+    monkeypatch.setattr(sources.storage, "find", lambda url: listed.append(url) or [])
+    with pytest.raises(DataError, match="60 class folders but model.num_classes=1000"):
+        sources.plan_imagefolder(str(tmp_path), num_classes=1000, shard_size=8)
+    assert listed == []
+
+
 def test_captions_and_webdataset_plans(image_source, tmp_path):
     plan = sources.plan_captions(image_source["captions"], shard_size=16)
     assert plan.num_inputs == 49 and plan.chunks[0].items[0].caption
