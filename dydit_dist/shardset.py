@@ -331,7 +331,7 @@ class ShardManifest:
             if known is None or known.get("sha256") != record.get("sha256"):  # the manifest's copy has more timing
                 manifest.add(record)
         if drop_missing:
-            bad = _unverified(uri, manifest.records())
+            bad = unverified(uri, manifest.records())
             if bad:
                 log.warning("%s: %d shards recorded as done are missing or not of their recorded size; they are made "
                             "again: %s", uri, len(bad), ", ".join(bad))
@@ -352,7 +352,7 @@ def stored_sizes(uri: str, records: list[dict]) -> list[int | None]:
         return list(pool.map(size, records))
 
 
-def _unverified(uri: str, records: list[dict]) -> list[str]:
+def unverified(uri: str, records: list[dict]) -> list[str]:
     """Names of the recorded shards whose object is missing or not of the recorded size (`bytes`)."""
     sizes = stored_sizes(uri, records)
     return [r["name"] for r, n in zip(records, sizes, strict=True) if n is None or n != r.get("bytes", n)]

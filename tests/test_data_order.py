@@ -3,6 +3,7 @@ the warning for class-sorted shards, and the reader's classes per batch. No Ray.
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,16 @@ def test_a_data_set_prepared_in_class_order_is_kept_with_a_warning(ten_classes, 
     settings, source_plan = plan(cfg)
     old = {k: v for k, v in settings.items() if k != "sample_order"}  # the settings before samples were permuted
     _manifest(old, [{str(c): 100} for c in range(10)]).write(uri)
+    for i in range(10):  # the records say 0 bytes
+        open(f"{uri}/shard-{i:06d}.tar", "wb").close()
     with caplog.at_level(logging.WARNING, logger="dydit_dist.data.pipeline"):
         result = prepare(cfg)  # complete: nothing to encode, so no Ray
     assert result.encoded == 0 and result.skipped == 10
     assert f"{uri}: shards are in class order" in caplog.text
+    os.remove(f"{uri}/shard-000003.tar")  # remade now, it would be in the new order among the old ones
+    with pytest.raises(ManifestError, match=rf"{uri} was prepared before samples were permuted, and 1 of its shards "
+                                            r"are missing or not of their recorded size \(shard-000003.tar\)"):
+        prepare(cfg)
     incomplete = _manifest(old, [{str(c): 100} for c in range(5)])
     incomplete.complete = False
     incomplete.write(uri)

@@ -44,7 +44,7 @@ from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties,
 from dydit_dist.data.manifest import Manifest, ManifestError, conditioning, expected_latent_shape
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
-from dydit_dist.shardset import pack, write_shard
+from dydit_dist.shardset import pack, unverified, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
@@ -264,15 +264,22 @@ def prepare(cfg: Config) -> PrepareResult:
 
 def _resume(uri: str, settings: dict, num_shards: int) -> Manifest:
     """`Manifest.resume`; a complete data set prepared before samples were permuted (settings without
-    `sample_order`, otherwise the same) is taken as it is (class order: `warn_if_class_sorted` says so)."""
+    `sample_order`, otherwise the same) is taken as it is (class order: `warn_if_class_sorted` says so)
+    while storage holds all its shards: a missing one cannot be made again in that order (ManifestError)."""
     try:
         return Manifest.resume(uri, settings, num_shards, drop_missing=True)
     except ManifestError:
         old = Manifest.read(uri)
-        if old.complete and "sample_order" not in old.settings and \
-                {**old.settings, "sample_order": settings["sample_order"]} == settings:
-            return old
-        raise
+        if not (old.complete and "sample_order" not in old.settings and
+                {**old.settings, "sample_order": settings["sample_order"]} == settings):
+            raise
+        bad = unverified(uri, old.records())
+        if bad:
+            raise ManifestError(f"{uri} was prepared before samples were permuted, and {len(bad)} of its shards are "
+                                f"missing or not of their recorded size ({', '.join(bad[:5])}"
+                                f"{' ...' if len(bad) > 5 else ''}); they cannot be made again in that order: prepare "
+                                "it again into another data.uri (or remove that folder)") from None
+        return old
 
 
 def warn_if_class_sorted(uri: str, manifest: Manifest) -> None:
