@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(cli.job_parser("finetune", DESCRIPTION), argv)
     # heavy (torch, ray, deepspeed): imported once the config is known good
     from dydit_dist.data import DataError
+    from dydit_dist.models import CheckpointError
     from dydit_dist.pipeline import trained_to_end
     from dydit_dist.train.launcher import InputFailure, check_settings, latest_ema_url
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         fit(cfg)  # prints its own summary line
 
-    return cli.run_job("finetune", work, (DataError, InputFailure), cfg, args.dry_run, finished=finished)
+    return cli.run_job("finetune", work, (DataError, InputFailure, CheckpointError), cfg, args.dry_run,
+                       finished=finished)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     # heavy (torch, ray, deepspeed, diffusers): imported once the config is known good
     from dydit_dist.data import DataError
     from dydit_dist.eval import FeatureExtractorUnavailable
+    from dydit_dist.models import CheckpointError
     from dydit_dist.pipeline import OutputsDiffer, reproduce
     from dydit_dist.sample import SamplesError
     from dydit_dist.shardset import ShardError
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
     return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, FeatureExtractorUnavailable,
-                                         InputFailure, OutputsDiffer), cfg, args.dry_run)
+                                         InputFailure, OutputsDiffer, CheckpointError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
     storage.write_bytes(f"{checkpoints}/step-0000002/deepspeed/mp_rank_00_model_states.pt", b"half")
     assert not has_checkpoint(checkpoints)
     assert check_settings(_cfg(tmp_path, "train.lr=1e-3")) == []
-    _commit(checkpoints)  # a snapshot before any commit (Ray writes one when a run starts)
+    _commit(checkpoints)  # no checkpoint named (Ray writes the snapshot at a commit, so only in principle)
     assert not has_checkpoint(checkpoints)
     _commit(checkpoints, "step-0000002")
     assert has_checkpoint(checkpoints)
@@ -93,6 +93,17 @@ def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
     storage.write_bytes(f"{checkpoints}/{RAY_SNAPSHOT}", b'{"checkpoint_res')  # cut short
     with pytest.raises(CheckpointError, match=rf"{RAY_SNAPSHOT} is not the JSON Ray Train writes"):
         has_checkpoint(checkpoints)
+
+
+def test_a_corrupt_ray_snapshot_is_an_input_error_of_the_job(tmp_path, capsys, ray_calls):
+    from jobs import finetune
+
+    _resumable_run(tmp_path)
+    storage.write_bytes(f"{RunPaths(_cfg(tmp_path)).checkpoints}/checkpoint_manager_snapshot.json", b'{"check')
+    rc = finetune.main(["--config", "debug", *BASE, f"storage.root={tmp_path}", f"data.uri={tmp_path}/data"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and ray_calls == []
+    assert err[0].startswith("finetune: ") and "checkpoint_manager_snapshot.json is not the JSON Ray Train writes" in err[0]
 
 
 def test_the_snapshot_name_is_ray_trains():

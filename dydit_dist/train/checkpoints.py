@@ -18,8 +18,9 @@ only once every rank's part is uploaded: `ray_session`); the EMA is gathered int
 written by a `Background` thread. The newest `train.keep_checkpoints` of each are kept.
 
 The pointer names an export only once that step's checkpoint is committed (`publish_ema`, at the next
-checkpoint or the end of the run): an export written by an attempt that was lost before its commit is
-never named, and the resumed run writes that step's file again, from the same state, before naming it.
+checkpoint or the end of the run; so with train.async_checkpoint it is up to one train.checkpoint_every
+behind while training runs): an export written by an attempt that was lost before its commit is never
+named, and the resumed run writes that step's file again, from the same state, before naming it.
 A worker can die after its checkpoint is committed but before the pointer names its export: the
 resumed run exports it (`exported_step` is behind the checkpoint's step).
 """
@@ -198,22 +199,22 @@ def ema_name(step: int) -> str:
 
 
 def has_checkpoint(checkpoints_url: str) -> bool:
-    """Whether a run's checkpoints folder holds a committed checkpoint: one Ray Train lists in its snapshot
-    (`RAY_SNAPSHOT`), which is what it resumes from. A `step-NNNNNNN` folder the snapshot does not list
-    is an upload cut short (a worker lost before the commit): the next run starts from scratch, so its
-    settings are free. CheckpointError for a snapshot that is not JSON (Ray Train would fail on it too)."""
+    """Whether a run's checkpoints folder holds a committed checkpoint: the latest one Ray Train's snapshot
+    (`RAY_SNAPSHOT`, written at each commit) names, which is what it resumes from. A `step-NNNNNNN`
+    folder the snapshot does not name is an upload cut short (a worker lost before the commit): the next
+    run starts from scratch, so its settings are free. CheckpointError for a snapshot that is not JSON
+    (Ray Train would fail on it too)."""
     url = storage.join(checkpoints_url, RAY_SNAPSHOT)
     try:
         snapshot = storage.read_json(url)
     except FileNotFoundError:
         return False
     except ValueError as err:
-        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({err}); remove it to start the run "
-                              "again from scratch, or restore it to resume") from None
-    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results", []), list):
-        raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (an object with a "
-                              "'checkpoint_results' list)")
-    return bool(snapshot.get("checkpoint_results"))
+        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({str(err)[:100]}); unless a job is "
+                              "writing it now, remove it to start this storage.run again from scratch") from None
+    if not isinstance(snapshot, dict):
+        raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (a JSON object)")
+    return bool(snapshot.get("latest_checkpoint_result"))
 
 
 def exported_step(checkpoints_url: str) -> int:
