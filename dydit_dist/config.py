@@ -132,7 +132,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = bounded(1000, "[1, inf)")
+    # 0: not given (a preset whose recipe has no length for your data, PixArt's): a fine-tune refuses it
+    max_steps: int = bounded(1000, "[0, inf)")
     global_batch_size: int = bounded(256, "[1, inf)")
     micro_batch_size: int = bounded(32, "[1, inf)")
     lr: float = bounded(1e-4, "(0, inf)")

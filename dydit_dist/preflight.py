@@ -165,6 +165,11 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
         p.stages.append(Stage(name, "outputs exist, made with other settings"))
         p.add(Input("storage.run", RunPaths(cfg).url, problem=differ))
         return False
+    if t.max_steps == 0:
+        p.stages.append(Stage(name, "train.max_steps is not set"))
+        p.add(Input("train.max_steps", 0, problem="the preset gives no training length (its recipe's length depends "
+                                                  "on data it does not give): set train.max_steps=N"))
+        return False
     stage1 = 0
     if m.method == "dydit" and m.dynamic.stage == 1:  # stage 1 adds the complete model's forward + backward
         stage1 = t.max_steps if m.dynamic.stage1_steps is None else min(m.dynamic.stage1_steps, t.max_steps)

@@ -75,3 +75,14 @@ def test_data_are_prepared_only_when_a_stage_needs_them(tmp_path):
     assert stages == ["sample static", "evaluate static", "sample fora", "evaluate fora", "report"]
     assert pipeline.needs_data(config.load("debug", [*base, "eval.methods=[static,dydit]"]))
     assert pipeline.needs_data(config.load("debug", [*base[:-1], "eval.methods=[static,fora]"]))
+
+
+def test_a_pixart_fine_tune_needs_its_length(tmp_path):
+    """PixArt's recipe is 200 epochs of a data set it does not give: its presets leave train.max_steps at 0,
+    which a fine-tune refuses by name (a default would have ended the run inside the 1000-step warm-up)."""
+    def problems(*overrides) -> list[str]:
+        cfg = config.load("flexdit_pixart_xl2_256", [f"storage.root=file://{tmp_path}", "storage.run=r", *overrides])
+        return [f"{i.key}: {i.problem}" for i in preflight.plan(cfg, "finetune").inputs if i.problem]
+
+    assert "train.max_steps: the preset gives no training length" in "\n".join(problems())
+    assert not any(p.startswith("train.max_steps") for p in problems("train.max_steps=50000"))
