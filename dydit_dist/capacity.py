@@ -157,8 +157,14 @@ class ActorPool:
         self.args, self.max_failures, self.noun = args, max_failures, noun
         self.need, self.timeout_s = need, timeout_s
         self.failures = 0
-        self.actors = [self.actor_cls.remote(*args) for _ in range(need.count)]
-        self._starting: list[tuple] = []  # (replacement actor, its __ray_ready__ ref, when it was asked for)
+        self.actors = []
+        self._starting: list[tuple] = []  # (actor, its __ray_ready__ ref, when it was asked for) until placed
+        for _ in range(need.count):  # `acquire` reserved nothing: another job may take the room before these
+            self._start()
+
+    def _start(self) -> None:
+        self.actors.append(self.actor_cls.remote(*self.args))
+        self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic()))
 
     def replace(self, actor, err: Exception) -> None:
         """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
@@ -172,16 +178,17 @@ class ActorPool:
         self.actors.remove(actor)
         self.failures += 1
         if self.failures <= self.max_failures:
-            self.actors.append(self.actor_cls.remote(*self.args))
-            self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic()))
+            self._start()
         elif not self.actors:
             raise RuntimeError(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
                                f"{self.max_failures}), the last with {death_cause(err)}") from None
 
     def wait(self, refs: list):
         """The first of `refs` (calls on this pool's actors) to finish, as `ray.wait`; meanwhile, every
-        POLL_S, a CapacityError once a replacement actor has waited for room longer than
-        ray.capacity_timeout_s (its node lost and none back: the calls on it would wait forever)."""
+        POLL_S, a CapacityError once an actor has waited for room longer than ray.capacity_timeout_s (a
+        replacement whose node is lost and none back; a first one whose room another job took after
+        `acquire`): the calls on it would wait forever. An actor placed on a node and still loading (its
+        `__init__`: a network, T5-XXL) is not waiting for room, however long it takes."""
         import ray
 
         while True:
@@ -198,9 +205,13 @@ class ActorPool:
             if actor not in self.actors or ray.wait([ref], timeout=0)[0]:
                 continue  # replaced again, or started
             if time.monotonic() - since > self.timeout_s:
-                raise CapacityError(f"a replacement {self.noun} found no room within ray.capacity_timeout_s="
-                                    f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: its "
-                                    "node lost and none back); what is done is kept, rerun to go on")
+                if placed(actor):
+                    continue  # loading on its node
+                which, why = ("a replacement", "its node lost and none back") if self.failures else \
+                    ("a", "taken by other work after the cluster had room for all")
+                raise CapacityError(f"{which} {self.noun} found no room within ray.capacity_timeout_s="
+                                    f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: {why}); "
+                                    "what is done is kept, rerun to go on")
             waiting.append((actor, ref, since))
         self._starting = waiting
 
@@ -210,6 +221,17 @@ class ActorPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def placed(actor) -> bool:
+    """Whether Ray has placed `actor` on a node (its creation task runs there, or ran): the actor table
+    gives it a worker's port then; one waiting for resources has port 0. False when the table cannot say."""
+    from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
+
+    try:
+        return bool(state.actors(actor._actor_id.hex())["Address"]["Port"])
+    except Exception:  # noqa: BLE001 - not an answer: counted as waiting for room
+        return False
 
 
 def _have(resources: dict) -> str:

@@ -136,3 +136,48 @@ def test_a_replacement_actor_that_finds_no_room_ends_the_wait(ray_local, monkeyp
         pool.shutdown()
         for blocker in blockers:
             ray.kill(blocker)
+
+
+@pytest.mark.integration
+def test_a_first_actor_whose_room_was_taken_ends_the_wait_but_a_slow_loader_does_not(ray_local, monkeypatch):
+    """`acquire` reserves nothing: work that takes the room before the pool's first actors are placed
+    leaves them waiting, and the pool's wait stops with a CapacityError after ray.capacity_timeout_s. An
+    actor that is placed but still in its `__init__` longer than that (a network loading) is waited for."""
+    import ray
+
+    from dydit_dist import capacity
+
+    class Idle:
+        def work(self, seconds: float) -> str:
+            time.sleep(seconds)
+            return "done"
+
+    class SlowLoad(Idle):
+        def __init__(self):
+            time.sleep(6.0)
+
+    monkeypatch.setattr(capacity, "POLL_S", 0.5)
+    pool = capacity.ActorPool(SlowLoad, (), Need("test actors", 1, cpus=1), False, 2.0, 0, "test actor")
+    try:
+        ref = pool.actors[0].work.remote(0.0)
+        assert pool.wait([ref]) == ref and ray.get(ref) == "done"  # placed at once, loaded after 6 s > 2 s
+    finally:
+        pool.shutdown()
+    deadline = time.monotonic() + 30  # the killed actor's CPU comes back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    free = int(ray.available_resources().get("CPU", 0))
+    blockers = [ray.remote(num_cpus=1)(Idle).remote() for _ in range(free)]
+    try:
+        assert ray.get([b.work.remote(0.0) for b in blockers], timeout=60) == ["done"] * free
+        monkeypatch.setattr(capacity, "acquire", lambda *args: None)  # the room was there when it looked
+        pool = capacity.ActorPool(Idle, (), Need("test actors", 1, cpus=1), False, 3.0, 2, "test actor")
+        start = time.monotonic()
+        with pytest.raises(CapacityError, match=r"a test actor found no room within ray.capacity_timeout_s=3 s "
+                                                r"\(1 CPUs, 0 GPUs: taken by other work after the cluster had room"):
+            pool.wait([pool.actors[0].work.remote(0.0)])
+        assert 3.0 <= time.monotonic() - start < 30
+        pool.shutdown()
+    finally:
+        for blocker in blockers:
+            ray.kill(blocker)
