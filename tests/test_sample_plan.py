@@ -64,6 +64,23 @@ def test_prompts_file(tmp_path):
         load_prompts(str(tmp_path / "bad.txt"))
 
 
+def test_a_malformed_prompts_file_is_an_input_error_of_the_driver(tmp_path):
+    """Read with the settings, in the driver: every actor would otherwise die loading it, a lost worker
+    after a lost worker, until ray.max_failures ran out."""
+    from dydit_dist import config
+    from dydit_dist.sample import SamplesError
+    from dydit_dist.sample.pool import LOAD_ERRORS, sampling_settings
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": 3}\n')
+    cfg = config.load("pixart_xl2_256", [f"sample.prompts={tmp_path}/bad.jsonl"])
+    with pytest.raises(SamplesError, match=r"sample.prompts=.*bad.jsonl:2: expected a \"prompt\" or \"caption\""):
+        sampling_settings(cfg)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SamplesError, match=r"latin1.txt: not UTF-8 text"):
+        sampling_settings(config.load("pixart_xl2_256", [f"sample.prompts={tmp_path}/latin1.txt"]))
+    assert SamplesError in LOAD_ERRORS  # an actor that meets it stops the job (exit 2), not replaced
+
+
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_pack_round_trip_is_exact_and_deterministic(channels):
     rng = np.random.default_rng(0)
@@ -105,4 +122,6 @@ def test_settings_record_the_noise_stream_and_precision_knobs():
     gpu = sampling_settings(config.load("debug", ["ray.use_gpu=true"]))
     assert gpu["noise"] == "philox4x32-10/box-muller/cuda"
     old = sampling_settings(config.load("debug", ["sample.noise=generator"]))
-    assert old["noise"] == "torch-cpu-generator-per-sample" and settings_digest(old) != settings_digest(cpu)
+    assert old["noise"] == "torch-cpu-generator-per-sample/cpu" and settings_digest(old) != settings_digest(cpu)
+    old_gpu = sampling_settings(config.load("debug", ["sample.noise=generator", "ray.use_gpu=true"]))
+    assert settings_digest(old_gpu) != settings_digest(old)  # a GPU run resumed on CPUs does not mix its shards

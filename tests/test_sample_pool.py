@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from actor_faults import SamplingWorkerWithoutGpu, lost_gpu_at_start
@@ -121,3 +123,32 @@ def test_an_actor_that_dies_starting_is_replaced_within_max_failures(ray_local, 
                                             r"host-a is configured for a GPU but torch sees none$")):
         run_sampling(strict)
     assert not storage.find(str(tmp_path / "strict" / "runs/t/samples"))  # a failed start writes no manifest
+
+
+def test_an_input_rewritten_under_the_job_stops_it_instead_of_mixing_two_settings(ray_local, tmp_path, checkpoint,
+                                                                                   monkeypatch):
+    """An EB-Cache table rewritten at its URL (a calibration run again) after the driver read it: the actors
+    load the new schedule, their records carry another settings digest, and the job stops naming the shard
+    instead of completing a folder of two schedules. A rerun is then refused by the markers; the table's
+    bytes are part of the settings, so a fresh folder's settings differ from the first table's."""
+    from dydit_dist.accel.options import TABLE_FORMAT
+    from dydit_dist.sample import SamplesError
+    from dydit_dist.shardset import settings_digest
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"format": TABLE_FORMAT, "schedule": "0101"}))
+    cfg = tiny_config(str(tmp_path / "mixed"), f"model.checkpoint={checkpoint}", "sample.num_actors=2",
+                      "sample.method=eb_cache", f"sample.eb_cache.schedule={table}")
+    first = pool.sampling_settings(cfg)
+    assert first["method_options"]["schedule_sha256"]
+    start = pool.SamplingPool.__init__
+
+    def rewritten_first(self, *args, **kwargs):  # after the driver's settings, before the actors load
+        table.write_text(json.dumps({"format": TABLE_FORMAT, "schedule": "0111"}))
+        start(self, *args, **kwargs)
+
+    monkeypatch.setattr(pool.SamplingPool, "__init__", rewritten_first)
+    with pytest.raises(SamplesError, match=r"shard-0000\d\d.tar was made with other settings than this job's: "
+                                           r"sample.prompts or an EB-Cache table was rewritten while it ran"):
+        run_sampling(cfg)
+    assert settings_digest(pool.sampling_settings(cfg)) != settings_digest(first)

@@ -110,10 +110,11 @@ class CounterNoise:
 
 
 def stream_kind(noise: str, device: torch.device | str) -> str:
-    """What the manifest records of the noise stream: its kind and, for the counter stream, the device
-    kind that computed it (CPU and CUDA normals may differ in the last bits)."""
+    """What the manifest records of the noise stream: its kind and the device kind that samples (the
+    counter stream's CPU and CUDA normals may differ in the last bits; the generator's are drawn on the
+    CPU either way, but the network under autocast and TF32 gives other bits on CUDA than on the CPU)."""
     if noise == "counter":
         return f"philox4x32-10/box-muller/{torch.device(device).type}"
     if noise == "generator":
-        return "torch-cpu-generator-per-sample"
+        return f"torch-cpu-generator-per-sample/{torch.device(device).type}"
     raise ValueError(f"unknown noise stream {noise!r}; valid: counter, generator")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
+from dydit_dist.sample.manifest import SamplesError
 from dydit_dist.shardset import shard_name
 
 
@@ -81,7 +82,20 @@ def sample_generators(seed: int, indices, device: str | torch.device = "cpu") ->
 def load_prompts(url: str) -> list[str]:
     """Prompts of a text-to-image job: a `.txt` file (one prompt per line) or a `.jsonl` file (one
     object per line with a "prompt" or "caption" field). Empty prompts are errors naming the line."""
-    text = storage.read_bytes(url).decode("utf-8")
+    return parse_prompts(url, storage.read_bytes(url))
+
+
+def parse_prompts(url: str, data: bytes) -> list[str]:
+    """`load_prompts` of the bytes `data` read from `url`; SamplesError naming the file (and line)."""
+    try:
+        return _parse_prompts(url, data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SamplesError(f"sample.prompts={url}: not UTF-8 text ({err})") from None
+    except ValueError as err:
+        raise SamplesError(f"sample.prompts={err}") from None
+
+
+def _parse_prompts(url: str, text: str) -> list[str]:
     lines = text.splitlines()
     prompts = []
     for number, line in enumerate(lines, start=1):

@@ -45,13 +45,13 @@ from dydit_dist.sample.sdxl import SDXLShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
 
 from .dispatch import Dispatcher
-from .manifest import SamplesManifest
-from .plan import ShardSpec, plan_shards
+from .manifest import SamplesError, SamplesManifest
+from .plan import ShardSpec, parse_prompts, plan_shards
 from .shards import pack
 
 log = logging.getLogger(__name__)
 # What stops an actor from loading that a new actor would meet again: the job stops with it (exit 2).
-LOAD_ERRORS = (CheckpointError, ConfigError)
+LOAD_ERRORS = (CheckpointError, ConfigError, SamplesError)  # SamplesError: a malformed prompts file
 MANIFEST_EVERY_S = 5.0  # markers keep every finished shard in between
 
 
@@ -92,7 +92,7 @@ def sampling_settings(cfg: Config) -> dict:
         "flexdit": flexdit if m.method == "flexdit" else None,
         "text": text if fam not in ("dit", "sdxl") else None,
         "vae": d.vae, "vae_scale_factor": d.vae_scale_factor if ours else None, "method": s.method,
-        "method_options": dataclasses.asdict(s.method_options) if s.method_options else {},
+        "method_options": _method_identity(s),
         "sampler": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_channels": s.guidance_channels,
         "seed": s.seed, "labels": s.labels if fam == "dit" else None, "num_samples": s.num_samples, "shard_size": s.shard_size, "batch_size": s.batch_size,
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
@@ -102,14 +102,30 @@ def sampling_settings(cfg: Config) -> dict:
 
 
 def _prompts_identity(url: str | None) -> dict | None:
-    """{"url", "sha256"} of a prompts file (FileNotFoundError naming it when there is none)."""
+    """{"url", "sha256"} of a prompts file (FileNotFoundError naming it when there is none; SamplesError
+    naming the line of a malformed one, here in the driver rather than in every actor)."""
     if not url:
         return None
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"sample.prompts: no prompts file at {url}") from None
+    parse_prompts(url, data)
     return {"url": url, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _method_identity(s) -> dict:
+    """The method's options; an EB-Cache calibration table (a `.json` schedule) also by the sha256 of its
+    bytes: each actor reads the table when it loads, so a table rewritten at the same URL (a calibration
+    run again) is other settings, not a folder of two schedules."""
+    options = dataclasses.asdict(s.method_options) if s.method_options else {}
+    if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
+        try:
+            data = storage.read_bytes(s.eb_cache.schedule)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"sample.eb_cache.schedule: no calibration table at {s.eb_cache.schedule}") from None
+        options["schedule_sha256"] = hashlib.sha256(data).hexdigest()
+    return options
 
 
 def sampling_config(cfg: Config) -> Config:
@@ -297,6 +313,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
     from tqdm import tqdm
 
     pending: dict = {}  # ObjectRef -> (actor, "sample" | "write", unit index)
+    digest = settings_digest(manifest.settings)  # every record's, as each actor works it out
 
     def feed() -> None:
         """Every actor that samples nothing and has fewer than two writes queued pulls a unit."""
@@ -332,6 +349,10 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 else:
                     actor.discard.remote(index)  # another copy of this unit is written: the first wins
             else:
+                if result["settings_sha256"] != digest:  # the actor read an input that changed under the job
+                    raise SamplesError(f"{url}: {result['name']} was made with other settings than this job's: "
+                                       "sample.prompts or an EB-Cache table was rewritten while it ran; remove "
+                                       "that folder (or use another storage.run) and rerun")
                 dispatch.written(actor, index)
                 manifest.add(result)
                 bar.update(result["count"])
