@@ -142,6 +142,10 @@ class TrainConfig:
     warmup_steps: int = bounded(0, "[0, inf)")  # linear lr warm-up over these optimizer steps, then constant
     grad_clip: float | None = bounded(1.0, "(0, inf)")  # global gradient-norm clipping; None: no clipping (DiT, DyDiT, FlexDiT)
     skip_grad_norm: float | None = bounded(None, "(0, inf)")  # skip the update when the global gradient norm reaches this (DyDiT)
+    # DyDiT's stage-1 steps with train.skip_grad_norm: "official" is DyDiT train.py:284-287, a step with the raw
+    # gradient whatever its norm, then the same step again when the norm is below skip_grad_norm; "skip": stage
+    # 2's rule (train_without_completemodel.py) throughout. Other methods and stage 2 always skip.
+    stage1_update: Literal["skip", "official"] = "skip"
     ema_decay: float = bounded(0.9999, "[0, 1)")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = bounded(0, "[0, inf)")

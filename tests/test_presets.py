@@ -47,6 +47,7 @@ RECIPES = {
         ("train.ema_decay", 0.9999, f"{DYDIT} train.py:44"),
         ("train.grad_clip", None, f"{DYDIT} train.py:284-289 (skip rule, never a clip)"),
         ("train.skip_grad_norm", 200.0, f"{DYDIT} train0.5.sh:25, :46 --clip_max_norm 200"),
+        ("train.stage1_update", "official", f"{DYDIT} train.py:284-287 (a raw step, then again below the norm)"),
         ("data.flip", True, f"{DYDIT} datasets/image_datasets.py:32-37"),
         ("diffusion.timestep_sampling", "stratified", f"{DYDIT} train0.5.sh:20 --t_sample"),
         ("model.dynamic.lambda_hold_steps", 100, f"{DYDIT} train.py:266-268"),
@@ -66,6 +67,7 @@ RECIPES = {
         ("train.lr", 2.5e-5, f"{DYDIT} train0.7.sh:22"),
         ("train.grad_clip", None, f"{DYDIT} train.py:284-289"),
         ("train.skip_grad_norm", 50.0, f"{DYDIT} train0.7.sh:25 --clip_max_norm 50"),
+        ("train.stage1_update", "official", f"{DYDIT} train.py:284-287 (train0.7.sh runs train.py only)"),
         ("data.flip", True, f"{DYDIT} datasets/image_datasets.py:32-37"),
     ],
     "flexdit_xl2_256_released": [

@@ -164,9 +164,33 @@ def test_updates_whose_gradient_norm_reaches_skip_grad_norm_are_skipped(one_rank
         assert adamw.skipped_steps == (2 if name == "skip" else 0)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_dydit_stage1_updates_as_the_official_train_py(one_rank, tmp_path, stage):
+    """train.stage1_update=official through the real DeepSpeed engine: below the threshold each stage-1
+    step is taken twice with the same gradient (two Adam updates); at or above it, once with the raw
+    gradient (never skipped), which is exactly what the skip rule takes below its threshold."""
+    weights, repeated = {}, {}
+    for name, rule, threshold in (("official-below", "official", 1e12), ("official-above", "official", 1e-12),
+                                  ("skip-below", "skip", 1e12)):
+        root = _root()
+        cfg = _cfg(root, "model.method=dydit", f"deepspeed.zero_stage={stage}", "train.max_steps=2",
+                   "train.grad_clip=null", f"train.skip_grad_norm={threshold}", f"train.stage1_update={rule}")
+        random_dataset(f"{root}/data", cfg, num_samples=16)
+        trainer, _ = _run(cfg, tmp_path / name)
+        weights[name] = {k: v.detach().cpu().clone() for k, v in trainer.engine.module.network.state_dict().items()}
+        adamw = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # ZeRO wraps it
+        repeated[name] = (adamw.repeated_steps, adamw.skipped_steps)
+    assert repeated == {"official-below": (2, 0), "official-above": (0, 0), "skip-below": (0, 0)}
+    same = {k: torch.equal(weights["official-above"][k], v) for k, v in weights["skip-below"].items()}
+    assert all(same.values())  # one raw step each: the same weights
+    assert not all(torch.equal(weights["official-below"][k], v) for k, v in weights["skip-below"].items())
+
+
 def test_skip_grad_norm_refuses_clipping_and_zero3():
     with pytest.raises(config_lib.ConfigError, match="replaces clipping: set train.grad_clip=null"):
         check_deepspeed(config_lib.load("debug", ["train.skip_grad_norm=200"]))
+    with pytest.raises(config_lib.ConfigError, match="train.stage1_update=official repeats a step"):
+        check_deepspeed(config_lib.load("debug", ["train.stage1_update=official"]))
     with pytest.raises(config_lib.ConfigError, match="zero_stage 0-2"):
         check_deepspeed(config_lib.load("debug", ["train.skip_grad_norm=200", "train.grad_clip=null",
                                                   "deepspeed.zero_stage=3"]))

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,6 +57,9 @@ def check_deepspeed(cfg) -> None:
         raise ConfigError(f"train.precision=fp16 with train.grad_clip={cfg.train.grad_clip} needs "
                           f"deepspeed.zero_stage=0 (got {z.zero_stage}): DeepSpeed clips ZeRO's fp16 gradients "
                           "against their loss-scaled norm; use train.precision=bf16, or train.grad_clip=null")
+    if cfg.train.stage1_update == "official" and cfg.train.skip_grad_norm is None:
+        raise ConfigError("train.stage1_update=official repeats a step whose gradient norm is below "
+                          "train.skip_grad_norm: set that threshold (DyDiT: --clip_max_norm), or stage1_update=skip")
     if cfg.train.skip_grad_norm is not None:
         if z.zero_stage == 3:
             raise ConfigError("train.skip_grad_norm works with deepspeed.zero_stage 0-2 (ZeRO-3 steps its optimizer "
@@ -153,7 +157,11 @@ def initialize(objective: nn.Module, cfg, world_size: int):
             log.warning(unneeded)
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=t.adam_eps, weight_decay=t.weight_decay)
     if t.skip_grad_norm is not None:
-        skip_on_grad_norm(optimizer, t.skip_grad_norm, partitioned=cfg.deepspeed.zero_stage > 0)
+        repeat = None
+        if t.stage1_update == "official" and cfg.model.method == "dydit":
+            def repeat() -> bool:  # the step being taken (the objective's last forward) is in stage 1
+                return objective.last_step is not None and cfg.model.dynamic.stage_at(objective.last_step) == 1
+        skip_on_grad_norm(optimizer, t.skip_grad_norm, partitioned=cfg.deepspeed.zero_stage > 0, repeat=repeat)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(t.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
     if cfg.deepspeed.zero_stage == 3:
@@ -161,23 +169,34 @@ def initialize(objective: nn.Module, cfg, world_size: int):
     return engine
 
 
-def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partitioned: bool) -> None:
+def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partitioned: bool,
+                      repeat: Callable[[], bool] | None = None) -> None:
     """DyDiT's rule (`train_without_completemodel.py`): an optimizer step whose global gradient norm is
-    `threshold` or more is skipped (parameters and Adam moments unchanged; the EMA still updates).
+    `threshold` or more is skipped (parameters and Adam moments unchanged; the EMA still updates). While
+    `repeat()` is true, DyDiT's stage-1 rule instead (`train.py:284-287`): a step with the gradient
+    whatever its norm, then a second step with the same gradient when the norm is below `threshold`
+    (two Adam updates; the official clipping that follows the first step changes no gradient it repeats).
 
     Wraps `optimizer.step` before DeepSpeed sees the optimizer. Under ZeRO-1/2 DeepSpeed calls it with
     this rank's partition of the averaged gradients in the optimizer's parameters, so the squared norms
     are summed over the ranks (`partitioned`); under ZeRO-0 every rank holds the whole averaged
-    gradient. Every rank takes the same decision. `optimizer.skipped_steps` counts the skips."""
+    gradient. Every rank takes the same decision. `optimizer.skipped_steps` counts the skips,
+    `optimizer.repeated_steps` the second steps."""
     step = optimizer.step
-    optimizer.skipped_steps = 0
+    optimizer.skipped_steps = optimizer.repeated_steps = 0
 
-    def step_unless_the_norm_is_too_large(self, *args, **kwargs):
+    def step_by_the_norm(self, *args, **kwargs):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         squared = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
         if partitioned:
             torch.distributed.all_reduce(squared)
         norm = float(squared.sqrt())
+        if repeat is not None and repeat():
+            out = step(*args, **kwargs)
+            if norm < threshold:
+                self.repeated_steps += 1
+                out = step(*args, **kwargs)
+            return out
         if norm >= threshold:
             self.skipped_steps += 1
             log.warning("gradient norm %.4g >= train.skip_grad_norm=%g: update skipped", norm, threshold)
@@ -185,7 +204,7 @@ def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partit
         return step(*args, **kwargs)
 
     # A bound method, as torch's LR schedulers expect of `optimizer.step`.
-    optimizer.step = types.MethodType(step_unless_the_norm_is_too_large, optimizer)
+    optimizer.step = types.MethodType(step_by_the_norm, optimizer)
 
 
 def _register_unhooked_parameters(root: nn.Module) -> None:

@@ -51,8 +51,10 @@ class DiffusionObjective(nn.Module):
         self.dynamic = cfg.model.dynamic
         self.diffusion = create_diffusion(num_timesteps=cfg.diffusion.num_timesteps)
         self.learn_sigma = network.out_channels == 2 * network.in_channels
+        self.last_step: int | None = None  # the optimizer step of the last forward (DyDiT's stage-1 update)
 
     def forward(self, x0, t, noise, step: int, generator: torch.Generator | None = None, **cond):
+        self.last_step = step
         if self.method == "dydit":
             return dydit_loss_terms(self.network, self.diffusion, x0, step, self.dynamic, t=t, noise=noise,
                                     generator=generator, **cond)
