@@ -46,7 +46,7 @@ def test_flexdit_preset_fine_tunes_a_flexdit(tmp_path):
     assert (rows["flexdit"].model.method, rows["flexdit"].model.checkpoint) == ("flexdit", trained["flexdit"])
     assert rows["flexdit"].sample.method == "flexdit" and rows["flexdit"].storage.run == "r/flexdit"
     note = pipeline.finetune_note(finetune, trained["flexdit"])
-    assert note.startswith("FlexDiT weights: the static ones fine-tuned 1000800 more steps (layout PPCSSSRDC")
+    assert note.startswith("FlexDiT weights: the static ones fine-tuned 1000000 more steps (layout PPCSSSRDC")
 
 
 def test_each_trained_method_has_its_own_fine_tune(tmp_path):

@@ -324,3 +324,14 @@ def test_a_resume_exports_the_ema_that_a_dead_worker_left_unwritten(one_rank, tm
     monkeypatch.setattr(checkpoints, "write_ema", lambda *args: calls.append(args))
     _run(cfg, tmp_path)
     assert calls == []
+
+
+def test_flexdit_draws_a_rank_interval_only_with_a_grid_per_interval(one_rank, tmp_path):
+    """FlexDiT with a grid per timestep interval trains each rank on its own interval, so that a batch
+    shares one grid; with one grid (the released runs) every rank draws t over [0, T), as train.py does."""
+    for grids, intervals, expected in (("[6,4]", 2, (0, 1000)), ("[4]", 1, None)):
+        root = _root()
+        cfg = _cfg(root, "model.method=flexdit", f"model.flexdit.grid_sizes={grids}",
+                   f"model.flexdit.num_intervals={intervals}")
+        random_dataset(f"{root}/data", cfg, num_samples=16)
+        assert Trainer(cfg, LocalSession(str(tmp_path / str(intervals)))).t_range == expected

@@ -43,8 +43,11 @@ class Trainer:
     def __init__(self, cfg, session):
         self.cfg, self.session, self.paths = cfg, session, RunPaths(cfg)
         self.rank, self.world_size = session.world_rank, session.world_size
+        # FlexDiT with a grid per timestep interval: this rank's timesteps, so that its batch shares one grid;
+        # one grid (the released runs) shares it anyway, and t is drawn over all of [0, T) as train.py does
+        timewise = cfg.model.method == "flexdit" and len(cfg.model.flexdit.grid_sizes) > 1
         self.t_range = (flexdit_timestep_interval(self.rank, self.world_size, cfg.diffusion.num_timesteps)
-                        if cfg.model.method == "flexdit" else None)  # FlexDiT: this rank's timesteps
+                        if timewise else None)
         if self.world_size != cfg.ray.num_workers:
             raise config_lib.ConfigError(f"ray.num_workers={cfg.ray.num_workers} but {self.world_size} workers started")
         if cfg.ray.use_gpu:
