@@ -47,7 +47,7 @@ from dydit_dist.sample import SamplesManifest, run_sampling, sampling_settings
 from dydit_dist.sample.plan import plan_shards
 from dydit_dist.sample.pool import absolute_root, sampling_config
 from dydit_dist.shardset import manifest_url
-from dydit_dist.train import launcher
+from dydit_dist.train import checkpoints, launcher
 
 BUILTIN_SOURCES = {"sklearn:digits": digits.write_digits_imagefolder}
 # The methods whose network is fine-tuned from the static weights (model.method = the method), and the run
@@ -207,6 +207,7 @@ def train_stage(cfg: Config, name: str) -> str:
         launcher.check_settings(cfg)
         launcher.preflight_cluster(cfg)
         run_config.save(cfg, "finetune")
+        checkpoints.remove_uncommitted(RunPaths(cfg).checkpoints)
         launcher.fit(launcher.build_trainer(cfg), cfg.ray.capacity_timeout_s)
         if not trained_to_end(cfg):
             raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="

@@ -26,11 +26,12 @@ def fit(cfg, wrap_session=None):
     """Start (or join) Ray, wait for the workers' capacity, write the resolved config, fit (the settings
     of a resumed run checked before: `launcher.check_settings`); returns Ray Train's `Result`.
     wrap_session: see `launcher.build_trainer` (tests)."""
-    from dydit_dist.train import launcher
+    from dydit_dist.train import checkpoints, launcher
 
     cli.connect_ray(cfg, "finetune")
     launcher.preflight_cluster(cfg)
     cli.save_resolved_config(cfg, "finetune")
+    checkpoints.remove_uncommitted(RunPaths(cfg).checkpoints)
     result = launcher.fit(launcher.build_trainer(cfg, wrap_session), cfg.ray.capacity_timeout_s)
     print(f"finetune: done at step {(result.metrics or {}).get('step')}; checkpoint "
           f"{result.checkpoint.path if result.checkpoint else None}; EMA weights {launcher.latest_ema_url(cfg)}")

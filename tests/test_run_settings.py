@@ -74,7 +74,7 @@ def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
     Ray starts from scratch, so the next run's settings are free; a committed one keeps them."""
     from dydit_dist.config import ConfigError
     from dydit_dist.models import CheckpointError
-    from dydit_dist.train.checkpoints import RAY_SNAPSHOT, has_checkpoint
+    from dydit_dist.train.checkpoints import RAY_SNAPSHOT, has_checkpoint, remove_uncommitted
     from dydit_dist.train.launcher import check_settings
 
     cfg = _cfg(tmp_path)
@@ -90,6 +90,10 @@ def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
     assert has_checkpoint(checkpoints)
     with pytest.raises(ConfigError, match=r"other settings \(train.lr: 0.0001 -> 0.001\)"):
         check_settings(_cfg(tmp_path, "train.lr=1e-3"))
+    storage.write_bytes(f"{checkpoints}/step-0000004/deepspeed/zero_pp_rank_3_mp_rank_00_optim_states.pt", b"x")
+    assert [u.rsplit("/", 1)[-1] for u in remove_uncommitted(checkpoints)] == ["step-0000004"]
+    assert storage.exists(f"{checkpoints}/step-0000002/deepspeed/mp_rank_00_model_states.pt")
+    assert not storage.exists(f"{checkpoints}/step-0000004") and remove_uncommitted(checkpoints) == []
     storage.write_bytes(f"{checkpoints}/{RAY_SNAPSHOT}", b'{"checkpoint_res')  # cut short
     with pytest.raises(CheckpointError, match=rf"{RAY_SNAPSHOT} is not the JSON Ray Train writes"):
         has_checkpoint(checkpoints)

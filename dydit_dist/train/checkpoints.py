@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 EMA_NAME = re.compile(r"ema-(\d{7})\.safetensors$")
+STEP_NAME = re.compile(r"step-\d{7}")  # `checkpoint_name`
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of committed checkpoints (ray is optional here)
 
 
@@ -215,6 +216,27 @@ def has_checkpoint(checkpoints_url: str) -> bool:
     if not isinstance(snapshot, dict):
         raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (a JSON object)")
     return bool(snapshot.get("latest_checkpoint_result"))
+
+
+def remove_uncommitted(checkpoints_url: str) -> list[str]:
+    """Remove the `step-NNNNNNN` folders Ray Train's snapshot does not list (uploads cut short by a lost
+    worker or job) and return their URLs. Ray writes a checkpoint into its folder without clearing it,
+    so a later run of another world size would resume from a folder that still holds the old ranks'
+    ZeRO files beside its own. Only while this job holds the run's lease (no upload is in flight)."""
+    try:
+        snapshot = storage.read_json(storage.join(checkpoints_url, RAY_SNAPSHOT))
+    except FileNotFoundError:
+        snapshot = {}
+    except ValueError:
+        return []  # `has_checkpoint` names the file; nothing here can tell which folders are committed
+    listed = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results") or [] if isinstance(r, dict)}
+    stale = [url for url in storage.listdir(checkpoints_url)
+             if STEP_NAME.fullmatch(url.rstrip("/").rsplit("/", 1)[-1])
+             and url.rstrip("/").rsplit("/", 1)[-1] not in listed]
+    for url in stale:
+        log.warning("%s: a checkpoint upload that never committed; removed before training", url)
+        storage.remove(url)
+    return stale
 
 
 def exported_step(checkpoints_url: str) -> int:
