@@ -158,13 +158,13 @@ class ActorPool:
         self.need, self.timeout_s = need, timeout_s
         self.failures = 0
         self.actors = []
-        self._starting: list[tuple] = []  # (actor, its __ray_ready__ ref, when it was asked for) until placed
+        self._starting: list[tuple] = []  # (actor, its __ray_ready__ ref, when asked for, a replacement?)
         for _ in range(need.count):  # `acquire` reserved nothing: another job may take the room before these
-            self._start()
+            self._start(replacement=False)
 
-    def _start(self) -> None:
+    def _start(self, replacement: bool) -> None:
         self.actors.append(self.actor_cls.remote(*self.args))
-        self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic()))
+        self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic(), replacement))
 
     def replace(self, actor, err: Exception) -> None:
         """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
@@ -178,7 +178,7 @@ class ActorPool:
         self.actors.remove(actor)
         self.failures += 1
         if self.failures <= self.max_failures:
-            self._start()
+            self._start(replacement=True)
         elif not self.actors:
             raise RuntimeError(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
                                f"{self.max_failures}), the last with {death_cause(err)}") from None
@@ -201,18 +201,23 @@ class ActorPool:
         import ray
 
         waiting = []
-        for actor, ref, since in self._starting:
+        for actor, ref, since, replacement in self._starting:
             if actor not in self.actors or ray.wait([ref], timeout=0)[0]:
                 continue  # replaced again, or started
-            if time.monotonic() - since > self.timeout_s:
-                if placed(actor):
-                    continue  # loading on its node
-                which, why = ("a replacement", "its node lost and none back") if self.failures else \
-                    ("a", "taken by other work after the cluster had room for all")
-                raise CapacityError(f"{which} {self.noun} found no room within ray.capacity_timeout_s="
-                                    f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: {why}); "
-                                    "what is done is kept, rerun to go on")
-            waiting.append((actor, ref, since))
+            waited = time.monotonic() - since
+            if waited > self.timeout_s:
+                where = placed(actor)
+                if where is None and waited > 2 * self.timeout_s:
+                    where = False  # the actor table would not say for a whole timeout more
+                if where is False:
+                    which, why = ("a replacement", "its node lost and none back") if replacement else \
+                        ("a", "taken by other work after the cluster had room for all")
+                    raise CapacityError(f"{which} {self.noun} found no room within ray.capacity_timeout_s="
+                                        f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: "
+                                        f"{why}); what is done is kept, rerun to go on")
+                if where:  # placed, loading on its node (its __init__): waited for however long it takes
+                    continue
+            waiting.append((actor, ref, since, replacement))
         self._starting = waiting
 
     def shutdown(self) -> None:
@@ -223,15 +228,16 @@ class ActorPool:
         self.actors = []
 
 
-def placed(actor) -> bool:
+def placed(actor) -> bool | None:
     """Whether Ray has placed `actor` on a node (its creation task runs there, or ran): the actor table
-    gives it a worker's port then; one waiting for resources has port 0. False when the table cannot say."""
+    gives it a worker's port then; one waiting for resources has port 0. None when the table cannot say
+    (a GCS hiccup): the caller waits, for a while."""
     from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
 
     try:
         return bool(state.actors(actor._actor_id.hex())["Address"]["Port"])
-    except Exception:  # noqa: BLE001 - not an answer: counted as waiting for room
-        return False
+    except Exception:  # noqa: BLE001 - no answer, which is not "no room"
+        return None
 
 
 def _have(resources: dict) -> str:

@@ -178,6 +178,13 @@ def test_a_first_actor_whose_room_was_taken_ends_the_wait_but_a_slow_loader_does
             pool.wait([pool.actors[0].work.remote(0.0)])
         assert 3.0 <= time.monotonic() - start < 30
         pool.shutdown()
+        monkeypatch.setattr(capacity, "placed", lambda actor: None)  # the actor table does not answer:
+        pool = capacity.ActorPool(Idle, (), Need("test actors", 1, cpus=1), False, 1.5, 2, "test actor")
+        start = time.monotonic()  # waited on for a second timeout before it counts as no room
+        with pytest.raises(CapacityError, match=r"a test actor found no room within ray.capacity_timeout_s=1.5 s"):
+            pool.wait([pool.actors[0].work.remote(0.0)])
+        assert 3.0 <= time.monotonic() - start < 30
+        pool.shutdown()
     finally:
         for blocker in blockers:
             ray.kill(blocker)

@@ -140,7 +140,9 @@ def test_an_input_rewritten_under_the_job_stops_it_instead_of_mixing_two_setting
     cfg = tiny_config(str(tmp_path / "mixed"), f"model.checkpoint={checkpoint}", "sample.num_actors=2",
                       "sample.method=eb_cache", f"sample.eb_cache.schedule={table}")
     first = pool.sampling_settings(cfg)
-    assert first["method_options"]["schedule_sha256"]
+    assert first["method_options"]["schedule_steps"] == "0101"
+    table.write_text(json.dumps({"format": TABLE_FORMAT, "schedule": "0101", "errors": [0.01]}))
+    assert pool.sampling_settings(cfg) == first  # the same schedule: the same samples
     start = pool.SamplingPool.__init__
 
     def rewritten_first(self, *args, **kwargs):  # after the driver's settings, before the actors load

@@ -115,16 +115,16 @@ def _prompts_identity(url: str | None) -> dict | None:
 
 
 def _method_identity(s) -> dict:
-    """The method's options; an EB-Cache calibration table (a `.json` schedule) also by the sha256 of its
-    bytes: each actor reads the table when it loads, so a table rewritten at the same URL (a calibration
-    run again) is other settings, not a folder of two schedules."""
+    """The method's options; an EB-Cache calibration table (a `.json` schedule) also by the schedule it
+    holds (`schedule_steps`): each actor reads the table when it loads, so a table rewritten at the same
+    URL with another schedule (a calibration run again) is other settings, not a folder of two
+    schedules. Its other numbers (errors, FLOPs) do not decide a sample's bytes."""
     options = dataclasses.asdict(s.method_options) if s.method_options else {}
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         try:
-            data = storage.read_bytes(s.eb_cache.schedule)
+            options["schedule_steps"] = s.eb_cache.schedule_for(s.steps)
         except FileNotFoundError:
             raise FileNotFoundError(f"sample.eb_cache.schedule: no calibration table at {s.eb_cache.schedule}") from None
-        options["schedule_sha256"] = hashlib.sha256(data).hexdigest()
     return options
 
 

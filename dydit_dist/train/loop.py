@@ -45,7 +45,7 @@ class Trainer:
         self.rank, self.world_size = session.world_rank, session.world_size
         # FlexDiT with a grid per timestep interval: this rank's timesteps, so that its batch shares one grid;
         # one grid (the released runs) shares it anyway, and t is drawn over all of [0, T) as train.py does
-        timewise = cfg.model.method == "flexdit" and len(cfg.model.flexdit.grid_sizes) > 1
+        timewise = cfg.model.method == "flexdit" and cfg.model.flexdit.num_intervals > 1
         self.t_range = (flexdit_timestep_interval(self.rank, self.world_size, cfg.diffusion.num_timesteps)
                         if timewise else None)
         if self.world_size != cfg.ray.num_workers:
