@@ -209,10 +209,9 @@ def costs(sections: dict) -> list[dict]:
     vae256, vae512 = (_row(sections, "vae", size=size, precision="bf16") for size in (256, 512))
 
     def sampling_hours(images_per_s, vae_row):
-        if not images_per_s:
-            return None
-        decode = 1 / vae_row["images_per_s"] if vae_row.get("images_per_s") else 0.0
-        return 50_000 * (1 / images_per_s + decode) / 3600
+        if not images_per_s or not vae_row.get("images_per_s"):  # a VAE row that failed (out of memory at
+            return None  # 512 px, say) is not a free decode
+        return 50_000 * (1 / images_per_s + 1 / vae_row["images_per_s"]) / 3600
 
     measured = {
         "sample dit_xl2_256 (50k, 250 DDPM steps, CFG)": (sampling_hours(images_s, vae256),
@@ -223,8 +222,8 @@ def costs(sections: dict) -> list[dict]:
         "sample dit_xl2_512 (50k, 250 DDPM steps, CFG)": (sampling_hours(at512.get("images_per_s_250_steps"), vae512),
                                                           "static bf16, batch 32, + bf16 VAE decode"),
         "finetune dydit_xl2_256_lambda0.5 stage 1, per 10k steps at batch 256": (
-            10_000 * 256 / 32 * step32["step_s"] / 3600 if step32.get("step_s") else None,
-            "8 micro-steps of 32 per step on one GPU"),
+            10_000 * (7 * step32["micro_step_s"] + step32["step_s"]) / 3600 if step32.get("step_s") else None,
+            "a step of 256 on one GPU: 7 micro-batches of 32, then the 8th with the reduction and the optimizer"),
     }
     return [{"job": job, "measured_gpu_hours": hours, "estimate_h100_gpu_hours": ESTIMATES[job], "from": how}
             for job, (hours, how) in measured.items()]

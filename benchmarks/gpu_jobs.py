@@ -16,11 +16,12 @@ the shared helpers and the speed sections are in `gpu_sections.py`).
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 import warnings
 
 import torch
-from gpu_sections import dit, guided_ddim, guided_inputs, method_options, precision, timed
+from gpu_sections import dit, guided_ddim, guided_inputs, method_options, precision, sync
 
 from dydit_dist.accel import build_runner
 from dydit_dist.accel.synthetic import randomize_routers, randomize_zero_init
@@ -45,24 +46,28 @@ def train_step(s, device, results) -> list[dict] | dict:
             torch.cuda.reset_peak_memory_stats(device)
         row = {"micro_batch": micro, "memory_before_gib": torch.cuda.memory_allocated(device) / 2**30 if cuda else None}
         try:
-            row.update(step_s=_deepspeed_step(s, device, micro), fits=True)
+            row.update(**_deepspeed_step(s, device, micro), fits=True)
         except torch.cuda.OutOfMemoryError as err:
             row.update(fits=False, error=str(err).splitlines()[0])
         if cuda:
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30  # what the allocator held
         rows.append(row)
     return rows
 
 
-def _deepspeed_step(s, device, micro: int) -> float:
-    """Median seconds of one ZeRO-2 bf16 step of the stage-1 DyDiT at `micro` (its engine is freed on return)."""
+def _deepspeed_step(s, device, micro: int) -> dict:
+    """Median seconds of the two micro-batches of a ZeRO-2 bf16 step of the stage-1 DyDiT at `micro` with
+    gradient accumulation 2: `micro_step_s`, a forward and backward alone, and `step_s`, the one at the
+    accumulation boundary with the gradient reduction and the optimizer step (the engine is freed on
+    return). A step of global batch G at `micro` takes G / micro - 1 of the first and one of the second."""
     from dydit_dist import config as config_lib
     from dydit_dist.network import build_network
     from dydit_dist.train.deepspeed_setup import initialize
     from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
 
     cfg = config_lib.load(s["train_preset"], [
-        "ray.num_workers=1", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+        "ray.num_workers=1", f"train.micro_batch_size={micro}", f"train.global_batch_size={2 * micro}",
         "train.precision=bf16", "deepspeed.zero_stage=2", "model.method=dydit", "model.dynamic.stage=1"])
     network = build_network(cfg.model).to(device)
     engine = initialize(DiffusionObjective(network, cfg), cfg, 1)
@@ -71,14 +76,23 @@ def _deepspeed_step(s, device, micro: int) -> float:
              "y": torch.arange(micro, device=device) % m.num_classes,
              "index": torch.arange(micro)}
 
-    def step():
+    def micro_step():
         g = step_generator(0, 0, 0, 0, device)
         terms = engine(**draw_inputs(batch, network, cfg, g, device), step=0, generator=g)
         engine.backward(terms["loss"])
-        engine.step()
+        engine.step()  # the optimizer steps at the accumulation boundary only
 
     try:
-        return timed(step, device, s["repeats"])
+        micro_step(), micro_step()  # warm-up: one whole step
+        times = {"micro_step_s": [], "step_s": []}
+        for _ in range(s["repeats"]):
+            for key in times:  # the first micro-batch, then the boundary's
+                sync(device)
+                start = time.perf_counter()
+                micro_step()
+                sync(device)
+                times[key].append(time.perf_counter() - start)
+        return {key: statistics.median(values) for key, values in times.items()}
     finally:
         engine.destroy()
 

@@ -226,6 +226,34 @@ def test_fast_path_plans_depend_on_timestep_only():
     assert [tuple(masks[2, i].nonzero().flatten().tolist()) for i in range(3)] == list(plan.heads)
 
 
+def test_fast_path_keeps_its_sliced_weights_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the slices are cast once when copied out, not by autocast on every call (it caches
+    casts of leaf parameters only): the same values as casting per call, in fewer copies per call."""
+    import torch.profiler
+
+    from dydit_dist.dynamic import fast as fast_module
+
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    x, _, y = _dit_inputs()
+    t = torch.full((4,), 640)
+
+    def run(path):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            path(x, t, timestep=640, y=y)  # the plan and the slices
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = path(x, t, timestep=640, y=y)
+        return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    once = FastPath(model)
+    out, copies = run(once)
+    slices = [s for cache in once._slices for s in cache.values()]
+    assert slices and all(s.qkv_w.dtype == s.fc2_w.dtype == torch.bfloat16 for s in slices)
+    monkeypatch.setattr(fast_module, "autocast_dtype", lambda device: None)  # as before: fp32 slices
+    per_call, per_call_copies = run(FastPath(model))
+    assert torch.equal(out, per_call)
+    assert copies < per_call_copies
+
+
 def test_fast_path_refuses_training_mode():
     with pytest.raises(ValueError, match="eval"):
         FastPath(DyDiT(**DIT_KW).train())

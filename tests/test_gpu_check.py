@@ -113,7 +113,7 @@ def test_smoke_mode_runs_the_deepspeed_sections(tmp_path):
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
     rows = sections["train_step"]
     assert [row["micro_batch"] for row in rows] == [2, 1]  # two engines in one process, as on the GPU
-    assert all(row["fits"] and row["step_s"] > 0 for row in rows)
+    assert all(row["fits"] and row["step_s"] > 0 and row["micro_step_s"] > 0 for row in rows)
     job = sections["train_job"]  # the training loop, then a resume from its step-4 checkpoint
     assert job["first_from_step"] == 0 and job["resumed_from_step"] == 4
     assert len(job["first_losses"]) == 4 and len(job["resumed_losses"]) == 2

@@ -85,6 +85,13 @@ class SlicedBlock:
             fc2_w=mlp.fc2.weight.index_select(1, group_cols),
         )
 
+    def to(self, dtype: torch.dtype) -> SlicedBlock:
+        """The weights in `dtype` (what autocast would cast them to on every call: sliced copies are not the
+        leaf parameters whose casts autocast caches)."""
+        cast = lambda w: None if w is None else w.to(dtype)  # noqa: E731
+        return SlicedBlock(self.num_heads, cast(self.qkv_w), cast(self.qkv_b), cast(self.proj_w), cast(self.fc1_w),
+                           cast(self.fc1_b), cast(self.fc2_w))
+
 
 def attention_fast(attn: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
     """Self-attention over the active heads only. h: (B, N, D) -> (B, N, D)."""

@@ -46,6 +46,12 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return index.to(device)
     return index.pin_memory().to(device, non_blocking=True)
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device`'s kind; None when autocast is off there."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 class FastPath:
     """Callable like the static network: (x, t, **cond) -> output tensor, for a DyDiT/DyPixArt in eval mode."""
 
@@ -93,16 +99,21 @@ class FastPath:
         return self._plans[timestep]
 
     def sliced(self, index: int, plan: WidthPlan) -> SlicedBlock:
-        """Block `index`'s weights restricted to the plan's active heads and groups (an LRU per block)."""
+        """Block `index`'s weights restricted to the plan's active heads and groups (an LRU per block), in
+        the autocast dtype when autocast is on: copied out once, not cast again by autocast on every call
+        as the static path's leaf parameters are not (autocast caches their casts)."""
         heads, groups = plan.heads[index], plan.groups[index]
         cache = self._slices[index]
-        key = (heads, groups)
+        block = self.model.blocks[index]
+        device = block.attn.qkv.weight.device
+        dtype = autocast_dtype(device)
+        key = (heads, groups, dtype)
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        block = self.model.blocks[index]
-        device = block.attn.qkv.weight.device
         sliced = SlicedBlock.from_block(block, _index(heads, device), _index(groups, device), self.model.num_groups)
+        if dtype is not None and dtype != sliced.qkv_w.dtype:
+            sliced = sliced.to(dtype)
         cache[key] = sliced
         while len(cache) > self.slices_per_block:
             cache.popitem(last=False)
