@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp
 
 from dydit_dist.diffusion import cfg_class_batch, cfg_model_fn
 from dydit_dist.dynamic import DyDiT, FastPath
@@ -155,8 +156,10 @@ def main() -> None:
     rows = [bench_model(m, args.batch, args.repeats, args.device, dtype) for m in args.models]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "dynamic_speed" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    table = to_markdown(rows)
+    source = stamp()
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"source": source, "rows": rows}, indent=2))
+    table = (f"Measured at commit {source['commit']}{' with uncommitted changes' if source['dirty'] else ''}.\n\n"
+             + to_markdown(rows))
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(table)
 

@@ -206,7 +206,9 @@ def costs(sections: dict) -> list[dict]:
     images_s = _result(sections, "static").get("bf16", {}).get("images_per_s_250_steps")
     dydit64, step32 = _row(sections, "dydit", batch=64), _row(sections, "train_step", micro_batch=32)
     at512 = _result(sections, "static_512")
-    vae256, vae512 = (_row(sections, "vae", size=size, precision="bf16") for size in (256, 512))
+    vae = sections.get("vae") if isinstance(sections.get("vae"), list) else []
+    bf16_vae = sorted((r for r in vae if r.get("precision") == "bf16"), key=lambda r: r["size"])  # 256, 512 px
+    vae256, vae512 = (bf16_vae[i] if len(bf16_vae) > i else {} for i in (0, 1))  # (smoke: one tiny size)
 
     def sampling_hours(images_per_s, vae_row):
         if not images_per_s or not vae_row.get("images_per_s"):  # a VAE row that failed (out of memory at

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stamp import stamp
 
 from dydit_dist.accel import RELEASED_TABLE_50, ATEDMOptions, EBCacheOptions, FORAOptions, build_runner
 from dydit_dist.accel.synthetic import randomize_routers, randomize_zero_init
@@ -236,6 +237,9 @@ def exposure_study(args) -> dict:
 
 def to_markdown(result: dict) -> str:
     a, lines = result["args"], []
+    if result.get("source"):
+        src = result["source"]
+        lines += [f"Measured at commit {src['commit']}{' with uncommitted changes' if src['dirty'] else ''}.", ""]
     if "speed" in result:
         s = result["speed"]
         lines += [f"## {a['model']} {a['image_size']}px, {a['steps']} DDPM steps, batch {a['batch']} x2 (cfg "
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    result = {"args": vars(args) | {"out": str(args.out)},
+    result = {"args": vars(args) | {"out": str(args.out)}, "source": stamp(),
               "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "machine": platform.processor() or platform.machine()}}
     if args.speed_table:
