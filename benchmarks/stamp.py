@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stamp() -> dict:
-    """{"commit": the HEAD commit, "dirty": uncommitted changes to tracked files}; None for each outside git."""
+    """{"commit": the HEAD commit, "dirty": uncommitted changes to tracked files other than the results
+    (`benchmarks/results/`, which one benchmark writes while the next runs)}; None for each outside git."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
@@ -19,4 +20,5 @@ def stamp() -> dict:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    changed = None if status is None else [line for line in status.splitlines() if "benchmarks/results/" not in line]
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if changed is None else bool(changed)}
