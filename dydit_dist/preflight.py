@@ -48,6 +48,7 @@ from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
+from dydit_dist.sample.plan import PromptsError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
 from dydit_dist.train.checkpoints import exported_step, has_checkpoint
@@ -229,7 +230,7 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
         p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
     if family(m.name) != "dit":
         p.add(_made("sample.prompts", s.prompts, prompts_by)
-              or resolve.exists("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
+              or resolve.prompts("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
     if family(m.name) not in ("dit", "sdxl"):
         p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
         if cfg.data.tokenizer:
@@ -255,6 +256,8 @@ def _done(check: Callable[[Config], bool], cfg: Config) -> tuple[bool, str | Non
     or weights that do not resolve read as not done (their own checks report them)."""
     try:
         return check(cfg), None
+    except PromptsError:  # the prompts file itself, which its own input (`resolve.prompts`) reports
+        return False, None
     except (pipeline.OutputsDiffer, SamplesError) as err:
         return False, str(err)
     except (OSError, ValueError, KeyError):

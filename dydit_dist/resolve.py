@@ -28,6 +28,7 @@ from dydit_dist.models import read_shapes
 from dydit_dist.network import build_network
 from dydit_dist.paths import ema_pointer
 from dydit_dist.sample import SamplesManifest
+from dydit_dist.sample.plan import PromptsError, parse_prompts
 from dydit_dist.shardset import MARKERS, manifest_url
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
@@ -54,6 +55,18 @@ def exists(key: str, url: str | None, expected: str) -> Input:
     except OSError as err:
         return Input(key, url, problem=f"{err}; expected {expected}")
     return Input(key, url, note="exists") if found else Input(key, url, problem=f"not found; expected {expected}")
+
+
+def prompts(key: str, url: str | None, expected: str) -> Input:
+    """A prompts file that exists and parses (`sample.plan.parse_prompts`: the line of a malformed one)."""
+    found = exists(key, url, expected)
+    if found.problem:
+        return found
+    try:
+        count = len(parse_prompts(url, storage.read_bytes(url)))
+    except (OSError, PromptsError) as err:
+        return Input(key, url, problem=str(err))
+    return Input(key, url, note=f"{count:,} prompts")
 
 
 def eb_cache_table(cfg: Config) -> Input:

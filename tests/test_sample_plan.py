@@ -125,3 +125,17 @@ def test_settings_record_the_noise_stream_and_precision_knobs():
     assert old["noise"] == "torch-cpu-generator-per-sample/cpu" and settings_digest(old) != settings_digest(cpu)
     old_gpu = sampling_settings(config.load("debug", ["sample.noise=generator", "ray.use_gpu=true"]))
     assert settings_digest(old_gpu) != settings_digest(old)  # a GPU run resumed on CPUs does not mix its shards
+
+
+def test_the_preflight_names_a_malformed_prompts_file_as_its_own_input(tmp_path):
+    from dydit_dist import config, preflight
+
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    cfg = config.load("pixart_xl2_256", [f"storage.root=file://{tmp_path}", f"sample.prompts={tmp_path}/p.txt"])
+    def problems(key: str) -> list[str]:
+        return [i.problem for i in preflight.plan(cfg, "sample").inputs if i.key == key and i.problem]
+
+    assert any("p.txt:2: empty prompt" in problem for problem in problems("sample.prompts"))
+    assert problems("storage.run") == []  # not "outputs made with other settings"
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    assert problems("sample.prompts") == []

@@ -85,14 +85,18 @@ def load_prompts(url: str) -> list[str]:
     return parse_prompts(url, storage.read_bytes(url))
 
 
+class PromptsError(SamplesError):
+    """A prompts file that is not one (the job's input error, exit 2)."""
+
+
 def parse_prompts(url: str, data: bytes) -> list[str]:
-    """`load_prompts` of the bytes `data` read from `url`; SamplesError naming the file (and line)."""
+    """`load_prompts` of the bytes `data` read from `url`; PromptsError naming the file (and line)."""
     try:
         return _parse_prompts(url, data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise SamplesError(f"sample.prompts={url}: not UTF-8 text ({err})") from None
+        raise PromptsError(f"sample.prompts={url}: not UTF-8 text ({err})") from None
     except ValueError as err:
-        raise SamplesError(f"sample.prompts={err}") from None
+        raise PromptsError(f"sample.prompts={err}") from None
 
 
 def _parse_prompts(url: str, text: str) -> list[str]:
