@@ -12,6 +12,7 @@ The written config is the typed one: `${...}` interpolations never reach it (`co
 
 What decides a training run's weights is one list, `WEIGHTS`: every leaf key under it but `RUN_ONLY`
 (where and how the run ran) and the options of a method the model does not use (`weights_changes`).
+A key added to the config after a run was written counts at its default (what the code did before).
 A run that resumes from a checkpoint keeps them, but train.max_steps (a run may be extended) and
 train.init_from (a resume starts from its checkpoint), unless `train.allow_changed_settings=true`
 (`train.launcher.check_settings`); a finished run is reused only when none of them changed, but
@@ -54,11 +55,13 @@ def _leaves(values: dict, prefix: str = "") -> dict:
 
 def changed_within(old: dict | None, cfg: Config, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: old -> new` for every leaf key under `sections` (a section or a key) but `ignore` whose value in
-    `cfg` differs from `old`, that `old` has too (a key added to the config since `old` was written is not
-    a change); empty when `old` is None."""
+    `cfg` differs from `old`; empty when `old` is None. A key added to the config since `old` was written
+    counts at its default, which keeps what the code did before the key existed (`train.stage1_update:
+    skip`): a resumed run of then with the key set otherwise is a change, not a silent switch."""
     if old is None:
         return []
-    before, now = _leaves(old), _leaves(json.loads(json.dumps(cfg.to_dict())))  # tuples as the YAML's lists
+    as_yaml = lambda c: _leaves(json.loads(json.dumps(c.to_dict())))  # noqa: E731 - tuples as the YAML's lists
+    before, now = {**as_yaml(Config()), **_leaves(old)}, as_yaml(cfg)
 
     def within(key: str, names: tuple[str, ...]) -> bool:
         return any(key == name or key.startswith(f"{name}.") for name in names)

@@ -53,6 +53,18 @@ def test_weights_changes_lists_each_key_that_decides_the_weights(tmp_path):
     assert run_config.weights_changes(None, new) == []
 
 
+def test_a_key_added_since_counts_at_its_default_the_old_behaviour(tmp_path):
+    """A run of before `train.stage1_update` existed took one step per iteration (the default, skip): its
+    resume with the DyDiT presets' official double step is a change, not a silent switch mid-run."""
+    old = _cfg(tmp_path, "model.method=dydit").to_dict()
+    del old["train"]["stage1_update"]  # as a config written before the key existed
+    official = _cfg(tmp_path, "model.method=dydit", "train.skip_grad_norm=200", "train.grad_clip=null",
+                    "train.stage1_update=official")
+    assert run_config.weights_changes(old, official, ignore=("train.skip_grad_norm", "train.grad_clip")) == [
+        "train.stage1_update: 'skip' -> 'official'"]
+    assert run_config.weights_changes(old, _cfg(tmp_path, "model.method=dydit")) == []
+
+
 def _resumable_run(root, *overrides) -> None:
     """A run folder as a first fine-tune leaves it: data, its config, a checkpoint folder."""
     cfg = _cfg(root, *overrides)
