@@ -9,7 +9,7 @@ in an order rotated each round, so a noisy machine slows all alike. The schedule
 static time over the time-share-weighted FlexDiT time (each grid covers a share of the timesteps);
 the ideal is the same ratio of FLOPs (as implemented). Median and best-of (noise on a shared machine
 only adds time) are both reported. Results: benchmarks/results/flexdit_speed.{json,md}, with the
-FLOPs comparison against the paper (`dydit_dist.dynamic.flexdit_flops`).
+FLOPs comparison against the paper (`dydit_dist.dynamic.flexdit_flops`) and the commit measured.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp
 
 from dydit_dist.dynamic.flexdit import FlexDiT, FlexOptions
 from dydit_dist.dynamic.flexdit_flops import comparison_table, model_flops, paper_comparison
@@ -88,7 +89,8 @@ def bench_size(name: str, size: int, batch: int, repeats: int, device: str, dtyp
 def to_markdown(rows: list[dict], flops_rows: list[dict], meta: dict) -> str:
     r0 = rows[0]
     lines = ["## Speed (forward of one batch; FlexDiT averaged over its schedule's grids)", "",
-             f"`python benchmarks/flexdit_speed.py`: torch {meta['torch']}, {meta['threads']} threads, "
+             f"`python benchmarks/flexdit_speed.py`: torch {meta['torch']}, {meta['threads']} threads, commit "
+             f"{meta['source']['commit']}{' with uncommitted changes' if meta['source']['dirty'] else ''}, "
              f"{r0['repeats']} interleaved rounds{'' if r0['warmup'] else ' (no warm-up)'}; speedup = static time / "
              "time-share-weighted FlexDiT time over the grids 10x10 .. 6x6; ideal = the same ratio of FLOPs.", "",
              "| model | px | device | batch | GFLOPs static / FlexDiT | static ms | FlexDiT ms | speedup | ideal | "
@@ -129,7 +131,8 @@ def main() -> None:
     flops_rows = paper_comparison()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "flexdit_speed" + (f"_{args.tag}" if args.tag else "")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
+            "source": stamp()}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "speed": rows, "flops": flops_rows}, indent=2))
     table = to_markdown(rows, flops_rows, meta)
     (RESULTS / f"{stem}.md").write_text(table)

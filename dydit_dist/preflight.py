@@ -287,6 +287,9 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
         return
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
+    if "isc" in e.metrics and count is not None and e.isc_splits > count:
+        p.add(Input("eval.isc_splits", e.isc_splits, problem=f"more splits than the {count} samples; the Inception "
+                                                             "Score takes at least one sample per split"))
     if needs_reference(e.metrics):
         p.add(reference or _made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
     p.add(resolve.extractor(cfg, extractor_made))

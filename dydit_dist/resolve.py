@@ -207,7 +207,9 @@ def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialization cost
             static = build_network(dataclasses.replace(cfg.model, method="static"))
-            own = {k: list(v.shape) for k, v in static.state_dict().items()}
+            recomputed = set(getattr(static, "RECOMPUTED_KEYS", ()))  # not read from the file (`load_into`)
+            own = {k: list(v.shape) for k, v in static.state_dict().items() if k not in recomputed}
+            shapes = {k: v for k, v in shapes.items() if k not in recomputed}
     except (RuntimeError, NotImplementedError, ValueError):  # an initializer that needs real values
         return None
     missing = [k for k in own if k not in shapes and not any(fnmatch.fnmatchcase(k, p) for p in allow_missing)]

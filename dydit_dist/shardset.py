@@ -202,10 +202,11 @@ class _Hashing:
         return data
 
 
-def stream(url: str, record: dict | None = None) -> Iterator[Sample]:
+def stream(url: str, record: dict) -> Iterator[Sample]:
     """The samples of a shard object (any storage URL), one at a time, without holding it in memory.
-    With its manifest `record`, the bytes are checked against its sha256 as they stream: a ShardError
-    after the last sample when they differ (a reader must not trust what it yielded until the end)."""
+    The bytes are checked against its manifest `record`'s sha256 as they stream: a ShardError after the
+    last sample when they differ (a reader must not trust what it yielded until the end). The record is
+    required: the streaming tar reader alone accepts an archive cut at a member boundary."""
     with storage.open_file(url, "rb") as f:
         reader = _Hashing(f)
         try:
@@ -213,8 +214,6 @@ def stream(url: str, record: dict | None = None) -> Iterator[Sample]:
                 yield from _group((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
         except (tarfile.TarError, EOFError) as err:
             raise _unreadable(url, err) from err
-        if record is None:
-            return
         while reader.read(1 << 20):  # the end-of-archive padding the tar reader leaves unread
             pass
     if "sha256" not in record:
@@ -285,15 +284,27 @@ class ShardManifest:
     @classmethod
     def from_json(cls, value: dict, url: str):
         if not isinstance(value, dict) or value.get("format") != cls.FORMAT:
-            raise cls.error(f"{url} is not a {cls.FORMAT} manifest (format: {value.get('format')!r})")
-        shards = {int(r["index"]): r for r in value["shards"]}
-        return cls(value["settings"], value["num_shards"], shards, **cls._extra_fields(value))
+            found = value.get("format") if isinstance(value, dict) else f"a JSON {type(value).__name__}"
+            raise cls.error(f"{url} is not a {cls.FORMAT} manifest (format: {found!r})")
+        try:
+            shards = {int(r["index"]): r for r in value["shards"]}
+            if not all(isinstance(r.get(k), str) for r in shards.values() for k in ("name", "sha256")):
+                raise KeyError("a shard record without its name or sha256")
+            return cls(value["settings"], value["num_shards"], shards, **cls._extra_fields(value))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise cls.error(f"{url}: a {cls.FORMAT} manifest that cannot be read ({type(err).__name__}: {err}); "
+                            f"{cls.ELSEWHERE} or remove that folder") from err
 
     @classmethod
     def read(cls, uri: str):
-        """The manifest of the shard set at `uri` (FileNotFoundError when there is none)."""
+        """The manifest of the shard set at `uri` (FileNotFoundError when there is none; `cls.error` naming
+        it when it is not JSON or not such a manifest)."""
         url = manifest_url(uri)
-        return cls.from_json(storage.read_json(url), url)
+        try:
+            value = storage.read_json(url)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: cut short or not JSON
+            raise cls.error(f"{url}: not JSON ({err}); {cls.ELSEWHERE} or remove that folder") from err
+        return cls.from_json(value, url)
 
     def write(self, uri: str) -> None:
         storage.write_json(manifest_url(uri), self.to_json())

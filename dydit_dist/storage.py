@@ -237,7 +237,10 @@ def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float,
         last = "" if fsspec_deadline else f"; the last attempt: {type(err).__name__}: {err}"
         return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.3g} s "
                             f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries}{last})")
-    return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries})")
+    hint = ("; access denied: check the credentials the job runs with (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, a profile or an instance role) and the bucket's policy"
+            if isinstance(err, PermissionError) else "")
+    return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries}){hint}")
 
 
 def _timed(fs, method: str, *args) -> Callable[[float], Any]:
@@ -256,11 +259,16 @@ def _check_bucket(url: str) -> None:
     bucket = path.split("/", 1)[0]
     if bucket in _KNOWN_BUCKETS:
         return
-    try:
-        found = fs.exists(bucket, timeout=_TIMEOUT_S)
-    except Exception as err:  # noqa: BLE001 - any failure here is reported with the URL
-        raise _failure(url, f"checking the bucket s3://{bucket} of", err, 1, _TIMEOUT_S, _TIMEOUT_S) from err
-    if not found:
+    def head(left: float) -> bool:
+        # HeadBucket, not `fs.exists`: s3fs's `exists` answers False for any error (a throttled or
+        # denied request too), which would read as "no such bucket" and never be retried.
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket, timeout=max(left, 0.01))
+        except FileNotFoundError:  # 404 / NoSuchBucket (s3fs translates botocore's errors)
+            return False
+        return True
+
+    if not _retry(url, f"checking the bucket s3://{bucket} of", head):
         raise StorageError(f"{url}: bucket s3://{bucket} does not exist (endpoint: {_endpoint(url)})")
     _KNOWN_BUCKETS.add(bucket)
 

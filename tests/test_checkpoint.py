@@ -134,3 +134,59 @@ def test_unreadable_files_are_refused_with_their_name(tmp_path):
         read_shapes(f, "cut.safetensors")  # the preflight's check: the header alone is intact
     with pytest.raises(CheckpointError, match="does not fit DiT"):
         load_into(_model(), _model(depth=2).state_dict(), source="two-blocks.pt")
+
+
+def test_a_corrupt_safetensors_header_is_a_checkpoint_error_naming_the_file(tmp_path):
+    import json as json_lib
+
+    for header in ([1, 2], {"a": 3}, {"a": {"shape": [1], "data_offsets": None}}, {"a": {"shape": [1]}}):
+        text = json_lib.dumps(header).encode()
+        path = tmp_path / "odd.safetensors"
+        path.write_bytes(len(text).to_bytes(8, "little") + text)
+        with open(path, "rb") as f, pytest.raises(CheckpointError, match=r"odd.safetensors: not a safetensors file "
+                                                                          r"\(its header: "):
+            read_shapes(f, "odd.safetensors")
+
+
+def test_wrapper_prefixes_and_deepspeeds_container_are_unwrapped(tmp_path):
+    source = _model(seed=2)
+    sd = source.state_dict()
+    files = {"ddp.pt": {f"module.{k}": v for k, v in sd.items()},  # DDP / DeepSpeed's module
+             "compiled.pt": {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile
+             "both.pt": {f"module._orig_mod.{k}": v for k, v in sd.items()},
+             "mp_rank_00_model_states.pt": {"module": sd, "global_steps": 7, "buffer_names": []}}  # DeepSpeed
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+        target = _model(seed=3)
+        load_into(target, tmp_path / name)
+        assert _same(target.state_dict(), sd), name
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    sd = _model().state_dict()
+    sd["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
+    sd["final_layer.linear.bias"][0] = float("inf")
+    target = _model(seed=4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"diverged.pt: 2 tensors hold NaN or inf: blocks.1.attn.qkv.weight; "
+                                              r"final_layer.linear.bias"):
+        load_into(target, sd, source="diverged.pt")
+    assert _same(target.state_dict(), before)  # nothing copied
+
+
+def test_pixart_computes_its_position_table_whatever_the_checkpoint_holds():
+    """As the official loaders (they delete `pos_embed`): model.lewei_scale decides, and 256 weights load at 512."""
+    from dydit_dist.models import PixArt
+
+    tiny = dict(depth=2, hidden_size=32, num_heads=2, caption_channels=16, model_max_length=8)
+    small = PixArt(input_size=8, **tiny)
+    sd = {k: v.clone() for k, v in small.state_dict().items()}
+    sd["pos_embed"] += 1.0  # another table
+    other_scale = PixArt(input_size=8, lewei_scale=0.5, **tiny)
+    table = other_scale.pos_embed.clone()
+    load_into(other_scale, sd, source="pixart-256.pth")
+    assert torch.equal(other_scale.pos_embed, table)
+    assert torch.equal(other_scale.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    larger = PixArt(input_size=16, **tiny)  # 4x the tokens: the file's table has another shape
+    load_into(larger, sd, source="pixart-256.pth")
+    assert torch.equal(larger.pos_embed, PixArt(input_size=16, **tiny).pos_embed)

@@ -2,6 +2,7 @@
 
 import io
 import os
+import time
 
 import numpy as np
 import pytest
@@ -38,8 +39,11 @@ def _read_epoch(uri, world_size=2, num_workers=2, batch_size=4):
 
 
 def _mtimes(uri):
+    """Each shard's modification time (S3: LastModified, to the second; an ETag is the content's MD5,
+    which a rewrite of the same bytes keeps)."""
     fs, path = storage.filesystem(uri)
-    return {info["name"]: info.get("ETag") or info.get("mtime") for info in fs.ls(path, detail=True)
+    fs.invalidate_cache()
+    return {info["name"]: info.get("LastModified") or info.get("mtime") for info in fs.ls(path, detail=True)
             if info["name"].endswith(".tar")}
 
 
@@ -93,9 +97,10 @@ def test_prepare_to_s3_and_stream_from_it(ray_local, image_source, tiny_vae, s3_
     for expected, (_, batch) in zip(ranks[1][3:], zip(range(3), resumed, strict=False), strict=True):
         assert torch.equal(batch["x"], expected["x"]) and torch.equal(batch["y"], expected["y"])
 
-    etags = _mtimes(uri)
-    assert len(etags) == 7
-    assert prepare(cfg).encoded == 0 and _mtimes(uri) == etags
+    stamps = _mtimes(uri)
+    assert len(stamps) == 7 and all(stamps.values())
+    time.sleep(1.1)  # a shard written again would have a later LastModified
+    assert prepare(cfg).encoded == 0 and _mtimes(uri) == stamps
 
     missing = _dit(image_source, "s3://no-such-bucket/data", tiny_vae, endpoint=s3_endpoint)
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/data/manifest.json: bucket s3://no-such-bucket"):

@@ -8,8 +8,9 @@ from dydit_dist import config, storage
 from dydit_dist.data import DataError, LatentStream, ManifestError, verify_manifest
 from dydit_dist.data.manifest import read_manifest
 from dydit_dist.data.order import segment, shuffle_order
+from dydit_dist.data.shards import sample_files
 from dydit_dist.data.synthetic import random_dataset, write_dataset
-from dydit_dist.shardset import ShardError, shard_url
+from dydit_dist.shardset import ShardError, pack, shard_url, write_shard
 
 
 def take(stream, n):
@@ -209,6 +210,56 @@ def test_skip_counts_and_resumes(pixels):
         assert counters == {k: v for k, v in metrics.items() if k.startswith("data/skipped")}, step
 
 
+def _rewrite_shard(uri, index, samples):
+    """Shard `index` rewritten with `samples` and recorded in the manifest (size and sha256 match: what the
+    reader meets is well-formed bytes of the wrong content)."""
+    manifest = read_manifest(uri)
+    manifest.add({**write_shard(uri, index, pack(samples), len(samples)), "bad": [], "inputs": len(samples)})
+    manifest.write(uri)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_sample_of_another_shape_dtype_or_label_is_a_shard_error_naming_it(pixels, num_workers):
+    uri, x = pixels
+    good = [sample_files(f"{i:09d}", x[i], label=i % 10) for i in range(14, 21)]  # shard 2
+    wrong = {
+        "000000015": (sample_files("000000015", np.zeros((4, 3, 3), np.float16), label=5),
+                      r"latent float16 \[4, 3, 3\], the manifest says float16 \[4, 4, 4\]"),
+        "000000016": (sample_files("000000016", x[16].astype(np.float64), label=6),
+                      r"latent float64 \[4, 4, 4\], the manifest says float16"),
+        "000000017": (sample_files("000000017", x[17]), r"no class label \(\.cls\)"),
+        "000000018": (sample_files("000000018", x[18], label=10), r"class 10 outside \[0, 10\)"),
+    }
+    url = shard_url(uri, 2)
+    for key, (sample, message) in wrong.items():
+        _rewrite_shard(uri, 2, [sample if s["__key__"].decode() == key else s for s in good])
+        with pytest.raises(ShardError, match=f"corrupt shard {url}: sample '{key}': {message}"):
+            take(LatentStream(uri, batch_size=4, num_workers=num_workers), 30)
+    # a ShardError like any other: data.on_error=skip passes over that shard
+    batches = take(LatentStream(uri, batch_size=4, num_workers=num_workers, on_error="skip"), 12)
+    assert not set(range(14, 21)) & set(indices(batches))
+
+
+def test_a_sample_without_its_flipped_latent_or_t5_features_is_a_shard_error(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4, 2, 2)).astype(np.float16)
+    uri = str(tmp_path / "flip")
+    write_dataset(uri, x, labels=np.arange(8), latent_flips=x[..., ::-1], shard_size=4, num_classes=8)
+    _rewrite_shard(uri, 1, [sample_files(f"{i:09d}", x[i], label=i) for i in range(4, 8)])  # no latent_flip
+    with pytest.raises(ShardError, match=f"corrupt shard {shard_url(uri, 1)}: sample '000000004': no latent_flip.npy"):
+        take(LatentStream(uri, batch_size=2, num_workers=0), 4)
+
+    lengths = np.array([3, 5, 2, 4])
+    masks = (np.arange(6)[None] < lengths[:, None]).astype(np.uint8)
+    t5 = [rng.standard_normal((k, 8)).astype(np.float16) for k in lengths]
+    uri = str(tmp_path / "captions")
+    write_dataset(uri, x[:4], t5=t5, t5_masks=masks, shard_size=2, text_encoder="t5")
+    _rewrite_shard(uri, 0, [sample_files("000000000", x[0], t5=t5[1], t5_mask=masks[0]),
+                            sample_files("000000001", x[1], t5=t5[1], t5_mask=masks[1])])
+    with pytest.raises(ShardError, match=r"sample '000000000': T5 features of shape \[5, 8\], expected \[3, 8\]"):
+        take(LatentStream(uri, batch_size=2, num_workers=0), 2)
+
+
 def test_verify_manifest_names_the_mismatch(tmp_path):
     cfg = config.load("debug")
     uri = str(tmp_path / "debug")
@@ -233,3 +284,16 @@ def test_too_few_samples_for_the_layout(pixels):
     uri, _ = pixels
     with pytest.raises(ValueError, match="50 samples, fewer than ranks x workers = 64"):
         LatentStream(uri, batch_size=2, world_size=32, num_workers=2)
+
+
+def test_a_manifest_that_cannot_be_read_is_an_error_naming_it(pixels):
+    uri, _ = pixels
+    url = f"{uri}/manifest.json"
+    good = storage.read_bytes(url)
+    cases = {good[: len(good) // 2]: "not JSON", b"[1, 2]": r"is not a dydit_dist.latents/1 manifest \(format: 'a JSON list'\)",
+             good.replace(b'"complete"', b'"finished"'): r"cannot be read \(KeyError: 'complete'\)",
+             good.replace(b'"sha256"', b'"sha"'): "cannot be read .*without its name or sha256"}
+    for content, message in cases.items():
+        storage.write_bytes(url, content)
+        with pytest.raises(ManifestError, match=f"{url}.*{message}"):
+            LatentStream(uri, batch_size=4)

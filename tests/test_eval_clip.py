@@ -124,7 +124,7 @@ def test_coco_protocol_end_to_end(tmp_path, clip_folder):
     assert other["metrics"]["fid"] > 100 * abs(m["fid"]) and other["metrics"]["sfid"] > 100 * abs(m["sfid"])
     # The report puts sFID and the CLIP score beside the other numbers.
     text = storage.read_bytes(write_report(RunPaths(cfg), [record, {**other, "label": "noisy"}])).decode()
-    assert "| FID [digits-cnn] | sFID [digits-cnn] | IS [digits-cnn] | precision | recall | CLIP score | samples |" in text
+    assert "| FID [digits-cnn] | sFID [digits-cnn] | IS [digits-cnn] | precision [digits-cnn] | recall [digits-cnn] | CLIP score | samples |" in text
     # eval.reference_images: a fixed subset, in listing order, the same on every run; more than listed is refused.
     small = tiny_config(root, *overrides, "eval.reference_images=4", f"eval.reference={root}/refs/four.npz",
                         f"sample.prompts={root}/refs/four.txt")

@@ -136,3 +136,84 @@ def test_evaluate_reads_shards_and_reference_from_s3(s3_bucket, s3_endpoint, tmp
     assert again["metrics"]["fid"] == pytest.approx(record["metrics"]["fid"], rel=1e-6)
     assert again["metrics"]["sfid"] == pytest.approx(record["metrics"]["sfid"], rel=1e-6)
     assert os.path.exists(again["reference"]["fidelity_cache"])
+
+
+def test_inception_score_matches_its_definition():
+    """IS = exp(E_x KL(p(y|x) || p(y))), here by numpy on softmax of the logits (one split: no shuffle)."""
+    from dydit_dist.eval.metrics import inception_score
+
+    logits = np.random.default_rng(3).normal(scale=3.0, size=(200, 10))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)))
+    mean, std = inception_score(torch.from_numpy(logits), splits=1)
+    assert mean == pytest.approx(expected, rel=1e-5) and std == 0.0
+    mean, std = inception_score(torch.from_numpy(logits), splits=4)  # four splits of 50: each its own p(y)
+    assert mean != pytest.approx(expected, rel=1e-3) and std > 0
+
+
+def test_a_reference_covariance_that_is_no_covariance_is_refused():
+    from dydit_dist.eval.reference import check_covariance
+
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(40, 64))  # fewer samples than dimensions: singular, eigenvalues ~ -1e-15
+    sigma = np.cov(features, rowvar=False)
+    check_covariance(sigma, "ok")
+    check_covariance(sigma.astype(np.float32), "ok as float32")
+    bad = sigma - np.eye(64) * (np.linalg.eigvalsh(sigma)[-1] * 0.2)
+    # torch-fidelity would score it (keeping a complex root's real part): a FID that means nothing
+    gen = statistics(torch.from_numpy(features.astype(np.float32)))
+    assert np.isfinite(frechet_distance(gen, {"mu": gen["mu"], "sigma": bad}))
+    with pytest.raises(ValueError, match=r"ref.npz: sigma: not a covariance \(eigenvalue -.*not positive semi-definite"):
+        check_covariance(bad, "ref.npz: sigma")
+    skew = sigma.copy()
+    skew[0, 1] += sigma.max()
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_covariance(skew, "ref.npz: sigma")
+    nan = sigma.copy()
+    nan[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_covariance(nan, "ref.npz: sigma")
+
+
+def _samples_folder(url: str, index_lists: list[list[int]], counts: list[int]) -> None:
+    """A samples folder whose shard i holds the samples `index_lists[i]` and whose record counts `counts[i]`."""
+    from dydit_dist.sample import GeneratedSample, pack
+    from dydit_dist.sample.manifest import SamplesManifest
+    from dydit_dist.shardset import write_shard
+
+    rng = np.random.default_rng(0)
+    manifest = SamplesManifest({"method": "static", "sampler": "ddpm", "steps": 1, "cfg_scale": 1.0, "seed": 0,
+                                "num_samples": sum(counts)}, len(index_lists))
+    start = 0
+    for i, (indices, count) in enumerate(zip(index_lists, counts, strict=True)):
+        samples = [GeneratedSample(k, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), {"index": k, "class": k % 10})
+                   for k in indices]
+        manifest.add({**write_shard(url, i, pack(samples), count), "start": start, "timing": {"sample_s": 1.0}})
+        start += count
+    manifest.write(url)
+
+
+def test_evaluate_refuses_shards_that_do_not_hold_their_records_samples(tmp_path, setup):
+    from dydit_dist.sample import SamplesError
+
+    torch.set_num_threads(1)
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(_npz_bytes(arr_0=np.random.default_rng(1).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)))
+    overrides = ["eval.feature_extractor=digits-cnn", f"eval.feature_extractor_weights={setup['weights']}",
+                 f"eval.fidelity_cache={tmp_path / 'fc'}", "eval.num_actors=0", "eval.metrics=[fid,isc]",
+                 "eval.isc_splits=2", f"eval.reference={ref}"]
+
+    def run(name, indices, counts, *more):
+        url = str(tmp_path / name)
+        _samples_folder(url, indices, counts)
+        return evaluate(tiny_config(str(tmp_path), *overrides, f"eval.samples={url}", *more), out=f"{url}.json")
+
+    assert run("good", [[0, 1, 2, 3], [4, 5, 6, 7]], [4, 4])["num_samples"] == 8
+    with pytest.raises(SamplesError, match=r"twice/shard-000000.tar: sample 3 where 2 was expected"):
+        run("twice", [[0, 1, 1, 3], [4, 5, 6, 7]], [4, 4])  # sample 1 twice (one tar key: read once), 2 missing
+    with pytest.raises(SamplesError, match=r"short/shard-000000.tar: 3 samples, its manifest record counts 4"):
+        run("short", [[0, 1, 2], [4, 5, 6, 7]], [4, 4])
+    with pytest.raises(SamplesError, match=r"eval.isc_splits=20: more splits than .* \(8\)"):
+        run("splits", [[0, 1, 2, 3], [4, 5, 6, 7]], [4, 4], "eval.isc_splits=20")
+    assert not os.path.exists(tmp_path / "splits.json")  # nothing written

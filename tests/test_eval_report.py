@@ -103,3 +103,20 @@ def test_report_shows_the_training_runs(tmp_path):
     text = storage.read_bytes(write_report(other, [_record(f"{other.url}/static/samples", "static", 1.0, 1.0)],
                                            "x", training={"dydit": f"{other.url}/finetune/tensorboard"})).decode()
     assert "training" not in text and not storage.exists(f"{other.url}/plots/training.png")
+
+
+def test_a_report_names_each_methods_sampling_and_refuses_records_of_other_features(tmp_path):
+    paths = RunPaths(config.load("debug", [f"storage.root={tmp_path}", "storage.run=demo"]))
+    for method in ("static", "dydit"):
+        _samples(f"{paths.url}/{method}/samples", {})
+    static = _record(f"{paths.url}/static/samples", "static", 14.2, 0.0035)
+    dydit = _record(f"{paths.url}/dydit/samples", "dydit", 8.4, 0.0019)
+    dydit["sampling"] = {**dydit["sampling"], "steps": 25}
+    text = storage.read_bytes(write_report(paths, [static, dydit], "demo")).decode()
+    assert "- Sampling: ddpm, (static: 50, dydit: 25) steps, guidance 1.5, seed 0, 12 samples per method" in text
+    assert "| precision [digits-cnn] | recall [digits-cnn] |" in text
+    inception = {**dydit, "feature_extractor": {"name": "inception-v3-compat", "label": "Inception", "weights": "pt",
+                                                "is_inception": True}}
+    with pytest.raises(ValueError, match=r"other features or references \(static: features digits-cnn \(w\), reference "
+                                         r"ref; dydit: features inception-v3-compat \(pt\), reference ref\)"):
+        write_report(paths, [static, inception], "demo")

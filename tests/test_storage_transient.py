@@ -94,6 +94,7 @@ class Fault:
     message: str = "Please reduce your request rate."
     cut_after: int | None = None
     times: int = 1
+    exact: bool = False  # the path is `path` itself (a bucket's HEAD: its objects' paths start with it)
 
 
 class FaultyProxy:
@@ -160,7 +161,8 @@ class FaultyProxy:
         with self.lock:
             self.requests.append((method, path, byte_range))
             for fault in self.faults:
-                if fault.times > 0 and fault.method == method and fault.path in path:
+                if fault.times > 0 and fault.method == method and (
+                        path == fault.path if fault.exact else fault.path in path):
                     fault.times -= 1
                     return fault
         return None
@@ -207,12 +209,30 @@ def test_a_throttled_put_and_head_are_retried(proxy):
 
 
 @pytest.mark.integration
+def test_a_throttled_bucket_check_is_retried_not_called_a_missing_bucket(proxy):
+    bucket, faulty = proxy
+    head_bucket = f"/{bucket.removeprefix('s3://')}"
+    faulty.faults.append(Fault("HEAD", head_bucket, exact=True, times=2))
+    assert not storage.exists(f"{bucket}/nothing-here")  # a missing object: its bucket checked through two 503s
+    assert sum(1 for m, p, _ in faulty.requests if (m, p) == ("HEAD", head_bucket)) == 3
+    storage.configure(endpoint_url=faulty.url, retries=3, timeout_s=20)  # forgets the buckets it saw
+    faulty.faults.append(Fault("HEAD", head_bucket, exact=True, times=10))
+    with pytest.raises(StorageError, match=rf"checking the bucket {bucket} of {bucket}/other failed: OSError: "
+                                           r".*4 attempts"):
+        storage.exists(f"{bucket}/other")
+    storage.configure(endpoint_url=faulty.url, retries=3, timeout_s=20)
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket-x: bucket s3://no-such-bucket-x does not exist"):
+        storage.exists("s3://no-such-bucket-x")
+
+
+@pytest.mark.integration
 def test_denied_access_is_not_retried(proxy):
     bucket, faulty = proxy
     url = f"{bucket}/z.bin"
     storage.write_bytes(url, b"payload")
     faulty.faults.append(Fault("GET", "/z.bin", status=403, code="AccessDenied", message="Access Denied", times=5))
-    with pytest.raises(StorageError, match=rf"reading {url} failed: PermissionError: Access Denied .*1 attempt in"):
+    with pytest.raises(StorageError, match=rf"reading {url} failed: PermissionError: Access Denied .*1 attempt in.*"
+                                           r"; access denied: check the credentials"):
         storage.read_bytes(url)
     assert faulty.seen("GET") == 1
 

@@ -7,7 +7,9 @@ C = world_size x num_workers. Per epoch e:
    samples, laid end to end, form the epoch's sequence of N samples.
 2. Consumer c takes the contiguous segment [c q, (c + 1) q) with q = N // C: every consumer (so every
    rank) gets the same number of samples, none twice within an epoch; the N mod C samples at the end
-   (different ones each epoch) wait for a later epoch.
+   wait for a later epoch. They are the last samples of the shard permuted last, so different ones each
+   epoch when there are several shards; a data set of one shard never yields its last N mod C (fewer
+   than C: prepare more than one shard, as the prepare job does for any real data set).
 3. The segment goes through a shuffle buffer of `buffer_size` samples driven by
    `default_rng([seed, e, c, 1])` (webdataset's algorithm: once full, emit a random slot and put the
    next sample there; at the end, emit what is left in random order).

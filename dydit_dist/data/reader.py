@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dydit_dist.data.manifest import Manifest, read_manifest
 from dydit_dist.data.order import per_consumer, segment, shuffle_order
-from dydit_dist.data.shards import DataError, Decoded, decode_sample
+from dydit_dist.data.shards import DataError, Decoded, check_sample, decode_sample
 from dydit_dist.shardset import ShardError, read_shard, shard_url, unpack
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,14 @@ class _Consumer:
             raise ShardError(f"corrupt shard {url}: {len(samples)} samples, the manifest says "
                              f"{self.counts[piece.shard]}")
         first = int(self.first_index[piece.shard])
-        return {p: (decode_sample(samples[piece.start + k], url), first + piece.start + k)
-                for k, p in enumerate(positions) if emitted_at[p] >= start}
+        out = {}
+        for k, p in enumerate(positions):
+            if emitted_at[p] >= start:
+                files = samples[piece.start + k]
+                sample = decode_sample(files, url)
+                check_sample(sample, self.settings, url, files.get("__key__", b"?").decode())
+                out[p] = (sample, first + piece.start + k)
+        return out
 
     def _transform(self, sample: Decoded, index: int, epoch: int) -> dict:
         s = self.settings

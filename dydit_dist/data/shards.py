@@ -110,3 +110,40 @@ def decode_sample(files: dict[str, bytes], url: str) -> Decoded:
         )
     except (KeyError, ValueError, OSError, EOFError) as err:
         raise ShardError(f"corrupt shard {url}: sample {key!r} unreadable ({type(err).__name__}: {err})") from err
+
+
+
+def check_sample(sample: Decoded, settings: dict, url: str, key: str) -> None:
+    """ShardError naming the shard and the sample when `sample` is not what the manifest's `settings`
+    describe: the latent's shape and dtype (`stored_shape`, `latent_dtype`; the flipped one too with `flip`),
+    the class label for class conditioning (in [0, num_classes)), the T5 features and mask for captions.
+    A sample that fails here would otherwise fail as a stacking error with no name, or train silently on
+    arrays of another shape; as a ShardError, `data.on_error=skip` can skip its shard."""
+    problems = []
+
+    def check_latent(name: str, array: np.ndarray | None) -> None:
+        if array is None:
+            problems.append(f"no {name}.npy")
+        elif list(array.shape) != list(settings["stored_shape"]) or array.dtype != np.dtype(settings["latent_dtype"]):
+            problems.append(f"{name} {array.dtype.name} {list(array.shape)}, the manifest says "
+                            f"{settings['latent_dtype']} {list(settings['stored_shape'])}")
+
+    check_latent("latent", sample.latent)
+    if settings["flip"]:
+        check_latent("latent_flip", sample.latent_flip)
+    if settings["conditioning"] == "class":
+        if sample.label is None:
+            problems.append("no class label (.cls)")
+        elif not 0 <= sample.label < settings["num_classes"]:
+            problems.append(f"class {sample.label} outside [0, {settings['num_classes']})")
+    elif sample.t5 is None or sample.t5_mask is None:
+        problems.append("no T5 features (.t5.npy and .t5mask.npy)")
+    else:
+        length, width = settings["text_len"], settings["text_dim"]
+        if sample.t5_mask.shape != (length,):
+            problems.append(f"T5 mask of shape {list(sample.t5_mask.shape)}, the manifest says [{length}]")
+        elif sample.t5.ndim != 2 or sample.t5.shape[1] != width or sample.t5.shape[0] != int(sample.t5_mask.sum()):
+            problems.append(f"T5 features of shape {list(sample.t5.shape)}, expected [{int(sample.t5_mask.sum())}, "
+                            f"{width}] (the mask's tokens x text_dim)")
+    if problems:
+        raise ShardError(f"corrupt shard {url}: sample {key!r}: {'; '.join(problems)}")

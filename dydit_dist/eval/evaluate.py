@@ -93,6 +93,9 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     if not manifest.complete:
         raise SamplesError(f"{samples}: {len(manifest.shards)} of {manifest.num_shards} shards are done; "
                            "rerun the sample job to finish them")
+    if "isc" in e.metrics and e.isc_splits > manifest.num_samples:
+        raise SamplesError(f"eval.isc_splits={e.isc_splits}: more splits than {samples} has samples "
+                         f"({manifest.num_samples}); the Inception Score takes at least one sample per split")
     compared = needs_reference(e.metrics)
     if compared and not e.reference:
         raise ValueError("eval.reference is required for FID, sFID and precision/recall: an ADM reference batch "

@@ -125,11 +125,36 @@ def _cached_features(url: str, extractor: Extractor, layers: list[str], module, 
     return {layer: feats[layer] for layer in layers}, cache_url
 
 
+# How far a given covariance may be from symmetric positive semi-definite, relative to its largest
+# eigenvalue: float32 storage of a float64 covariance moves eigenvalues by about 1e-6 of it.
+COVARIANCE_TOLERANCE = 1e-4
+
+
+def check_covariance(sigma: np.ndarray, name: str) -> None:
+    """ValueError naming `name` unless `sigma` is finite, symmetric and positive semi-definite (within
+    COVARIANCE_TOLERANCE). torch-fidelity keeps the real part of a matrix square root that has gone
+    complex, so a corrupt covariance would give a FID (even a negative one) where ADM's evaluator raises
+    "Imaginary component"."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if not np.isfinite(sigma).all():
+        raise ValueError(f"{name}: the covariance holds NaN or inf; expected the statistics of real features")
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    asymmetry = float(np.abs(sigma - sigma.T).max()) / scale
+    if asymmetry > COVARIANCE_TOLERANCE:
+        raise ValueError(f"{name}: not a covariance (not symmetric: |S - S^T| up to {asymmetry:.2g} of its largest "
+                         "entry); a corrupt or foreign statistics file?")
+    eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eigenvalues[0] < -COVARIANCE_TOLERANCE * max(float(eigenvalues[-1]), np.finfo(np.float64).tiny):
+        raise ValueError(f"{name}: not a covariance (eigenvalue {eigenvalues[0]:.4g}, the largest "
+                         f"{eigenvalues[-1]:.4g}: not positive semi-definite); a corrupt or foreign statistics file?")
+
+
 def _given_statistics(url: str, mu_key: str, sigma_key: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(mu, sigma, name in torch-fidelity's cache) of an ADM reference batch."""
     mu, sigma = read_npz_small(url, mu_key), read_npz_small(url, sigma_key)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{url}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} must be (D,) and (D, D)")
+    check_covariance(sigma, f"{url}: {sigma_key}")
     return mu, sigma, "dydit-adm-" + hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
 
 

@@ -34,7 +34,7 @@ def _fmt(value, digits: int = 2, spec: str = "f") -> str:
 
 def metric_name(record: dict, metric: str) -> str:
     fe = record["feature_extractor"]
-    base = {"fid": "FID", "sfid": "sFID", "isc": "IS"}[metric]
+    base = {"fid": "FID", "sfid": "sFID", "isc": "IS", "precision": "precision", "recall": "recall"}[metric]
     if fe["is_inception"]:
         return base
     other = ", not torch-fidelity's weights" if fe["name"] == "inception-v3-compat" else ""
@@ -195,6 +195,29 @@ def _training_line(label: str, scalars: dict) -> str:
     return line + "."
 
 
+def _check_comparable(records: list[dict]) -> None:
+    """ValueError unless every record's metrics were taken with the same features and reference: the
+    table's headers and notes describe the first record's, and numbers of two extractors do not compare."""
+    def measured_with(r: dict) -> tuple:
+        fe, ref = r["feature_extractor"], r.get("reference") or {}
+        return fe["name"], fe.get("weights"), ref.get("url"), ref.get("statistics")
+
+    kinds = {measured_with(r) for r in records}
+    if len(kinds) > 1:
+        listed = "; ".join(f"{r['label']}: features {measured_with(r)[0]} ({measured_with(r)[1]}), reference "
+                           f"{measured_with(r)[2]}" for r in records)
+        raise ValueError(f"the records were evaluated with other features or references ({listed}); evaluate "
+                         "them with one eval config to compare them in one report")
+
+
+def _per_method(records: list[dict], key: str) -> str:
+    """The sampling setting `key` of the records: one value when they share it, else each method's."""
+    values = [r["sampling"].get(key) for r in records]
+    if all(v == values[0] for v in values):
+        return str(values[0])
+    return "(" + ", ".join(f"{r['label']}: {v}" for r, v in zip(records, values, strict=True)) + ")"
+
+
 def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison", notes: list[str] = (),
                  training: dict[str, str] | None = None) -> str:
     """Write the run's `report.md` and `plots/*.png` for metrics.json records; returns the report's
@@ -211,6 +234,7 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         r["width"] = SamplesManifest.read(r["samples"]).stats.get("width_by_timestep")
     first = records[0]
     fe = first["feature_extractor"]
+    _check_comparable(records)
     # 1. Plots
     plots = {name: paths.plot(f"{name}.png") for name in ("fid_vs_flops", "dydit_width", "samples_grid", "training")}
     _fid_vs_flops(records, plots["fid_vs_flops"])
@@ -220,10 +244,10 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
     runs = {label: scalars for label, scalars in runs.items() if scalars.get("loss")}
     has_training = _training(runs, plots["training"])
     # 2. The table
-    fid, sfid, isc = metric_name(first, "fid"), metric_name(first, "sfid"), metric_name(first, "isc")
+    fid, sfid, isc, precision, recall = (metric_name(first, m) for m in ("fid", "sfid", "isc", "precision", "recall"))
     clip = any("clip_score" in r["metrics"] for r in records)  # text-to-image (eval.protocol=coco)
     lines = [f"# {title}", "",
-             f"| method | GFLOPs | images/s | {fid} | {sfid} | {isc} | precision | recall |"
+             f"| method | GFLOPs | images/s | {fid} | {sfid} | {isc} | {precision} | {recall} |"
              + (" CLIP score |" if clip else "") + " samples |",
              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if clip else "") + "---:|"]
     for r in records:
@@ -233,7 +257,6 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
                      f"{_fmt(m.get('precision'), 3)} | {_fmt(m.get('recall'), 3)} | "
                      + (f"{_fmt(m.get('clip_score'))} | " if clip else "") + f"{r['num_samples']} |")
     ref = first.get("reference") or {}
-    s = first["sampling"]
     lines += [
         "",
         "- GFLOPs: analytic, per network forward of one image (guidance doubles it per sampling step), "
@@ -244,8 +267,9 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         *([f"- CLIP score: 100 x max(cos(image, caption), 0) with {first.get('clip_model')}, mean over samples; "
            f"protocol {first.get('protocol')}."] if clip else []),
         f"- Reference: {ref.get('url')} ({ref.get('kind')}; statistics {ref.get('statistics')}).",
-        f"- Sampling: {s['sampler']}, {s['steps']} steps, guidance {s['cfg_scale']}, seed {s['seed']}, "
-        f"{s['num_samples']} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
+        f"- Sampling: {_per_method(records, 'sampler')}, {_per_method(records, 'steps')} steps, guidance "
+        f"{_per_method(records, 'cfg_scale')}, seed {_per_method(records, 'seed')}, "
+        f"{_per_method(records, 'num_samples')} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
         *(f"- {r['label']} options: " + ", ".join(f"{k}={v}" for k, v in r["sampling"]["method_options"].items())
           for r in records if r["sampling"].get("method_options")),
         *(f"- {note}" for note in notes),

@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 # Official containers, in order of preference: PixArt `.pth` files hold {"state_dict": ...};
-# DiT training checkpoints hold {"model", "ema", "opt", "args"}, of which DiT samples with "ema".
-_CONTAINER_KEYS = ("state_dict", "ema", "model")
+# DiT training checkpoints hold {"model", "ema", "opt", "args"}, of which DiT samples with "ema";
+# DeepSpeed's `mp_rank_00_model_states.pt` holds {"module": ...}.
+_CONTAINER_KEYS = ("state_dict", "ema", "model", "module")
+# Prefixes of every key of a state dict saved from a wrapper: DDP / DeepSpeed (`module.`), torch.compile
+# (`_orig_mod.`). Stripped when every key has one.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10  # how many keys of each kind an error lists
 
 
@@ -72,13 +76,18 @@ def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size < 100_000_000:
             raise CheckpointError(f"{name}: not a safetensors file (header size {size})")
-        header = {k: v for k, v in json.loads(f.read(size)).items() if k != "__metadata__"}
-        described = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
+        try:
+            header = {k: v for k, v in json.loads(f.read(size)).items() if k != "__metadata__"}
+            described = 8 + size + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+            shapes = {k: [int(n) for n in v["shape"]] for k, v in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # JSON of another layout
+            raise CheckpointError(f"{name}: not a safetensors file (its header: {type(err).__name__}: {err}; "
+                                  "expected {tensor name: {dtype, shape, data_offsets}})") from err
         actual = f.seek(0, os.SEEK_END)
         if actual != described:  # a copy cut short (or padded): the header alone cannot tell
             raise CheckpointError(f"{name}: a safetensors file of {actual} bytes whose header describes "
                                   f"{described}; truncated or corrupt")
-        return {k: list(v["shape"]) for k, v in header.items()}
+        return shapes
     return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
 
 
@@ -114,6 +123,9 @@ def _unwrap(obj, src: str) -> dict[str, torch.Tensor]:
             f"{src}: not a state dict; entries that are not tensors: {not_tensors[:_SHOW]} "
             f"(recognized containers: {', '.join(_CONTAINER_KEYS)})"
         )
+    for prefix in _WRAPPER_PREFIXES:  # `module._orig_mod.` (compiled, then wrapped) loses both in turn
+        if obj and all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -138,15 +150,21 @@ def load_into(
     allow_missing: fnmatch patterns of model keys the checkpoint may lack (e.g. `"blocks.*.attn_rate.*"`
       for DyDiT routers on a static checkpoint); those keep their current values.
     strict: if False, other missing keys and unexpected keys are tolerated too (and reported).
-    Shape mismatches are always an error. The CheckpointError names `source` (the file) and lists the
-    first missing keys, unexpected keys and mismatched shapes (checkpoint vs model).
+    Shape mismatches are always an error, and so are weights that are not finite (NaN or inf: a file
+    written from a diverged run). The CheckpointError names `source` (the file) and lists the first missing
+    keys, unexpected keys and mismatched shapes (checkpoint vs model).
+
+    A model's `RECOMPUTED_KEYS` (tensors it computes from its settings, such as PixArt's position table)
+    are not taken from the checkpoint, whatever it holds for them: the official loaders drop them too.
     """
     if not isinstance(state_dict, Mapping):
         source = source or os.fspath(state_dict)
         state_dict = load_state_dict_file(state_dict)
     source = source or "state dict"
     patterns = tuple(allow_missing)
-    own = model.state_dict()
+    recomputed = set(getattr(model, "RECOMPUTED_KEYS", ()))
+    state_dict = {k: v for k, v in state_dict.items() if k not in recomputed}
+    own = {k: v for k, v in model.state_dict().items() if k not in recomputed}
     missing = [k for k in own if k not in state_dict]
     allowed = [k for k in missing if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
     missing = [k for k in missing if k not in allowed]
@@ -169,6 +187,12 @@ def load_into(
                 lines.append(f"  {len(keys)} {title}{more}: " + "; ".join(keys[:_SHOW]))
         lines.append("  (a checkpoint of another model family or size, or built with other keywords?)")
         raise CheckpointError("\n".join(lines))
+    not_finite = [k for k, v in state_dict.items()
+                  if k in own and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        more = f" (+{len(not_finite) - _SHOW} more)" if len(not_finite) > _SHOW else ""
+        raise CheckpointError(f"{source}: {len(not_finite)} tensors hold NaN or inf{more}: "
+                              f"{'; '.join(not_finite[:_SHOW])} (weights of a diverged run, or a corrupt file?)")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return LoadResult(missing=allowed + missing, unexpected=unexpected)
 

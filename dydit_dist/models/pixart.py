@@ -131,6 +131,10 @@ class PixArt(nn.Module):
     mask (B, L) with 1 for real caption tokens -> (B, out_channels, H, W)."""
 
     _fixed_input_size = True
+    # The sin-cos table follows input_size and lewei_scale; a checkpoint's copy is dropped on load, as the
+    # official loaders do (PixArt-alpha scripts/inference.py and diffusion/utils/checkpoint.py delete
+    # `pos_embed`): a 256 checkpoint fine-tunes at 512, and model.lewei_scale is what the model uses.
+    RECOMPUTED_KEYS = ("pos_embed",)
 
     def __init__(
         self,

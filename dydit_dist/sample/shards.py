@@ -97,8 +97,8 @@ def unpack(data: bytes, where: str = "shard") -> list[GeneratedSample]:
     return [decode_sample(files, where) for files in shardset.unpack(data, where)]
 
 
-def iter_shard(url: str, record: dict | None = None) -> Iterator[GeneratedSample]:
-    """Stream the samples of a shard object (any storage URL) without holding it in memory; with its
-    manifest `record`, a ShardError after the last sample when its bytes are not the recorded ones."""
+def iter_shard(url: str, record: dict) -> Iterator[GeneratedSample]:
+    """Stream the samples of a shard object (any storage URL) without holding it in memory; a ShardError
+    after the last sample when its bytes are not those of its manifest `record`."""
     for files in shardset.stream(url, record):
         yield decode_sample(files, url)
