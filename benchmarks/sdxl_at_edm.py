@@ -10,7 +10,8 @@ UNet call: the unconditional rows first, as diffusers' pipeline) on random text 
 wraps its own copy of the same weights (`accel.at_edm_unet.UNetPruner`), starts from the same noise and
 advances in LOCKSTEP: at each step every method makes its UNet call in turn (rotating the order), so the
 load of a shared machine hits all of them alike. Per method: UNet-call time, measured speedup over the
-unpruned UNet, FLOPs per call counted by torch's FlopCounterMode (averaged over the steps' plans), FLOPs
+unpruned UNet, FLOPs per call (multiply-accumulates, as for DiT: torch's FlopCounterMode halved; averaged
+over the steps' plans), FLOPs
 saved, the FLOPs-ideal speedup, their ratio, and the relative L2 distance of the final latents from the
 unpruned run's.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dydit_dist.accel import ATEDMOptions
-from dydit_dist.accel.at_edm_unet import UNetPruner, unet_flops, unet_inputs
+from dydit_dist.accel.at_edm_unet import UNetPruner, unet_inputs, unet_macs
 from dydit_dist.accel.sdxl_synthetic import random_unet
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,13 +88,13 @@ def lockstep(unets: dict, pruners: dict, noise: torch.Tensor, cond: dict, steps:
 def mean_flops(unet, pruner: UNetPruner | None, inputs: dict, steps: int) -> float:
     """FLOPs of one UNet call averaged over the steps (one count per distinct plan step)."""
     if pruner is None:
-        return unet_flops(unet, **inputs)
+        return unet_macs(unet, **inputs)
     rates, counted = pruner.plan(steps), {}
     pruner.begin(steps)
     for i, rate in enumerate(rates):
         if repr(rate) not in counted:
             pruner.step = i
-            counted[repr(rate)] = unet_flops(unet, **inputs)
+            counted[repr(rate)] = unet_macs(unet, **inputs)
     return sum(counted[repr(r)] for r in rates) / steps
 
 
@@ -147,7 +148,7 @@ def markdown(result: dict, args) -> str:
                      f"{r['gflops_per_call']:.2f} | {r['rel_l2']:.5f} |")
     lo, hi = result["load_before"][0], result["load_after"][0]
     lines += ["", f"Wall time {result['wall_s']:.0f} s; load average {lo:.1f} before, {hi:.1f} after "
-                  f"(on {os.cpu_count()} CPUs). FLOPs: torch.utils.flop_counter.FlopCounterMode per UNet call "
+                  f"(on {os.cpu_count()} CPUs). FLOPs: multiply-accumulates (torch.utils.flop_counter.FlopCounterMode / 2) per UNet call "
                   "(matmuls, convolutions, attention on the math backend; G-WPR and the recovery similarity "
                   "included), averaged over the steps' DSAP plans."]
     return "\n".join(lines) + "\n"

@@ -128,7 +128,7 @@ def resolve_arch(model: str | Mapping | Arch, **model_kwargs) -> Arch:
     elif isinstance(model, str):
         if family(model) == "sdxl":
             raise ValueError(f"{model!r} is an SD-XL UNet (family sdxl): the analytic count covers the DiT and PixArt "
-                             "families; count an SD-XL UNet's forward with accel.at_edm_unet.unet_flops")
+                             "families; count an SD-XL UNet's forward with accel.at_edm_unet.unet_macs")
         base = Arch(family=family(model), **arch(model))
     else:
         missing = [k for k in structural[1:] if k not in model]

@@ -435,11 +435,11 @@ def sdxl_macs(name: str, latent_size: int) -> float:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dydit_dist.accel.at_edm_unet import unet_flops, unet_inputs
+    from dydit_dist.accel.at_edm_unet import unet_inputs, unet_macs
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**arch(name))
-    return unet_flops(unet, **unet_inputs(unet, latent_size, device="meta")) / 2
+    return unet_macs(unet, **unet_inputs(unet, latent_size, device="meta"))
 
 
 def sdxl_pipeline(cfg: Config) -> Input:

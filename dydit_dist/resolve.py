@@ -21,6 +21,7 @@ import torch
 from braceexpand import braceexpand
 
 from dydit_dist import pipeline, pretrained, storage
+from dydit_dist.accel.options import load_table
 from dydit_dist.config import Config
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
@@ -77,8 +78,19 @@ def eb_cache_table(cfg: Config) -> Input:
         return found
     try:
         cfg.sample.eb_cache.schedule_for(cfg.sample.steps)
+        table = load_table(url)
     except (OSError, ValueError) as err:
         return Input(key, url, problem=str(err))  # names the step counts and the calibration job
+    # The schedule was chosen along one trajectory: another sampler (other timesteps), guidance or
+    # correction makes it a schedule of another run.
+    s = cfg.sample
+    differences = [f"{name} {table[name]!r} there, {value!r} here" for name, value in
+                   (("model", cfg.model.name), ("image_size", cfg.model.image_size), ("sampler", s.sampler),
+                    ("cfg_scale", s.cfg_scale), ("eps_scale", s.eb_cache.eps_scale))
+                   if name in table and table[name] != value]
+    if differences:
+        return Input(key, url, problem=f"calibrated for another trajectory ({'; '.join(differences)}); calibrate "
+                                       "one with these settings (python -m jobs.calibrate)")
     return Input(key, url, note=f"a calibration table of {cfg.sample.steps} steps")
 
 

@@ -142,8 +142,14 @@ def test_bad_schedules_are_refused(bad, match):
 
 
 def test_fora_schedule():
-    assert fora_schedule(7, 3) == "0220220"
-    assert FORAOptions(interval=3).schedule_for(5) == "02202"
+    def official(num_steps, interval):  # prathebaselva/FORA: the step index counts down to 0
+        return "".join("0" if step == num_steps - 1 or step % interval == 0 else "2"
+                       for step in range(num_steps - 1, -1, -1))
+
+    for num_steps, interval in ((7, 3), (50, 3), (50, 2), (20, 3), (250, 3), (1, 4), (10, 1)):
+        assert fora_schedule(num_steps, interval) == official(num_steps, interval), (num_steps, interval)
+    assert FORAOptions(interval=3).schedule_for(5) == "00220"  # the last step (t = 0) is always computed
+    assert fora_schedule(50, 3).count("0") == 18 and fora_schedule(50, 3).endswith("0")
     with pytest.raises(ValueError, match="interval"):
         FORAOptions(interval=0)
 
@@ -180,8 +186,8 @@ def test_flops_per_step_follow_the_schedule():
     run(runner, model, runner, steps=5)
     per_step = runner.flops_per_step()
     full = count("debug", 8, vae_downsample=1).total
-    assert per_step[0] == per_step[3] == full
-    assert per_step[1] == per_step[2] == per_step[4] < 0.2 * full  # only embedders, adaLN and head
+    assert per_step[0] == per_step[1] == per_step[4] == full  # schedule "00220"
+    assert per_step[2] == per_step[3] < 0.2 * full  # only embedders, adaLN and head
     assert runner.mean_flops() == pytest.approx(sum(per_step) / 5)
 
 

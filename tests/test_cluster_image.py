@@ -76,6 +76,22 @@ def test_dockerfile_base_image_matches_pyproject():
     assert _project()["requires-python"].startswith(">=3.11,<3.12")  # py311 in the tag
 
 
+# The oldest NVIDIA driver branch each CUDA of the base image runs on (CUDA's release notes, Linux).
+MIN_DRIVER = {"cu124": 550, "cu126": 560, "cu128": 570, "cu129": 575, "cu130": 580}
+
+
+def test_the_gpu_driver_the_image_needs_is_named():
+    """A GPU node whose driver is older than the image's CUDA fails at the first CUDA call: the Dockerfile and
+    the README's KubeRay section name the driver branch that the base image's CUDA needs."""
+    cuda = _dockerfile_args()["CUDA_TAG"]
+    assert cuda in MIN_DRIVER, f"{cuda}: add its minimum driver branch to MIN_DRIVER"
+    branch = f"R{MIN_DRIVER[cuda]}"
+    assert branch in (IMAGE / "Dockerfile").read_text()
+    readme = (REPO / "README.md").read_text()
+    kuberay = readme[readme.index("\n## KubeRay\n") :]
+    assert branch in kuberay[: kuberay.index("\n## ", 1)]
+
+
 def test_dockerfile_installs_the_lock_then_the_package_without_dependencies():
     runs = re.findall(r"^RUN (.+?)(?<!\\)$", (IMAGE / "Dockerfile").read_text(), re.M | re.S)
     joined = [" ".join(r.split()) for r in runs]

@@ -154,6 +154,20 @@ def containers(doc: dict) -> list[dict]:
     return found
 
 
+def header_text(path: Path) -> str:
+    """The comment a manifest starts with, its lines joined with spaces."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.removeprefix("#").strip())
+    return " ".join(line for line in lines if line)
+
+
+def head_container(spec: dict) -> dict:
+    return spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
 def pyproject() -> dict:
     with open(REPO / "pyproject.toml", "rb") as f:
         return tomllib.load(f)["project"]
@@ -204,7 +218,7 @@ WORKERS = ("workerGroupSpecs", 0)
         (HEAD, "imagePullPolicyy", "Always", "'imagePullPolicyy' was unexpected"),
         (WORKERS, "maxReplicas", "four", "'four' is not of type 'integer'"),
         (("authOptions",), "mode", "tokens", "'tokens' is not one of"),
-        ((*HEAD, "env", 1, "valueFrom", "secretKeyRef"), "nam", "x", "'nam' was unexpected"),  # env 0: a value
+        ((*HEAD, "env", 2, "valueFrom", "secretKeyRef"), "nam", "x", "'nam' was unexpected"),  # env 0, 1: values
     ],
     ids=["group field", "container field", "wrong type", "enum", "secretKeyRef field"],
 )
@@ -272,6 +286,16 @@ def test_ray_version_and_image_are_pinned_and_the_same_everywhere():
     assert "@sha256:" in image or image.rsplit(":", 1)[-1] == pyproject()["version"], (
         f"{image}: pin the image by digest or by the project version {pyproject()['version']}"
     )
+
+
+def test_a_rebuilt_image_reaches_new_pods():
+    """The README rebuilds and pushes the same tag: a node that kept the old image under that tag
+    (`IfNotPresent`) would run it. A tag is pulled at every pod start; a digest cannot change."""
+    for path, _, doc in DOCS:
+        for container in containers(doc):
+            assert "@sha256:" in container["image"] or container.get("imagePullPolicy") == "Always", (
+                f"{path.name} {container['name']}: pin the image by digest or pull it with imagePullPolicy: Always"
+            )
 
 
 def test_token_authentication_is_on():
@@ -399,8 +423,21 @@ def test_a_stopped_job_has_time_to_release_its_lease():
     gives the job's handler longer than one storage operation to release the run's lease."""
     timeout_s = config_lib.StorageConfig().timeout_s
     for where, spec in cluster_specs():
-        env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        env = {e["name"]: e.get("value") for e in head_container(spec)["env"]}
         assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) > timeout_s, where
+
+
+def test_a_deleted_head_pod_gives_the_job_its_stop_wait():
+    """`kubectl delete rayjob` stops the job (SIGTERM to the driver) and deletes the cluster at once. The
+    head pod's SIGTERM makes `ray start --block` drain for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by
+    default) before it kills Ray's processes, the driver with them; the kubelet SIGKILLs the pod after
+    terminationGracePeriodSeconds (30 s by default). Both outlast the job's stop wait."""
+    for where, spec in cluster_specs():
+        env = {e["name"]: e.get("value") for e in head_container(spec)["env"]}
+        stop_wait_s = float(env["RAY_JOB_STOP_WAIT_TIME_S"])
+        drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        grace_s = spec["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert stop_wait_s < drain_s < grace_s, f"{where}: stop wait {stop_wait_s}, drain {drain_s}, grace {grace_s}"
 
 
 def test_rayjob_lifecycle():
@@ -412,11 +449,55 @@ def test_rayjob_lifecycle():
         assert "clusterSelector" not in spec and "runtimeEnvYAML" not in spec, job
 
 
+def test_rayjob_retries_and_says_what_they_meet():
+    """KubeRay retries every failed attempt on a fresh cluster whatever the exit code: a lost head pod is
+    survived (the retry resumes from storage), an input error (exit 2) is met again on every attempt. The
+    header says both and points to `--dry-run`, which finds input errors in seconds without a GPU."""
+    limits = {job: doc["spec"].get("backoffLimit", 0) for job, doc in RAYJOBS.items()}
+    assert len(set(limits.values())) == 1 and min(limits.values()) >= 1, limits
+    for job in RAYJOBS:
+        text = header_text(CLUSTER / "kuberay" / f"rayjob-{job}.yaml")
+        for said in (f"backoffLimit: {limits[job]}", "whatever the exit code", "input error", "--dry-run"):
+            assert said in text, f"rayjob-{job}.yaml: the header does not say {said!r}"
+
+
+def test_rayjob_fails_when_its_cluster_never_runs():
+    """Without preRunningDeadlineSeconds a RayJob whose pods never run (a missing Secret, an image that
+    does not pull, GPU nodes that never come) stays Initializing forever. GPU nodes scaling up and the
+    image pull (Ray, CUDA, torch: gigabytes) take a while, so the deadline is generous."""
+    deadlines = {job: doc["spec"].get("preRunningDeadlineSeconds") for job, doc in RAYJOBS.items()}
+    assert len(set(deadlines.values())) == 1, deadlines
+    for job, deadline in deadlines.items():
+        assert deadline is not None and deadline >= 1800, f"rayjob-{job}.yaml: preRunningDeadlineSeconds {deadline}"
+        text = header_text(CLUSTER / "kuberay" / f"rayjob-{job}.yaml")
+        assert f"preRunningDeadlineSeconds: {deadline}" in text, f"rayjob-{job}.yaml: the header does not say it"
+
+
 def test_rayjob_clusters_are_the_raycluster():
     raycluster = next(doc for _, _, doc in DOCS if doc["kind"] == "RayCluster")
     for job, doc in RAYJOBS.items():
         assert doc["spec"]["rayClusterSpec"] == raycluster["spec"], (
             f"rayjob-{job}.yaml: rayClusterSpec differs from raycluster.yaml's spec; keep them the same"
+        )
+
+
+def cluster_text(path: Path, key: str) -> str:
+    """The text after the first line `key:` to the end of the file, comments included, dedented by that
+    line's indentation: the cluster spec of a RayCluster (`spec`) or of a RayJob (`rayClusterSpec`, last)."""
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.strip() == f"{key}:")
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    return "".join(line[indent:] for line in lines[at + 1 :])
+
+
+def test_rayjob_clusters_carry_the_raycluster_comments():
+    """The README's multi-node steps uncomment the NCCL environment and RDMA requests: those commented
+    blocks (which parsing ignores) are in every copy of the cluster, so the steps hold for a RayJob too."""
+    raycluster = cluster_text(CLUSTER / "kuberay" / "raycluster.yaml", "spec")
+    assert "NCCL_SOCKET_IFNAME" in raycluster and "RDMA" in raycluster
+    for job in RAYJOBS:
+        assert cluster_text(CLUSTER / "kuberay" / f"rayjob-{job}.yaml", "rayClusterSpec") == raycluster, (
+            f"rayjob-{job}.yaml: its rayClusterSpec, comments included, differs from raycluster.yaml's spec"
         )
 
 

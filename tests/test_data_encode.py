@@ -71,6 +71,20 @@ def test_center_crop_matches_adm():
         assert np.array_equal(got, want), f"{h}x{w} -> {size}: differs from ADM's center crop"
 
 
+def test_pixart_data_is_cropped_as_pixart_crops_it():
+    """PixArt-alpha's transforms: Resize(n) (bilinear, shorter side) then CenterCrop(n); DiT keeps ADM's."""
+    import torchvision.transforms as T
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (53, 70, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    official = np.asarray(T.Compose([T.Resize(16), T.CenterCrop(16)])(image))
+    assert np.array_equal(sources.load_image(buf.getvalue(), 16, crop="resize-center"), official)
+    adm = sources.load_image(buf.getvalue(), 16)
+    assert adm.shape == official.shape and not np.array_equal(adm, official)
+
+
 def test_imagefolder_plan_and_layout_errors(image_source, tmp_path):
     plan = sources.plan_imagefolder(image_source["folder"], num_classes=3, shard_size=8)
     assert plan.num_inputs == 50 and len(plan.chunks) == 7 and plan.classes == ("class_0", "class_1", "class_2")
@@ -216,6 +230,20 @@ def test_text_encoder_masks_and_truncates(tiny_t5):
     assert mask.shape == (2, 6) and mask.dtype == np.uint8
     assert mask.sum(1).tolist() == [4, 6]  # 3 words + </s>; the long one truncated to 6
     assert [f.shape for f in features] == [(4, 32), (6, 32)] and features[0].dtype == np.float16
+
+
+def test_captions_are_cleaned_as_pixart_cleans_them(tiny_t5):
+    """The official T5Embedder lowercases and cleans every caption (twice) before its case-sensitive
+    tokenizer, in training and at inference; features of "A Red SQUARE" are those of "a red square"."""
+    from dydit_dist.data.encoders import clean_captions
+
+    assert clean_captions(["A Red SQUARE", "  Two <b>cats</b> &amp; a dog  ", "see www.example.com now"]) == [
+        "a red square", "two cats a dog", "see now"]
+    encoder = TextEncoder(tiny_t5, None, max_length=6, device="cpu")
+    raw, _ = encoder(["A Red SQUARE"])
+    clean, _ = encoder(["a red square"])
+    assert np.array_equal(raw[0], clean[0])
+    assert encoder.tokenizer("A Red SQUARE").input_ids != encoder.tokenizer("a red square").input_ids  # case matters
 
 
 def test_load_image_modes():

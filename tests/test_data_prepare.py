@@ -115,6 +115,8 @@ def test_prepare_captions_with_t5(ray_local, image_source, tiny_vae, tiny_t5, tm
     manifest = prepare(cfg).manifest
     assert manifest.num_samples == 48 and manifest.bad_inputs == 1
     assert manifest.settings["text_dim"] == 32 and manifest.settings["text_len"] == 8
+    assert manifest.settings["crop"] == "resize-center"  # PixArt-alpha's transforms, not DiT's ADM crop
+    assert manifest.settings["caption_preprocessing"] == "pixart-clean-caption-x2"
     verify_manifest(uri, cfg.model, cfg.data)
     batch = next(iter(LatentStream(uri, batch_size=6, num_workers=0)))
     assert batch["t5"].shape == (6, 1, 8, 32) and batch["t5_mask"].shape == (6, 8)

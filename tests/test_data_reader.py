@@ -154,6 +154,13 @@ def test_caption_batches(tmp_path):
     lengths = batch["t5_mask"].sum(1)
     for row, n in zip(batch["t5"][:, 0], lengths.tolist(), strict=True):
         assert row[n:].abs().sum() == 0 and row[:n].abs().sum() > 0  # zero padding after the real tokens
+    # Features of captions encoded before they were cleaned as PixArt cleans them are refused by name
+    manifest = read_manifest(uri)
+    del manifest.settings["caption_preprocessing"]
+    manifest.write(uri)
+    with pytest.raises(ManifestError, match=r"captions encoded with preprocessing None, not PixArt's "
+                                            r"'pixart-clean-caption-x2' \(prepared before the captions were cleaned"):
+        verify_manifest(uri, cfg.model, cfg.data)
 
 
 def _corrupt(uri, index):

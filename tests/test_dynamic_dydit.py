@@ -87,6 +87,24 @@ def test_fresh_routers_equal_static_dit():
     assert bool((result.head_masks == 1).all() and (result.mlp_masks == 1).all() and (result.token_masks == 1).all())
 
 
+def test_fresh_routers_are_initialized_as_the_official_code():
+    """DyDiT models.py `initialize_weights`: xavier-uniform on every Linear (routers too), zero biases, then the
+    router biases 15 / 15 / 35. Weights drawn, not zeroed: the logits depend on t and on the token from step 0."""
+    torch.manual_seed(0)
+    block = DyDiT(**DIT_KW).blocks[1]
+    linears = {"attn_rate.router": block.attn_rate.router, "mlp_rate.router": block.mlp_rate.router,
+               "token_selection.mlp_head.0": block.token_selection.mlp_head[0],
+               "token_selection.mlp_head.2": block.token_selection.mlp_head[2]}
+    for name, linear in linears.items():
+        fan_out, fan_in = linear.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        w = linear.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound, name  # uniform on [-bound, bound]
+    assert bool((block.attn_rate.router.bias == 15).all() and (block.mlp_rate.router.bias == 15).all())
+    assert bool((block.token_selection.mlp_head[0].bias == 0).all())
+    assert bool((block.token_selection.mlp_head[2].bias == 35).all())
+
+
 def test_fresh_routers_equal_static_in_training_mode():
     """Bias 15 (35 for tokens) against Gumbel noise at temperature 5: every unit stays on."""
     model = _randomize(DyDiT(**DIT_KW)).train()
@@ -395,3 +413,19 @@ def test_inspect_entry_point_writes_table_and_plot(tmp_path):
                             "10", "--steps", "10", "--tokens", "2", "--out", str(tmp_path)])
     assert (tmp_path / "width_vs_timestep.png").stat().st_size > 1000
     assert 0 < summary["ratio"] <= 1.01 and len(summary["per_timestep_gflops"]) == 10
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_inspect_measures_tokens_at_the_timesteps_of_its_sampler(tmp_path, sampler):
+    """Token fractions come from sampling with the table's sampler; a timestep without one is an error,
+    never a silent 'all tokens kept'."""
+    from dydit_dist.dynamic import inspect
+
+    model = inspect.build("debug", 8, None, vae_downsample=1, num_classes=10)
+    timesteps = inspect.schedule_timesteps(sampler, 6)
+    tokens = inspect.token_fractions(model, timesteps, 2, sampler=sampler)
+    assert set(timesteps) <= set(tokens)
+    table = inspect.width_table(model, timesteps)
+    assert len(inspect.summarize(model, table, tokens)["per_timestep_gflops"]) == 6
+    with pytest.raises(ValueError, match="no token fractions measured at timesteps"):
+        inspect.summarize(model, table, inspect.token_fractions(model, timesteps, 2))  # ddpm's timesteps

@@ -3,6 +3,7 @@ before Ray; `--dry-run` prints the plan and exits 0 when everything resolves. No
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -193,3 +194,21 @@ def test_an_eb_cache_table_of_another_step_count_is_named(tmp_path):
     assert table_input(5).problem is None and table_input(5).note == "a calibration table of 5 steps"
     table.write_text('{"format": "something else"}')
     assert "is not an EB-Cache calibration table" in table_input(5).problem
+
+
+def test_an_eb_cache_table_calibrated_along_another_trajectory_is_refused(tmp_path):
+    """A table records the model, size, sampler, guidance and correction it was calibrated with; a DDIM
+    table used with DDPM (other timesteps) is a schedule of another run, named in the preflight."""
+    f = _fixtures(tmp_path)
+    table = tmp_path / "table.json"
+    recorded = {"format": "dydit_dist.eb_cache_table/1", "schedule": "01201", "model": "debug", "image_size": 16,
+                "sampler": "ddim", "cfg_scale": 1.5, "eps_scale": "released"}
+    table.write_text(json.dumps(recorded))
+    cfg = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={f['checkpoint']}",
+                                "sample.method=eb_cache", f"sample.eb_cache.schedule={table}", "sample.steps=5"])
+    assert cfg.model.image_size == 16 and cfg.sample.sampler == "ddpm"
+    found = next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule")
+    assert found.problem == ("calibrated for another trajectory (sampler 'ddim' there, 'ddpm' here); calibrate one "
+                             "with these settings (python -m jobs.calibrate)")
+    table.write_text(json.dumps({**recorded, "sampler": "ddpm"}))
+    assert next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule").problem is None

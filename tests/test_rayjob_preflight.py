@@ -136,8 +136,9 @@ def make_fixtures(launch: str, argv: list[str], tmp_path: Path, tiny_vae: str) -
             torch.save({}, path)
     if job == "evaluate":  # the samples of the sample job this evaluates (made by a tiny model here)
         checkpoint = random_checkpoint(str(tmp_path / "debug.safetensors"))
-        small = config.load("debug", [f"model.checkpoint={checkpoint}", "sample.num_samples=4", "sample.shard_size=4",
-                                      "sample.batch_size=4", "sample.steps=2"])
+        # as many samples as the Inception Score's splits (eval.isc_splits, 10): the preflight refuses fewer
+        small = config.load("debug", [f"model.checkpoint={checkpoint}", "sample.num_samples=10", "sample.shard_size=5",
+                                      "sample.batch_size=5", "sample.steps=2"])
         write_samples(small, RunPaths(cfg).samples)
 
 

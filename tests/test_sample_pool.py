@@ -154,3 +154,10 @@ def test_an_input_rewritten_under_the_job_stops_it_instead_of_mixing_two_setting
                                            r"sample.prompts or an EB-Cache table was rewritten while it ran"):
         run_sampling(cfg)
     assert settings_digest(pool.sampling_settings(cfg)) != settings_digest(first)
+
+
+def test_fora_settings_record_the_schedule_they_sample_with(tmp_path):
+    """The schedule is derived from the interval; recording it makes a folder sampled under the earlier
+    derivation (full steps counted from the first step) other settings than one of today's."""
+    cfg = tiny_config(str(tmp_path), "sample.method=fora", "sample.fora.interval=3", "sample.steps=5")
+    assert pool.sampling_settings(cfg)["method_options"] == {"interval": 3, "schedule_steps": "00220"}

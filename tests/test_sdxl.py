@@ -12,7 +12,7 @@ from sdxl_util import IMAGE_SIZE, VAE_DOWNSAMPLE, tiny_sdxl, tiny_unet
 
 from dydit_dist import config, preflight
 from dydit_dist.accel import ATEDMOptions
-from dydit_dist.accel.at_edm_unet import UNetPruner, unet_flops, unet_inputs
+from dydit_dist.accel.at_edm_unet import UNetPruner, unet_inputs, unet_macs
 from dydit_dist.accel.dsap import (
     SDXL_LAYOUT,
     build_plan,
@@ -103,7 +103,7 @@ def test_pruning_drops_tokens_and_flops_as_the_plan_says():
     assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
     for step in (0, 3):
         pruner.step = step
-        saved = unet_flops(static, **x) - unet_flops(unet, **x)
+        saved = unet_macs(static, **x) - unet_macs(unet, **x)
         expected = predicted_saving(pruner.layout, lambda k: pruner.counts(k, 64), 2, 16, 5)
         assert saved > 0 and saved == pytest.approx(expected, rel=1e-6)
 
@@ -146,7 +146,7 @@ def test_sample_and_evaluate_end_to_end(tmp_path, pipeline_folder):
         manifest.add({**write_shard(url, shard.index, pack(samples), shard.count), "start": shard.start, "timing": timing})
     manifest.stats.update(gen.stats())
     manifest.write(url)
-    assert 0 < manifest.stats["gflops"] < unet_flops(tiny_unet(), **unet_inputs(tiny_unet(), LATENT, text_tokens=16)) / 1e9
+    assert 0 < manifest.stats["gflops"] < unet_macs(tiny_unet(), **unet_inputs(tiny_unet(), LATENT, text_tokens=16)) / 1e9
     record = evaluate(cfg)
     assert set(record["metrics"]) == {"clip_score"} and np.isfinite(record["metrics"]["clip_score"])
 
@@ -180,7 +180,7 @@ def test_preset_ratio_saves_the_papers_flops_on_the_released_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**arch(cfg.model.name))
     x = unet_inputs(unet, cfg.model.input_size, device="meta")
-    static = unet_flops(unet, **x)
+    static = unet_macs(unet, **x)
     pruner = UNetPruner(unet, cfg.sample.at_edm, cfg.model.input_size)
     rates = pruner.plan(cfg.sample.steps)
     pruner.begin(cfg.sample.steps)
@@ -188,7 +188,7 @@ def test_preset_ratio_saves_the_papers_flops_on_the_released_unet():
     for step, rate in enumerate(rates):  # two distinct plans: DSAP's early steps and the rest
         pruner.step = step
         if repr(rate) not in counted:
-            counted[repr(rate)] = unet_flops(unet, **x)
+            counted[repr(rate)] = unet_macs(unet, **x)
     assert len(counted) == 2
     mean = sum(counted[repr(r)] for r in rates) / len(rates)
     assert 1 - mean / static == pytest.approx(0.388, abs=0.002)

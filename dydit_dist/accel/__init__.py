@@ -38,7 +38,7 @@ _EXPORTS = {
     "parse_eps_scale": "options",
     "parse_schedule": "options",
     "recover": "at_edm",
-    "unet_flops": "at_edm_unet",
+    "unet_macs": "at_edm_unet",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -184,13 +184,14 @@ class UNetPruner:
         return out
 
 
-def unet_flops(unet: nn.Module, *args, **kwargs) -> float:
-    """FLOPs of one `unet(*args, **kwargs)` call, counted by torch's FlopCounterMode (matmuls,
-    convolutions, attention; 2 per multiply-accumulate), independently of any plan. Attention runs on
-    the math backend here: FlopCounterMode does not count the CPU flash kernel."""
+def unet_macs(unet: nn.Module, *args, **kwargs) -> float:
+    """Multiply-accumulates of one `unet(*args, **kwargs)` call (matmuls, convolutions, attention), what
+    the project calls FLOPs for every model (`dydit_dist.flops`, as the DiT papers), independently of any
+    plan: torch's FlopCounterMode counts 2 per multiply-accumulate, halved here. Attention runs on the
+    math backend: FlopCounterMode does not count the CPU flash kernel."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         unet(*args, **kwargs)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) / 2
 
 
 def unet_inputs(unet: nn.Module, latent_size: int, batch: int = 1, text_tokens: int = 77,

@@ -50,10 +50,13 @@ def parse_schedule(schedule: str) -> str:
 
 
 def fora_schedule(num_steps: int, interval: int) -> str:
-    """FORA: a full step every `interval` steps (the first included), both branches reused in between."""
+    """FORA: a full step every `interval` steps counted back from the last (t = 0) step, and the first step
+    full too; both branches reused in between. The official sampler (prathebaselva/FORA `src/models.py`)
+    counts its step index down from num_steps - 1 to 0 and computes when `step == num_steps - 1 or step %
+    interval == 0`: the last step is always computed, the first is full because nothing is cached yet."""
     if interval < 1:
         raise ValueError(f"FORA interval must be >= 1, got {interval}")
-    return "".join("0" if i % interval == 0 else "2" for i in range(num_steps))
+    return "".join("0" if i == 0 or (num_steps - 1 - i) % interval == 0 else "2" for i in range(num_steps))
 
 
 def parse_eps_scale(spec: str) -> tuple[tuple[float, float], ...]:

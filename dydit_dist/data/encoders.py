@@ -74,10 +74,26 @@ class ImageEncoder:
         return (mean + std * torch.from_numpy(noise)).numpy().astype(self.dtype)
 
 
+def clean_captions(captions: list[str]) -> list[str]:
+    """PixArt-alpha's caption cleaning, which its T5 features were trained and are sampled with: the
+    official `T5Embedder.text_preprocessing` (diffusion/model/t5.py, `use_text_preprocessing=True` in
+    scripts/inference.py and tools/extract_features.py) runs `clean_caption` twice: lower case, URLs,
+    HTML, CJK, punctuation runs, ... T5's tokenizer is case-sensitive, so a raw "A man riding" is other
+    tokens than the checkpoint saw. Done by diffusers' copy of it (`PixArtAlphaPipeline`), which needs
+    beautifulsoup4 and ftfy (installed with this package; without them diffusers would only lowercase)."""
+    import bs4  # noqa: F401 - required: diffusers falls back to lower() without them
+    import ftfy  # noqa: F401
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
+
+    cleaner = object.__new__(PixArtAlphaPipeline)  # its text methods only: no weights, no __init__
+    return cleaner._text_preprocessing(list(captions), clean_caption=True)
+
+
 class TextEncoder:
     """Captions -> T5 features of the real tokens and the attention mask (PixArt-alpha's recipe).
 
-    The tokenizer pads and truncates to `max_length` tokens (120 for PixArt-alpha); features are
+    Captions are cleaned first (`clean_captions`, as the official T5Embedder). The tokenizer pads and
+    truncates to `max_length` tokens (120 for PixArt-alpha); features are
     `T5EncoderModel(...).last_hidden_state`. Only the first n = mask.sum() rows are stored; the reader
     pads them back to `max_length` with zeros (PixArt attends only to the real tokens).
     """
@@ -95,7 +111,7 @@ class TextEncoder:
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Returns features [(n_i, C) float16] and masks (B, L) uint8."""
-        tokens = self.tokenizer(captions, max_length=self.max_length, padding="max_length", truncation=True,
+        tokens = self.tokenizer(clean_captions(captions), max_length=self.max_length, padding="max_length", truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
         features = self.model(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state

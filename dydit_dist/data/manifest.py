@@ -12,6 +12,7 @@
         "flip": false, "image_size": 256, "seed": 0,
         "num_classes": 1000, "classes": [...],                      # class-conditional
         "text_encoder": ..., "tokenizer": ..., "text_len": 120, "text_dim": 4096,   # captions
+        "caption_preprocessing": "pixart-clean-caption-x2", "crop": "resize-center",  # captions (class: ADM crop)
         "source": url, "source_format": ..., "num_inputs": N, "inputs_digest": sha256, "shard_size": ...,
         "sample_order": "permuted" | "input"   # seeded permutation (imagefolder, captions), or the input tars'
       },
@@ -110,12 +111,17 @@ def expected_latent_shape(model_cfg) -> list[int]:
     return [model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size]
 
 
+# What `encoders.TextEncoder` does to a caption before the tokenizer (`encoders.clean_captions`); the data
+# and sampling settings record it.
+CAPTION_PREPROCESSING = "pixart-clean-caption-x2"
+
+
 def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
     """The complete manifest under `uri`, checked against a `ModelConfig` and `DataConfig`.
 
     Raises ManifestError listing every mismatch: conditioning (class labels for DiT, T5 features for
     PixArt), latent shape (in_channels, image_size / vae_downsample), VAE id and scale factor, number
-    of classes, text encoder id, caption length and width.
+    of classes, text encoder id, caption length, width and preprocessing.
     """
     manifest = read_manifest(uri)
     s, m = manifest.settings, model_cfg
@@ -143,6 +149,9 @@ def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
             problems.append(f"T5 width {s['text_dim']} != model.caption_channels={m.caption_channels}")
         if s["text_len"] != m.model_max_length:
             problems.append(f"caption length {s['text_len']} != model.model_max_length={m.model_max_length}")
+        if s.get("caption_preprocessing") != CAPTION_PREPROCESSING:
+            problems.append(f"captions encoded with preprocessing {s.get('caption_preprocessing')!r}, not PixArt's "
+                            f"{CAPTION_PREPROCESSING!r} (prepared before the captions were cleaned: prepare again)")
     if problems:
         raise ManifestError(f"{manifest_url(uri)} does not match the model config: " + "; ".join(problems))
     check_shards(uri, manifest)

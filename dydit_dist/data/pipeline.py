@@ -41,7 +41,13 @@ from dydit_dist.capacity import GpuUnavailable, Need, acquire, check_gpu, connec
 from dydit_dist.config import Config
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
-from dydit_dist.data.manifest import Manifest, ManifestError, conditioning, expected_latent_shape
+from dydit_dist.data.manifest import (
+    CAPTION_PREPROCESSING,
+    Manifest,
+    ManifestError,
+    conditioning,
+    expected_latent_shape,
+)
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import pack, unverified, write_shard
@@ -98,7 +104,8 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
             raise DataError(f"data.text_encoder={d.text_encoder} gives {text_dim}-wide features, "
                             f"model.caption_channels={m.caption_channels}")
         settings.update(text_encoder=d.text_encoder, tokenizer=d.tokenizer or d.text_encoder,
-                        text_len=m.model_max_length, text_dim=text_dim)
+                        text_len=m.model_max_length, text_dim=text_dim, caption_preprocessing=CAPTION_PREPROCESSING,
+                        crop="resize-center")  # PixArt-alpha's; class data keeps DiT's ADM crop (no key: "adm")
     return settings, source_plan
 
 
@@ -139,7 +146,8 @@ class ShardEncoder:
                 error = f"class {item.label} outside [0, model.num_classes={num_classes})"
             if error is None:
                 try:
-                    image = sources.load_image(data, self.cfg.model.image_size, self.images.mode)
+                    image = sources.load_image(data, self.cfg.model.image_size, self.images.mode,
+                                               self.settings.get("crop", "adm"))
                 except Exception as err:  # noqa: BLE001 - image decoders raise many types for bad files
                     error = f"unreadable image ({type(err).__name__}: {err})"
             if error is not None:

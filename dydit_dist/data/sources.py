@@ -17,7 +17,9 @@ batches of about as many classes as an i.i.d. draw. The same listing and seed gi
 A webdataset source keeps its input's order (one output shard per input tar, samples as they come):
 class-sorted input tars give class-sorted shards, which the prepare job reports.
 
-Images are center-cropped and resized as the DiT reference does (ADM's `center_crop_arr`).
+Images are center-cropped and resized as each model's reference does (`CROPS`): DiT's training script
+uses ADM's `center_crop_arr`; PixArt-alpha's (`diffusion/data/transforms.py`, `tools/extract_features.py`)
+torchvision's `Resize(n)` (bilinear) then `CenterCrop(n)`.
 """
 
 from __future__ import annotations
@@ -260,10 +262,21 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
-def load_image(data: bytes, image_size: int, mode: str = "RGB") -> np.ndarray:
-    """Decoded, converted to `mode` ('RGB', 'L' or 'RGBA'), center-cropped: uint8 (H, W, C)."""
+def resize_center_crop(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """PixArt-alpha's training crop: `T.Resize(image_size)` (shorter side, bilinear) then `T.CenterCrop`."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(pil_image, image_size, interpolation=InterpolationMode.BILINEAR), image_size)
+
+
+CROPS = {"adm": center_crop_arr, "resize-center": resize_center_crop}  # the data settings' "crop" -> function
+
+
+def load_image(data: bytes, image_size: int, mode: str = "RGB", crop: str = "adm") -> np.ndarray:
+    """Decoded, converted to `mode` ('RGB', 'L' or 'RGBA'), center-cropped by `CROPS[crop]`: uint8 (H, W, C)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         image = image.convert(mode)
-    arr = np.asarray(center_crop_arr(image, image_size))
+    arr = np.asarray(CROPS[crop](image, image_size))
     return arr[:, :, None] if arr.ndim == 2 else arr

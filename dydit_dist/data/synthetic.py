@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dydit_dist.data.manifest import Manifest, conditioning, expected_latent_shape
+from dydit_dist.data.manifest import CAPTION_PREPROCESSING, Manifest, conditioning, expected_latent_shape
 from dydit_dist.data.shards import sample_files
 from dydit_dist.shardset import pack, write_shard
 
@@ -34,7 +34,8 @@ def write_dataset(uri: str, latents: np.ndarray, *, labels: np.ndarray | None = 
     if labels is not None:
         settings.update(num_classes=int(num_classes or labels.max() + 1), classes=[])
     else:
-        settings.update(text_encoder=text_encoder, tokenizer=text_encoder, text_len=int(t5_masks.shape[1]),
+        settings.update(caption_preprocessing=CAPTION_PREPROCESSING, text_encoder=text_encoder, tokenizer=text_encoder,
+                        text_len=int(t5_masks.shape[1]),
                         text_dim=int(t5[0].shape[1]))
     starts = range(0, n, shard_size)
     manifest = Manifest(settings, len(starts))

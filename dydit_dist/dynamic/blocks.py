@@ -105,27 +105,3 @@ def mlp_fast(mlp: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
     """MLP over the active channel groups only. h: (..., D) -> (..., D)."""
     return F.linear(mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, mlp.fc2.bias)
 
-
-def mlp_on_kept_tokens(
-    block: nn.Module,
-    x: torch.Tensor,
-    keep: torch.Tensor | None,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    gate: torch.Tensor,
-    w: SlicedBlock,
-) -> torch.Tensor:
-    """x + gate * MLP(modulate(norm2(x))) for the kept tokens only; the others pass unchanged.
-
-    x: (B, N, D); keep: (B, N) bool or None (all kept); shift/scale/gate: (B, 1, D).
-    The kept tokens of the whole batch form one ragged (K, D) list with their own sample's modulation.
-    """
-    h = block.norm2(x) * (1 + scale) + shift  # (B, N, D): cheap next to the MLP, avoids 3 gathers
-    if keep is None:
-        return x + gate * mlp_fast(block.mlp, h, w)
-    B, N, D = x.shape
-    flat = keep.reshape(-1).nonzero().squeeze(1)  # (K,) indices into the B*N tokens
-    hk = h.reshape(B * N, D).index_select(0, flat)  # (K, D)
-    gate_k = gate[:, 0].index_select(0, flat // N)  # (K, D): each token's own sample's gate
-    delta = gate_k * mlp_fast(block.mlp, hk, w)
-    return x.reshape(B * N, D).index_add(0, flat, delta).reshape(B, N, D)

@@ -210,8 +210,9 @@ class FastBranches(Branches):
         return torch.zeros_like(tokens, dtype=rows.dtype).index_put_((b_idx, n_idx), rows)
 
     def mlp_update(self, i, block, tokens, mod):
-        """tokens + gate * MLP(modulate(norm2(tokens))) on the kept tokens only (`blocks.mlp_on_kept_tokens`'s
-        math, through `self.ops`: compiled and bucketed when asked; the result keeps tokens' dtype under autocast)."""
+        """tokens + gate * MLP(modulate(norm2(tokens))) on the kept tokens only, the others unchanged: the kept
+        tokens of the whole batch form one ragged (K, D) list, each with its own sample's gate (through
+        `self.ops`: compiled and bucketed when asked; the result keeps tokens' dtype under autocast)."""
         keep = self._keep(i, block, tokens)
         h = block.norm2(tokens) * (1 + mod.scale_mlp) + mod.shift_mlp  # (B, N, D): cheaper than 3 gathers
         if keep is None:

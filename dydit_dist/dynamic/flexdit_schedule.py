@@ -14,7 +14,9 @@ the budget N * (1 - r) at the interval's midpoint (the pruning rate is at least 
 
 With the defaults each of the five grids covers a fifth of the timesteps; that is the schedule whose
 FLOPs average (uniform over t, like the 250 respaced DDPM steps) matches the paper's 68 G (256px),
-235 G (512px) and 91.6 G (PixArt-alpha); see `flexdit_flops` for the numbers and the alternatives.
+235 G (512px) and 91.6 G (PixArt-alpha), counted as the paper's table counts (every multiply-accumulate,
+attention scores included, in the released op order; the released logs count by fvcore's rules, which
+leave the scores out); see `flexdit_flops` for the numbers and the alternatives.
 
 In training, rank k of W draws its timesteps from [k*T/W, (k+1)*T/W) (`flexdit_timestep_interval`):
 the ranks together still draw t uniformly, and when W is a multiple of `num_intervals` every rank's

@@ -50,8 +50,9 @@ def width_table(model, timesteps: list[int]) -> dict:
     return table
 
 
-def token_fractions(model, timesteps, num_samples: int, seed: int = 0) -> dict[int, list[float]]:
-    """Measured kept-token fraction per block at each timestep, over `num_samples` DiT samples."""
+def token_fractions(model, timesteps, num_samples: int, seed: int = 0, sampler: str = "ddpm") -> dict[int, list[float]]:
+    """Measured kept-token fraction per block at each timestep, over `num_samples` DiT samples drawn with
+    `sampler` (the one `timesteps` come from: `schedule_timesteps`)."""
     recorded: dict[int, list[float]] = {}
 
     def model_fn(x, t, y):
@@ -63,7 +64,7 @@ def token_fractions(model, timesteps, num_samples: int, seed: int = 0) -> dict[i
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, kw["num_classes"], (num_samples,), generator=g)
     shape = (num_samples, kw["in_channels"], kw["input_size"], kw["input_size"])
-    sample(model_fn, shape, "ddpm", steps=len(timesteps), generator=g, model_kwargs={"y": y})
+    sample(model_fn, shape, sampler, steps=len(timesteps), generator=g, model_kwargs={"y": y})
     return recorded
 
 
@@ -71,6 +72,10 @@ def summarize(model, table: dict, tokens: dict[int, list[float]] | None) -> dict
     H = model.blocks[0].attn.num_heads
     depth = len(model.blocks)
     per_t = {}
+    missing = sorted(set(table) - set(tokens)) if tokens is not None else []
+    if missing:  # counting those as all kept would overstate the FLOPs
+        raise ValueError(f"no token fractions measured at timesteps {missing[:5]}: measured with another sampler "
+                         "or step count than the width table")
     for t, row in table.items():
         keep = (tokens or {}).get(t, [1.0] * depth)
         per_t[t] = dynamic_flops(model, [h / H for h in row["heads"]], [g / H for g in row["groups"]], keep)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build(args.model, args.image_size, args.checkpoint, args.vae_downsample, **extra)
     timesteps = schedule_timesteps(args.sampler, args.steps)
     table = width_table(model, timesteps)
-    tokens = token_fractions(model, timesteps, args.tokens) if args.tokens and family(args.model) == "dit" else None
+    tokens = (token_fractions(model, timesteps, args.tokens, sampler=args.sampler)
+              if args.tokens and family(args.model) == "dit" else None)
     summary = summarize(model, table, tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,9 @@ class WidthRouter(nn.Module):
         super().__init__()
         self.num_units = num_units
         self.router = nn.Linear(hidden_size, num_units - 1)
-        # Zero weights and a large bias: every unit starts on, so fine-tuning starts from the static model.
-        nn.init.zeros_(self.router.weight)
+        # As the official `initialize_weights` (DyDiT models.py): xavier-uniform weights, then a large bias,
+        # so the logits start near +bias_init and every unit on, but already depend on t.
+        nn.init.xavier_uniform_(self.router.weight)
         nn.init.constant_(self.router.bias, bias_init)
 
     def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,11 @@ class TokenRouter(nn.Module):
         super().__init__()
         hidden = max(hidden_size // 16, 1)
         self.mlp_head = nn.Sequential(nn.Linear(hidden_size, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp_head[2].weight)
+        # As the official `initialize_weights`: xavier-uniform weights and zero biases for both layers,
+        # then the output bias at bias_init (every token starts on; the logits already depend on it).
+        for linear in (self.mlp_head[0], self.mlp_head[2]):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
         nn.init.constant_(self.mlp_head[2].bias, bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

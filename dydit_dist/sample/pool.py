@@ -36,6 +36,7 @@ from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError
+from dydit_dist.data.manifest import CAPTION_PREPROCESSING
 from dydit_dist.diffusion.noise import stream_kind
 from dydit_dist.models import CheckpointError, family
 from dydit_dist.network import resolve_checkpoint
@@ -84,7 +85,7 @@ def sampling_settings(cfg: Config) -> dict:
     flexdit = {**dataclasses.asdict(m.flexdit), "grid_sizes": list(m.flexdit.grid_sizes)}
     text = {"caption_channels": m.caption_channels, "model_max_length": m.model_max_length,
             "lewei_scale": m.lewei_scale, "text_encoder": d.text_encoder,
-            "tokenizer": d.tokenizer or d.text_encoder}
+            "tokenizer": d.tokenizer or d.text_encoder, "caption_preprocessing": CAPTION_PREPROCESSING}
     return {
         "model": m.name, "image_size": m.image_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
         "vae_downsample": m.vae_downsample if ours else None, "learn_sigma": m.learn_sigma if ours else None,
@@ -118,8 +119,12 @@ def _method_identity(s) -> dict:
     """The method's options; an EB-Cache calibration table (a `.json` schedule) also by the schedule it
     holds (`schedule_steps`): each actor reads the table when it loads, so a table rewritten at the same
     URL with another schedule (a calibration run again) is other settings, not a folder of two
-    schedules. Its other numbers (errors, FLOPs) do not decide a sample's bytes."""
+    schedules. Its other numbers (errors, FLOPs) do not decide a sample's bytes. FORA's schedule is
+    recorded too: it is derived from the interval, and the derivation changed once (aligned to the last
+    step, as the official code)."""
     options = dataclasses.asdict(s.method_options) if s.method_options else {}
+    if s.method == "fora":
+        options["schedule_steps"] = s.fora.schedule_for(s.steps)
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         try:
             options["schedule_steps"] = s.eb_cache.schedule_for(s.steps)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from dydit_dist import pretrained
-from dydit_dist.accel.at_edm_unet import UNetPruner, unet_flops, unet_inputs
+from dydit_dist.accel.at_edm_unet import UNetPruner, unet_inputs, unet_macs
 from dydit_dist.config import Config
 from dydit_dist.diffusion import draw_noise, stream_kind
 
@@ -112,7 +112,7 @@ class SDXLShardGenerator:
                              lambda indices: prompt_meta(self.prompts, indices), self.noise_stream, self.device)
 
     def gflops(self) -> float:
-        """The UNet's GFLOPs per image forward (FlopCounterMode), averaged over the steps' plans."""
+        """The UNet's GFLOPs (multiply-accumulates, `unet_macs`) per image forward, averaged over the steps' plans."""
         if self._gflops is None:
             self._gflops = self._count_gflops()
         return self._gflops
@@ -124,7 +124,7 @@ class SDXLShardGenerator:
         unet, steps = self.pipe.unet, self.cfg.sample.steps
         inputs = unet_inputs(unet, self.latent_size, device=self.device, generator=torch.Generator().manual_seed(0))
         if self.pruner is None:
-            return unet_flops(unet, **inputs) / 1e9
+            return unet_macs(unet, **inputs) / 1e9
         rates = self.pruner.plan(steps)
         counted: dict[str, float] = {}
         self.pruner.begin(steps)
@@ -132,7 +132,7 @@ class SDXLShardGenerator:
             self.pruner.step = i
             key = repr(rates[i])
             if key not in counted:
-                counted[key] = unet_flops(unet, **inputs)
+                counted[key] = unet_macs(unet, **inputs)
         return sum(counted[repr(r)] for r in rates) / steps / 1e9
 
 
