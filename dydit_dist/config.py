@@ -174,7 +174,8 @@ class SampleConfig:
     num_samples: int = bounded(50_000, "[1, inf)")
     shard_size: int = bounded(128, "[1, inf)")  # samples per shard: the unit an actor pulls, samples and writes as one object
     batch_size: int = bounded(64, "[1, inf)")
-    sampler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddpm"
+    # dpm-solver: the authors' DPM-Solver++(2M), as PixArt-alpha samples; dpm-solver++: diffusers' scheduler
+    sampler: Literal["ddpm", "ddim", "dpm-solver", "dpm-solver++"] = "ddpm"
     steps: int = bounded(250, "[1, inf)")
     cfg_scale: float = bounded(1.5, "[0, inf)")
     guidance_channels: int | None = bounded(3, "[1, inf)")  # DiT guides only the first 3 channels; None = all

@@ -1,4 +1,5 @@
-"""DDPM / DDIM / DPM-Solver++ against independent computations, diffusers, and the randomness contract."""
+"""DDPM / DDIM / both DPM-Solver++ against independent computations, diffusers, PixArt-alpha's official
+DPM-Solver (recorded outputs), and the randomness contract."""
 
 import numpy as np
 import pytest
@@ -6,10 +7,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from dydit_dist.diffusion import (
+    ContinuousVPSchedule,
     cfg_class_batch,
     cfg_model_fn,
     create_diffusion,
     ddpm_step,
+    dpm_solver_sample,
     randn_per_sample,
     sample,
     space_timesteps,
@@ -192,7 +195,7 @@ def test_single_generator_is_reproducible():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="valid samplers: ddpm, ddim, dpm-solver\\+\\+"):
+    with pytest.raises(ValueError, match="valid samplers: ddpm, ddim, dpm-solver, dpm-solver\\+\\+"):
         sample(_toy_model, SHAPE, "euler")
     with pytest.raises(ValueError, match="generators"):
         sample(_toy_model, SHAPE, generator=[torch.Generator()])
@@ -202,3 +205,143 @@ def test_bad_input_errors():
         sample(lambda x, t: x[:, :3], SHAPE, "ddim", 2)
     with pytest.raises(ValueError, match=r"dpm-solver\+\+ needs an integer number of steps >= 1, got 'ddim"):
         sample(_toy_model, SHAPE, "dpm-solver++", "ddim20")
+    with pytest.raises(ValueError, match=r"dpm-solver needs an integer number of steps >= 1, got 0"):
+        sample(_toy_model, SHAPE, "dpm-solver", 0)
+
+
+# --- "dpm-solver": the authors' continuous-time DPM-Solver++(2M), as PixArt-alpha samples ---------------
+
+KNOTS = np.arange(1, 1001) / 1000  # discrete step n is continuous time (n + 1) / 1000
+
+
+def _abar_at(t):
+    """alphas_cumprod at continuous times t: log alpha linear in t between the discrete steps."""
+    return np.exp(np.interp(t, KNOTS, np.log(ABAR)))
+
+
+def _continuous_gaussian_model(mu, s):
+    """The exact E[eps | x_t] for x_0 ~ N(mu, s^2) at the (fractional) model timestep 1000 t - 1."""
+
+    def model(x, t):
+        abar = torch.as_tensor(_abar_at(t.numpy() / 1000 + 1 / 1000), dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return torch.sqrt(1 - abar) * (x - torch.sqrt(abar) * mu) / (abar * s**2 + 1 - abar)
+
+    return model
+
+
+def test_dpm_solver_calls_the_model_at_the_official_continuous_times():
+    # "time_uniform": t_i = 1 - i (1 - 1/N) / S, i = 0..S; the network sees (t_i - 1/N) * 1000 for the
+    # S calls i < S (999, 949.05, .., 49.95); the solver ends at t_S = 1/N without a call.
+    seen, calls = [], []
+
+    def recording_model(x, t):
+        assert t.dtype == x.dtype and t.shape == (SHAPE[0],)
+        seen.append(float(t[0]))
+        return _toy_model(x, t)
+
+    sample(recording_model, SHAPE, "dpm-solver", 20, noise=torch.zeros(SHAPE, dtype=torch.float64),
+           step_callback=lambda i, t: calls.append((i, t)))
+    expected = [(1 - i * (1 - 1 / 1000) / 20 - 1 / 1000) * 1000 for i in range(20)]
+    np.testing.assert_allclose(seen, expected, rtol=0, atol=1e-9)
+    assert seen[:3] == pytest.approx([999.0, 949.05, 899.1]) and seen[-1] == pytest.approx(49.95)
+    assert calls == [(i, int(np.floor(e + 1e-9))) for i, e in enumerate(expected)]  # 999, 949, .., 49
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_dpm_solver_first_order_is_ddim_on_the_continuous_times(steps):
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.tensor([0.8, -0.6], dtype=torch.float64)
+
+    def eps_at(x, timestep):
+        return _golden_net(x, torch.full((SHAPE[0],), timestep, dtype=torch.float64), y)[:, :4]
+
+    got = dpm_solver_sample(lambda i, x, timestep: eps_at(x, timestep), z, steps,
+                            ContinuousVPSchedule(np.linspace(1e-4, 0.02, 1000)), order=1)
+
+    x = z.numpy()
+    times = [1 - i * (1 - 1 / 1000) / steps for i in range(steps + 1)]
+    for s, t in zip(times[:-1], times[1:], strict=True):
+        abar_s, abar_t = _abar_at(s), _abar_at(t)
+        eps = eps_at(torch.from_numpy(x), (s - 1 / 1000) * 1000).numpy()
+        x0 = (x - np.sqrt(1 - abar_s) * eps) / np.sqrt(abar_s)
+        x = np.sqrt(abar_t) * x0 + np.sqrt(1 - abar_t) * eps  # DDIM, eta = 0
+    np.testing.assert_allclose(got.numpy(), x, rtol=0, atol=1e-12)
+
+
+# Outputs of PixArt-alpha's official DPM-Solver, PixArt-alpha/PixArt-alpha @
+# cac2fd3b4544cf7620d8fbbf8b19d97ffcb85892, diffusion/model/dpm_solver.py, run once in float64 as
+# scripts/inference.py and diffusion/dpm_solver.py (DPMS) call it: NoiseScheduleVP("discrete", betas=IDDPM
+# linear betas over 1000 steps, dtype=torch.float64) under torch.set_default_dtype(torch.float64) (the
+# official times follow the default dtype), model_wrapper(net, ns, model_type="noise",
+# guidance_type="classifier-free", condition=COND, unconditional_condition=zeros(2), guidance_scale=cfg),
+# DPM_Solver(..., algorithm_type="dpmsolver++").sample(Z, steps, order=2, skip_type="time_uniform",
+# method="multistep"), with net = _golden_net's eps and Z, COND as below; the flattened output was printed
+# with repr(float).
+GOLDEN_SHAPE = (2, 2, 2, 2)
+GOLDEN_COND = torch.tensor([0.8, -0.6], dtype=torch.float64)
+GOLDEN = {
+    (20, 4.5): [
+        1.9586025043348403, 2.4726157508961992, 1.3358066062775151, 1.1454218682541037,
+        2.3156087007409094, 2.193409186765163, 1.0591540312349252, 1.4660182838792197,
+        -0.5489032541017609, -1.213709091874782, -2.1043641864349074, -1.1828475589322183,
+        -0.5578482643106111, -1.5955554310190867, -1.9804796749589788, -0.8317255846656348,
+    ],
+    (6, 1.0): [  # fewer than 10 steps: the last update is first order again
+        0.503852517043573, 0.7685431664517469, 0.17218557651905572, 0.0726742620208595,
+        0.6885028319943345, 0.6258986264043539, 0.0277626821476801, 0.2409159001764368,
+        0.10902784943733143, -0.24462831534605112, -0.7104675654416329, -0.22788453858391539,
+        0.10433773928003592, -0.4492317397905682, -0.6473900619932617, -0.03970996531164068,
+    ],
+}
+
+
+def _golden_net(x, t, y):
+    """Near-exact eps of N(0.5 y, 0.5^2) data under the continuous linear VP schedule, plus a small
+    nonlinear term; then variance channels (constant, to be dropped) as PixArt's network has them."""
+    tau = (t / 1000).reshape(-1, 1, 1, 1)
+    abar = torch.exp(-(0.1 * tau + 9.95 * tau**2))
+    mean = 0.5 * y.reshape(-1, 1, 1, 1)
+    eps = torch.sqrt(1 - abar) * (x - torch.sqrt(abar) * mean) / (0.25 * abar + 1 - abar) + 0.05 * torch.tanh(x)
+    return torch.cat([eps, torch.full_like(x, 7.0)], dim=1)
+
+
+@pytest.mark.parametrize("steps, cfg_scale", sorted(GOLDEN))
+def test_dpm_solver_matches_pixart_official_outputs(steps, cfg_scale):
+    z = 1.5 * torch.sin(torch.arange(16, dtype=torch.float64) * 1.7 + 0.3).reshape(GOLDEN_SHAPE)
+    if cfg_scale == 1.0:
+        got = sample(_golden_net, z.shape, "dpm-solver", steps, noise=z, model_kwargs={"y": GOLDEN_COND})
+    else:  # PixArt guides every eps channel: guidance_channels=None
+        x2 = torch.cat([z, z])
+        y2 = torch.cat([GOLDEN_COND, torch.zeros(2, dtype=torch.float64)])
+        guided = cfg_model_fn(_golden_net, cfg_scale, guidance_channels=None)
+        got = sample(guided, x2.shape, "dpm-solver", steps, noise=x2, model_kwargs={"y": y2})[:2]
+    np.testing.assert_allclose(got.reshape(-1).numpy(), GOLDEN[steps, cfg_scale], rtol=0, atol=1e-10)
+
+
+def test_dpm_solver_converges_to_the_gaussian_probability_flow_at_t0():
+    # x_0 ~ N(mu, s^2): the probability-flow ODE carries z at t = 1 to
+    # alpha_0 mu + sqrt(alpha_0^2 s^2 + sigma_0^2) (z - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2)
+    # at the solver's end time t_0 = 1/1000 (sigma_0 ~ 0.01, not 0: ending at sigma 0 is 1.3e-3 away).
+    mu, s = 0.3, 0.5
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    abar_T, abar_0 = _abar_at(1.0), _abar_at(1 / 1000)
+    exact = np.sqrt(abar_0) * mu + np.sqrt(abar_0 * s**2 + 1 - abar_0) * (z - np.sqrt(abar_T) * mu) / np.sqrt(
+        abar_T * s**2 + 1 - abar_T
+    )
+    errors = [
+        (sample(_continuous_gaussian_model(mu, s), SHAPE, "dpm-solver", n, noise=z) - exact).abs().max().item()
+        for n in (80, 160, 320, 1000)
+    ]
+    assert errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5  # second order
+    assert errors[3] < 3e-4
+
+
+def test_dpm_solver_rows_do_not_depend_on_their_batch():
+    z = torch.randn((3, 4, 3, 3), generator=torch.Generator().manual_seed(9))
+    labels = torch.tensor([1, 2, 3])
+    x2, y2 = cfg_class_batch(z, labels, num_classes=10)
+    batch = sample(cfg_model_fn(_toy_model, 4.5, None), x2.shape, "dpm-solver", 8, noise=x2, model_kwargs={"y": y2})
+    x1, y1 = cfg_class_batch(z[1:2], labels[1:2], num_classes=10)
+    alone = sample(cfg_model_fn(_toy_model, 4.5, None), x1.shape, "dpm-solver", 8, noise=x1, model_kwargs={"y": y1})
+    torch.testing.assert_close(batch[1:2], alone[:1], atol=1e-6, rtol=0)
+    assert torch.equal(batch[:3], batch[3:])  # both halves carry the guided trajectory

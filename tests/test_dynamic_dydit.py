@@ -415,7 +415,7 @@ def test_inspect_entry_point_writes_table_and_plot(tmp_path):
     assert 0 < summary["ratio"] <= 1.01 and len(summary["per_timestep_gflops"]) == 10
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver", "dpm-solver++"])
 def test_inspect_measures_tokens_at_the_timesteps_of_its_sampler(tmp_path, sampler):
     """Token fractions come from sampling with the table's sampler; a timestep without one is an error,
     never a silent 'all tokens kept'."""

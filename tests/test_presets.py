@@ -98,7 +98,7 @@ RECIPES = {
         ("train.ema_decay", 0.9999, f"{PIXART} configs/PixArt_xl2_internal.py:40"),
         ("train.caption_dropout", 0.1, f"{PIXART} diffusion/model/nets/PixArt.py:66"),
         ("data.flip", False, f"{PIXART} diffusion/data/transforms.py:20-29"),
-        ("sample.sampler", "dpm-solver++", f"{PIXART} scripts/inference.py:101-107"),
+        ("sample.sampler", "dpm-solver", f"{PIXART} scripts/inference.py:96-107 (the authors' DPM-Solver)"),
         ("sample.steps", 20, f"{PIXART} scripts/inference.py:32-33"),
         ("sample.cfg_scale", 4.5, f"{PIXART} scripts/inference.py:32-33"),
     ],

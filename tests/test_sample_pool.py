@@ -9,7 +9,7 @@ import torch
 from actor_faults import SamplingWorkerWithoutGpu, lost_gpu_at_start
 from sampling_util import random_checkpoint, tiny_config
 
-from dydit_dist import storage
+from dydit_dist import config, storage
 from dydit_dist.sample import SamplesManifest, iter_samples, pool, run_sampling
 from dydit_dist.sample.plan import class_label
 
@@ -161,3 +161,14 @@ def test_fora_settings_record_the_schedule_they_sample_with(tmp_path):
     derivation (full steps counted from the first step) other settings than one of today's."""
     cfg = tiny_config(str(tmp_path), "sample.method=fora", "sample.fora.interval=3", "sample.steps=5")
     assert pool.sampling_settings(cfg)["method_options"] == {"interval": 3, "schedule_steps": "00220"}
+
+
+def test_text_to_image_settings_record_how_captions_reach_t5(tmp_path):
+    """Cleaned as PixArt's T5 embedder cleans them, encoded by an fp32 T5 (the official inference): a
+    folder sampled before either is other settings."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    cfg = config.load("pixart_xl2_256", [f"storage.root={tmp_path}", "model.name=PixArt-debug",
+                                         f"sample.prompts={prompts}"])
+    text = pool.sampling_settings(cfg)["text"]
+    assert text["caption_preprocessing"] == "pixart-clean-caption-x2" and text["text_encoder_dtype"] == "fp32"

@@ -73,17 +73,18 @@ def test_ratio_zero_is_the_unpruned_unet_exactly():
 
 
 def predicted_saving(layout, counts_of, rows: int, text_tokens: int, iterations: int) -> float:
-    """FLOPs a pruned step saves, written out: per layer at width D on n_j of N tokens, the linear layers
-    (q, k, v, out: 4 D^2; cross q, out: 2 D^2; GEGLU FFN 8 D^2 + 4 D^2), self-attention (2 N^2 D),
-    cross-attention (2 N L D); minus the ranking (G-WPR: iterations x N^2) and the copy similarity."""
+    """Multiply-accumulates a pruned step saves (the project's FLOPs, `unet_macs`), written out: per layer at
+    width D on n_j of N tokens, the linear layers (q, k, v, out: 4 D^2; cross q, out: 2 D^2; GEGLU FFN
+    8 D^2 + 4 D^2), self-attention (2 N^2 D), cross-attention (2 N L D); minus the ranking (G-WPR:
+    iterations x N^2) and the copy similarity."""
     saved = 0.0
     for k, seg in enumerate(layout):
         n, d, counts = seg.tokens, seg.width, counts_of(k)
         for j, c in enumerate(counts):
-            saved += 2 * ((n - c) * 18 * d * d + 2 * (n * n - c * c) * d + 2 * (n - c) * text_tokens * d)
+            saved += (n - c) * 18 * d * d + 2 * (n * n - c * c) * d + 2 * (n - c) * text_tokens * d
             keep = counts[j + 1] if j + 1 < len(counts) else c
             if keep < c:
-                saved -= 2 * (iterations * c * c + (c - keep) * keep * d)
+                saved -= iterations * c * c + (c - keep) * keep * d
     return rows * saved
 
 

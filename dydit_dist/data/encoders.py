@@ -98,13 +98,17 @@ class TextEncoder:
     pads them back to `max_length` with zeros (PixArt attends only to the real tokens).
     """
 
-    def __init__(self, text_encoder: str, tokenizer: str | None, max_length: int, device: str | None = None):
+    def __init__(self, text_encoder: str, tokenizer: str | None, max_length: int, device: str | None = None,
+                 dtype: torch.dtype | None = None):
+        """dtype: T5's weights; default bf16 on a GPU (as the official feature extraction for training,
+        tools/extract_features.py), fp32 on CPU. Sampling passes fp32, as the official scripts/inference.py."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = device or default_device()
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or text_encoder)
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = T5EncoderModel.from_pretrained(text_encoder, dtype=dtype).to(self.device).eval()
         self.dim = self.model.config.d_model
 

@@ -4,6 +4,7 @@ Knows nothing of networks beyond ``model(x, t, **cond) -> output`` (C eps channe
 learned-range variance values), with ``t`` the original timesteps 0..999.
 """
 
+from .dpm_solver import ContinuousVPSchedule, dpm_solver_sample
 from .guidance import cfg_caption_batch, cfg_class_batch, cfg_model_fn
 from .losses import (
     discretized_gaussian_log_likelihood,
@@ -27,6 +28,7 @@ from .schedule import GaussianDiffusion, create_diffusion, linear_betas, respace
 
 __all__ = [
     "SAMPLERS",
+    "ContinuousVPSchedule",
     "CounterNoise",
     "GaussianDiffusion",
     "cfg_caption_batch",
@@ -36,6 +38,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_sample",
     "dpm_solver_scheduler",
     "draw_noise",
     "linear_betas",

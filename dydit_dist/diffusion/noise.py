@@ -55,8 +55,10 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> 
 
 
 def _uniform(words: torch.Tensor) -> torch.Tensor:
-    """32-bit words -> float32 uniforms in (0, 1), exact in float32: the top 24 bits, offset by half a step
-    (never 0: Box-Muller takes a log)."""
+    """32-bit words -> float32 uniforms in (0, 1]: the top 24 bits, offset by half a step (never 0:
+    Box-Muller takes a log). Above 2^23 float32 steps by 1, so the half step rounds (to even) there and
+    the top word gives exactly 1.0 (a radius of 0): a bias of about 2^-24, kept because changing it
+    would change every sample's noise (and so every recorded samples folder's bytes)."""
     return ((words >> 8).to(torch.float32) + 0.5) * 2.0**-24
 
 

@@ -1,4 +1,8 @@
-"""Samplers: IDDPM ancestral DDPM, DDIM and DPM-Solver++(2M), behind one ``sample`` entry point.
+"""Samplers: IDDPM ancestral DDPM, DDIM and two DPM-Solver++(2M), behind one ``sample`` entry point.
+
+``dpm-solver`` is the DPM-Solver authors' continuous-time solver as PixArt-alpha's own sampling runs it
+(``dpm_solver.py``); ``dpm-solver++`` is diffusers' DPMSolverMultistepScheduler as PixArt-alpha's
+diffusers pipeline runs it (integer timesteps, a last step to sigma 0). The two differ per sample.
 
 Randomness contract (what makes a 50k-sample job reproducible from sample indices alone): ``generator``
 may be a ``CounterNoise`` (``noise.py``: row b's noise of draw i is a function of (row b's key, i),
@@ -12,25 +16,29 @@ Precision: the state x, the noise and the scheduler arithmetic are float32 whate
 caller runs the model under; model outputs are cast to x's dtype before a step.
 
 Models are called as ``model_fn(x, t, **model_kwargs)`` with ``t`` a (B,) LongTensor of ORIGINAL
-timesteps (0..999); ``step_callback(i, t)`` (step index 0..S-1, original timestep as int) runs before
-each model call, for methods that keep per-step state such as feature caches.
+timesteps (0..999), except under ``dpm-solver``, whose continuous times reach the model as fractional
+timesteps (a (B,) tensor of x's dtype: 999, 949.05, ..). ``step_callback(i, t)`` (step index 0..S-1,
+original timestep as int; a fractional one rounded down, as the timestep-indexed plans of DyDiT and
+FlexDiT read it) runs before each model call, for methods that keep per-step state such as feature caches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .dpm_solver import ContinuousVPSchedule, dpm_solver_sample
 from .losses import p_mean_variance
 from .noise import CounterNoise
 from .schedule import GaussianDiffusion, create_diffusion, linear_betas
 
 __all__ = ["SAMPLERS", "ddim_step", "ddpm_step", "dpm_solver_scheduler", "draw_noise", "randn_per_sample", "sample"]
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver", "dpm-solver++")
 
 Generators = CounterNoise | torch.Generator | Sequence[torch.Generator] | None
 
@@ -118,14 +126,17 @@ def ddim_step(
 
 
 def dpm_solver_scheduler(num_train_timesteps: int = 1000):
-    """diffusers' DPMSolverMultistepScheduler set up as PixArt-alpha's diffusers pipeline samples.
+    """diffusers' DPMSolverMultistepScheduler set up as PixArt-alpha's diffusers pipeline samples
+    (the ``dpm-solver++`` sampler).
 
     DPM-Solver++ (data prediction), order 2 multistep, midpoint, on our linear betas, "linspace"
     timesteps (20 steps: 999, 949, 899, .., 50, all integers) and a last first-order step to sigma = 0.
-    PixArt's original repository uses the reference DPM-Solver with "time_uniform" continuous times
-    (fractional timesteps, interpolated schedule, ending at t = 1/1000); that variant is not
-    reproduced here. The model's variance channels are dropped before stepping (diffusers' own
-    ``variance_type`` handling keeps only 3 channels, wrong for 4-channel latents).
+    PixArt's original repository samples with the authors' DPM-Solver instead (the ``dpm-solver``
+    sampler, ``dpm_solver.py``): "time_uniform" continuous times (fractional timesteps 999, 949.05, ..,
+    on a schedule interpolated between steps), first order only on the first update (for >= 10 steps),
+    ending at t = 1/1000 (sigma ~ 0.01) instead of 0. The model's variance channels are dropped
+    before stepping (diffusers' own ``variance_type`` handling keeps only 3 channels, wrong for
+    4-channel latents).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -172,7 +183,8 @@ def sample(
 
     Args:
         model_fn: ``model_fn(x, t, **model_kwargs)`` -> (B, C or 2C, ...) eps (+ learned-range values).
-        sampler: "ddpm" (ancestral, learned variance), "ddim" or "dpm-solver++".
+        sampler: "ddpm" (ancestral, learned variance), "ddim", "dpm-solver" (the authors' DPM-Solver++(2M),
+            as PixArt-alpha samples) or "dpm-solver++" (diffusers' DPM-Solver++(2M)).
         steps: number of steps; for ddpm / ddim also an IDDPM respacing string ("250", "ddim50").
             ddpm with 250 keeps round(i * 999 / 249); ddim with 50 keeps 0, 20, .., 980.
         generator: see the module docstring; the same generator(s) draw the initial and step noise.
@@ -195,6 +207,10 @@ def sample(
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     model_kwargs = model_kwargs or {}
 
+    if sampler == "dpm-solver":
+        return _sample_continuous_dpm_solver(
+            model_fn, x, steps, model_kwargs, progress, step_callback, num_train_timesteps
+        )
     if sampler == "dpm-solver++":
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"dpm-solver++ needs an integer number of steps >= 1, got {steps!r}")
@@ -241,3 +257,18 @@ def _sample_dpm_solver(model_fn, x, steps, model_kwargs, progress, step_callback
         eps = _eps_channels(model_fn(x, t_model, **model_kwargs), channels)
         x = scheduler.step(eps.to(x.dtype), t, x).prev_sample
     return x
+
+
+def _sample_continuous_dpm_solver(model_fn, x, steps, model_kwargs, progress, step_callback, num_train_timesteps):
+    """The authors' DPM-Solver++(2M) on continuous times (deterministic: only the initial noise is random)."""
+    channels = x.shape[1]
+
+    def eps_fn(i: int, x: torch.Tensor, timestep: float) -> torch.Tensor:
+        if step_callback is not None:
+            # 1e-6: a timestep that is an integer up to float rounding (999.0, or any with 1000 steps) is that integer
+            step_callback(i, math.floor(timestep + 1e-6))
+        t_model = torch.full((x.shape[0],), timestep, dtype=x.dtype, device=x.device)
+        return _eps_channels(model_fn(x, t_model, **model_kwargs), channels)
+
+    schedule = ContinuousVPSchedule(linear_betas(num_train_timesteps))
+    return dpm_solver_sample(eps_fn, x, steps, schedule, order=2, progress=progress)

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.diffusion import create_diffusion, dpm_solver_scheduler, sample
+from dydit_dist.diffusion import (
+    SAMPLERS,
+    ContinuousVPSchedule,
+    create_diffusion,
+    dpm_solver_scheduler,
+    linear_betas,
+    sample,
+)
 from dydit_dist.models import load_into, parse_state_dict
 from dydit_dist.models.registry import arch, family
 
@@ -29,7 +37,11 @@ from .fast import FastPath
 
 
 def schedule_timesteps(sampler: str, steps: int) -> list[int]:
-    """The original timesteps a sampler passes to the model, first (noisiest) to last."""
+    """The original timesteps a sampler passes to the model, first (noisiest) to last (the authors'
+    DPM-Solver passes fractional ones: rounded down, as its step callback and the width plan see them)."""
+    if sampler == "dpm-solver":
+        schedule = ContinuousVPSchedule(linear_betas(1000))
+        return [math.floor(schedule.model_timestep(t) + 1e-6) for t in schedule.times(steps)[:-1]]  # as the sampler
     if sampler == "dpm-solver++":
 
         scheduler = dpm_solver_scheduler()
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--vae-downsample", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm-solver++"])
+    parser.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--tokens", type=int, default=0, help="samples to measure token skipping on")
     parser.add_argument("--out", default="outputs/dydit_width")

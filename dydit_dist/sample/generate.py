@@ -75,7 +75,8 @@ def _conditioner(cfg: Config, model, device):
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
     d, root = cfg.data, cfg.storage.root
     tokenizer = pretrained.local(d.tokenizer, root) if d.tokenizer else None
-    encoder = TextEncoder(pretrained.local(d.text_encoder, root), tokenizer, cfg.model.model_max_length, str(device))
+    encoder = TextEncoder(pretrained.local(d.text_encoder, root), tokenizer, cfg.model.model_max_length, str(device),
+                          dtype=torch.float32)  # as the official inference (scripts/inference.py); `text_encoder_dtype`
     return CaptionConditioner(load_prompts(cfg.sample.prompts), encoder, model.y_embedder.y_embedding)
 
 
