@@ -63,7 +63,7 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     """Parse with a `job_parser` (plus any options added to it) -> (validated Config, all arguments),
     with storage and logging configured; a bad config or YAML file is `job: message` and SystemExit(2)."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow overrides: `... key=value --dry-run key=value`
     try:
         cfg = config_lib.load(args.config, args.overrides)
         storage.configure_from(cfg.storage)  # refuses a root the job's writers could not share (memory://)
@@ -85,10 +85,11 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
     """A job's exit status (see the module docstring), with `work()`'s one-line summary (if any) on stdout.
 
     With `cfg` (every job passes it): the job's preflight first (`preflight.check(cfg, name,
-    **preflight_options)`; `dry_run` stops there); then `finished()`, a message when there is nothing
-    left to do (exit 0, nothing written), which may also refuse the run's state with an input error
-    (nothing written either); then the run's lease (`dydit_dist.lease`), held while `work`
-    runs. `errors` are the job's own bad-input errors (exit 2); any other exception is a bug."""
+    **preflight_options)`); then `finished()`, a message when there is nothing left to do (exit 0,
+    nothing written), which may also refuse the run's state with an input error (nothing written
+    either; a resume with changed settings) — `dry_run` stops after both, so that a dry run refuses
+    what the job would; then the run's lease (`dydit_dist.lease`), held while `work` runs. `errors` are
+    the job's own bad-input errors (exit 2); any other exception is a bug."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     install_signal_handlers(name, cfg)
     # preflight resolves checkpoints and data with torch, ray and deepspeed: imported once the config is known good
@@ -98,10 +99,10 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
     try:
         if cfg is not None:
             check(cfg, name, **preflight_options)
-            if dry_run:
-                return 0
             if finished is not None and (message := finished()):
                 print(f"{name}: {message}; nothing to do")
+                return 0
+            if dry_run:
                 return 0
             _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s, on_lost=stop_job)
         summary = work()

@@ -3,7 +3,8 @@
     cfg = load("debug", ["train.max_steps=10", "model.name=DiT-S/2"])
 
 A preset is a YAML file in `dydit_dist/configs/` (or any path). It may name another preset in
-`_base_`, whose values it overrides. Overrides use omegaconf's dotlist syntax. Every key is checked
+`_base_`, whose values it overrides. Overrides use omegaconf's dotlist syntax, except that a string field
+keeps the text it is given (`storage.run=2024` is the string '2024'). Every key is checked
 against the schema: an unknown key, a wrong type, a value outside its choices or a number outside
 its range raises `ConfigError` naming the key and the valid choices or range; cross-field rules are
 checked once, in `Config.validate`.
@@ -20,7 +21,6 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import OmegaConf
@@ -29,16 +29,17 @@ from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
 from dydit_dist.accel.dsap import build_plan, unet_early_unpruned, unet_layout
 from dydit_dist.accel.methods import METHODS
+from dydit_dist.config_files import (  # noqa: F401 - PRESET_DIR, presets: re-exported, config is where they are used
+    PRESET_DIR,
+    ConfigError,
+    merge,
+    presets,
+    read_preset,
+    refuse_interpolations,
+)
 from dydit_dist.dynamic import DyDiTOptions, FlexOptions
 from dydit_dist.dynamic.flexdit_schedule import parse_layout
 from dydit_dist.models.registry import arch, family
-
-PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that does not fit the schema."""
-
 
 SDXL_SAMPLERS = ("ddim", "dpm-solver++")  # diffusers schedulers of model.family sdxl (sample/sdxl.py)
 SDXL_METHODS = ("static", "at_edm")
@@ -370,39 +371,6 @@ class Config:
 # ----------------------------------------------------------------------------- building
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(
-                f"config {name_or_path!r} is neither a YAML file nor a preset; presets: {', '.join(presets())}"
-            )
-    if str(path) in seen:
-        raise ConfigError(f"config {path} inherits from itself through _base_: {' -> '.join(seen)}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
-    base = raw.pop("_base_", None)
-    if base is None:
-        return raw
-    return _merge(_read_preset(base, seen + (str(path),)), raw)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against annotation `tp`; ints become floats where a float is expected."""
     origin = typing.get_origin(tp)
@@ -426,7 +394,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} fits none of {tp}")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={value!r} must be a list")
+            hint = f", e.g. {key}=[{value}]" if isinstance(value, str | int | float) else ""
+            raise ConfigError(f"{key}={value!r} must be a list{hint}")
         item_tp = typing.get_args(tp)[0]  # list[T] or tuple[T, ...]
         return origin(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
@@ -436,7 +405,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        hint = f" (quote a string of digits: {key}='...')" if tp is str and isinstance(value, int | float) else ""
+        # only a YAML file gets here with a number for a string: an override keeps the text it was given
+        leaf = key.rsplit(".", 1)[-1]
+        hint = f" (quote it in the YAML file: {leaf}: '...')" if tp is str and isinstance(value, int | float) else ""
         raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}, got {type(value).__name__}{hint}")
     return value
 
@@ -466,26 +437,52 @@ def from_dict(values: dict) -> Config:
 
 def load(name_or_path: str = "debug", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Preset or YAML path, then the dotlist overrides, as a validated typed Config."""
-    values = _read_preset(name_or_path)
+    values = read_preset(name_or_path)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-        values = _merge(values, dot)
-    _refuse_interpolations(values)
+        for item in overrides:
+            values = merge(values, _override(item))
+    refuse_interpolations(values)
     return from_dict(values)
 
 
-def _refuse_interpolations(values: dict, prefix: str = "") -> None:
-    """`${...}` (e.g. `${oc.env:VAR}`) would be expanded into the config every job writes, secrets included."""
-    for key, value in values.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            _refuse_interpolations(value, full)
-        elif isinstance(value, str) and "${" in value:
-            raise ConfigError(f"{full}={value!r}: interpolations (${{...}}) are not allowed, since the resolved config "
-                              "is written next to the outputs; pass the value itself")
+def _override(item: str) -> dict:
+    """One dotlist override `key=text` as nested values. YAML types the text, except for a key whose field is
+    a string: there the text is taken as typed (`storage.run=2024`, `sample.eb_cache.schedule=0202`, which
+    YAML reads as the octal int 130); quotes still make YAML's string (`key='0202'`)."""
+    values = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    key, _, text = item.partition("=")
+    tp = _field_type(key)
+    if tp is None:  # not a field of the schema: `_build` names the valid keys
+        return values
+    *sections, leaf = key.split(".")
+    inner = values
+    for section in sections:
+        inner = inner[section]
+    if text == "" and not _accepts(tp, type(None)):
+        raise ConfigError(f"{key} must not be empty (got {item!r})")
+    if isinstance(inner[leaf], int | float) and _accepts(tp, str):  # bool is an int too
+        inner[leaf] = text
+    return values
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of the field a dotted key names (`sample.eb_cache.schedule` -> str), None if none."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    """Whether annotation `tp` is `kind` or a union with it (`str | None` accepts str and NoneType)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return kind in typing.get_args(tp)
+    return tp is kind
 
 
 def save(cfg: Config, url: str) -> None:

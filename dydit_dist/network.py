@@ -29,6 +29,7 @@ from dydit_dist import storage
 from dydit_dist.config import Config, ModelConfig
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS, DyDiT, DyPixArt, flexdit_from_static
 from dydit_dist.models import (
+    CheckpointError,
     LoadResult,
     build_model,
     family,
@@ -103,11 +104,24 @@ def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Modu
 # ---------------------------------------------------------------------------- which weights
 
 
+def read_ema_pointer(pointer: str) -> dict:
+    """A run's `ema-latest.json` ({"url", "step", ...}); FileNotFoundError when there is none, CheckpointError
+    naming it when it is not such a pointer (cut short, or edited by hand)."""
+    try:
+        value = storage.read_json(pointer)
+        if not isinstance(value, dict) or not isinstance(value.get("url"), str) or not isinstance(value.get("step"), int):
+            raise ValueError(f"expected {{\"url\": str, \"step\": int, ...}}, got {str(value)[:80]}")
+    except ValueError as err:  # JSONDecodeError too
+        raise CheckpointError(f"{pointer}: not an EMA pointer ({err}); remove it, and a resumed run writes it "
+                              "again from its last committed checkpoint") from None
+    return value
+
+
 def resolve_weights(source: str) -> str:
     """A weights file URL for `source`: a file, or a previous run's folder (its newest EMA export)."""
     pointer = ema_pointer(source)
     if not source.endswith((".pt", ".pth", ".safetensors", ".bin")) and storage.exists(pointer):
-        return storage.read_json(pointer)["url"]
+        return read_ema_pointer(pointer)["url"]
     return source
 
 
@@ -115,7 +129,7 @@ def latest_ema(run: str) -> str:
     """URL of the newest exported EMA weights of a run folder (`{root}/runs/{run}`)."""
     pointer = ema_pointer(run)
     try:
-        return storage.read_json(pointer)["url"]
+        return read_ema_pointer(pointer)["url"]
     except FileNotFoundError:
         raise FileNotFoundError(f"{pointer}: no EMA weights exported yet (no checkpoint written by this run)") from None
 

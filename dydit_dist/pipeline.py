@@ -42,6 +42,7 @@ from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.evaluate import evaluation_settings
 from dydit_dist.lease import Lease, stop_job
+from dydit_dist.network import read_ema_pointer
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesManifest, run_sampling, sampling_settings
 from dydit_dist.sample.plan import plan_shards
@@ -174,7 +175,7 @@ def reference_stage(cfg: Config) -> None:
 def trained_to_end(cfg: Config) -> bool:
     """Whether the fine-tuning run of `cfg` exported EMA weights at train.max_steps."""
     pointer = RunPaths(cfg).ema_pointer
-    return storage.exists(pointer) and storage.read_json(pointer)["step"] >= cfg.train.max_steps
+    return storage.exists(pointer) and read_ema_pointer(pointer)["step"] >= cfg.train.max_steps
 
 
 def finetune_changes(cfg: Config) -> list[str]:

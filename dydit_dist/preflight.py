@@ -287,8 +287,9 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
         return
     if not samples_made:
         p.add(resolve.samples(samples, cfg))
-    if "isc" in e.metrics and count is not None and e.isc_splits > count:
-        p.add(Input("eval.isc_splits", e.isc_splits, problem=f"more splits than the {count} samples; the Inception "
+    total = cfg.sample.num_samples if samples_made else resolve.samples_count(samples, planned=True)
+    if "isc" in e.metrics and total is not None and e.isc_splits > total:  # of the whole folder, once complete
+        p.add(Input("eval.isc_splits", e.isc_splits, problem=f"more splits than the {total} samples; the Inception "
                                                              "Score takes at least one sample per split"))
     if needs_reference(e.metrics):
         p.add(reference or _made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
@@ -341,6 +342,10 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
     flop = num_samples * s.steps * guidance * macs * 2
     p.stages.append(Stage("calibrate", f"EB-Cache table of {m.name} for {s.sampler} {s.steps} steps: {num_samples} "
                                        f"samples x {s.steps} x {guidance} x {_macs(macs)} x 2 = {_flop(flop)}", flop))
+    if not m.checkpoint and not allow_random:  # even the debug models: random weights make a meaningless table
+        p.add(Input("model.checkpoint", None, problem="unset: calibrating random weights gives a meaningless table "
+                                                      "(pass --random-init to do it anyway)"))
+        return
     p.add(resolve.sampling_weights(cfg, None, allow_random))
 
 

@@ -26,7 +26,7 @@ from dydit_dist.config import Config
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
 from dydit_dist.models import read_shapes
-from dydit_dist.network import build_network
+from dydit_dist.network import build_network, read_ema_pointer
 from dydit_dist.paths import ema_pointer
 from dydit_dist.sample import SamplesManifest
 from dydit_dist.sample.plan import PromptsError, parse_prompts
@@ -178,10 +178,13 @@ def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
     try:
         url = source
         if not source.endswith(WEIGHT_SUFFIXES) and storage.exists(ema_pointer(source)):
-            url = storage.read_json(ema_pointer(source))["url"]
+            url = read_ema_pointer(ema_pointer(source))["url"]
         if not storage.exists(url):
             where = f" (named by {ema_pointer(source)})" if url != source else ""
             return Input(key, source, problem=f"{url}{where} not found; expected {expected}")
+        if url == source and not source.endswith(WEIGHT_SUFFIXES) and storage.is_folder(source):
+            return Input(key, source, problem=f"a folder without checkpoints/ema-latest.json (a run that exported no "
+                                              f"EMA weights yet?); expected {expected}")
         with storage.open_file(url, "rb", block_size=HEADER_BLOCK) as f:
             shapes = read_shapes(f, url)
         unfit = _unfit_keys(shapes, cfg, allow_missing)
@@ -243,10 +246,12 @@ def quietly(done: Callable[..., bool], *args) -> bool:
         return False
 
 
-def samples_count(url: str) -> int | None:
+def samples_count(url: str, planned: bool = False) -> int | None:
+    """The samples a folder's manifest records (`planned`: the count its sampling job makes, when done)."""
     try:
-        return int(storage.read_json(manifest_url(url))["num_samples"])
-    except (OSError, ValueError, KeyError):
+        manifest = storage.read_json(manifest_url(url))
+        return int(manifest["settings"]["num_samples"] if planned else manifest["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -295,6 +295,12 @@ def size(url: str) -> int:
         raise FileNotFoundError(f"{url}: no such object") from None
 
 
+def is_folder(url: str) -> bool:
+    """Whether `url` is a folder (a prefix with objects under it, on S3), not an object."""
+    fs, path = filesystem(url)
+    return bool(_retry(url, "checking", _timed(fs, "isdir", path)))
+
+
 def listdir(url: str) -> list[str]:
     """URLs of the objects directly under a folder URL (sorted); empty when it does not exist."""
     fs, path = filesystem(url)

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(parser, argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
+    if not 0.0 <= args.tolerance_at_zero <= args.tolerance:
+        parser.error(f"need 0 <= --tolerance-at-zero <= --tolerance, got {args.tolerance_at_zero} and {args.tolerance}")
     # heavy (torch, diffusers): imported once the config is known good
     from dydit_dist.sample.calibrate import run_calibration
 

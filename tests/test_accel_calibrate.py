@@ -63,9 +63,14 @@ def test_entry_point_writes_a_table_the_runner_reads(tmp_path):
     assert runner.schedule == table["schedule"]
 
 
-def test_entry_point_refuses_random_weights_unless_asked(tmp_path):
-    with pytest.raises(ValueError, match="random-init"):
-        main(["--out", str(tmp_path / "t.json"), "sample.steps=2", "model.image_size=8"])
+def test_entry_point_refuses_random_weights_unless_asked(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "t.json"), "sample.steps=2", "model.image_size=8"]) == 2  # in the preflight
+    assert "pass --random-init" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+    from dydit_dist import config as config_lib
+    from dydit_dist.sample.calibrate import run_calibration
+
+    with pytest.raises(ValueError, match="random-init"):  # and in the calibration itself
+        run_calibration(config_lib.load("debug", ["sample.steps=2", "model.image_size=8"]), out=str(tmp_path / "t.json"))
     bad = tmp_path / "other.json"
     bad.write_text('{"schedule": "00"}')
     with pytest.raises(ValueError, match="not an EB-Cache calibration table"):

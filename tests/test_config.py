@@ -117,5 +117,56 @@ def test_the_network_variant_is_one_knob():
     with pytest.raises(ConfigError, match=r"sample.method='flexdit' runs .* \['flexdit'\], got model.method='dydit'"):
         load("debug", ["model.method=dydit", "sample.method=flexdit"])
     assert load("debug", ["model.method=dydit", "sample.method=eb_cache", "sample.eb_cache.schedule='0202020202'"])
-    with pytest.raises(ConfigError, match=r"quote a string of digits: sample.eb_cache.schedule='...'"):
-        load("debug", ["sample.eb_cache.schedule=0202020202"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("_base_: 5\n", r"_base_ must be one preset name or YAML path \(a string\), got 5"),
+    ("_base_: [debug]\n", r"_base_ must be one preset name or YAML path \(a string\), got \['debug'\]"),
+    ("_base_: nosuch\n", r"config 'nosuch' \(the _base_ of .*mine.yaml\) is neither a YAML file nor a preset"),
+    ("_base_: other/nosuch.yaml\n", r"config file other/nosuch.yaml \(the _base_ of .*mine.yaml\) not found"),
+])
+def test_a_bad_base_names_the_file_that_holds_it(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(str(path))
+
+
+def test_a_config_path_that_is_not_a_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml not found$"):
+        load(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="config file nope.yml not found"):  # a YAML name, no folder
+        load("nope.yml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"folder.yaml is a folder; expected a YAML file"):
+        load(str(tmp_path / "folder.yaml"))
+    with pytest.raises(ConfigError, match=r"is a folder; expected a YAML file"):
+        load(str(tmp_path))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  lr: 1e-4 # \u00e9t\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not a UTF-8 text file \(byte 20"):
+        load(str(latin))
+
+
+def test_an_override_of_a_string_field_keeps_its_text(tmp_path):
+    cfg = load("debug", ["storage.run=2024", "sample.eb_cache.schedule=0202020202", "data.tokenizer=1e5",
+                         "sample.steps=10"])
+    assert cfg.storage.run == "2024" and cfg.sample.eb_cache.schedule == "0202020202"
+    assert cfg.data.tokenizer == "1e5" and cfg.sample.steps == 10  # other types are YAML's, as before
+    assert load("debug", ["storage.run='0202'"]).storage.run == "0202"  # quotes kept by the shell still work
+    cleared = load("debug", ["data.tokenizer=null", "model.checkpoint="])
+    assert cleared.data.tokenizer is None and cleared.model.checkpoint is None
+    path = tmp_path / "mine.yaml"  # in a YAML file, its types are the author's: quoting is the fix
+    path.write_text("_base_: debug\nstorage:\n  run: 2024\n")
+    with pytest.raises(ConfigError, match=r"storage.run=2024 must be of type str, got int \(quote it in the YAML "
+                                          r"file: run: '...'\)"):
+        load(str(path))
+
+
+def test_an_empty_override_or_a_list_without_brackets():
+    with pytest.raises(ConfigError, match=r"storage.run must not be empty \(got 'storage.run='\)"):
+        load("debug", ["storage.run="])
+    with pytest.raises(ConfigError, match=r"sample.steps must not be empty"):
+        load("debug", ["sample.steps="])
+    with pytest.raises(ConfigError, match=r"eval.methods='static' must be a list, e.g. eval.methods=\[static\]"):
+        load("debug", ["eval.methods=static"])

@@ -49,7 +49,7 @@ def test_inception_without_weights_is_a_clear_offline_error(tmp_path, monkeypatc
     bad = tmp_path / "evil.pth"
     torch.save({"weights": object()}, bad)
     cfg = tiny_config(str(tmp_path), f"eval.inception_weights={bad}")
-    with pytest.raises(ValueError, match="refusing to unpickle"):
+    with pytest.raises(FeatureExtractorUnavailable, match="refusing to unpickle"):  # an input error of the jobs
         resolve_extractor(cfg.eval)
 
 

@@ -107,6 +107,15 @@ def test_evaluate_prepare_finetune_calibrate_name_their_inputs(tmp_path, monkeyp
     assert f"{tmp_path}/data/manifest.json not found" in capsys.readouterr().err
     assert calibrate.main(["--dry-run", "--config", "dit_xl2_256", root, "model.checkpoint=null"]) == 2
     assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root]) == 0
+    # What the calibration would refuse, its dry run refuses: random weights without --random-init (even the
+    # debug model's), tolerances out of order
+    capsys.readouterr()
+    assert calibrate.main(["--dry-run", "--config", "debug", root]) == 2
+    assert "model.checkpoint=None: unset: calibrating random weights gives a meaningless table" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        calibrate.main(["--dry-run", "--random-init", "--tolerance", "0.01", "--tolerance-at-zero", "0.1",
+                        "--config", "debug", root])
+    assert stop.value.code == 2 and "need 0 <= --tolerance-at-zero <= --tolerance" in capsys.readouterr().err
 
 
 def test_an_unwritable_storage_root_is_named(tmp_path):
@@ -212,3 +221,28 @@ def test_an_eb_cache_table_calibrated_along_another_trajectory_is_refused(tmp_pa
                              "with these settings (python -m jobs.calibrate)")
     table.write_text(json.dumps({**recorded, "sampler": "ddpm"}))
     assert next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule").problem is None
+
+
+def test_more_inception_score_splits_than_samples_is_named_before_the_features(tmp_path, capsys):
+    from sampling_util import write_samples
+
+    f = _fixtures(tmp_path)
+    small = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={f['checkpoint']}",
+                                  "sample.num_samples=4", "sample.shard_size=2", "sample.batch_size=2", "sample.steps=2"])
+    samples = f"{f['root']}/runs/debug/samples"
+    write_samples(small, samples)
+    argv = ["--dry-run", "--config", "debug", f"storage.root={f['root']}", f"eval.reference={f['reference']}",
+            f"eval.inception_weights={f['inception']}", "eval.metrics=[isc]"]
+    assert evaluate.main(argv) == 2
+    assert "eval.isc_splits=10: more splits than the 4 samples" in capsys.readouterr().err
+    assert evaluate.main([*argv, "eval.isc_splits=4"]) == 0
+
+
+def test_a_checkpoint_folder_without_an_ema_pointer_is_named(tmp_path):
+    f = _fixtures(tmp_path)
+    run = tmp_path / "runs" / "unfinished"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.finetune.yaml").write_text("model: {}\n")
+    cfg = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={run}"])
+    (found,) = [i for i in plan(cfg, "sample").inputs if i.key == "model.checkpoint"]
+    assert found.problem.startswith("a folder without checkpoints/ema-latest.json (a run that exported no EMA")

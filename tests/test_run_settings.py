@@ -155,6 +155,26 @@ def test_a_resume_with_changed_settings_is_refused_before_ray(tmp_path, capsys, 
     assert storage.find(f"{tmp_path}/runs") == before and ray_calls == []  # nothing written, no lease left
 
 
+def test_a_dry_run_refuses_a_resume_with_changed_settings_and_a_corrupt_ema_pointer(tmp_path, capsys, ray_calls):
+    """What the job would refuse, its --dry-run refuses (the README says to dry-run before a RayJob, whose
+    retries repeat an input error); a hand-edited ema-latest.json is named, not a KeyError."""
+    from jobs import finetune
+
+    _resumable_run(tmp_path)
+    argv = ["--dry-run", "--config", "debug", *BASE, f"storage.root={tmp_path}", f"data.uri={tmp_path}/data"]
+    assert finetune.main(argv) == 0
+    capsys.readouterr()
+    assert finetune.main([*argv, "train.lr=1e-3"]) == 2
+    assert "resumes from a checkpoint made with other settings (train.lr: 0.0001 -> 0.001" in capsys.readouterr().err
+    pointer = f"{tmp_path}/runs/debug/checkpoints/ema-latest.json"
+    for content in (b"{}", b'{"url": "x", "st'):
+        storage.write_bytes(pointer, content)
+        assert finetune.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"finetune: {pointer}: not an EMA pointer" in err[0], err
+    assert ray_calls == []
+
+
 def test_a_resume_keeps_the_method_options_but_may_run_longer(tmp_path):
     """DyDiT's target lambda decides the weights: a resume with another one is refused, as the lr is; more
     steps, another init_from (a resume starts from its checkpoint) or FlexDiT's options are not changes."""

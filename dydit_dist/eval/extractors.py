@@ -60,6 +60,11 @@ class FeatureExtractorUnavailable(RuntimeError):
     """The feature extractor's weights cannot be had offline; the message says how to supply them."""
 
 
+class ExtractorWeightsRefused(FeatureExtractorUnavailable, ValueError):
+    """A weights file given for the extractor that is not a plain state dict (refused unpickled): an input
+    error of the job (exit 2), as a missing one is."""
+
+
 def register_extractors() -> None:
     """Register this project's extractors with torch-fidelity (once per process)."""
     if digits.NAME not in FEATURE_EXTRACTORS_REGISTRY:
@@ -148,7 +153,7 @@ def _check_tensors_only(path: str, what: str) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; the cause is kept
-        raise ValueError(f"{what}: {path} is not a plain state dict loadable with weights_only=True "
+        raise ExtractorWeightsRefused(f"{what}: {path} is not a plain state dict loadable with weights_only=True "
                          f"({type(err).__name__}); refusing to unpickle it") from err
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from dydit_dist import storage
 from dydit_dist.models import CheckpointError
-from dydit_dist.network import save_weights
+from dydit_dist.network import read_ema_pointer, save_weights
 from dydit_dist.paths import EMA_POINTER, RunPaths
 from dydit_dist.train.state import TrainerState
 
@@ -242,7 +242,7 @@ def remove_uncommitted(checkpoints_url: str) -> list[str]:
 def exported_step(checkpoints_url: str) -> int:
     """The step of the EMA export the pointer names; -1 when there is none yet."""
     try:
-        return storage.read_json(storage.join(checkpoints_url, EMA_POINTER))["step"]
+        return read_ema_pointer(storage.join(checkpoints_url, EMA_POINTER))["step"]
     except FileNotFoundError:
         return -1
 
