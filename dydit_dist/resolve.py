@@ -23,6 +23,7 @@ from braceexpand import braceexpand
 from dydit_dist import pipeline, pretrained, storage
 from dydit_dist.accel.options import load_table
 from dydit_dist.config import Config
+from dydit_dist.data import DataError, sources
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
 from dydit_dist.models import read_shapes
@@ -105,8 +106,17 @@ def source(cfg: Config, builtin_ok: bool) -> Input:
                 "webdataset": "tar files (a URL, a brace pattern or a glob)"}[d.source_format]
     if not d.source:
         return Input("data.source", None, problem=f"unset; expected {expected}")
-    if d.source_format != "webdataset":
+    if d.source_format == "captions":
+        if not d.source.endswith((".csv", ".jsonl")):
+            return Input("data.source", d.source, problem=f"not a .csv or .jsonl name; expected {expected} (an image "
+                                                          "folder is data.source_format=imagefolder)")
         return exists("data.source", d.source, expected)
+    if d.source_format == "imagefolder":
+        try:  # one listing: the class folders against model.num_classes, as the job checks before listing them
+            folders = sources.class_folders(d.source, cfg.model.num_classes)
+        except (DataError, OSError) as err:
+            return Input("data.source", d.source, problem=f"{err}; expected {expected}")
+        return Input("data.source", d.source, note=f"{len(folders)} class folders")
     patterns = list(braceexpand(d.source))
     try:  # the first and last of a brace pattern: a listing of 1,000 tars is not seconds on S3
         missing = [u for u in {patterns[0], patterns[-1]} if not storage.glob(u)]

@@ -17,9 +17,11 @@ from jobs import calibrate, evaluate, finetune, prepare, reproduce, sample
 
 
 def _fixtures(tmp_path) -> dict[str, str]:
-    """A tiny random debug checkpoint, an ADM-style reference batch, an "Inception" weights file, an image folder."""
+    """A tiny random debug checkpoint, an ADM-style reference batch, an "Inception" weights file, an image folder
+    (a class folder per class of the debug model)."""
+    for label in range(10):
+        (tmp_path / "images" / f"class_{label}").mkdir(parents=True)
     images = tmp_path / "images" / "class_0"
-    images.mkdir(parents=True)
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     inception = tmp_path / "inception.pth"
@@ -246,3 +248,21 @@ def test_a_checkpoint_folder_without_an_ema_pointer_is_named(tmp_path):
     cfg = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={run}"])
     (found,) = [i for i in plan(cfg, "sample").inputs if i.key == "model.checkpoint"]
     assert found.problem.startswith("a folder without checkpoints/ema-latest.json (a run that exported no EMA")
+
+
+def test_an_image_folder_source_of_another_layout_is_named_in_the_dry_run(tmp_path, capsys):
+    """What the prepare job would refuse before Ray, its dry run refuses: a file, or a class folder count
+    other than model.num_classes (one listing), and a captions source that is no .csv / .jsonl."""
+    f = _fixtures(tmp_path)
+    (tmp_path / "caps.csv").write_text("path,caption\n")
+    (tmp_path / "two" / "a").mkdir(parents=True)
+    (tmp_path / "two" / "b").mkdir()
+    root = f"storage.root={f['root']}"
+    assert prepare.main(["--dry-run", "--config", "debug", root, f"data.source={f['images']}"]) == 0
+    capsys.readouterr()
+    cases = {f"data.source={tmp_path}/caps.csv": "is a file; data.source_format=imagefolder reads a folder",
+             f"data.source={tmp_path}/two": "has 2 class folders but model.num_classes=10",
+             f"data.source={f['images']} data.source_format=captions": "not a .csv or .jsonl name"}
+    for overrides, message in cases.items():
+        assert prepare.main(["--dry-run", "--config", "debug", root, *overrides.split()]) == 2
+        assert message in capsys.readouterr().err, overrides

@@ -87,12 +87,16 @@ def chunk_items(items: list[Item], shard_size: int, seed: int) -> tuple[Chunk, .
     return tuple(Chunk(i, tuple(items[s : s + shard_size])) for i, s in enumerate(range(0, len(items), shard_size)))
 
 
-def plan_imagefolder(source: str, num_classes: int, shard_size: int, seed: int = 0) -> SourcePlan:
-    """One item per image, labels from sorted class folder names, chunked in a seeded random order;
-    DataError for a bad layout."""
+def class_folders(source: str, num_classes: int) -> list[str]:
+    """The sorted class folder names of an ImageFolder source, from one listing (the preflight's check
+    too); DataError for a missing source, a file, images beside the class folders or a folder count other
+    than `num_classes`."""
     fs, root = storage.filesystem(source)
     if not storage.exists(source):
         raise DataError(f"data.source={source} does not exist")
+    if not storage.is_folder(source):
+        raise DataError(f"data.source={source} is a file; data.source_format=imagefolder reads a folder with one "
+                        "subfolder of images per class (a .csv / .jsonl of captions is data.source_format=captions)")
     entries = fs.ls(root, detail=True)
     folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
     stray = [e["name"] for e in entries if e["type"] != "directory" and _is_image(e["name"])]
@@ -106,6 +110,13 @@ def plan_imagefolder(source: str, num_classes: int, shard_size: int, seed: int =
             f"data.source={source} has {len(folders)} class folders but model.num_classes={num_classes}; "
             f"folders: {', '.join(folders[:10])}{' ...' if len(folders) > 10 else ''}"
         )
+    return folders
+
+
+def plan_imagefolder(source: str, num_classes: int, shard_size: int, seed: int = 0) -> SourcePlan:
+    """One item per image, labels from sorted class folder names, chunked in a seeded random order;
+    DataError for a bad layout."""
+    folders = class_folders(source, num_classes)
     listings = _list_images([storage.join(source, name) for name in folders], f"list {source}")
     items, empty = [], []
     for label, (name, urls) in enumerate(zip(folders, listings, strict=True)):
