@@ -7,6 +7,8 @@
 - `tiny_vae` / `tiny_t5` (session): local folders of a random 4-block `AutoencoderKL` (downsamples
   by 8, 4 latent channels) and a random 1-layer T5 encoder (width 32) with a word-level tokenizer
   built from `CAPTION_WORDS`; pass them as `data.vae` / `data.text_encoder`.
+- every test starts from the same global random state (torch, numpy, random seeded 0), so one that
+  builds a model with torch's default initialisation sees the same weights whichever tests ran before.
 - `image_source` (session): a folder in ImageFolder layout (3 classes x 16 PNGs of varied size) plus
   two unreadable files, and `captions.csv` listing the same images with captions.
 """
@@ -28,6 +30,17 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 CAPTION_WORDS = ["a", "red", "green", "blue", "square", "circle", "on", "the", "noisy", "background", "small", "big"]
 NUM_CLASSES, PER_CLASS = 3, 16
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_in_every_test():
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def _fake_aws_env() -> None:

@@ -196,6 +196,7 @@ def _samples_folder(url: str, index_lists: list[list[int]], counts: list[int]) -
 
 def test_evaluate_refuses_shards_that_do_not_hold_their_records_samples(tmp_path, setup):
     from dydit_dist.sample import SamplesError
+    from dydit_dist.sample.export import export_adm_npz
 
     torch.set_num_threads(1)
     ref = tmp_path / "ref.npz"
@@ -214,6 +215,9 @@ def test_evaluate_refuses_shards_that_do_not_hold_their_records_samples(tmp_path
         run("twice", [[0, 1, 1, 3], [4, 5, 6, 7]], [4, 4])  # sample 1 twice (one tar key: read once), 2 missing
     with pytest.raises(SamplesError, match=r"short/shard-000000.tar: 3 samples, its manifest record counts 4"):
         run("short", [[0, 1, 2], [4, 5, 6, 7]], [4, 4])
+    with pytest.raises(SamplesError, match=r"short/shard-000000.tar: 3 samples, its manifest record counts 4"):
+        export_adm_npz(str(tmp_path / "short"), str(tmp_path / "short.npz"))  # the export reads by the same check
+    assert not os.path.exists(tmp_path / "short.npz")
     with pytest.raises(SamplesError, match=r"eval.isc_splits=20: more splits than .* \(8\)"):
         run("splits", [[0, 1, 2, 3], [4, 5, 6, 7]], [4, 4], "eval.isc_splits=20")
     assert not os.path.exists(tmp_path / "splits.json")  # nothing written

@@ -23,6 +23,8 @@ from PIL import Image
 from dydit_dist import shardset
 from dydit_dist.shardset import Sample, ShardError
 
+from .manifest import SamplesError
+
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 MEMBER_MODE = 0o644  # the permission bits of a samples shard's members
 
@@ -98,7 +100,18 @@ def unpack(data: bytes, where: str = "shard") -> list[GeneratedSample]:
 
 
 def iter_shard(url: str, record: dict) -> Iterator[GeneratedSample]:
-    """Stream the samples of a shard object (any storage URL) without holding it in memory; a ShardError
-    after the last sample when its bytes are not those of its manifest `record`."""
+    """Stream the samples of a shard object (any storage URL) without holding it in memory, checked
+    against its manifest `record`: a SamplesError when they are not samples start .. start + count - 1
+    in order (a sample twice or one missing would count as another sample set), a ShardError after
+    the last sample when its bytes are not the record's."""
+    start, count = record["start"], record["count"]
+    expected = start
     for files in shardset.stream(url, record):
-        yield decode_sample(files, url)
+        sample = decode_sample(files, url)
+        if sample.index != expected or expected >= start + count:
+            raise SamplesError(f"{url}: sample {sample.index} where {expected} was expected (its manifest record: "
+                               f"samples {start}..{start + count - 1})")
+        expected += 1
+        yield sample
+    if expected != start + count:
+        raise SamplesError(f"{url}: {expected - start} samples, its manifest record counts {count}")
