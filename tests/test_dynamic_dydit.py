@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, cfg_model_fn, create_diffusion
+from dydit_dist.accel import build_runner
+from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, cfg_model_fn, create_diffusion, sample
 from dydit_dist.dynamic import (
     ROUTER_KEY_PATTERNS,
     DyDiT,
@@ -232,6 +233,37 @@ def test_fast_path_equals_masked_path_pixart():
     t2 = torch.full((6,), 300)
     ref = cfg_model_fn(lambda a, b, **kw: model(a, b, **kw).out, 4.5, None)(x2, t2, y=y2, mask=m2)
     torch.testing.assert_close(cfg_model_fn(FastPath(model), 4.5, None)(x2, t2, y=y2, mask=m2), ref, rtol=0, atol=1e-4)
+
+
+def test_fast_path_plans_a_fractional_timestep_as_the_network_embeds_it():
+    # dpm-solver calls the network at 949.05: a head whose router logit crosses 0 between 949 and 949.05
+    # is on in the masked network; a plan of the rounded timestep (949) left it off.
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    router = model.blocks[0].attn_rate.router
+    with torch.no_grad():
+        lo, hi = (router(model.t_embedder(torch.tensor([t])))[0] for t in (949.0, 949.05))
+        unit = int((hi - lo).abs().argmax())
+        router.bias[unit] -= (lo[unit] + hi[unit]) / 2  # logit 0 halfway between the two timesteps
+    fast = FastPath(model)
+    assert fast.plan(949.05).heads != fast.plan(949).heads
+    x, _, y = _dit_inputs()
+    t = torch.full((4,), 949.05)
+    masked = model(x, t, y).out
+    torch.testing.assert_close(FastPath(model)(x, t, y=y), masked, rtol=0, atol=1e-4)
+    # through the sampler and the dydit runner: step 1 of 20 is 949.05
+    runner = build_runner("dydit", model)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def masked_fn(x, t, y):
+        seen.append(float(t[0]))
+        return model(x, t, y).out
+
+    ref = sample(masked_fn, noise.shape, "dpm-solver", 20, noise=noise, model_kwargs={"y": y})
+    got = sample(runner, noise.shape, "dpm-solver", 20, noise=noise, model_kwargs={"y": y},
+                 step_callback=runner.step_callback)
+    assert seen[1] == pytest.approx(949.05)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_fast_path_plans_depend_on_timestep_only():

@@ -38,7 +38,7 @@ class Runner:
         self.backend = backend
         self.num_steps: int | None = None
         self.step: int | None = None  # index of the current sampling step (0 = noisiest)
-        self.timestep: int | None = None  # its original timestep (0..999)
+        self.timestep: float | None = None  # its original timestep (0..999; fractional under dpm-solver)
         self._calls: list[list[BlockRecord]] = []
         self._grid: tuple[int, int] | None = None
 
@@ -58,7 +58,7 @@ class Runner:
     def reset(self) -> None:
         """Drop per-run state (caches); called by `begin`."""
 
-    def step_callback(self, i: int, t: int) -> None:
+    def step_callback(self, i: int, t: float) -> None:
         """Called by `sample` before model call i (0 = noisiest step) at original timestep t.
 
         Step 0 starts a new FLOPs record (a runner that needs no `begin` still reports per run).
@@ -67,7 +67,7 @@ class Runner:
             raise ValueError(f"step {i} outside the run of {self.num_steps} steps started by begin()")
         if i == 0:
             self._calls = []
-        self.step, self.timestep = int(i), int(t)
+        self.step, self.timestep = int(i), t if isinstance(t, float) else int(t)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -137,7 +137,7 @@ class FastPathRunner(Runner):
     def forward(self, x, t, cond):
         backend, model = self.backend, self.model
         # A sampler shares one timestep per call; without step_callback the first row's is read (a host sync).
-        timestep = self.timestep if self.timestep is not None else int(t[0])
+        timestep = self.timestep if self.timestep is not None else t[0].item()
         if self.timestep is None and not bool((t == timestep).all()):
             return backend.fast(x, t, **cond), None  # rows at several timesteps: grouped by FastPath, not counted
         # 1. Input

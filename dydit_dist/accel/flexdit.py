@@ -42,8 +42,9 @@ class FlexDiTRunner(Runner):
         share = {int(g): int(c) / grids.numel() for g, c in zip(sizes, counts, strict=True)}
         return out, [share]  # the call's record: {grid: fraction of the rows}
 
-    def _grid_at(self, timestep: int) -> int:
-        """The schedule's sparse grid at an integer timestep, from its intervals (host ints)."""
+    def _grid_at(self, timestep: float) -> int:
+        """The schedule's sparse grid at an original timestep, from its intervals (host ints; a fractional
+        timestep is in the interval of its integer part, as the model's schedule floors it)."""
         for lo, hi, grid in self._intervals:
             if lo <= timestep < hi:
                 return grid

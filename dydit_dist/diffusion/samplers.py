@@ -18,13 +18,12 @@ caller runs the model under; model outputs are cast to x's dtype before a step.
 Models are called as ``model_fn(x, t, **model_kwargs)`` with ``t`` a (B,) LongTensor of ORIGINAL
 timesteps (0..999), except under ``dpm-solver``, whose continuous times reach the model as fractional
 timesteps (a (B,) tensor of x's dtype: 999, 949.05, ..). ``step_callback(i, t)`` (step index 0..S-1,
-original timestep as int; a fractional one rounded down, as the timestep-indexed plans of DyDiT and
-FlexDiT read it) runs before each model call, for methods that keep per-step state such as feature caches.
+the original timestep the model is called at: an int, a float under ``dpm-solver``, as DyDiT's width
+plan must see it) runs before each model call, for methods that keep per-step state such as feature caches.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -172,7 +171,7 @@ def sample(
     noise: torch.Tensor | None = None,
     model_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
-    step_callback: Callable[[int, int], None] | None = None,
+    step_callback: Callable[[int, float], None] | None = None,
     *,
     device: torch.device | str | None = None,
     eta: float = 0.0,
@@ -265,8 +264,7 @@ def _sample_continuous_dpm_solver(model_fn, x, steps, model_kwargs, progress, st
 
     def eps_fn(i: int, x: torch.Tensor, timestep: float) -> torch.Tensor:
         if step_callback is not None:
-            # 1e-6: a timestep that is an integer up to float rounding (999.0, or any with 1000 steps) is that integer
-            step_callback(i, math.floor(timestep + 1e-6))
+            step_callback(i, float(timestep))  # fractional, as the network embeds it
         t_model = torch.full((x.shape[0],), timestep, dtype=x.dtype, device=x.device)
         return _eps_channels(model_fn(x, t_model, **model_kwargs), channels)
 

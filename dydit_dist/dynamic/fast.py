@@ -29,7 +29,7 @@ from .routers import hard_mask
 class WidthPlan:
     """Active units per block at one timestep: heads[i] and groups[i] are sorted index tuples."""
 
-    timestep: int
+    timestep: float  # the original timestep the network embeds: an int, fractional under dpm-solver
     heads: tuple[tuple[int, ...], ...]
     groups: tuple[tuple[int, ...], ...]
 
@@ -60,7 +60,7 @@ class FastPath:
             raise ValueError("FastPath needs the model in eval mode (inference routing: logit > 0)")
         self.model = model
         self.slices_per_block = slices_per_block
-        self._plans: dict[int, WidthPlan] = {}
+        self._plans: dict[float, WidthPlan] = {}
         self._slices: list[OrderedDict] = [OrderedDict() for _ in model.blocks]
         self.ops = FastOps()
 
@@ -74,8 +74,9 @@ class FastPath:
                            torch.compile(mlp_fast, **compile_kwargs), bucket)
 
     @torch.no_grad()
-    def plan(self, timestep: int) -> WidthPlan:
-        """The active heads and groups of every block at `timestep` (cached).
+    def plan(self, timestep: float) -> WidthPlan:
+        """The active heads and groups of every block at `timestep` (cached), the value the network embeds:
+        a fractional one (dpm-solver: 949.05) is planned as it is, not rounded (the routers may differ).
 
         A new timestep reads its masks from the device once, all blocks together: the plan decides
         the shapes of the sliced weights, so this read is inherent (once per timestep, never per block).
@@ -120,27 +121,27 @@ class FastPath:
         return sliced
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, timestep: int | None = None, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, timestep: float | None = None, **cond) -> torch.Tensor:
         """x (B, C, H, W), t (B,) original timesteps, cond: y (and mask for PixArt) -> (B, C_out, H, W).
 
         Samples are grouped by timestep. A sampler that knows the batch shares one timestep passes it as
         `timestep` (every t must equal it): that skips `t.unique()`, a host sync on a GPU.
         """
         if timestep is not None:
-            return self._forward_one_timestep(x, t, int(timestep), **cond)
+            return self._forward_one_timestep(x, t, timestep, **cond)
         values = t.unique()
         if values.numel() == 1:
-            return self._forward_one_timestep(x, t, int(values.item()), **cond)
+            return self._forward_one_timestep(x, t, values.item(), **cond)
         out = None
         for value in values.tolist():
             idx = (t == value).nonzero().flatten()
-            part = self._forward_one_timestep(x[idx], t[idx], int(value), **_take(cond, idx))
+            part = self._forward_one_timestep(x[idx], t[idx], value, **_take(cond, idx))
             if out is None:
                 out = part.new_empty((x.shape[0],) + part.shape[1:])
             out[idx] = part
         return out
 
-    def _forward_one_timestep(self, x, t, timestep: int, **cond) -> torch.Tensor:
+    def _forward_one_timestep(self, x, t, timestep: float, **cond) -> torch.Tensor:
         model = self.model
         # 1. Input
         inp = model.embed(x, t, **cond)
@@ -149,7 +150,7 @@ class FastPath:
         # 3. Output
         return model.head(tokens, inp)
 
-    def branches(self, timestep: int) -> FastBranches:
+    def branches(self, timestep: float) -> FastBranches:
         """The fast branches of every block at `timestep` (its plan's sliced weights)."""
         plan = self.plan(timestep)
         return FastBranches(plan, [self.sliced(i, plan) for i in range(len(self.model.blocks))],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,12 @@ from .dydit_flops import dynamic_flops, static_flops
 from .fast import FastPath
 
 
-def schedule_timesteps(sampler: str, steps: int) -> list[int]:
+def schedule_timesteps(sampler: str, steps: int) -> list[float]:
     """The original timesteps a sampler passes to the model, first (noisiest) to last (the authors'
-    DPM-Solver passes fractional ones: rounded down, as its step callback and the width plan see them)."""
+    DPM-Solver passes fractional ones, 949.05, ..: the width plan reads them as they are)."""
     if sampler == "dpm-solver":
         schedule = ContinuousVPSchedule(linear_betas(1000))
-        return [math.floor(schedule.model_timestep(t) + 1e-6) for t in schedule.times(steps)[:-1]]  # as the sampler
+        return [float(schedule.model_timestep(t)) for t in schedule.times(steps)[:-1]]  # as the sampler calls the model
     if sampler == "dpm-solver++":
 
         scheduler = dpm_solver_scheduler()
@@ -52,7 +51,7 @@ def schedule_timesteps(sampler: str, steps: int) -> list[int]:
     return [int(diffusion.timestep_map[i]) for i in range(diffusion.num_timesteps - 1, -1, -1)]
 
 
-def width_table(model, timesteps: list[int]) -> dict:
+def width_table(model, timesteps: list[float]) -> dict:
     """Per timestep: active head and group counts per block (from the routers alone)."""
     fast = FastPath(model)
     table = {}
@@ -62,14 +61,17 @@ def width_table(model, timesteps: list[int]) -> dict:
     return table
 
 
-def token_fractions(model, timesteps, num_samples: int, seed: int = 0, sampler: str = "ddpm") -> dict[int, list[float]]:
+def token_fractions(model, timesteps, num_samples: int, seed: int = 0, sampler: str = "ddpm") -> dict[float, list[float]]:
     """Measured kept-token fraction per block at each timestep, over `num_samples` DiT samples drawn with
-    `sampler` (the one `timesteps` come from: `schedule_timesteps`)."""
-    recorded: dict[int, list[float]] = {}
+    `sampler` (the one `timesteps` come from, in its order: `schedule_timesteps`)."""
+    recorded: dict[float, list[float]] = {}
 
     def model_fn(x, t, y):
         result = model(x, t, y)
-        recorded[int(t[0])] = result.token_masks.float().mean(dim=(0, 2)).tolist()
+        # a fractional timestep reaches the model in float32: matched to the listed one it rounds
+        value = t[0].item()
+        key = next((s for s in timesteps if abs(s - value) < 1e-3), value)
+        recorded[key] = result.token_masks.float().mean(dim=(0, 2)).tolist()
         return result.out
 
     kw = model.constructor_kwargs()
@@ -80,7 +82,7 @@ def token_fractions(model, timesteps, num_samples: int, seed: int = 0, sampler: 
     return recorded
 
 
-def summarize(model, table: dict, tokens: dict[int, list[float]] | None) -> dict:
+def summarize(model, table: dict, tokens: dict[float, list[float]] | None) -> dict:
     H = model.blocks[0].attn.num_heads
     depth = len(model.blocks)
     per_t = {}
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "width.json").write_text(json.dumps({"table": table, **summary}, indent=1))
     print("timestep | heads per block | groups per block")
     for t in timesteps:
-        print(f"{t:4d} | {' '.join(map(str, table[t]['heads']))} | {' '.join(map(str, table[t]['groups']))}")
+        print(f"{t:8g} | {' '.join(map(str, table[t]['heads']))} | {' '.join(map(str, table[t]['groups']))}")
     print(f"static {summary['static_gflops']:.2f} GFLOPs; dynamic mean over {len(timesteps)} {args.sampler} "
           f"steps {summary['mean_dynamic_gflops']:.2f} GFLOPs ({summary['ratio']:.3f} of static)"
           + ("" if tokens else "; tokens counted as all kept (use --tokens K to measure)"))
