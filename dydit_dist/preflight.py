@@ -306,9 +306,17 @@ def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
     count = f"{resolve.captions_count(cfg.data.source) or '?'} images"
     p.stages.append(Stage("reference", f"{count} of {cfg.data.source} -> {cfg.eval.reference} (statistics of "
                                        f"{cfg.eval.feature_extractor}) and captions -> {cfg.sample.prompts}"))
-    p.add(resolve.source(cfg, builtin_ok=False))
+    if cfg.data.source_format != "captions":  # as prepare_caption_reference refuses it
+        p.add(Input("data.source_format", cfg.data.source_format,
+                    problem="a caption reference is made from a .csv or .jsonl of image paths and captions "
+                            "(data.source_format=captions)"))
+    else:
+        p.add(resolve.source(cfg, builtin_ok=False))
     for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
         p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
+    if cfg.eval.reference and not cfg.eval.reference.endswith(".npz"):
+        p.add(Input("eval.reference", cfg.eval.reference, problem="not a .npz name; the caption reference is an "
+                                                                  "ADM-format .npz"))
     p.add(resolve.extractor(cfg, made=extractor_made))
 
 

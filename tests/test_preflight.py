@@ -266,3 +266,23 @@ def test_an_image_folder_source_of_another_layout_is_named_in_the_dry_run(tmp_pa
     for overrides, message in cases.items():
         assert prepare.main(["--dry-run", "--config", "debug", root, *overrides.split()]) == 2
         assert message in capsys.readouterr().err, overrides
+
+
+def test_a_caption_reference_from_a_non_caption_source_is_refused_in_the_dry_run(tmp_path, capsys):
+    """jobs.reference refuses an image folder source and a reference that is no .npz before Ray: its dry
+    run does too (it used to pass them)."""
+    from jobs import reference
+
+    f = _fixtures(tmp_path)
+    caps = tmp_path / "caps.csv"
+    caps.write_text("path,caption\n")
+    argv = ["--dry-run", "--config", "debug", f"storage.root={f['root']}", f"sample.prompts={tmp_path}/p.txt",
+            f"eval.inception_weights={f['inception']}"]
+    assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
+                           f"eval.reference={tmp_path}/ref.npz"]) == 0
+    capsys.readouterr()
+    assert reference.main([*argv, f"data.source={f['images']}", f"eval.reference={tmp_path}/ref.npz"]) == 2
+    assert "data.source_format=imagefolder: a caption reference is made from a .csv" in capsys.readouterr().err
+    assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
+                           f"eval.reference={tmp_path}/ref.npy"]) == 2
+    assert "ref.npy: not a .npz name" in capsys.readouterr().err
