@@ -103,7 +103,8 @@ def check_url(url: str) -> str:
         return "file://" + os.path.abspath(url)
     protocol = url.split("://", 1)[0]
     if protocol not in PROTOCOLS:
-        raise StorageError(f"{url}: unsupported storage protocol {protocol!r}; use file://, s3:// or memory://")
+        raise StorageError(f"{url}: unsupported storage protocol {protocol!r}; use a folder (file://), s3:// (any "
+                           "S3-compatible store through storage.endpoint_url, GCS's included) or memory:// (tests)")
     return url
 
 
@@ -237,9 +238,13 @@ def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float,
         last = "" if fsspec_deadline else f"; the last attempt: {type(err).__name__}: {err}"
         return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.3g} s "
                             f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries}{last})")
-    hint = ("; access denied: check the credentials the job runs with (AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, a profile or an instance role) and the bucket's policy"
-            if isinstance(err, PermissionError) else "")
+    hint = ""
+    if isinstance(err, PermissionError):
+        hint = ("; access denied: check the credentials the job runs with (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile or an instance role) and the bucket's policy")
+    elif type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's, not OSErrors
+        hint = ("; no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run "
+                "where an instance role or IRSA provides them (on every Ray node)")
     return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries}){hint}")
 
 

@@ -54,7 +54,7 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_bad_protocol_and_write_mode():
-    with pytest.raises(StorageError, match="unsupported storage protocol 'gs'"):
+    with pytest.raises(StorageError, match="unsupported storage protocol .gs.; use a folder .* GCS.s included"):
         storage.read_bytes("gs://bucket/x")
     with pytest.raises(ValueError, match="write objects whole"):
         storage.open_file("memory://x", "wb")
@@ -101,6 +101,13 @@ def test_transient_errors_are_retried_then_reported(monkeypatch):
         with pytest.raises(StorageError, match="s3://b/x.*AccessDenied"):
             storage.read_bytes("s3://b/x")
         assert denied.calls == 1  # not transient: no retry
+        from botocore.exceptions import NoCredentialsError
+
+        anonymous = _FlakyFS([NoCredentialsError()])
+        monkeypatch.setattr(storage, "filesystem", lambda url: (anonymous, "b/x"))
+        with pytest.raises(StorageError, match="NoCredentialsError: .*; no S3 credentials found: set AWS_ACCESS_KEY_ID"):
+            storage.read_bytes("s3://b/x")
+        assert anonymous.calls == 1
     finally:
         storage.configure()
 
