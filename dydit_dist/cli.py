@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dydit_dist import config as config_lib
 from dydit_dist import run_config, storage
 from dydit_dist.config import Config
-from dydit_dist.lease import Lease, LeaseHeld, stop_job
+from dydit_dist.lease import Lease, LeaseHeld, held, stop_job
 from dydit_dist.paths import RunPaths
 
 # What a job stopped midway leaves, and how it resumes (the signal handler prints it).
@@ -153,12 +153,12 @@ def install_signal_handlers(job: str, cfg: Config | None) -> None:
     def stop(signum, frame) -> None:
         name = signal.Signals(signum).name
         print(f"{job}: stopped by {name}; kept: {kept}", file=sys.stderr, flush=True)
-        if _lease is not None:
+        for lease in held():  # the job's own, and those of the folders its stages write (jobs.reproduce)
             try:
-                _lease.release()
+                lease.release()
             except OSError as err:
-                print(f"{job}: could not release the lease {_lease.url} ({err}); it expires after "
-                      f"{_lease.holder.ttl_s:g} s", file=sys.stderr, flush=True)
+                print(f"{job}: could not release the lease {lease.url} ({err}); it expires after "
+                      f"{lease.holder.ttl_s:g} s", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + signum)
 

@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{10})\.json$")
 _ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
 _MEMORY_LOCK = threading.Lock()
+_HELD: list[Lease] = []  # the leases this process holds, newest last (`held`)
 FENCE = 0.75  # a holder whose last confirmed renewal is this many ttl_s old stops (module docstring)
 
 
@@ -233,7 +234,9 @@ class Lease:
             for number in numbers:
                 if number < mine:
                     _remove(url, number)
-            return cls(url, mine, holder, on_lost)
+            lease = cls(url, mine, holder, on_lost)
+            _HELD.append(lease)
+            return lease
         raise LeaseHeld(f"{url}: the lease changed hands {_ATTEMPTS} times while this job tried to take it; "
                         f"another job is taking it")
 
@@ -303,6 +306,8 @@ class Lease:
         stopping job alive past the time another job may take the run over."""
         self._stop.set()
         self._done.set()  # the job writes no more (its work ended, or it is exiting): nothing left to fence
+        with contextlib.suppress(ValueError):
+            _HELD.remove(self)
         if self.lost:
             return
         if not self._lock.acquire(timeout=max(0.0, self._fence_at() - time.monotonic())):
@@ -329,6 +334,12 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def held() -> list[Lease]:
+    """The leases this process holds, newest first: a job's own, and those of the folders its stages
+    write (jobs.reproduce); a stopping job releases them all."""
+    return _HELD[::-1]
 
 
 def stop_job(lease: Lease) -> None:

@@ -198,22 +198,35 @@ def finetune_done(cfg: Config) -> bool:
     return True
 
 
+def stage_lease(cfg: Config) -> Lease:
+    """The lease of a stage's own run folder (`{run}/{method}`, `{run}/pretrain`), held while the stage
+    writes it, as the single job (jobs.finetune, jobs.sample) holds it: a job started on that folder by
+    itself meanwhile is refused, not let write beside this one."""
+    return Lease.acquire(RunPaths(cfg).lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job)
+
+
 def train_stage(cfg: Config, name: str) -> str:
     """Run the fine-tuning job of `cfg` unless it reached train.max_steps; returns the run's URL."""
     run = RunPaths(cfg).url
     done = finetune_done(cfg)
     _stage(f"{name} {run} ({cfg.model.method}, {cfg.train.max_steps} steps)", done)
     if not done:
-        launcher.preflight(cfg)
-        launcher.check_settings(cfg)
-        launcher.preflight_cluster(cfg)
-        run_config.save(cfg, "finetune")
-        checkpoints.remove_uncommitted(RunPaths(cfg).checkpoints)
-        launcher.fit(launcher.build_trainer(cfg), cfg.ray.capacity_timeout_s)
-        if not trained_to_end(cfg):
-            raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="
-                               f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer})")
+        with stage_lease(cfg):  # removing uncommitted checkpoints is safe only while no one else trains there
+            if not finetune_done(cfg):
+                _train(cfg, run)
     return run
+
+
+def _train(cfg: Config, run: str) -> None:
+    launcher.preflight(cfg)
+    launcher.check_settings(cfg)
+    launcher.preflight_cluster(cfg)
+    run_config.save(cfg, "finetune")
+    checkpoints.remove_uncommitted(RunPaths(cfg).checkpoints)
+    launcher.fit(launcher.build_trainer(cfg), cfg.ray.capacity_timeout_s)
+    if not trained_to_end(cfg):
+        raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="
+                           f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer})")
 
 
 def samples_done(cfg: Config) -> bool:
@@ -297,11 +310,16 @@ def reproduce(cfg: Config) -> str:
         done = samples_done(m_cfg)
         _stage(f"sample {method} -> {m_paths.samples}", done)
         if not done:
-            run_config.save(m_cfg, "sample")
-            run_sampling(m_cfg)  # makes only the missing shards
+            with stage_lease(m_cfg):
+                run_config.save(m_cfg, "sample")
+                run_sampling(m_cfg)  # makes only the missing shards
         done = metrics_done(m_cfg)
         _stage(f"evaluate {method} -> {m_paths.metrics}", done)
-        records.append(storage.read_json(m_paths.metrics) if done else evaluate(m_cfg))
+        if done:
+            records.append(storage.read_json(m_paths.metrics))
+        else:
+            with stage_lease(m_cfg):
+                records.append(evaluate(m_cfg))
     # 4. Report
     title = f"{cfg.model.name} at {cfg.model.image_size}px: {', '.join(cfg.eval.methods)}"
     return write_report(RunPaths(cfg), records, title, notes, training)

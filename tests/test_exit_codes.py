@@ -94,6 +94,8 @@ def work():
     if cfg.ray.address == "local":  # a job that starts Ray, as prepare and evaluate do inside the library
         from dydit_dist.capacity import connect_ray
         connect_ray(cfg.ray.address)  # ray.init replaces the handlers; connect_ray puts the job's back
+    from dydit_dist.lease import Lease
+    Lease.acquire(cfg.storage.root + "/runs/stopped/static/lease", "sample", 60)  # a stage's, as reproduce takes
     print("working", flush=True)
     threading.Event().wait()
 
@@ -120,4 +122,5 @@ def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, on_ray, tmp
             f"{tmp_path}/runs/stopped/samples") in err
     assert "rerun the same command to make only the missing ones" in err and "Traceback" not in err
     assert read(lease).released  # by the signal handler: the next job takes it at once
+    assert read(f"{tmp_path}/runs/stopped/static/lease").released  # and every stage's lease the job held
     shutil.rmtree(ray_dir, ignore_errors=True)

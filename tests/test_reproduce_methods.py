@@ -86,3 +86,33 @@ def test_a_pixart_fine_tune_needs_its_length(tmp_path):
 
     assert "train.max_steps: the preset gives no training length" in "\n".join(problems())
     assert not any(p.startswith("train.max_steps") for p in problems("train.max_steps=50000"))
+
+
+def test_each_stage_holds_the_lease_of_the_folder_it_writes(tmp_path, monkeypatch):
+    """jobs.reproduce samples into `{run}/{method}` under that folder's lease, as jobs.sample on that folder
+    holds it: two jobs never write one samples folder (a jobs.sample of `r/fora` started beside a reproduce
+    of `r` used to be let in, and both wrote shards of their own settings)."""
+    from dydit_dist import lease as lease_lib
+
+    cfg = config.load("debug", [f"storage.root=file://{tmp_path}", "storage.run=r", "eval.methods=[static,fora]",
+                                f"eval.reference={tmp_path}/ref.npz", "eval.feature_extractor_weights=w.pth"])
+    held = {}
+    monkeypatch.setattr(pipeline, "connect_ray", lambda address: None)
+    monkeypatch.setattr(pipeline, "run_sampling", lambda c: held.setdefault(
+        f"sample {c.sample.method}", [lease.url for lease in lease_lib.held()]))
+    monkeypatch.setattr(pipeline, "evaluate", lambda c: held.setdefault(
+        f"evaluate {c.sample.method}", [lease.url for lease in lease_lib.held()]) and {})
+    monkeypatch.setattr(pipeline, "write_report", lambda *args: "report")
+    assert pipeline.reproduce(cfg) == "report"
+    for method in ("static", "fora"):
+        for stage in ("sample", "evaluate"):
+            assert held[f"{stage} {method}"] == [f"file://{tmp_path}/runs/r/{method}/lease"]
+    assert lease_lib.held() == []  # each released when its stage ended
+    other = lease_lib.Lease.acquire(f"file://{tmp_path}/runs/r/fora/lease", "sample", ttl_s=60)
+    try:
+        held.clear()
+        with pytest.raises(lease_lib.LeaseHeld, match=r"runs/r/fora/lease: the run is held by job 'sample'"):
+            pipeline.reproduce(cfg)
+        assert "sample fora" not in held
+    finally:
+        other.release()
