@@ -314,6 +314,9 @@ def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
         p.add(resolve.source(cfg, builtin_ok=False))
     for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
         p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
+    if cfg.sample.prompts and not cfg.sample.prompts.lower().endswith((".txt", ".jsonl")):
+        p.add(Input("sample.prompts", cfg.sample.prompts, problem="not a .txt or .jsonl name, the prompts files the "
+                                                                 "sample job reads"))
     if cfg.eval.reference and not cfg.eval.reference.endswith(".npz"):
         p.add(Input("eval.reference", cfg.eval.reference, problem="not a .npz name; the caption reference is an "
                                                                   "ADM-format .npz"))

@@ -286,3 +286,6 @@ def test_a_caption_reference_from_a_non_caption_source_is_refused_in_the_dry_run
     assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
                            f"eval.reference={tmp_path}/ref.npy"]) == 2
     assert "ref.npy: not a .npz name" in capsys.readouterr().err
+    assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
+                           f"eval.reference={tmp_path}/ref.npz", f"sample.prompts={tmp_path}/p.csv"]) == 2
+    assert "p.csv: not a .txt or .jsonl name" in capsys.readouterr().err

@@ -62,6 +62,14 @@ def test_prompts_file(tmp_path):
     (tmp_path / "bad.txt").write_text("a cat\n\na dog\n")
     with pytest.raises(ValueError, match="bad.txt:2: empty prompt"):
         load_prompts(str(tmp_path / "bad.txt"))
+    (tmp_path / "P.JSONL").write_text('{"prompt": "a cat"}\n')
+    assert load_prompts(str(tmp_path / "P.JSONL")) == ["a cat"]
+    # Other names were read as one prompt per line: a JSON array or a captions .csv sampled as captions.
+    (tmp_path / "p.json").write_text('["a cat", "a dog"]\n')
+    (tmp_path / "caps.csv").write_text('image,caption\n1.jpg,"a cat"\n')
+    for name in ("p.json", "caps.csv"):
+        with pytest.raises(ValueError, match=rf"{name}: expected a .txt file \(one prompt per line\) or a .jsonl"):
+            load_prompts(str(tmp_path / name))
 
 
 def test_a_malformed_prompts_file_is_an_input_error_of_the_driver(tmp_path):

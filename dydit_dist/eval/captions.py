@@ -45,7 +45,7 @@ def one_line(caption: str) -> str:
 
 def write_captions(url: str, captions: list[str]) -> None:
     """A prompts file `sample.plan.load_prompts` reads back as `captions`: `.jsonl` or one per line."""
-    if url.endswith(".jsonl"):
+    if url.lower().endswith(".jsonl"):
         text = "".join(json.dumps({"caption": c}) + "\n" for c in captions)
     else:
         text = "".join(c + "\n" for c in captions)
@@ -75,8 +75,9 @@ def prepare_caption_reference(cfg) -> dict:
     # 1. Validate inputs
     if not e.reference or not e.reference.endswith(".npz"):
         raise ValueError(f"eval.reference={e.reference!r}: give the .npz to write the caption reference to")
-    if not s.prompts:
-        raise ValueError("sample.prompts is unset: give the captions file to write (.txt or .jsonl)")
+    if not s.prompts or not s.prompts.lower().endswith((".txt", ".jsonl")):
+        raise ValueError(f"sample.prompts={s.prompts}: give the captions file to write (.txt or .jsonl, as the "
+                         "sample job reads them)")
     if cfg.data.source_format != "captions":
         raise ValueError(f"data.source_format={cfg.data.source_format}: a caption reference is made from a "
                          ".csv or .jsonl of image paths and captions (data.source_format=captions)")

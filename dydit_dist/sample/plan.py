@@ -100,10 +100,14 @@ def parse_prompts(url: str, data: bytes) -> list[str]:
 
 
 def _parse_prompts(url: str, text: str) -> list[str]:
+    jsonl = url.lower().endswith(".jsonl")
+    if not jsonl and not url.lower().endswith(".txt"):  # a .json array or a captions .csv read as lines is text
+        raise ValueError(f"{url}: expected a .txt file (one prompt per line) or a .jsonl file (a \"prompt\" or "
+                         "\"caption\" field per line)")
     lines = text.splitlines()
     prompts = []
     for number, line in enumerate(lines, start=1):
-        if url.endswith(".jsonl"):
+        if jsonl:
             if not line.strip():
                 continue
             try:
