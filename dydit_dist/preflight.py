@@ -48,6 +48,7 @@ from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
+from dydit_dist.sample.export import export_path
 from dydit_dist.sample.plan import PromptsError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
@@ -237,6 +238,11 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
             p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         p.add(resolve.eb_cache_table(cfg))
+    if p.job == "sample" and s.export_npz:
+        try:
+            p.add(Input("sample.export_npz", s.export_npz, note=f"written after sampling: {export_path(s.export_npz)}"))
+        except SamplesError as err:
+            p.add(Input("sample.export_npz", s.export_npz, problem=str(err).split(": ", 1)[1]))
 
 
 def _samples_state(cfg: Config, weights_made_by: str | None) -> tuple[bool, str | None]:

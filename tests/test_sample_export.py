@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from dydit_dist.sample import SamplesManifest, export_adm_npz, pack
 from dydit_dist.sample import export as export_module
@@ -51,3 +52,27 @@ def test_export_syncs_its_file_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module.os, "replace", lambda a, b: (calls.append("replace"), replace(a, b))[1])
     export_adm_npz(url, str(tmp_path / "samples.npz"))
     assert calls == ["fsync", "replace"]
+
+
+def test_an_export_path_that_is_no_local_npz_file_is_refused_before_reading(tmp_path, capsys):
+    """A URL landed in a local folder named `s3:` (and the job said it was at s3://...); a folder failed with
+    IsADirectoryError after writing the whole .npz. Both are refused before a sample is read, and by the
+    sample job's dry run."""
+    from dydit_dist.sample import SamplesError
+    from jobs import sample
+
+    url = str(tmp_path / "samples")
+    _folder(url)
+    (tmp_path / "exports").mkdir()
+    cases = {"s3://bucket/x.npz": "a local path", str(tmp_path / "exports"): "not a folder",
+             str(tmp_path / "x.tar"): "expected the path of a .npz file"}
+    for path, message in cases.items():
+        with pytest.raises(SamplesError, match=rf"sample.export_npz={path}: .*{message}"):
+            export_adm_npz(url, path)
+        argv = ["--dry-run", "--config", "debug", f"storage.root={tmp_path}", f"sample.export_npz={path}"]
+        assert sample.main(argv) == 2
+        assert f"sample.export_npz={path}: " in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["exports", "samples"]  # nothing written (no `s3:` folder)
+    assert export_adm_npz(url, f"file://{tmp_path}/ok.npz") == 6 and (tmp_path / "ok.npz").exists()
+    assert sample.main(["--dry-run", "--config", "debug", f"storage.root={tmp_path}/r",
+                        f"sample.export_npz={tmp_path}/y.npz"]) == 0

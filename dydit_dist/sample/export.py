@@ -38,11 +38,24 @@ def iter_samples(samples_url: str, require_complete: bool = True):
         expected += record["count"]
 
 
+def export_path(path: str) -> str:
+    """The absolute local path an export of `path` writes; SamplesError for what is no local .npz file
+    name (a URL would land in a local folder named `s3:`; a folder fails only after the whole write)."""
+    if "://" in path and not path.startswith("file://"):
+        raise SamplesError(f"sample.export_npz={path}: a local path (the .npz is written on the driver's disk; "
+                           "copy it to object storage afterwards)")
+    local = os.path.abspath(path.removeprefix("file://"))
+    if not local.endswith(".npz") or os.path.isdir(local):
+        raise SamplesError(f"sample.export_npz={path}: expected the path of a .npz file to write, not a folder")
+    return local
+
+
 def export_adm_npz(samples_url: str, path: str) -> int:
     """Write every sample of a complete samples folder into a local `.npz` (`arr_0`, N x H x W x 3
     uint8, in index order); returns N. The file appears whole: written under a temporary name, synced
     to disk, then renamed. Temporary files an earlier export of `path` left (a killed one: ~10 GB at
     50k x 256px) are removed first."""
+    path = export_path(path)
     manifest = SamplesManifest.read(samples_url)
     count = manifest.num_samples
     samples = iter_samples(samples_url)
@@ -50,7 +63,6 @@ def export_adm_npz(samples_url: str, path: str) -> int:
     height, width = first.image.shape[:2]
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (count, height, width, 3)}
-    path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temporaries(path)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # the pattern `remove_stale_temporaries` knows
