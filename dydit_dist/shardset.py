@@ -233,6 +233,21 @@ def write_marker(uri: str, record: dict) -> None:
     storage.write_json(marker_url(uri, record["index"]), record)
 
 
+_RECORD_FIELDS = {"index": int, "name": str, "count": int}  # what every reader of a record takes as given
+
+
+def record_problem(record) -> str | None:
+    """Why `record` (a manifest's or a done-marker's) is not a shard record, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a shard record"
+    for key, kind in _RECORD_FIELDS.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            return f"its {key!r} is {value!r}, expected a{'n' if kind is int else ''} {kind.__name__}" + \
+                (" >= 0" if kind is int else "")
+    return None
+
+
 def _differences(a: dict, b: dict) -> list[str]:
     keys = sorted(set(a) | set(b))
     return [f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
@@ -289,6 +304,9 @@ class ShardManifest:
             found = value.get("format") if isinstance(value, dict) else f"a JSON {type(value).__name__}"
             raise cls.error(f"{url} is not a {cls.FORMAT} manifest (format: {found!r})")
         try:
+            for number, record in enumerate(value["shards"]):
+                if (problem := record_problem(record)) is not None:
+                    raise ValueError(f"shard record {number}: {problem}")
             shards = {int(r["index"]): r for r in value["shards"]}
             return cls(value["settings"], value["num_shards"], shards, **cls._extra_fields(value))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -325,8 +343,7 @@ class ShardManifest:
         holds at another size than recorded (a truncated or replaced object), so they are made again.
         """
         manifest = cls.read(uri) if storage.exists(manifest_url(uri)) else None  # a missing bucket fails here
-        markers = [storage.read_json(url) for url in storage.listdir(storage.join(uri, MARKERS))
-                   if url.endswith(".json")]
+        markers = [cls._read_marker(url) for url in storage.listdir(storage.join(uri, MARKERS)) if url.endswith(".json")]
         if manifest is None or (not manifest.shards and not markers):
             manifest = cls(settings, num_shards)
         if manifest.settings != settings:
@@ -348,6 +365,21 @@ class ShardManifest:
                             "again: %s", uri, len(bad), ", ".join(bad))
             manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] not in bad}
         return manifest
+
+
+    @classmethod
+    def _read_marker(cls, url: str) -> dict:
+        """A done-marker's record; `cls.error` naming it when it is not one (markers are written whole: a hand
+        edit, or a file system without atomic renames)."""
+        try:
+            record = storage.read_json(url)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise cls.error(f"{url}: a done-marker that is not JSON ({err}); remove it (its shard is made "
+                            "again)") from err
+        if (problem := record_problem(record)) is not None:
+            raise cls.error(f"{url}: a done-marker that is no shard record ({problem}); remove it (its shard is "
+                            "made again)")
+        return record
 
 
 def stored_sizes(uri: str, records: list[dict]) -> list[int | None]:

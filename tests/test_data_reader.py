@@ -299,7 +299,7 @@ def test_a_manifest_that_cannot_be_read_is_an_error_naming_it(pixels):
     good = storage.read_bytes(url)
     cases = {good[: len(good) // 2]: "not JSON", b"[1, 2]": r"is not a dydit_dist.latents/1 manifest \(format: 'a JSON list'\)",
              good.replace(b'"complete"', b'"finished"'): r"cannot be read \(KeyError: 'complete'\)",
-             good.replace(b'"index"', b'"idx"'): r"cannot be read \(KeyError: 'index'\)"}
+             good.replace(b'"index"', b'"idx"'): r"cannot be read \(ValueError: shard record 0: its 'index' is None"}
     for content, message in cases.items():
         storage.write_bytes(url, content)
         with pytest.raises(ManifestError, match=f"{url}.*{message}"):

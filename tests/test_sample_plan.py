@@ -106,18 +106,43 @@ def test_resume_merges_markers_and_refuses_other_settings(tmp_path):
     url = str(tmp_path / "samples")
     settings = {"seed": 0, "num_samples": 8}
     manifest = SamplesManifest(settings, 2)
-    manifest.add({"index": 0, "count": 4})
+    manifest.add({"index": 0, "name": "shard-000000.tar", "count": 4})
     manifest.write(url)
     digest = SamplesManifest.resume(url, settings, 2)  # nothing beyond the manifest yet
     assert sorted(digest.shards) == [0]
 
     # A driver that died after an actor's marker but before its manifest write loses nothing.
-    write_marker(url, {"index": 1, "count": 4, "settings_sha256": settings_digest(settings)})
+    write_marker(url, {"index": 1, "name": "shard-000001.tar", "count": 4, "settings_sha256": settings_digest(settings)})
     merged = SamplesManifest.resume(url, settings, 2)
     assert sorted(merged.shards) == [0, 1] and merged.complete
     with pytest.raises(SamplesError, match="seed: 0 there vs 1 now"):
         SamplesManifest.resume(url, {"seed": 1, "num_samples": 8}, 2)
     assert storage.exists(url + "/done/shard-000001.json")
+
+
+@pytest.mark.parametrize("marker, problem", [
+    ('{"index": 1, "na', "a done-marker that is not JSON"),
+    ('[1, 2]', r"a done-marker that is no shard record \(a JSON list, not a shard record\)"),
+    ('{"index": 1, "count": 4}', r"no shard record \(its 'name' is None, expected a str\)"),
+    ('{"name": "shard-000001.tar", "count": 4}', r"its 'index' is None, expected an int >= 0"),
+])
+def test_a_malformed_done_marker_is_named(tmp_path, marker, problem):
+    """It was a JSONDecodeError / KeyError / AttributeError traceback naming nothing, which the preflight
+    swallowed (a dry run passed, the job died)."""
+    url = str(tmp_path / "samples")
+    settings = {"seed": 0}
+    SamplesManifest(settings, 2).write(url)
+    storage.write_bytes(f"{url}/done/shard-000001.json", marker.encode())
+    with pytest.raises(SamplesError, match=rf"{url}/done/shard-000001.json: .*{problem}.*remove it"):
+        SamplesManifest.resume(url, settings, 2)
+
+
+def test_a_manifest_record_without_its_count_is_named(tmp_path):
+    url = str(tmp_path / "samples")
+    manifest = SamplesManifest({"seed": 0}, 2).to_json()
+    storage.write_json(f"{url}/manifest.json", {**manifest, "shards": [{"index": 0, "name": "shard-000000.tar"}]})
+    with pytest.raises(SamplesError, match=r"manifest.json: .*shard record 0: its 'count' is None, expected an int"):
+        SamplesManifest.resume(url, {"seed": 0}, 2)
 
 
 def test_settings_record_the_noise_stream_and_precision_knobs():
