@@ -67,3 +67,30 @@ def test_a_config_the_actors_refuse_is_an_input_error(ray_local, tmp_path, check
           pytest.raises(ConfigError, match="unknown config key 'sample.colour'")):
         run_sampling(cfg)
     assert not storage.find(str(tmp_path / "run" / "runs/t/samples"))
+
+
+def test_actors_started_before_a_failed_start_are_stopped(monkeypatch):
+    """A CapacityError while the others load (one actor's room taken by other work) left the actors started
+    so far alive, holding their GPUs, in a process that goes on (a notebook, a test, a reproduce)."""
+    from dydit_dist.capacity import ActorPool, CapacityError
+
+    killed = []
+
+    class Actor:
+        class ready:  # noqa: N801 - as a Ray actor method has .remote()
+            @staticmethod
+            def remote():
+                return object()
+
+    def fake_init(self, *args, **kwargs):
+        self.actors = [Actor(), Actor()]
+
+    def no_room(self, refs):
+        raise CapacityError("a sampling actor found no room within ray.capacity_timeout_s=1 s")
+
+    monkeypatch.setattr(ActorPool, "__init__", fake_init)
+    monkeypatch.setattr(pool.SamplingPool, "wait", no_room)
+    monkeypatch.setattr(ActorPool, "shutdown", lambda self: killed.extend(self.actors))
+    with pytest.raises(CapacityError, match="found no room"):
+        pool.SamplingPool(tiny_config("/tmp/unused"), "/tmp/unused", 2)
+    assert len(killed) == 2

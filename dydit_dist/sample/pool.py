@@ -217,8 +217,6 @@ class SamplingPool(ActorPool):
     docstring)."""
 
     def __init__(self, cfg: Config, url: str, num_todo: int):
-        import ray
-        from ray.exceptions import RayActorError
 
         s, self.use_gpu = cfg.sample, cfg.ray.use_gpu
         self.num_actors = min(s.num_actors, num_todo)
@@ -230,6 +228,16 @@ class SamplingPool(ActorPool):
         # Every actor ready before the first unit. An input error (a bad checkpoint) stops the job; an actor
         # that died starting (its host's GPU unusable, `GpuUnavailable`; a lost node) is replaced, as later.
         self.load_seconds = []
+        try:
+            self._start_all()
+        except BaseException:  # an input error, the failure budget spent, no room (CapacityError), a signal
+            self.shutdown()  # the actors started so far would hold their GPUs while this process goes on
+            raise
+
+    def _start_all(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
         starting = {actor.ready.remote(): actor for actor in self.actors}
         while starting:
             ref = self.wait(list(starting))
@@ -237,12 +245,10 @@ class SamplingPool(ActorPool):
             try:
                 self.load_seconds.append(ray.get(ref))
             except LOAD_ERRORS as err:
-                self.shutdown()
                 raise input_error(err) from None
             except RayActorError as err:
                 log.warning("sampling actor died starting: %s", death_cause(err))
                 if self.failures >= self.max_failures:
-                    self.shutdown()
                     raise RuntimeError(f"sampling actors could not start ({self.failures + 1} failures > "
                                        f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
                 self.replace(actor, err)
