@@ -29,7 +29,8 @@ def _record(url: str, method: str, fid: float, gflops: float) -> dict:
     return {
         "metrics": {"fid": fid, "isc_mean": 3.0, "isc_std": 0.1, "precision": 0.5, "recall": 0.6},
         "num_samples": 12, "samples": url, "method": method, "gflops": gflops, "images_per_s": 10.0,
-        "sampling": {"sampler": "ddpm", "steps": 50, "cfg_scale": 1.5, "seed": 0, "num_samples": 12},
+        "sampling": {"sampler": "ddpm", "steps": 50, "cfg_scale": 1.5, "seed": 0, "num_samples": 12, "labels": "random",
+                     "precision": "bf16", "tf32": True, "vae_precision": "bf16"},
         "reference": {"url": "ref", "kind": "data", "statistics": "computed"},
         "feature_extractor": {"name": "digits-cnn", "label": "digits-cnn (NOT Inception)", "weights": "w",
                               "is_inception": False},
@@ -113,7 +114,9 @@ def test_a_report_names_each_methods_sampling_and_refuses_records_of_other_featu
     dydit = _record(f"{paths.url}/dydit/samples", "dydit", 8.4, 0.0019)
     dydit["sampling"] = {**dydit["sampling"], "steps": 25}
     text = storage.read_bytes(write_report(paths, [static, dydit], "demo")).decode()
-    assert "- Sampling: ddpm, (static: 50, dydit: 25) steps, guidance 1.5, seed 0, 12 samples per method" in text
+    assert ("- Sampling: ddpm, (static: 50, dydit: 25) steps, guidance 1.5, seed 0, 12 samples per method, labels "
+            "random; network bf16 (TF32 True), VAE bf16 (the official samplers: fp32 / TF32)") in text  # FID moves with them
+    assert "not a side-by-side speed comparison" in text and "FlopCounterMode for SD-XL" in text
     assert "| precision [digits-cnn] | recall [digits-cnn] |" in text
     inception = {**dydit, "feature_extractor": {"name": "inception-v3-compat", "label": "Inception", "weights": "pt",
                                                 "is_inception": True}}

@@ -259,9 +259,12 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
     ref = first.get("reference") or {}
     lines += [
         "",
-        "- GFLOPs: analytic, per network forward of one image (guidance doubles it per sampling step), "
-        "averaged over the sampling steps.",
-        "- images/s: measured on one sampling actor (sampling and decoding, storage writes excluded).",
+        "- GFLOPs: multiply-accumulates (the papers' convention) per network forward of one image (guidance "
+        "doubles it per sampling step), averaged over the sampling steps; the analytic count of DiT / PixArt, "
+        "torch's FlopCounterMode for SD-XL.",
+        "- images/s: per sampling actor (sampling and decoding, storage writes excluded), each method in its own "
+        "stage, one after another (warm-up and any compile included): not a side-by-side speed comparison; "
+        "`benchmarks/` measure speedups side by side.",
         f"- Features: {fe['label']}; weights: {fe['weights']}"
         + (f"; sFID on {fe['layers']['sfid']}." if "sfid" in fe.get("layers", {}) else "."),
         *([f"- CLIP score: 100 x max(cos(image, caption), 0) with {first.get('clip_model')}, mean over samples; "
@@ -269,7 +272,11 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
         f"- Reference: {ref.get('url')} ({ref.get('kind')}; statistics {ref.get('statistics')}).",
         f"- Sampling: {_per_method(records, 'sampler')}, {_per_method(records, 'steps')} steps, guidance "
         f"{_per_method(records, 'cfg_scale')}, seed {_per_method(records, 'seed')}, "
-        f"{_per_method(records, 'num_samples')} samples per method; torch-fidelity {first['torch_fidelity_version']}.",
+        f"{_per_method(records, 'num_samples')} samples per method"
+        + (f", labels {_per_method(records, 'labels')}" if any(r["sampling"].get("labels") for r in records) else "")
+        + f"; network {_per_method(records, 'precision')} (TF32 {_per_method(records, 'tf32')}), VAE "
+        f"{_per_method(records, 'vae_precision')} (the official samplers: fp32 / TF32); torch-fidelity "
+        f"{first['torch_fidelity_version']}.",
         *(f"- {r['label']} options: " + ", ".join(f"{k}={v}" for k, v in r["sampling"]["method_options"].items())
           for r in records if r["sampling"].get("method_options")),
         *(f"- {note}" for note in notes),
