@@ -150,6 +150,7 @@ def test_caption_batches(tmp_path):
     verify_manifest(uri, cfg.model, cfg.data)
     batch = take(LatentStream(uri, batch_size=5, num_workers=0), 1)[0]
     assert batch["x"].shape == (5, 4, 4, 4) and batch["t5"].shape == (5, 1, 6, 8)
+    assert batch["t5"].dtype == torch.float16  # as stored: half the bytes through the workers (the step casts)
     assert batch["t5_mask"].shape == (5, 6) and batch["t5_mask"].dtype == torch.int64
     lengths = batch["t5_mask"].sum(1)
     for row, n in zip(batch["t5"][:, 0], lengths.tolist(), strict=True):

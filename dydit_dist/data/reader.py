@@ -5,7 +5,7 @@
                           on_error=cfg.data.on_error)
     stream.load_state_dict(checkpoint["data"])     # or LatentStream(..., start_step=step)
     for batch in stream:                           # batch["x"]: (B, C, H, W) float32, ready for the model
-        ...                                        # batch["y"]: (B,) int64, or batch["t5"]: (B, 1, L, C)
+        ...                                        # batch["y"]: (B,) int64, or batch["t5"]: (B, 1, L, C) as stored (fp16)
         checkpoint["data"] = stream.state_dict()   # and batch["t5_mask"]: (B, L) int64
 
 `batch["index"]` (B,) int64 is each sample's position in the manifest's order (shard by shard), for
@@ -166,7 +166,10 @@ def _collate(samples: list[dict], settings: dict) -> dict:
     if settings["conditioning"] == "class":
         out["y"] = torch.tensor([s["y"] for s in samples], dtype=torch.int64)
     else:
-        t5 = np.zeros((len(samples), 1, settings["text_len"], settings["text_dim"]), dtype=np.float32)
+        # In the stored dtype (fp16: 1 MB per 120-token caption): the train step casts on its device. A float32
+        # batch was twice the bytes through the workers' shared memory and a cast per element here, which
+        # capped a DataLoader worker at ~125 samples/s (benchmarks/data_throughput.py).
+        t5 = np.zeros((len(samples), 1, settings["text_len"], settings["text_dim"]), dtype=samples[0]["t5"].dtype)
         for i, s in enumerate(samples):
             t5[i, 0, : len(s["t5"])] = s["t5"]  # stored without the padding rows
         out["t5"] = torch.from_numpy(t5)  # (B, 1, L, C)
