@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from stamp import stamp
 
 from dydit_dist import config as config_lib
 from dydit_dist.data.synthetic import random_dataset
@@ -92,6 +93,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
             "steps": args.steps, "every": args.every}
+    meta["source"] = stamp()
     (RESULTS / "checkpoint_stall.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     columns = list(rows[0])
     lines = ["# checkpoint stall", "",

@@ -157,6 +157,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "dynamic_speed" + (f"_{args.tag}" if args.tag else "")
     source = stamp()
+    source["threads"] = torch.get_num_threads()
     (RESULTS / f"{stem}.json").write_text(json.dumps({"source": source, "rows": rows}, indent=2))
     table = (f"Measured at commit {source['commit']}{' with uncommitted changes' if source['dirty'] else ''}.\n\n"
              + to_markdown(rows))

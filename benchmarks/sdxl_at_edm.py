@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp
 
 from dydit_dist.accel import ATEDMOptions
 from dydit_dist.accel.at_edm_unet import UNetPruner, unet_inputs, unet_macs
@@ -171,7 +172,9 @@ def main(argv=None) -> dict:
         args.model, args.latent, args.steps, args.batch = "SDXL-debug", 16, 3, 1
     result = run(args)
     result["args"] = vars(args)
-    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                         "threads": torch.get_num_threads()}
+    result["source"] = stamp()
     text = markdown(result, args)
     print(text)
     if not args.smoke:
