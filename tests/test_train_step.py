@@ -92,6 +92,29 @@ def test_dydit_objective_terms(stage):
     assert router.grad is not None
 
 
+def test_the_routers_gumbel_noise_comes_from_the_step_generator():
+    """Whatever the global random state (a DataLoader's seed draw after a resume shifted it): the same step
+    generator gives the same loss and router gradients. The routers drew from the global state, and so
+    every data-parallel rank drew the same noise (the official code seeds each rank apart)."""
+    cfg = _cfg("model.method=dydit", "model.dynamic.stage=2", "model.dynamic.router_bias_init=0")
+    torch.manual_seed(0)
+    objective = DiffusionObjective(build_network(cfg.model), cfg)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        objective.zero_grad()
+        g = step_generator(0, 0, 0, 0, "cpu")
+        terms = objective(**draw_inputs(_dit_batch(), objective.network, cfg, g, "cpu"), step=0, generator=g)
+        terms["loss"].backward()
+        results.append((terms["loss"].detach(), objective.network.blocks[0].attn_rate.router.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    other_rank = step_generator(0, 1, 0, 0, "cpu")
+    torch.manual_seed(1)
+    terms = objective(**draw_inputs(_dit_batch(), objective.network, cfg, other_rank, "cpu"), step=0,
+                      generator=other_rank)
+    assert not torch.equal(terms["loss"].detach(), results[0][0])
+
+
 def test_static_objective_and_embedder_dropout_switched_off():
     cfg = _cfg("model.class_dropout_prob=0.1")
     net = build_network(cfg.model)

@@ -75,7 +75,8 @@ def dydit_loss_terms(model, diffusion, x0: torch.Tensor, step: int, dyn_cfg, t: 
     captured: dict[str, DynamicOutput] = {}
 
     def dynamic_fn(x, tt, **kw):
-        captured["result"] = model(x, tt, **kw)
+        # the routers' Gumbel noise from the step's generator too: per rank, and exact on resume
+        captured["result"] = model(x, tt, generator=generator, **kw)
         return captured["result"].out
 
     learn_sigma = model.out_channels == 2 * model.in_channels
