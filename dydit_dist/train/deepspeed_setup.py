@@ -30,6 +30,8 @@ from torch import nn
 
 from dydit_dist.config import ConfigError
 
+from .ema import collective_ready
+
 log = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -188,7 +190,8 @@ def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partit
     def step_by_the_norm(self, *args, **kwargs):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         squared = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        if partitioned:
+        if partitioned:  # under optimizer offload the gradients are CPU tensors, the group NCCL
+            squared = collective_ready(squared)
             torch.distributed.all_reduce(squared)
         norm = float(squared.sqrt())
         if repeat is not None and repeat():

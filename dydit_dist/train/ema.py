@@ -18,6 +18,15 @@ import torch.distributed as dist
 from torch import nn
 
 
+def collective_ready(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the process group's collectives take it: NCCL moves device tensors only (a CPU
+    tensor is "No backend type associated with device type cpu"): a CPU one (an offloaded optimizer's
+    gradients, a CPU EMA) goes to this process's GPU; gloo takes it where it is."""
+    if tensor.device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
 class PartitionedEMA:
     """EMA (`decay`) of this rank's slice of every parameter of `network` (frozen ones included)."""
 
@@ -54,8 +63,8 @@ class PartitionedEMA:
     def gather(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """The full EMA weights {name: tensor (shape), fp32, CPU} on rank `dst`; None on the others."""
         flat = torch.cat(self.shadow)
-        if self.world_size > 1 and dist.get_backend() == "nccl":
-            flat = flat.cuda()  # NCCL moves device tensors only (parameters offloaded to CPU keep a CPU EMA)
+        if self.world_size > 1:
+            flat = collective_ready(flat)  # parameters offloaded to CPU keep a CPU EMA
         if self.world_size == 1:
             parts = [flat]
         else:
