@@ -246,13 +246,14 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
         init_single_process("gloo")  # one rank, as tests/test_train_loop.py
         root = f"memory://settings-{os.getpid()}-{tmp_path.name}"
         cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data", "train.max_steps=2",
-                                        "train.warmup_steps=8"])
+                                        "train.warmup_steps=8", "train.grad_clip=1.0"])
         random_dataset(f"{root}/data", cfg, num_samples=24)
         first = Trainer(cfg, LocalSession(str(tmp_path)))
         first.train()
         resumed_cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data",
                                                 "train.warmup_steps=8", "train.lr=1e-3", "train.weight_decay=0.05",
-                                                "train.adam_eps=1e-10", "train.allow_changed_settings=true"])
+                                                "train.adam_eps=1e-10", "train.grad_clip=0.5",
+                                                "train.allow_changed_settings=true"])
         session = LocalSession(str(tmp_path))
         resumed = Trainer(resumed_cfg, session)
         resumed.train()
@@ -264,3 +265,5 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     # torch's load_state_dict took every group's settings from the checkpoint; the config's win
     groups = (resumed.engine.lr_scheduler or resumed.engine).optimizer.param_groups
     assert {(g["weight_decay"], g["eps"]) for g in groups} == {(0.05, 1e-10)}
+    # ZeRO-2's checkpoint load put the old clip back into its optimizer (the engine said the new one)
+    assert resumed.engine.gradient_clipping() == resumed.engine.optimizer.clip_grad == 0.5

@@ -147,7 +147,8 @@ def apply_optimizer_settings(engine, train_cfg) -> None:
     ones with the optimizer and its schedule (torch's `load_state_dict` takes each group's settings from
     the checkpoint; a resume with train.allow_changed_settings=true; a no-op when they agree): weight_decay,
     eps, and `lr` as the base learning rate, keeping the schedule's factor at the restored step (each
-    group's lr is rescaled by lr / old base)."""
+    group's lr is rescaled by lr / old base); and the gradient clip, which ZeRO-1/2 restore from the
+    checkpoint into their optimizer (`clip_grad`) whatever the engine was configured with."""
     lr = train_cfg.lr
     scheduler = engine.lr_scheduler
     groups = (scheduler.optimizer if scheduler is not None else engine.optimizer).param_groups
@@ -159,6 +160,8 @@ def apply_optimizer_settings(engine, train_cfg) -> None:
     if scheduler is not None:
         scheduler.base_lrs = [lr] * len(groups)
         scheduler._last_lr = [g["lr"] for g in groups]
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = train_cfg.grad_clip or 0.0  # DeepSpeed: 0 = no clipping
 
 
 def gather_ema(state: TrainerState, network: nn.Module) -> dict[str, torch.Tensor] | None:
