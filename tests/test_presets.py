@@ -93,7 +93,8 @@ RECIPES = {
         ("train.lr", 2e-5, f"{PIXART} configs/pixart_config/PixArt_xl2_img256_internal.py:25"),
         ("train.weight_decay", 0.03, f"{PIXART} PixArt_xl2_img256_internal.py:25"),
         ("train.adam_eps", 1e-10, f"{PIXART} PixArt_xl2_img256_internal.py:25"),
-        ("train.warmup_steps", 1000, f"{PIXART} PixArt_xl2_img256_internal.py:26"),
+        ("train.warmup_steps", 125, f"{PIXART} PixArt_xl2_img256_internal.py:26: 1000 scheduler steps, stepped once per "
+                                    "process by accelerate's prepared scheduler (train.py:96, :330): / 8 workers"),
         ("train.grad_clip", 0.01, f"{PIXART} PixArt_xl2_img256_internal.py:24"),
         ("train.ema_decay", 0.9999, f"{PIXART} configs/PixArt_xl2_internal.py:40"),
         ("train.caption_dropout", 0.1, f"{PIXART} diffusion/model/nets/PixArt.py:66"),
@@ -106,7 +107,7 @@ RECIPES = {
         ("train.lr", 2e-5, f"{PIXART} configs/pixart_config/PixArt_xl2_img512_internal.py:26"),
         ("train.weight_decay", 0.03, f"{PIXART} PixArt_xl2_img512_internal.py:26"),
         ("train.adam_eps", 1e-10, f"{PIXART} PixArt_xl2_img512_internal.py:26"),
-        ("train.warmup_steps", 1000, f"{PIXART} PixArt_xl2_img512_internal.py:27"),
+        ("train.warmup_steps", 125, f"{PIXART} PixArt_xl2_img512_internal.py:27 (1000 / 8 processes, as at 256)"),
         ("train.grad_clip", 0.01, f"{PIXART} PixArt_xl2_img512_internal.py:25"),
     ],
     "eb_cache_dit_xl2_256_50": [
