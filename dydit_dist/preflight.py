@@ -233,9 +233,7 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
         p.add(_made("sample.prompts", s.prompts, prompts_by)
               or resolve.prompts("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
     if family(m.name) not in ("dit", "sdxl"):
-        p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
-        if cfg.data.tokenizer:
-            p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
+        _text_encoder(p, cfg)
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         p.add(resolve.eb_cache_table(cfg))
     if p.job == "sample" and s.export_npz:
@@ -243,6 +241,12 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
             p.add(Input("sample.export_npz", s.export_npz, note=f"written after sampling: {export_path(s.export_npz)}"))
         except SamplesError as err:
             p.add(Input("sample.export_npz", s.export_npz, problem=str(err).split(": ", 1)[1]))
+
+
+def _text_encoder(p: Plan, cfg: Config) -> None:
+    p.add(resolve.hf_model("data.text_encoder", cfg.data.text_encoder, cfg.storage.root))
+    if cfg.data.tokenizer:
+        p.add(resolve.hf_model("data.tokenizer", cfg.data.tokenizer, cfg.storage.root))
 
 
 def _samples_state(cfg: Config, weights_made_by: str | None) -> tuple[bool, str | None]:
@@ -364,6 +368,9 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
                                                       "(pass --random-init to do it anyway)"))
         return
     p.add(resolve.sampling_weights(cfg, None, allow_random))
+    if family(m.name) != "dit" and s.prompts:  # a PixArt table is calibrated on the run's first prompts
+        p.add(resolve.prompts("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
+        _text_encoder(p, cfg)
 
 
 def _reproduce(p: Plan, cfg: Config) -> None:

@@ -117,3 +117,33 @@ def test_calibration_follows_the_trajectory_the_runner_samples(monkeypatch, eps_
     uncorrected = _visited(monkeypatch, calibrate_module, lambda: calibrate(
         backend, noise, cond, sampler="ddim", steps=5, tolerance=0.0, eps_scale="none"))
     assert not torch.allclose(uncorrected[-1], sampled[-1])  # the correction does change the trajectory
+
+
+def test_a_pixart_table_is_calibrated_on_the_runs_prompts(tmp_path, tiny_t5, monkeypatch):
+    """PixArt's sampled trajectories follow its captions: the calibration samples the run's first prompts
+    through its T5 encoder, as the sample job does (null captions were unconditional trajectories), and the
+    table says what it was calibrated on."""
+    from dydit_dist import config as config_lib
+    from dydit_dist.sample import calibrate as calibrate_job
+    from dydit_dist.sample.generate import caption_conditioner
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle on the background\n")
+    overrides = ["model.name=PixArt-debug", "model.caption_channels=32", "model.model_max_length=8",
+                 "model.image_size=8", "data.vae=none", f"data.text_encoder={tiny_t5}", "sample.steps=3",
+                 "sample.sampler=ddim", "sample.cfg_scale=4.5", f"storage.root={tmp_path}"]
+    seen = {}
+    real = calibrate_job.calibrate
+    monkeypatch.setattr(calibrate_job, "calibrate", lambda backend, x, kwargs, **kw: (
+        seen.update(x=x, kwargs=kwargs), real(backend, x, kwargs, **kw))[1])
+    cfg = config_lib.load("debug", [*overrides, f"sample.prompts={prompts}"])
+    table, _ = calibrate_job.run_calibration(cfg, num_samples=3, allow_random=True, out=str(tmp_path / "t.json"))
+    assert table["conditioning"] == f"prompts 0..2 of {prompts}"
+    model = calibrate_job.calibration_network(cfg, True, 0)
+    expected = caption_conditioner(cfg, model, torch.device("cpu")).model_kwargs([0, 1, 0], "cpu")
+    assert seen["kwargs"]["y"].shape[0] == 6  # guided: conditional rows, then the null caption's
+    torch.testing.assert_close(seen["kwargs"]["y"][:3], expected["y"])
+    assert torch.equal(seen["kwargs"]["mask"][:3], expected["mask"])
+    null, _ = calibrate_job.run_calibration(config_lib.load("debug", overrides), num_samples=2, allow_random=True,
+                                           out=str(tmp_path / "n.json"))
+    assert null["conditioning"] == "null captions"

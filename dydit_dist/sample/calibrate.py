@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dydit_dist import storage
+from dydit_dist import pretrained, storage
 from dydit_dist.accel import Backend
 from dydit_dist.accel.calibrate import calibrate
 from dydit_dist.accel.synthetic import randomize_zero_init
@@ -21,12 +21,19 @@ from dydit_dist.models import PixArt
 from dydit_dist.network import resolve_checkpoint, sampling_network
 from dydit_dist.paths import RunPaths
 
+from .generate import caption_conditioner
+
 log = logging.getLogger(__name__)
 
 
-def calibration_inputs(model, n: int, generator: torch.Generator, guided: bool, noise: torch.Tensor):
-    """Random class labels (DiT) or null captions (PixArt) for n samples -> (x_T, model_kwargs);
-    doubled for classifier-free guidance when `guided`."""
+def calibration_inputs(model, n: int, generator: torch.Generator, guided: bool, noise: torch.Tensor,
+                       conditioner=None):
+    """Random class labels (DiT), or for PixArt the run's first n prompts through its T5 encoder (the
+    sample job's `conditioner`: samples 0..n-1 take prompts 0..n-1 mod P), null captions without one,
+    -> (x_T, model_kwargs); doubled for classifier-free guidance when `guided`."""
+    if conditioner is not None:
+        kwargs = conditioner.model_kwargs(range(n), noise.device)
+        return conditioner.doubled(noise, kwargs) if guided else (noise, kwargs)
     if isinstance(model, PixArt):
         null = model.y_embedder.y_embedding
         caption = null.expand(n, 1, *null.shape).clone()
@@ -63,13 +70,19 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
     generator = torch.Generator().manual_seed(seed)
     size = cfg.model.input_size
     noise = randn_per_sample((num_samples, cfg.model.in_channels, size, size), generator)
-    x, kwargs = calibration_inputs(model, num_samples, generator, s.cfg_scale != 1.0, noise)
+    prompts = isinstance(model, PixArt) and bool(s.prompts)
+    if prompts:  # the trajectories of the run's captions, not of the null caption (unconditional ones)
+        pretrained.mirror(cfg, captions=True)
+    conditioner = caption_conditioner(cfg, model, noise.device) if prompts else None
+    x, kwargs = calibration_inputs(model, num_samples, generator, s.cfg_scale != 1.0, noise, conditioner)
     table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=tolerance,
                       tolerance_at_zero=tolerance_at_zero, criterion=criterion, cfg_scale=s.cfg_scale,
                       guidance_channels=s.guidance_channels, generator=generator,
                       eps_scale=s.eb_cache.eps_scale)  # the trajectory the runner will sample
     table.update(model=cfg.model.name, image_size=cfg.model.image_size, method=cfg.model.method,
-                 checkpoint=cfg.model.checkpoint, seed=seed)
+                 checkpoint=cfg.model.checkpoint, seed=seed,
+                 conditioning=(f"prompts 0..{num_samples - 1} of {s.prompts}" if prompts
+                               else "null captions" if isinstance(model, PixArt) else "random classes"))
     name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}.json"
     out = out or RunPaths(cfg).eb_cache(name)
     storage.write_json(out, table)

@@ -71,6 +71,12 @@ class ImageDecoder:
 def _conditioner(cfg: Config, model, device):
     if family(cfg.model.name) == "dit":
         return ClassConditioner(cfg.model.num_classes, cfg.sample.labels, cfg.sample.seed)
+    return caption_conditioner(cfg, model, device)
+
+
+def caption_conditioner(cfg: Config, model, device) -> CaptionConditioner:
+    """A text-to-image model's conditions: `sample.prompts` through the T5 encoder of `data.text_encoder`
+    (already mirrored under storage.root when a Hub id: `pretrained.mirror`)."""
     if not cfg.sample.prompts:
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
     d, root = cfg.data, cfg.storage.root
