@@ -73,6 +73,15 @@ def mirror(cfg, captions: bool) -> list[str]:
     return [mirror_repo(v, cfg.storage.root) for v in (getattr(cfg.data, k) for k in keys) if is_hub_id(v)]
 
 
+def mirror_clip(cfg) -> str | None:
+    """`eval.clip_model` mirrored like `mirror`'s components when it is a Hugging Face id and `clip` is among
+    eval.metrics (the evaluation driver, once, before its actors load it); its URL, else None."""
+    e = cfg.eval
+    if "clip" not in e.metrics or not is_hub_id(e.clip_model):
+        return None
+    return mirror_repo(e.clip_model, cfg.storage.root)
+
+
 def mirror_repo(repo: str, root: str, patterns: list[str] | None = None) -> str:
     """`repo` (a Hugging Face id) as a folder under `{root}/pretrained/`; its URL. `patterns`: the files
     to take (default `FILES`, with `*.bin` when the repo has no safetensors)."""

@@ -29,7 +29,7 @@ import logging
 import torch
 import torch_fidelity
 
-from dydit_dist import storage
+from dydit_dist import pretrained, storage
 from dydit_dist.config import Config
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.manifest import SamplesError, SamplesManifest
@@ -103,6 +103,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     if "clip" in e.metrics and not e.clip_model:
         raise ValueError("eval.metrics has clip: set eval.clip_model to a CLIP model (a local or storage folder "
                          "of transformers' CLIPModel and CLIPProcessor, or a Hugging Face id)")
+    pretrained.mirror_clip(cfg)  # a Hub id: once here, not once per actor (the pods of an offline cluster read it)
     # 2. The reference, and the features of the samples in one streamed pass (CLIP scores on the way)
     extractor = resolve_extractor(e)
     device = "cuda" if torch.cuda.is_available() else "cpu"
