@@ -190,3 +190,13 @@ def test_pixart_computes_its_position_table_whatever_the_checkpoint_holds():
     larger = PixArt(input_size=16, **tiny)  # 4x the tokens: the file's table has another shape
     load_into(larger, sd, source="pixart-256.pth")
     assert torch.equal(larger.pos_embed, PixArt(input_size=16, **tiny).pos_embed)
+
+
+def test_a_dit_training_checkpoint_loads_with_torch_2_4s_serialization_api(tmp_path, monkeypatch):
+    """torch 2.4 (the oldest the GPU check supports) has `add_safe_globals` but not the `safe_globals`
+    context manager: loading any .pt raised AttributeError there."""
+    sd = _model(seed=1).state_dict()
+    path = tmp_path / "dit_training.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    assert _same(load_state_dict_file(path), sd)

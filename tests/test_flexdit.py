@@ -160,6 +160,22 @@ def test_batch_with_several_grids_runs_in_groups():
     assert not torch.allclose(flex(x, t, **cond, grid=4)[0], out[0])
 
 
+def test_the_residual_stream_stays_fp32_under_bf16_autocast(monkeypatch):
+    """After a recovery block the stream was the bf16 sum of two Linear outputs, and every block after R
+    accumulated in bf16 (the static DiT's stream stays fp32: its fp32 position embedding promotes it)."""
+    from dydit_dist.dynamic.flexdit import FlexBranches
+
+    static, cond = _static("dit")
+    flex = randomize_(_convert(static), seed=1, std=0.1).eval()
+    dtypes = []
+    enter = FlexBranches.enter
+    monkeypatch.setattr(FlexBranches, "enter", lambda self, i, block, tokens, mod: (
+        dtypes.append((self.layout[i], tokens.dtype)), enter(self, i, block, tokens, mod))[1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        flex(torch.randn(2, 4, 16, 16), torch.tensor([100, 100]), y=cond["y"][:2])
+    assert dtypes == [(role, torch.float32) for role in OPTIONS.layout]  # the stream each block enters with
+
+
 # fvcore's table rows of the released runs (changsn/SparseDiT logs/log_{256x256,512x512}.txt, l. 31-):
 # a Poolingformer, token_merge (C), the 3 semantic blocks (S), token_recover (R), a normal block (D),
 # down_sample.pooling (its 4 calls) and the model.

@@ -114,7 +114,9 @@ class FlexBranches(Branches):
             self.keys = tokens
             merged = upsample_tokens(block.merged_layer1(tokens), self.grid) + block.merged_layer2(self.dense)
             self.dense = None
-            return merged  # (B, N, D)
+            # the residual stream stays in its dtype (fp32 under autocast, as the static DiT's): the two
+            # Linear outputs are bf16 there, and every block after R would accumulate in bf16
+            return merged.to(tokens.dtype)  # (B, N, D)
         return tokens
 
     def attn(self, i, block, tokens, mod):

@@ -9,6 +9,7 @@ are read and written by `dydit_dist.network` (`read_weights`, `load_weights`, `s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import io
 import json
@@ -99,8 +100,12 @@ def _safetensors(load, source, name: str, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(f, src: str, device: str = "cpu"):
-    # DiT training checkpoints store their argparse Namespace under "args": allow that one class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    # DiT training checkpoints store their argparse Namespace under "args": allow that one class (the
+    # context manager is torch >= 2.5; torch 2.4 has only the process-wide list).
+    allow = getattr(torch.serialization, "safe_globals", None)
+    if allow is None:
+        torch.serialization.add_safe_globals([argparse.Namespace])
+    with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
         try:
             return torch.load(f, map_location=device, weights_only=True)
         except Exception as err:  # unpickling errors come in many types; the cause is kept
