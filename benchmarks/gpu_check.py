@@ -102,6 +102,9 @@ def run_section(name, fn, s, device, results, limit_s: float | None = None) -> t
     if limit_s is not None:
         previous = signal.signal(signal.SIGALRM, _over_budget)
         signal.setitimer(signal.ITIMER_REAL, max(limit_s, 0.001))
+    # torch's defaults (matmuls fp32, cuDNN TF32): a section that set TF32 (`precision`) must not carry it into
+    # the next, whose training step would then measure TF32 matmuls that Ray's training workers never use
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     try:
         try:
             return fn(s, device, results), True

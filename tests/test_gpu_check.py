@@ -206,3 +206,29 @@ def test_the_readme_cost_table_gets_a_measured_column_beside_the_estimate(monkey
     assert again == text.replace("| 5,935 | 1.23 |", "| 5,935 | 1.50 |") and again.count("measured NVIDIA") == 1
     with pytest.raises(SystemExit, match="not updated from a --smoke run"):
         driver.update_readme(readme, {**_gpu_result([1.0]), "smoke": True})
+
+
+def test_a_section_starts_from_torchs_tf32_defaults(monkeypatch):
+    """`precision("tf32" / "bf16")` turns TF32 on for its section; the next section (the training step, which
+    Ray's workers run without TF32) used to measure with it still on."""
+    import torch
+
+    driver = _driver(monkeypatch)
+    seen = []
+
+    def sets_tf32(s, device, results):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = False
+        return {}
+
+    monkeypatch.setattr(driver, "SECTIONS", {
+        "static": (sets_tf32, 5),
+        "train_step": (lambda s, device, results: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or {}, 5)})
+    monkeypatch.setattr(driver, "shapes", lambda smoke: {})
+    monkeypatch.setattr(driver, "environment", lambda device: {"device": "stand-in"})
+    try:
+        driver.run(False, set(), "cpu", 60.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    assert seen == [(False, True)]
