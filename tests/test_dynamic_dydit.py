@@ -461,3 +461,32 @@ def test_inspect_measures_tokens_at_the_timesteps_of_its_sampler(tmp_path, sampl
     assert len(inspect.summarize(model, table, tokens)["per_timestep_gflops"]) == 6
     with pytest.raises(ValueError, match="no token fractions measured at timesteps"):
         inspect.summarize(model, table, inspect.token_fractions(model, timesteps, 2))  # ddpm's timesteps
+
+
+def test_the_width_plan_is_read_with_full_fp32_matmuls_on_cuda():
+    """TF32 (sample.tf32, on by default) rounds fp32 matmuls to a 10-bit mantissa: a router logit near 0 would
+    give another plan on the GPU than on the CPU. The plan's reads turn it off and restore the setting."""
+    from dydit_dist.dynamic.fast import exact_fp32_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with exact_fp32_matmuls(torch.device("cuda", 0)):
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with exact_fp32_matmuls(torch.device("cpu")):
+            assert torch.backends.cuda.matmul.allow_tf32 is True  # nothing to change off CUDA
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_width_plan_reads_its_routers_under_exact_fp32_matmuls(monkeypatch):
+    import contextlib
+
+    from dydit_dist.dynamic import fast as fast_module
+
+    devices = []
+    monkeypatch.setattr(fast_module, "exact_fp32_matmuls", lambda device: devices.append(device) or contextlib.nullcontext())
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    FastPath(model).plan(500)
+    assert devices == [torch.device("cpu")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,21 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return index.to(device)
     return index.pin_memory().to(device, non_blocking=True)
+
+@contextmanager
+def exact_fp32_matmuls(device: torch.device):
+    """fp32 matmuls in full precision on a CUDA device while it lasts (TF32 off, `sample.tf32`'s setting
+    restored after); nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`'s kind; None when autocast is off there."""
@@ -86,8 +102,9 @@ class FastPath:
             ref = next(model.parameters())
             H = model.blocks[0].attn.num_heads
             if model.router_options.tdw:
-                # fp32 whatever the sampling autocast: the discrete plan must not change with precision.
-                with torch.autocast(ref.device.type, enabled=False):
+                # fp32 whatever the sampling autocast or TF32: the discrete plan must not change with precision
+                # (a logit within ~1e-3 of 0 flips under TF32's 10-bit mantissa).
+                with torch.autocast(ref.device.type, enabled=False), exact_fp32_matmuls(ref.device):
                     t_emb = model.t_embedder(torch.full((1,), timestep, device=ref.device))  # no host copy
                     one = t_emb.new_ones(1, 1)
                     masks = [torch.cat([one, hard_mask(rate(t_emb))], dim=1)[0]
