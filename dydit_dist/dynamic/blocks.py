@@ -51,17 +51,21 @@ def mlp_masked(mlp: nn.Module, h: torch.Tensor, group_mask: torch.Tensor | None)
 class SlicedBlock:
     """A block's weights restricted to its active heads and MLP groups (what the fast path multiplies).
 
-    qkv_w (3*h*hd, D), qkv_b (3*h*hd,), proj_w (D, h*hd); fc1_w (g*c, D), fc1_b (g*c,), fc2_w (D, g*c).
-    `num_heads` is the active head count h.
+    qkv_w (3*h*hd, D), qkv_b (3*h*hd,), proj_w (D, h*hd), proj_b (D,); fc1_w (g*c, D), fc1_b (g*c,),
+    fc2_w (D, g*c), fc2_b (D,). `num_heads` is the active head count h. Tensors only: the fast kernels take
+    no module, so `torch.compile` makes one graph for every block (torch 2.4 guards on each module passed in,
+    one graph per block).
     """
 
     num_heads: int
     qkv_w: torch.Tensor
     qkv_b: torch.Tensor | None
     proj_w: torch.Tensor
+    proj_b: torch.Tensor | None
     fc1_w: torch.Tensor
     fc1_b: torch.Tensor | None
     fc2_w: torch.Tensor
+    fc2_b: torch.Tensor | None
 
     @classmethod
     def from_block(cls, block: nn.Module, heads: torch.Tensor, groups: torch.Tensor, num_groups: int) -> SlicedBlock:
@@ -80,28 +84,30 @@ class SlicedBlock:
             qkv_w=attn.qkv.weight.index_select(0, qkv_rows),
             qkv_b=take(attn.qkv.bias, qkv_rows),
             proj_w=attn.proj.weight.index_select(1, head_cols),
+            proj_b=attn.proj.bias,
             fc1_w=mlp.fc1.weight.index_select(0, group_cols),
             fc1_b=take(mlp.fc1.bias, group_cols),
             fc2_w=mlp.fc2.weight.index_select(1, group_cols),
+            fc2_b=mlp.fc2.bias,
         )
 
     def to(self, dtype: torch.dtype) -> SlicedBlock:
         """The weights in `dtype` (what autocast would cast them to on every call: sliced copies are not the
         leaf parameters whose casts autocast caches)."""
         cast = lambda w: None if w is None else w.to(dtype)  # noqa: E731
-        return SlicedBlock(self.num_heads, cast(self.qkv_w), cast(self.qkv_b), cast(self.proj_w), cast(self.fc1_w),
-                           cast(self.fc1_b), cast(self.fc2_w))
+        return SlicedBlock(self.num_heads, cast(self.qkv_w), cast(self.qkv_b), cast(self.proj_w), cast(self.proj_b),
+                           cast(self.fc1_w), cast(self.fc1_b), cast(self.fc2_w), cast(self.fc2_b))
 
 
-def attention_fast(attn: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+def attention_fast(h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
     """Self-attention over the active heads only. h: (B, N, D) -> (B, N, D)."""
     B, N, _ = h.shape
     q, k, v = _split_heads(F.linear(h, w.qkv_w, w.qkv_b), w.num_heads)
     o = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
-    return F.linear(o.transpose(1, 2).reshape(B, N, -1), w.proj_w, attn.proj.bias)
+    return F.linear(o.transpose(1, 2).reshape(B, N, -1), w.proj_w, w.proj_b)
 
 
-def mlp_fast(mlp: nn.Module, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
-    """MLP over the active channel groups only. h: (..., D) -> (..., D)."""
-    return F.linear(mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, mlp.fc2.bias)
+def mlp_fast(h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+    """MLP over the active channel groups only (the blocks' `Mlp`: GELU, tanh approximation). h: (..., D) -> (..., D)."""
+    return F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b), approximate="tanh"), w.fc2_w, w.fc2_b)
 

@@ -183,13 +183,13 @@ class FastOps:
     mlp: Callable = mlp_fast
     token_bucket: int = 0
 
-    def mlp_rows(self, block, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
+    def mlp_rows(self, h: torch.Tensor, w: SlicedBlock) -> torch.Tensor:
         """The sliced MLP on a ragged list of rows h (K, D) -> (K, D); padded to the bucket, then cut."""
         k = h.shape[0]
         pad = -k % self.token_bucket if self.token_bucket else 0
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
-        return self.mlp(block.mlp, h, w)[:k]
+        return self.mlp(h, w)[:k]
 
 
 class FastBranches(Branches):
@@ -208,7 +208,7 @@ class FastBranches(Branches):
 
     def attn(self, i, block, tokens, mod):
         h = modulate(block.norm1(tokens), mod.shift_msa, mod.scale_msa)
-        return self.ops.attention(block.attn, h, self.slices[i])
+        return self.ops.attention(h, self.slices[i])
 
     def _keep(self, i, block, tokens) -> torch.Tensor | None:
         if not self.sdt:
@@ -221,10 +221,10 @@ class FastBranches(Branches):
         """The ungated branch as a full (B, N, D) tensor, 0 on the skipped tokens (what a cache holds)."""
         keep = self._keep(i, block, tokens)
         if keep is None:
-            return self.ops.mlp(block.mlp, modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp), self.slices[i])
+            return self.ops.mlp(modulate(block.norm2(tokens), mod.shift_mlp, mod.scale_mlp), self.slices[i])
         b_idx, n_idx = keep.nonzero(as_tuple=True)  # the kept tokens of the whole batch, (K,) each (inherent read)
         h = block.norm2(tokens[b_idx, n_idx]) * (1 + mod.scale_mlp[b_idx, 0]) + mod.shift_mlp[b_idx, 0]
-        rows = self.ops.mlp_rows(block, h, self.slices[i])
+        rows = self.ops.mlp_rows(h, self.slices[i])
         return torch.zeros_like(tokens, dtype=rows.dtype).index_put_((b_idx, n_idx), rows)
 
     def mlp_update(self, i, block, tokens, mod):
@@ -234,11 +234,11 @@ class FastBranches(Branches):
         keep = self._keep(i, block, tokens)
         h = block.norm2(tokens) * (1 + mod.scale_mlp) + mod.shift_mlp  # (B, N, D): cheaper than 3 gathers
         if keep is None:
-            return tokens + mod.gate_mlp * self.ops.mlp(block.mlp, h, self.slices[i])
+            return tokens + mod.gate_mlp * self.ops.mlp(h, self.slices[i])
         B, N, D = tokens.shape
         flat = keep.reshape(-1).nonzero().squeeze(1)  # (K,) kept tokens of the batch (the inherent read)
         delta = mod.gate_mlp[:, 0].index_select(0, flat // N) * self.ops.mlp_rows(
-            block, h.reshape(B * N, D).index_select(0, flat), self.slices[i])
+            h.reshape(B * N, D).index_select(0, flat), self.slices[i])
         return tokens.reshape(B * N, D).index_add(0, flat, delta.to(tokens.dtype)).reshape(B, N, D)
 
 
