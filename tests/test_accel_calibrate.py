@@ -147,3 +147,20 @@ def test_a_pixart_table_is_calibrated_on_the_runs_prompts(tmp_path, tiny_t5, mon
     null, _ = calibrate_job.run_calibration(config_lib.load("debug", overrides), num_samples=2, allow_random=True,
                                            out=str(tmp_path / "n.json"))
     assert null["conditioning"] == "null captions"
+
+
+def test_the_calibration_runs_the_network_as_the_sample_job_does(tmp_path, monkeypatch):
+    """Its precision (bf16 autocast by default) and device: it always ran an fp32 CPU trajectory, which is not
+    the one a bf16 GPU run samples. The table records both."""
+    from dydit_dist import config as config_lib
+    from dydit_dist.sample import calibrate as calibrate_job
+
+    seen = {}
+    real = calibrate_job.calibrate
+    monkeypatch.setattr(calibrate_job, "calibrate", lambda backend, x, kwargs, **kw: (
+        seen.update(autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu")),
+        real(backend, x, kwargs, **kw))[1])
+    cfg = config_lib.load("debug", ["sample.steps=2", "model.image_size=8", "sample.precision=bf16"])
+    table, _ = calibrate_job.run_calibration(cfg, num_samples=2, allow_random=True, out=str(tmp_path / "t.json"))
+    assert seen == {"autocast": True, "dtype": torch.bfloat16}
+    assert table["precision"] == "bf16" and table["device"] == "cpu"

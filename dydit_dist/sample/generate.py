@@ -94,6 +94,12 @@ def sample_noise(kind: str, seed: int, indices: list[int], device: torch.device)
     return sample_generators(seed, indices)
 
 
+def sampling_autocast(precision: str, device: torch.device):
+    """The network's autocast of `sample.precision` on `device` (none for fp32)."""
+    dtype = DTYPES[precision]
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
 def set_tf32(device: torch.device, enabled: bool) -> None:
     """On CUDA, let fp32 matmuls and convolutions use TF32 (`sample.tf32`); nothing elsewhere."""
     if device.type == "cuda":
@@ -123,10 +129,7 @@ class ShardGenerator:
         self.load_seconds = time.perf_counter() - start
 
     def _autocast(self):
-        dtype = DTYPES[self.cfg.sample.precision]
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return sampling_autocast(self.cfg.sample.precision, self.device)
 
     def _step_callback(self, i: int, t: int) -> None:
         if len(self.timesteps) == i:
