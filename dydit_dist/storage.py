@@ -129,22 +129,31 @@ def _to_url(protocol: str, path: str) -> str:
     return f"file://{path}" if protocol == "file" else f"{protocol}://{path.lstrip('/')}"
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path for a URL."""
+def filesystem(url: str, attempts: int = 1) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for a URL. `attempts`: botocore's tries per S3 request
+    (1: `_retry` is the one retry layer; more only for a filesystem used by code that does not go through
+    `storage`, as Ray Train's own reads and writes: `retrying_filesystem`)."""
     url = _normalize(url)
     if not url.startswith("s3://"):
         return fsspec.core.url_to_fs(url)
     # Other processes (Ray actors, other ranks) write the objects this one lists: no listing cache.
-    # One attempt per request in botocore and in s3fs: `_retry` is the one retry layer.
     attempt_s = _TIMEOUT_S / 2
     options = {"use_listings_cache": False,
-               "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"},
+               "config_kwargs": {"retries": {"total_max_attempts": attempts, "mode": "standard"},
                                  "connect_timeout": attempt_s, "read_timeout": attempt_s},
                **_S3_OPTIONS}
     if "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     fs = _bounded_s3_class()(**options)
     return fs, fs._strip_protocol(url)
+
+
+def retrying_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`filesystem(url)` whose S3 requests botocore retries (throttling, 5xx, dropped connections) with
+    backoff, `storage.retries` times: for code that does not call `storage` (Ray Train's checkpoint
+    downloads and its run snapshot), whose single failed request would otherwise fail a worker group or
+    end the run."""
+    return filesystem(url, attempts=_RETRIES + 1)
 
 
 _BOUNDED_S3 = None

@@ -107,9 +107,11 @@ def latest_ema_url(cfg) -> str:
 
 def ray_storage(url: str):
     """(storage_path, storage_filesystem) for Ray Train: a local path, or an s3 path with a pyarrow
-    filesystem wrapping the same fsspec client `storage` uses (endpoint, retries, credentials)."""
+    filesystem wrapping an fsspec client like `storage`'s (endpoint, credentials) whose requests botocore
+    retries (`storage.retrying_filesystem`): Ray's downloads and run snapshot do not go through `storage`.
+    Checkpoints are uploaded through `storage` instead (`ray_session.upload_checkpoint`)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    fs, path = storage.filesystem(url)
+    fs, path = storage.retrying_filesystem(url)
     if protocol == "file":
         return path, None
     import pyarrow.fs

@@ -40,10 +40,11 @@ class RaySession:
     the rank-0 log line still get every window.
     """
 
-    def __init__(self, background: bool = True):
+    def __init__(self, background: bool = True, upload_through_storage: bool = False):
         import ray.train
 
         self.background = background
+        self.upload_through_storage = upload_through_storage  # S3: `upload_checkpoint`, not pyarrow's copy
         poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
         self.min_report_interval_s = 2.5 * poll
         ctx = ray.train.get_context()
@@ -84,6 +85,8 @@ class RaySession:
         import ray.train
 
         mode = ray.train.CheckpointUploadMode.ASYNC if self.background else ray.train.CheckpointUploadMode.SYNC
+        if upload_fn is None and self.upload_through_storage:
+            upload_fn = upload_checkpoint
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
                          checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=checkpoint is not None,
@@ -98,6 +101,25 @@ class RaySession:
         import ray.train
 
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def upload_checkpoint(checkpoint, name: str):
+    """Ray Train's `checkpoint_upload_fn` for object storage: the folder's files uploaded through `storage`
+    (each whole, transient errors retried with backoff, a failure raised) to the checkpoint's place in the
+    run; the persisted `Checkpoint`. Ray's default, `pyarrow.fs.copy_files` through the fsspec wrapper,
+    ignores an error raised when a file is closed, which is when s3fs sends its PUT or completes its
+    multipart upload: one 503 there, and the rank reported a checkpoint with a file missing, which Ray then
+    committed (and the run could not resume from it)."""
+    import ray.train
+
+    context = ray.train.get_context().get_storage()
+    destination = f"{context.experiment_fs_path}/{name}"
+    url = f"s3://{destination}"
+    for folder, _, files in os.walk(checkpoint.path):
+        for file in sorted(files):
+            local = os.path.join(folder, file)
+            storage.upload(local, storage.join(url, os.path.relpath(local, checkpoint.path)))
+    return ray.train.Checkpoint(path=destination, filesystem=context.storage_filesystem)
 
 
 class LocalSession:

@@ -17,6 +17,7 @@ from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.data import DataError
 from dydit_dist.models import CheckpointError
+from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import ShardError
 from dydit_dist.train.loop import Trainer
 from dydit_dist.train.ray_session import RaySession
@@ -31,7 +32,8 @@ def train_loop_per_worker(config_dict: dict, wrap_session: Callable | None = Non
     storage.configure_from(cfg.storage)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     retain_freed_memory()
-    session = RaySession(background=cfg.train.async_checkpoint)
+    session = RaySession(background=cfg.train.async_checkpoint,
+                         upload_through_storage=RunPaths(cfg).url.startswith("s3://"))
     if wrap_session is not None:
         session = wrap_session(session)
     try:
