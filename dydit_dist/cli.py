@@ -9,8 +9,9 @@
 Exit status: 0 done (or nothing left to do); 2 bad input, one line `job: message` on stderr (config and
 YAML errors, preflight, storage errors about a user-given URL, the errors a job names, a run held by
 another job); 143 / 130 stopped by SIGTERM / SIGINT, with what was kept and how to resume (also 143: the
-run's lease taken over by another job after this one did not renew it for storage.lease_ttl_s); anything
-else is a bug: its traceback, exit 1. A config is checked before ray, deepspeed and diffusers import
+run's lease taken over by another job after this one did not renew it for storage.lease_ttl_s); 1 with one
+line for work that failed after its retries for a reason outside its input (`JobFailed`: the training
+failure budget spent); anything else is a bug: its traceback, exit 1. A config is checked before ray, deepspeed and diffusers import
 (this module and `config` import none of them; the schema itself still imports torch).
 """
 
@@ -45,6 +46,11 @@ KEPT = {
                  "under {run}; rerun the same command to continue where it stopped",
 }
 USER_ERRORS = (config_lib.ConfigError, yaml.YAMLError, OmegaConfBaseException, storage.StorageError, LeaseHeld)
+
+class JobFailed(RuntimeError):
+    """A job's work failed after its retries, for a reason outside its input; the message says which and how
+    to go on (one line, exit 1, no traceback)."""
+
 
 _lease: Lease | None = None  # the lease this process holds, released by the signal handler too
 
@@ -110,6 +116,9 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
         # the preflight's message lists every unresolved input, one per line
         print(f"{name}: {err if isinstance(err, PreflightError) else _one_line(err)}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"{name}: {_one_line(err)}", file=sys.stderr)
+        return 1
     finally:
         if _lease is not None:
             try:

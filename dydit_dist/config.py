@@ -234,6 +234,9 @@ class RayConfig:
     cpus_per_worker: float = bounded(1.0, "[0, inf)")
     gpus_per_worker: float = bounded(1.0, "[0, inf)")
     max_failures: int = bounded(3, "[0, inf)")
+    # training: restarts after a node drained by a preemption or a pod deleted (Ray counts them apart from
+    # max_failures); bounded, so that a pod evicted again after each restart cannot hold the cluster forever
+    max_preemptions: int = bounded(20, "[0, inf)")
     capacity_timeout_s: float = bounded(900.0, "(0, inf)")  # how long a job waits for its workers / actors (`capacity`)
 
 

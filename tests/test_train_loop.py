@@ -238,8 +238,11 @@ def test_a_corrupt_checkpoint_is_an_input_error_naming_the_file(one_rank, tmp_pa
     message = str(err.value)
     assert message.startswith(f"checkpoint {root}/runs/{cfg.storage.run}/checkpoints/step-0000002 is unreadable: "
                               f"{bad.relative_to(checkpoint)} is not a whole torch file (RuntimeError: ")
-    assert message.endswith("a restart would read the same bytes: remove the folder to resume from the checkpoint "
-                            "before it")
+    assert message.endswith("a restart would read the same bytes: to resume from the checkpoint before it, remove "
+                            f"the folder and its entries in {root}/runs/{cfg.storage.run}/checkpoints/"
+                            "checkpoint_manager_snapshot.json (checkpoint_results, latest_checkpoint_result: Ray "
+                            "refuses a snapshot naming a missing folder), or start a new storage.run with "
+                            "train.init_from set to an earlier EMA export")
 
 
 def test_a_resume_with_another_shuffle_buffer_is_an_input_error_naming_it(one_rank, tmp_path):

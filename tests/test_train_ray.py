@@ -143,6 +143,33 @@ def test_input_errors_stop_the_run_and_others_are_retried():
     assert str(both).startswith("training worker 0 (and 1 more ranks): ShardError: b;")
 
 
+def test_a_spent_failure_budget_is_one_line_and_preemptions_are_bounded(tmp_path, capsys):
+    """Ray Train's WorkerGroupError after ray.max_failures was a traceback (exit 1 as a bug); it is one line
+    naming the last errors and how to go on (exit 1). Preemption restarts, which Ray counts apart from
+    max_failures and would retry forever by default, are bounded by ray.max_preemptions."""
+    from ray.train import WorkerGroupError
+
+    from dydit_dist import cli
+
+    class Spent:
+        def fit(self):
+            raise WorkerGroupError("rank 1 failed", {1: OSError("connection reset by peer")})
+
+    with pytest.raises(launcher.TrainingFailed, match=r"more than ray.max_failures times .* the last: OSError: "
+                                                      r"connection reset by peer; a rerun resumes"):
+        launcher.fit(Spent(), 900)
+
+    def work():
+        launcher.fit(Spent(), 900)
+
+    assert cli.run_job("finetune", work, ()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("finetune: training stopped: the workers failed") and "Traceback" not in err
+    cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "ray.max_preemptions=7"])
+    trainer = launcher.build_trainer(cfg)
+    assert trainer.run_config.failure_config.max_preemption_failures == 7
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_shard_corrupted_after_the_preflight_ends_the_job_once(ray_local, s3_bucket, s3_endpoint, capsys,

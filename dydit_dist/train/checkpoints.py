@@ -98,8 +98,12 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         where = storage.join(RunPaths(cfg).checkpoints, checkpoint_name(meta["step"]))
         cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise CheckpointError(f"checkpoint {where} is unreadable: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
-                              f"not a whole torch file ({cause[:200]}); a restart would read the same bytes: remove "
-                              "the folder to resume from the checkpoint before it") from None
+                              f"not a whole torch file ({cause[:200]}); a restart would read the same bytes: to "
+                              "resume from the checkpoint before it, remove the folder and its entries in "
+                              f"{storage.join(RunPaths(cfg).checkpoints, 'checkpoint_manager_snapshot.json')} "
+                              "(checkpoint_results, latest_checkpoint_result: Ray refuses a snapshot naming a "
+                              "missing folder), or start a new storage.run with train.init_from set to an "
+                              "earlier EMA export") from None
     if state.step != meta["step"]:
         raise CheckpointError(f"checkpoint {directory}: trainer state at step {state.step}, meta.json says {meta['step']}")
     apply_optimizer_settings(engine, cfg.train)

@@ -30,6 +30,7 @@ from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
 from dydit_dist.capacity import CapacityError, Need, acquire
+from dydit_dist.cli import JobFailed
 from dydit_dist.config import ConfigError
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
@@ -141,7 +142,7 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
     run_config = RunConfig(
         name=CHECKPOINTS, storage_path=path, storage_filesystem=filesystem,
-        failure_config=FailureConfig(max_failures=r.max_failures,
+        failure_config=FailureConfig(max_failures=r.max_failures, max_preemption_failures=r.max_preemptions,
                                      controller_failure_limit=worker_start_retries(r.capacity_timeout_s)),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
@@ -195,10 +196,14 @@ class StopOnInputError(UserCallback):
             raise InputFailure(errors)
 
 
+class TrainingFailed(JobFailed):
+    """Ray Train gave up on the run: its failure budget is spent (the message names the last errors)."""
+
+
 def fit(trainer, capacity_timeout_s: float | None = None):
     """`trainer.fit()`, with an input error in a worker raised as `InputFailure` (one line, no retry), and
     workers that never started again within `ray.capacity_timeout_s` as `CapacityError`."""
-    from ray.train import ControllerError
+    from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     try:
@@ -207,8 +212,16 @@ def fit(trainer, capacity_timeout_s: float | None = None):
         if isinstance(err.controller_failure, InputFailure):
             raise err.controller_failure from None
         if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError) and capacity_timeout_s is not None:
-            raise CapacityError(f"the training workers did not start again within ray.capacity_timeout_s="
-                                f"{capacity_timeout_s:g} s ({err.controller_failure.num_workers} workers; a node "
-                                "lost, or its GPUs taken by another job); rerun to resume from the last "
-                                "checkpoint") from None
+            tries = worker_start_retries(capacity_timeout_s)
+            raise CapacityError(f"the training workers ({err.controller_failure.num_workers}) did not start: the "
+                                f"run's {tries} start attempts (about ray.capacity_timeout_s={capacity_timeout_s:g} s, "
+                                "counted over the whole run by Ray) are spent (a node lost, or its GPUs taken by "
+                                "another job); rerun to resume from the last checkpoint") from None
         raise
+    except WorkerGroupError as err:  # the failure budget spent: one line naming it, not Ray's traceback
+        causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in
+                  getattr(err, "worker_failures", {}).values()}
+        raise TrainingFailed(f"training stopped: the workers failed more than ray.max_failures times (preemptions "
+                             f"count apart, ray.max_preemptions); the last: "
+                             f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}; a rerun resumes from the "
+                             "last committed checkpoint") from err
