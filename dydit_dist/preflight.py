@@ -176,7 +176,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
     if m.method == "dydit" and m.dynamic.stage == 1:  # stage 1 adds the complete model's forward + backward
         stage1 = t.max_steps if m.dynamic.stage1_steps is None else min(m.dynamic.stage1_steps, t.max_steps)
     macs = network_macs(m)
-    flop = (t.max_steps + stage1) * t.global_batch_size * 3 * macs * 2
+    flop = (t.max_steps + stage1) * t.global_batch_size * training_flop(m)
     work = (f"{m.name} {m.method} at {m.image_size}px, {t.max_steps:,} steps x {t.global_batch_size} images x "
             f"3 (forward + backward) x {_macs(macs)} x 2"
             + (f", + {stage1:,} steps of the complete model (DyDiT stage 1)" if stage1 else "")
@@ -443,6 +443,13 @@ def _reproduce(p: Plan, cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------- the estimate
+
+
+def training_flop(model_cfg) -> float:
+    """FLOPs of one training image: forward + backward (3 x) of the network's MACs x 2. A DyDiT trains its
+    masked network, which computes every head, group and token before masking: the static cost, not lambda
+    of it (DyDiT stage 1 runs the complete model once more: twice this)."""
+    return 3 * network_macs(model_cfg) * 2
 
 
 def network_macs(model_cfg) -> float:
