@@ -368,7 +368,7 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
                                                       "(pass --random-init to do it anyway)"))
         return
     p.add(resolve.sampling_weights(cfg, None, allow_random))
-    if family(m.name) != "dit" and s.prompts:  # a PixArt table is calibrated on the run's first prompts
+    if family(m.name) != "dit":  # a PixArt table is calibrated on the run's first prompts, as the sample job's
         p.add(resolve.prompts("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
         _text_encoder(p, cfg)
 

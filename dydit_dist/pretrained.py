@@ -61,7 +61,7 @@ def mirror_url(repo: str, root: str) -> str:
     return storage.join(root, "pretrained", repo.replace("/", "--"))
 
 
-def mirror(cfg, captions: bool) -> list[str]:
+def mirror(cfg, captions: bool, vae: bool = True) -> list[str]:
     """Copy the Hugging Face ids among `cfg.data.vae` (and with `captions`, `data.text_encoder` and
     `data.tokenizer`) into object storage, skipping what is there; the mirrors' URLs. The driver
     calls this once per job, before its workers start. For model.family sdxl the one component is
@@ -69,7 +69,7 @@ def mirror(cfg, captions: bool) -> list[str]:
     if family(cfg.model.name) == "sdxl":
         value = cfg.model.checkpoint
         return [mirror_repo(value, cfg.storage.root, PIPELINE_FILES)] if is_hub_id(value) else []
-    keys = ("vae", "text_encoder", "tokenizer") if captions else ("vae",)
+    keys = (("vae",) if vae else ()) + (("text_encoder", "tokenizer") if captions else ())
     return [mirror_repo(v, cfg.storage.root) for v in (getattr(cfg.data, k) for k in keys) if is_hub_id(v)]
 
 

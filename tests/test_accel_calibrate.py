@@ -125,7 +125,7 @@ def test_a_pixart_table_is_calibrated_on_the_runs_prompts(tmp_path, tiny_t5, mon
     table says what it was calibrated on."""
     from dydit_dist import config as config_lib
     from dydit_dist.sample import calibrate as calibrate_job
-    from dydit_dist.sample.generate import caption_conditioner
+    from dydit_dist.sample.generate import conditioner
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle on the background\n")
@@ -137,16 +137,17 @@ def test_a_pixart_table_is_calibrated_on_the_runs_prompts(tmp_path, tiny_t5, mon
     monkeypatch.setattr(calibrate_job, "calibrate", lambda backend, x, kwargs, **kw: (
         seen.update(x=x, kwargs=kwargs), real(backend, x, kwargs, **kw))[1])
     cfg = config_lib.load("debug", [*overrides, f"sample.prompts={prompts}"])
-    table, _ = calibrate_job.run_calibration(cfg, num_samples=3, allow_random=True, out=str(tmp_path / "t.json"))
+    table, _ = calibrate_job.run_calibration(cfg, num_samples=3, allow_random=True, out=str(tmp_path / "t.json"),
+                                             device="cpu")
     assert table["conditioning"] == f"prompts 0..2 of {prompts}"
     model = calibrate_job.calibration_network(cfg, True, 0)
-    expected = caption_conditioner(cfg, model, torch.device("cpu")).model_kwargs([0, 1, 0], "cpu")
+    expected = conditioner(cfg, model, torch.device("cpu")).model_kwargs([0, 1, 0], "cpu")
     assert seen["kwargs"]["y"].shape[0] == 6  # guided: conditional rows, then the null caption's
     torch.testing.assert_close(seen["kwargs"]["y"][:3], expected["y"])
     assert torch.equal(seen["kwargs"]["mask"][:3], expected["mask"])
-    null, _ = calibrate_job.run_calibration(config_lib.load("debug", overrides), num_samples=2, allow_random=True,
-                                           out=str(tmp_path / "n.json"))
-    assert null["conditioning"] == "null captions"
+    with pytest.raises(ValueError, match="sample.prompts: a text-to-image model .* needs a prompts file"):
+        calibrate_job.run_calibration(config_lib.load("debug", overrides), num_samples=2, allow_random=True,
+                                      out=str(tmp_path / "n.json"), device="cpu")  # as the sample job refuses it
 
 
 def test_the_calibration_runs_the_network_as_the_sample_job_does(tmp_path, monkeypatch):
@@ -161,6 +162,8 @@ def test_the_calibration_runs_the_network_as_the_sample_job_does(tmp_path, monke
         seen.update(autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu")),
         real(backend, x, kwargs, **kw))[1])
     cfg = config_lib.load("debug", ["sample.steps=2", "model.image_size=8", "sample.precision=bf16"])
-    table, _ = calibrate_job.run_calibration(cfg, num_samples=2, allow_random=True, out=str(tmp_path / "t.json"))
+    table, _ = calibrate_job.run_calibration(cfg, num_samples=2, allow_random=True, out=str(tmp_path / "t.json"),
+                                             device="cpu")
     assert seen == {"autocast": True, "dtype": torch.bfloat16}
     assert table["precision"] == "bf16" and table["device"] == "cpu"
+    assert table["conditioning"] == "classes of samples 0..1 (sample.labels=random)"

@@ -16,36 +16,21 @@ from dydit_dist.accel import Backend
 from dydit_dist.accel.calibrate import calibrate
 from dydit_dist.accel.synthetic import randomize_zero_init
 from dydit_dist.config import Config
-from dydit_dist.diffusion import cfg_caption_batch, cfg_class_batch, randn_per_sample
-from dydit_dist.models import PixArt
+from dydit_dist.diffusion import randn_per_sample
+from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint, sampling_network
 from dydit_dist.paths import RunPaths
 
-from .generate import caption_conditioner, sampling_autocast, set_tf32
+from .generate import conditioner, sampling_autocast, set_tf32
 
 log = logging.getLogger(__name__)
 
 
-def calibration_inputs(model, n: int, generator: torch.Generator, guided: bool, noise: torch.Tensor,
-                       conditioner=None):
-    """Random class labels (DiT), or for PixArt the run's first n prompts through its T5 encoder (the
-    sample job's `conditioner`: samples 0..n-1 take prompts 0..n-1 mod P), null captions without one,
-    -> (x_T, model_kwargs); doubled for classifier-free guidance when `guided`."""
-    if conditioner is not None:
-        kwargs = conditioner.model_kwargs(range(n), noise.device)
-        return conditioner.doubled(noise, kwargs) if guided else (noise, kwargs)
-    if isinstance(model, PixArt):
-        null = model.y_embedder.y_embedding
-        caption = null.expand(n, 1, *null.shape).clone()
-        if not guided:
-            return noise, {"y": caption}
-        x, y, _ = cfg_caption_batch(noise, caption, null)
-        return x, {"y": y}
-    labels = torch.randint(0, model.num_classes, (n,), generator=generator).to(noise.device)
-    if not guided:
-        return noise, {"y": labels}
-    x, y = cfg_class_batch(noise, labels, model.num_classes)
-    return x, {"y": y}
+def calibration_inputs(conditioner, n: int, guided: bool, noise: torch.Tensor):
+    """The conditions of samples 0..n-1 as the sample job makes them (`conditioner`: their classes, or
+    their prompts through the T5 encoder) -> (x_T, model_kwargs); doubled for guidance when `guided`."""
+    kwargs = conditioner.model_kwargs(range(n), noise.device)
+    return conditioner.doubled(noise, kwargs) if guided else (noise, kwargs)
 
 
 def calibration_network(cfg: Config, allow_random: bool, seed: int, device: torch.device | str = "cpu"):
@@ -61,24 +46,24 @@ def calibration_network(cfg: Config, allow_random: bool, seed: int, device: torc
 
 def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: float = 0.0,
                     criterion: str = "norm", num_samples: int = 8, seed: int = 0, out: str | None = None,
-                    allow_random: bool = False) -> tuple[dict, str]:
-    """Calibrate an EB-Cache schedule for `cfg`'s network and sampler -> (the table, its URL)."""
+                    allow_random: bool = False, device: str | None = None) -> tuple[dict, str]:
+    """Calibrate an EB-Cache schedule for `cfg`'s network and sampler -> (the table, its URL). `device`:
+    default the GPU when there is one, as the sample job's actors."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     # where and how the sample job runs the network: its GPU and precision (a CPU fp32 trajectory is
     # not the one a bf16 GPU run samples, and DiT-XL on CPUs is slow)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = cfg.sample
     set_tf32(device, s.tf32)
     model = calibration_network(cfg, allow_random, seed, device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the draws do not depend on the device
     size = cfg.model.input_size
     noise = randn_per_sample((num_samples, cfg.model.in_channels, size, size), generator).to(device)
-    prompts = isinstance(model, PixArt) and bool(s.prompts)
-    if prompts:  # the trajectories of the run's captions, not of the null caption (unconditional ones)
-        pretrained.mirror(cfg, captions=True)
-    conditioner = caption_conditioner(cfg, model, noise.device) if prompts else None
-    x, kwargs = calibration_inputs(model, num_samples, generator, s.cfg_scale != 1.0, noise, conditioner)
+    captions = family(cfg.model.name) != "dit"
+    if captions:  # the trajectories of the run's captions (the null caption's are unconditional ones)
+        pretrained.mirror(cfg, captions=True, vae=False)
+    x, kwargs = calibration_inputs(conditioner(cfg, model, device), num_samples, s.cfg_scale != 1.0, noise)
     with sampling_autocast(s.precision, device):
         table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=tolerance,
                           tolerance_at_zero=tolerance_at_zero, criterion=criterion, cfg_scale=s.cfg_scale,
@@ -86,8 +71,8 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
                           eps_scale=s.eb_cache.eps_scale)  # the trajectory the runner will sample
     table.update(model=cfg.model.name, image_size=cfg.model.image_size, method=cfg.model.method,
                  checkpoint=cfg.model.checkpoint, seed=seed, device=device.type, precision=s.precision,
-                 conditioning=(f"prompts 0..{num_samples - 1} of {s.prompts}" if prompts
-                               else "null captions" if isinstance(model, PixArt) else "random classes"))
+                 conditioning=(f"prompts 0..{num_samples - 1} of {s.prompts}" if captions
+                               else f"classes of samples 0..{num_samples - 1} (sample.labels={s.labels})"))
     name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}.json"
     out = out or RunPaths(cfg).eb_cache(name)
     storage.write_json(out, table)

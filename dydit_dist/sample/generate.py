@@ -68,15 +68,11 @@ class ImageDecoder:
         return torch.clamp(127.5 * x.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def _conditioner(cfg: Config, model, device):
+def conditioner(cfg: Config, model, device) -> ClassConditioner | CaptionConditioner:
+    """The conditions of the samples of `cfg`: their classes (DiT), or `sample.prompts` through the T5 encoder
+    of `data.text_encoder` (already mirrored under storage.root when a Hub id: `pretrained.mirror`)."""
     if family(cfg.model.name) == "dit":
         return ClassConditioner(cfg.model.num_classes, cfg.sample.labels, cfg.sample.seed)
-    return caption_conditioner(cfg, model, device)
-
-
-def caption_conditioner(cfg: Config, model, device) -> CaptionConditioner:
-    """A text-to-image model's conditions: `sample.prompts` through the T5 encoder of `data.text_encoder`
-    (already mirrored under storage.root when a Hub id: `pretrained.mirror`)."""
     if not cfg.sample.prompts:
         raise ValueError(f"sample.prompts: a text-to-image model ({cfg.model.name}) needs a prompts file")
     d, root = cfg.data, cfg.storage.root
@@ -120,7 +116,7 @@ class ShardGenerator:
         self.runner = build_method(cfg, self.model)
         if s.compile:
             self.runner.compile()
-        self.conditioner = _conditioner(cfg, self.model, self.device)
+        self.conditioner = conditioner(cfg, self.model, self.device)
         self.decoder = ImageDecoder(pretrained.local(cfg.data.vae, cfg.storage.root), cfg.data.vae_scale_factor,
                                     self.device, DTYPES[s.vae_precision])
         self.noise_stream = stream_kind(s.noise, self.device)  # what the samples' records name
