@@ -47,11 +47,6 @@ KEPT = {
 }
 USER_ERRORS = (config_lib.ConfigError, yaml.YAMLError, OmegaConfBaseException, storage.StorageError, LeaseHeld)
 
-class JobFailed(RuntimeError):
-    """A job's work failed after its retries, for a reason outside its input; the message says which and how
-    to go on (one line, exit 1, no traceback)."""
-
-
 _lease: Lease | None = None  # the lease this process holds, released by the signal handler too
 
 
@@ -116,7 +111,7 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
         # the preflight's message lists every unresolved input, one per line
         print(f"{name}: {err if isinstance(err, PreflightError) else _one_line(err)}", file=sys.stderr)
         return 2
-    except JobFailed as err:
+    except config_lib.JobFailed as err:
         print(f"{name}: {_one_line(err)}", file=sys.stderr)
         return 1
     finally:

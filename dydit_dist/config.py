@@ -29,9 +29,10 @@ from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
 from dydit_dist.accel.dsap import build_plan, unet_early_unpruned, unet_layout
 from dydit_dist.accel.methods import METHODS
-from dydit_dist.config_files import (  # noqa: F401 - PRESET_DIR, presets: re-exported, config is where they are used
+from dydit_dist.config_files import (  # noqa: F401 - PRESET_DIR, presets, JobFailed: re-exported, config is where they are used
     PRESET_DIR,
     ConfigError,
+    JobFailed,
     merge,
     presets,
     read_preset,

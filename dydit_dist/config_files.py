@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
 
 
+class JobFailed(RuntimeError):
+    """A job's work failed after its retries, for a reason outside its input; the message says which and how
+    to go on (`cli.run_job`: one line, exit 1, no traceback)."""
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 

@@ -48,7 +48,7 @@ from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
-from dydit_dist.sample.export import export_path
+from dydit_dist.sample.export import export_path, export_problem
 from dydit_dist.sample.plan import PromptsError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
@@ -237,10 +237,9 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         p.add(resolve.eb_cache_table(cfg))
     if p.job == "sample" and s.export_npz:
-        try:
-            p.add(Input("sample.export_npz", s.export_npz, note=f"written after sampling: {export_path(s.export_npz)}"))
-        except SamplesError as err:
-            p.add(Input("sample.export_npz", s.export_npz, problem=str(err).split(": ", 1)[1]))
+        problem = export_problem(s.export_npz)
+        p.add(Input("sample.export_npz", s.export_npz, problem=problem) if problem else
+              Input("sample.export_npz", s.export_npz, note=f"written after sampling: {export_path(s.export_npz)}"))
 
 
 def _text_encoder(p: Plan, cfg: Config) -> None:

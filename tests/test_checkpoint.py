@@ -194,7 +194,7 @@ def test_pixart_computes_its_position_table_whatever_the_checkpoint_holds():
 
 def test_a_dit_training_checkpoint_loads_with_torch_2_4s_serialization_api(tmp_path, monkeypatch):
     """torch 2.4 (the oldest the GPU check supports) has `add_safe_globals` but not the `safe_globals`
-    context manager: loading any .pt raised AttributeError there."""
+    context manager: loading any .pt raised AttributeError there (the loader no longer uses it)."""
     sd = _model(seed=1).state_dict()
     path = tmp_path / "dit_training.pt"
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)

@@ -56,7 +56,7 @@ class Backend:
         self.num_heads = model.num_heads
         self.sdt = self.dynamic and model.router_options.sdt
 
-    def branches(self, timestep: int) -> Branches:
+    def branches(self, timestep: float) -> Branches:
         """The branches of one call at `timestep`: a DyDiT's fast branches (its sliced weights at that
         timestep, cached by FastPath), else the static blocks' own."""
         return self.fast.branches(timestep) if self.dynamic else Branches()

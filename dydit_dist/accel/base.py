@@ -67,7 +67,7 @@ class Runner:
             raise ValueError(f"step {i} outside the run of {self.num_steps} steps started by begin()")
         if i == 0:
             self._calls = []
-        self.step, self.timestep = int(i), t if isinstance(t, float) else int(t)
+        self.step, self.timestep = int(i), t
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -69,7 +69,7 @@ class CachingBranches(Branches):
         return mlp
 
 
-def forward_with_cache(backend: Backend, x, t, cond, timestep: int, state: int, cache: list[BlockCache] | None):
+def forward_with_cache(backend: Backend, x, t, cond, timestep: float, state: int, cache: list[BlockCache] | None):
     """One model call in cache `state`.
 
     Returns (output (B, C_out, H, W), the updated cache (a new list; tensors are shared, never
@@ -128,7 +128,7 @@ class CachingRunner(Runner):
         self.schedule = self._schedules[self.num_steps]
         self._cache = None
 
-    def eps_factor(self, timestep: int) -> float:
+    def eps_factor(self, timestep: float) -> float:
         """b(t), the exposure-bias correction at original timestep t (1.0 without correction)."""
         return eps_scale_at(self.eps_knots, timestep / (self.num_train_timesteps - 1))
 

@@ -9,7 +9,6 @@ are read and written by `dydit_dist.network` (`read_weights`, `load_weights`, `s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import io
 import json
@@ -99,20 +98,19 @@ def _safetensors(load, source, name: str, **kwargs) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{name}: cannot read as a safetensors file ({err})") from err
 
 
+# DiT training checkpoints store their argparse Namespace under "args": that one class is allowed to
+# weights_only loads (process-wide: torch 2.4, the oldest the GPU check supports, has no per-call list).
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 def _torch_load(f, src: str, device: str = "cpu"):
-    # DiT training checkpoints store their argparse Namespace under "args": allow that one class (the
-    # context manager is torch >= 2.5; torch 2.4 has only the process-wide list).
-    allow = getattr(torch.serialization, "safe_globals", None)
-    if allow is None:
-        torch.serialization.add_safe_globals([argparse.Namespace])
-    with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
-        try:
-            return torch.load(f, map_location=device, weights_only=True)
-        except Exception as err:  # unpickling errors come in many types; the cause is kept
-            raise CheckpointError(
-                f"{src}: cannot read as a PyTorch checkpoint with weights_only=True "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-            ) from err
+    try:
+        return torch.load(f, map_location=device, weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; the cause is kept
+        raise CheckpointError(
+            f"{src}: cannot read as a PyTorch checkpoint with weights_only=True "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
 
 
 def _unwrap(obj, src: str) -> dict[str, torch.Tensor]:

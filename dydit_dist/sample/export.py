@@ -38,16 +38,22 @@ def iter_samples(samples_url: str, require_complete: bool = True):
         expected += record["count"]
 
 
-def export_path(path: str) -> str:
-    """The absolute local path an export of `path` writes; SamplesError for what is no local .npz file
-    name (a URL would land in a local folder named `s3:`; a folder fails only after the whole write)."""
+def export_problem(path: str) -> str | None:
+    """Why `path` is no local .npz file name to export to (a URL would land in a local folder named `s3:`; a
+    folder fails only after the whole write), or None."""
     if "://" in path and not path.startswith("file://"):
-        raise SamplesError(f"sample.export_npz={path}: a local path (the .npz is written on the driver's disk; "
-                           "copy it to object storage afterwards)")
+        return "a local path (the .npz is written on the driver's disk; copy it to object storage afterwards)"
     local = os.path.abspath(path.removeprefix("file://"))
     if not local.endswith(".npz") or os.path.isdir(local):
-        raise SamplesError(f"sample.export_npz={path}: expected the path of a .npz file to write, not a folder")
-    return local
+        return "expected the path of a .npz file to write, not a folder"
+    return None
+
+
+def export_path(path: str) -> str:
+    """The absolute local path an export of `path` writes; SamplesError naming it when it is none (`export_problem`)."""
+    if (problem := export_problem(path)) is not None:
+        raise SamplesError(f"sample.export_npz={path}: {problem}")
+    return os.path.abspath(path.removeprefix("file://"))
 
 
 def export_adm_npz(samples_url: str, path: str) -> int:

@@ -120,14 +120,14 @@ class ShardGenerator:
         self.decoder = ImageDecoder(pretrained.local(cfg.data.vae, cfg.storage.root), cfg.data.vae_scale_factor,
                                     self.device, DTYPES[s.vae_precision])
         self.noise_stream = stream_kind(s.noise, self.device)  # what the samples' records name
-        self.timesteps: list[int] = []  # the original timesteps the sampler visits, in order
+        self.timesteps: list[float] = []  # the original timesteps the sampler visits, in order (fractional: dpm-solver)
         self._unit_flops: list[tuple[float, int]] = []  # (MACs per forward of one row, rows) per batch of a unit
         self.load_seconds = time.perf_counter() - start
 
     def _autocast(self):
         return sampling_autocast(self.cfg.sample.precision, self.device)
 
-    def _step_callback(self, i: int, t: int) -> None:
+    def _step_callback(self, i: int, t: float) -> None:
         if len(self.timesteps) == i:
             self.timesteps.append(t)
         self.runner.step_callback(i, t)

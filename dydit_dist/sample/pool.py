@@ -86,7 +86,7 @@ def sampling_settings(cfg: Config) -> dict:
     text = {"caption_channels": m.caption_channels, "model_max_length": m.model_max_length,
             "lewei_scale": m.lewei_scale, "text_encoder": d.text_encoder,
             "tokenizer": d.tokenizer or d.text_encoder, "caption_preprocessing": CAPTION_PREPROCESSING,
-            "text_encoder_dtype": "fp32"}  # `generate._conditioner`
+            "text_encoder_dtype": "fp32"}  # `generate.conditioner`
     return {
         "model": m.name, "image_size": m.image_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
         "vae_downsample": m.vae_downsample if ours else None, "learn_sigma": m.learn_sigma if ours else None,

@@ -20,7 +20,6 @@ latents and the scheduler's arithmetic stay fp32), as the DiT path does; the VAE
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -32,7 +31,7 @@ from dydit_dist.config import Config
 from dydit_dist.diffusion import draw_noise, stream_kind
 
 from .conditions import prompt_meta
-from .generate import DTYPES, ImageDecoder, sample_noise, set_tf32, shard_samples
+from .generate import DTYPES, ImageDecoder, sample_noise, sampling_autocast, set_tf32, shard_samples
 from .plan import ShardSpec, load_prompts
 from .shards import GeneratedSample
 
@@ -82,8 +81,7 @@ class SDXLShardGenerator:
         self.load_seconds = time.perf_counter() - start
 
     def _autocast(self):
-        dtype = DTYPES[self.cfg.sample.precision]
-        return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(self.device.type, dtype=dtype)
+        return sampling_autocast(self.cfg.sample.precision, self.device)
 
     def initial_latents(self, indices: list[int]) -> torch.Tensor:
         """(B, C, h, w) fp32 initial noise of the samples `indices`, row k a function of (seed, k) alone."""

@@ -100,7 +100,7 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         raise CheckpointError(f"checkpoint {where} is unreadable: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
                               f"not a whole torch file ({cause[:200]}); a restart would read the same bytes: to "
                               "resume from the checkpoint before it, remove the folder and its entries in "
-                              f"{storage.join(RunPaths(cfg).checkpoints, 'checkpoint_manager_snapshot.json')} "
+                              f"{storage.join(RunPaths(cfg).checkpoints, RAY_SNAPSHOT)} "
                               "(checkpoint_results, latest_checkpoint_result: Ray refuses a snapshot naming a "
                               "missing folder), or start a new storage.run with train.init_from set to an "
                               "earlier EMA export") from None

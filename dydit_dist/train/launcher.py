@@ -30,8 +30,7 @@ from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
 from dydit_dist.capacity import CapacityError, Need, acquire
-from dydit_dist.cli import JobFailed
-from dydit_dist.config import ConfigError
+from dydit_dist.config import ConfigError, JobFailed
 from dydit_dist.data import verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
@@ -219,8 +218,7 @@ def fit(trainer, capacity_timeout_s: float | None = None):
                                 "another job); rerun to resume from the last checkpoint") from None
         raise
     except WorkerGroupError as err:  # the failure budget spent: one line naming it, not Ray's traceback
-        causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in
-                  getattr(err, "worker_failures", {}).values()}
+        causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in err.worker_failures.values()}
         raise TrainingFailed(f"training stopped: the workers failed more than ray.max_failures times (preemptions "
                              f"count apart, ray.max_preemptions); the last: "
                              f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}; a rerun resumes from the "
