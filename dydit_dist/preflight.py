@@ -42,6 +42,7 @@ from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors
+from dydit_dist.eval.captions import caption_reference_problems
 from dydit_dist.eval.metrics import needs_reference
 from dydit_dist.models import family
 from dydit_dist.models.registry import arch, sdxl_mismatches
@@ -315,20 +316,14 @@ def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
     count = f"{resolve.captions_count(cfg.data.source) or '?'} images"
     p.stages.append(Stage("reference", f"{count} of {cfg.data.source} -> {cfg.eval.reference} (statistics of "
                                        f"{cfg.eval.feature_extractor}) and captions -> {cfg.sample.prompts}"))
-    if cfg.data.source_format != "captions":  # as prepare_caption_reference refuses it
-        p.add(Input("data.source_format", cfg.data.source_format,
-                    problem="a caption reference is made from a .csv or .jsonl of image paths and captions "
-                            "(data.source_format=captions)"))
-    else:
+    problems = caption_reference_problems(cfg)  # what prepare_caption_reference refuses
+    for key, (value, problem) in problems.items():
+        p.add(Input(key, value, problem=problem))
+    if "data.source_format" not in problems:
         p.add(resolve.source(cfg, builtin_ok=False))
     for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
-        p.add(Input(key, value, note="written by the job") if value else Input(key, None, problem="unset; where to write"))
-    if cfg.sample.prompts and not cfg.sample.prompts.lower().endswith((".txt", ".jsonl")):
-        p.add(Input("sample.prompts", cfg.sample.prompts, problem="not a .txt or .jsonl name, the prompts files the "
-                                                                 "sample job reads"))
-    if cfg.eval.reference and not cfg.eval.reference.endswith(".npz"):
-        p.add(Input("eval.reference", cfg.eval.reference, problem="not a .npz name; the caption reference is an "
-                                                                  "ADM-format .npz"))
+        if key not in problems:
+            p.add(Input(key, value, note="written by the job"))
     p.add(resolve.extractor(cfg, made=extractor_made))
 
 

@@ -289,3 +289,9 @@ def test_a_caption_reference_from_a_non_caption_source_is_refused_in_the_dry_run
     assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
                            f"eval.reference={tmp_path}/ref.npz", f"sample.prompts={tmp_path}/p.csv"]) == 2
     assert "p.csv: not a .txt or .jsonl name" in capsys.readouterr().err
+    from dydit_dist.eval.captions import prepare_caption_reference  # the job itself: the same checks
+
+    with pytest.raises(ValueError, match=r"^data.source_format=imagefolder: .*; eval.reference=.*ref.npy: not a .npz"):
+        prepare_caption_reference(config.load("debug", [f"storage.root={f['root']}", f"data.source={f['images']}",
+                                                        f"eval.reference={tmp_path}/ref.npy",
+                                                        f"sample.prompts={tmp_path}/p.txt"]))

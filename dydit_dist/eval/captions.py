@@ -68,19 +68,29 @@ def subset(items: list, count: int, source: str) -> list:
     return [items[i] for i in chosen]
 
 
+def caption_reference_problems(cfg) -> dict[str, tuple[object, str]]:
+    """{key: (value, problem)} of the inputs jobs.reference cannot work with (its dry run lists them too)."""
+    e, s, d = cfg.eval, cfg.sample, cfg.data
+    problems = {}
+    if d.source_format != "captions":
+        problems["data.source_format"] = (d.source_format, "a caption reference is made from a .csv or .jsonl of "
+                                                           "image paths and captions (data.source_format=captions)")
+    if not e.reference or not e.reference.endswith(".npz"):
+        problems["eval.reference"] = (e.reference, "not a .npz name; give the ADM-format .npz to write the caption "
+                                                   "reference to")
+    if not s.prompts or not s.prompts.lower().endswith((".txt", ".jsonl")):
+        problems["sample.prompts"] = (s.prompts, "not a .txt or .jsonl name; give the captions file to write, as "
+                                                 "the sample job reads them")
+    return problems
+
+
 def prepare_caption_reference(cfg) -> dict:
     """Write eval.reference and sample.prompts from data.source (see the module docstring); returns
     {"reference", "prompts", "num_images", "feature_extractor"}."""
     e, s = cfg.eval, cfg.sample
     # 1. Validate inputs
-    if not e.reference or not e.reference.endswith(".npz"):
-        raise ValueError(f"eval.reference={e.reference!r}: give the .npz to write the caption reference to")
-    if not s.prompts or not s.prompts.lower().endswith((".txt", ".jsonl")):
-        raise ValueError(f"sample.prompts={s.prompts}: give the captions file to write (.txt or .jsonl, as the "
-                         "sample job reads them)")
-    if cfg.data.source_format != "captions":
-        raise ValueError(f"data.source_format={cfg.data.source_format}: a caption reference is made from a "
-                         ".csv or .jsonl of image paths and captions (data.source_format=captions)")
+    if problems := caption_reference_problems(cfg):
+        raise ValueError("; ".join(f"{key}={value}: {problem}" for key, (value, problem) in problems.items()))
     plan = plan_captions(cfg.data.source, shard_size=1 << 30, seed=0)
     items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)  # listing order
     items = subset(items, e.reference_images, cfg.data.source)
