@@ -76,7 +76,7 @@ def bare_loop(cfg, steps: int, warmup: int = 5, rank: int | None = None) -> dict
     objective = model = DiffusionObjective(network, cfg)
     if rank is not None:
         model = torch.nn.parallel.DistributedDataParallel(objective)
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.lr)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=cfg.train.scaled_lr)
     b, m = cfg.train.micro_batch_size, cfg.model
     torch.manual_seed(rank or 0)
     batches = [{"x": torch.randn(b, m.in_channels, m.input_size, m.input_size),

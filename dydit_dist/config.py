@@ -138,7 +138,11 @@ class TrainConfig:
     max_steps: int = bounded(1000, "[0, inf)")
     global_batch_size: int = bounded(256, "[1, inf)")
     micro_batch_size: int = bounded(32, "[1, inf)")
-    lr: float = bounded(1e-4, "(0, inf)")
+    lr: float = bounded(1e-4, "(0, inf)")  # at train.lr_base_batch when train.lr_scaling is not "none"
+    # PixArt-alpha's auto_lr (diffusion/utils/optimizer.py:17): the optimizer runs at lr * (global_batch_size /
+    # lr_base_batch) ** 0.5 ("sqrt") or ** 1 ("linear"); "none": at lr whatever the batch (DiT, DyDiT, FlexDiT)
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    lr_base_batch: int = bounded(256, "[1, inf)")
     weight_decay: float = bounded(0.0, "[0, inf)")  # AdamW
     adam_eps: float = bounded(1e-8, "(0, inf)")  # AdamW epsilon (PixArt-alpha: 1e-10)
     warmup_steps: int = bounded(0, "[0, inf)")  # linear lr warm-up over these optimizer steps, then constant
@@ -159,6 +163,12 @@ class TrainConfig:
     caption_dropout: float = bounded(0.1, "[0, 1]")  # PixArt: captions replaced by the null caption
     record_batches: bool = False  # write each rank's sample indices per step to {run}/batches/ (tests)
     allow_changed_settings: bool = False  # resume although what decides the weights changed (run_config.WEIGHTS)
+
+    @property
+    def scaled_lr(self) -> float:
+        """The learning rate the optimizer runs at: `lr` scaled to `global_batch_size` by `lr_scaling`."""
+        ratio = self.global_batch_size / self.lr_base_batch
+        return self.lr * {"none": 1.0, "sqrt": ratio ** 0.5, "linear": ratio}[self.lr_scaling]
 
 
 @dataclass

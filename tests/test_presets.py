@@ -109,6 +109,8 @@ RECIPES = {
         ("train.adam_eps", 1e-10, f"{PIXART} PixArt_xl2_img512_internal.py:26"),
         ("train.warmup_steps", 125, f"{PIXART} PixArt_xl2_img512_internal.py:27 (1000 / 8 processes, as at 256)"),
         ("train.grad_clip", 0.01, f"{PIXART} PixArt_xl2_img512_internal.py:25"),
+        ("train.lr_scaling", "sqrt", f"{PIXART} configs/PixArt_xl2_internal.py:26 auto_lr=dict(rule='sqrt')"),
+        ("train.lr_base_batch", 256, f"{PIXART} diffusion/utils/optimizer.py:17 base_batch_size=256"),
     ],
     "eb_cache_dit_xl2_256_50": [
         ("sample.method", "eb_cache", f"{EBCACHE} sh/dit.sh:1"),

@@ -231,7 +231,7 @@ def test_interpolations_are_refused_not_written(tmp_path, monkeypatch):
 
 def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     """DeepSpeed's checkpoint load restores the optimizer's (and the schedule's) old lr, weight decay and eps;
-    the config's win."""
+    the config's win; the lr is scaled to the global batch by train.lr_scaling (PixArt's auto_lr)."""
     import torch
 
     from dydit_dist.train.deepspeed_setup import init_single_process
@@ -246,13 +246,17 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
         init_single_process("gloo")  # one rank, as tests/test_train_loop.py
         root = f"memory://settings-{os.getpid()}-{tmp_path.name}"
         cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data", "train.max_steps=2",
-                                        "train.warmup_steps=8", "train.grad_clip=1.0"])
+                                        "train.warmup_steps=8", "train.grad_clip=1.0",
+                                        "train.lr_scaling=linear", "train.lr_base_batch=2"])
         random_dataset(f"{root}/data", cfg, num_samples=24)
-        first = Trainer(cfg, LocalSession(str(tmp_path)))
+        first_session = LocalSession(str(tmp_path))
+        first = Trainer(cfg, first_session)
         first.train()
+        # PixArt's auto_lr: sqrt(global batch 4 / base 1) = 2 x the new lr
         resumed_cfg = config_lib.load("debug", [*BASE, f"storage.root={root}", f"data.uri={root}/data",
-                                                "train.warmup_steps=8", "train.lr=1e-3", "train.weight_decay=0.05",
+                                                "train.warmup_steps=8", "train.lr=0.5e-3", "train.weight_decay=0.05",
                                                 "train.adam_eps=1e-10", "train.grad_clip=0.5",
+                                                "train.lr_scaling=sqrt", "train.lr_base_batch=1",
                                                 "train.allow_changed_settings=true"])
         session = LocalSession(str(tmp_path))
         resumed = Trainer(resumed_cfg, session)
@@ -260,7 +264,10 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert resumed.resumed_from == 2
-    # warm-up over 4 steps: the step-3 and step-4 updates run at 3/4 and 4/4 of the NEW lr
+    # the first run (each report gives the lr after its step, as below): 2/8 and 3/8 of lr scaled linearly
+    # to the global batch, 1e-4 * 4 / 2
+    assert [r["lr"] for r in first_session.reports] == pytest.approx([0.5e-4, 0.75e-4])
+    # warm-up over 8 steps: after steps 3 and 4 the lr is 4/8 and 5/8 of the NEW lr (0.5e-3 scaled by 2)
     assert [r["lr"] for r in session.reports] == pytest.approx([0.5e-3, 0.625e-3])
     # torch's load_state_dict took every group's settings from the checkpoint; the config's win
     groups = (resumed.engine.lr_scheduler or resumed.engine).optimizer.param_groups

@@ -150,10 +150,10 @@ def apply_optimizer_settings(engine, train_cfg) -> None:
     """Make the config's optimizer settings those of every param group after a checkpoint restored the old
     ones with the optimizer and its schedule (torch's `load_state_dict` takes each group's settings from
     the checkpoint; a resume with train.allow_changed_settings=true; a no-op when they agree): weight_decay,
-    eps, and `lr` as the base learning rate, keeping the schedule's factor at the restored step (each
+    eps, and `scaled_lr` as the base learning rate, keeping the schedule's factor at the restored step (each
     group's lr is rescaled by lr / old base); and the gradient clip, which ZeRO-1/2 restore from the
     checkpoint into their optimizer (`clip_grad`) whatever the engine was configured with."""
-    lr = train_cfg.lr
+    lr = train_cfg.scaled_lr
     scheduler = engine.lr_scheduler
     groups = (scheduler.optimizer if scheduler is not None else engine.optimizer).param_groups
     bases = scheduler.base_lrs if scheduler is not None else [g["lr"] for g in groups]

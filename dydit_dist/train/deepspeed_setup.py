@@ -157,7 +157,7 @@ def initialize(objective: nn.Module, cfg, world_size: int):
                                   torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
         if unneeded:
             log.warning(unneeded)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=t.adam_eps, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.scaled_lr, betas=(0.9, 0.999), eps=t.adam_eps, weight_decay=t.weight_decay)
     if t.skip_grad_norm is not None:
         repeat = None
         if t.stage1_update == "official" and cfg.model.method == "dydit":
