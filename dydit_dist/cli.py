@@ -105,7 +105,8 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
                 return 0
             if dry_run:
                 return 0
-            _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s, on_lost=stop_job)
+            _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s, on_lost=stop_job,
+                                   wait_s=cfg.storage.lease_wait_s)
         summary = work()
     except (PreflightError, *USER_ERRORS, *errors) as err:
         # the preflight's message lists every unresolved input, one per line

@@ -260,6 +260,9 @@ class StorageConfig:
     retries: int = bounded(5, "[0, inf)")  # retries of a transient error (timeout, throttling, 5xx), with backoff
     timeout_s: float = bounded(60.0, "(0, inf)")  # deadline of one S3 operation, retries included (`storage`)
     lease_ttl_s: float = bounded(120.0, "(0, inf)")  # a run's lease expires this long after its holder's last heartbeat; >= 2 x timeout_s
+    # a job that finds its run held waits up to this for the holder to release it or stop renewing it, then
+    # exits 2 (0: at once); the RayJobs set it: a KubeRay retry starts while the lost attempt's driver still renews
+    lease_wait_s: float = bounded(0.0, "[0, inf)")
 
 
 @dataclass

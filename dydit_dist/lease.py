@@ -13,9 +13,11 @@ renewed for `ttl_s` seconds: its holder died; wall clock, hosts are assumed to a
 PUT with `If-None-Match: *` (s3fs `pipe_file(mode="create")`, botocore >= 1.35.20), which AWS S3 and
 moto answer with 412 when the object exists; `memory://` (one process) checks and writes under a lock.
 
-Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld, but when it was not renewed
-for half its ttl (its holder missed beats: killed without releasing it, as a retry after a crash finds
-it) the job waits until it expires and decides again; free -> create n + 1. A
+Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld (after polling for up to
+`wait_s`, `storage.lease_wait_s`, for it to be released: a KubeRay retry starts while the lost attempt's
+driver still renews), but when it was not renewed for half its ttl (its holder missed beats: killed
+without releasing it, as a retry after a crash finds it) the job waits until it expires and decides
+again; free -> create n + 1. A
 failed create means another job took n + 1 first: decide again. After a create, list again: a higher
 number means this job's view was stale (its number had been taken and cleaned up, see below), so it
 removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
@@ -77,6 +79,7 @@ _NAME = re.compile(r"^(\d{10})\.json$")
 _ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
 _MEMORY_LOCK = threading.Lock()
 _HELD: list[Lease] = []  # the leases this process holds, newest last (`held`)
+_POLL_S = 5.0  # how often a job waiting for a held lease (`wait_s`) looks again
 FENCE = 0.75  # a holder whose last confirmed renewal is this many ttl_s old stops (module docstring)
 
 
@@ -195,41 +198,57 @@ class Lease:
         threading.Thread(target=self._fence, name="lease-fence", daemon=True).start()
 
     @classmethod
-    def acquire(cls, url: str, job: str, ttl_s: float, on_lost: Callable[[Lease], None] | None = None) -> Lease:
+    def acquire(cls, url: str, job: str, ttl_s: float, on_lost: Callable[[Lease], None] | None = None,
+                wait_s: float = 0.0) -> Lease:
         """Take the lease in the folder `url` for `job` (see the module docstring); LeaseHeld when
-        another job holds it. `on_lost(lease)` runs in the heartbeat thread once a takeover is seen."""
+        another job holds it after `wait_s` seconds of waiting for it to be released or to expire (0: at
+        once). `on_lost(lease)` runs in the heartbeat thread once a takeover is seen."""
         holder = Holder(socket.gethostname(), os.getpid(), job, 0.0, 0.0, ttl_s, uuid.uuid4().hex)
-        for _ in range(_ATTEMPTS):
-            # 1. The highest object decides: none or free -> the next number; held -> refused.
+        deadline, waiting, attempts = time.monotonic() + wait_s, False, 0
+        while attempts < _ATTEMPTS:
+            # 1. The highest object decides: none or free -> the next number; held -> wait or refuse.
             numbers = _numbers(url)
             top = numbers[-1] if numbers else 0
             if top:
                 current = _read(url, top)
                 if current is None:
+                    attempts += 1
                     continue  # cleaned up after the listing: a higher one exists now
-                age = time.time() - current.renewed
-                if not current.free(time.time()) and age > current.ttl_s / 2:
+                now = time.time()
+                age = now - current.renewed
+                if not current.free(now) and age > current.ttl_s / 2:
                     # a live holder renews every ttl/4 (and stops itself at 3/4): this one missed beats,
                     # most likely killed without releasing it (an OOM-killed pod, a SIGKILL): wait it out
-                    wait_s = current.ttl_s - age + 1.0
-                    log.warning("%s: the lease of %s; waiting %.0f s for it to expire", url,
-                                current.describe(time.time()), wait_s)
-                    time.sleep(wait_s)
+                    wait = current.ttl_s - age + 1.0
+                    log.warning("%s: the lease of %s; waiting %.0f s for it to expire", url, current.describe(now),
+                                wait)
+                    time.sleep(wait)
                     continue
-                if not current.free(time.time()):
-                    raise LeaseHeld(f"{url}: the run is held by {current.describe(time.time())}; wait for it to "
-                                    f"finish, stop it, or use another storage.run")
+                if not current.free(now):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        waited = f" after waiting {wait_s:g} s (storage.lease_wait_s)" if wait_s else ""
+                        raise LeaseHeld(f"{url}: the run is held by {current.describe(now)}{waited}; wait for it to "
+                                        f"finish, stop it, or use another storage.run")
+                    if not waiting:  # a KubeRay retry: the lost attempt's driver may renew until Ray kills it
+                        log.warning("%s: the run is held by %s; waiting up to %.0f s (storage.lease_wait_s) for "
+                                    "it to be released or to expire", url, current.describe(now), left)
+                        waiting = True
+                    time.sleep(min(left, _POLL_S))
+                    continue
                 if not current.released:
-                    log.warning("%s: taking over an expired lease of %s", url, current.describe(time.time()))
+                    log.warning("%s: taking over an expired lease of %s", url, current.describe(now))
             # 2. Create it; a failure means another job created that number first.
             mine, holder.since = top + 1, time.time()
             holder.renewed = holder.since
             if not _create(_object(url, mine), json.dumps(asdict(holder)).encode()):
+                attempts += 1
                 continue
             # 3. Nothing above it: held. Something above: this job's view was stale; withdraw.
             numbers = _numbers(url)
             if max(numbers, default=mine) > mine:
                 _remove(url, mine)
+                attempts += 1
                 continue
             for number in numbers:
                 if number < mine:

@@ -133,7 +133,8 @@ def prepare_stage(cfg: Config) -> Config:
     done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:  # under the data folder's lease, as jobs.prepare: runs sharing a data.uri prepare it once
-        with Lease.acquire(paths.data_lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job):
+        with Lease.acquire(paths.data_lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job,
+                           wait_s=cfg.storage.lease_wait_s):
             if not data_done(cfg):
                 prepare(cfg)
     return cfg
@@ -202,7 +203,8 @@ def stage_lease(cfg: Config) -> Lease:
     """The lease of a stage's own run folder (`{run}/{method}`, `{run}/pretrain`), held while the stage
     writes it, as the single job (jobs.finetune, jobs.sample) holds it: a job started on that folder by
     itself meanwhile is refused, not let write beside this one."""
-    return Lease.acquire(RunPaths(cfg).lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job)
+    return Lease.acquire(RunPaths(cfg).lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job,
+                         wait_s=cfg.storage.lease_wait_s)
 
 
 def train_stage(cfg: Config, name: str) -> str:

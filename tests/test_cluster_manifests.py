@@ -252,6 +252,31 @@ def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(launch):
     config_lib.load(preset, overrides)  # every key exists, every value fits
 
 
+def _entrypoint_config(doc: dict) -> config_lib.Config:
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    return config_lib.load(argv[4], argv[5:])
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_a_retry_waits_out_the_lost_attempts_driver(launch):
+    """A RayJob's retry deletes the cluster without stopping the job: the head's drain keeps the old driver
+    (and its lease's heartbeat) alive until the pod's grace period ends, and its lease then needs half its
+    ttl to count as abandoned (`lease.Lease.acquire`). The retry's job waits that long for it
+    (storage.lease_wait_s) instead of exiting 2 and spending a retry."""
+    doc = RAYJOBS[launch]
+    cfg = _entrypoint_config(doc)
+    grace_s = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert cfg.storage.lease_wait_s >= grace_s + cfg.storage.lease_ttl_s / 2, launch
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_the_gpu_pods_past_the_first_get_the_time_the_first_gets(launch):
+    """preRunningDeadlineSeconds waits for the head and the group's first replica only; the job waits for
+    the rest of its GPUs itself (ray.capacity_timeout_s, then exit 2 and a retry on a fresh cluster)."""
+    doc = RAYJOBS[launch]
+    assert _entrypoint_config(doc).ray.capacity_timeout_s >= doc["spec"]["preRunningDeadlineSeconds"], launch
+
+
 @pytest.mark.parametrize("job", RAYJOB_JOBS)
 def test_entrypoint_job_module_exists(job):
     """The entrypoint's module is a job with a `main(argv)`."""

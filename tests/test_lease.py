@@ -386,6 +386,24 @@ def test_a_lease_that_missed_its_beats_is_waited_out_not_refused(tmp_path):
     assert time.monotonic() - start < 1.0
 
 
+def test_a_job_told_to_wait_takes_the_lease_its_holder_releases_meanwhile(url, monkeypatch):
+    """storage.lease_wait_s: a KubeRay retry starts while the lost attempt's driver still renews (Ray drains
+    the head for up to 80 s without stopping the job); it waits for the release instead of exiting 2, and a
+    holder that goes on past the wait is refused, the wait named."""
+    monkeypatch.setattr(lease_lib, "_POLL_S", 0.1)
+    holder = Lease.acquire(url, "finetune", ttl_s=60)
+    threading.Timer(1.0, holder.release).start()
+    start = time.monotonic()
+    with Lease.acquire(url, "finetune", ttl_s=60, wait_s=30) as lease:
+        assert lease.number == 2 and 0.9 <= time.monotonic() - start < 10
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match=r"after waiting 0.5 s \(storage.lease_wait_s\); wait for it"):
+            Lease.acquire(url, "sample", ttl_s=60, wait_s=0.5)
+        assert 0.5 <= time.monotonic() - start < 5
+        assert read(url).token == lease.holder.token and not read(url).released  # untouched by the waiter
+    assert read(url).released
+
+
 def test_a_lease_that_cannot_be_released_leaves_the_jobs_outcome_as_it_was(tmp_path, capsys, monkeypatch):
     """A storage error while releasing, after the work ended: the job's exit status stands (0 here, not a
     crash), and the message says the lease expires on its own."""
