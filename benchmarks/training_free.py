@@ -244,7 +244,7 @@ def to_markdown(result: dict) -> str:
         s = result["speed"]
         lines += [f"## {a['model']} {a['image_size']}px, {a['steps']} DDPM steps, batch {a['batch']} x2 (cfg "
                   f"{a['cfg_scale']}), {a['device']} {a['dtype']}, {result['env']['threads']} threads",
-                  "", "| method | model time s | measured speedup | FLOPs-ideal speedup | ratio | GFLOPs/call | "
+                  "", "| method | model time s | measured speedup | FLOPs-ideal speedup | ratio | GFLOPs per image forward | "
                   "rel. L2 vs static | eps-norm ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in s["rows"]:
             lines.append(f"| {r['name']} | {r['model_time_s']:.1f} | {r['measured_speedup']:.2f}x | "

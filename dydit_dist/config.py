@@ -130,6 +130,7 @@ class DataConfig:
     shuffle_buffer: int = bounded(1000, "[0, inf)")
     num_workers: int = bounded(2, "[0, inf)")  # reader: DataLoader worker processes per rank
     on_error: Literal["raise", "skip"] = "raise"  # reader: a corrupt or missing shard
+    max_bad_fraction: float = bounded(0.01, "[0, 1]")  # prepare: more unusable inputs than this fraction is an error
 
 
 @dataclass

@@ -19,7 +19,7 @@ DESCRIPTION = "Evaluate generated samples with torch-fidelity against reference 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(cli.job_parser("evaluate", DESCRIPTION), argv)
     # heavy (torch, torch-fidelity): imported once the config is known good
-    from dydit_dist.eval import FeatureExtractorUnavailable, evaluate
+    from dydit_dist.eval import EvalInputError, FeatureExtractorUnavailable, evaluate
     from dydit_dist.sample import SamplesError
     from dydit_dist.shardset import ShardError
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{RunPaths(cfg).metrics}: {values} on {record['num_samples']} samples "
                 f"[{record['feature_extractor']['name']}]")
 
-    return cli.run_job("evaluate", work, (FeatureExtractorUnavailable, SamplesError, ShardError), cfg, args.dry_run)
+    return cli.run_job("evaluate", work, (EvalInputError, FeatureExtractorUnavailable, SamplesError, ShardError), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(cli.job_parser("reference", DESCRIPTION), argv)
     # heavy (torch, torch-fidelity): imported once the config is known good
     from dydit_dist.data import DataError
-    from dydit_dist.eval import FeatureExtractorUnavailable
+    from dydit_dist.eval import EvalInputError, FeatureExtractorUnavailable
     from dydit_dist.eval.captions import prepare_caption_reference
 
     def work() -> str:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{made['reference']}: {made['num_images']} images with captions and {made['feature_extractor']} "
                 f"statistics; captions at {made['prompts']}")
 
-    return cli.run_job("reference", work, (DataError, FeatureExtractorUnavailable), cfg, args.dry_run)
+    return cli.run_job("reference", work, (DataError, EvalInputError, FeatureExtractorUnavailable), cfg, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse_args(cli.job_parser("reproduce", DESCRIPTION), argv)
     # heavy (torch, ray, deepspeed, diffusers): imported once the config is known good
     from dydit_dist.data import DataError
-    from dydit_dist.eval import FeatureExtractorUnavailable
+    from dydit_dist.eval import EvalInputError, FeatureExtractorUnavailable
     from dydit_dist.models import CheckpointError
     from dydit_dist.pipeline import OutputsDiffer, reproduce
     from dydit_dist.sample import SamplesError
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         report = reproduce(cfg)
         return f"reproduce: done in {time.monotonic() - start:.0f} s; report at {report}"
 
-    return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, FeatureExtractorUnavailable,
+    return cli.run_job("reproduce", work, (DataError, ShardError, SamplesError, EvalInputError, FeatureExtractorUnavailable,
                                          InputFailure, OutputsDiffer, CheckpointError), cfg, args.dry_run)
 
 

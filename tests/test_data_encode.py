@@ -180,6 +180,45 @@ def test_an_input_denied_to_this_job_is_skipped_and_listed(tmp_path, monkeypatch
         list(sources.iter_chunk(sources.Chunk(0, items=items), "class"))
 
 
+def test_webdataset_members_are_read_as_webdataset_reads_them(tmp_path):
+    """Extensions in any case (ImageNet's `.JPEG`), a caption that is empty or null (img2dataset writes both
+    for a sample without one) is an unusable input, not the prompt "none", and a `json` that is no object
+    is listed, not a crash of the encoder task."""
+    samples = [{"__key__": b"a", "JPEG": b"jpeg-bytes", "TXT": b"a red bus"},
+               {"__key__": b"b", "jpg": b"x", "txt": b"", "json": b'{"caption": null}'},
+               {"__key__": b"c", "jpg": b"x", "json": b'["not", "an", "object"]'},
+               {"__key__": b"d", "jpg": b"x", "json": b'{"caption": "  "}'},
+               {"__key__": b"e", "webp": b"x", "json": b'{"caption": "from json"}'}]
+    (tmp_path / "in.tar").write_bytes(pack(samples))
+    chunk = sources.plan_webdataset(str(tmp_path / "in.tar")).chunks[0]
+    out = [(item.key, item.caption, data, error) for item, data, error in sources.iter_chunk(chunk, "caption")]
+    assert out[0] == ("in-000000", "a red bus", b"jpeg-bytes", None)
+    assert out[4] == ("in-000004", "from json", b"x", None)
+    assert "no caption (got None)" in out[1][3] and "no caption (got '  ')" in out[3][3]
+    assert "no caption (TypeError" in out[2][3]
+
+
+def test_tars_of_one_name_in_two_folders_give_distinct_keys(tmp_path):
+    """The keys seed each stored posterior sample's noise: equal keys would give equal noise."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train-000.tar").write_bytes(pack([{"__key__": b"k", "jpg": b"x", "cls": b"0"}]))
+    chunks = sources.plan_webdataset(str(tmp_path / "*/train-000.tar")).chunks
+    keys = [item.key for chunk in chunks for item, _, _ in sources.iter_chunk(chunk, "class")]
+    assert keys == ["000000_train-000-000000", "000001_train-000-000000"]
+    assert [c.prefix for c in sources.plan_webdataset(str(tmp_path / "a/train-000.tar")).chunks] == ["train-000"]
+
+
+def test_a_captions_csv_with_a_byte_order_mark_and_relative_paths(tmp_path, monkeypatch):
+    """Excel writes a BOM before the header; relative paths are resolved against the file's folder into
+    absolute URLs (the encoder tasks run in other working directories)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "c.csv").write_text("\ufeffpath,caption\na.png,a cat\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    item = sources.plan_captions("d/c.csv", shard_size=4).chunks[0].items[0]
+    assert (item.url, item.caption) == (f"{tmp_path}/d/a.png", "a cat")
+
+
 def test_plan_rejects_configs_that_do_not_fit(image_source, tiny_vae):
     base = [f"data.source={image_source['folder']}", "model.num_classes=3", "model.image_size=32"]
     with pytest.raises(DataError, match="data.vae=none stores pixels: model.vae_downsample must be 1"):
@@ -302,5 +341,5 @@ def test_a_truncated_tar_with_long_names_is_an_error_naming_it(tmp_path, tar_for
             unpack(whole[:cut], "long.tar")
     url = str(tmp_path / "cut.tar")
     (tmp_path / "cut.tar").write_bytes(whole[: ends[1]])
-    with pytest.raises(ShardError, match=f"{url}: not a readable tar"):
+    with pytest.raises(DataError, match=f"the input tar {url} is not a readable tar .*replace it with a readable copy"):
         list(sources.iter_chunk(sources.Chunk(0, tar=url), "class"))

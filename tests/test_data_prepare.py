@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 def _cfg(preset, source, uri, *overrides, endpoint=None):
     extra = [f"storage.endpoint_url={endpoint}"] if endpoint else []
     return config.load(preset, [f"data.source={source}", f"data.uri={uri}", "data.shard_size=8",
-                                "data.encode_batch_size=8", *extra, *overrides])
+                                "data.encode_batch_size=8", "data.max_bad_fraction=0.05",  # 2 of 50 unreadable
+                                *extra, *overrides])
 
 
 def _dit(image_source, uri, tiny_vae, *overrides, endpoint=None):
@@ -147,6 +148,58 @@ def test_prepare_webdataset_source_and_job_entry_point(ray_local, image_source, 
     assert batch["x"].shape == (5, 4, 16, 16) and batch["x"].min() >= -1 and batch["x"].max() <= 1
     assert main([*args[:-1], "model.num_classes=5", f"data.source={tmp_path}/nothing-*.tar"]) == 2
     assert "matches no .tar files" in capsys.readouterr().err
+
+
+def _class_tars(image_source, tmp_path, labels_per_tar):
+    """One input tar per list of labels, each sample a pixel image of the source."""
+    folder = image_source["folder"]
+    for t, labels in enumerate(labels_per_tar):
+        samples = [{"__key__": f"img{t}{i}".encode(), "cls": str(label).encode(),
+                    "png": open(os.path.join(folder, f"class_{i % 3}", f"img_{i:02d}.png"), "rb").read()}
+                   for i, label in enumerate(labels)]
+        (tmp_path / f"in-{t:03d}.tar").write_bytes(pack(samples))
+
+
+def test_unusable_inputs_leave_the_data_set_incomplete_and_a_bad_input_tar_is_named(ray_local, image_source,
+                                                                                  tmp_path, capsys):
+    """Over data.max_bad_fraction unusable inputs (a systematic cause) is exit 2 with examples and an
+    incomplete data set; a rerun accepting them completes it without encoding again. An input tar that is
+    no tar is one line naming it (not the encoder task's traceback)."""
+    from dydit_dist.data import Manifest
+    from jobs.prepare import main
+
+    _class_tars(image_source, tmp_path, [[0, 1, 2, 0, 1], [2, 0, 1, 7, 2]])  # class 7 of 3: one bad input of 10
+    uri = str(tmp_path / "pixels")
+    args = ["--config", "debug", f"data.source={tmp_path}/in-{{000..001}}.tar", "data.source_format=webdataset",
+            f"data.uri={uri}", "model.num_classes=3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 of 10 inputs are unusable (over data.max_bad_fraction=0.01)" in err
+    assert "in-001.tar#img13: class 7 outside [0, model.num_classes=3)" in err
+    assert not Manifest.read(uri).complete and Manifest.read(uri).num_shards == 2
+    assert main([*args, "data.max_bad_fraction=0.2"]) == 0
+    assert "9 samples in 2 shards (0 encoded now, 2 already done, 1 unreadable inputs)" in capsys.readouterr().out
+    assert Manifest.read(uri).complete
+
+    (tmp_path / "in-002.tar").write_bytes(b"not a tar at all" * 100)
+    assert main([*args, f"data.source={tmp_path}/in-{{000..002}}.tar", f"data.uri={tmp_path}/more"]) == 2
+    err = capsys.readouterr().err
+    assert f"prepare: data.source: the input tar {tmp_path}/in-002.tar is not a readable tar" in err
+    assert "Traceback" not in err and "ray::" not in err
+
+
+def test_a_driver_killed_between_manifest_writes_loses_no_finished_shard(image_source, tiny_vae, tmp_path):
+    """Each encoder task leaves a done-marker beside its shard; the next run merges it (no re-encoding)."""
+    from dydit_dist.data import Manifest, pipeline
+
+    uri = f"{tmp_path}/latents"
+    cfg = _dit(image_source, uri, tiny_vae)
+    settings, plan = pipeline.plan(cfg)
+    record = pipeline.ShardEncoder(cfg.to_dict(), settings).encode(plan.chunks[1], uri)
+    assert not storage.exists(f"{uri}/manifest.json")  # the driver never recorded it
+    resumed = Manifest.resume(uri, settings, len(plan.chunks), drop_missing=True)
+    assert resumed.done() == {1} and resumed.shards[1]["sha256"] == record["sha256"]
+    assert resumed.shards[1]["inputs"] == record["inputs"] and "classes" in resumed.shards[1]
 
 
 def test_a_chunk_is_encoded_batch_by_batch_to_the_same_shard(image_source, tiny_vae, tmp_path):

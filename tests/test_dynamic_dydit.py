@@ -465,28 +465,32 @@ def test_inspect_measures_tokens_at_the_timesteps_of_its_sampler(tmp_path, sampl
 
 def test_the_width_plan_is_read_with_full_fp32_matmuls_on_cuda():
     """TF32 (sample.tf32, on by default) rounds fp32 matmuls to a 10-bit mantissa: a router logit near 0 would
-    give another plan on the GPU than on the CPU. The plan's reads turn it off and restore the setting."""
-    from dydit_dist.dynamic.fast import exact_fp32_matmuls
+    give another plan on the GPU than on the CPU. The plan's reads turn it off and restore the setting (the
+    evaluation's features too, convolutions included)."""
+    from dydit_dist.dynamic.fast import exact_fp32
 
-    before = torch.backends.cuda.matmul.allow_tf32
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
     try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        with exact_fp32_matmuls(torch.device("cuda", 0)):
-            assert torch.backends.cuda.matmul.allow_tf32 is False
-        assert torch.backends.cuda.matmul.allow_tf32 is True
-        with exact_fp32_matmuls(torch.device("cpu")):
-            assert torch.backends.cuda.matmul.allow_tf32 is True  # nothing to change off CUDA
+        for f in flags:
+            f.allow_tf32 = True
+        with exact_fp32(torch.device("cuda", 0)):
+            assert [f.allow_tf32 for f in flags] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [True, True]
+        with exact_fp32(torch.device("cpu")):
+            assert [f.allow_tf32 for f in flags] == [True, True]  # nothing to change off CUDA
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        for f, value in zip(flags, before, strict=True):
+            f.allow_tf32 = value
 
 
-def test_the_width_plan_reads_its_routers_under_exact_fp32_matmuls(monkeypatch):
+def test_the_width_plan_reads_its_routers_under_exact_fp32(monkeypatch):
     import contextlib
 
     from dydit_dist.dynamic import fast as fast_module
 
     devices = []
-    monkeypatch.setattr(fast_module, "exact_fp32_matmuls", lambda device: devices.append(device) or contextlib.nullcontext())
+    monkeypatch.setattr(fast_module, "exact_fp32", lambda device: devices.append(device) or contextlib.nullcontext())
     model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
     FastPath(model).plan(500)
     assert devices == [torch.device("cpu")]

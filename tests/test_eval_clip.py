@@ -19,6 +19,8 @@ from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.clip import ClipScorer
 from dydit_dist.eval.digits import DigitsNet
 from dydit_dist.eval.evaluate import evaluate
+from dydit_dist.eval.extractors import file_sha256
+from dydit_dist.eval.metrics import EvalInputError
 from dydit_dist.eval.report import write_report
 from dydit_dist.network import save_weights
 from dydit_dist.paths import RunPaths
@@ -109,6 +111,7 @@ def test_coco_protocol_end_to_end(tmp_path, clip_folder, monkeypatch):
         assert ref["arr_0"].shape == (6, 16, 16, 3) and list(ref["captions"]) == load_prompts(f"{root}/refs/coco.txt")
         assert ref["mu"].shape == (64,) and ref["sigma_s"].shape == (448, 448)
         assert str(ref["feature_extractor"]) == "digits-cnn"
+        assert str(ref["feature_extractor_weights_sha256"]) == file_sha256(str(tmp_path / "digits.safetensors"))
         real = ref["arr_0"]
     # Samples drawn from the captions file: here the real images themselves, then a noisier copy.
     prompts = load_prompts(cfg.sample.prompts)
@@ -133,6 +136,11 @@ def test_coco_protocol_end_to_end(tmp_path, clip_folder, monkeypatch):
     write_caption_samples(f"{root}/runs/t/noisy", noisy, prompts)
     other = evaluate(cfg, samples=f"{root}/runs/t/noisy", out=f"{root}/runs/t/noisy-metrics.json")
     assert other["metrics"]["fid"] > 100 * abs(m["fid"]) and other["metrics"]["sfid"] > 100 * abs(m["sfid"])
+    # Statistics of the same extractor with other weights are not the reference's: refused by their sha256.
+    torch.manual_seed(1)
+    save_weights(DigitsNet(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(EvalInputError, match=r"coco.npz: its statistics are of digits-cnn with other weights"):
+        evaluate(tiny_config(root, *overrides, f"eval.feature_extractor_weights={tmp_path / 'other.safetensors'}"))
     # The report puts sFID and the CLIP score beside the other numbers.
     text = storage.read_bytes(write_report(RunPaths(cfg), [record, {**other, "label": "noisy"}])).decode()
     assert "| FID [digits-cnn] | sFID [digits-cnn] | IS [digits-cnn] | precision [digits-cnn] | recall [digits-cnn] | CLIP score | samples |" in text

@@ -98,3 +98,51 @@ def test_a_folder_reference_is_keyed_by_its_shards_not_its_manifest_bytes(tmp_pa
     write_samples(tiny_config(str(tmp_path), *_overrides(tmp_path, weights, "sample.num_samples=8",
                                                           "sample.shard_size=4", "sample.steps=2", "sample.seed=1")), url)
     assert load().cache["features_cache"] != first
+
+
+def test_a_reference_that_does_not_fit_is_exit_2_before_the_samples_feature_pass(tmp_path, weights, capsys,
+                                                                                monkeypatch):
+    """Bad input is one line and exit 2 (not a ValueError's traceback, exit 1), found before the samples'
+    features are extracted: statistics of other features (an ADM 2048-d reference with the 64-d digits
+    extractor), images of another resolution, a reference without the images precision/recall needs."""
+    import importlib
+
+    from jobs.evaluate import main
+
+    evaluate_module = importlib.import_module("dydit_dist.eval.evaluate")  # the package exports the function
+
+    root = str(tmp_path)
+    torch.set_num_threads(1)
+    write_samples(tiny_config(root, *_overrides(tmp_path, weights)), f"{root}/runs/t/samples")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2048, 2048)), rng.normal(size=(64, 64))
+    np.savez(tmp_path / "adm.npz", mu=rng.normal(size=2048), sigma=a @ a.T / 2048, arr_0=_images(1))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    np.savez(tmp_path / "stats.npz", mu=rng.normal(size=64), sigma=b @ b.T / 64)
+    passes = []
+    monkeypatch.setattr(evaluate_module, "sample_features", lambda *args: passes.append(args) or {})
+    base = ["--config", "debug", f"storage.root={root}", "storage.run=t", "sample.num_samples=16",
+            "sample.shard_size=4", *_overrides(tmp_path, weights)]
+    for reference, metrics, message in [
+        ("adm.npz", "[fid]", "adm.npz: reference statistics have 2048 dimensions, the digits-cnn features 64; use "),
+        ("big.npz", "[fid]", "big.npz: its images are 32x32, the samples 16x16; use the reference of the samples' "),
+        ("stats.npz", "[fid,prc]", "stats.npz: precision/recall need the reference images (arr_0), which it lacks"),
+    ]:
+        assert main([*base, f"eval.reference={tmp_path / reference}", f"eval.metrics={metrics}"]) == 2
+        err = capsys.readouterr().err
+        assert f"evaluate: {tmp_path / message}" in err and "Traceback" not in err, err
+    assert passes == []
+
+
+def test_weights_of_another_network_are_refused_when_resolved(tmp_path):
+    """A tensors-only file that is not the extractor's state dict: refused by name before any work (it failed
+    with torch's load_state_dict traceback when the first features were due)."""
+    from dydit_dist import config
+    from dydit_dist.eval.extractors import ExtractorWeightsRefused
+
+    save_weights(torch.nn.Linear(3, 2), str(tmp_path / "linear.safetensors"))
+    cfg = config.load("debug", ["eval.feature_extractor=digits-cnn",
+                                f"eval.feature_extractor_weights={tmp_path / 'linear.safetensors'}"])
+    with pytest.raises(ExtractorWeightsRefused, match=r"eval.feature_extractor_weights=.*linear.safetensors: not a "
+                                                      r"state dict of digits-cnn \(Error\(s\) in loading state_dict"):
+        resolve_extractor(cfg.eval)

@@ -295,3 +295,22 @@ def test_a_caption_reference_from_a_non_caption_source_is_refused_in_the_dry_run
         prepare_caption_reference(config.load("debug", [f"storage.root={f['root']}", f"data.source={f['images']}",
                                                         f"eval.reference={tmp_path}/ref.npy",
                                                         f"sample.prompts={tmp_path}/p.txt"]))
+
+
+def test_a_dydit_sampling_estimate_scales_only_the_layers_its_routers_scale():
+    """DyDiT's lambda is the ratio of the blocks' self-attention + MLP (`dynamic.losses.flops_ratio`); PixArt's
+    cross-attention, caption projection and adaLN stay whole, so a lambda-0.5 DyPixArt costs ~0.6 of static,
+    as the analytic count of half the heads and MLP groups says (a DiT: ~0.5)."""
+    from dydit_dist import flops
+    from dydit_dist.preflight import network_macs, routed_share
+
+    for preset, name, at_least, at_most in [("dydit_xl2_256_lambda0.5", "DiT-XL/2", 0.99, 1.0),
+                                             ("pixart_xl2_256", "PixArt-XL/2", 0.75, 0.85)]:
+        cfg = config.load(preset, ["model.method=dydit", "sample.method=dydit", "model.dynamic.target_lambda=0.5"])
+        share = routed_share(cfg.model)
+        assert at_least < share < at_most, (preset, share)
+        half = flops.count(name, 256, [flops.BlockActivity(heads=0.5, mlp=0.5)] * 28).total
+        assert 1.0 - share * 0.5 == pytest.approx(half / network_macs(cfg.model), rel=0.01), preset
+        stage = next(s for s in plan(cfg, "sample").stages if s.name == "sample dydit")
+        assert stage.flop == pytest.approx(cfg.sample.num_samples * cfg.sample.steps * 2 * network_macs(cfg.model)
+                                           * (1.0 - share * 0.5) * 2) and f"x {1.0 - share * 0.5:.3f}" in stage.work

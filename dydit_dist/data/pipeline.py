@@ -19,8 +19,12 @@
 Samples are written in the order `sources` describes (a seeded permutation, or a webdataset
 source's own order); each shard's record counts its samples per class (`classes`).
 
-Unreadable or truncated images are skipped, counted and listed (source URL and error) under their
-shard in the manifest, never silently dropped.
+Unreadable or truncated images (and samples without a label or caption) are skipped, counted and
+listed (source URL and error) under their shard in the manifest, never silently dropped; more than
+`data.max_bad_fraction` of them leaves the data set incomplete with a DataError (a systematic cause), as
+does over half of a run's first 1000 inputs, early. An input tar that is not a readable tar is a
+DataError naming it. Each task writes a done-marker beside its shard (`shardset.write_marker`), so a
+driver killed between its manifest writes loses no finished shard.
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ from dydit_dist.data.manifest import (
 )
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
-from dydit_dist.shardset import pack, unverified, write_shard
+from dydit_dist.shardset import pack, settings_digest, unverified, write_marker, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
+LARGE_TAR = 4  # an input tar of more than this many data.shard_size samples is warned about
+EARLY_INPUTS, SYSTEMATIC_BAD = 1000, 0.5  # a run stops once over half of its first 1000+ inputs are unusable
 CLASS_SORTED_BELOW = 0.5  # Manifest.class_mixing under which the shards count as class-sorted
 
 
@@ -161,10 +167,11 @@ class ShardEncoder:
         if batch:
             samples += self._encode_batch(batch)
         record = write_shard(uri, chunk.index, pack(samples), len(samples))
-        record.update(bad=bad, inputs=len(samples) + len(bad))
+        record.update(bad=bad, inputs=len(samples) + len(bad), settings_sha256=settings_digest(self.settings))
         if cond == "class":
             values, counts = np.unique(labels, return_counts=True)
             record["classes"] = {str(label): int(count) for label, count in zip(values, counts, strict=True)}
+        write_marker(uri, record)  # a driver killed before its next manifest write loses no finished shard
         return record
 
     def _encode_batch(self, batch: list) -> list[dict]:
@@ -219,6 +226,7 @@ def prepare(cfg: Config) -> PrepareResult:
     todo = [c for c in source_plan.chunks if c.index not in done]
     if not todo:
         if not manifest.complete:
+            check_bad_inputs(uri, manifest, cfg.data.max_bad_fraction)
             manifest.complete = True
             manifest.write(uri)
         log.info("%s: all %d shards already prepared", uri, manifest.num_shards)
@@ -235,7 +243,7 @@ def prepare(cfg: Config) -> PrepareResult:
         retry_exceptions=[GpuUnavailable])  # a host whose GPU is unusable: another try (capacity.py)
     cfg_ref, queue, running = ray.put(cfg.to_dict()), list(reversed(todo)), []
     log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
-    last_write = time.monotonic()
+    last_write, warned_large, seen_inputs, seen_bad = time.monotonic(), False, 0, 0
     images = sum(c.size_hint for c in todo)  # 0 for input tars, whose image counts are not known before
     try:
         with tqdm(total=images or len(todo), unit="img" if images else "shard", desc=f"prepare {uri}",
@@ -244,9 +252,26 @@ def prepare(cfg: Config) -> PrepareResult:
                 while queue and len(running) < concurrency:
                     running.append(task.remote(cfg_ref, settings, queue.pop(), uri))
                 finished, running = ray.wait(running, num_returns=1)
-                record = ray.get(finished[0])
+                try:
+                    record = ray.get(finished[0])
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(err.cause, DataError):  # a bad input tar: its message, not the task's traceback
+                        raise DataError(str(err.cause)) from None
+                    raise
                 manifest.add(record)
+                if record["inputs"] > LARGE_TAR * cfg.data.shard_size and not warned_large:
+                    warned_large = True
+                    log.warning("%s: the input tar of %s holds %d samples, data.shard_size=%d: every output shard is "
+                                "one input tar, and each reader worker holds up to 3 shards in memory (PixArt's T5 "
+                                "features are ~1 MB a sample); re-shard the input tars to about data.shard_size",
+                                uri, record["name"], record["inputs"], cfg.data.shard_size)
                 bar.update(record["inputs"] if images else 1)
+                seen_inputs += record["inputs"]
+                seen_bad += len(record["bad"])
+                if seen_inputs >= EARLY_INPUTS and seen_bad > SYSTEMATIC_BAD * seen_inputs:
+                    raise DataError(f"{uri}: {seen_bad} of the first {seen_inputs} inputs this run are unusable, "
+                                    f"e.g. {_bad_examples(manifest)}: stopped early; fix the source (the finished "
+                                    "shards are kept and listed in the manifest)")
                 if record["bad"]:
                     log.warning("%s: %d unreadable inputs, e.g. %s", record["name"], len(record["bad"]),
                                 record["bad"][0])
@@ -262,12 +287,30 @@ def prepare(cfg: Config) -> PrepareResult:
         for ref in running:
             ray.cancel(ref)
     # 3. Complete
+    check_bad_inputs(uri, manifest, cfg.data.max_bad_fraction)
     manifest.complete = True
     manifest.write(uri)
     log.info("%s: %d samples in %d shards, %d unreadable inputs", uri, manifest.num_samples,
              manifest.num_shards, manifest.bad_inputs)
     warn_if_class_sorted(uri, manifest)
     return PrepareResult(uri, manifest, len(todo), len(done))
+
+
+def _bad_examples(manifest: Manifest, count: int = 3) -> str:
+    bad = [b for record in manifest.records() for b in record["bad"]][:count]
+    return "; ".join(f"{b['source']}: {b['error']}" for b in bad)
+
+
+def check_bad_inputs(uri: str, manifest: Manifest, max_fraction: float) -> None:
+    """DataError when more than `max_fraction` of the inputs were unusable (a systematic cause: captions
+    missing, image paths that do not resolve, a decoder missing); the data set then stays incomplete."""
+    inputs = sum(record["inputs"] for record in manifest.records())
+    if manifest.bad_inputs > max_fraction * inputs:
+        raise DataError(f"{uri}: {manifest.bad_inputs} of {inputs} inputs are unusable (over data.max_bad_fraction="
+                        f"{max_fraction:g}), e.g. {_bad_examples(manifest)}; every one is listed under its shard in "
+                        f"{uri}/manifest.json. Fix the source and prepare it into another data.uri, or accept them "
+                        "with a higher data.max_bad_fraction (the shards are kept: a rerun only completes the data "
+                        "set)")
 
 
 def _resume(uri: str, settings: dict, num_shards: int) -> Manifest:

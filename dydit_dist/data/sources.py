@@ -28,6 +28,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from PIL import Image
 
 from dydit_dist import storage
 from dydit_dist.data.shards import DataError
-from dydit_dist.shardset import unpack
+from dydit_dist.shardset import ShardError, unpack
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "gif", "tif", "tiff")
 _PATH_COLUMNS = ("path", "image", "file_name")
@@ -59,6 +60,7 @@ class Chunk:
     index: int  # output shard index
     items: tuple[Item, ...] = ()  # imagefolder / captions
     tar: str | None = None  # webdataset: one input tar
+    prefix: str = ""  # webdataset: its samples' keys are `{prefix}-{j:06d}`
 
     @property
     def size_hint(self) -> int:
@@ -156,7 +158,7 @@ def _column(row: dict, names: tuple[str, ...], source: str, line: int) -> str:
 def plan_captions(source: str, shard_size: int, seed: int = 0) -> SourcePlan:
     """One item per row of a CSV or JSONL file of image path + caption, chunked in a seeded random order."""
     try:
-        text = storage.read_bytes(source).decode("utf-8")
+        text = storage.read_bytes(source).decode("utf-8-sig")  # a byte-order mark (Excel's CSVs) is no column name
     except FileNotFoundError:
         raise DataError(f"data.source={source} does not exist") from None
     except UnicodeDecodeError as err:
@@ -181,6 +183,8 @@ def plan_captions(source: str, shard_size: int, seed: int = 0) -> SourcePlan:
                             f"{type(row).__name__}")
         path = _column(row, _PATH_COLUMNS, source, number)
         url = path if "://" in path or path.startswith("/") else storage.join(folder, path)
+        if "://" not in url:  # a relative source: absolute, as the encoder tasks run in other working directories
+            url = os.path.abspath(url)
         try:
             storage.check_url(url)
         except storage.StorageError as err:
@@ -209,7 +213,11 @@ def plan_webdataset(source: str) -> SourcePlan:
     if missing:  # a partial prepare would be refused later as other settings, once they are uploaded
         raise DataError(f"data.source={source}: {len(missing)} of the tars it names do not exist: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return SourcePlan(tuple(Chunk(i, tar=u) for i, u in enumerate(urls)), len(urls), _digest(urls))
+    stems = [u.rsplit("/", 1)[-1].removesuffix(".tar").replace(".", "_") for u in urls]
+    if len(set(stems)) < len(stems):  # tars of one name in several folders: keys (and noise seeds) must differ
+        stems = [f"{i:06d}_{stem}" for i, stem in enumerate(stems)]
+    chunks = tuple(Chunk(i, tar=u, prefix=stem) for i, (u, stem) in enumerate(zip(urls, stems, strict=True)))
+    return SourcePlan(chunks, len(urls), _digest(urls))
 
 
 def plan_source(cfg, conditioning: str) -> SourcePlan:
@@ -243,8 +251,14 @@ def iter_chunk(chunk: Chunk, conditioning: str) -> Iterator[tuple[Item, bytes | 
                     raise
                 yield item, None, str(err)  # access denied to this one object: a bad input, skipped and listed
         return
-    stem = chunk.tar.rsplit("/", 1)[-1].removesuffix(".tar")
-    for j, files in enumerate(unpack(storage.read_bytes(chunk.tar), chunk.tar)):
+    try:
+        samples = unpack(storage.read_bytes(chunk.tar), chunk.tar)
+    except ShardError as err:
+        raise DataError(f"data.source: the input tar {chunk.tar} is not a readable tar ({err.__cause__ or err}); "
+                        "replace it with a readable copy under the same name and run again (finished shards are "
+                        "kept)") from None
+    for j, sample in enumerate(samples):
+        files = {name.lower(): value for name, value in sample.items()}  # `.JPEG` is jpeg, as webdataset reads it
         url = f"{chunk.tar}#{files['__key__'].decode()}"
         image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
         label, caption, error = None, None, None
@@ -254,11 +268,13 @@ def iter_chunk(chunk: Chunk, conditioning: str) -> Iterator[tuple[Item, bytes | 
             else:
                 caption = next((files[e].decode() for e in ("txt", "caption") if e in files), None)
                 caption = caption or json.loads(files["json"])["caption"]
-        except (KeyError, ValueError) as err:
+                if not isinstance(caption, str) or not caption.strip():  # img2dataset: "" and null when none
+                    error = f"no caption (got {caption!r})"
+        except (KeyError, ValueError, TypeError) as err:
             error = f"no {'cls' if conditioning == 'class' else 'caption'} ({type(err).__name__}: {err})"
         if image is None:
             error = f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"
-        yield Item(f"{stem.replace('.', '_')}-{j:06d}", url, label, caption), image, error
+        yield Item(f"{chunk.prefix}-{j:06d}", url, label, caption), image, error
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

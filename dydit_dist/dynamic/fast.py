@@ -48,18 +48,18 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 @contextmanager
-def exact_fp32_matmuls(device: torch.device):
-    """fp32 matmuls in full precision on a CUDA device while it lasts (TF32 off, `sample.tf32`'s setting
-    restored after); nothing elsewhere."""
+def exact_fp32(device: torch.device):
+    """fp32 matmuls and convolutions in full precision on a CUDA device while it lasts (TF32 off, `sample.tf32`'s
+    setting restored after); nothing elsewhere."""
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -104,7 +104,7 @@ class FastPath:
             if model.router_options.tdw:
                 # fp32 whatever the sampling autocast or TF32: the discrete plan must not change with precision
                 # (a logit within ~1e-3 of 0 flips under TF32's 10-bit mantissa).
-                with torch.autocast(ref.device.type, enabled=False), exact_fp32_matmuls(ref.device):
+                with torch.autocast(ref.device.type, enabled=False), exact_fp32(ref.device):
                     t_emb = model.t_embedder(torch.full((1,), timestep, device=ref.device))  # no host copy
                     one = t_emb.new_ones(1, 1)
                     masks = [torch.cat([one, hard_mask(rate(t_emb))], dim=1)[0]

@@ -26,8 +26,8 @@ the released code (changsn/SparseDiT). Two ways of counting:
 The two disagree by the attention scores, and the published numbers do too: the released runs' logs
 (fixed 8x8 grid) are fvcore's, 67.632 G at 256px and 220.29 G at 512px, while the paper's table (68, 235
 and 91.6 G for its schedules) follows the analytic count in the paper's op order, which also gives its
-static baselines (118.69 / 525 G, scores counted): our schedule is within 1.1% of all three that way,
-and 0.7%, 6.0% and 4.0% below them by fvcore's rules. `paper_comparison` shows both; our speedups come
+static baselines (118.69 / 525 G, scores counted): our schedule is within 1.5% of all three that way
+(+1.1%, -0.3%, -1.5%), and 0.7%, 6.0% and 4.0% below them by fvcore's rules. `paper_comparison` shows both; our speedups come
 from the analytic count of what runs.
 
 Command line: `python -m dydit_dist.dynamic.flexdit_flops` prints the comparison with the paper.

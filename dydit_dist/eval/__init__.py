@@ -6,10 +6,11 @@
 
 from .evaluate import evaluate
 from .extractors import FeatureExtractorUnavailable, register_extractors, resolve_extractor
-from .metrics import frechet_distance, inception_score, precision_recall, statistics
+from .metrics import EvalInputError, frechet_distance, inception_score, precision_recall, statistics
 from .report import write_report
 
 __all__ = [
+    "EvalInputError",
     "FeatureExtractorUnavailable",
     "evaluate",
     "frechet_distance",

@@ -34,6 +34,7 @@ from dydit_dist.sample.shards import iter_shard, to_rgb
 from .clip import ClipScorer
 from .extractors import resolve_extractor
 from .features import extract_features
+from .metrics import EvalInputError
 
 log = logging.getLogger(__name__)
 CLIP = "clip"  # the key of the CLIP scores (N,) among the features
@@ -108,16 +109,16 @@ class FeaturePass:
         def images() -> Iterator[np.ndarray]:
             for batch, indices, prompts in prefetched(_shard_batches(url, record, self.batch_size)):
                 if self.prompts and None in prompts:
-                    raise ValueError(f"{url}: sample {indices[prompts.index(None)]} records no prompt; a "
-                                     "text-to-image evaluation needs samples of a text-to-image model "
-                                     "(sample.prompts)")
+                    raise EvalInputError(f"{url}: sample {indices[prompts.index(None)]} records no prompt; a "
+                                         "text-to-image evaluation needs samples of a text-to-image model "
+                                         "(sample.prompts)")
                 if captions is not None:
                     for i, prompt in zip(indices, prompts, strict=True):
                         caption = captions[i - record["start"]]
                         if prompt != caption:
-                            raise ValueError(f"{url}: sample {i} was drawn from {prompt!r}, the reference's image "
-                                             f"{i} has the caption {caption!r}; sample with sample.prompts set to "
-                                             "the captions file made with the reference")
+                            raise EvalInputError(f"{url}: sample {i} was drawn from {prompt!r}, the reference's image "
+                                                 f"{i} has the caption {caption!r}; sample with sample.prompts set to "
+                                                 "the captions file made with the reference")
                 if self.scorer is not None:
                     scores.append(self.scorer(batch, prompts))
                 yield batch
@@ -167,14 +168,14 @@ def sample_features(cfg: Config, url: str, records: list[dict], captions: list[s
     expected = 0
     for record in records:
         if record["start"] != expected:
-            raise ValueError(f"{url}: samples {expected}..{record['start'] - 1} are missing")
+            raise EvalInputError(f"{url}: samples {expected}..{record['start'] - 1} are missing")
         expected += record["count"]
     if cfg.eval.num_actors == 0:
         parts = [local(url, r, caption_slice(r)) for r in records]
     else:
         parts = _on_actors(cfg, url, records, caption_slice)
     if not parts:
-        raise ValueError(f"{url}: no images to extract features from")
+        raise EvalInputError(f"{url}: no images to extract features from")
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 

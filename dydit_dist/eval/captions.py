@@ -6,7 +6,8 @@ in the ADM evaluator's format, with the captions file the sample job draws from.
 
 The `.npz` holds `arr_0` (N, H, W, 3) uint8: the images center-cropped to model.image_size as the
 prepare job crops them; `captions` (N,): caption k of image k; `mu`, `sigma` (FID) and `mu_s`,
-`sigma_s` (sFID) of the configured feature extractor, named in `feature_extractor`. Row order is the
+`sigma_s` (sFID) of the configured feature extractor, named in `feature_extractor` (its weights' sha256 in
+`feature_extractor_weights_sha256`: an evaluation with other weights is refused). Row order is the
 source's listing order (of a fixed random subset of `eval.reference_images` rows when set, as
 COCO-30k takes 30,000 of val2014's), and the captions file holds the same captions in the same order, so sample k
 (caption `k % N`, `sample.plan`) is drawn from the caption of real image k. Captions are written on one
@@ -33,7 +34,7 @@ from dydit_dist.data.sources import Chunk, iter_chunk, load_image, plan_captions
 
 from .extractors import SPATIAL, resolve_extractor
 from .features import extract_features
-from .metrics import statistics
+from .metrics import EvalInputError, statistics
 
 log = logging.getLogger(__name__)
 REFERENCE_SEED = 0  # the subset of eval.reference_images: fixed, so every lab draws the same rows
@@ -90,7 +91,7 @@ def prepare_caption_reference(cfg) -> dict:
     e, s = cfg.eval, cfg.sample
     # 1. Validate inputs
     if problems := caption_reference_problems(cfg):
-        raise ValueError("; ".join(f"{key}={value}: {problem}" for key, (value, problem) in problems.items()))
+        raise EvalInputError("; ".join(f"{key}={value}: {problem}" for key, (value, problem) in problems.items()))
     plan = plan_captions(cfg.data.source, shard_size=1 << 30, seed=0)
     items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)  # listing order
     items = subset(items, e.reference_images, cfg.data.source)
@@ -136,6 +137,7 @@ def prepare_caption_reference(cfg) -> dict:
             _write_array(zf, "sigma_s", spatial["sigma"])
             _write_array(zf, "captions", np.array(captions))
             _write_array(zf, "feature_extractor", np.array(extractor.name))
+            _write_array(zf, "feature_extractor_weights_sha256", np.array(extractor.weights_sha256()))
         storage.upload(tmp, e.reference)
     finally:
         os.remove(tmp)

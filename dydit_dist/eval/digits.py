@@ -25,6 +25,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from dydit_dist import storage
 from dydit_dist.network import save_weights
 
+from .metrics import EvalInputError
+
 log = logging.getLogger(__name__)
 
 NAME = "digits-cnn"
@@ -82,8 +84,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"{NAME}: weights are required (eval.feature_extractor_weights); train them with "
-                             "dydit_dist.eval.digits.train_digits_classifier")
+            raise EvalInputError(f"{NAME}: weights are required (eval.feature_extractor_weights); train them with "
+                                 "dydit_dist.eval.digits.train_digits_classifier")
         from safetensors.torch import load_file
 
         self.net = DigitsNet()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import numpy as np
 import torch
 import torch_fidelity
 
@@ -36,7 +37,9 @@ from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
 from .actors import CLIP, make_pass, sample_features
 from .extractors import SPATIAL, resolve_extractor
+from .features import extract_features, image_size
 from .metrics import (
+    EvalInputError,
     check_metrics,
     frechet_distance,
     inception_score,
@@ -57,11 +60,32 @@ def images_per_second(manifest) -> float | None:
 
 def _check_captions(samples: str, num_samples: int, reference) -> None:
     if reference is None or reference.captions is None:
-        raise ValueError(f"eval.protocol=coco: {reference.url if reference else 'eval.reference'} has no captions; "
-                         "make the reference with jobs.reference (real images with their captions)")
+        raise EvalInputError(f"eval.protocol=coco: {reference.url if reference else 'eval.reference'} has no captions; "
+                             "make the reference with jobs.reference (real images with their captions)")
     if num_samples > len(reference.captions):
-        raise ValueError(f"eval.protocol=coco: {samples} holds {num_samples} samples, the reference "
-                         f"{len(reference.captions)} captions; sample at most one per caption")
+        raise EvalInputError(f"eval.protocol=coco: {samples} holds {num_samples} samples, the reference "
+                             f"{len(reference.captions)} captions; sample at most one per caption")
+
+
+def _check_reference_fits(e, reference, extractor, module, device, sample_size: int | None) -> None:
+    """EvalInputError, before the samples' feature pass, for a reference of other features (its statistics'
+    width against the extractor's, measured on one blank image) or of images of another resolution (a FID
+    across resolutions is not the published metric)."""
+    size = image_size(e.reference)
+    if size is not None and sample_size is not None and size != (sample_size, sample_size):
+        raise EvalInputError(f"{e.reference}: its images are {size[0]}x{size[1]}, the samples {sample_size}x"
+                             f"{sample_size}; use the reference of the samples' resolution (ADM's "
+                             f"VIRTUAL_imagenet{sample_size}_labeled.npz for ImageNet)")
+    blank = np.zeros((1, sample_size or 256, sample_size or 256, 3), np.uint8)
+    spatial = extractor.spatial if reference.spatial is not None else None
+    dims = {name: f.shape[1] for name, f in extract_features([blank], module, device, spatial=spatial).items()}
+    widths = [("statistics", reference.mu.shape[0], dims[extractor.layer("fid")])]
+    if spatial is not None:
+        widths.append(("sFID statistics", reference.spatial["mu"].shape[0], dims[SPATIAL]))
+    for what, theirs, ours in widths:
+        if theirs != ours:
+            raise EvalInputError(f"{e.reference}: reference {what} have {theirs} dimensions, the {extractor.name} "
+                                 f"features {ours}; use statistics of the same extractor")
 
 
 def evaluation_settings(e) -> dict:
@@ -98,11 +122,11 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
                          f"({manifest.num_samples}); the Inception Score takes at least one sample per split")
     compared = needs_reference(e.metrics)
     if compared and not e.reference:
-        raise ValueError("eval.reference is required for FID, sFID and precision/recall: an ADM reference batch "
-                         "(.npz), a samples folder or a pixel-space data folder")
+        raise EvalInputError("eval.reference is required for FID, sFID and precision/recall: an ADM reference batch "
+                             "(.npz), a samples folder or a pixel-space data folder")
     if "clip" in e.metrics and not e.clip_model:
-        raise ValueError("eval.metrics has clip: set eval.clip_model to a CLIP model (a local or storage folder "
-                         "of transformers' CLIPModel and CLIPProcessor, or a Hugging Face id)")
+        raise EvalInputError("eval.metrics has clip: set eval.clip_model to a CLIP model (a local or storage folder "
+                             "of transformers' CLIPModel and CLIPProcessor, or a Hugging Face id)")
     pretrained.mirror_clip(cfg)  # a Hub id: once here, not once per actor (the pods of an offline cluster read it)
     # 2. The reference, and the features of the samples in one streamed pass (CLIP scores on the way)
     extractor = resolve_extractor(e)
@@ -112,6 +136,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     reference = None
     if compared:
         reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
+        _check_reference_fits(e, reference, extractor, module, device, manifest.settings.get("image_size"))
     captions = None
     if e.protocol == "coco" and compared:
         _check_captions(samples, manifest.num_samples, reference)
@@ -122,16 +147,9 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     values: dict[str, float] = {}
     if "fid" in e.metrics:
         gen = statistics(feats[extractor.layer("fid")])
-        if gen["mu"].shape != reference.mu.shape:
-            raise ValueError(f"{e.reference}: reference statistics have {reference.mu.shape[0]} dimensions, the "
-                             f"{extractor.name} features {gen['mu'].shape[0]}; use statistics of the same extractor")
         values["fid"] = frechet_distance(gen, {"mu": reference.mu, "sigma": reference.sigma})
     if "sfid" in e.metrics:
-        gen = statistics(feats[SPATIAL])
-        if gen["mu"].shape != reference.spatial["mu"].shape:
-            raise ValueError(f"{e.reference}: reference sFID statistics have {reference.spatial['mu'].shape[0]} "
-                             f"dimensions, the {extractor.name} spatial features {gen['mu'].shape[0]}")
-        values["sfid"] = frechet_distance(gen, reference.spatial)
+        values["sfid"] = frechet_distance(statistics(feats[SPATIAL]), reference.spatial)
     if "isc" in e.metrics:
         values["isc_mean"], values["isc_std"] = inception_score(feats[extractor.layer("isc")], e.isc_splits)
     if "prc" in e.metrics:
@@ -151,6 +169,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "protocol": e.protocol,
         "reference": reference.describe() if reference else None,
         "feature_extractor": extractor.describe(),
+        "feature_precision": "fp32 (TF32 off)",  # on every device (`features.extract_features`)
         "clip_model": e.clip_model if "clip" in e.metrics else None,
         "torch_fidelity_version": torch_fidelity.__version__,
     }

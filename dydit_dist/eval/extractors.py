@@ -23,7 +23,7 @@ from torch_fidelity.utils import create_feature_extractor
 from dydit_dist import storage
 
 from . import digits
-from .metrics import needs_reference
+from .metrics import EvalInputError, needs_reference
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,13 @@ class Extractor:
     @property
     def spatial(self) -> SpatialTap:
         if self.name not in SPATIAL_TAPS:
-            raise ValueError(f"eval.metrics has sfid, which needs spatial features; {self.name} has none "
-                             f"(extractors with them: {', '.join(SPATIAL_TAPS)})")
+            raise EvalInputError(f"eval.metrics has sfid, which needs spatial features; {self.name} has none "
+                                 f"(extractors with them: {', '.join(SPATIAL_TAPS)})")
         return SPATIAL_TAPS[self.name]
+
+    def weights_sha256(self) -> str:
+        """The sha256 of the weights file ("" for an extractor without one)."""
+        return file_sha256(self.weights) if self.weights else ""
 
     def describe(self) -> dict:
         layers = {m: self.layer(m) for m in METRIC_KEYS}
@@ -193,27 +197,43 @@ def inception_weights(configured: str | None) -> str:
     return path
 
 
+def _check_loads(extractor: Extractor, key: str) -> None:
+    """ExtractorWeightsRefused naming `key` when the extractor cannot load its weights (another network's
+    state dict), found before any work rather than when the first features are due."""
+    try:
+        extractor.create("cpu", ["fid"])
+    except RuntimeError as err:  # torch's load_state_dict: missing / unexpected keys, other shapes
+        first = str(err).strip().splitlines()[0]
+        raise ExtractorWeightsRefused(f"{key}={extractor.source}: not a state dict of {extractor.name} "
+                                      f"({first})") from None
+
+
 def resolve_extractor(eval_cfg) -> Extractor:
     """The extractor of an `EvalConfig`, its weights made local and checked."""
     register_extractors()
     name = eval_cfg.feature_extractor
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"eval.feature_extractor={name!r} is not registered with torch-fidelity "
-                         f"{torch_fidelity.__version__}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise EvalInputError(f"eval.feature_extractor={name!r} is not registered with torch-fidelity "
+                             f"{torch_fidelity.__version__}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
     if name == INCEPTION:
         path = inception_weights(eval_cfg.inception_weights)
         digest = file_sha256(path)
         official = digest.startswith(INCEPTION_SHA256)
+        extractor = Extractor(name, path, eval_cfg.inception_weights or "torch hub cache", LABELS[name], official)
         if not official:
             log.warning("eval.inception_weights=%s: not torch-fidelity's Inception weights (sha256 %s..., expected "
                         "%s...): the metrics are not comparable with published FIDs, and say so", path,
                         digest[:8], INCEPTION_SHA256)
-        return Extractor(name, path, eval_cfg.inception_weights or "torch hub cache", LABELS[name], official)
+            _check_loads(extractor, "eval.inception_weights")
+        return extractor
     source = eval_cfg.feature_extractor_weights
     if name == digits.NAME and not source:
-        raise ValueError(f"eval.feature_extractor={name} needs eval.feature_extractor_weights "
-                         "(train them with dydit_dist.eval.digits.train_digits_classifier)")
+        raise EvalInputError(f"eval.feature_extractor={name} needs eval.feature_extractor_weights "
+                             "(train them with dydit_dist.eval.digits.train_digits_classifier)")
     weights = _local_copy(source, "eval.feature_extractor_weights") if source else None
     if weights and not weights.endswith(".safetensors"):
         _check_tensors_only(weights, "eval.feature_extractor_weights")
-    return Extractor(name, weights, source, LABELS.get(name, f"{name} (torch-fidelity extractor, NOT Inception)"))
+    extractor = Extractor(name, weights, source, LABELS.get(name, f"{name} (torch-fidelity extractor, NOT Inception)"))
+    if weights:
+        _check_loads(extractor, "eval.feature_extractor_weights")
+    return extractor

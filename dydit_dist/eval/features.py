@@ -22,12 +22,14 @@ from tqdm import tqdm
 from dydit_dist import storage
 from dydit_dist.data.manifest import Manifest, read_manifest
 from dydit_dist.data.shards import decode_sample
+from dydit_dist.dynamic.fast import exact_fp32
 from dydit_dist.sample.export import iter_npz_array, iter_samples
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
 from dydit_dist.shardset import manifest_url, read_shard, unpack
 
 from .extractors import SPATIAL, SpatialTap
+from .metrics import EvalInputError
 
 SAMPLES_FORMAT = SamplesManifest.FORMAT
 DATA_FORMAT = Manifest.FORMAT
@@ -39,14 +41,14 @@ def source_kind(url: str) -> str:
         return "npz"
     manifest = manifest_url(url)
     if not storage.exists(manifest):
-        raise ValueError(f"{url}: expected an ADM .npz file, or a samples or pixel-space data folder with a "
-                         "manifest.json")
+        raise EvalInputError(f"{url}: expected an ADM .npz file, or a samples or pixel-space data folder with a "
+                             "manifest.json")
     fmt = storage.read_json(manifest).get("format")
     if fmt == SAMPLES_FORMAT:
         return "samples"
     if fmt == DATA_FORMAT:
         return "data"
-    raise ValueError(f"{manifest}: unknown manifest format {fmt!r} (expected {SAMPLES_FORMAT} or {DATA_FORMAT})")
+    raise EvalInputError(f"{manifest}: unknown manifest format {fmt!r} (expected {SAMPLES_FORMAT} or {DATA_FORMAT})")
 
 
 def count_images(url: str) -> int:
@@ -57,15 +59,31 @@ def count_images(url: str) -> int:
 
 
 def _npz_rows(url: str) -> int:
+    shape = _npz_images_shape(url)
+    return 0 if shape is None else int(shape[0])
+
+
+def _npz_images_shape(url: str) -> tuple[int, ...] | None:
+    """The shape of an .npz's `arr_0` from its header (None without one)."""
     import zipfile
 
     with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
         if "arr_0.npy" not in zf.namelist():
-            return 0
+            return None
         member = zf.open("arr_0.npy")
         version = np.lib.format.read_magic(member)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return int(read(member)[0][0])
+        return tuple(int(n) for n in read(member)[0])
+
+
+def image_size(url: str) -> tuple[int, int] | None:
+    """(H, W) of a reference's images (an .npz's arr_0, a samples or data folder's image_size); None when
+    it holds statistics only."""
+    if source_kind(url) == "npz":
+        shape = _npz_images_shape(url)
+        return None if shape is None or len(shape) != 4 else (shape[1], shape[2])
+    size = storage.read_json(manifest_url(url))["settings"].get("image_size")
+    return None if size is None else (int(size), int(size))
 
 
 def _pixels_to_uint8(x: np.ndarray) -> np.ndarray:
@@ -76,8 +94,8 @@ def _pixels_to_uint8(x: np.ndarray) -> np.ndarray:
 def _iter_data_images(url: str) -> Iterator[np.ndarray]:
     manifest = read_manifest(url)
     if manifest.settings.get("latent_storage") != "pixels":
-        raise ValueError(f"{url}: holds VAE latents ({manifest.settings.get('vae')}), not images; a reference "
-                         "must be images: an ADM .npz, a samples folder or pixel-space data (data.vae=none)")
+        raise EvalInputError(f"{url}: holds VAE latents ({manifest.settings.get('vae')}), not images; a reference "
+                             "must be images: an ADM .npz, a samples folder or pixel-space data (data.vae=none)")
     for record in manifest.records():
         shard = storage.join(url, record["name"])
         for files in unpack(read_shard(url, record), shard):  # checked against the record's sha256
@@ -90,7 +108,7 @@ def image_batches(url: str, batch_size: int) -> Iterator[np.ndarray]:
     if kind == "npz":
         for batch in iter_npz_array(url, "arr_0", batch_size):
             if batch.ndim != 4 or batch.dtype != np.uint8:
-                raise ValueError(f"{url}: arr_0 must be uint8 (N, H, W, C), got {batch.dtype} {batch.shape}")
+                raise EvalInputError(f"{url}: arr_0 must be uint8 (N, H, W, C), got {batch.dtype} {batch.shape}")
             yield to_rgb(batch)
         return
     images = (s.image for s in iter_samples(url)) if kind == "samples" else _iter_data_images(url)
@@ -107,8 +125,8 @@ def image_batches(url: str, batch_size: int) -> Iterator[np.ndarray]:
 @torch.no_grad()
 def extract_features(batches, module, device: str | torch.device, total: int | None = None,
                      desc: str = "features", spatial: SpatialTap | None = None) -> dict[str, torch.Tensor]:
-    """Run a torch-fidelity extractor over uint8 (B, H, W, 3) batches -> {layer: (N, D) float32 on CPU};
-    with `spatial`, also {SPATIAL: (N, H' * W' * channels)} tapped from the same forward."""
+    """Run a torch-fidelity extractor over uint8 (B, H, W, 3) batches -> {layer: (N, D) float32 on CPU}, in
+    full fp32 (TF32 off on a GPU, the CLIP scores a batch generator computes too); with `spatial`, also {SPATIAL: (N, H' * W' * channels)} tapped from the same forward."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in module.features_list}
     hook = None
     if spatial is not None:
@@ -118,8 +136,9 @@ def extract_features(batches, module, device: str | torch.device, total: int | N
             out[SPATIAL].append(output[:, : spatial.channels].permute(0, 2, 3, 1).flatten(1).float().cpu())
 
         hook = module.get_submodule(spatial.module).register_forward_hook(tap)
-    try:
-        with tqdm(total=total, unit="img", desc=desc, mininterval=2.0, disable=total is None) as bar:
+    try:  # TF32 off on a GPU: the published statistics are of full-fp32 features (TF's Inception graph)
+        with exact_fp32(torch.device(device)), \
+                tqdm(total=total, unit="img", desc=desc, mininterval=2.0, disable=total is None) as bar:
             for batch in batches:
                 x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W)
                 for name, value in module.convert_features_tuple_to_dict(module(x)).items():
@@ -129,5 +148,5 @@ def extract_features(batches, module, device: str | torch.device, total: int | N
         if hook is not None:
             hook.remove()
     if not out[module.features_list[0]]:
-        raise ValueError("no images to extract features from")
+        raise EvalInputError("no images to extract features from")
     return {name: torch.cat(values) for name, values in out.items()}

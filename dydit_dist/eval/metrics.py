@@ -30,6 +30,11 @@ NEED_REFERENCE = ("fid", "sfid", "prc")
 PRC_BATCH_SIZE = 2500  # rows of distances per block in precision/recall (`precision_recall`: its peak memory)
 
 
+class EvalInputError(ValueError):
+    """An input of the evaluation that cannot be used (a reference of other features or without images,
+    samples that do not fit it, a setting without what it needs): the job's exit 2 with the message."""
+
+
 def needs_reference(metrics) -> bool:
     """Whether any of `metrics` compares the samples with a reference (FID, sFID, precision/recall)."""
     return any(m in NEED_REFERENCE for m in metrics)
@@ -38,10 +43,10 @@ def needs_reference(metrics) -> bool:
 def check_metrics(metrics: list[str], protocol: str = "adm") -> None:
     unknown = sorted(set(metrics) - set(SUPPORTED))
     if unknown or not metrics:
-        raise ValueError(f"eval.metrics={metrics}: valid metrics are {', '.join(SUPPORTED)} (at least one)")
+        raise EvalInputError(f"eval.metrics={metrics}: valid metrics are {', '.join(SUPPORTED)} (at least one)")
     if "clip" in metrics and protocol != "coco":
-        raise ValueError("eval.metrics has clip, the CLIP score of text-to-image samples; it needs "
-                         "eval.protocol=coco (samples of a captions file)")
+        raise EvalInputError("eval.metrics has clip, the CLIP score of text-to-image samples; it needs "
+                             "eval.protocol=coco (samples of a captions file)")
 
 
 def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ from dydit_dist.shardset import manifest_url
 
 from .extractors import SPATIAL, Extractor, file_sha256
 from .features import count_images, extract_features, image_batches, source_kind
-from .metrics import statistics
+from .metrics import EvalInputError, statistics
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def source_identity(url: str) -> str:
         with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
             members = [f"{m.filename}:{m.CRC:08x}:{m.file_size}" for m in zf.infolist()]
     except zipfile.BadZipFile as err:
-        raise ValueError(f"{url}: not a readable .npz ({err}); expected an ADM reference batch "
-                         "(a zip of .npy arrays)") from None
+        raise EvalInputError(f"{url}: not a readable .npz ({err}); expected an ADM reference batch "
+                             "(a zip of .npy arrays)") from None
     return " ".join([str(storage.size(url)), *members])
 
 
@@ -137,23 +137,23 @@ def check_covariance(sigma: np.ndarray, name: str) -> None:
     "Imaginary component"."""
     sigma = np.asarray(sigma, dtype=np.float64)
     if not np.isfinite(sigma).all():
-        raise ValueError(f"{name}: the covariance holds NaN or inf; expected the statistics of real features")
+        raise EvalInputError(f"{name}: the covariance holds NaN or inf; expected the statistics of real features")
     scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
     asymmetry = float(np.abs(sigma - sigma.T).max()) / scale
     if asymmetry > COVARIANCE_TOLERANCE:
-        raise ValueError(f"{name}: not a covariance (not symmetric: |S - S^T| up to {asymmetry:.2g} of its largest "
-                         "entry); a corrupt or foreign statistics file?")
+        raise EvalInputError(f"{name}: not a covariance (not symmetric: |S - S^T| up to {asymmetry:.2g} of its largest "
+                             "entry); a corrupt or foreign statistics file?")
     eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
     if eigenvalues[0] < -COVARIANCE_TOLERANCE * max(float(eigenvalues[-1]), np.finfo(np.float64).tiny):
-        raise ValueError(f"{name}: not a covariance (eigenvalue {eigenvalues[0]:.4g}, the largest "
-                         f"{eigenvalues[-1]:.4g}: not positive semi-definite); a corrupt or foreign statistics file?")
+        raise EvalInputError(f"{name}: not a covariance (eigenvalue {eigenvalues[0]:.4g}, the largest "
+                             f"{eigenvalues[-1]:.4g}: not positive semi-definite); a corrupt or foreign statistics file?")
 
 
 def _given_statistics(url: str, mu_key: str, sigma_key: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(mu, sigma, name in torch-fidelity's cache) of an ADM reference batch."""
     mu, sigma = read_npz_small(url, mu_key), read_npz_small(url, sigma_key)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{url}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} must be (D,) and (D, D)")
+        raise EvalInputError(f"{url}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} must be (D,) and (D, D)")
     check_covariance(sigma, f"{url}: {sigma_key}")
     return mu, sigma, "dydit-adm-" + hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:16]
 
@@ -168,8 +168,14 @@ def load_reference(url: str, extractor: Extractor, module, device, metrics: list
     kind = source_kind(url)
     keys = npz_keys(url) if kind == "npz" else []
     if "feature_extractor" in keys and str(read_npz_small(url, "feature_extractor")) != extractor.name:
-        raise ValueError(f"{url}: its statistics are of {read_npz_small(url, 'feature_extractor')}, not of "
-                         f"eval.feature_extractor={extractor.name}; prepare a reference with that extractor")
+        raise EvalInputError(f"{url}: its statistics are of {read_npz_small(url, 'feature_extractor')}, not of "
+                             f"eval.feature_extractor={extractor.name}; prepare a reference with that extractor")
+    if "feature_extractor_weights_sha256" in keys:  # a caption reference (`captions`): other weights, other features
+        theirs = str(read_npz_small(url, "feature_extractor_weights_sha256"))
+        if theirs != extractor.weights_sha256():
+            raise EvalInputError(f"{url}: its statistics are of {extractor.name} with other weights (sha256 "
+                                 f"{theirs[:8]}..., these {extractor.weights_sha256()[:8]}...); evaluate with the "
+                                 f"weights it was made with, or prepare it again with these")
     given = "mu" in keys and "sigma" in keys
     spatial_given = "mu_s" in keys and "sigma_s" in keys
     # 1. Real features, for what the file does not give
@@ -178,7 +184,7 @@ def load_reference(url: str, extractor: Extractor, module, device, metrics: list
         layers.append(SPATIAL)
     if given and layers and "arr_0" not in keys:
         what = "precision/recall" if "prc" in metrics else "sFID (it has no mu_s, sigma_s)"
-        raise ValueError(f"{url}: {what} need the reference images (arr_0), which it lacks")
+        raise EvalInputError(f"{url}: {what} need the reference images (arr_0), which it lacks")
     features, cache = {}, {}
     if layers:
         features, cache["features_cache"] = _cached_features(url, extractor, layers, module, device,

@@ -24,6 +24,8 @@ from dydit_dist.sample.export import iter_samples
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
 
+from .metrics import EvalInputError
+
 log = logging.getLogger(__name__)
 ROWS, COLS = 8, 10  # samples in a method's grid
 
@@ -173,8 +175,8 @@ def _training(runs: dict[str, dict], url: str) -> bool:
             axes[0][1].plot(steps, target, "--", color=line.get_color(), label=f"{label}: target")
     if dynamic:
         axes[0][1].set_xlabel("step")
-        axes[0][1].set_ylabel("FLOPs / static FLOPs")
-        axes[0][1].set_title("DyDiT FLOPs ratio")
+        axes[0][1].set_ylabel("self-attention + MLP FLOPs / static")  # DyDiT's lambda: PixArt's cross-attention
+        axes[0][1].set_title("DyDiT FLOPs ratio (routed layers)")  # and the embedders are outside it
         axes[0][1].legend(fontsize=7)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
@@ -206,8 +208,8 @@ def _check_comparable(records: list[dict]) -> None:
     if len(kinds) > 1:
         listed = "; ".join(f"{r['label']}: features {measured_with(r)[0]} ({measured_with(r)[1]}), reference "
                            f"{measured_with(r)[2]}" for r in records)
-        raise ValueError(f"the records were evaluated with other features or references ({listed}); evaluate "
-                         "them with one eval config to compare them in one report")
+        raise EvalInputError(f"the records were evaluated with other features or references ({listed}); evaluate "
+                             "them with one eval config to compare them in one report")
 
 
 def _per_method(records: list[dict], key: str) -> str:
