@@ -134,6 +134,10 @@ def test_cached_steps_run_on_pixart_and_dydit(kind):
 
 
 def test_released_table_parses_and_counts_34_full_steps():
+    # aSleepyTree/EB-Cache@eeca502 cache_table.npy as stored, indexed by the sampling loop's step counting
+    # down from 49 (src/models.py:188): reversed, it is in sampling order (the counts alone miss a reversal)
+    stored = "02202202220202020202020202020000000000000000000000"
+    assert RELEASED_TABLE_50 == stored[::-1]
     assert parse_schedule(RELEASED_TABLE_50) == RELEASED_TABLE_50
     assert len(RELEASED_TABLE_50) == 50 and RELEASED_TABLE_50.count("0") == 34
     assert RELEASED_TABLE_50.count("2") == 16 and set(RELEASED_TABLE_50) == {"0", "2"}

@@ -39,7 +39,7 @@ import argparse
 from collections.abc import Sequence
 
 from dydit_dist import flops as flops_lib
-from dydit_dist.flops import LAYERNORM_OPS, BlockActivity, mlp_macs
+from dydit_dist.flops import BlockActivity, mlp_macs
 
 from .flexdit_schedule import GridSchedule, default_layout, parse_layout
 
@@ -78,7 +78,7 @@ def block_activities(layout: str, num_tokens: int, sparse_tokens: int, hidden_si
         if paper:
             pool = BlockActivity(attn_scores=False)
         else:  # heads=0 drops the counter's attention and its LayerNorm; both are added back as computed
-            pool = BlockActivity(heads=0.0, cross_heads=1.0, extra={"attn": 2 * d * d, "norm": LAYERNORM_OPS * n * d})
+            pool = BlockActivity(heads=0.0, cross_heads=1.0, extra={"attn": 2 * d * d, "norm": flops_lib.LAYERNORM_OPS * n * d})
         merge = mlp_macs(n if paper else m, d, d) + mlp_macs(n, d, d)
         acts = {
             "P": pool,
