@@ -178,4 +178,9 @@ def _lease_url(cfg: Config, job: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
+    """The error's message on one line; an input error raised in a Ray task or actor (a RayTaskError, which Ray
+    makes an instance of the cause's class too) by its cause's message, without the remote traceback."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError) and err.cause is not None:
+        err = err.cause
     return " ".join(str(err).split())

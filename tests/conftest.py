@@ -11,6 +11,8 @@
   builds a model with torch's default initialisation sees the same weights whichever tests ran before.
 - `image_source` (session): a folder in ImageFolder layout (3 classes x 16 PNGs of varied size) plus
   two unreadable files, and `captions.csv` listing the same images with captions.
+- `benchmarks/` is on sys.path, as when a benchmark script runs (its sibling `stamp` imports), for the tests
+  that load a script, whichever of them runs first or alone.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -47,6 +52,9 @@ def _fake_aws_env() -> None:
     """Fake credentials, set before any S3 client or Ray process starts (Ray workers inherit them)."""
     for key, value in FAKE_AWS.items():
         os.environ.setdefault(key, value)
+
+
+_fake_aws_env()  # at import: a Ray instance a job under test starts itself (then shared) inherits them too
 
 
 @pytest.fixture(scope="session")

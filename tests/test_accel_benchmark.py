@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ from dydit_dist.diffusion import sample
 from dydit_dist.models import build_model
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # as when the script runs: its sibling modules (`stamp`) import
 _spec = importlib.util.spec_from_file_location("training_free", BENCHMARKS / "training_free.py")
 training_free = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(training_free)

@@ -124,3 +124,19 @@ def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, on_ray, tmp
     assert read(lease).released  # by the signal handler: the next job takes it at once
     assert read(f"{tmp_path}/runs/stopped/static/lease").released  # and every stage's lease the job held
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_an_input_error_raised_in_a_ray_task_is_its_own_message():
+    """Ray re-raises a task's or actor's error as a RayTaskError that is also an instance of the cause's
+    class (so `run_job` treats it as the input error it is); the line printed is the cause's message, not
+    the remote traceback Ray's message carries."""
+    from ray.exceptions import RayTaskError
+
+    from dydit_dist import cli
+    from dydit_dist.data import DataError
+
+    cause = DataError("data.source: the input tar s3://b/in-002.tar is not a readable tar")
+    err = RayTaskError("encode_chunk", "Traceback (most recent call last):\n  File \"x.py\", line 1", cause)
+    err = err.as_instanceof_cause()
+    assert isinstance(err, DataError) and "File \"x.py\"" in str(err)  # the remote traceback
+    assert cli._one_line(err) == str(cause)

@@ -252,12 +252,7 @@ def prepare(cfg: Config) -> PrepareResult:
                 while queue and len(running) < concurrency:
                     running.append(task.remote(cfg_ref, settings, queue.pop(), uri))
                 finished, running = ray.wait(running, num_returns=1)
-                try:
-                    record = ray.get(finished[0])
-                except ray.exceptions.RayTaskError as err:
-                    if isinstance(err.cause, DataError):  # a bad input tar: its message, not the task's traceback
-                        raise DataError(str(err.cause)) from None
-                    raise
+                record = ray.get(finished[0])  # a bad input tar: DataError (cli prints its cause's message)
                 manifest.add(record)
                 if record["inputs"] > LARGE_TAR * cfg.data.shard_size and not warned_large:
                     warned_large = True
