@@ -30,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from dydit_dist import config as config_lib
 from dydit_dist import run_config, storage
 from dydit_dist.config import Config
-from dydit_dist.lease import Lease, LeaseHeld, held, stop_job
+from dydit_dist.config_files import remote_cause
+from dydit_dist.lease import Lease, LeaseHeld, acquire_for_job, held
 from dydit_dist.paths import RunPaths
 
 # What a job stopped midway leaves, and how it resumes (the signal handler prints it).
@@ -105,8 +106,7 @@ def run_job(name: str, work: Callable[[], str | None], errors: tuple[type[Except
                 return 0
             if dry_run:
                 return 0
-            _lease = Lease.acquire(_lease_url(cfg, name), name, cfg.storage.lease_ttl_s, on_lost=stop_job,
-                                   wait_s=cfg.storage.lease_wait_s)
+            _lease = acquire_for_job(_lease_url(cfg, name), name, cfg.storage)
         summary = work()
     except (PreflightError, *USER_ERRORS, *errors) as err:
         # the preflight's message lists every unresolved input, one per line
@@ -178,9 +178,6 @@ def _lease_url(cfg: Config, job: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    """The error's message on one line; an input error raised in a Ray task or actor (a RayTaskError, which Ray
-    makes an instance of the cause's class too) by its cause's message, without the remote traceback."""
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError) and err.cause is not None:
-        err = err.cause
-    return " ".join(str(err).split())
+    """The error's message on one line (an error raised in a Ray task or actor: its own message, without the
+    remote traceback, `remote_cause`)."""
+    return " ".join(str(remote_cause(err)).split())

@@ -141,7 +141,7 @@ class TrainConfig:
     micro_batch_size: int = bounded(32, "[1, inf)")
     lr: float = bounded(1e-4, "(0, inf)")  # at train.lr_base_batch when train.lr_scaling is not "none"
     # PixArt-alpha's auto_lr (diffusion/utils/optimizer.py:17): the optimizer runs at lr * (global_batch_size /
-    # lr_base_batch) ** 0.5 ("sqrt") or ** 1 ("linear"); "none": at lr whatever the batch (DiT, DyDiT, FlexDiT)
+    # lr_base_batch) ** 0.5 ("sqrt") or ** 1 ("linear"); "none": at lr whatever the batch (the DiT-based presets)
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
     lr_base_batch: int = bounded(256, "[1, inf)")
     weight_decay: float = bounded(0.0, "[0, inf)")  # AdamW
@@ -168,8 +168,13 @@ class TrainConfig:
     @property
     def scaled_lr(self) -> float:
         """The learning rate the optimizer runs at: `lr` scaled to `global_batch_size` by `lr_scaling`."""
-        ratio = self.global_batch_size / self.lr_base_batch
-        return self.lr * {"none": 1.0, "sqrt": ratio ** 0.5, "linear": ratio}[self.lr_scaling]
+        return scale_lr(self.lr, self.lr_scaling, self.global_batch_size, self.lr_base_batch)
+
+
+def scale_lr(lr: float, scaling: str, global_batch_size: int, base_batch: int) -> float:
+    """`lr` at `base_batch` scaled to `global_batch_size` by the rule `scaling` ("none", "sqrt", "linear")."""
+    ratio = global_batch_size / base_batch
+    return lr * {"none": 1.0, "sqrt": ratio ** 0.5, "linear": ratio}[scaling]
 
 
 @dataclass

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,6 +21,15 @@ class ConfigError(ValueError):
 class JobFailed(RuntimeError):
     """A job's work failed after its retries, for a reason outside its input; the message says which and how
     to go on (`cli.run_job`: one line, exit 1, no traceback)."""
+
+
+def remote_cause(err: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, from what `ray.get` raised: a RayTaskError, which Ray makes an
+    instance of the cause's class too but whose message carries the remote traceback; others as they are."""
+    ray_exceptions = sys.modules.get("ray.exceptions")  # not loaded: nothing came from Ray
+    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError) and err.cause is not None:
+        return err.cause
+    return err
 
 
 def presets() -> list[str]:

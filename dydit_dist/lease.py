@@ -17,8 +17,8 @@ Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld (after
 `wait_s`, `storage.lease_wait_s`, for it to be released: a KubeRay retry starts while the lost attempt's
 driver still renews), but when it was not renewed for half its ttl (its holder missed beats: killed
 without releasing it, as a retry after a crash finds it) the job waits until it expires and decides
-again; free -> create n + 1. A
-failed create means another job took n + 1 first: decide again. After a create, list again: a higher
+again; free -> create n + 1. A failed create means another job took n + 1 first: decide again (at
+most `_ATTEMPTS` times, the waits for expiry included). After a create, list again: a higher
 number means this job's view was stale (its number had been taken and cleaned up, see below), so it
 removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
 The holder rewrites only its own object: every `ttl_s / 4` with a new `renewed`, and once with
@@ -223,6 +223,7 @@ class Lease:
                     log.warning("%s: the lease of %s; waiting %.0f s for it to expire", url, current.describe(now),
                                 wait)
                     time.sleep(wait)
+                    attempts += 1  # a holder whose beats keep landing late is not waited for forever
                     continue
                 if not current.free(now):
                     left = deadline - time.monotonic()
@@ -374,3 +375,9 @@ def stop_job(lease: Lease) -> None:
               f"{ttl:g} s: stalled, or storage too slow); stopping, so that two jobs never write one run",
               file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def acquire_for_job(url: str, job: str, storage_cfg) -> Lease:
+    """The lease of a job's folder `url` with the job's `storage` settings (`lease_ttl_s`, `lease_wait_s`),
+    the process stopped when it is lost (`stop_job`)."""
+    return Lease.acquire(url, job, storage_cfg.lease_ttl_s, on_lost=stop_job, wait_s=storage_cfg.lease_wait_s)

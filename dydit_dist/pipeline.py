@@ -41,7 +41,7 @@ from dydit_dist.data import prepare
 from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.evaluate import evaluation_settings
-from dydit_dist.lease import Lease, stop_job
+from dydit_dist.lease import Lease, acquire_for_job
 from dydit_dist.network import read_ema_pointer
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample import SamplesManifest, run_sampling, sampling_settings
@@ -133,8 +133,7 @@ def prepare_stage(cfg: Config) -> Config:
     done = data_done(cfg)
     _stage(f"prepare {cfg.data.uri}", done)
     if not done:  # under the data folder's lease, as jobs.prepare: runs sharing a data.uri prepare it once
-        with Lease.acquire(paths.data_lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job,
-                           wait_s=cfg.storage.lease_wait_s):
+        with acquire_for_job(paths.data_lease, "reproduce", cfg.storage):
             if not data_done(cfg):
                 prepare(cfg)
     return cfg
@@ -203,8 +202,7 @@ def stage_lease(cfg: Config) -> Lease:
     """The lease of a stage's own run folder (`{run}/{method}`, `{run}/pretrain`), held while the stage
     writes it, as the single job (jobs.finetune, jobs.sample) holds it: a job started on that folder by
     itself meanwhile is refused, not let write beside this one."""
-    return Lease.acquire(RunPaths(cfg).lease, "reproduce", cfg.storage.lease_ttl_s, on_lost=stop_job,
-                         wait_s=cfg.storage.lease_wait_s)
+    return acquire_for_job(RunPaths(cfg).lease, "reproduce", cfg.storage)
 
 
 def train_stage(cfg: Config, name: str) -> str:

@@ -305,7 +305,8 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
         p.add(Input("eval.isc_splits", e.isc_splits, problem=f"more splits than the {total} samples; the Inception "
                                                              "Score takes at least one sample per split"))
     if needs_reference(e.metrics):
-        p.add(reference or _made("eval.reference", e.reference, reference_by) or resolve.reference(e.reference))
+        p.add(reference or _made("eval.reference", e.reference, reference_by)
+              or resolve.reference(e.reference, cfg.model.image_size))
     p.add(resolve.extractor(cfg, extractor_made))
     if e.protocol == "coco":
         p.add(_made("sample.prompts", cfg.sample.prompts, prompts_by)

@@ -25,7 +25,7 @@ from dydit_dist.accel.options import load_table
 from dydit_dist.config import Config
 from dydit_dist.data import DataError, sources
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
-from dydit_dist.eval import digits, extractors
+from dydit_dist.eval import digits, extractors, features
 from dydit_dist.models import read_shapes
 from dydit_dist.network import build_network, read_ema_pointer
 from dydit_dist.paths import ema_pointer
@@ -300,12 +300,14 @@ def captions_count(source: str | None) -> int | None:
     return rows - 1 if source.endswith(".csv") else rows
 
 
-def reference(reference: str | None) -> Input:
+def reference(reference: str | None, sample_size: int | None = None) -> Input:
+    """eval.reference: there, and of images of the samples' resolution (`sample_size` px) when it holds any."""
     expected = "an ADM reference batch (.npz), a samples folder or a pixel-space data folder"
     if not reference:
         return Input("eval.reference", None, problem=f"unset (needed for FID and precision/recall); expected {expected}")
     found = exists("eval.reference", reference if reference.endswith(".npz") else manifest_url(reference), expected)
-    return Input("eval.reference", reference, found.note, found.problem)
+    problem = found.problem or features.size_problem(reference, sample_size)
+    return Input("eval.reference", reference, found.note, problem)
 
 
 def extractor(cfg: Config, made: bool) -> Input:

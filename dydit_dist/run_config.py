@@ -21,18 +21,21 @@ train.micro_batch_size and data.num_workers (`pipeline.finetune_changes`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 from omegaconf import OmegaConf
 
 from dydit_dist import storage
-from dydit_dist.config import Config
+from dydit_dist.config import Config, TrainConfig, scale_lr
 from dydit_dist.paths import RunPaths
 
 WEIGHTS = ("model", "diffusion", "train", "data.uri", "data.flip", "data.shuffle_buffer",
            "data.num_workers")  # the loader workers take turns: they decide the sample order too
 RUN_ONLY = ("model.checkpoint", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
             "train.log_every", "train.record_batches", "train.allow_changed_settings")
+LR_KEYS = ("train.lr", "train.lr_scaling", "train.lr_base_batch")  # compared as train.scaled_lr (`weights_changes`)
 METHOD_OPTIONS = {"dydit": "model.dynamic", "flexdit": "model.flexdit"}  # read only by that model.method
 
 
@@ -72,9 +75,20 @@ def changed_within(old: dict | None, cfg: Config, sections: tuple[str, ...], ign
 
 def weights_changes(old: dict | None, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: old -> new` for each key of `WEIGHTS` (but `RUN_ONLY`, `ignore` and the options of the methods
-    other than cfg.model.method) whose value in `cfg` differs from `old`; empty when `old` is None."""
+    other than cfg.model.method) whose value in `cfg` differs from `old`; empty when `old` is None. The lr
+    keys (`LR_KEYS`) count by the lr the optimizer runs at (`TrainConfig.scaled_lr`): a run of before
+    `train.lr_scaling` existed, resumed with a preset that scales by sqrt at its own batch, is no change."""
     unused = tuple(key for method, key in METHOD_OPTIONS.items() if method != cfg.model.method)
-    return changed_within(old, cfg, WEIGHTS, RUN_ONLY + unused + ignore)
+    changes = changed_within(old, cfg, WEIGHTS, RUN_ONLY + unused + ignore)
+    if old is not None and not any(key in ignore for key in ("train", *LR_KEYS)):
+        train = {**dataclasses.asdict(TrainConfig()), **old.get("train", {})}
+        before = scale_lr(train["lr"], train["lr_scaling"], train["global_batch_size"], train["lr_base_batch"])
+        of_lr = [change for change in changes if change.split(":", 1)[0] in LR_KEYS]
+        if math.isclose(before, cfg.train.scaled_lr, rel_tol=1e-9):
+            changes = [change for change in changes if change not in of_lr]  # the same lr, written otherwise
+        elif not of_lr:  # scaled to another global batch
+            changes.append(f"train.scaled_lr (the lr the optimizer runs at): {before:g} -> {cfg.train.scaled_lr:g}")
+    return changes
 
 
 def save(cfg: Config, job: str) -> str:

@@ -161,11 +161,11 @@ def _class_tars(image_source, tmp_path, labels_per_tar):
 
 
 def test_unusable_inputs_leave_the_data_set_incomplete_and_a_bad_input_tar_is_named(ray_local, image_source,
-                                                                                  tmp_path, capsys):
+                                                                                  tmp_path, capsys, monkeypatch):
     """Over data.max_bad_fraction unusable inputs (a systematic cause) is exit 2 with examples and an
     incomplete data set; a rerun accepting them completes it without encoding again. An input tar that is
     no tar is one line naming it (not the encoder task's traceback)."""
-    from dydit_dist.data import Manifest
+    from dydit_dist.data import Manifest, pipeline
     from jobs.prepare import main
 
     _class_tars(image_source, tmp_path, [[0, 1, 2, 0, 1], [2, 0, 1, 7, 2]])  # class 7 of 3: one bad input of 10
@@ -180,6 +180,17 @@ def test_unusable_inputs_leave_the_data_set_incomplete_and_a_bad_input_tar_is_na
     assert main([*args, "data.max_bad_fraction=0.2"]) == 0
     assert "9 samples in 2 shards (0 encoded now, 2 already done, 1 unreadable inputs)" in capsys.readouterr().out
     assert Manifest.read(uri).complete
+
+    # A systematic cause (here every label out of range) stops a run early, once it read EARLY_INPUTS
+    (tmp_path / "all-bad").mkdir()
+    _class_tars(image_source, tmp_path / "all-bad", [[9] * 5] * 3)
+    monkeypatch.setattr(pipeline, "EARLY_INPUTS", 5)
+    bad_args = [*args, f"data.source={tmp_path}/all-bad/in-{{000..002}}.tar", f"data.uri={tmp_path}/all-bad-out",
+                "data.prepare_workers=1"]
+    assert main(bad_args) == 2
+    assert "5 of the 5 inputs read so far this run are unusable" in capsys.readouterr().err
+    assert len(Manifest.read(f"{tmp_path}/all-bad-out").done()) == 1  # stopped after the first shard
+    assert main([*bad_args, "data.max_bad_fraction=1"]) == 0  # accepted: not stopped early either
 
     (tmp_path / "in-002.tar").write_bytes(b"not a tar at all" * 100)
     assert main([*args, f"data.source={tmp_path}/in-{{000..002}}.tar", f"data.uri={tmp_path}/more"]) == 2

@@ -467,7 +467,7 @@ def test_the_width_plan_is_read_with_full_fp32_matmuls_on_cuda():
     """TF32 (sample.tf32, on by default) rounds fp32 matmuls to a 10-bit mantissa: a router logit near 0 would
     give another plan on the GPU than on the CPU. The plan's reads turn it off and restore the setting (the
     evaluation's features too, convolutions included)."""
-    from dydit_dist.dynamic.fast import exact_fp32
+    from dydit_dist.precision import exact_fp32
 
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
     before = [f.allow_tf32 for f in flags]

@@ -12,7 +12,7 @@ from dydit_dist.eval.digits import DigitsNet
 from dydit_dist.eval.evaluate import evaluate
 from dydit_dist.eval.extractors import resolve_extractor
 from dydit_dist.eval.features import extract_features
-from dydit_dist.eval.metrics import statistics
+from dydit_dist.eval.metrics import EvalInputError, statistics
 from dydit_dist.eval.reference import load_reference
 from dydit_dist.network import save_weights
 from dydit_dist.paths import RunPaths
@@ -125,12 +125,20 @@ def test_a_reference_that_does_not_fit_is_exit_2_before_the_samples_feature_pass
             "sample.shard_size=4", *_overrides(tmp_path, weights)]
     for reference, metrics, message in [
         ("adm.npz", "[fid]", "adm.npz: reference statistics have 2048 dimensions, the digits-cnn features 64; use "),
-        ("big.npz", "[fid]", "big.npz: its images are 32x32, the samples 16x16; use the reference of the samples' "),
         ("stats.npz", "[fid,prc]", "stats.npz: precision/recall need the reference images (arr_0), which it lacks"),
     ]:
         assert main([*base, f"eval.reference={tmp_path / reference}", f"eval.metrics={metrics}"]) == 2
         err = capsys.readouterr().err
         assert f"evaluate: {tmp_path / message}" in err and "Traceback" not in err, err
+    # images of another resolution: named by the preflight (reproduce's too, before stage 1), and by the
+    # evaluation itself before the reference's own features are made
+    size = "its images are 32x32, the samples 16x16; use the reference of the samples' resolution"
+    assert main([*base, f"eval.reference={tmp_path / 'big.npz'}", "eval.metrics=[fid]"]) == 2
+    assert f"eval.reference={tmp_path / 'big.npz'}: {size}" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate_module, "load_reference", lambda *args: passes.append(args))
+    with pytest.raises(EvalInputError, match=f"big.npz: {size}"):
+        evaluate_module.evaluate(tiny_config(root, *_overrides(tmp_path, weights, "eval.metrics=[fid]",
+                                                               f"eval.reference={tmp_path / 'big.npz'}")))
     assert passes == []
 
 

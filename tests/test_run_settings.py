@@ -65,6 +65,21 @@ def test_a_key_added_since_counts_at_its_default_the_old_behaviour(tmp_path):
     assert run_config.weights_changes(old, _cfg(tmp_path, "model.method=dydit")) == []
 
 
+def test_the_lr_keys_count_as_the_lr_the_optimizer_runs_at(tmp_path):
+    """A PixArt run of before train.lr_scaling existed (its lr then unscaled) resumes with the presets that now
+    scale by sqrt at the same batch of 256: the same lr, no change; at another batch the lr differs."""
+    old = config_lib.load("pixart_xl2_256", ["train.max_steps=10"]).to_dict()
+    for key in ("lr_scaling", "lr_base_batch"):
+        del old["train"][key]  # as a config written before the keys existed
+    assert run_config.weights_changes(old, config_lib.load("pixart_xl2_256", ["train.max_steps=10"])) == []
+    bigger = config_lib.load("pixart_xl2_256", ["train.max_steps=10", "train.global_batch_size=1024"])
+    assert run_config.weights_changes(old, bigger) == ["train.global_batch_size: 256 -> 1024",
+                                                       "train.lr_scaling: 'none' -> 'sqrt'"]
+    scaled = config_lib.load("pixart_xl2_256", ["train.max_steps=10", "train.global_batch_size=1024"]).to_dict()
+    assert run_config.weights_changes(scaled, config_lib.load("pixart_xl2_256", ["train.max_steps=10"])) == [
+        "train.global_batch_size: 1024 -> 256", "train.scaled_lr (the lr the optimizer runs at): 4e-05 -> 2e-05"]
+
+
 def _resumable_run(root, *overrides) -> None:
     """A run folder as a first fine-tune leaves it: data, its config, a checkpoint folder."""
     cfg = _cfg(root, *overrides)

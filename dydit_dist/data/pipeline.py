@@ -21,10 +21,11 @@ source's own order); each shard's record counts its samples per class (`classes`
 
 Unreadable or truncated images (and samples without a label or caption) are skipped, counted and
 listed (source URL and error) under their shard in the manifest, never silently dropped; more than
-`data.max_bad_fraction` of them leaves the data set incomplete with a DataError (a systematic cause), as
-does over half of a run's first 1000 inputs, early. An input tar that is not a readable tar is a
-DataError naming it. Each task writes a done-marker beside its shard (`shardset.write_marker`), so a
-driver killed between its manifest writes loses no finished shard.
+`data.max_bad_fraction` of them leaves the data set incomplete with a DataError (a systematic cause), and
+so does, early, over half (or `data.max_bad_fraction`) of the inputs a run has read once it read 1000. An
+input tar that is not a readable tar is a DataError naming it. Each task writes a done-marker for its
+shard under `{uri}/done/` (`shardset.write_marker`), so a driver killed between its manifest writes loses
+no finished shard.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ from dydit_dist.shardset import pack, settings_digest, unverified, write_marker,
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
 LARGE_TAR = 4  # an input tar of more than this many data.shard_size samples is warned about
-EARLY_INPUTS, SYSTEMATIC_BAD = 1000, 0.5  # a run stops once over half of its first 1000+ inputs are unusable
+# a run stops once, after 1000 inputs or more, over half of those it read (or data.max_bad_fraction) are unusable
+EARLY_INPUTS, SYSTEMATIC_BAD = 1000, 0.5
 CLASS_SORTED_BELOW = 0.5  # Manifest.class_mixing under which the shards count as class-sorted
 
 
@@ -263,10 +265,12 @@ def prepare(cfg: Config) -> PrepareResult:
                 bar.update(record["inputs"] if images else 1)
                 seen_inputs += record["inputs"]
                 seen_bad += len(record["bad"])
-                if seen_inputs >= EARLY_INPUTS and seen_bad > SYSTEMATIC_BAD * seen_inputs:
-                    raise DataError(f"{uri}: {seen_bad} of the first {seen_inputs} inputs this run are unusable, "
-                                    f"e.g. {_bad_examples(manifest)}: stopped early; fix the source (the finished "
-                                    "shards are kept and listed in the manifest)")
+                systematic = max(SYSTEMATIC_BAD, cfg.data.max_bad_fraction)
+                if seen_inputs >= EARLY_INPUTS and seen_bad > systematic * seen_inputs:
+                    raise DataError(f"{uri}: {seen_bad} of the {seen_inputs} inputs read so far this run are unusable, "
+                                    f"e.g. {_bad_examples(manifest)}: stopped early; fix the source, or accept them "
+                                    "with a higher data.max_bad_fraction (the finished shards are kept and listed in "
+                                    "the manifest)")
                 if record["bad"]:
                     log.warning("%s: %d unreadable inputs, e.g. %s", record["name"], len(record["bad"]),
                                 record["bad"][0])

@@ -60,7 +60,11 @@ class Chunk:
     index: int  # output shard index
     items: tuple[Item, ...] = ()  # imagefolder / captions
     tar: str | None = None  # webdataset: one input tar
-    prefix: str = ""  # webdataset: its samples' keys are `{prefix}-{j:06d}`
+    prefix: str = ""  # webdataset: its samples' keys are `{prefix}-{j:06d}`; "": the tar's name (`key_prefix`)
+
+    @property
+    def key_prefix(self) -> str:
+        return self.prefix or _stem(self.tar or "")
 
     @property
     def size_hint(self) -> int:
@@ -73,6 +77,11 @@ class SourcePlan:
     num_inputs: int  # images (imagefolder, captions) or tars (webdataset)
     digest: str  # sha256 of the listing: a changed source cannot resume into old shards
     classes: tuple[str, ...] = ()
+
+
+def _stem(tar: str) -> str:
+    """A tar's file name as a key prefix (no dots: they split a sample's key from its members' names)."""
+    return tar.rsplit("/", 1)[-1].removesuffix(".tar").replace(".", "_")
 
 
 def _digest(lines: list[str]) -> str:
@@ -213,7 +222,7 @@ def plan_webdataset(source: str) -> SourcePlan:
     if missing:  # a partial prepare would be refused later as other settings, once they are uploaded
         raise DataError(f"data.source={source}: {len(missing)} of the tars it names do not exist: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    stems = [u.rsplit("/", 1)[-1].removesuffix(".tar").replace(".", "_") for u in urls]
+    stems = [_stem(u) for u in urls]
     if len(set(stems)) < len(stems):  # tars of one name in several folders: keys (and noise seeds) must differ
         stems = [f"{i:06d}_{stem}" for i, stem in enumerate(stems)]
     chunks = tuple(Chunk(i, tar=u, prefix=stem) for i, (u, stem) in enumerate(zip(urls, stems, strict=True)))
@@ -274,7 +283,7 @@ def iter_chunk(chunk: Chunk, conditioning: str) -> Iterator[tuple[Item, bytes | 
             error = f"no {'cls' if conditioning == 'class' else 'caption'} ({type(err).__name__}: {err})"
         if image is None:
             error = f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})"
-        yield Item(f"{chunk.prefix}-{j:06d}", url, label, caption), image, error
+        yield Item(f"{chunk.key_prefix}-{j:06d}", url, label, caption), image, error
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

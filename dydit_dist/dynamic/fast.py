@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dydit_dist.models import Branches, run_blocks
 from dydit_dist.models.layers import modulate
+from dydit_dist.precision import exact_fp32
 
 from .blocks import SlicedBlock, attention_fast, mlp_fast
 from .routers import hard_mask
@@ -46,21 +46,6 @@ def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return index.to(device)
     return index.pin_memory().to(device, non_blocking=True)
-
-@contextmanager
-def exact_fp32(device: torch.device):
-    """fp32 matmuls and convolutions in full precision on a CUDA device while it lasts (TF32 off, `sample.tf32`'s
-    setting restored after); nothing elsewhere."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`'s kind; None when autocast is off there."""

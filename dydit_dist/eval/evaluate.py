@@ -37,7 +37,7 @@ from dydit_dist.sample.manifest import SamplesError, SamplesManifest
 
 from .actors import CLIP, make_pass, sample_features
 from .extractors import SPATIAL, resolve_extractor
-from .features import extract_features, image_size
+from .features import FEATURE_PRECISION, extract_features, size_problem
 from .metrics import (
     EvalInputError,
     check_metrics,
@@ -67,16 +67,11 @@ def _check_captions(samples: str, num_samples: int, reference) -> None:
                              f"{len(reference.captions)} captions; sample at most one per caption")
 
 
-def _check_reference_fits(e, reference, extractor, module, device, sample_size: int | None) -> None:
-    """EvalInputError, before the samples' feature pass, for a reference of other features (its statistics'
-    width against the extractor's, measured on one blank image) or of images of another resolution (a FID
-    across resolutions is not the published metric)."""
-    size = image_size(e.reference)
-    if size is not None and sample_size is not None and size != (sample_size, sample_size):
-        raise EvalInputError(f"{e.reference}: its images are {size[0]}x{size[1]}, the samples {sample_size}x"
-                             f"{sample_size}; use the reference of the samples' resolution (ADM's "
-                             f"VIRTUAL_imagenet{sample_size}_labeled.npz for ImageNet)")
-    blank = np.zeros((1, sample_size or 256, sample_size or 256, 3), np.uint8)
+def _check_statistics_width(url: str, reference, extractor, module, device, sample_size: int) -> None:
+    """EvalInputError, before the samples' feature pass, when the given statistics are of other features than
+    the extractor's (their width against its features' on one blank image: an ADM 2048-d batch with a 64-d
+    extractor)."""
+    blank = np.zeros((1, sample_size, sample_size, 3), np.uint8)
     spatial = extractor.spatial if reference.spatial is not None else None
     dims = {name: f.shape[1] for name, f in extract_features([blank], module, device, spatial=spatial).items()}
     widths = [("statistics", reference.mu.shape[0], dims[extractor.layer("fid")])]
@@ -84,7 +79,7 @@ def _check_reference_fits(e, reference, extractor, module, device, sample_size: 
         widths.append(("sFID statistics", reference.spatial["mu"].shape[0], dims[SPATIAL]))
     for what, theirs, ours in widths:
         if theirs != ours:
-            raise EvalInputError(f"{e.reference}: reference {what} have {theirs} dimensions, the {extractor.name} "
+            raise EvalInputError(f"{url}: reference {what} have {theirs} dimensions, the {extractor.name} "
                                  f"features {ours}; use statistics of the same extractor")
 
 
@@ -135,8 +130,12 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
     settings = evaluation_settings(e)  # before the reference is read: its content digest is what was read
     reference = None
     if compared:
+        sample_size = manifest.settings.get("image_size")
+        if (problem := size_problem(e.reference, sample_size)) is not None:  # before its features are made
+            raise EvalInputError(f"{e.reference}: {problem}")
         reference = load_reference(e.reference, extractor, module, device, e.metrics, e, paths)
-        _check_reference_fits(e, reference, extractor, module, device, manifest.settings.get("image_size"))
+        if reference.kind == "adm-npz":  # statistics as given, of unknown features (made here: of these)
+            _check_statistics_width(e.reference, reference, extractor, module, device, sample_size or 256)
     captions = None
     if e.protocol == "coco" and compared:
         _check_captions(samples, manifest.num_samples, reference)
@@ -169,7 +168,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "protocol": e.protocol,
         "reference": reference.describe() if reference else None,
         "feature_extractor": extractor.describe(),
-        "feature_precision": "fp32 (TF32 off)",  # on every device (`features.extract_features`)
+        "feature_precision": FEATURE_PRECISION,
         "clip_model": e.clip_model if "clip" in e.metrics else None,
         "torch_fidelity_version": torch_fidelity.__version__,
     }

@@ -9,6 +9,7 @@ before torch-fidelity (which unpickles freely) sees it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -177,7 +178,13 @@ def inception_missing_message() -> str:
 
 
 def file_sha256(path: str) -> str:
-    """The sha256 of a local file (hex), read in 1 MiB blocks."""
+    """The sha256 of a local file (hex), read in 1 MiB blocks once per version of the file (size, mtime)."""
+    stat = os.stat(path)
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -199,13 +206,20 @@ def inception_weights(configured: str | None) -> str:
 
 def _check_loads(extractor: Extractor, key: str) -> None:
     """ExtractorWeightsRefused naming `key` when the extractor cannot load its weights (another network's
-    state dict), found before any work rather than when the first features are due."""
+    state dict, a file torch cannot read), found before any work rather than when the first features are
+    due; once per process and version of the file (`resolve_extractor` runs in the driver and each actor)."""
+    stat = os.stat(extractor.weights)
     try:
-        extractor.create("cpu", ["fid"])
-    except RuntimeError as err:  # torch's load_state_dict: missing / unexpected keys, other shapes
-        first = str(err).strip().splitlines()[0]
+        _loads(extractor, stat.st_size, stat.st_mtime_ns)
+    except Exception as err:  # noqa: BLE001 - load_state_dict's key errors, an unpickling or a format error
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ExtractorWeightsRefused(f"{key}={extractor.source}: not a state dict of {extractor.name} "
                                       f"({first})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _loads(extractor: Extractor, size: int, mtime_ns: int) -> None:
+    extractor.create("cpu", ["fid"])
 
 
 def resolve_extractor(eval_cfg) -> Extractor:

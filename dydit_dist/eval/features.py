@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dydit_dist import storage
 from dydit_dist.data.manifest import Manifest, read_manifest
 from dydit_dist.data.shards import decode_sample
-from dydit_dist.dynamic.fast import exact_fp32
+from dydit_dist.precision import exact_fp32
 from dydit_dist.sample.export import iter_npz_array, iter_samples
 from dydit_dist.sample.manifest import SamplesManifest
 from dydit_dist.sample.shards import to_rgb
@@ -31,6 +31,7 @@ from dydit_dist.shardset import manifest_url, read_shard, unpack
 from .extractors import SPATIAL, SpatialTap
 from .metrics import EvalInputError
 
+FEATURE_PRECISION = "fp32 (TF32 off)"  # what `extract_features` computes in on every device
 SAMPLES_FORMAT = SamplesManifest.FORMAT
 DATA_FORMAT = Manifest.FORMAT
 
@@ -74,6 +75,16 @@ def _npz_images_shape(url: str) -> tuple[int, ...] | None:
         version = np.lib.format.read_magic(member)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         return tuple(int(n) for n in read(member)[0])
+
+
+def size_problem(url: str, sample_size: int | None) -> str | None:
+    """Why the reference `url` does not fit samples of `sample_size` px (its images of another resolution: a
+    FID across resolutions is not the published metric), or None (fits, holds statistics only, or unknown)."""
+    size = image_size(url)
+    if size is None or sample_size is None or size == (sample_size, sample_size):
+        return None
+    return (f"its images are {size[0]}x{size[1]}, the samples {sample_size}x{sample_size}; use the reference of the "
+            f"samples' resolution (ADM's VIRTUAL_imagenet{sample_size}_labeled.npz for ImageNet)")
 
 
 def image_size(url: str) -> tuple[int, int] | None:

@@ -35,7 +35,7 @@ from dydit_dist.sample.export import npz_keys, read_npz_small
 from dydit_dist.shardset import manifest_url
 
 from .extractors import SPATIAL, Extractor, file_sha256
-from .features import count_images, extract_features, image_batches, source_kind
+from .features import FEATURE_PRECISION, count_images, extract_features, image_batches, source_kind
 from .metrics import EvalInputError, statistics
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def _cached_features(url: str, extractor: Extractor, layers: list[str], module, 
     """Real features of `url` on `layers` (SPATIAL for sFID's), computed in one pass and cached on
     storage; ({layer: (N, D)}, cache URL). The cache is keyed by the source's content
     (`source_identity`) as well as its URL: other images written at the same URL are not read from it."""
-    key = _digest(url, source_identity(url), extractor.name, _file_digest(extractor.weights), *layers)
+    key = _digest(url, source_identity(url), extractor.name, _file_digest(extractor.weights), *layers,
+                  FEATURE_PRECISION)  # caches of before (TF32 convolutions on a GPU) are made again
     cache_url = paths.reference_features(key)
     stored = {layer: "spatial" if layer == SPATIAL else "features" for layer in layers}  # names in the .npz
     if storage.exists(cache_url):

@@ -20,8 +20,9 @@ from dydit_dist.diffusion import randn_per_sample
 from dydit_dist.models import family
 from dydit_dist.network import resolve_checkpoint, sampling_network
 from dydit_dist.paths import RunPaths
+from dydit_dist.precision import set_tf32
 
-from .generate import conditioner, sampling_autocast, set_tf32
+from .generate import conditioner, sampling_autocast
 
 log = logging.getLogger(__name__)
 

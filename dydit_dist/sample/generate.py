@@ -30,6 +30,7 @@ from dydit_dist.diffusion import CounterNoise, cfg_model_fn, draw_noise, sample,
 from dydit_dist.dynamic import DyDiT, DyPixArt, FastPath
 from dydit_dist.models import family
 from dydit_dist.network import sampling_network
+from dydit_dist.precision import set_tf32
 
 from .conditions import CaptionConditioner, ClassConditioner
 from .methods import build_method
@@ -94,13 +95,6 @@ def sampling_autocast(precision: str, device: torch.device):
     """The network's autocast of `sample.precision` on `device` (none for fp32)."""
     dtype = DTYPES[precision]
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """On CUDA, let fp32 matmuls and convolutions use TF32 (`sample.tf32`); nothing elsewhere."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
 
 
 class ShardGenerator:

@@ -36,6 +36,7 @@ from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError
+from dydit_dist.config_files import remote_cause
 from dydit_dist.data.manifest import CAPTION_PREPROCESSING
 from dydit_dist.diffusion.noise import stream_kind
 from dydit_dist.models import CheckpointError, family
@@ -245,7 +246,7 @@ class SamplingPool(ActorPool):
             try:
                 self.load_seconds.append(ray.get(ref))
             except LOAD_ERRORS as err:
-                raise input_error(err) from None
+                raise remote_cause(err) from None
             except RayActorError as err:
                 log.warning("sampling actor died starting: %s", death_cause(err))
                 if self.failures >= self.max_failures:
@@ -253,14 +254,6 @@ class SamplingPool(ActorPool):
                                        f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
                 self.replace(actor, err)
                 starting[self.actors[-1].ready.remote()] = self.actors[-1]
-
-
-def input_error(err: Exception) -> Exception:
-    """The actor's own input error from what `ray.get` raised: Ray's RayTaskError subclasses the actor's
-    error type, and its `cause` is the error."""
-    from ray.exceptions import RayTaskError
-
-    return err.cause if isinstance(err, RayTaskError) else err
 
 
 def run_sampling(cfg: Config, url: str | None = None,
@@ -346,7 +339,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
             try:
                 result = ray.get(ref)
             except LOAD_ERRORS as err:  # a replacement that could not load (no `ready` before its first unit)
-                raise input_error(err) from None
+                raise remote_cause(err) from None
             except RayActorError as err:
                 for lost in [r for r, (a, _, _) in pending.items() if a == actor]:
                     del pending[lost]

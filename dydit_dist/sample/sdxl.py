@@ -29,9 +29,10 @@ from dydit_dist import pretrained
 from dydit_dist.accel.at_edm_unet import UNetPruner, unet_inputs, unet_macs
 from dydit_dist.config import Config
 from dydit_dist.diffusion import draw_noise, stream_kind
+from dydit_dist.precision import set_tf32
 
 from .conditions import prompt_meta
-from .generate import DTYPES, ImageDecoder, sample_noise, sampling_autocast, set_tf32, shard_samples
+from .generate import DTYPES, ImageDecoder, sample_noise, sampling_autocast, shard_samples
 from .plan import ShardSpec, load_prompts
 from .shards import GeneratedSample
 
