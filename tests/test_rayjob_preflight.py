@@ -130,7 +130,8 @@ def make_fixtures(launch: str, argv: list[str], tmp_path: Path, tiny_vae: str) -
             Path(mirror, pretrained.COMPLETE).write_text("{}")
         elif key == "eval.reference":
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.savez(path, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+            size = cfg.model.image_size  # images of the samples' resolution (the preflight checks it)
+            np.savez(path, arr_0=np.zeros((4, size, size, 3), np.uint8))
         elif key == "eval.inception_weights":
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save({}, path)
