@@ -239,22 +239,27 @@ def test_unknown_kind_has_no_schema():
 # ----------------------------------------------------------------------------- entrypoints
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(launch):
-    doc = RAYJOBS[launch]
+def _entrypoint(doc: dict) -> tuple[str, str, list[str]]:
+    """(job module, preset, overrides) of a RayJob's `python -m jobs.<job> --config <preset> <overrides>`."""
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:2] == ["python", "-m"] and argv[3] == "--config", f"entrypoint: {doc['spec']['entrypoint']}"
-    assert argv[2] == f"jobs.{job_of(launch)}"
-    preset, overrides = argv[4], argv[5:]
-    assert (PRESETS / f"{preset}.yaml").is_file(), f"{preset} is not in {sorted(config_lib.presets())}"
-    bad = [o for o in overrides if not DOTLIST.match(o)]
-    assert bad == [], f"not `key.path=value` dotlist overrides: {bad}"
-    config_lib.load(preset, overrides)  # every key exists, every value fits
+    return argv[2], argv[4], argv[5:]
 
 
 def _entrypoint_config(doc: dict) -> config_lib.Config:
-    argv = shlex.split(doc["spec"]["entrypoint"])
-    return config_lib.load(argv[4], argv[5:])
+    _, preset, overrides = _entrypoint(doc)
+    return config_lib.load(preset, overrides)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_entrypoint_runs_a_job_with_a_preset_and_valid_overrides(launch):
+    doc = RAYJOBS[launch]
+    module, preset, overrides = _entrypoint(doc)
+    assert module == f"jobs.{job_of(launch)}"
+    assert (PRESETS / f"{preset}.yaml").is_file(), f"{preset} is not in {sorted(config_lib.presets())}"
+    bad = [o for o in overrides if not DOTLIST.match(o)]
+    assert bad == [], f"not `key.path=value` dotlist overrides: {bad}"
+    _entrypoint_config(doc)  # every key exists, every value fits
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)

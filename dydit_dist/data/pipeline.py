@@ -247,6 +247,7 @@ def prepare(cfg: Config) -> PrepareResult:
     log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
     last_write, warned_large, seen_inputs, seen_bad = time.monotonic(), False, 0, 0
     images = sum(c.size_hint for c in todo)  # 0 for input tars, whose image counts are not known before
+    systematic = max(SYSTEMATIC_BAD, cfg.data.max_bad_fraction)  # the bad share that stops the run early
     try:
         with tqdm(total=images or len(todo), unit="img" if images else "shard", desc=f"prepare {uri}",
                   mininterval=2.0) as bar:
@@ -265,7 +266,6 @@ def prepare(cfg: Config) -> PrepareResult:
                 bar.update(record["inputs"] if images else 1)
                 seen_inputs += record["inputs"]
                 seen_bad += len(record["bad"])
-                systematic = max(SYSTEMATIC_BAD, cfg.data.max_bad_fraction)
                 if seen_inputs >= EARLY_INPUTS and seen_bad > systematic * seen_inputs:
                     raise DataError(f"{uri}: {seen_bad} of the {seen_inputs} inputs read so far this run are unusable, "
                                     f"e.g. {_bad_examples(manifest)}: stopped early; fix the source, or accept them "
