@@ -1,4 +1,5 @@
-"""The trainer's progress line: the time left at the window's throughput, in the two largest units."""
+"""The trainer's progress line (the time left at the window's throughput, in the two largest units) and its TensorBoard
+uploads (off the training thread, failures a warning)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,64 @@ def test_the_time_left_counts_the_checkpoints_left_at_the_last_ones_duration(mon
     # 20 steps at 1 s (the checkpoint left out), then 65 steps and the checkpoints at 40, 60, 80, 100, 105
     assert steps(20, 40)["eta_s"] == pytest.approx(65.0 + 5 * 7.0)
     assert steps(65, 105)["eta_s"] == pytest.approx(7.0)  # the last checkpoint
+
+
+def _scalars(folder) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("loss")}
+
+
+def test_tensorboard_uploads_do_not_hold_up_the_step_and_all_arrive_at_close(tmp_path, monkeypatch):
+    """Rank 0 uploads its event file on a thread of its own: a slow object store does not stop `log` (the
+    other ranks would wait for it at the next all-reduce); the flushes made during an upload are uploaded
+    after it, and `close` leaves every scalar in the run folder."""
+    import threading
+
+    from dydit_dist import storage
+
+    release, started, puts = threading.Event(), threading.Event(), []
+    real = storage.write_bytes
+
+    def slow_put(url, data):
+        started.set()
+        assert release.wait(30), "the test never released the upload"
+        puts.append(url)
+        real(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", slow_put)
+    url = str(tmp_path / "tensorboard")
+    tb = TensorBoardLog(url, enabled=True)
+    tb.log(1, {"loss": 1.0})
+    assert started.wait(30)
+    for step in range(2, 6):  # while the first upload hangs
+        tb.log(step, {"loss": 1.0 / step})
+    assert puts == []  # log returned with the upload still held
+    release.set()
+    tb.close()
+    assert _scalars(url) == pytest.approx({s: 1.0 / s for s in range(1, 6)})
+    assert len(puts) <= 3  # the first, one for the flushes made during it, the last: not one per log
+
+
+def test_a_failed_tensorboard_upload_is_a_warning_and_the_next_carries_the_scalars(tmp_path, monkeypatch, caplog):
+    from dydit_dist import storage
+
+    real, calls = storage.write_bytes, []
+
+    def flaky(url, data):
+        calls.append(url)
+        if len(calls) == 1:
+            raise OSError("503 Slow Down")
+        real(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky)
+    url = str(tmp_path / "tensorboard")
+    tb = TensorBoardLog(url, enabled=True)
+    tb.log(1, {"loss": 0.5})
+    tb._uploader.join(30)
+    assert "TensorBoard upload" in caplog.text and "503 Slow Down" in caplog.text
+    tb.log(2, {"loss": 0.25})
+    tb.close()
+    assert _scalars(url) == pytest.approx({1: 0.5, 2: 0.25})

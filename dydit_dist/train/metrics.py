@@ -6,7 +6,10 @@
 
 The TensorBoard writer (rank 0) logs to a local folder; after every flush each event file is uploaded
 whole (one PUT) to the run folder, so `tensorboard --logdir {run}/tensorboard` (or a synced copy) sees
-every scalar. A resumed run starts a new event file next to the old ones; TensorBoard merges them by step.
+every scalar. The uploads run on a thread of their own, one at a time (a flush while one runs is taken by
+the next): rank 0 never makes the others wait at the next all-reduce for object storage, and a failed
+upload is a warning (the scalars are observability, not state; the next upload carries them), also at
+`close`. A resumed run starts a new event file next to the old ones; TensorBoard merges them by step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import torch
@@ -32,6 +36,9 @@ class TensorBoardLog:
         self.url, self.enabled = url, enabled
         self.local = None
         self.writer = None
+        self._uploader: threading.Thread | None = None
+        self._stale = False  # flushed since the running upload read the files
+        self._lock = threading.Lock()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,16 +51,37 @@ class TensorBoardLog:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
-        self._upload()
+        with self._lock:
+            if self._uploader is not None and self._uploader.is_alive():
+                self._stale = True  # the running upload uploads again when it ends
+                return
+            self._uploader = threading.Thread(target=self._upload_while_stale, name="tensorboard-upload",
+                                              daemon=True)
+            self._uploader.start()
+
+    def _upload_while_stale(self) -> None:
+        while True:
+            with self._lock:
+                self._stale = False
+            self._upload()
+            with self._lock:
+                if not self._stale:
+                    return
 
     def _upload(self) -> None:
-        for name in os.listdir(self.local):
-            with open(os.path.join(self.local, name), "rb") as f:
-                storage.write_bytes(storage.join(self.url, name), f.read())
+        try:
+            for name in os.listdir(self.local):
+                with open(os.path.join(self.local, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.url, name), f.read())
+        except Exception as e:  # noqa: BLE001 - the next upload carries the scalars; training goes on
+            log.warning("TensorBoard upload to %s failed (%s); training goes on, the next upload retries",
+                        self.url, e)
 
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+            if self._uploader is not None:
+                self._uploader.join()
             self._upload()
             shutil.rmtree(self.local, ignore_errors=True)
             self.enabled = False
