@@ -494,3 +494,11 @@ def test_the_width_plan_reads_its_routers_under_exact_fp32(monkeypatch):
     model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
     FastPath(model).plan(500)
     assert devices == [torch.device("cpu")]
+
+
+def test_the_fast_path_takes_conditions_by_name():
+    """`fast(x, t, y)` would bind the labels to `timestep`: refused by the signature, not a confusing later error."""
+    model = _mixed_routers(_randomize(DyDiT(**DIT_KW))).eval()
+    x, t, y = _dit_inputs()
+    with pytest.raises(TypeError, match="positional"):
+        FastPath(model)(x, t, y)

@@ -7,7 +7,7 @@ sampling steps usually share it). Tokens are handled per batch: the kept tokens 
 gathered into one ragged list, run through the sliced MLP, and scattered back.
 
     fast = FastPath(dydit.eval())
-    eps = fast(x, t, y)                     # same values as dydit(x, t, y).out, less compute
+    eps = fast(x, t, y=y)                   # same values as dydit(x, t, y).out, less compute
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class FastPath:
         return sliced
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, timestep: float | None = None, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *, timestep: float | None = None, **cond) -> torch.Tensor:
         """x (B, C, H, W), t (B,) original timesteps, cond: y (and mask for PixArt) -> (B, C_out, H, W).
 
         Samples are grouped by timestep. A sampler that knows the batch shares one timestep passes it as

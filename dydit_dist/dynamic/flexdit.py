@@ -12,8 +12,10 @@ The pretrained blocks are used one to one, in order; a layout string gives each 
 
 The DiT-XL/2 layout is "PP" + "CSSSRD" * 4 + "DD" (`default_layout(28)`). Queries, keys and values
 come from the pretrained `qkv` split in three; the static keys are unchanged and only W1 and W2
-(`blocks.{i}.merged_layer1` / `merged_layer2` of each R block, the released code's names) are added,
-so a static checkpoint loads with only those missing (`FLEXDIT_KEY_PATTERNS`). PixArt keeps its
+(`blocks.{i}.merged_layer1` / `merged_layer2` of each R block: the released code's leaf names) are added,
+so a static checkpoint loads with only those missing (`FLEXDIT_KEY_PATTERNS`). The released code nests its
+blocks (`dumbbell_blocks.{k}.token_recover_blocks.0...`, q / kv split): a checkpoint of it would need a key
+converter, which nothing here has, since no FlexDiT checkpoint is published. PixArt keeps its
 cross-attention to the caption in every block, on whichever tokens the block carries.
 
 The sparse grid g of each sample comes from its timestep (`GridSchedule`); a batch whose samples
