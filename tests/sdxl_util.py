@@ -59,4 +59,12 @@ def tiny_sdxl(folder: str, seed: int = 0) -> str:
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=tiny_unet(seed=seed),
                                      scheduler=scheduler)
     pipe.save_pretrained(folder)
+    # the released scheduler_config.json's keys of the DDIM / PNDM family, which diffusers hands on to
+    # another scheduler class built from it (set_alpha_to_one false: DDIM's last step would keep noise)
+    config_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.update(set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False, sample_max_value=1.0)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
     return folder

@@ -7,9 +7,9 @@ The same contract as `generate.ShardGenerator`, so the sampling pool, the shards
 take it unchanged: sample k uses prompt k % P of `sample.prompts` (recorded with its index) and its own
 initial latents (`sample.noise`: the counter stream keyed by the sample's seed, or its CPU generator),
 drawn here and handed to the pipeline, so a sample does not depend on its batch companions. The
-sampler is deterministic after that: `sample.sampler` ddim (DDIMScheduler, eta 0: for SD-XL's
-scheduler config the same update as its default Euler scheduler) or dpm-solver++
-(DPMSolverMultistepScheduler), built from the folder's scheduler config. `sample.cfg_scale` is the
+sampler is deterministic after that: `sample.sampler` ddim (DDIMScheduler, eta 0, ending at sigma 0: for
+SD-XL's scheduler config the same update as its default Euler scheduler) or dpm-solver++
+(DPMSolverMultistepScheduler), built from the folder's scheduler config (`SCHEDULERS`). `sample.cfg_scale` is the
 pipeline's guidance_scale (the unconditional row is SD-XL's zero embedding).
 
 The UNet and text encoders hold fp32 weights and run under autocast in `sample.precision` (the
@@ -36,7 +36,12 @@ from .generate import DTYPES, ImageDecoder, sample_noise, sampling_autocast, sha
 from .plan import ShardSpec, load_prompts
 from .shards import GeneratedSample
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm-solver++": "DPMSolverMultistepScheduler"}
+# `sample.sampler` -> the diffusers scheduler and what it takes besides the folder's scheduler config. SD-XL's
+# released config (an EulerDiscreteScheduler's) carries `set_alpha_to_one: false`, with which DDIM's last step
+# lands at alphas_cumprod[0] (sigma 0.029: noise left in the image) where Euler's ends at sigma 0; both end
+# at sigma 0 here. These are part of the samples folder's settings (`pool.sampling_settings`).
+SCHEDULERS = {"ddim": ("DDIMScheduler", {"set_alpha_to_one": True}),
+              "dpm-solver++": ("DPMSolverMultistepScheduler", {"final_sigmas_type": "zero"})}
 
 
 def check_pipeline_folder(folder: str) -> list[str]:
@@ -64,7 +69,8 @@ class SDXLShardGenerator:
             raise ValueError(f"model.checkpoint={m.checkpoint}: not a StableDiffusionXLPipeline folder (no "
                              f"{' or '.join(check_pipeline_folder(folder))})")
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[s.sampler]).from_config(pipe.scheduler.config)
+        name, overrides = SCHEDULERS[s.sampler]
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         # 2. Size, method, decoder
