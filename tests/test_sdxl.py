@@ -140,8 +140,19 @@ def test_the_samplers_end_where_sdxls_euler_scheduler_ends(tmp_path, pipeline_fo
     dpm.set_timesteps(8)
     assert float(dpm.sigmas[-1]) == 0.0
     # an SD-XL samples folder of before (DDIM ending at sigma 0.029) is other settings; other families' are not
-    assert sampling_settings(sdxl_config(tmp_path, pipeline_folder))["scheduler"] == {"set_alpha_to_one": True}
-    assert "scheduler" not in sampling_settings(config.load("debug"))
+    assert sampling_settings(sdxl_config(tmp_path, pipeline_folder))["pipeline"] == {
+        "scheduler": {"set_alpha_to_one": True}, "guidance_dtype": "fp32"}
+    assert "pipeline" not in sampling_settings(config.load("debug"))
+
+
+def test_the_guidance_mix_is_fp32_under_bf16_autocast(tmp_path, pipeline_folder):
+    """diffusers mixes uncond + scale * (text - uncond) in the dtype the UNet returns: fp32, not bf16."""
+    gen = SDXLShardGenerator(sdxl_config(tmp_path, pipeline_folder, "sample.precision=bf16"))
+    unet = gen.pipe.unet
+    inputs = unet_inputs(unet, LATENT, generator=torch.Generator().manual_seed(0))
+    with gen._autocast(), torch.no_grad():
+        assert unet(**inputs, return_dict=False)[0].dtype == torch.float32
+        assert unet(**inputs).sample.dtype == torch.float32
 
 
 def test_sample_and_evaluate_end_to_end(tmp_path, pipeline_folder):

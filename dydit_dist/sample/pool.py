@@ -43,6 +43,7 @@ from dydit_dist.models import CheckpointError, family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
+from dydit_dist.sample.sdxl import GUIDANCE_DTYPE as SDXL_GUIDANCE_DTYPE
 from dydit_dist.sample.sdxl import SCHEDULERS as SDXL_SCHEDULERS
 from dydit_dist.sample.sdxl import SDXLShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
@@ -102,8 +103,10 @@ def sampling_settings(cfg: Config) -> dict:
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
         "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"),
         "prompts": _prompts_identity(s.prompts) if fam != "dit" else None,
-        # SD-XL only (a key the other families' folders never had): what the scheduler takes besides its config
-        **({"scheduler": SDXL_SCHEDULERS[s.sampler][1]} if fam == "sdxl" else {}),
+        # SD-XL only (a key the other families' folders never had): what the pipeline's scheduler takes
+        # besides its config, and the dtype of its guidance mix
+        **({"pipeline": {"scheduler": SDXL_SCHEDULERS[s.sampler][1], "guidance_dtype": SDXL_GUIDANCE_DTYPE}}
+           if fam == "sdxl" else {}),
     }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ SD-XL's scheduler config the same update as its default Euler scheduler) or dpm-
 pipeline's guidance_scale (the unconditional row is SD-XL's zero embedding).
 
 The UNet and text encoders hold fp32 weights and run under autocast in `sample.precision` (the
-latents and the scheduler's arithmetic stay fp32), as the DiT path does; the VAE decodes in
+latents, the guidance mix of the UNet's outputs and the scheduler's arithmetic stay fp32), as the DiT path does; the VAE decodes in
 `sample.vae_precision`. `sample.method: at_edm` wraps the UNet's attention blocks
 (`accel.at_edm_unet.UNetPruner`); the pipeline's step callback tells it the step.
 """
@@ -39,9 +39,20 @@ from .shards import GeneratedSample
 # `sample.sampler` -> the diffusers scheduler and what it takes besides the folder's scheduler config. SD-XL's
 # released config (an EulerDiscreteScheduler's) carries `set_alpha_to_one: false`, with which DDIM's last step
 # lands at alphas_cumprod[0] (sigma 0.029: noise left in the image) where Euler's ends at sigma 0; both end
-# at sigma 0 here. These are part of the samples folder's settings (`pool.sampling_settings`).
+# at sigma 0 here. These are part of the samples folder's settings (`pool.sampling_settings`), with
+# GUIDANCE_DTYPE (`_fp32_output`).
+GUIDANCE_DTYPE = "fp32"
 SCHEDULERS = {"ddim": ("DDIMScheduler", {"set_alpha_to_one": True}),
               "dpm-solver++": ("DPMSolverMultistepScheduler", {"final_sigmas_type": "zero"})}
+
+
+def _fp32_output(module, args, output):
+    """The UNet's noise prediction in fp32 under autocast: diffusers' pipeline mixes the guidance
+    (uncond + scale * (text - uncond)) in the dtype the UNet returns, which would be bf16."""
+    if isinstance(output, tuple):
+        return (output[0].float(), *output[1:])
+    output.sample = output.sample.float()
+    return output
 
 
 def check_pipeline_folder(folder: str) -> list[str]:
@@ -79,6 +90,7 @@ class SDXLShardGenerator:
             raise ValueError(f"model.image_size={m.image_size} is not a multiple of the pipeline's VAE factor "
                              f"{pipe.vae_scale_factor}")
         self.pruner = UNetPruner(pipe.unet, s.at_edm, self.latent_size) if s.method == "at_edm" else None
+        pipe.unet.register_forward_hook(_fp32_output)  # the pipeline mixes the guidance in the UNet's output dtype
         self.decoder = ImageDecoder(_vae(pipe, s.vae_precision), pipe.vae.config.scaling_factor, self.device)
         self.prompts = load_prompts(s.prompts) if s.prompts else None
         if self.prompts is None:
