@@ -16,7 +16,7 @@ guided noise prediction's norm to static's (mean over steps), which shows which 
 Part 2 (exposure-bias correction, `--no-exposure-study` skips it). Random weights cannot show whether
 a correction helps, so a tiny DiT is trained for a minute on a synthetic data set whose distribution
 is known exactly (a 10-class Gaussian mixture on 4x8x8 "latents"), and samples of static sampling and
-of EB-Cache with no / the paper's (b(t) < 1) / the released (1/0.965) correction are compared with
+of EB-Cache with no / the paper's (1/b(t) > 1) / the released (1/0.965) correction are compared with
 that distribution: Frechet distance to the true mixture moments (lower is better), and the
 exposure-bias norm ratio ||eps_sampling|| / ||eps_training|| at the same timesteps (Ning et al.:
 above 1 means exposure bias; the correction should bring it to 1).
@@ -49,7 +49,7 @@ RESULTS = Path(__file__).parent / "results"
 ROWS = [
     ("static", "static", None, False),
     ("FORA N=3", "fora", FORAOptions(interval=3), False),
-    ("EB-Cache released table, b(t) paper", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "paper"), False),
+    ("EB-Cache released table, paper 1/b(t)", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "paper"), False),
     ("EB-Cache released table, no correction", "eb_cache", EBCacheOptions(RELEASED_TABLE_50, "none"), False),
     # AT-EDM: the paper's per-layer ranking with its budget-conserving DSAP plan, and the single
     # ranking at block 2 (its DSAP prunes nothing in the first 20% of steps; "no DSAP" matches the budget)
@@ -204,9 +204,9 @@ def exposure_study(args) -> dict:
     train_s = time.perf_counter() - start
     model.eval()
     variants = {"static": ("static", None), "EB-Cache, no correction": ("eb_cache", EBCacheOptions(eps_scale="none")),
-                "EB-Cache, b(t) paper (<1)": ("eb_cache", EBCacheOptions(eps_scale="paper")),
+                "EB-Cache, paper 1/b(t) (>1)": ("eb_cache", EBCacheOptions(eps_scale="paper")),
                 "EB-Cache, released 1/0.965 (>1)": ("eb_cache", EBCacheOptions(eps_scale="released")),
-                "no cache, b(t) paper (<1)": ("eb_cache", EBCacheOptions("0" * 50, "paper")),
+                "no cache, paper 1/b(t) (>1)": ("eb_cache", EBCacheOptions("0" * 50, "paper")),
                 "no cache, released 1/0.965 (>1)": ("eb_cache", EBCacheOptions("0" * 50, "released"))}
     runners = {name: build_runner(m, model, o) for name, (m, o) in variants.items()}
     n = args.toy_samples

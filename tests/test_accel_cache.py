@@ -166,11 +166,15 @@ def test_fora_schedule():
 
 
 def test_eps_scale_specs():
+    """`paper` divides eps by b(t) (1.0 at T, 0.98 at 0.4T, 0.96 at 0), as the released code divides by its
+    delta 0.965, which lies in b's range: the factor grows eps toward t = 0, as the released one does."""
     paper = parse_eps_scale("paper")
     assert eps_scale_at(paper, 1.0) == pytest.approx(1.0)
-    assert eps_scale_at(paper, 0.4) == pytest.approx(0.98)
-    assert eps_scale_at(paper, 0.0) == pytest.approx(0.96)
-    assert eps_scale_at(paper, 0.7) == pytest.approx(0.99)
+    assert eps_scale_at(paper, 0.4) == pytest.approx(1 / 0.98)
+    assert eps_scale_at(paper, 0.0) == pytest.approx(1 / 0.96)
+    assert eps_scale_at(paper, 0.7) == pytest.approx(1 / 0.99, abs=2e-4)  # 1 / b with b linear, to 2e-4
+    released = eps_scale_at(parse_eps_scale("released"), 0.0)
+    assert eps_scale_at(paper, 0.4) < released < eps_scale_at(paper, 0.0)  # the same direction, the same size
     assert eps_scale_at(parse_eps_scale("released"), 0.3) == pytest.approx(1 / 0.965)
     assert eps_scale_at(parse_eps_scale("const:0.97"), 0.1) == pytest.approx(0.97)
     assert eps_scale_at(parse_eps_scale("none"), 0.5) == 1.0

@@ -59,6 +59,33 @@ def test_bf16_sampling_stays_near_fp32(tmp_path, checkpoints, method):
     assert 0 < distance < 0.1
 
 
+@pytest.mark.parametrize("method", ["static", "dydit", "eb_cache"])
+def test_guidance_and_eb_cache_correction_see_fp32_under_bf16_autocast(tmp_path, checkpoints, method):
+    """The runner hands the sampler fp32 under autocast: the guidance mix (uncond + s * (cond - uncond)) and
+    EB-Cache's eps / 0.965 are not rounded to bf16. A bf16 folder's settings say so (those of before mixed in
+    bf16); an fp32 folder's settings are those they were."""
+    from dydit_dist.diffusion.guidance import cfg_model_fn
+    from dydit_dist.sample import sampling_settings
+
+    model = "dydit" if method == "dydit" else "static"
+    cfg = tiny_config(str(tmp_path), f"model.method={model}", f"sample.method={method}",
+                      f"model.checkpoint={checkpoints[model]}", "sample.precision=bf16", "sample.steps=4",
+                      "sample.eb_cache.schedule=0000")
+    gen = ShardGenerator(cfg)
+    mixed = []
+    runner = gen.runner
+    guided = cfg_model_fn(lambda x, t, **kw: mixed.append(out := runner(x, t, **kw)) or out, 4.0)
+    x = torch.randn(4, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    t, y = torch.full((4,), 500), torch.tensor([1, 2, cfg.model.num_classes, cfg.model.num_classes])
+    runner.begin(4)
+    runner.step_callback(0, 500)
+    with gen._autocast():
+        assert guided(x, t, y=y).dtype == torch.float32
+    assert mixed[0].dtype == torch.float32
+    assert sampling_settings(cfg)["guidance_dtype"] == "fp32"
+    assert "guidance_dtype" not in sampling_settings(tiny_config(str(tmp_path), "sample.precision=fp32"))
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_fp16_loss_scale_survives_a_resume(one_rank, tmp_path, stage):
     """train.precision=fp16: the loss scaler's state (scale, growth counter) is saved with the checkpoint and

@@ -88,3 +88,13 @@ def test_prompts_count_only_where_the_model_reads_them(tmp_path):
     assert settings("at_edm_sdxl_1024", f"sample.prompts={prompts}")["prompts"]["url"] == str(prompts)
     with pytest.raises(FileNotFoundError, match=r"sample.prompts: no prompts file at .*missing.txt"):
         settings("pixart_xl2_256", f"sample.prompts={tmp_path / 'missing.txt'}")
+
+
+def test_eb_cache_paper_correction_counts_by_its_factors():
+    """`eps_scale: paper` multiplied eps by b(t) once and divides by it now: a folder of then (recorded by the
+    name alone) is other settings; a `released` folder's settings are those they were (no factors key)."""
+    paper = settings("eb_cache_dit_xl2_256_50", "sample.eb_cache.eps_scale=paper")
+    assert paper["method_options"]["eps_scale_factors"][0] == [0.0, pytest.approx(1 / 0.96)]
+    assert "eps_scale_factors" not in settings("eb_cache_dit_xl2_256_50")["method_options"]
+    assert settings("eb_cache_dit_xl2_256_50")["method_options"] == {
+        "schedule": "00000000000000000000002020202020202020202220220220", "eps_scale": "released"}

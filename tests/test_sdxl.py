@@ -140,9 +140,8 @@ def test_the_samplers_end_where_sdxls_euler_scheduler_ends(tmp_path, pipeline_fo
     dpm.set_timesteps(8)
     assert float(dpm.sigmas[-1]) == 0.0
     # an SD-XL samples folder of before (DDIM ending at sigma 0.029) is other settings; other families' are not
-    assert sampling_settings(sdxl_config(tmp_path, pipeline_folder))["pipeline"] == {
-        "scheduler": {"set_alpha_to_one": True}, "guidance_dtype": "fp32"}
-    assert "pipeline" not in sampling_settings(config.load("debug"))
+    assert sampling_settings(sdxl_config(tmp_path, pipeline_folder))["scheduler"] == {"set_alpha_to_one": True}
+    assert "scheduler" not in sampling_settings(config.load("debug"))
 
 
 def test_the_guidance_mix_is_fp32_under_bf16_autocast(tmp_path, pipeline_folder):

@@ -82,7 +82,7 @@ class Runner:
         if records is not None:
             self._calls.append(records)
         self.step = self.timestep = None  # the next call needs its own step_callback (a stale timestep would pick its plan)
-        return out
+        return out.float()  # under autocast: the guidance mix and the sampler's step in fp32
 
     def forward(self, x, t, cond) -> tuple[torch.Tensor, list[BlockRecord] | None]:
         raise NotImplementedError

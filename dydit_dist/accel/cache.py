@@ -135,7 +135,7 @@ class CachingRunner(Runner):
     def forward(self, x, t, cond):
         state = int(self.schedule[self.step])
         out, self._cache, records = forward_with_cache(self.backend, x, t, cond, self.timestep, state, self._cache)
-        return correct_eps(out, self.backend.in_channels, self.eps_factor(self.timestep)), records
+        return correct_eps(out.float(), self.backend.in_channels, self.eps_factor(self.timestep)), records
 
     @property
     def full_steps(self) -> int:

@@ -80,7 +80,7 @@ def calibrate(
         def net(xx, tt, **cc):
             out, held["cache"], acts = forward_with_cache(backend, xx, tt, cc, run["timestep"], state, run["cache"])
             held["macs"] = backend.count(acts, grid)
-            return out
+            return out.float()  # as the runner returns it (`Runner.__call__`): guidance and correction in fp32
 
         fn = cfg_model_fn(net, cfg_scale, guidance_channels) if cfg_scale != 1.0 else net
         return fn(x, t, **cond), held["cache"], held["macs"]

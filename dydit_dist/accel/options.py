@@ -7,12 +7,18 @@ Cache schedule: one character per sampling step, first (noisiest) step first:
     0 compute both branches, 1 reuse attention + recompute MLP, 2 reuse both, 3 recompute attention
     + reuse MLP. The released EB-Cache 50-step table is `RELEASED_TABLE_50`.
 
-Exposure-bias correction `eps_scale` (the predicted noise is MULTIPLIED by b(t) at every step):
-    "none"                            b = 1, the output is untouched
-    "paper"                           b(t/T): 1.0 at T, 0.98 at 0.4T, 0.96 at 0 (piecewise linear)
-    "released"                        b = 1 / 0.965 (the released code divides eps by 0.965; the default)
+Exposure-bias correction `eps_scale` (the predicted noise is MULTIPLIED by the factor at every step):
+    "none"                            1, the output is untouched
+    "released"                        1 / 0.965 (the released code divides eps by its delta 0.965; the default)
+    "paper"                           1 / b(t/T), b: 1.0 at T, 0.98 at 0.4T, 0.96 at 0 (the factor piecewise
+                                      linear between 1/b of the knots: within 2e-4 of 1 / a piecewise-linear b)
     "const:0.98"                      any constant
-    "1.0:1.0,0.4:0.98,0.0:0.96"       knots `t_fraction:value`, piecewise linear in t / (T - 1)
+    "1.0:1.0,0.4:0.98,0.0:0.96"       knots `t_fraction:factor`, piecewise linear in t / (T - 1)
+
+"paper" divides by b(t) as the released code divides by its constant delta (0.965, inside b's range) and
+as epsilon scaling (Ning et al. 2024, which the exposure-bias reading follows) divides by its lambda_t;
+the paper's own text was not at hand. Until 2026-12 "paper" multiplied by b(t), growing the correction the
+other way; a samples folder records the factors (`pool._method_identity`), so one made then is other settings.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ CACHE_STATES = "0123"
 
 EPS_SCALE_PRESETS = {
     "none": (),
-    "paper": ((1.0, 1.0), (0.4, 0.98), (0.0, 0.96)),
+    "paper": ((1.0, 1.0), (0.4, 1.0 / 0.98), (0.0, 1.0 / 0.96)),
     "released": ((1.0, 1.0 / 0.965),),
 }
 
@@ -116,7 +122,7 @@ class EBCacheOptions:
     """
 
     schedule: str = RELEASED_TABLE_50
-    eps_scale: str = "released"  # what produced the published FID (eps / 0.965); "paper" is the b(t) reading
+    eps_scale: str = "released"  # what produced the published FID (eps / 0.965); "paper" is eps / b(t)
 
     def __post_init__(self):
         if not self.schedule.endswith(".json"):

@@ -34,6 +34,7 @@ import torch
 
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
+from dydit_dist.accel.options import parse_eps_scale
 from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError
 from dydit_dist.config_files import remote_cause
@@ -43,7 +44,6 @@ from dydit_dist.models import CheckpointError, family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
-from dydit_dist.sample.sdxl import GUIDANCE_DTYPE as SDXL_GUIDANCE_DTYPE
 from dydit_dist.sample.sdxl import SCHEDULERS as SDXL_SCHEDULERS
 from dydit_dist.sample.sdxl import SDXLShardGenerator
 from dydit_dist.shardset import settings_digest, write_marker, write_shard
@@ -103,10 +103,11 @@ def sampling_settings(cfg: Config) -> dict:
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
         "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"),
         "prompts": _prompts_identity(s.prompts) if fam != "dit" else None,
-        # SD-XL only (a key the other families' folders never had): what the pipeline's scheduler takes
-        # besides its config, and the dtype of its guidance mix
-        **({"pipeline": {"scheduler": SDXL_SCHEDULERS[s.sampler][1], "guidance_dtype": SDXL_GUIDANCE_DTYPE}}
-           if fam == "sdxl" else {}),
+        # SD-XL only (a key the other families' folders never had): what its scheduler takes besides its config
+        **({"scheduler": SDXL_SCHEDULERS[s.sampler][1]} if fam == "sdxl" else {}),
+        # under autocast the network's output is made fp32 before the guidance mix and EB-Cache's correction
+        # (they were in bf16 before): the bytes of an fp32 run did not change, so neither do its settings
+        **({"guidance_dtype": "fp32"} if s.precision != "fp32" else {}),
     }  # fmt: skip
 
 
@@ -129,10 +130,12 @@ def _method_identity(s) -> dict:
     URL with another schedule (a calibration run again) is other settings, not a folder of two
     schedules. Its other numbers (errors, FLOPs) do not decide a sample's bytes. FORA's schedule is
     recorded too: it is derived from the interval, and the derivation changed once (aligned to the last
-    step, as the official code)."""
+    step, as the official code). EB-Cache's "paper" correction by its factors: it was read the other way once."""
     options = dataclasses.asdict(s.method_options) if s.method_options else {}
     if s.method == "fora":
         options["schedule_steps"] = s.fora.schedule_for(s.steps)
+    if s.method == "eb_cache" and s.eb_cache.eps_scale == "paper":  # its reading changed once (accel/options.py)
+        options["eps_scale_factors"] = [list(k) for k in parse_eps_scale("paper")]
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         try:
             options["schedule_steps"] = s.eb_cache.schedule_for(s.steps)
