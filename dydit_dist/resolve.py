@@ -26,6 +26,7 @@ from dydit_dist.config import Config
 from dydit_dist.data import DataError, sources
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors, features
+from dydit_dist.eval.metrics import EvalInputError
 from dydit_dist.models import read_shapes
 from dydit_dist.network import build_network, read_ema_pointer
 from dydit_dist.paths import ema_pointer
@@ -305,8 +306,16 @@ def reference(reference: str | None, sample_size: int | None = None) -> Input:
     expected = "an ADM reference batch (.npz), a samples folder or a pixel-space data folder"
     if not reference:
         return Input("eval.reference", None, problem=f"unset (needed for FID and precision/recall); expected {expected}")
+    if not reference.endswith(".npz") and storage.exists(reference) and not storage.exists(manifest_url(reference)):
+        return Input("eval.reference", reference, problem=f"there, but neither an .npz nor a folder with a "
+                                                          f"manifest.json; expected {expected}")
     found = exists("eval.reference", reference if reference.endswith(".npz") else manifest_url(reference), expected)
-    problem = found.problem or features.size_problem(reference, sample_size)
+    if found.problem:
+        return Input("eval.reference", reference, found.note, found.problem)
+    try:
+        problem = features.size_problem(reference, sample_size)
+    except EvalInputError as err:  # no readable .npz, or no manifest of samples or data
+        problem = str(err)
     return Input("eval.reference", reference, found.note, problem)
 
 

@@ -314,3 +314,35 @@ def test_a_dydit_sampling_estimate_scales_only_the_layers_its_routers_scale():
         stage = next(s for s in plan(cfg, "sample").stages if s.name == "sample dydit")
         assert stage.flop == pytest.approx(cfg.sample.num_samples * cfg.sample.steps * 2 * network_macs(cfg.model)
                                            * (1.0 - share * 0.5) * 2) and f"x {1.0 - share * 0.5:.3f}" in stage.work
+
+
+@pytest.mark.parametrize("kind", ["not-a-zip", "cut-short", "no-npy", "manifest-not-json", "unknown-format", "a-file"])
+def test_an_unreadable_reference_is_listed_with_the_other_inputs(tmp_path, capsys, kind):
+    """A reference that is no readable .npz or reference folder is one line under eval.reference, beside the
+    other unresolved inputs (here the samples folder), in the dry run: no traceback, exit 2."""
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    reference = str(tmp_path / "ref.npz")
+    if kind == "not-a-zip":
+        (tmp_path / "ref.npz").write_text("junk")
+    elif kind == "cut-short":
+        (tmp_path / "ref.npz").write_bytes(good.read_bytes()[:100])
+    elif kind == "no-npy":
+        with __import__("zipfile").ZipFile(tmp_path / "ref.npz", "w") as zf:
+            zf.writestr("arr_0.npy", b"not an array")
+    elif kind in ("manifest-not-json", "unknown-format"):
+        (folder / "manifest.json").write_text("{oops" if kind == "manifest-not-json" else "{}")
+        reference = str(folder)
+    else:
+        reference = str(tmp_path / "ref.bin")
+        (tmp_path / "ref.bin").write_text("images")
+    code = evaluate.main(["--dry-run", "--config", "debug", f"storage.root={tmp_path}/out", "eval.metrics=[fid]",
+                          f"eval.reference={reference}", "eval.feature_extractor=digits-cnn"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"eval.reference={reference}: " in err and "eval.samples=" in err, err
+    expected = {"manifest-not-json": "not a manifest", "unknown-format": "unknown manifest format",
+                "a-file": "neither an .npz nor a folder"}.get(kind, "not a readable .npz")
+    assert expected in err, err

@@ -44,7 +44,11 @@ def source_kind(url: str) -> str:
     if not storage.exists(manifest):
         raise EvalInputError(f"{url}: expected an ADM .npz file, or a samples or pixel-space data folder with a "
                              "manifest.json")
-    fmt = storage.read_json(manifest).get("format")
+    try:
+        fmt = storage.read_json(manifest).get("format")
+    except (ValueError, AttributeError) as err:  # not JSON, or JSON of no object
+        raise EvalInputError(f"{manifest}: not a manifest ({err}); expected the manifest.json of a samples or "
+                             "pixel-space data folder") from None
     if fmt == SAMPLES_FORMAT:
         return "samples"
     if fmt == DATA_FORMAT:
@@ -65,16 +69,21 @@ def _npz_rows(url: str) -> int:
 
 
 def _npz_images_shape(url: str) -> tuple[int, ...] | None:
-    """The shape of an .npz's `arr_0` from its header (None without one)."""
+    """The shape of an .npz's `arr_0` from its header (None without one); EvalInputError naming the file
+    when it is no readable .npz (not a zip, cut short, a member that is no .npy)."""
     import zipfile
 
-    with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
-        if "arr_0.npy" not in zf.namelist():
-            return None
-        member = zf.open("arr_0.npy")
-        version = np.lib.format.read_magic(member)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return tuple(int(n) for n in read(member)[0])
+    try:
+        with storage.open_file(url, "rb") as f, zipfile.ZipFile(f) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                return None
+            member = zf.open("arr_0.npy")
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(int(n) for n in read(member)[0])
+    except (zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise EvalInputError(f"{url}: not a readable .npz ({err}); expected an ADM reference batch (numpy.savez "
+                             "with arr_0 images, or mu / sigma statistics)") from None
 
 
 def size_problem(url: str, sample_size: int | None) -> str | None:
