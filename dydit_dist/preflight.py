@@ -110,7 +110,7 @@ class Plan:
 
 def check(cfg: Config, job: str, **options) -> Plan:
     """Resolve every input of `job` for `cfg` and print the plan; PreflightError listing every problem.
-    options: calibrate's `allow_random` and `num_samples`."""
+    options: calibrate's `allow_random`, `num_samples` and `out`."""
     result = plan(cfg, job, **options)
     print(result.text(), flush=True)
     if result.problems:
@@ -350,8 +350,16 @@ def _data_reference(cfg: Config) -> Input | None:
     return None
 
 
-def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8) -> None:
+def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8, out: str | None = None) -> None:
     m, s = cfg.model, cfg.sample
+    if out:  # checked first: the table is written after the whole calibration
+        try:
+            url = storage.check_url(out)
+        except storage.StorageError as err:
+            p.add(Input("--out", out, problem=str(err)))
+        else:
+            folder = resolve.writable(url.rsplit("/", 1)[0], "--out")
+            p.add(Input("--out", out, problem=f"its folder is {folder.problem}") if folder.problem else folder)
     if family(m.name) == "sdxl":
         p.add(Input("model.name", m.name, problem="model.family sdxl has no EB-Cache calibration (its sample.method "
                                                   "is static or at_edm)"))

@@ -345,9 +345,9 @@ def extractor(cfg: Config, made: bool) -> Input:
     return exists("eval.feature_extractor_weights", e.feature_extractor_weights, "the feature extractor's weights")
 
 
-def writable(root: str) -> Input:
-    """storage.root can be written: a probe object written and deleted (locally, in the nearest existing
-    folder, so that a dry run creates nothing)."""
+def writable(root: str, key: str = "storage.root") -> Input:
+    """`key`'s folder `root` can be written: a probe object written and deleted (locally, in the nearest
+    existing folder, so that a dry run creates nothing)."""
     try:
         if "://" not in root or root.startswith("file://"):
             folder = os.path.abspath(root.removeprefix("file://"))
@@ -360,8 +360,8 @@ def writable(root: str) -> Input:
             storage.write_bytes(probe, b"preflight probe")
             storage.remove(probe)
     except OSError as err:
-        return Input("storage.root", root, problem=f"not writable ({type(err).__name__}: {err}); expected a folder "
-                                                   "or bucket this job may write")
-    return Input("storage.root", root, note="writable (probe written and deleted)")
+        return Input(key, root, problem=f"not writable ({type(err).__name__}: {err}); expected a folder or bucket "
+                                        "this job may write")
+    return Input(key, root, note="writable (probe written and deleted)")
 
 

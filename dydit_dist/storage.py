@@ -101,7 +101,9 @@ def check_url(url: str) -> str:
             raise StorageError(f"{url}: a URL with a mistyped scheme separator (it would be a local folder "
                                f"named '{scheme}:'); write {scheme}://{url[typo.end():]}")
         return "file://" + os.path.abspath(url)
-    protocol = url.split("://", 1)[0]
+    protocol, rest = url.split("://", 1)
+    if protocol == "s3" and (not rest or rest.startswith("/")):
+        raise StorageError(f"{url}: an s3:// URL without a bucket; write s3://BUCKET/folder")
     if protocol not in PROTOCOLS:
         raise StorageError(f"{url}: unsupported storage protocol {protocol!r}; use a folder (file://), s3:// (any "
                            "S3-compatible store through storage.endpoint_url, GCS's included) or memory:// (tests)")
@@ -113,7 +115,7 @@ def check_output_root(url: str) -> None:
     process (`memory://` lives in one process: the writes of Ray workers, and of the job itself once
     it exits, would be lost)."""
     if check_url(url).startswith("memory://"):
-        raise StorageError(f"{url}: memory:// storage lives in one process and a job's outputs are written by "
+        raise StorageError(f"storage.root={url}: memory:// storage lives in one process and a job's outputs are written by "
                            "Ray workers; use a folder or s3://")
 
 

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.tolerance_at_zero <= args.tolerance:
         parser.error(f"need 0 <= --tolerance-at-zero <= --tolerance, got {args.tolerance_at_zero} and {args.tolerance}")
     # heavy (torch, diffusers): imported once the config is known good
+    from dydit_dist.models import CheckpointError
     from dydit_dist.sample.calibrate import run_calibration
+    from dydit_dist.sample.plan import PromptsError
 
     def work() -> str:
         table, url = run_calibration(cfg, tolerance=args.tolerance, tolerance_at_zero=args.tolerance_at_zero,
@@ -39,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                                      out=args.out, allow_random=args.random_init)
         return f"{url}: schedule {table['schedule']} ({table['full_steps']}/{table['num_steps']} full steps)"
 
-    return cli.run_job("calibrate", work, (), cfg, args.dry_run, allow_random=args.random_init,
-                       num_samples=args.num_samples)
+    return cli.run_job("calibrate", work, (CheckpointError, PromptsError), cfg, args.dry_run,
+                       allow_random=args.random_init, num_samples=args.num_samples, out=args.out)
 
 
 if __name__ == "__main__":

@@ -346,3 +346,28 @@ def test_an_unreadable_reference_is_listed_with_the_other_inputs(tmp_path, capsy
     expected = {"manifest-not-json": "not a manifest", "unknown-format": "unknown manifest format",
                 "a-file": "neither an .npz nor a folder"}.get(kind, "not a readable .npz")
     assert expected in err, err
+
+
+def test_calibrate_names_an_unwritable_out_before_calibrating_and_its_bad_weights_in_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "afile").write_text("x")
+    root = f"storage.root={tmp_path}/out"
+    assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "--out",
+                           f"{tmp_path}/afile/t.json"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out={tmp_path}/afile/t.json: its folder is not writable" in err, err
+    assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "--out", "gs://b/t.json"]) == 2
+    assert "--out=gs://b/t.json: gs://b/t.json: unsupported storage protocol" in capsys.readouterr().err
+    assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "--out",
+                           f"{tmp_path}/new/t.json"]) == 0
+    assert not (tmp_path / "new").exists()
+    # weights holding NaN pass the preflight (it reads headers only) and are refused as they load: one line, exit 2
+    weights = load_file(random_checkpoint(str(tmp_path / "w.safetensors")))
+    weights["pos_embed"] = torch.full_like(weights["pos_embed"], float("nan"))
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    capsys.readouterr()
+    assert calibrate.main(["--config", "debug", root, f"model.checkpoint={tmp_path}/nan.safetensors",
+                           "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("calibrate: ") and "NaN" in err, err

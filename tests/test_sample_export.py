@@ -1,6 +1,6 @@
-"""The ADM export's temporary file: synced before its rename, and removed by the next export of the same
-path when a killed export left it behind."""
-
+"""The ADM export: its path checked before a sample is read, its temporary file synced before its rename
+and removed by the next export of the same path when a killed export left it behind, a local failure an
+input error naming it."""
 from __future__ import annotations
 
 import os
@@ -64,15 +64,34 @@ def test_an_export_path_that_is_no_local_npz_file_is_refused_before_reading(tmp_
     url = str(tmp_path / "samples")
     _folder(url)
     (tmp_path / "exports").mkdir()
+    (tmp_path / "afile").write_text("x")
     cases = {"s3://bucket/x.npz": "a local path", str(tmp_path / "exports"): "not a folder",
-             str(tmp_path / "x.tar"): "expected the path of a .npz file"}
+             str(tmp_path / "x.tar"): "expected the path of a .npz file",
+             str(tmp_path / "afile" / "deeper" / "x.npz"): "afile is a file, not a folder"}
     for path, message in cases.items():
         with pytest.raises(SamplesError, match=rf"sample.export_npz={path}: .*{message}"):
             export_adm_npz(url, path)
         argv = ["--dry-run", "--config", "debug", f"storage.root={tmp_path}", f"sample.export_npz={path}"]
         assert sample.main(argv) == 2
         assert f"sample.export_npz={path}: " in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["exports", "samples"]  # nothing written (no `s3:` folder)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "exports", "samples"]  # nothing written (no `s3:` folder)
     assert export_adm_npz(url, f"file://{tmp_path}/ok.npz") == 6 and (tmp_path / "ok.npz").exists()
     assert sample.main(["--dry-run", "--config", "debug", f"storage.root={tmp_path}/r",
                         f"sample.export_npz={tmp_path}/y.npz"]) == 0
+
+
+def test_an_export_that_fails_on_the_local_disk_is_an_input_error_naming_it(tmp_path, monkeypatch):
+    """A full disk (or permissions changed since the preflight) after every sample was made: SamplesError
+    naming sample.export_npz (one line, exit 2), no temporary file left."""
+    from dydit_dist.sample import SamplesError
+
+    url = str(tmp_path / "samples")
+    _folder(url)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module.os, "fsync", full)
+    with pytest.raises(SamplesError, match=r"sample.export_npz=.*x.npz: the export failed \(OSError: .*No space"):
+        export_adm_npz(url, str(tmp_path / "out" / "x.npz"))
+    assert os.listdir(tmp_path / "out") == []

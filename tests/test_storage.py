@@ -58,6 +58,9 @@ def test_bad_protocol_and_write_mode():
         storage.read_bytes("gs://bucket/x")
     with pytest.raises(ValueError, match="write objects whole"):
         storage.open_file("memory://x", "wb")
+    for url in ("s3://", "s3:///folder"):  # no bucket: not a "mistyped scheme"
+        with pytest.raises(StorageError, match=f"^{url}: an s3:// URL without a bucket; write s3://BUCKET/folder"):
+            storage.check_url(url)
 
 
 class _FlakyFS:

@@ -149,7 +149,7 @@ def test_a_mistyped_scheme_is_not_a_local_folder(tmp_path, monkeypatch):
 
 def test_a_job_refuses_a_memory_root():
     """memory:// outputs die with the process that wrote them: refused where a job (or its worker) starts."""
-    with pytest.raises(StorageError, match="memory://x: memory:// storage lives in one process"):
+    with pytest.raises(StorageError, match="storage.root=memory://x: memory:// storage lives in one process"):
         storage.configure_from(StorageConfig(root="memory://x"))
     storage.write_bytes("memory://x/in-process.bin", b"x")  # in-process use (tests) stays possible
     storage.remove("memory://x")
@@ -162,7 +162,7 @@ def test_a_memory_root_is_one_line_and_exit_2(capsys, tmp_path):
         sample.main(["--config", "debug", "storage.root=memory://x"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("sample: memory://x: memory:// storage lives in one process") and len(err.splitlines()) == 1
+    assert err.startswith("sample: storage.root=memory://x: memory:// storage lives in one process") and len(err.splitlines()) == 1
 
 
 def test_a_pickled_filesystem_keeps_one_attempt_and_no_expect(stalled):

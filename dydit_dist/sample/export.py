@@ -46,6 +46,13 @@ def export_problem(path: str) -> str | None:
     local = os.path.abspath(path.removeprefix("file://"))
     if not local.endswith(".npz") or os.path.isdir(local):
         return "expected the path of a .npz file to write, not a folder"
+    folder = os.path.dirname(local)
+    while not os.path.exists(folder):  # the folders the export creates: their nearest existing parent decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder to write the .npz in"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable by this user"
     return None
 
 
@@ -61,7 +68,18 @@ def export_adm_npz(samples_url: str, path: str) -> int:
     uint8, in index order); returns N. The file appears whole: written under a temporary name, synced
     to disk, then renamed. Temporary files an earlier export of `path` left (a killed one: ~10 GB at
     50k x 256px) are removed first."""
+    target = path
     path = export_path(path)
+    try:
+        return _export(samples_url, path)
+    except storage.StorageError:
+        raise
+    except OSError as err:  # the local file: a full disk, permissions changed since the preflight
+        raise SamplesError(f"sample.export_npz={target}: the export failed ({type(err).__name__}: {err}); the "
+                           "samples are kept: a rerun makes none again and exports them") from err
+
+
+def _export(samples_url: str, path: str) -> int:
     manifest = SamplesManifest.read(samples_url)
     count = manifest.num_samples
     samples = iter_samples(samples_url)
