@@ -1,6 +1,7 @@
 """The ADM export: its path checked before a sample is read, its temporary file synced before its rename
 and removed by the next export of the same path when a killed export left it behind, a local failure an
 input error naming it."""
+
 from __future__ import annotations
 
 import os
