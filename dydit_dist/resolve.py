@@ -113,11 +113,15 @@ def source(cfg: Config, builtin_ok: bool) -> Input:
                                                           "folder is data.source_format=imagefolder)")
         return exists("data.source", d.source, expected)
     if d.source_format == "imagefolder":
-        try:  # one listing: the class folders against model.num_classes, as the job checks before listing them
-            folders = sources.class_folders(d.source, cfg.model.num_classes)
+        try:  # two listings: the class folders against model.num_classes, as the job checks before listing
+            folders = sources.class_folders(d.source, cfg.model.num_classes)  # them all, and the first one's images
+            first = sources.first_class_images(d.source, folders)
         except (DataError, OSError) as err:
             return Input("data.source", d.source, problem=f"{err}; expected {expected}")
-        return Input("data.source", d.source, note=f"{len(folders)} class folders")
+        if not first:
+            return Input("data.source", d.source, problem=f"its first class folder {folders[0]} holds no images "
+                                                          f"({', '.join(sources.IMAGE_EXTENSIONS)}); expected {expected}")
+        return Input("data.source", d.source, note=f"{len(folders)} class folders, {first} images in the first")
     patterns = list(braceexpand(d.source))
     try:  # the first and last of a brace pattern: a listing of 1,000 tars is not seconds on S3
         missing = [u for u in {patterns[0], patterns[-1]} if not storage.glob(u)]

@@ -92,6 +92,9 @@ def test_imagefolder_plan_and_layout_errors(image_source, tmp_path):
     assert labels != sorted(labels) and set(labels) == {0, 1, 2}  # a seeded permutation, not class order
     with pytest.raises(DataError, match="3 class folders but model.num_classes=10"):
         sources.plan_imagefolder(image_source["folder"], num_classes=10, shard_size=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no class folders"):
+        sources.plan_imagefolder(str(tmp_path / "empty"), num_classes=1, shard_size=8)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
         sources.plan_imagefolder(str(tmp_path / "empty"), num_classes=1, shard_size=8)

@@ -19,8 +19,11 @@ from jobs import calibrate, evaluate, finetune, prepare, reproduce, sample
 def _fixtures(tmp_path) -> dict[str, str]:
     """A tiny random debug checkpoint, an ADM-style reference batch, an "Inception" weights file, an image folder
     (a class folder per class of the debug model)."""
+    from PIL import Image
+
     for label in range(10):
         (tmp_path / "images" / f"class_{label}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"class_{label}" / "0.png")
     images = tmp_path / "images" / "class_0"
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
@@ -371,3 +374,18 @@ def test_calibrate_names_an_unwritable_out_before_calibrating_and_its_bad_weight
                            "--num-samples", "1"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("calibrate: ") and "NaN" in err, err
+
+
+@pytest.mark.parametrize("layout", ["no-folders", "empty-folders"])
+def test_a_prepare_dry_run_refuses_an_image_folder_without_images(tmp_path, capsys, layout):
+    """What the job refuses, its dry run refuses: no class folders, or a first class folder without images."""
+    source = tmp_path / "src"
+    source.mkdir()
+    if layout == "empty-folders":
+        for label in range(10):
+            (source / f"c{label}").mkdir()
+    assert prepare.main(["--dry-run", "--config", "debug", f"storage.root={tmp_path}/out", f"data.source={source}",
+                         "data.vae=none"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.source={source}: " in err
+    assert ("has no class folders" if layout == "no-folders" else "first class folder c0 holds no images") in err

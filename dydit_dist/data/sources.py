@@ -116,12 +116,20 @@ def class_folders(source: str, num_classes: int) -> list[str]:
             f"data.source={source} has images outside class folders (e.g. {stray[0]}); the imagefolder "
             "layout is one subfolder per class"
         )
-    if folders and len(folders) != num_classes:  # before listing them: ImageNet's are 1,000 listings
+    if not folders:
+        raise DataError(f"data.source={source} has no class folders; the imagefolder layout is one subfolder of "
+                        "images per class")
+    if len(folders) != num_classes:  # before listing them: ImageNet's are 1,000 listings
         raise DataError(
             f"data.source={source} has {len(folders)} class folders but model.num_classes={num_classes}; "
             f"folders: {', '.join(folders[:10])}{' ...' if len(folders) > 10 else ''}"
         )
     return folders
+
+
+def first_class_images(source: str, folders: list[str]) -> int:
+    """How many images the first class folder holds (one listing: what the preflight checks of the rest)."""
+    return sum(1 for u in storage.find(storage.join(source, folders[0])) if _is_image(u))
 
 
 def plan_imagefolder(source: str, num_classes: int, shard_size: int, seed: int = 0) -> SourcePlan:
