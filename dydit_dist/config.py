@@ -17,13 +17,16 @@ that live below this module (`DyDiTOptions`, `FlexOptions`, the sampling methods
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dydit_dist import storage
 from dydit_dist.accel import ATEDMOptions, EBCacheOptions, FORAOptions
@@ -444,7 +447,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             where = f"section {prefix!r}" if prefix else "the top level"
-            raise ConfigError(f"unknown config key {full!r}; valid keys in {where}: {', '.join(names)}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            guess = f"did you mean {(f'{prefix}.' if prefix else '') + close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {full!r}; {guess}valid keys in {where}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
         _check_range(kwargs[key], fields[key].metadata.get("range"), full)
     try:
@@ -475,7 +480,12 @@ def _override(item: str) -> dict:
     """One dotlist override `key=text` as nested values. YAML types the text, except for a key whose field is
     a string: there the text is taken as typed (`storage.run=2024`, `sample.eb_cache.schedule=0202`, which
     YAML reads as the octal int 130); quotes still make YAML's string (`key='0202'`)."""
-    values = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    try:
+        values = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"override {item!r}: its value is no YAML ({reason}); quote a string that holds "
+                          "YAML's characters, e.g. key='a, b'") from None
     key, _, text = item.partition("=")
     tp = _field_type(key)
     if tp is None:  # not a field of the schema: `_build` names the valid keys

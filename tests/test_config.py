@@ -100,7 +100,7 @@ def test_method_options_are_typed_sections_checked_at_load():
     cfg = load("debug", ["sample.method=fora", "sample.fora.interval=4"])
     assert cfg.sample.method_options.interval == 4
     assert load("debug", ["sample.method=dydit", "model.method=dydit"]).sample.method_options is None
-    with pytest.raises(ConfigError, match=r"unknown config key 'sample.at_edm.ration'; valid keys .*ratio"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'sample.at_edm.ration'; did you mean 'sample.at_edm.ratio'\? valid keys .*ratio"):
         load("debug", ["sample.method=at_edm", "sample.at_edm.ration=0.3"])
     with pytest.raises(ConfigError, match=r"sample.at_edm.ratio=1.5 is outside its allowed range \[0, 1\)"):
         load("debug", ["sample.at_edm.ratio=1.5"])
@@ -170,3 +170,16 @@ def test_an_empty_override_or_a_list_without_brackets():
         load("debug", ["sample.steps="])
     with pytest.raises(ConfigError, match=r"eval.methods='static' must be a list, e.g. eval.methods=\[static\]"):
         load("debug", ["eval.methods=static"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown config key 'train.max_step'; did you mean 'train.max_steps'? valid keys"),
+    ("trian.max_steps=3", "unknown config key 'trian'; did you mean 'train'? valid keys in the top level"),
+    ("model.dynamic.target_lamda=0.5", "did you mean 'model.dynamic.target_lambda'?"),
+    ("eval.metrics=[fid,", "override 'eval.metrics=[fid,': its value is no YAML"),
+    ('sample.steps="x', "override 'sample.steps=\"x': its value is no YAML"),
+])
+def test_a_mistyped_override_is_named_with_what_was_meant(override, message):
+    with pytest.raises(ConfigError) as err:
+        load("debug", [override])
+    assert message in str(err.value)

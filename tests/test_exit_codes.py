@@ -44,7 +44,7 @@ def test_a_config_typo_is_one_line_before_the_heavy_imports(job, tmp_path):
     print(f"{job}: config typo reported in {seconds:.1f} s")
     assert done.returncode == 2
     lines = _message(done.stderr)
-    head = f"{job}: unknown config key 'train.lrr'; valid keys in section 'train': "
+    head = f"{job}: unknown config key 'train.lrr'; did you mean 'train.lr'? valid keys in section 'train': "
     assert len(lines) == 1 and lines[0].startswith(head)
     keys = lines[0][len(head):].split(", ")
     assert {"lr", "max_steps", "global_batch_size", "micro_batch_size", "warmup_steps", "seed"} <= set(keys)
