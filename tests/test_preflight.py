@@ -389,3 +389,16 @@ def test_a_prepare_dry_run_refuses_an_image_folder_without_images(tmp_path, caps
     err = capsys.readouterr().err
     assert f"data.source={source}: " in err
     assert ("has no class folders" if layout == "no-folders" else "first class folder c0 holds no images") in err
+
+
+def test_a_data_set_smaller_than_its_readers_is_named_under_data_uri(tmp_path, capsys):
+    from dydit_dist.data.synthetic import random_dataset
+
+    root = tmp_path / "out"
+    cfg = config.load("debug", [f"storage.root={root}", "ray.num_workers=2", "train.global_batch_size=4",
+                                "train.micro_batch_size=2"])
+    random_dataset(f"{root}/data/debug", cfg, num_samples=1)
+    assert finetune.main(["--dry-run", "--config", "debug", f"storage.root={root}", "ray.num_workers=2",
+                          "train.global_batch_size=4", "train.micro_batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.uri=file://{root}/data/debug: " in err and "has 1 samples, fewer than ray.num_workers" in err, err

@@ -31,7 +31,7 @@ from ray.train import UserCallback
 from dydit_dist import run_config, storage
 from dydit_dist.capacity import CapacityError, Need, acquire
 from dydit_dist.config import ConfigError, JobFailed
-from dydit_dist.data import verify_manifest
+from dydit_dist.data import ManifestError, verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
 from dydit_dist.paths import CHECKPOINTS, RunPaths
@@ -60,7 +60,7 @@ def preflight(cfg) -> None:
     manifest = verify_manifest(paths.data, m, cfg.data)
     consumers = r.num_workers * max(1, cfg.data.num_workers)
     if manifest.num_samples < consumers:
-        raise ConfigError(f"{paths.data} has {manifest.num_samples} samples, fewer than ray.num_workers x "
+        raise ManifestError(f"{paths.data} has {manifest.num_samples} samples, fewer than ray.num_workers x "
                           f"data.num_workers = {r.num_workers} x {max(1, cfg.data.num_workers)} = {consumers}")
 
 
