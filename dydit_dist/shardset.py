@@ -225,6 +225,21 @@ def stream(url: str, record: dict) -> Iterator[Sample]:
         raise _mismatch(url, reader.bytes, digest, record)
 
 
+def corruption(url: str, record: dict) -> ShardError | None:
+    """The corrupt-shard error of `url` when its bytes are not its record's (read whole, streamed), else None:
+    what a reader checks first when a shard's content makes no sense, so that the message says it is corrupt."""
+    if "sha256" not in record:
+        return None
+    with storage.open_file(url, "rb") as f:
+        reader = _Hashing(f)
+        while reader.read(1 << 20):
+            pass
+    digest = reader.sha256.hexdigest()
+    if digest != record["sha256"] or reader.bytes != record.get("bytes", reader.bytes):
+        return _mismatch(url, reader.bytes, digest, record)
+    return None
+
+
 # ---------------------------------------------------------------------------- the manifest
 
 

@@ -96,3 +96,27 @@ def test_an_export_that_fails_on_the_local_disk_is_an_input_error_naming_it(tmp_
     with pytest.raises(SamplesError, match=r"sample.export_npz=.*x.npz: the export failed \(OSError: .*No space"):
         export_adm_npz(url, str(tmp_path / "out" / "x.npz"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_shard_whose_samples_make_no_sense_is_named_corrupt_when_its_bytes_are_not_its_records(tmp_path):
+    """A shard replaced by other bytes that still form a tar (a member lost) reads as a corrupt shard with
+    what to do, not as a parse error of its content; content that is wrong in a shard that matches its
+    record stays the parse error."""
+    from dydit_dist import shardset
+    from dydit_dist.sample import iter_samples
+    from dydit_dist.shardset import ShardError
+
+    url = str(tmp_path / "samples")
+    _folder(url)
+    shard = next(p for p in sorted((tmp_path / "samples").iterdir()) if p.name.endswith(".tar"))
+    members = [{k: v for k, v in files.items() if k != "json"} for files in shardset.unpack(shard.read_bytes(), "x")]
+    shard.write_bytes(shardset.pack(members))  # a tar still, every .json member gone
+    with pytest.raises(ShardError, match=rf"corrupt shard .*{shard.name}: .* sha256 .*remove that object and rerun"):
+        list(iter_samples(url))
+    manifest = SamplesManifest.read(url)  # a manifest that records those bytes: the content is what is wrong
+    record = next(r for r in manifest.shards.values() if r["name"] == shard.name)
+    data = shard.read_bytes()
+    record.update(bytes=len(data), sha256=__import__("hashlib").sha256(data).hexdigest())
+    manifest.write(url)
+    with pytest.raises(ShardError, match="lacks its .png or .json member"):
+        list(iter_samples(url))

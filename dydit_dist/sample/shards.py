@@ -107,7 +107,13 @@ def iter_shard(url: str, record: dict) -> Iterator[GeneratedSample]:
     start, count = record["start"], record["count"]
     expected = start
     for files in shardset.stream(url, record):
-        sample = decode_sample(files, url)
+        try:
+            sample = decode_sample(files, url)
+        except (ShardError, ValueError) as err:  # content that makes no sense: corrupt bytes say so first
+            corrupt = shardset.corruption(url, record)
+            if corrupt is not None:
+                raise corrupt from err
+            raise
         if sample.index != expected or expected >= start + count:
             raise SamplesError(f"{url}: sample {sample.index} where {expected} was expected (its manifest record: "
                                f"samples {start}..{start + count - 1})")
