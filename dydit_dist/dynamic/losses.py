@@ -49,6 +49,10 @@ def flops_ratio(model, result: DynamicOutput) -> torch.Tensor:
     Each block's attention is scaled by its head fraction, its MLP by group fraction x token fraction.
     In fp32 with the costs as shares of a block (the masks come out of fp16 / bf16 autocast, where a
     DiT-XL block's 1.5e9 MACs overflow fp16 and the ratio would be inf).
+
+    The shares are those of the model's own token count: at 256 px the official code's constants
+    (`loss.py`, fixed at 256 px whatever the resolution); at 512 px DiT-XL/2's attention share is 0.419
+    here against their 0.357, so a lambda target means the FLOPs it says, not the official code's number.
     """
     num_tokens = result.token_masks.shape[-1]
     attn, mlp = block_costs(model, num_tokens)
