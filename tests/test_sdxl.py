@@ -109,6 +109,71 @@ def test_pruning_drops_tokens_and_flops_as_the_plan_says():
         assert saved > 0 and saved == pytest.approx(expected, rel=1e-6)
 
 
+def _independent_pruned_block(block, x, context, counts, iterations):
+    """One SD-XL attention block (Transformer2DModel) with AT-EDM written out from the paper's steps, apart
+    from the project's code: each layer ranks its tokens by G-WPR on its own head-averaged self-attention
+    map, keeps the top `counts[j + 1]` after its FFN; every dropped token finally copies the features of the
+    kept token most similar to it when it was dropped (following the chain when that one is dropped later),
+    before proj_out."""
+    B, C, H, W = x.shape
+    h = block.proj_in(block.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))
+    where = torch.arange(H * W).expand(B, -1)  # the grid position of each token carried
+    copies = {}  # (row, dropped position) -> the position it copies
+    for j, layer in enumerate(block.transformer_blocks):
+        a = layer.attn1
+        q, k, v = (proj(layer.norm1(h)).unflatten(-1, (a.heads, -1)).transpose(1, 2) for proj in (a.to_q, a.to_k, a.to_v))
+        attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, heads, N, N)
+        h = h + a.to_out[1](a.to_out[0]((attention @ v).transpose(1, 2).flatten(2)))
+        h = h + layer.attn2(layer.norm2(h), encoder_hidden_states=context)
+        h = h + layer.ff(layer.norm3(h))
+        keep = counts[min(j + 1, len(counts) - 1)]
+        if keep >= h.shape[1]:
+            continue
+        scores = torch.full((B, h.shape[1]), 1.0 / h.shape[1])
+        for _ in range(iterations):  # a token's score: the attention it receives, weighted by its attenders'
+            scores = torch.einsum("bi,bij->bj", scores, attention.mean(1))
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        kept, dropped = order[:, :keep], order[:, keep:]
+        unit = torch.nn.functional.normalize(h, dim=-1)
+        for b in range(B):
+            nearest = (unit[b, dropped[b]] @ unit[b, kept[b]].T).argmax(dim=1)
+            for d, n in zip(dropped[b].tolist(), nearest.tolist(), strict=True):
+                copies[(b, int(where[b, d]))] = int(where[b, kept[b, n]])
+        h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
+        where = where.gather(1, kept)
+    grid = torch.empty(B, H * W, h.shape[-1])
+    for b in range(B):
+        grid[b, where[b]] = h[b]
+        for position in range(H * W):
+            source = position
+            while (b, source) in copies:
+                source = copies[(b, source)]
+            grid[b, position] = grid[b, source]
+    return block.proj_out(grid).reshape(B, H, W, -1).permute(0, 3, 1, 2) + x
+
+
+def test_a_pruned_block_equals_the_method_written_out_independently():
+    """SD-XL-small's mid block (4 layers) at a late step, on an odd, non-square grid (5 x 7 = 35 tokens) and
+    two rows: the pruned block's output is that of the independent version above."""
+    import copy
+
+    unet = tiny_unet("SDXL-small")
+    reference = copy.deepcopy(unet.mid_block.attentions[0])
+    pruner = UNetPruner(unet, ATEDMOptions(ratio=0.5), 16)
+    pruner.begin(10)
+    pruner.step = 9
+    segment = next(k for k, seg in enumerate(pruner.layout) if seg.name == "mid_block.attentions.0")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, reference.config.in_channels, 5, 7, generator=generator)
+    context = torch.randn(2, 9, unet.config.cross_attention_dim, generator=generator)
+    counts = pruner.counts(segment, 35)
+    assert counts[0] == 35 and counts[-1] < 35 and len(set(counts)) > 2  # several layers drop tokens
+    with torch.no_grad():
+        ours = unet.mid_block.attentions[0](x, encoder_hidden_states=context).sample
+        theirs = _independent_pruned_block(reference, x, context, counts, ATEDMOptions().iterations)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 def test_samples_do_not_depend_on_their_batch(tmp_path, pipeline_folder):
     torch.set_num_threads(1)
     latents = {}
