@@ -195,5 +195,35 @@ def test_a_shard_corrupted_after_the_preflight_ends_the_job_once(ray_local, s3_b
     line = next(x for x in err.splitlines() if x.startswith("finetune: "))
     assert line.startswith("finetune: training worker ") and "ShardError: corrupt shard" in line and url in line
     assert "not retried" in line
-    print(f"failed in {seconds:.1f} s: {line}")
+    assert "raise InputFailure(errors)" not in err  # the controller's records of it keep their message only
+    print(f"failed in {seconds:.1f} s: {line}; {len(err.splitlines())} lines on stderr")
     assert not [u for u in storage.listdir(f"{s3_bucket}/runs/corrupt/checkpoints") if "step-" in u]
+
+
+def test_the_controller_logs_an_input_failure_without_its_frames():
+    """Ray Train's controller logs the InputFailure (and the ControllerError wrapping it) with its own frames,
+    ~25 lines each above the job's one line: once the callback raises, those records keep their message only;
+    other errors keep their tracebacks."""
+    import io
+    import logging
+
+    from ray.train import ControllerError
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("ray.train.test_quiet")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with pytest.raises(launcher.InputFailure) as caught:
+            launcher.StopOnInputError().after_exception(None, {0: ShardError("corrupt shard s3://b/shard-1.tar")})
+        for err in (caught.value, ControllerError(caught.value), RuntimeError("NCCL timeout")):
+            try:
+                raise err
+            except Exception:
+                logger.exception("Error in control loop iteration: %s", err)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert text.count("corrupt shard s3://b/shard-1.tar") == 2
+    assert text.count("Traceback") == 1 and "RuntimeError: NCCL timeout" in text  # only the other error's

@@ -192,7 +192,30 @@ class StopOnInputError(UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]):
         errors = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, NOT_RETRIED)}
         if errors:
+            quiet_input_failure_tracebacks()
             raise InputFailure(errors)
+
+
+class _NoInputFailureTraceback(logging.Filter):
+    """Drops the traceback from a log record about an `InputFailure` (also wrapped in Ray Train's
+    ControllerError): its message is the worker's error, its frames are Ray Train's controller loop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(getattr(err, "controller_failure", err), InputFailure):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_input_failure_tracebacks() -> None:
+    """In Ray Train's controller, before it logs an `InputFailure` twice with ~25 lines of its own frames
+    each (forwarded to the driver above the job's one-line message): the records keep their message only.
+    A filter on every handler of the root and `ray` loggers, added once."""
+    loggers = [logging.getLogger()] + [logger for name, logger in logging.Logger.manager.loggerDict.items()
+                                       if isinstance(logger, logging.Logger) and name.split(".")[0] == "ray"]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if not any(isinstance(f, _NoInputFailureTraceback) for f in handler.filters):
+            handler.addFilter(_NoInputFailureTraceback())
 
 
 class TrainingFailed(JobFailed):
