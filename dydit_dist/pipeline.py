@@ -38,6 +38,7 @@ from dydit_dist import run_config, storage
 from dydit_dist.capacity import connect_ray
 from dydit_dist.config import Config
 from dydit_dist.data import prepare
+from dydit_dist.data.pipeline import config_settings
 from dydit_dist.eval import digits, evaluate, write_report
 from dydit_dist.eval.captions import prepare_caption_reference
 from dydit_dist.eval.evaluate import evaluation_settings
@@ -70,9 +71,28 @@ _START = time.monotonic()
 
 
 def data_done(cfg: Config) -> bool:
-    """Whether the data folder of `cfg` (data.uri, else the run's) holds a complete manifest."""
-    url = manifest_url(RunPaths(cfg).data)
-    return storage.exists(url) and storage.read_json(url).get("complete", False)
+    """Whether the data folder of `cfg` (data.uri, else the run's) holds a complete manifest; OutputsDiffer
+    when `cfg` would prepare it (data.source set) with other settings than it was (those that follow from the
+    config: `data.pipeline.config_settings`; the prepare job checks the source's listing too). A data set
+    given without data.source is taken as it is."""
+    uri = RunPaths(cfg).data
+    url = manifest_url(uri)
+    if not storage.exists(url):
+        return False
+    manifest = storage.read_json(url)
+    if not manifest.get("complete", False):
+        return False
+    if cfg.data.source:
+        source = cfg.data.source
+        if source in BUILTIN_SOURCES:  # as prepare_stage materializes it
+            source = RunPaths(cfg).source(source.split(":", 1)[1])
+        made = manifest.get("settings", {})
+        expected = config_settings(with_values(cfg, data={"source": source}))
+        changes = [f"{k}: {made[k]!r} there vs {v!r} now" for k, v in expected.items() if k in made and made[k] != v]
+        if changes:
+            raise OutputsDiffer(f"{uri} holds a data set prepared with other settings ({'; '.join(changes)}); use "
+                                "another storage.run (or data.uri), or remove that folder")
+    return True
 
 
 def static_weights(cfg: Config) -> str | None:

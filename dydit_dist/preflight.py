@@ -393,9 +393,12 @@ def _reproduce(p: Plan, cfg: Config) -> None:
     # 1. Data, or the caption reference of a text-to-image comparison that trains nothing
     data = pipeline.with_values(cfg, data={"uri": RunPaths(cfg).data})
     needs_data = pipeline.needs_data(cfg)
-    data_ready = needs_data and resolve.quietly(pipeline.data_done, data)
+    data_ready, differ = _done(pipeline.data_done, data) if needs_data else (False, None)
     if data_ready:
         p.stages.append(Stage("prepare", "outputs exist, skipped"))
+    elif differ:
+        p.stages.append(Stage("prepare", "outputs exist, made with other settings"))
+        p.add(Input("storage.run", RunPaths(data).data, problem=differ))
     elif needs_data:
         if cfg.data.uri and not cfg.data.source:
             p.add(Input("data.uri", cfg.data.uri, problem="no complete data set there (a manifest.json with "

@@ -211,3 +211,40 @@ def test_a_method_that_does_not_fit_the_config_is_refused_before_stage_1(tmp_pat
         "eval.methods"]
     fits = load(tmp_path, "eval.methods=[static,eb_cache]", "sample.eb_cache.schedule='0120120120'")
     assert "eval.methods" not in problems(fits)
+
+
+def _image_folder(root, value: int = 0) -> str:
+    from PIL import Image
+
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), value + c, np.uint8), "L").save(root / str(c) / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("override", ["data.source=OTHER", "data.seed=7", "data.shard_size=5",
+                                      "data.latent_dtype=float32", "data.flip=true"])
+def test_a_complete_data_set_is_reused_only_with_the_settings_it_was_prepared_with(tmp_path, override):
+    """Prepare is skipped on a complete data set of this run only when the config would prepare it the same
+    way (as jobs.prepare refuses another way): a changed source, seed, shard size, dtype or flip stops the job
+    before stage 1, naming the change; a data set given without data.source is taken as it is."""
+    from dydit_dist.data import pipeline as data_pipeline
+    from dydit_dist.data.manifest import Manifest
+
+    source = _image_folder(tmp_path / "images")
+    base = ["data.shard_size=10"]
+    cfg = load(tmp_path, f"data.source={source}", *base)
+    settings, plan = data_pipeline.plan(cfg)
+    manifest = Manifest(settings, len(plan.chunks))
+    manifest.complete = True
+    manifest.write(cfg.data.uri)
+    assert pipeline.data_done(cfg) and "storage.run" not in problems(cfg)
+    other = override.replace("OTHER", _image_folder(tmp_path / "other", 100))
+    changed = load(tmp_path, f"data.source={source}", *base, other)
+    key = other.split("=")[0].removeprefix("data.")
+    with pytest.raises(pipeline.OutputsDiffer, match=rf"prepared with other settings \({key}: .* there vs .* now\)"):
+        pipeline.data_done(changed)
+    assert f"{key}: " in problems(changed)["storage.run"]
+    given = load(tmp_path, *base, other if not other.startswith("data.source") else "data.seed=0", "data.source=null")
+    assert pipeline.data_done(given)  # no data.source: a data set prepared elsewhere, used as it is

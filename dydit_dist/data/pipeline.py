@@ -73,6 +73,27 @@ class PrepareResult:
     skipped: int  # shards already done
 
 
+def config_settings(cfg: Config) -> dict:
+    """The manifest settings that follow from the config alone (no listing of the source, no VAE read): what
+    `pipeline.data_done` compares with a complete data set before a reproduce run reuses it."""
+    d, m = cfg.data, cfg.model
+    pixels = d.vae == "none"
+    settings = {
+        "conditioning": conditioning(m.name), "latent_dtype": d.latent_dtype,
+        "latent_storage": "pixels" if pixels else d.latent_storage, "vae": d.vae,
+        "scale_factor": 1.0 if pixels else d.vae_scale_factor, "flip": d.flip, "image_size": m.image_size,
+        "seed": d.seed, "source": d.source, "source_format": d.source_format,
+        "shard_size": None if d.source_format == "webdataset" else d.shard_size,
+    }
+    if settings["conditioning"] == "class":
+        settings["num_classes"] = m.num_classes
+    else:
+        settings.update(text_encoder=d.text_encoder, tokenizer=d.tokenizer or d.text_encoder,
+                        text_len=m.model_max_length, caption_preprocessing=CAPTION_PREPROCESSING,
+                        crop="resize-center")  # PixArt-alpha's; class data keeps DiT's ADM crop (no key: "adm")
+    return settings
+
+
 def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
     """The manifest settings and the source chunks; DataError for input that does not fit the model."""
     d, m = cfg.data, cfg.model
@@ -81,7 +102,7 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
     if d.vae == "none":
         if m.vae_downsample != 1:
             raise DataError(f"data.vae=none stores pixels: model.vae_downsample must be 1, got {m.vae_downsample}")
-        storage_kind, scale = "pixels", 1.0
+        storage_kind = "pixels"
     else:
         vae = vae_properties(pretrained.local(d.vae, cfg.storage.root))
         problems = []
@@ -93,27 +114,22 @@ def plan(cfg: Config) -> tuple[dict, sources.SourcePlan]:
             problems.append(f"scaling_factor {vae['scaling_factor']} != data.vae_scale_factor={d.vae_scale_factor}")
         if problems:
             raise DataError(f"data.vae={d.vae} does not fit the config: " + "; ".join(problems))
-        storage_kind, scale = d.latent_storage, d.vae_scale_factor
+        storage_kind = d.latent_storage
     shape = expected_latent_shape(m)
     settings = {
-        "conditioning": cond, "latent_shape": shape, "latent_dtype": d.latent_dtype,
-        "stored_shape": [2, *shape] if storage_kind == "mean_std" else shape, "latent_storage": storage_kind,
-        "vae": d.vae, "scale_factor": scale, "flip": d.flip, "image_size": m.image_size, "seed": d.seed,
-        "source": d.source, "source_format": d.source_format, "num_inputs": source_plan.num_inputs,
-        "inputs_digest": source_plan.digest,
-        "shard_size": None if d.source_format == "webdataset" else d.shard_size,
+        **config_settings(cfg), "latent_shape": shape,
+        "stored_shape": [2, *shape] if storage_kind == "mean_std" else shape,
+        "num_inputs": source_plan.num_inputs, "inputs_digest": source_plan.digest,
         "sample_order": "input" if d.source_format == "webdataset" else "permuted",
     }
     if cond == "class":
-        settings.update(num_classes=m.num_classes, classes=list(source_plan.classes))
+        settings["classes"] = list(source_plan.classes)
     else:
         text_dim = text_properties(pretrained.local(d.text_encoder, cfg.storage.root))["text_dim"]
         if text_dim != m.caption_channels:
             raise DataError(f"data.text_encoder={d.text_encoder} gives {text_dim}-wide features, "
                             f"model.caption_channels={m.caption_channels}")
-        settings.update(text_encoder=d.text_encoder, tokenizer=d.tokenizer or d.text_encoder,
-                        text_len=m.model_max_length, text_dim=text_dim, caption_preprocessing=CAPTION_PREPROCESSING,
-                        crop="resize-center")  # PixArt-alpha's; class data keeps DiT's ADM crop (no key: "adm")
+        settings["text_dim"] = text_dim
     return settings, source_plan
 
 
