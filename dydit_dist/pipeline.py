@@ -265,12 +265,15 @@ def samples_done(cfg: Config) -> bool:
 
 
 def metrics_done(cfg: Config) -> bool:
-    """Whether the run's metrics.json is of its samples as they are now, evaluated with these settings."""
+    """Whether the run's metrics.json is of its samples as they are now (their shards' sha256s: samples made
+    again with the same settings, e.g. of weights trained again to the same step, are others), evaluated with
+    these settings. A metrics.json of before the digest was recorded is computed again, once."""
     paths = RunPaths(cfg)
     if not storage.exists(paths.metrics):
         return False
     record, samples = storage.read_json(paths.metrics), SamplesManifest.read(paths.samples)
     return (record.get("sampling") == samples.settings and record.get("num_samples") == samples.num_samples
+            and record.get("samples_digest") == samples.content_digest()
             and record.get("evaluation") == evaluation_settings(cfg.eval))
 
 

@@ -300,6 +300,11 @@ class ShardManifest:
         """The shard records in index order."""
         return [self.shards[i] for i in sorted(self.shards)]
 
+    def content_digest(self) -> str:
+        """sha256 of the shards' names and sha256s in index order: the same for the same bytes, another
+        for a folder made again (other weights at the same URL), whatever its settings say."""
+        return settings_digest([[r["name"], r.get("sha256")] for r in self.records()])
+
     def to_json(self) -> dict:
         return {"format": self.FORMAT, "complete": self.complete, "settings": self.settings,
                 "num_shards": self.num_shards, "num_samples": self.num_samples, "shards": self.records(),

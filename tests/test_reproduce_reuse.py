@@ -46,7 +46,7 @@ def finish_samples(m_cfg) -> SamplesManifest:
     for u in units:
         name = f"shard-{u.index:06d}.tar"
         storage.write_bytes(storage.join(RunPaths(m_cfg).samples, name), b"x")
-        manifest.add({"index": u.index, "name": name, "count": u.count, "bytes": 1})
+        manifest.add({"index": u.index, "name": name, "count": u.count, "bytes": 1, "sha256": "0" * 64})
     manifest.write(RunPaths(m_cfg).samples)
     return manifest
 
@@ -155,7 +155,7 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     m_cfg = pipeline.method_config(cfg, "static", None, {})
     manifest = finish_samples(m_cfg)
     record = {"metrics": {"isc_mean": 1.0}, "num_samples": manifest.num_samples, "sampling": manifest.settings,
-              "evaluation": evaluation_settings(m_cfg.eval)}
+              "samples_digest": manifest.content_digest(), "evaluation": evaluation_settings(m_cfg.eval)}
     storage.write_json(RunPaths(m_cfg).metrics, record)
     assert pipeline.metrics_done(m_cfg)
     assert not pipeline.metrics_done(pipeline.method_config(load(tmp_path, "eval.isc_splits=5"), "static", None, {}))
@@ -180,6 +180,16 @@ def test_metrics_are_computed_again_for_other_samples_or_settings(tmp_path):
     assert not pipeline.metrics_done(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "evaluation"})
     assert not pipeline.metrics_done(m_cfg)  # written before the settings were recorded: not known to match
+    storage.write_json(RunPaths(m_cfg).metrics, {k: v for k, v in record.items() if k != "samples_digest"})
+    assert not pipeline.metrics_done(m_cfg)  # nor before the samples' digest was
+    storage.write_json(RunPaths(m_cfg).metrics, record)
+    assert pipeline.metrics_done(m_cfg)
+    # the samples made again with the same settings (weights trained again to the same step, at the same URL):
+    # the record's settings and count still match, the bytes do not
+    again = SamplesManifest.read(RunPaths(m_cfg).samples)
+    again.shards[0] = {**again.shards[0], "sha256": "1" * 64}
+    again.write(RunPaths(m_cfg).samples)
+    assert not pipeline.metrics_done(m_cfg)
 
 
 def test_metrics_evaluated_with_the_digits_classifier_the_job_trains_are_done_in_the_plan(tmp_path):
@@ -191,6 +201,7 @@ def test_metrics_evaluated_with_the_digits_classifier_the_job_trains_are_done_in
     manifest = finish_samples(m_cfg)
     storage.write_json(RunPaths(m_cfg).metrics, {"metrics": {"isc_mean": 1.0}, "num_samples": manifest.num_samples,
                                                  "sampling": manifest.settings,
+                                                 "samples_digest": manifest.content_digest(),
                                                  "evaluation": evaluation_settings(m_cfg.eval)})
     stages = {s.name: s.work for s in preflight.plan(cfg, "reproduce").stages}
     assert stages["evaluate static"] == "outputs exist, skipped"

@@ -160,6 +160,7 @@ def evaluate(cfg: Config, samples: str | None = None, out: str | None = None) ->
         "metrics": values,
         "num_samples": manifest.num_samples,
         "samples": samples,
+        "samples_digest": manifest.content_digest(),  # the bytes evaluated (`pipeline.metrics_done`)
         "method": manifest.settings["method"],
         "sampling": manifest.settings,
         "evaluation": settings,
