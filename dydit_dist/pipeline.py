@@ -245,8 +245,8 @@ def _train(cfg: Config, run: str) -> None:
     checkpoints.remove_uncommitted(RunPaths(cfg).checkpoints)
     launcher.fit(launcher.build_trainer(cfg), cfg.ray.capacity_timeout_s)
     if not trained_to_end(cfg):
-        raise RuntimeError(f"{run}: training ended without an EMA export at train.max_steps="
-                           f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer})")
+        raise config_lib.JobFailed(f"{run}: training ended without an EMA export at train.max_steps="
+                                   f"{cfg.train.max_steps} ({RunPaths(cfg).ema_pointer}); a rerun resumes it")
 
 
 def samples_done(cfg: Config) -> bool:

@@ -160,6 +160,13 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
                                                   "StableDiffusionXLPipeline (the sample and evaluate jobs), not fine-tuned"))
         return False
     done, differ = _done(pipeline.finetune_done, cfg) if p.job == "reproduce" else (False, None)
+    if p.job == "reproduce" and not done and not differ:  # a resumable run: refused now, not when its stage starts
+        try:
+            launcher.check_settings(cfg)
+        except ConfigError as err:
+            differ = str(err)
+        except OSError:  # storage trouble: the storage.root check reports it
+            pass
     trained = RunPaths(cfg).checkpoints
     if init_made_by and resolve.quietly(lambda: has_checkpoint(trained) or exported_step(trained) >= 0):
         differ = (f"holds a {name} of earlier {init_key or 'train.init_from'} weights, and the {init_made_by} "

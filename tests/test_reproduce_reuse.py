@@ -259,3 +259,16 @@ def test_a_complete_data_set_is_reused_only_with_the_settings_it_was_prepared_wi
     assert f"{key}: " in problems(changed)["storage.run"]
     given = load(tmp_path, *base, other if not other.startswith("data.source") else "data.seed=0", "data.source=null")
     assert pipeline.data_done(given)  # no data.source: a data set prepared elsewhere, used as it is
+
+
+def test_a_resumable_fine_tune_with_changed_settings_is_refused_before_stage_1(tmp_path):
+    """A fine-tune killed after a committed checkpoint resumes only with its settings (as jobs.finetune
+    checks before it starts): the plan refuses a changed lr before prepare and every earlier stage run."""
+    cfg = load(tmp_path)
+    finetune = pipeline.finetune_config(cfg, None, "dydit")
+    run_config.save(finetune, "finetune")
+    storage.write_json(storage.join(RunPaths(finetune).checkpoints, "checkpoint_manager_snapshot.json"),
+                       {"latest_checkpoint_result": {"x": 1}})  # committed, not finished
+    assert "storage.run" not in problems(cfg)
+    found = problems(load(tmp_path, "train.lr=0.001"))["storage.run"]
+    assert "resumes from a checkpoint made with other settings (train.lr: 0.0001 -> 0.001)" in found, found
