@@ -115,13 +115,17 @@ def trained_methods(cfg: Config) -> list[str]:
 
 
 def finetune_note(cfg: Config, weights: str) -> str:
-    """The report's line on a fine-tune (`cfg`: its config)."""
+    """The report's line on a fine-tune (`cfg`: its config). Where and how it ran (workers, ZeRO stage: no
+    change to the weights, so a reused fine-tune may have run otherwise) is read from the config it last ran
+    with (`config.finetune.yaml`)."""
     m = cfg.model
+    ran = run_config.previous(cfg, "finetune") or {}
+    workers = ran.get("ray", {}).get("num_workers", cfg.ray.num_workers)
+    zero = ran.get("deepspeed", {}).get("zero_stage", cfg.deepspeed.zero_stage)
     what = (f"at lambda {m.dynamic.target_lambda}" if m.method == "dydit" else
             f"(layout {m.flexdit.layout}, token grids {list(m.flexdit.grid_sizes)})")
     return (f"{'DyDiT' if m.method == 'dydit' else 'FlexDiT'} weights: the static ones fine-tuned "
-            f"{cfg.train.max_steps} more steps {what} on {cfg.ray.num_workers} workers, "
-            f"ZeRO-{cfg.deepspeed.zero_stage} ({weights}).")
+            f"{cfg.train.max_steps} more steps {what} on {workers} workers, ZeRO-{zero} ({weights}).")
 
 
 def method_config(cfg: Config, method: str, static: str | None, trained: dict[str, str]) -> Config:

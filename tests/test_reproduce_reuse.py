@@ -272,3 +272,12 @@ def test_a_resumable_fine_tune_with_changed_settings_is_refused_before_stage_1(t
     assert "storage.run" not in problems(cfg)
     found = problems(load(tmp_path, "train.lr=0.001"))["storage.run"]
     assert "resumes from a checkpoint made with other settings (train.lr: 0.0001 -> 0.001)" in found, found
+
+
+def test_the_report_says_how_a_reused_fine_tune_ran(tmp_path):
+    """Workers and ZeRO stage do not decide the weights, so a fine-tune of 2 workers under ZeRO-2 is reused by
+    a config of 1 worker under ZeRO-3: the report's note says how it ran, not how this config would run it."""
+    run = finish_finetune(load(tmp_path, "ray.num_workers=2", "deepspeed.zero_stage=2"))
+    now = pipeline.finetune_config(load(tmp_path, "ray.num_workers=1", "deepspeed.zero_stage=3"), None, "dydit")
+    assert pipeline.finetune_done(now)
+    assert "on 2 workers, ZeRO-2" in pipeline.finetune_note(now, run)
