@@ -402,3 +402,13 @@ def test_a_data_set_smaller_than_its_readers_is_named_under_data_uri(tmp_path, c
                           "train.global_batch_size=4", "train.micro_batch_size=2"]) == 2
     err = capsys.readouterr().err
     assert f"data.uri=file://{root}/data/debug: " in err and "has 1 samples, fewer than ray.num_workers" in err, err
+
+
+def test_the_plan_notes_where_eb_caches_released_correction_was_not_tuned():
+    def notes(*overrides):
+        cfg = config.load("eb_cache_dit_xl2_256_50", ["model.checkpoint=/nowhere/DiT-XL-2-256x256.pt", *overrides])
+        return [line for line in plan(cfg, "sample").text().splitlines() if "sample.eb_cache.eps_scale" in line]
+
+    assert notes() == []  # the released code's own setting
+    assert "untuned here" in notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}")[0]
+    assert notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}", "sample.eb_cache.eps_scale=none") == []
