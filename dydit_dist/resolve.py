@@ -21,7 +21,7 @@ import torch
 from braceexpand import braceexpand
 
 from dydit_dist import pipeline, pretrained, storage
-from dydit_dist.accel.options import load_table
+from dydit_dist.accel.options import load_table, parse_eps_scale
 from dydit_dist.config import Config
 from dydit_dist.data import DataError, sources
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
@@ -90,6 +90,10 @@ def eb_cache_table(cfg: Config) -> Input:
                    (("model", cfg.model.name), ("image_size", cfg.model.image_size), ("sampler", s.sampler),
                     ("cfg_scale", s.cfg_scale), ("eps_scale", s.eb_cache.eps_scale))
                    if name in table and table[name] != value]
+    factors = [list(k) for k in parse_eps_scale(s.eb_cache.eps_scale)]
+    if table.get("eps_scale_factors", factors if table.get("eps_scale") != "paper" else None) != factors:
+        differences.append(f"eps_scale factors {table.get('eps_scale_factors')} there (none recorded: `paper` "
+                           f"multiplied by b(t) then), {factors} here")
     if differences:
         return Input(key, url, problem=f"calibrated for another trajectory ({'; '.join(differences)}); calibrate "
                                        "one with these settings (python -m jobs.calibrate)")

@@ -9,7 +9,7 @@ import torch
 
 from dydit_dist.accel import Backend, EBCacheOptions, build_runner, parse_schedule
 from dydit_dist.accel.calibrate import calibrate, state_error
-from dydit_dist.accel.options import TABLE_FORMAT, load_table
+from dydit_dist.accel.options import TABLE_FORMAT, load_table, parse_eps_scale
 from dydit_dist.accel.synthetic import randomize_zero_init
 from dydit_dist.models import build_model
 from jobs.calibrate import main
@@ -107,6 +107,7 @@ def test_calibration_follows_the_trajectory_the_runner_samples(monkeypatch, eps_
     calibrated = _visited(monkeypatch, calibrate_module, lambda: tables.append(
         calibrate(backend, noise, cond, sampler="ddim", steps=5, tolerance=0.0, eps_scale=eps_scale)))
     assert tables[0]["schedule"] == "00000" and tables[0]["eps_scale"] == eps_scale
+    assert tables[0]["eps_scale_factors"] == [list(k) for k in parse_eps_scale(eps_scale)]
     runner = build_runner("eb_cache", backend.model, EBCacheOptions(schedule="00000", eps_scale=eps_scale))
     runner.begin(5)
     sampled = _visited(monkeypatch, cache_module, lambda: sample(

@@ -226,6 +226,16 @@ def test_an_eb_cache_table_calibrated_along_another_trajectory_is_refused(tmp_pa
                              "with these settings (python -m jobs.calibrate)")
     table.write_text(json.dumps({**recorded, "sampler": "ddpm"}))
     assert next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule").problem is None
+    # `paper` multiplied eps by b(t) before its factors were recorded: such a table is of the other trajectory
+    paper = config.load("debug", [f"storage.root={f['root']}", f"model.checkpoint={f['checkpoint']}",
+                                  "sample.method=eb_cache", f"sample.eb_cache.schedule={table}", "sample.steps=5",
+                                  "sample.eb_cache.eps_scale=paper"])
+    table.write_text(json.dumps({**recorded, "sampler": "ddpm", "eps_scale": "paper"}))
+    problem = next(i for i in plan(paper, "sample").inputs if i.key == "sample.eb_cache.schedule").problem
+    assert "eps_scale factors None there (none recorded: `paper` multiplied by b(t) then)" in problem
+    factors = [[0.0, 1 / 0.96], [0.4, 1 / 0.98], [1.0, 1.0]]
+    table.write_text(json.dumps({**recorded, "sampler": "ddpm", "eps_scale": "paper", "eps_scale_factors": factors}))
+    assert next(i for i in plan(paper, "sample").inputs if i.key == "sample.eb_cache.schedule").problem is None
 
 
 def test_more_inception_score_splits_than_samples_is_named_before_the_features(tmp_path, capsys):

@@ -110,5 +110,6 @@ def calibrate(
         "format": TABLE_FORMAT, "schedule": schedule, "num_steps": len(rows), "full_steps": schedule.count("0"),
         "flops_ideal_speedup": full / used, "sampler": sampler, "tolerance": tolerance,
         "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale, "eps_scale": eps_scale,
+        "eps_scale_factors": [list(k) for k in knots],  # what the name meant (`paper` was read the other way once)
         "num_samples": noise.shape[0] // (2 if cfg_scale != 1.0 else 1), "steps": rows,
     }
