@@ -73,8 +73,8 @@ _START = time.monotonic()
 def data_done(cfg: Config) -> bool:
     """Whether the data folder of `cfg` (data.uri, else the run's) holds a complete manifest; OutputsDiffer
     when `cfg` would prepare it (data.source set) with other settings than it was (those that follow from the
-    config: `data.pipeline.config_settings`; the prepare job checks the source's listing too). A data set
-    given without data.source is taken as it is."""
+    config: `data.pipeline.config_settings`, a key its manifest lacks counting as a change, as for the prepare
+    job, which checks the source's listing too). A data set given without data.source is taken as it is."""
     uri = RunPaths(cfg).data
     url = manifest_url(uri)
     if not storage.exists(url):
@@ -88,10 +88,11 @@ def data_done(cfg: Config) -> bool:
             source = RunPaths(cfg).source(source.split(":", 1)[1])
         made = manifest.get("settings", {})
         expected = config_settings(with_values(cfg, data={"source": source}))
-        changes = [f"{k}: {made[k]!r} there vs {v!r} now" for k, v in expected.items() if k in made and made[k] != v]
-        if changes:
+        changes = [f"{k}: {made.get(k)!r} there vs {v!r} now" for k, v in expected.items() if made.get(k) != v]
+        if changes:  # a key the manifest lacks too (made before it was recorded), as jobs.prepare counts it
             raise OutputsDiffer(f"{uri} holds a data set prepared with other settings ({'; '.join(changes)}); use "
-                                "another storage.run (or data.uri), or remove that folder")
+                                "another storage.run (or data.uri), remove that folder, or set data.source=null "
+                                "to use it as it is")
     return True
 
 

@@ -248,9 +248,10 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
     if s.method == "eb_cache" and s.eb_cache.schedule.endswith(".json"):
         p.add(resolve.eb_cache_table(cfg))
     if s.method == "eb_cache" and s.eb_cache.eps_scale == "released" and (
-            cfg.model.name != "DiT-XL/2" or cfg.model.method != "static" or s.sampler != "ddpm" or s.steps != 50):
+            cfg.model.name != "DiT-XL/2" or cfg.model.image_size != 256 or cfg.model.method != "static"
+            or s.sampler != "ddpm" or s.steps != 50):
         p.add(Input("sample.eb_cache.eps_scale", "released", note="eps / 0.965: the released code's constant for a "
-                    "static DiT-XL/2 at 50 DDPM steps, untuned here; set none, paper or const:X for another"))
+                    "static DiT-XL/2 at 256 px and 50 DDPM steps, untuned here; set none, paper or const:X for another"))
     if p.job == "sample" and s.export_npz:
         problem = export_problem(s.export_npz)
         p.add(Input("sample.export_npz", s.export_npz, problem=problem) if problem else

@@ -421,4 +421,5 @@ def test_the_plan_notes_where_eb_caches_released_correction_was_not_tuned():
 
     assert notes() == []  # the released code's own setting
     assert "untuned here" in notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}")[0]
+    assert "untuned here" in notes("model.image_size=512")[0]
     assert notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}", "sample.eb_cache.eps_scale=none") == []

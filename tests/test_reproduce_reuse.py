@@ -281,3 +281,18 @@ def test_the_report_says_how_a_reused_fine_tune_ran(tmp_path):
     now = pipeline.finetune_config(load(tmp_path, "ray.num_workers=1", "deepspeed.zero_stage=3"), None, "dydit")
     assert pipeline.finetune_done(now)
     assert "on 2 workers, ZeRO-2" in pipeline.finetune_note(now, run)
+
+
+def test_a_data_set_whose_manifest_lacks_a_setting_counts_as_other_settings(tmp_path):
+    """As jobs.prepare counts it: a data set made before a setting was recorded is not known to match."""
+    from dydit_dist.data import pipeline as data_pipeline
+    from dydit_dist.data.manifest import Manifest
+
+    source = _image_folder(tmp_path / "images")
+    cfg = load(tmp_path, f"data.source={source}", "data.shard_size=10")
+    settings, plan = data_pipeline.plan(cfg)
+    manifest = Manifest({k: v for k, v in settings.items() if k != "seed"}, len(plan.chunks))
+    manifest.complete = True
+    manifest.write(cfg.data.uri)
+    with pytest.raises(pipeline.OutputsDiffer, match=r"\(seed: None there vs 0 now\).*or set data.source=null"):
+        pipeline.data_done(cfg)

@@ -207,6 +207,8 @@ def test_the_samplers_end_where_sdxls_euler_scheduler_ends(tmp_path, pipeline_fo
     # an SD-XL samples folder of before (DDIM ending at sigma 0.029) is other settings; other families' are not
     assert sampling_settings(sdxl_config(tmp_path, pipeline_folder))["scheduler"] == {"set_alpha_to_one": True}
     assert "scheduler" not in sampling_settings(config.load("debug"))
+    # DPM-Solver++ folders are those of before (nothing set over the folder's config)
+    assert "scheduler" not in sampling_settings(sdxl_config(tmp_path, pipeline_folder, "sample.sampler=dpm-solver++"))
 
 
 def test_the_guidance_mix_is_fp32_under_bf16_autocast(tmp_path, pipeline_folder):

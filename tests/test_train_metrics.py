@@ -113,3 +113,31 @@ def test_a_failed_tensorboard_upload_is_a_warning_and_the_next_carries_the_scala
     tb.log(2, {"loss": 0.25})
     tb.close()
     assert _scalars(url) == pytest.approx({1: 0.5, 2: 0.25})
+
+
+def test_a_flush_after_an_upload_decided_to_end_is_uploaded_without_waiting_for_close(tmp_path):
+    """The upload thread's last look at the flushes and its exit are not one instant: a log() between them
+    starts an upload of its own (it used to leave its scalars to the next log or close, which a run that
+    dies never reaches)."""
+    import threading
+
+    exiting, go_on = threading.Event(), threading.Event()
+
+    class Lingering(TensorBoardLog):
+        def _upload_while_stale(self):
+            super()._upload_while_stale()
+            if not exiting.is_set():  # the first upload thread only
+                exiting.set()
+                go_on.wait(30)  # decided to end, not yet ended
+
+    url = tmp_path / "tensorboard"
+    tb = Lingering(str(url), enabled=True)
+    tb.log(1, {"loss": 1.0})
+    assert exiting.wait(30)
+    first = tb._uploader
+    tb.log(2, {"loss": 0.5})
+    assert tb._uploader is not first  # an upload of its own
+    tb._uploader.join(30)
+    assert _scalars(url) == pytest.approx({1: 1.0, 2: 0.5})  # before close
+    go_on.set()
+    tb.close()

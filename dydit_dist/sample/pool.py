@@ -103,8 +103,8 @@ def sampling_settings(cfg: Config) -> dict:
         "precision": s.precision, "tf32": s.tf32, "vae_precision": s.vae_precision, "compile": s.compile,
         "noise": stream_kind(s.noise, "cuda" if cfg.ray.use_gpu else "cpu"),
         "prompts": _prompts_identity(s.prompts) if fam != "dit" else None,
-        # SD-XL only (a key the other families' folders never had): what its scheduler takes besides its config
-        **({"scheduler": SDXL_SCHEDULERS[s.sampler][1]} if fam == "sdxl" else {}),
+        # SD-XL's DDIM only (a key no other folder had): what its scheduler takes besides the folder's config
+        **({"scheduler": SDXL_SCHEDULERS[s.sampler][1]} if fam == "sdxl" and SDXL_SCHEDULERS[s.sampler][1] else {}),
         # under autocast the network's output is made fp32 before the guidance mix and EB-Cache's correction
         # (they were in bf16 before): the bytes of an fp32 run did not change, so neither do its settings
         **({"guidance_dtype": "fp32"} if s.precision != "fp32" else {}),

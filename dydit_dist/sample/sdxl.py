@@ -39,9 +39,10 @@ from .shards import GeneratedSample
 # `sample.sampler` -> the diffusers scheduler and what it takes besides the folder's scheduler config. SD-XL's
 # released config (an EulerDiscreteScheduler's) carries `set_alpha_to_one: false`, with which DDIM's last step
 # lands at alphas_cumprod[0] (sigma 0.029: noise left in the image) where Euler's ends at sigma 0; both end
-# at sigma 0 here. These are part of the samples folder's settings (`pool.sampling_settings`).
+# at sigma 0 here (DPM-Solver++ does by default). What is set here is part of the samples folder's settings
+# (`pool.sampling_settings`).
 SCHEDULERS = {"ddim": ("DDIMScheduler", {"set_alpha_to_one": True}),
-              "dpm-solver++": ("DPMSolverMultistepScheduler", {"final_sigmas_type": "zero"})}
+              "dpm-solver++": ("DPMSolverMultistepScheduler", {})}
 
 
 def _fp32_output(module, args, output):

@@ -37,6 +37,7 @@ class TensorBoardLog:
         self.local = None
         self.writer = None
         self._uploader: threading.Thread | None = None
+        self._running = False  # an upload thread runs and will look at _stale again (both under the lock)
         self._stale = False  # flushed since the running upload read the files
         self._lock = threading.Lock()
         if enabled:
@@ -52,9 +53,10 @@ class TensorBoardLog:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
         with self._lock:
-            if self._uploader is not None and self._uploader.is_alive():
+            if self._running:
                 self._stale = True  # the running upload uploads again when it ends
                 return
+            self._running = True
             self._uploader = threading.Thread(target=self._upload_while_stale, name="tensorboard-upload",
                                               daemon=True)
             self._uploader.start()
@@ -66,6 +68,7 @@ class TensorBoardLog:
             self._upload()
             with self._lock:
                 if not self._stale:
+                    self._running = False  # under the lock: a log() after this starts a thread of its own
                     return
 
     def _upload(self) -> None:
