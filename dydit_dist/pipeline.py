@@ -2,10 +2,11 @@
 
 Every stage is skipped when its outputs exist (a complete data manifest, an EMA export at the last
 step, a complete samples manifest, a metrics.json), so a rerun after a crash does only what is
-missing. Outputs are reused only for the settings they were made with: a finished fine-tune whose
-config differs in a key that decides its weights (`run_config.WEIGHTS`), or samples made with other
-sampling settings or weights, stop the job with `OutputsDiffer` / `SamplesError` naming each change
-(another storage.run, or removing that folder, starts over); metrics of other samples or evaluation
+missing. Outputs are reused only for the settings they were made with: a data set this config would
+prepare otherwise (`data_done`), a finished or resumable fine-tune whose config differs in a key that
+decides its weights (`run_config.WEIGHTS`), or samples made with other sampling settings or weights, stop
+the job before stage 1 with `OutputsDiffer` / `SamplesError` naming each change (another storage.run, or
+removing that folder, starts over); metrics of other samples (by their shards' sha256s) or evaluation
 settings are computed again. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
 
     storage.run                     what it holds

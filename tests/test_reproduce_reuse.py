@@ -1,9 +1,9 @@
 """`jobs.reproduce` reuses a stage's outputs only for the settings they were made with.
 
-A finished fine-tune, a complete samples folder and a metrics.json are found on storage (written here
-as the stages write them, without running them); a rerun with a setting that decides them changed is
-refused with the change named (fine-tune, samples: expensive, never silently replaced), metrics are
-computed again. The preflight says so before stage 1, and refuses comparisons it can see will fail
+A complete data set, a finished or resumable fine-tune, a complete samples folder and a metrics.json are
+found on storage (written here as the stages write them, without running them); a rerun with a setting
+that decides them changed is refused with the change named (data, fine-tune, samples: expensive, never
+silently replaced), metrics are computed again (also for samples made again with the same settings). The preflight says so before stage 1, and refuses comparisons it can see will fail
 late: a reference that is a folder of latents, eval.samples, a method that does not fit the config.
 """
 
