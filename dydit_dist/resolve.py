@@ -91,9 +91,10 @@ def eb_cache_table(cfg: Config) -> Input:
                     ("cfg_scale", s.cfg_scale), ("eps_scale", s.eb_cache.eps_scale))
                    if name in table and table[name] != value]
     factors = [list(k) for k in parse_eps_scale(s.eb_cache.eps_scale)]
-    if table.get("eps_scale_factors", factors if table.get("eps_scale") != "paper" else None) != factors:
-        differences.append(f"eps_scale factors {table.get('eps_scale_factors')} there (none recorded: `paper` "
-                           f"multiplied by b(t) then), {factors} here")
+    recorded = table.get("eps_scale_factors", factors if table.get("eps_scale") != "paper" else None)
+    if recorded != factors:
+        why = " (none recorded: `paper` multiplied by b(t) then)" if recorded is None else ""
+        differences.append(f"eps_scale factors {recorded} there{why}, {factors} here")
     if differences:
         return Input(key, url, problem=f"calibrated for another trajectory ({'; '.join(differences)}); calibrate "
                                        "one with these settings (python -m jobs.calibrate)")
