@@ -8,10 +8,9 @@ The lease is a folder of numbered objects, `{run}/lease/0000000001.json`, `00000
 each `{"host", "pid", "job", "since", "renewed", "ttl_s", "token", "released"}`. The highest number is
 the lease; the others are leftovers. It is free when that object is released or has expired (not
 renewed for `ttl_s` seconds: its holder died; wall clock, hosts are assumed to agree to well within
-`ttl_s`). Objects are only ever *created if absent*, the one conditional operation every backend has:
-`os.link` of a complete temporary file on local disk (atomic, fails when the name exists); on S3 one
-PUT with `If-None-Match: *` (s3fs `pipe_file(mode="create")`, botocore >= 1.35.20), which AWS S3 and
-moto answer with 412 when the object exists; `memory://` (one process) checks and writes under a lock.
+`ttl_s`). Objects are only ever *created if absent* (`storage.create`), the one conditional operation
+every backend has: `os.link` on local disk, a PUT with `If-None-Match: *` on S3 (botocore >= 1.35.20;
+AWS S3 and moto answer 412 when the object exists), a check under a lock on `memory://`.
 
 Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld (after polling for up to
 `wait_s`, `storage.lease_wait_s`, for it to be released: a KubeRay retry starts while the lost attempt's
@@ -77,7 +76,6 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{10})\.json$")
 _ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
-_MEMORY_LOCK = threading.Lock()
 _HELD: list[Lease] = []  # the leases this process holds, newest last (`held`)
 _POLL_S = 5.0  # how often a job waiting for a held lease (`wait_s`) looks again
 FENCE = 0.75  # a holder whose last confirmed renewal is this many ttl_s old stops (module docstring)
@@ -116,41 +114,6 @@ def _protocol(url: str) -> str:
 
 def _object(url: str, number: int) -> str:
     return storage.join(url, f"{number:010d}.json")
-
-
-def _create(url: str, data: bytes) -> bool:
-    """Write the object `url` whole, only if it does not exist; False when it exists."""
-    fs, path = storage.filesystem(url)
-    protocol = _protocol(url)
-    if protocol == "file":
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)  # exclusive like O_EXCL, and a reader never sees the object half-written
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        return True
-    if protocol == "s3":
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except Exception as err:  # noqa: BLE001 - reported with the URL
-            raise storage.StorageError(f"creating {url} failed: {type(err).__name__}: {err}") from err
-        return True
-    with _MEMORY_LOCK:  # memory://: one process
-        if storage.exists(url):
-            return False
-        storage.write_bytes(url, data)
-        return True
 
 
 def _numbers(url: str) -> list[int]:
@@ -242,7 +205,7 @@ class Lease:
             # 2. Create it; a failure means another job created that number first.
             mine, holder.since = top + 1, time.time()
             holder.renewed = holder.since
-            if not _create(_object(url, mine), json.dumps(asdict(holder)).encode()):
+            if not storage.create(_object(url, mine), json.dumps(asdict(holder)).encode()):
                 attempts += 1
                 continue
             # 3. Nothing above it: held. Something above: this job's view was stale; withdraw.

@@ -9,8 +9,10 @@ The data folders of the prepare job (latents, `data/`) and the samples folders o
 by subclassing `ShardManifest`.
 
 Shards are built in memory with fixed member metadata, so the same samples always give the same
-bytes (and sha256), and written whole: a reader never sees half a shard. A record holds at least
-{"index", "name", "count", "sha256", "bytes"}.
+bytes (and sha256), and written whole: a reader never sees half a shard. Each is created once: the
+first copy written stays, a later copy of the same shard (a lost worker that still writes) finds it
+and returns its record (`write_shard`); a driver removes the objects of the shards it makes again
+first (`remove_shards`). A record holds at least {"index", "name", "count", "sha256", "bytes"}.
 
 Only the driver writes the manifest. A worker that finishes a shard writes the shard, then may write
 its done-marker; the driver merges markers into the manifest (`ShardManifest.resume`). Two workers
@@ -85,12 +87,40 @@ def pack(samples: Iterable[Sample], mode: int = 0o444) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(uri: str, index: int, data: bytes, count: int) -> dict:
-    """Write shard `index` (`count` samples packed in `data`) whole; returns its record."""
+def write_shard(uri: str, index: int, data: bytes, count: int, *, replace: bool = False) -> dict:
+    """Write shard `index` (`count` samples packed in `data`) whole; returns the record of the object stored.
+
+    The object is only created (`storage.create`): when another copy of the same shard is there first
+    (a lost worker's late write, a retried task whose first try still ran), that copy stays and the record
+    describes its bytes, so a record never names bytes that storage does not hold (copies differ where
+    the work is not bit-reproducible, as on GPUs). Drivers remove the objects of the shards they make
+    again before handing them out (`remove_shards`). `replace=True` overwrites (a data set written by
+    one process)."""
     name = shard_name(index)
-    storage.write_bytes(storage.join(uri, name), data)
+    url = storage.join(uri, name)
+    if replace:
+        storage.write_bytes(url, data)
+    elif not storage.create(url, data):
+        stored = storage.read_bytes(url)
+        if stored != data:
+            log.warning("%s: another copy of this shard was written first; it is kept (this copy's bytes "
+                        "differ: sha256 %s, not %s)", url, hashlib.sha256(stored).hexdigest()[:12],
+                        hashlib.sha256(data).hexdigest()[:12])
+        data = stored
     return {"index": index, "name": name, "count": count, "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data)}
+
+
+def remove_shards(uri: str, indices: Iterable[int]) -> list[str]:
+    """Remove the objects of shards `indices` that are to be made again (written but never recorded, or
+    not matching their record), so that the create-only writes of `write_shard` land; their URLs."""
+    names = {shard_name(i) for i in indices}
+    stale = [url for url in storage.listdir(uri) if url.rsplit("/", 1)[-1] in names]
+    for url in stale:
+        storage.remove(url)
+    if stale:
+        log.info("%s: removed %d shard objects without a matching record before making them again", uri, len(stale))
+    return stale
 
 
 def read_shard(uri: str, record: dict) -> bytes:

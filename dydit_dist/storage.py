@@ -60,6 +60,7 @@ _S3_OPTIONS: dict[str, Any] = {}
 _RETRIES = 5
 _TIMEOUT_S = 60.0
 _KNOWN_BUCKETS: set[str] = set()  # buckets seen to exist, so a missing object costs one request
+_MEMORY_LOCK = threading.Lock()  # `create` on memory://
 
 
 class StorageError(OSError):
@@ -227,6 +228,8 @@ def _retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
         except FileNotFoundError:
             _check_bucket(url)
             raise
+        except FileExistsError:  # a create-only PUT that found the object (`create`)
+            raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised with the URL
             left = budget - (time.monotonic() - start)
             if attempt <= _RETRIES and is_transient(err) and left > delay:
@@ -374,6 +377,53 @@ def write_bytes(url: str, data: bytes) -> None:
         _retry(url, "writing", _timed(fs, "pipe_file", path, data), len(data))
     except FileNotFoundError as err:  # only a missing container makes a PUT "not found"
         raise StorageError(f"writing {url} failed: {err}") from err
+
+
+def create(url: str, data: bytes) -> bool:
+    """Write the object `url` whole only if it does not exist yet: True when it now holds `data`, False
+    when another writer's object was there first (left as it is). On local disk `os.link` of a complete
+    temporary file (exclusive like O_EXCL); on S3 one PUT with `If-None-Match: *` (s3fs
+    `pipe_file(mode="create")`, answered 412 when the object exists), retried like any write: a retry
+    that finds the object holding exactly `data` is this call's own PUT that landed (True). `memory://`
+    (one process) checks and writes under a lock. S3-compatible stores that ignore `If-None-Match`
+    overwrite instead."""
+    fs, path = filesystem(url)
+    protocol = _protocol(url)
+    if protocol == "file":
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return True
+    if protocol == "memory":
+        with _MEMORY_LOCK:
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+            return True
+    attempts = []
+
+    def put(left: float) -> None:
+        attempts.append(left)
+        fs.pipe_file(path, data, mode="create", timeout=max(left, 0.01))
+
+    try:
+        _retry(url, "creating", put, len(data))
+    except FileExistsError:
+        return len(attempts) > 1 and read_bytes(url) == data
+    except FileNotFoundError as err:  # only a missing container makes a PUT "not found"
+        raise StorageError(f"creating {url} failed: {err}") from err
+    return True
 
 
 def read_json(url: str) -> Any:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dydit_dist import config, storage
-from dydit_dist.data import LatentStream, ManifestError, prepare, verify_manifest
-from dydit_dist.shardset import pack, shard_url
+from dydit_dist.data import LatentStream, Manifest, ManifestError, prepare, verify_manifest
+from dydit_dist.shardset import marker_url, pack, shard_url
 from dydit_dist.storage import StorageError
 
 pytestmark = pytest.mark.integration
@@ -78,6 +78,19 @@ def test_prepare_local_then_read_back_and_rerun(ray_local, image_source, tiny_va
     assert resumed.encoded == 1 and storage.read_bytes(lost) == old
     assert {k: v for k, v in _mtimes(uri).items() if not k.endswith("shard-000004.tar")} == \
         {k: v for k, v in before.items() if not k.endswith("shard-000004.tar")}
+
+    # A task that wrote other bytes and died before its done-marker, never recorded: the rerun removes the
+    # object and encodes it again (a task's write only creates; it would have kept those bytes).
+    unrecorded, manifest = shard_url(uri, 5), Manifest.read(uri)
+    good = storage.read_bytes(unrecorded)
+    del manifest.shards[5]
+    manifest.complete = False
+    manifest.write(uri)
+    storage.remove(marker_url(uri, 5))
+    storage.write_bytes(unrecorded, good[: len(good) // 2])
+    remade = prepare(cfg)
+    assert remade.encoded == 1 and storage.read_bytes(unrecorded) == good
+    assert remade.manifest.shards[5]["sha256"] == Manifest.read(uri).shards[5]["sha256"]
 
     with pytest.raises(ManifestError, match="num_classes=10"):
         verify_manifest(uri, config.load("debug", ["model.image_size=32", "model.vae_downsample=8"]).model, cfg.data)

@@ -222,7 +222,7 @@ def _rewrite_shard(uri, index, samples):
     """Shard `index` rewritten with `samples` and recorded in the manifest (size and sha256 match: what the
     reader meets is well-formed bytes of the wrong content)."""
     manifest = read_manifest(uri)
-    manifest.add({**write_shard(uri, index, pack(samples), len(samples)), "bad": [], "inputs": len(samples)})
+    manifest.add({**write_shard(uri, index, pack(samples), len(samples), replace=True), "bad": [], "inputs": len(samples)})
     manifest.write(uri)
 
 

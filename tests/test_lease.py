@@ -20,7 +20,7 @@ import pytest
 from dydit_dist import cli, storage
 from dydit_dist import config as config_lib
 from dydit_dist import lease as lease_lib
-from dydit_dist.lease import Lease, LeaseHeld, _create, _numbers, _object, read
+from dydit_dist.lease import Lease, LeaseHeld, _numbers, _object, read
 from dydit_dist.paths import RunPaths
 
 
@@ -44,8 +44,10 @@ def _stale(url: str, number: int = 1, job: str = "sample", age_s: float = 600.0)
 
 def _on_call(monkeypatch, name: str, index: int, action) -> None:
     """Run `action()` once, just before call number `index` (from 0) of `lease.<name>`: a step of the job
-    under test, with `action` (another job's whole acquire) happening in between."""
-    original, calls = getattr(lease_lib, name), []
+    under test, with `action` (another job's whole acquire) happening in between. `create` is the lease's
+    `storage.create`."""
+    owner = lease_lib.storage if name == "create" else lease_lib
+    original, calls = getattr(owner, name), []
 
     def hooked(*args):
         calls.append(args)
@@ -53,14 +55,7 @@ def _on_call(monkeypatch, name: str, index: int, action) -> None:
             action()
         return original(*args)
 
-    monkeypatch.setattr(lease_lib, name, hooked)
-
-
-def test_create_is_conditional(url):
-    one = _object(url, 1)
-    assert _create(one, b"first")
-    assert not _create(one, b"second")  # link locally, If-None-Match: * on S3
-    assert storage.read_bytes(one) == b"first" and _numbers(url) == [1]
+    monkeypatch.setattr(owner, name, hooked)
 
 
 def test_a_held_run_is_refused_with_the_holder_named(url):
@@ -126,7 +121,7 @@ def test_a_holder_whose_lease_was_taken_over_stops_renewing(tmp_path):
 # (hooked function, call index): the job under test is interrupted before its first listing, between
 # its listing and its read of the expired lease, between that read and its create, and between its
 # create and the listing that confirms it.
-STEPS = [("_numbers", 0), ("_read", 0), ("_create", 0), ("_numbers", 1)]
+STEPS = [("_numbers", 0), ("_read", 0), ("create", 0), ("_numbers", 1)]
 
 
 @pytest.mark.parametrize("hook, index", STEPS)
@@ -179,9 +174,9 @@ def test_a_stale_creator_whose_number_was_cleaned_up_loses(url, monkeypatch):
         assert _numbers(url) == [3]
 
     created = []
-    _on_call(monkeypatch, "_create", 0, meanwhile)
-    create = lease_lib._create
-    monkeypatch.setattr(lease_lib, "_create", lambda u, data: created.append(u) or create(u, data))
+    _on_call(monkeypatch, "create", 0, meanwhile)
+    create = storage.create
+    monkeypatch.setattr(storage, "create", lambda u, data: created.append(u) or create(u, data))
     with pytest.raises(LeaseHeld, match="held by job 'third'"):
         Lease.acquire(url, "stale", ttl_s=60)
     assert created[0] == _object(url, 2) and _numbers(url) == [3] and read(url).job == "third"
@@ -194,7 +189,7 @@ def test_simultaneous_takeovers_leave_one_holder(url, monkeypatch):
         pytest.skip("memory:// is one process; its create is made atomic by a lock")
     _stale(url)
     ready = threading.Barrier(4, timeout=60)
-    create, waited = lease_lib._create, set()
+    create, waited = storage.create, set()
 
     def together(u, data):
         if threading.current_thread().name not in waited:  # every job has decided before any creates
@@ -202,7 +197,7 @@ def test_simultaneous_takeovers_leave_one_holder(url, monkeypatch):
             ready.wait()
         return create(u, data)
 
-    monkeypatch.setattr(lease_lib, "_create", together)
+    monkeypatch.setattr(storage, "create", together)
     outcomes = {}
 
     def attempt(job: str) -> None:

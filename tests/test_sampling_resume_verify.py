@@ -15,7 +15,7 @@ from sampling_util import random_checkpoint, tiny_config
 from dydit_dist import storage
 from dydit_dist.models import CheckpointError
 from dydit_dist.sample import GeneratedSample, SamplesManifest, iter_samples, pack, run_sampling
-from dydit_dist.shardset import ShardError, settings_digest, write_marker, write_shard
+from dydit_dist.shardset import ShardError, remove_shards, settings_digest, write_marker, write_shard
 
 SETTINGS = {"seed": 0, "num_samples": 12}
 
@@ -24,6 +24,25 @@ def _samples(indices) -> list[GeneratedSample]:
     rng = np.random.default_rng(0)
     return [GeneratedSample(k, rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), {"index": k, "class": k % 3})
             for k in indices]
+
+
+def test_a_late_copy_of_a_shard_keeps_the_first_and_records_it(tmp_path, caplog):
+    """An actor taken for lost that still writes its copy after its replacement's (on a GPU the copies'
+    bytes may differ): the first copy stays, and the late writer's record, which becomes its done-marker
+    and the manifest's record, describes the bytes storage holds. A driver removes the objects it makes
+    again first (`remove_shards`), only those."""
+    url = str(tmp_path / "samples")
+    first = write_shard(url, 0, pack(_samples(range(4))), 4)
+    write_shard(url, 1, pack(_samples(range(4, 8))), 4)
+    other = [GeneratedSample(s.index, 255 - s.image, s.meta) for s in _samples(range(4))]
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.shardset"):
+        late = write_shard(url, 0, pack(other), 4)
+    assert late == first and storage.read_bytes(f"{url}/shard-000000.tar") == pack(_samples(range(4)))
+    assert "another copy of this shard was written first; it is kept" in caplog.text
+    assert write_shard(url, 0, pack(_samples(range(4))), 4) == first  # the same bytes: the same record
+    assert remove_shards(url, [0, 5]) == [f"file://{url}/shard-000000.tar"]
+    assert sorted(os.listdir(url)) == ["shard-000001.tar"]
+    assert write_shard(url, 0, pack(other), 4)["sha256"] != first["sha256"]  # made again: this copy
 
 
 def _finished_folder(url: str) -> SamplesManifest:

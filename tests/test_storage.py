@@ -34,6 +34,22 @@ def test_round_trip_and_listing(root):
     assert storage.listdir(storage.join(root, "nothing")) == []
 
 
+@pytest.fixture(params=["file", "memory", "s3"])
+def any_root(request, tmp_path):
+    if request.param == "s3":
+        return f"{request.getfixturevalue('s3_bucket')}/store"
+    return f"memory://create-{os.getpid()}-{tmp_path.name}" if request.param == "memory" else str(tmp_path / "store")
+
+
+def test_create_writes_only_where_nothing_is(any_root):
+    """The one conditional write (the lease's objects, shards): a link locally, If-None-Match: * on S3."""
+    url = storage.join(any_root, "one.json")
+    assert storage.create(url, b"first")
+    assert not storage.create(url, b"second") and not storage.create(url, b"first")
+    assert storage.read_bytes(url) == b"first"
+    assert [u.rsplit("/", 1)[-1] for u in storage.listdir(any_root)] == ["one.json"]  # no temporary left
+
+
 def test_missing_object_is_file_not_found(root):
     with pytest.raises(FileNotFoundError, match="no such object"):
         storage.read_bytes(storage.join(root, "missing.bin"))

@@ -95,6 +95,7 @@ class Fault:
     cut_after: int | None = None
     times: int = 1
     exact: bool = False  # the path is `path` itself (a bucket's HEAD: its objects' paths start with it)
+    after: bool = False  # the request reaches the server (a PUT lands), then the client gets the error
 
 
 class FaultyProxy:
@@ -116,7 +117,7 @@ class FaultyProxy:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 fault = proxy._take(self.command, self.path, self.headers.get("Range"))
-                if fault is not None and fault.cut_after is None:
+                if fault is not None and fault.cut_after is None and not fault.after:
                     return self._s3_error(fault)
                 host = urlsplit(upstream)
                 conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
@@ -124,6 +125,8 @@ class FaultyProxy:
                 answer = conn.getresponse()
                 data = answer.read()
                 conn.close()
+                if fault is not None and fault.after:  # done upstream; the answer lost on the way
+                    return self._s3_error(fault)
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():  # a HEAD keeps the object's Content-Length
                     if key.lower() not in ("transfer-encoding", "connection", "date", "server") and not (
@@ -206,6 +209,19 @@ def test_a_throttled_put_and_head_are_retried(proxy):
     faulty.faults += [Fault("PUT", "/y.bin", times=2), Fault("HEAD", "/y.bin", status=503, code="503")]
     storage.write_bytes(url, b"12345")
     assert faulty.seen("PUT") == 3 and storage.size(url) == 5
+
+
+@pytest.mark.integration
+def test_a_create_whose_answer_was_lost_is_its_own_on_the_retry(proxy):
+    """A create-only PUT that landed but whose answer did not come back: the retry meets 412, finds its own
+    bytes there and counts as created; one that finds another writer's object does not, without a retry."""
+    bucket, faulty = proxy
+    url = f"{bucket}/c.bin"
+    faulty.faults.append(Fault("PUT", "/c.bin", status=500, code="InternalError", after=True))
+    assert storage.create(url, b"mine")
+    assert faulty.seen("PUT") == 2 and storage.read_bytes(url) == b"mine"
+    assert not storage.create(url, b"theirs") and faulty.seen("PUT") == 3
+    assert storage.read_bytes(url) == b"mine"
 
 
 @pytest.mark.integration

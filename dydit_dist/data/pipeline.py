@@ -4,8 +4,8 @@
        (latent channels, downsampling, scale factor) and T5 width against the model config, and
        compare with the manifest already there (a rerun with other settings is an error).
     2. Skip every shard the manifest lists and storage holds: a rerun of a finished job does nothing,
-       an interrupted one resumes (a shard written but not yet recorded is encoded again, and its
-       object replaced whole).
+       an interrupted one resumes (a shard written but not yet recorded is removed and encoded again;
+       a task's write only creates, so a retried task's copy never replaces the first try's).
     3. Encode the remaining chunks as Ray tasks (`encode_chunk`, one chunk each, on a GPU with
        `ray.use_gpu`; at most `data.prepare_workers` in flight, by default `ray.num_workers`, once
        the cluster has room for them: `capacity.acquire`). Each task writes its shard itself; a
@@ -55,7 +55,7 @@ from dydit_dist.data.manifest import (
 )
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
-from dydit_dist.shardset import pack, settings_digest, unverified, write_marker, write_shard
+from dydit_dist.shardset import pack, remove_shards, settings_digest, unverified, write_marker, write_shard
 
 log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
@@ -253,6 +253,7 @@ def prepare(cfg: Config) -> PrepareResult:
     manifest.complete = False
     manifest.write(uri)
     config_lib.save(cfg, paths.data_config)
+    remove_shards(uri, [c.index for c in todo])  # written but not recorded: the tasks' writes only create
     # 2. Fan out
     connect_ray(cfg.ray.address)
     concurrency = _concurrency(cfg, len(todo))

@@ -46,7 +46,7 @@ def write_dataset(uri: str, latents: np.ndarray, *, labels: np.ndarray | None = 
                          t5=None if t5 is None else t5[i], t5_mask=None if t5_masks is None else t5_masks[i])
             for i in range(start, min(start + shard_size, n))
         ]
-        record = write_shard(uri, index, pack(samples), len(samples))
+        record = write_shard(uri, index, pack(samples), len(samples), replace=True)
         manifest.add({**record, "bad": [], "inputs": len(samples)})
     manifest.complete = True
     manifest.write(uri)

@@ -10,7 +10,9 @@ the network, method, sampler and decoder once, then samples one unit at a time
 (`dispatch.Dispatcher`: the queue's head, or once the queue is empty, a speculative copy of the
 oldest running unit). The first copy of a unit to finish sampling is written (the shard as one
 object, then its done-marker, see `dydit_dist.shardset`) by a second concurrent method of the same
-actor, so PNG encoding and upload overlap the next unit's sampling; later copies are discarded. The
+actor, so PNG encoding and upload overlap the next unit's sampling; later copies are discarded. A
+shard object is only created, never replaced: when an actor taken for lost still writes its copy
+after its replacement's, the first stays and the manifest records that one (GPU copies may differ). The
 driver merges the records into the manifest (it alone writes it), shows samples/s and ETA, and
 writes the manifest only once the actors are ready, so a failed start leaves nothing behind.
 
@@ -46,7 +48,7 @@ from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.sample.sdxl import SCHEDULERS as SDXL_SCHEDULERS
 from dydit_dist.sample.sdxl import SDXLShardGenerator
-from dydit_dist.shardset import settings_digest, write_marker, write_shard
+from dydit_dist.shardset import remove_shards, settings_digest, write_marker, write_shard
 
 from .dispatch import Dispatcher
 from .manifest import SamplesError, SamplesManifest
@@ -280,6 +282,7 @@ def run_sampling(cfg: Config, url: str | None = None,
             manifest.write(url)
         log.info("%s: all %d samples already made", url, manifest.num_samples)
         return manifest
+    remove_shards(url, [u.index for u in todo])  # a lost run's unrecorded objects: this run's writes create
     # 2. Actors; the manifest is written once they are ready, so a failed start leaves none behind
     start = time.monotonic()
     pretrained.mirror(cfg, captions=family(cfg.model.name) != "dit")  # a Hub id: once here, not once per actor
