@@ -98,6 +98,12 @@ def test_report_shows_the_training_runs(tmp_path):
     assert "- dydit training: last logged step 2, loss 0.2000, FLOPs ratio 0.600 (target 0.500)." in text
     assert "flexdit training" not in text and "![training curves](plots/training.png)" in text
     assert storage.read_bytes(f"{run}/plots/training.png")[:4] == b"\x89PNG"
+    # the same run reported again without its training runs and widths: their old plots go with their links
+    assert storage.exists(f"{run}/plots/dydit_width.png") is False
+    storage.write_bytes(f"{run}/plots/dydit_width.png", b"an earlier report's")
+    text = storage.read_bytes(write_report(paths, records, "demo")).decode()
+    assert "plots/training.png" not in text and not storage.exists(f"{run}/plots/training.png")
+    assert not storage.exists(f"{run}/plots/dydit_width.png") and storage.exists(f"{run}/plots/samples_grid.png")
     # without a training run: no plot and no link
     other = RunPaths(config.load("debug", [f"storage.root={tmp_path}", "storage.run=other"]))
     _samples(f"{other.url}/static/samples", {})

@@ -245,6 +245,9 @@ def write_report(paths: RunPaths, records: list[dict], title: str = "Comparison"
     runs = {label: training_scalars(url) for label, url in (training or {}).items()}
     runs = {label: scalars for label, scalars in runs.items() if scalars.get("loss")}
     has_training = _training(runs, plots["training"])
+    for name, made in (("dydit_width", has_width), ("training", has_training)):
+        if not made:  # an earlier report's plot would sit in plots/ as if it belonged to this one
+            storage.remove(plots[name])
     # 2. The table
     fid, sfid, isc, precision, recall = (metric_name(first, m) for m in ("fid", "sfid", "isc", "precision", "recall"))
     clip = any("clip_score" in r["metrics"] for r in records)  # text-to-image (eval.protocol=coco)
