@@ -360,18 +360,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write one object whole: temp-and-rename on local disk, a single PUT elsewhere."""
     fs, path = filesystem(url)
     if _protocol(url) == "file":
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _place_local(path, data, os.replace)
         return
     try:
         _retry(url, "writing", _timed(fs, "pipe_file", path, data), len(data))
@@ -390,20 +379,10 @@ def create(url: str, data: bytes) -> bool:
     fs, path = filesystem(url)
     protocol = _protocol(url)
     if protocol == "file":
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
+            _place_local(path, data, os.link)
         except FileExistsError:
             return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
         return True
     if protocol == "memory":
         with _MEMORY_LOCK:
@@ -424,6 +403,23 @@ def create(url: str, data: bytes) -> bool:
     except FileNotFoundError as err:  # only a missing container makes a PUT "not found"
         raise StorageError(f"creating {url} failed: {err}") from err
     return True
+
+
+def _place_local(path: str, data: bytes, place: Callable[[str, str], None]) -> None:
+    """Write `data` to a temporary file beside `path`, synced, then `place(tmp, path)` (os.replace: an
+    overwrite; os.link: a create that fails when `path` exists): a reader never sees half a file."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        place(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def read_json(url: str) -> Any:
