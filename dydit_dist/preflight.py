@@ -37,7 +37,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from dydit_dist import flops, pipeline, pretrained, resolve, storage
+from dydit_dist.accel.methods import METHODS
 from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
@@ -337,9 +340,11 @@ def _reference(p: Plan, cfg: Config, extractor_made: bool = False) -> None:
         p.add(Input(key, value, problem=problem))
     if "data.source_format" not in problems:
         p.add(resolve.source(cfg, builtin_ok=False))
-    for key, value in (("eval.reference", cfg.eval.reference), ("sample.prompts", cfg.sample.prompts)):
+    for key, value, suffixes, what in (
+            ("eval.reference", cfg.eval.reference, (".npz",), "the ADM-format .npz to write"),
+            ("sample.prompts", cfg.sample.prompts, (".txt", ".jsonl"), "the captions file to write")):
         if key not in problems:
-            p.add(Input(key, value, note="written by the job"))
+            p.add(_destination(key, value, suffixes, what))
     p.add(resolve.extractor(cfg, made=extractor_made))
 
 
@@ -365,22 +370,25 @@ def _data_reference(cfg: Config) -> Input | None:
 def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: int = 8, out: str | None = None) -> None:
     m, s = cfg.model, cfg.sample
     if out:  # checked first: the table is written after the whole calibration
-        try:
-            url = storage.check_url(out)
-        except storage.StorageError as err:
-            p.add(Input("--out", out, problem=str(err)))
-        else:
-            folder = resolve.writable(url.rsplit("/", 1)[0], "--out")
-            p.add(Input("--out", out, problem=f"its folder is {folder.problem}") if folder.problem else folder)
+        p.add(_destination("--out", out, (".json",), "the table's name (sample.eb_cache.schedule reads a .json "
+                                                      "name as a calibration table)"))
     if family(m.name) == "sdxl":
         p.add(Input("model.name", m.name, problem="model.family sdxl has no EB-Cache calibration (its sample.method "
                                                   "is static or at_edm)"))
         return
+    networks = METHODS["eb_cache"].networks
+    if m.method not in networks:
+        p.add(Input("model.method", m.method, problem=f"sample.method=eb_cache samples a network with model.method in "
+                                                      f"{list(networks)}: a table of this one would be of no use"))
+        return
     macs = network_macs(m)
     guidance = 2 if s.cfg_scale != 1.0 else 1
-    flop = num_samples * s.steps * guidance * macs * 2
-    p.stages.append(Stage("calibrate", f"EB-Cache table of {m.name} for {s.sampler} {s.steps} steps: {num_samples} "
-                                       f"samples x {s.steps} x {guidance} x {_macs(macs)} x 2 = {_flop(flop)}", flop))
+    flop = num_samples * s.steps * guidance * macs * 2 * 4
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.stages.append(Stage("calibrate", f"EB-Cache table of {m.name} for {s.sampler} {s.steps} steps on this process's "
+                                       f"{'GPU' if device == 'cuda' else 'CPU'}: {num_samples} samples x {s.steps} x "
+                                       f"{guidance} x {_macs(macs)} x 2 x 4 (no cache and the three cached states, "
+                                       f"at most) = {_flop(flop)}", flop))
     if not m.checkpoint and not allow_random:  # even the debug models: random weights make a meaningless table
         p.add(Input("model.checkpoint", None, problem="unset: calibrating random weights gives a meaningless table "
                                                       "(pass --random-init to do it anyway)"))
@@ -389,6 +397,21 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
     if family(m.name) != "dit":  # a PixArt table is calibrated on the run's first prompts, as the sample job's
         p.add(resolve.prompts("sample.prompts", s.prompts, "a prompts file (.txt or .jsonl)"))
         _text_encoder(p, cfg)
+
+
+def _destination(key: str, value: str, suffixes: tuple[str, ...], what: str) -> Input:
+    """An object the job writes at its end, checked before the work: a supported URL, named with one of
+    `suffixes` (`what` says why), in a folder that can be written."""
+    try:
+        url = storage.check_url(value)
+    except storage.StorageError as err:
+        return Input(key, value, problem=str(err))
+    if not url.lower().endswith(suffixes):
+        return Input(key, value, problem=f"not a {' or '.join(suffixes)} name; expected {what}")
+    folder = resolve.writable(url.rsplit("/", 1)[0], key)
+    if folder.problem:
+        return Input(key, value, problem=f"its folder is {folder.problem}")
+    return Input(key, value, note="written by the job (its folder is writable)")
 
 
 def _reproduce(p: Plan, cfg: Config) -> None:

@@ -88,7 +88,8 @@ def eb_cache_table(cfg: Config) -> Input:
     s = cfg.sample
     differences = [f"{name} {table[name]!r} there, {value!r} here" for name, value in
                    (("model", cfg.model.name), ("image_size", cfg.model.image_size), ("sampler", s.sampler),
-                    ("cfg_scale", s.cfg_scale), ("eps_scale", s.eb_cache.eps_scale))
+                    ("cfg_scale", s.cfg_scale), ("guidance_channels", s.guidance_channels),
+                    ("eps_scale", s.eb_cache.eps_scale))
                    if name in table and table[name] != value]
     factors = [list(k) for k in parse_eps_scale(s.eb_cache.eps_scale)]
     recorded = table.get("eps_scale_factors", factors if table.get("eps_scale") != "paper" else None)
@@ -98,7 +99,16 @@ def eb_cache_table(cfg: Config) -> Input:
     if differences:
         return Input(key, url, problem=f"calibrated for another trajectory ({'; '.join(differences)}); calibrate "
                                        "one with these settings (python -m jobs.calibrate)")
-    return Input(key, url, note=f"a calibration table of {cfg.sample.steps} steps")
+    # A schedule of other weights is still a schedule (the released table is used on any DiT-XL/2), but
+    # one a user rarely means: said in the plan.
+    others = [f"{name} {table[name]!r} there, {value!r} here" for name, value in
+              (("method", cfg.model.method), ("precision", s.precision)) if name in table and table[name] != value]
+    if "checkpoint" in table and table["checkpoint"] is None and cfg.model.checkpoint:
+        others.append("calibrated on random weights (--random-init), sampled with model.checkpoint")
+    elif table.get("checkpoint") != cfg.model.checkpoint and "checkpoint" in table:
+        others.append(f"calibrated on {table['checkpoint']}, sampled with {cfg.model.checkpoint}")
+    return Input(key, url, note=f"a calibration table of {cfg.sample.steps} steps"
+                                + (f"; NOT of this network: {'; '.join(others)}" if others else ""))
 
 
 def source(cfg: Config, builtin_ok: bool) -> Input:

@@ -2,8 +2,9 @@
 
     python -m jobs.calibrate --config dit_xl2_256 --tolerance 0.05 model.checkpoint=DiT-XL-2-256x256.pt
 
-Writes `{storage.root}/runs/{storage.run}/eb_cache/<model>_<sampler><steps>_<criterion>_tol<t>.json` (or
-`--out`), which `sample.method=eb_cache` reads as its schedule. See `dydit_dist.accel.calibrate`.
+Writes `{storage.root}/runs/{storage.run}/eb_cache/<model>_<method>_<sampler><steps>_<criterion>_tol<t>_<hash>.json`
+(the hash: of the weights, guidance, correction and precision it was calibrated with) or `--out` (a
+`.json` name), which `sample.method=eb_cache` reads as its schedule. See `dydit_dist.accel.calibrate`.
 """
 
 from __future__ import annotations

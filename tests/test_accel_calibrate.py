@@ -48,10 +48,12 @@ def test_tolerance_grows_with_t():
         assert row["tolerance"] == pytest.approx(0.1 + 0.4 * row["timestep"] / 999)
 
 
-def test_entry_point_writes_a_table_the_runner_reads(tmp_path):
+def test_entry_point_writes_a_table_the_runner_reads(tmp_path, capsys):
     out = tmp_path / "table.json"
     main(["--random-init", "--num-samples", "2", "--tolerance", "0.3", "--out", str(out),
           "sample.steps=5", "model.image_size=8"])
+    progress = capsys.readouterr().err  # a bar over the steps: a 250-step DiT-XL/2 calibration takes a while
+    assert "calibrate: 100%" in progress and "5/5" in progress, progress
     table = json.loads(out.read_text())
     assert table["format"] == TABLE_FORMAT
     assert parse_schedule(table["schedule"]) and len(table["schedule"]) == 5 == table["num_steps"]

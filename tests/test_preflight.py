@@ -236,6 +236,19 @@ def test_an_eb_cache_table_calibrated_along_another_trajectory_is_refused(tmp_pa
     factors = [[0.0, 1 / 0.96], [0.4, 1 / 0.98], [1.0, 1.0]]
     table.write_text(json.dumps({**recorded, "sampler": "ddpm", "eps_scale": "paper", "eps_scale_factors": factors}))
     assert next(i for i in plan(paper, "sample").inputs if i.key == "sample.eb_cache.schedule").problem is None
+    # guidance on other channels is another trajectory; other weights, method or precision another network,
+    # which the plan says (a schedule stays a schedule: the released one serves any DiT-XL/2)
+    table.write_text(json.dumps({**recorded, "sampler": "ddpm", "guidance_channels": 4}))
+    assert "guidance_channels 4 there, 3 here" in next(
+        i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule").problem
+    for extra, said in (({"checkpoint": None}, "calibrated on random weights (--random-init), sampled with "
+                                               "model.checkpoint"),
+                        ({"checkpoint": "/elsewhere/w.safetensors"}, "calibrated on /elsewhere/w.safetensors, "
+                                                                     f"sampled with {f['checkpoint']}"),
+                        ({"method": "dydit", "checkpoint": f["checkpoint"]}, "method 'dydit' there, 'static' here")):
+        table.write_text(json.dumps({**recorded, "sampler": "ddpm", "guidance_channels": 3, **extra}))
+        found = next(i for i in plan(cfg, "sample").inputs if i.key == "sample.eb_cache.schedule")
+        assert found.problem is None and found.note == f"a calibration table of 5 steps; NOT of this network: {said}"
 
 
 def test_more_inception_score_splits_than_samples_is_named_before_the_features(tmp_path, capsys):
@@ -302,6 +315,13 @@ def test_a_caption_reference_from_a_non_caption_source_is_refused_in_the_dry_run
     assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
                            f"eval.reference={tmp_path}/ref.npz", f"sample.prompts={tmp_path}/p.csv"]) == 2
     assert "p.csv: not a .txt or .jsonl name" in capsys.readouterr().err
+    # where it writes, at the end of the whole pass over the images: checked first
+    (tmp_path / "afile").write_text("x")
+    for key in ("eval.reference", "sample.prompts"):
+        bad = f"{tmp_path}/afile/out." + ("npz" if key == "eval.reference" else "txt")
+        assert reference.main([*argv, f"data.source={caps}", "data.source_format=captions",
+                               f"eval.reference={tmp_path}/ref.npz", f"{key}={bad}"]) == 2
+        assert f"{key}={bad}: its folder is not writable" in capsys.readouterr().err
     from dydit_dist.eval.captions import prepare_caption_reference  # the job itself: the same checks
 
     with pytest.raises(ValueError, match=r"^data.source_format=imagefolder: .*; eval.reference=.*ref.npy: not a .npz"):
@@ -375,6 +395,14 @@ def test_calibrate_names_an_unwritable_out_before_calibrating_and_its_bad_weight
     assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "--out",
                            f"{tmp_path}/new/t.json"]) == 0
     assert not (tmp_path / "new").exists()
+    for out in (f"{tmp_path}/new/t.txt", f"{tmp_path}/new/"):  # the sampler reads only a .json name as a table
+        assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "--out", out]) == 2
+        assert f"--out={out}: not a .json name; expected the table's name" in capsys.readouterr().err
+    # a network EB-Cache does not sample: its table would be of no use
+    assert calibrate.main(["--dry-run", "--random-init", "--config", "debug", root, "model.method=flexdit",
+                           "model.flexdit.grid_sizes=[8,6,4]"]) == 2
+    assert "model.method=flexdit: sample.method=eb_cache samples a network with model.method in" in \
+        capsys.readouterr().err
     # weights holding NaN pass the preflight (it reads headers only) and are refused as they load: one line, exit 2
     weights = load_file(random_checkpoint(str(tmp_path / "w.safetensors")))
     weights["pos_embed"] = torch.full_like(weights["pos_embed"], float("nan"))

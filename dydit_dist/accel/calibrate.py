@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from dydit_dist.diffusion import cfg_model_fn, sample
 
@@ -99,17 +100,21 @@ def calibrate(
         out, run["cache"], macs = tried[chosen]
         rows.append({"step": run["step"], "timestep": timestep, "tolerance": tol, "state": chosen,
                      "errors": {str(s): e for s, e in errors.items()}, "macs": macs, "full_macs": tried[0][2]})
+        bar.set_postfix_str("".join(str(r["state"]) for r in rows)[-20:], refresh=False)  # the schedule so far
+        bar.update(1)
         return correct_eps(out, channels, eps_scale_at(knots, timestep / (num_train_timesteps - 1)))
 
     grid = backend.set_grid(noise)
-    sample(model_fn, noise.shape, sampler, steps, generator, noise=noise, model_kwargs=model_kwargs,
-           step_callback=step_callback, num_train_timesteps=num_train_timesteps)
+    with tqdm(total=steps, desc="calibrate", unit="step", mininterval=1.0) as bar:
+        sample(model_fn, noise.shape, sampler, steps, generator, noise=noise, model_kwargs=model_kwargs,
+               step_callback=step_callback, num_train_timesteps=num_train_timesteps)
     schedule = "".join(str(r["state"]) for r in rows)
     full, used = sum(r["full_macs"] for r in rows), sum(r["macs"] for r in rows)
     return {
         "format": TABLE_FORMAT, "schedule": schedule, "num_steps": len(rows), "full_steps": schedule.count("0"),
         "flops_ideal_speedup": full / used, "sampler": sampler, "tolerance": tolerance,
-        "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale, "eps_scale": eps_scale,
+        "tolerance_at_zero": tolerance_at_zero, "criterion": criterion, "cfg_scale": cfg_scale,
+        "guidance_channels": guidance_channels, "eps_scale": eps_scale,
         "eps_scale_factors": [list(k) for k in knots],  # what the name meant (`paper` was read the other way once)
         "num_samples": noise.shape[0] // (2 if cfg_scale != 1.0 else 1), "steps": rows,
     }

@@ -7,6 +7,8 @@ outputs live (`RunPaths.eb_cache`), for `EBCacheOptions(schedule=URL)` to read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import torch
@@ -74,7 +76,13 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
                  checkpoint=cfg.model.checkpoint, seed=seed, device=device.type, precision=s.precision,
                  conditioning=(f"prompts 0..{num_samples - 1} of {s.prompts}" if captions
                                else f"classes of samples 0..{num_samples - 1} (sample.labels={s.labels})"))
-    name = f"{cfg.model.name.replace('/', '_')}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}.json"
+    # the trajectory's and the network's settings in the name: calibrations of one run for other methods,
+    # weights or guidance do not overwrite each other
+    identity = {k: table[k] for k in ("checkpoint", "cfg_scale", "guidance_channels", "eps_scale_factors",
+                                      "tolerance_at_zero", "precision", "image_size", "seed")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    name = (f"{cfg.model.name.replace('/', '_')}_{cfg.model.method}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}"
+            f"_{digest}.json")
     out = out or RunPaths(cfg).eb_cache(name)
     storage.write_json(out, table)
     log.info("schedule %s (%d/%d full steps, %.3fx FLOPs-ideal) -> %s", table["schedule"], table["full_steps"],
