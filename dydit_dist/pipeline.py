@@ -41,7 +41,7 @@ from dydit_dist.config import Config
 from dydit_dist.data import prepare
 from dydit_dist.data.pipeline import config_settings
 from dydit_dist.eval import digits, evaluate, write_report
-from dydit_dist.eval.captions import prepare_caption_reference
+from dydit_dist.eval.captions import prepare_caption_reference, reference_changes
 from dydit_dist.eval.evaluate import evaluation_settings
 from dydit_dist.lease import Lease, acquire_for_job
 from dydit_dist.network import read_ema_pointer
@@ -183,9 +183,15 @@ def makes_caption_reference(cfg: Config) -> bool:
 
 
 def reference_done(cfg: Config) -> bool:
-    """Whether eval.reference and sample.prompts (the reference stage's outputs) both exist."""
+    """Whether eval.reference and sample.prompts (the reference stage's outputs) both exist; OutputsDiffer
+    when that reference was made from other settings than `cfg` makes one (`captions.reference_changes`)."""
     e, s = cfg.eval, cfg.sample
-    return bool(e.reference and s.prompts) and storage.exists(e.reference) and storage.exists(s.prompts)
+    if not (e.reference and s.prompts and storage.exists(e.reference) and storage.exists(s.prompts)):
+        return False
+    if changes := reference_changes(cfg):
+        raise OutputsDiffer(f"{e.reference} is a caption reference made from other settings ({'; '.join(changes)}); "
+                            f"remove it and {s.prompts}, or set eval.reference and sample.prompts to other names")
+    return True
 
 
 def reference_stage(cfg: Config) -> None:

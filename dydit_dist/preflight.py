@@ -443,8 +443,12 @@ def _reproduce(p: Plan, cfg: Config) -> None:
     reference_by = None if cfg.eval.reference or data_ready else "prepare"
     prompts_by = None
     if pipeline.makes_caption_reference(cfg):
-        if resolve.quietly(pipeline.reference_done, cfg):
+        reference_ready, differ = _done(pipeline.reference_done, cfg)
+        if reference_ready:
             p.stages.append(Stage("reference", "outputs exist, skipped"))
+        elif differ:
+            p.stages.append(Stage("reference", "outputs exist, made with other settings"))
+            p.add(Input("eval.reference", cfg.eval.reference, problem=differ))
         else:
             _reference(p, cfg, extractor_made)
             reference_by = prompts_by = "reference"

@@ -161,6 +161,58 @@ def test_coco_protocol_end_to_end(tmp_path, clip_folder, monkeypatch):
         evaluate(cfg, samples=f"{root}/runs/t/shifted", out=f"{root}/runs/t/x.json")
 
 
+def test_a_caption_reference_records_what_it_was_made_from(tmp_path, monkeypatch):
+    """reproduce reuses a caption reference only when it was made from the same source listing, subset, size
+    and crop (`reference_changes`, compared by `pipeline.reference_done`); a reference of one image is refused
+    before any work, and the temporary .npz a killed reference job left is removed by the next."""
+    import json
+    import os
+    import tempfile
+
+    from dydit_dist import pipeline
+    from dydit_dist.eval.captions import TEMP_PREFIX, reference_changes
+
+    save_weights(DigitsNet(), str(tmp_path / "digits.safetensors"))
+    source, _ = _caption_source(tmp_path / "coco")
+    root = f"file://{tmp_path}"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    dead = subprocess_pid_that_ended()
+    (tmp_path / "tmp" / f"{TEMP_PREFIX}{dead}-abc.npz").write_bytes(b"left by a killed job")
+    (tmp_path / "tmp" / f"{TEMP_PREFIX}{os.getpid()}-live.npz").write_bytes(b"a running job's")
+    overrides = ["eval.feature_extractor=digits-cnn", f"eval.feature_extractor_weights={tmp_path / 'digits.safetensors'}",
+                 "data.source_format=captions", f"data.source={source}", f"eval.reference={root}/refs/r.npz",
+                 f"sample.prompts={root}/refs/r.txt", "model.image_size=16", "eval.protocol=coco",
+                 "eval.reference_images=4", "eval.batch_size=4"]
+    cfg = tiny_config(root, *overrides)
+    assert not pipeline.reference_done(cfg)
+    prepare_caption_reference(cfg)
+    assert sorted(os.listdir(tmp_path / "tmp")) == [f"{TEMP_PREFIX}{os.getpid()}-live.npz"]
+    with np.load(tmp_path / "refs/r.npz") as ref:
+        assert json.loads(str(ref["settings"]))["reference_images"] == 4
+    assert reference_changes(cfg) == [] and pipeline.reference_done(cfg)
+    other = tiny_config(root, *overrides, "eval.reference_images=5")
+    assert reference_changes(other) == ["reference_images: 4 there vs 5 now"]
+    with pytest.raises(pipeline.OutputsDiffer, match=r"r.npz is a caption reference made from other settings "
+                                                     r"\(reference_images: 4 there vs 5 now\); remove it and"):
+        pipeline.reference_done(other)
+    (tmp_path / "coco" / "captions.csv").write_text((tmp_path / "coco" / "captions.csv").read_text() + "img/0.png,x\n")
+    assert [c.split(":")[0] for c in reference_changes(cfg)] == ["inputs_digest"]  # the source's listing changed
+    with pytest.raises(EvalInputError, match=r"eval.reference_images=1\) gives 1 image; a reference needs at least 2"):
+        prepare_caption_reference(tiny_config(root, *overrides[:-2], "eval.reference_images=1",
+                                              f"eval.reference={root}/refs/one.npz"))
+    assert not (tmp_path / "refs" / "one.npz").exists()
+
+
+def subprocess_pid_that_ended() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_clip_needs_the_coco_protocol(tmp_path):
     from dydit_dist.eval.metrics import check_metrics
 

@@ -4,21 +4,27 @@ in the ADM evaluator's format, with the captions file the sample job draws from.
     prepare_caption_reference(cfg)   # data.source (.csv/.jsonl of image + caption) ->
                                      #   eval.reference (.npz) and sample.prompts (.txt or .jsonl)
 
-The `.npz` holds `arr_0` (N, H, W, 3) uint8: the images center-cropped to model.image_size as the
-prepare job crops them; `captions` (N,): caption k of image k; `mu`, `sigma` (FID) and `mu_s`,
+The `.npz` holds `arr_0` (N, H, W, 3) uint8: the images center-cropped to model.image_size as ADM's
+evaluator crops its reference batches (`REFERENCE_CROP`; the prepare job's caption data is resized
+PixArt's way instead); `captions` (N,): caption k of image k; `mu`, `sigma` (FID) and `mu_s`,
 `sigma_s` (sFID) of the configured feature extractor, named in `feature_extractor` (its weights' sha256 in
-`feature_extractor_weights_sha256`: an evaluation with other weights is refused). Row order is the
+`feature_extractor_weights_sha256`: an evaluation with other weights is refused); `settings`, JSON of
+what it was made from (`reference_settings`: the source and its listing's digest, the subset, size and
+crop), which reproduce compares before it reuses a reference (`reference_changes`). Row order is the
 source's listing order (of a fixed random subset of `eval.reference_images` rows when set, as
 COCO-30k takes 30,000 of val2014's), and the captions file holds the same captions in the same order, so sample k
 (caption `k % N`, `sample.plan`) is drawn from the caption of real image k. Captions are written on one
 line each (whitespace runs, newlines included, become one space), in the `.npz` and the file alike.
 
 Images and features are made in one streaming pass; the `.npz` is written locally under a temporary
-name and uploaded whole.
+name (`dydit-reference-{pid}-*.npz` in the temp folder: one that a killed job left is removed by the
+next) and uploaded whole. A reference needs at least 2 images (a covariance); the published protocols
+take thousands (FID from fewer images than the feature width is biased high).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +37,7 @@ import torch
 from dydit_dist import storage
 from dydit_dist.data.shards import DataError
 from dydit_dist.data.sources import Chunk, iter_chunk, load_image, plan_captions
+from dydit_dist.sample.export import npz_keys, read_npz_small
 
 from .extractors import SPATIAL, resolve_extractor
 from .features import extract_features
@@ -38,6 +45,48 @@ from .metrics import EvalInputError, statistics
 
 log = logging.getLogger(__name__)
 REFERENCE_SEED = 0  # the subset of eval.reference_images: fixed, so every lab draws the same rows
+REFERENCE_CROP = "adm"  # `sources.load_image`'s crop of the real images
+MIN_IMAGES = 2  # a covariance needs two
+TEMP_PREFIX = "dydit-reference-"
+
+
+def reference_settings(cfg, inputs_digest: str) -> dict:
+    """What a caption reference of `cfg` is made from (`inputs_digest`: of data.source's listing)."""
+    return {"source": cfg.data.source, "inputs_digest": inputs_digest, "reference_images": cfg.eval.reference_images,
+            "subset_seed": REFERENCE_SEED, "image_size": cfg.model.image_size, "crop": REFERENCE_CROP}
+
+
+def reference_changes(cfg) -> list[str]:
+    """How the caption reference at eval.reference differs from the one `cfg` would make ("key: there vs
+    now"; a reference made before its settings were recorded differs in every one)."""
+    url = cfg.eval.reference
+    made = json.loads(str(read_npz_small(url, "settings"))) if "settings" in npz_keys(url) else {}
+    expected = reference_settings(cfg, plan_captions(cfg.data.source, shard_size=1 << 30).digest)
+    return [f"{k}: {made.get(k)!r} there vs {v!r} now" for k, v in expected.items() if made.get(k) != v]
+
+
+def _remove_abandoned_temporaries() -> None:
+    """Temporary .npz files of reference jobs that were killed (a SIGTERM ends a job without its clean-up):
+    a COCO-30k one at 256 px is ~6 GB of the driver's disk."""
+    folder = tempfile.gettempdir()
+    for name in os.listdir(folder):
+        if not (name.startswith(TEMP_PREFIX) and name.endswith(".npz")):
+            continue
+        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                log.info("removed %s, left by a reference job that was stopped", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def one_line(caption: str) -> str:
@@ -95,6 +144,10 @@ def prepare_caption_reference(cfg) -> dict:
     plan = plan_captions(cfg.data.source, shard_size=1 << 30, seed=0)
     items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)  # listing order
     items = subset(items, e.reference_images, cfg.data.source)
+    if len(items) < MIN_IMAGES:
+        raise EvalInputError(f"data.source={cfg.data.source} (eval.reference_images={e.reference_images}) gives "
+                             f"{len(items)} image; a reference needs at least {MIN_IMAGES} (a covariance), the "
+                             "published protocols thousands")
     captions = [one_line(it.caption) for it in items]
     size = cfg.model.image_size
     # 2. Images streamed into arr_0 and through the extractor, in one pass
@@ -103,7 +156,8 @@ def prepare_caption_reference(cfg) -> dict:
     module = extractor.create(device, ["fid", "sfid"])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(items), size, size, 3)}
-    fd, tmp = tempfile.mkstemp(suffix=".npz")
+    _remove_abandoned_temporaries()
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".npz")
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -115,7 +169,7 @@ def prepare_caption_reference(cfg) -> dict:
                     for item, data, error in iter_chunk(Chunk(0, tuple(items)), "caption"):
                         if error is not None:
                             raise DataError(f"data.source={cfg.data.source}: {item.url}: {error}")
-                        batch.append(load_image(data, size))
+                        batch.append(load_image(data, size, crop=REFERENCE_CROP))
                         if len(batch) == e.batch_size:
                             yield np.stack(batch)
                             batch = []
@@ -138,6 +192,7 @@ def prepare_caption_reference(cfg) -> dict:
             _write_array(zf, "captions", np.array(captions))
             _write_array(zf, "feature_extractor", np.array(extractor.name))
             _write_array(zf, "feature_extractor_weights_sha256", np.array(extractor.weights_sha256()))
+            _write_array(zf, "settings", np.array(json.dumps(reference_settings(cfg, plan.digest), sort_keys=True)))
         storage.upload(tmp, e.reference)
     finally:
         os.remove(tmp)

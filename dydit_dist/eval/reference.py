@@ -196,9 +196,16 @@ def load_reference(url: str, extractor: Extractor, module, device, metrics: list
         mu, sigma, name = _given_statistics(url, "mu", "sigma")
         source = f"as given in {url} (mu, sigma)"
     else:
+        num, width = features[layer].shape
+        if num < 2:
+            raise EvalInputError(f"{url}: {num} reference image; FID needs the covariance of at least 2 (the published "
+                                 "protocols take thousands)")
+        if num <= width:
+            log.warning("%s: %d reference images for %d features: their covariance is singular and the FID biased "
+                        "high (the published protocols take 10,000 or more)", url, num, width)
         stats = statistics(features[layer])
         mu, sigma = stats["mu"], stats["sigma"]
-        source = f"computed from {features[layer].shape[0]} images of {url}"
+        source = f"computed from {num} images of {url}"
         name = "dydit-ref-" + _digest(cache["features_cache"])
     stats = through_fidelity_cache(name, extractor, layer, mu, sigma, cache_root)
     cache["fidelity_cache"] = os.path.join(cache_root, f"{name}-{extractor.name}-stat-fid-{layer}.pt")
