@@ -20,6 +20,13 @@ versions are logged. That is a fault of the host Ray placed the process on (it a
 cannot use: a driver that fell over, a wrong CUDA_VISIBLE_DEVICES), not of the job's input, so it is
 retried like a lost worker within ray.max_failures: a training worker is not stopped as on an input error
 (`train.worker.NOT_RETRIED`), a sampling or evaluation actor is replaced, a prepare task is tried again.
+`check_gpu` also allocates on the device, so a GPU that is present but busy or broken is found there.
+
+A device error while working (`device_failure`) is one of two kinds. Out of memory: the same work meets
+it again, so the job stops with one line naming the config keys that size the work (`on_device_error`
+raises the caller's input error). A CUDA error (an illegal access; an ECC or Xid error surfacing as one):
+the process's CUDA context is unusable, so the actor's process ends and the pool replaces it, within
+ray.max_failures, as a lost actor.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dydit_dist.config import ConfigError
+from dydit_dist.config import ConfigError, JobFailed
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
@@ -63,6 +70,37 @@ class CapacityError(ConfigError):
 
 class GpuUnavailable(RuntimeError):
     """A GPU-configured worker or actor on a host whose GPU torch cannot use (retried, see above)."""
+
+
+def device_failure(err: BaseException) -> str | None:
+    """"oom" (out of device memory), "fault" (a CUDA error: the process's device is unusable) or None. A Ray
+    task's or actor's error is read through to its cause."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "oom"
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8: CUDA errors have their own type
+    text = str(err)
+    if isinstance(err, accelerator_error) or (isinstance(err, RuntimeError) and any(
+            marker in text for marker in ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error"))):
+        return "fault"
+    return None
+
+
+def on_device_error(err: BaseException, where: str, advice: str, input_error: type[Exception]) -> None:
+    """In an actor, on an exception of its work: out of device memory raises `input_error` (the job stops,
+    one line) saying `where` and `advice` (the keys that size the work); a CUDA fault ends this process,
+    which its pool replaces; any other error returns (the caller re-raises it)."""
+    kind = device_failure(err)
+    if kind == "oom":
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        raise input_error(f"{where} ran out of GPU memory ({first}): {advice}") from None
+    if kind == "fault":
+        log.error("%s on %s: %s: %s; its CUDA context is unusable, so the process ends and is replaced", where,
+                  socket.gethostname(), type(err).__name__, str(err).strip().splitlines()[0])
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE: the driver sees the actor die
 
 
 def death_cause(err: Exception) -> str:
@@ -180,8 +218,8 @@ class ActorPool:
         if self.failures <= self.max_failures:
             self._start(replacement=True)
         elif not self.actors:
-            raise RuntimeError(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
-                               f"{self.max_failures}), the last with {death_cause(err)}") from None
+            raise JobFailed(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
+                            f"{self.max_failures}), the last with {death_cause(err)}") from None
 
     def wait(self, refs: list):
         """The first of `refs` (calls on this pool's actors) to finish, as `ray.wait`; meanwhile, every
@@ -253,6 +291,11 @@ def check_gpu(where: str) -> str:
                             f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
                             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch built for CUDA {torch.version.cuda})")
     index = torch.cuda.current_device()
+    try:  # a context and one kernel: a GPU that is busy (exclusive mode) or broken fails here, not in the work
+        torch.ones(1, device=f"cuda:{index}").add_(1).item()
+    except RuntimeError as err:
+        raise GpuUnavailable(f"{where} on {host} cannot use cuda:{index} ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0]})") from None
     props = torch.cuda.get_device_properties(index)
     line = (f"{where} on {host}: cuda:{index} {props.name} (sm_{props.major}{props.minor}, "
             f"{props.total_memory / 2**30:.0f} GiB), driver {_driver_version()}, CUDA runtime {torch.version.cuda}")

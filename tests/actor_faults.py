@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+import torch
 from ray import cloudpickle  # the one Ray ships actors with
 
 from dydit_dist.capacity import GpuUnavailable
@@ -39,6 +40,32 @@ class SamplingWorkerWithBadConfig(SamplingWorker):
 
     def __init__(self, cfg_dict: dict, *args):
         super().__init__({**cfg_dict, "sample": {**cfg_dict["sample"], "colour": "red"}}, *args)
+
+
+class SamplingWorkerWithDeviceError(SamplingWorker):
+    """Its generator raises a device error on shard 1: out of memory every time (ERROR "oom"), or a CUDA
+    fault (ERROR "fault") in the first actor to create FLAG (O_EXCL: one of many)."""
+
+    ERROR = "oom"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        generate = self.generator.generate
+
+        def failing(unit):
+            if unit.index == 1 and self.ERROR == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                                  "total capacity of 79.10 GiB of which 1.2 GiB is free.")
+            if unit.index == 1 and self.ERROR == "fault":
+                try:
+                    os.close(os.open(FLAG, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    return generate(unit)
+                raise getattr(torch, "AcceleratorError", RuntimeError)(
+                    "CUDA error: an illegal memory access was encountered")
+            return generate(unit)
+
+        self.generator.generate = failing
 
 
 class FeatureWorkerWithoutGpu(FeatureWorker):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sampling_util import tiny_config
 
+from dydit_dist import capacity as capacity_lib
 from dydit_dist import config as config_lib
 from dydit_dist import storage
 from dydit_dist.capacity import CapacityError, GpuUnavailable, Need, check_gpu
@@ -35,6 +36,55 @@ def test_a_gpu_configured_process_without_a_gpu_is_a_fault_of_its_host():
                                              r"but torch sees none") as err:
         check_gpu("sampling actor")
     assert not isinstance(err.value, NOT_RETRIED) and not isinstance(err.value, config_lib.ConfigError)
+
+
+def test_a_gpu_that_is_there_but_unusable_is_found_by_the_check(monkeypatch):
+    """A GPU torch lists but cannot run a kernel on (exclusive mode and busy, a fallen driver): found when the
+    actor starts (retried as a host fault), not at its first batch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def busy(*args, **kwargs):
+        raise RuntimeError("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(torch, "ones", busy)
+    with pytest.raises(GpuUnavailable, match=r"sampling actor on .* cannot use cuda:0 \(RuntimeError: CUDA error: "
+                                             r"CUDA-capable device\(s\) is/are busy or unavailable\)$"):
+        check_gpu("sampling actor")
+
+
+def test_device_errors_are_out_of_memory_or_a_fault():
+    """Out of memory: the same work meets it again, so the job stops naming the keys that size it; a CUDA
+    error: the process's context is gone, so the process ends and its pool replaces it."""
+    from dydit_dist.capacity import device_failure, on_device_error
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                      "of 79.10 GiB\nmore")
+    illegal = getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access was encountered")
+    assert device_failure(oom) == "oom" and device_failure(illegal) == "fault"
+    assert device_failure(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx")) == "fault"
+    assert device_failure(RuntimeError("shape mismatch")) is None and device_failure(ValueError("CUDA error")) is None
+
+    class Wrapped(Exception):  # as Ray's RayTaskError carries a remote error
+        cause = oom
+
+    assert device_failure(Wrapped()) == "oom"
+    with pytest.raises(ValueError, match=r"^sampling actor on shard 3 ran out of GPU memory \(CUDA out of memory. "
+                                         r"Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB\): "
+                                         r"sample.batch_size=64 does not fit$"):
+        on_device_error(oom, "sampling actor on shard 3", "sample.batch_size=64 does not fit", ValueError)
+    ended = []
+
+    def exit_(code):
+        ended.append(code)
+        raise SystemExit(code)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(capacity_lib.os, "_exit", exit_)
+        with pytest.raises(SystemExit):
+            on_device_error(illegal, "sampling actor on shard 3", "", ValueError)
+        on_device_error(RuntimeError("shape mismatch"), "sampling actor on shard 3", "", ValueError)  # returns
+    assert ended == [70]
 
 
 @pytest.mark.integration

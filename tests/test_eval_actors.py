@@ -183,3 +183,24 @@ def test_prefetch_keeps_order_and_raises_the_producers_error():
         for item in prefetched(broken()):
             got.append(item)
     assert got == [1]
+
+
+def test_an_evaluation_actor_out_of_gpu_memory_names_the_batch_size():
+    """Out of GPU memory on a shard's features: the next actor would meet it too, so the job stops with one line
+    naming eval.batch_size (an input error); other errors pass through as they are."""
+    from dydit_dist.eval.metrics import EvalInputError
+
+    worker = eval_actors.FeatureWorker.__new__(eval_actors.FeatureWorker)  # its pass replaced: no model needed
+    worker.batch_size = 256
+
+    def out_of_memory(url, record, captions):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    worker.run = out_of_memory
+    with pytest.raises(EvalInputError, match=r"^evaluation actor on shard-000002.tar ran out of GPU memory \(CUDA out "
+                                             r"of memory. Tried to allocate 3.00 GiB.\): eval.batch_size=256 does not "
+                                             r"fit; lower it"):
+        worker.features("s3://b/samples", {"name": "shard-000002.tar"}, None)
+    worker.run = lambda *args: (_ for _ in ()).throw(KeyError("png"))
+    with pytest.raises(KeyError, match="png"):
+        worker.features("s3://b/samples", {"name": "shard-000002.tar"}, None)

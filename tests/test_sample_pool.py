@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from actor_faults import SamplingWorkerWithoutGpu, lost_gpu_at_start
+from actor_faults import SamplingWorkerWithoutGpu, lost_gpu_at_start, swapped_actor
 from sampling_util import random_checkpoint, tiny_config
 
 from dydit_dist import config, storage
-from dydit_dist.sample import SamplesManifest, iter_samples, pool, run_sampling
+from dydit_dist.sample import SamplesError, SamplesManifest, iter_samples, pool, run_sampling
 from dydit_dist.sample.plan import class_label
 
 pytestmark = pytest.mark.integration
@@ -123,6 +123,32 @@ def test_an_actor_that_dies_starting_is_replaced_within_max_failures(ray_local, 
                                             r"host-a is configured for a GPU but torch sees none$")):
         run_sampling(strict)
     assert not storage.find(str(tmp_path / "strict" / "runs/t/samples"))  # a failed start writes no manifest
+
+
+def test_a_device_fault_replaces_the_actor_and_out_of_memory_stops_the_job(ray_local, tmp_path, checkpoint,
+                                                                            monkeypatch):
+    """A CUDA error in one actor's batch (an illegal access, an Xid surfacing as one) leaves its process's
+    device unusable: that actor ends and is replaced, and the job makes exactly its samples. Out of GPU memory
+    is met again by any actor on the same shard: one line naming sample.batch_size, finished shards kept."""
+    import actor_faults
+
+    flag = tmp_path / "faulted-once"
+    cfg = tiny_config(str(tmp_path / "fault"), f"model.checkpoint={checkpoint}", "sample.num_actors=2")
+    monkeypatch.setattr(actor_faults, "FLAG", str(flag))
+    monkeypatch.setattr(actor_faults.SamplingWorkerWithDeviceError, "ERROR", "fault")
+    with swapped_actor(monkeypatch, pool, "SamplingWorker", actor_faults.SamplingWorkerWithDeviceError):
+        manifest = run_sampling(cfg)
+    assert flag.exists() and manifest.stats["actor_failures"] == 1
+    assert manifest.complete and sorted(_samples(str(tmp_path / "fault" / "runs/t/samples"))) == list(range(16))
+
+    monkeypatch.setattr(actor_faults.SamplingWorkerWithDeviceError, "ERROR", "oom")
+    cfg = tiny_config(str(tmp_path / "oom"), f"model.checkpoint={checkpoint}", "sample.num_actors=1")
+    with (swapped_actor(monkeypatch, pool, "SamplingWorker", actor_faults.SamplingWorkerWithDeviceError),
+          pytest.raises(SamplesError, match=r"^sampling actor on shard 1 ran out of GPU memory \(CUDA out of memory. "
+                                            r"Tried to allocate 20.00 GiB.*\): sample.batch_size=\d+ does not fit; "
+                                            r"lower it \(a sampling setting")):
+        run_sampling(cfg)
+    assert SamplesManifest.read(str(tmp_path / "oom" / "runs/t/samples")).done() == {0}  # kept: a rerun resumes
 
 
 def test_an_input_rewritten_under_the_job_stops_it_instead_of_mixing_two_settings(ray_local, tmp_path, checkpoint,

@@ -143,6 +143,24 @@ def test_input_errors_stop_the_run_and_others_are_retried():
     assert str(both).startswith("training worker 0 (and 1 more ranks): ShardError: b;")
 
 
+def test_a_second_out_of_memory_stops_the_run_naming_the_keys(tmp_path):
+    """A worker out of GPU memory is retried once (fragmentation clears on a restart from the checkpoint);
+    the second time the step does not fit: the run ends naming the micro-batch and the ZeRO stage."""
+    cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "train.micro_batch_size=2", "deepspeed.zero_stage=2"])
+    callback = launcher.StopOnInputError(launcher.oom_advice(cfg))
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore lines")
+    callback.after_exception(None, {0: RuntimeError("collective aborted"), 1: oom})  # retried
+    callback.after_exception(None, {0: OSError("connection reset")})
+    with pytest.raises(launcher.InputFailure) as caught:
+        callback.after_exception(None, {1: oom})
+    assert str(caught.value) == (
+        "training worker 1: DeviceOutOfMemory: CUDA out of memory. Tried to allocate 20.00 GiB.; "
+        "train.micro_batch_size=2 does not fit; lower it with the same train.global_batch_size=8 (more accumulation "
+        "steps; a new storage.run: the data order depends on it), or shard more state (deepspeed.zero_stage=2 -> 3); "
+        "not retried, the second time it ran out of GPU memory (a restart meets it again)")
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
+
+
 def test_a_spent_failure_budget_is_one_line_and_preemptions_are_bounded(tmp_path, capsys):
     """Ray Train's WorkerGroupError after ray.max_failures was a traceback (exit 1 as a bug); it is one line
     naming the last errors and how to go on (exit 1). Preemption restarts, which Ray counts apart from

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, on_device_error
 from dydit_dist.config import Config
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
@@ -151,10 +151,17 @@ class FeatureWorker:
         if use_gpu:
             check_gpu("evaluation actor")
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+        self.batch_size = cfg.eval.batch_size
         self.run = make_pass(cfg, "cuda" if use_gpu else "cpu")
 
     def features(self, url: str, record: dict, captions: list[str] | None) -> dict[str, torch.Tensor]:
-        return self.run(url, record, captions)
+        try:
+            return self.run(url, record, captions)
+        except Exception as err:  # noqa: BLE001 - device errors handled, the others re-raised
+            on_device_error(err, f"evaluation actor on {record['name']}", (
+                f"eval.batch_size={self.batch_size} does not fit; lower it (the features do not depend on it)"),
+                EvalInputError)
+            raise
 
 
 def sample_features(cfg: Config, url: str, records: list[dict], captions: list[str] | None,

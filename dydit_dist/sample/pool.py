@@ -19,12 +19,15 @@ writes the manifest only once the actors are ready, so a failed start leaves not
 Shards already recorded, whose object is there at its recorded size, are skipped. The units of an
 actor that died go back to the queue and the actor is killed (it may only be unreachable) and replaced,
 `ray.max_failures` times at most (one that dies starting, on a host whose GPU is unusable, say, is
-replaced the same way); an error raised by the sampling code itself (a bad checkpoint or config, in a
-first actor or a replacement; a wrong shape) stops the job.
+replaced the same way; so is one whose device fails with a CUDA error: its process ends,
+`capacity.on_device_error`); an error raised by the sampling code itself (a bad checkpoint or config, in a
+first actor or a replacement; a wrong shape; a unit out of GPU memory, named with sample.batch_size) stops
+the job, once the shards being written are recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -37,8 +40,8 @@ import torch
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.accel.options import parse_eps_scale
-from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
-from dydit_dist.config import Config, ConfigError
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause, on_device_error
+from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.config_files import remote_cause
 from dydit_dist.data.manifest import CAPTION_PREPROCESSING
 from dydit_dist.diffusion.noise import stream_kind
@@ -189,7 +192,15 @@ class SamplingWorker:
         """Make the samples of `unit` and hold them for `write` or `discard`; returns their timing. A
         replacement actor's first call: it raises the input error that stopped its load, as `ready`."""
         self.ready()
-        samples, timing = self.generator.generate(unit)
+        try:
+            samples, timing = self.generator.generate(unit)
+        except Exception as err:  # noqa: BLE001 - device errors handled, the others re-raised
+            s = self.generator.cfg.sample
+            on_device_error(err, f"sampling actor on shard {unit.index}", (
+                f"sample.batch_size={s.batch_size} does not fit; lower it (a sampling setting: in another "
+                f"storage.run, or remove {self.url}), or give each actor more of a GPU (sample.gpus_per_actor="
+                f"{s.gpus_per_actor})"), SamplesError)
+            raise
         # every unit's GFLOPs; the width per timestep (the same for every unit) once, with shard 0
         stats = self.generator.stats() if unit.index == 0 else {"gflops": self.generator.gflops()}
         self.made[unit.index] = (unit, samples, timing, stats)
@@ -261,8 +272,8 @@ class SamplingPool(ActorPool):
             except RayActorError as err:
                 log.warning("sampling actor died starting: %s", death_cause(err))
                 if self.failures >= self.max_failures:
-                    raise RuntimeError(f"sampling actors could not start ({self.failures + 1} failures > "
-                                       f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
+                    raise JobFailed(f"sampling actors could not start ({self.failures + 1} failures > "
+                                    f"ray.max_failures={self.max_failures}), the last with {death_cause(err)}") from None
                 self.replace(actor, err)
                 starting[self.actors[-1].ready.remote()] = self.actors[-1]
 
@@ -350,7 +361,12 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
             actor, kind, index = pending.pop(ref)
             try:
                 result = ray.get(ref)
-            except LOAD_ERRORS as err:  # a replacement that could not load (no `ready` before its first unit)
+            except LOAD_ERRORS as err:  # a replacement that could not load (no `ready` before its first unit), or
+                # a unit the actors cannot make (out of GPU memory): the writes under way land and are recorded first
+                for write in [r for r, (_, k, _) in pending.items() if k == "write"]:
+                    with contextlib.suppress(RayActorError):  # its actor lost as well: made again by a rerun
+                        if (written := ray.get(write))["settings_sha256"] == digest:
+                            manifest.add(written)
                 raise remote_cause(err) from None
             except RayActorError as err:
                 for lost in [r for r, (a, _, _) in pending.items() if a == actor]:

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
-from dydit_dist.capacity import CapacityError, Need, acquire
-from dydit_dist.config import ConfigError, JobFailed
+from dydit_dist.capacity import CapacityError, Need, acquire, device_failure
+from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.data import ManifestError, verify_manifest
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
@@ -145,7 +145,7 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
                                      controller_failure_limit=worker_start_retries(r.capacity_timeout_s)),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
-        callbacks=[ProgressCallback(cfg.train.max_steps), StopOnInputError()],
+        callbacks=[ProgressCallback(cfg.train.max_steps), StopOnInputError(oom_advice(cfg))],
     )
     loop = train_loop_per_worker if wrap_session is None else functools.partial(train_loop_per_worker,
                                                                                  wrap_session=wrap_session)
@@ -169,31 +169,57 @@ class ProgressCallback(UserCallback):
 
 
 class InputFailure(ValueError):
-    """Workers stopped on an input error (`NOT_RETRIED`): {world rank: the worker's exception}."""
+    """Workers stopped on an input error (`NOT_RETRIED`): {world rank: the worker's exception}; `why` it is not
+    retried."""
 
-    def __init__(self, errors: dict[int, Exception]):
-        self.errors = errors
+    def __init__(self, errors: dict[int, Exception], why: str = "a restart would read the same input"):
+        self.errors, self.why = errors, why
         rank, first = min(errors.items())
         others = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
-        super().__init__(f"training worker {rank}{others}: {type(first).__name__}: {first}; not retried, a restart "
-                         "would read the same input")
+        super().__init__(f"training worker {rank}{others}: {type(first).__name__}: {first}; not retried, {why}")
 
     def __reduce__(self):
-        return (type(self), (self.errors,))
+        return (type(self), (self.errors, self.why))
+
+
+class DeviceOutOfMemory(ConfigError):
+    """A training worker ran out of GPU memory again after a restart: the config does not fit the GPU."""
 
 
 class StopOnInputError(UserCallback):
-    """Ends the run, without Ray Train's retries, when a worker failed on an input error.
+    """Ends the run, without Ray Train's retries, when a worker failed on an input error, or ran out of GPU
+    memory a second time (the first may be fragmentation, which a restart from the checkpoint clears; the
+    second is the config: `advice` names the keys that size a step).
 
     Runs in Ray Train's controller after each poll of the workers that found errors: raising here is a
     controller error of a kind the controller's failure policy does not retry, so the run ends and
     `fit()` raises it."""
+
+    def __init__(self, advice: str = ""):
+        self.advice = advice
+        self.out_of_memory = 0  # polls that found a worker out of GPU memory
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]):
         errors = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, NOT_RETRIED)}
         if errors:
             quiet_input_failure_tracebacks()
             raise InputFailure(errors)
+        oom = {rank: e for rank, e in worker_exceptions.items() if device_failure(e) == "oom"}
+        if oom:
+            self.out_of_memory += 1
+            if self.out_of_memory >= 2:
+                quiet_input_failure_tracebacks()
+                raise InputFailure({rank: DeviceOutOfMemory(f"{str(e).strip().splitlines()[0]}; {self.advice}")
+                                    for rank, e in oom.items()},
+                                   why="the second time it ran out of GPU memory (a restart meets it again)")
+
+
+def oom_advice(cfg: Config) -> str:
+    """What to change when a training step does not fit the GPU."""
+    t, zero = cfg.train, cfg.deepspeed.zero_stage
+    return (f"train.micro_batch_size={t.micro_batch_size} does not fit; lower it with the same "
+            f"train.global_batch_size={t.global_batch_size} (more accumulation steps; a new storage.run: the data "
+            "order depends on it)" + (f", or shard more state (deepspeed.zero_stage={zero} -> 3)" if zero < 3 else ""))
 
 
 class _NoInputFailureTraceback(logging.Filter):
