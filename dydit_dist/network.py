@@ -9,7 +9,7 @@ Sampling builds the same network, with its
 checkpoint pinned once per job and loaded strictly:
 
     cfg = resolve_checkpoint(cfg)                 # a run folder becomes its newest EMA export
-    network = sampling_network(cfg, device)       # eval mode, no gradients
+    network = sampling_network(cfg, device)       # eval mode; sampling runs it under torch.no_grad
 
 Weights are read from and written to any URL `dydit_dist.storage` knows (`file://`, `s3://`,
 `memory://`, local paths); `dydit_dist.models` parses and checks them.
@@ -91,6 +91,10 @@ def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Modu
 
     A missing checkpoint leaves the network as initialized (only sensible for tests and smoke runs)
     and says so in the log; a checkpoint that does not fit the network is a ValueError naming it.
+
+    The parameters keep `requires_grad`: sampling runs under `torch.no_grad`, and autocast caches its
+    casts of a weight for the whole autocast region (a batch's every step) only for leaf tensors that
+    require grad; without it every weight is cast to bf16 again on every network call.
     """
     model = build_network(cfg.model)
     checkpoint = cfg.model.checkpoint
@@ -98,7 +102,7 @@ def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Modu
         load_weights(model, resolve_weights(checkpoint))
     else:
         log.warning("no checkpoint (model.checkpoint is unset): sampling from an initialized %s", cfg.model.name)
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------- which weights

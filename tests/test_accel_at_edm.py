@@ -35,6 +35,29 @@ def test_gwpr_matches_a_hand_computation():
     assert gwpr(a[None], 7).sum().item() == pytest.approx(1.0)
 
 
+def test_the_ranking_runs_in_full_fp32_on_cuda_too(monkeypatch):
+    """G-WPR's scores are all near 1/N: the ranking and the copy recovery's similarities run with autocast off
+    and, on CUDA, TF32 off (its 10-bit mantissa swaps near-tied tokens), whatever `sample.tf32` set. Here the
+    CPU tensors' device is taken for CUDA's when the precision switches are set."""
+    from dydit_dist import precision
+    from dydit_dist.accel import at_edm
+
+    seen = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu"))) or bmm(*args))
+    monkeypatch.setattr(at_edm, "exact_fp32", lambda device: precision.exact_fp32(torch.device("cuda")))
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as sample.tf32 sets it
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gwpr(torch.softmax(torch.randn(2, 6, 6), dim=-1), 2)
+            at_edm.nearest_kept(torch.randn(2, 6, 4), torch.tensor([[0, 1, 2]] * 2), torch.tensor([[3, 4, 5]] * 2))
+        assert seen == [(False, False)] * 3 and torch.backends.cuda.matmul.allow_tf32  # restored after
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_explicit_attention_of_the_scoring_layer_matches_the_fused_one(dynamic):
     model = dit()

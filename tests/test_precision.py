@@ -59,6 +59,39 @@ def test_bf16_sampling_stays_near_fp32(tmp_path, checkpoints, method):
     assert 0 < distance < 0.1
 
 
+def test_the_sampling_network_casts_its_weights_once_per_autocast_region(tmp_path, monkeypatch):
+    """Under bf16 autocast, a sampling batch's later network calls reuse the first call's bf16 weights
+    (autocast's cache, for weights that require grad): none is cast again per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dydit_dist.network import sampling_network
+
+    # A ZeRO-3 engine earlier in this process (the training tests) leaves DeepSpeed's F.linear in place of
+    # torch's; a sampling actor never builds one.
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+
+    model = sampling_network(tiny_config(str(tmp_path)))
+    weights = {p.data_ptr() for p in model.parameters()}
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    size = model.x_embedder.img_size
+    x, t, y = torch.randn(2, 4, size, size), torch.tensor([5, 900]), torch.tensor([1, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with WeightCasts():
+            model(x, t, y)
+        first = WeightCasts.count
+        with WeightCasts():
+            model(x, t, y)
+    assert first > 10 and WeightCasts.count == first  # the second call cast nothing
+
+
 @pytest.mark.parametrize("method", ["static", "dydit", "eb_cache"])
 def test_guidance_and_eb_cache_correction_see_fp32_under_bf16_autocast(tmp_path, checkpoints, method):
     """The runner hands the sampler fp32 under autocast: the guidance mix (uncond + s * (cond - uncond)) and

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from dydit_dist.dynamic import FastBranches
 from dydit_dist.models import Branches, block_forward, run_blocks
 from dydit_dist.models.layers import modulate
+from dydit_dist.precision import exact_fp32
 
 from .backend import Backend
 from .base import Runner
@@ -37,10 +38,14 @@ from .dsap import build_plan, dit_early_unpruned, dit_layout
 from .options import ATEDMOptions
 
 
-def _no_autocast(x: torch.Tensor):
-    """Autocast off on the device of `x` (a meta tensor, whose FLOPs are counted, has none)."""
+@contextlib.contextmanager
+def _full_fp32(x: torch.Tensor):
+    """Full fp32 on the device of `x`: autocast off, and on CUDA TF32 off too (its 10-bit mantissa swaps
+    near-tied ranks as bf16 does, less often). A meta tensor, whose FLOPs are counted, has neither."""
     kind = x.device.type
-    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+    with (torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext(),
+          exact_fp32(x.device)):
+        yield
 
 
 def gwpr(attn_map: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -48,11 +53,11 @@ def gwpr(attn_map: torch.Tensor, iterations: int) -> torch.Tensor:
 
     s starts at 1/N; each iteration s_j <- sum_i A[i, j] s_i (the attention a token receives,
     weighted by the score of the tokens attending to it). Row-stochastic maps keep sum(s) = 1.
-    In fp32 outside autocast: under bf16 autocast the scores, all near 1/N, collapse to a few values,
+    In full fp32 (`_full_fp32`): under bf16 autocast the scores, all near 1/N, collapse to a few values,
     and the ranking's ties would keep the first tokens in raster order.
     """
     b, n, _ = attn_map.shape
-    with _no_autocast(attn_map):
+    with _full_fp32(attn_map):
         attn = attn_map if attn_map.dtype in (torch.float32, torch.float64) else attn_map.float()
         scores = attn.new_full((b, n), 1.0 / n)
         for _ in range(iterations):
@@ -67,8 +72,8 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def nearest_kept(features: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor) -> torch.Tensor:
     """features (B, N, D), keep_idx (B, K), drop_idx (B, N-K) -> (B, N-K): for each dropped token the index
-    (into keep_idx) of the kept token most cosine-similar to it. In fp32 outside autocast, as `gwpr`."""
-    with _no_autocast(features):
+    (into keep_idx) of the kept token most cosine-similar to it. In full fp32, as `gwpr`."""
+    with _full_fp32(features):
         unit = F.normalize(features if features.dtype in (torch.float32, torch.float64) else features.float(), dim=-1)
         similarity = torch.bmm(_take(unit, drop_idx), _take(unit, keep_idx).transpose(1, 2))  # (B, N-K, K)
     return similarity.argmax(dim=-1)
