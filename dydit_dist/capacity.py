@@ -37,6 +37,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ from dydit_dist.config import ConfigError, JobFailed
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
-POLL_S = 30.0  # how often `ActorPool.wait` checks that replacement actors have started
+POLL_S = 30.0  # how often `ActorPool.wait` checks that replacement actors have started and calls have not stalled
+STALL_FLOOR_S = 300.0  # a call is never taken for stalled sooner than this
+STALL_MIN_FINISHED = 3  # finished calls before any is taken for stalled (their median sets the limit)
 
 
 def connect_ray(address: str | None) -> None:
@@ -108,6 +111,49 @@ def death_cause(err: Exception) -> str:
     creation task's traceback and its terminal colours."""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
     return lines[-1] if lines else type(err).__name__
+
+
+class Stalled(Exception):
+    """A call on a pool's actor that has run far longer than the finished ones (`StallWatch`): an actor
+    alive but stuck (a hung kernel, a wedged NCCL or storage call) is taken for lost."""
+
+    def __init__(self, ref, seconds: float, limit: float):
+        self.ref = ref
+        super().__init__(f"a call stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor x "
+                         "the median finished call, at least 5 min)")
+
+
+class StallWatch:
+    """When each work call on a pool's actors started, and how long the finished ones took. Once
+    `STALL_MIN_FINISHED` have finished, a call running longer than `factor` x their median (and at least
+    `STALL_FLOOR_S`) is stalled (`ActorPool.wait` raises `Stalled`); `factor` 0 never. A call queued
+    behind another on its actor is `restart`ed when that one finishes."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.started: dict = {}  # ObjectRef -> time.monotonic() it started
+        self.durations: list[float] = []
+
+    def start(self, ref) -> None:
+        self.started[ref] = time.monotonic()
+
+    restart = start
+
+    def finish(self, ref) -> None:
+        since = self.started.pop(ref, None)
+        if since is not None:
+            self.durations.append(time.monotonic() - since)
+
+    def forget(self, ref) -> None:
+        self.started.pop(ref, None)
+
+    def stalled(self) -> Stalled | None:
+        if not self.factor or len(self.durations) < STALL_MIN_FINISHED:
+            return None
+        limit = max(self.factor * statistics.median(self.durations), STALL_FLOOR_S)
+        now = time.monotonic()
+        oldest = min(self.started.items(), key=lambda item: item[1], default=None)
+        return Stalled(oldest[0], now - oldest[1], limit) if oldest and now - oldest[1] > limit else None
 
 
 @dataclass(frozen=True)
@@ -221,19 +267,25 @@ class ActorPool:
             raise JobFailed(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
                             f"{self.max_failures}), the last with {death_cause(err)}") from None
 
-    def wait(self, refs: list):
+    def wait(self, refs: list, watch: StallWatch | None = None):
         """The first of `refs` (calls on this pool's actors) to finish, as `ray.wait`; meanwhile, every
         POLL_S, a CapacityError once an actor has waited for room longer than ray.capacity_timeout_s (a
         replacement whose node is lost and none back; a first one whose room another job took after
         `acquire`): the calls on it would wait forever. An actor placed on a node and still loading (its
-        `__init__`: a network, T5-XXL) is not waiting for room, however long it takes."""
+        `__init__`: a network, T5-XXL) is not waiting for room, however long it takes. With `watch`, the
+        work calls it times: `Stalled` for one that runs far too long (the caller replaces its actor)."""
         import ray
 
         while True:
             done, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
             if done:
+                if watch is not None:
+                    watch.finish(done[0])
                 return done[0]
             self._check_started()
+            if watch is not None and (stalled := watch.stalled()) is not None:
+                watch.forget(stalled.ref)
+                raise stalled
 
     def _check_started(self) -> None:
         import ray

@@ -258,6 +258,9 @@ class RayConfig:
     # max_failures); bounded, so that a pod evicted again after each restart cannot hold the cluster forever
     max_preemptions: int = bounded(20, "[0, inf)")
     capacity_timeout_s: float = bounded(900.0, "(0, inf)")  # how long a job waits for its workers / actors (`capacity`)
+    # a sampling or evaluation actor whose call runs this many times the median finished call (at least 5 min)
+    # is taken for stuck (a hung kernel): killed and replaced, its work requeued (0: never; `capacity.StallWatch`)
+    stall_factor: float = bounded(10.0, "[0, inf)")
 
 
 @dataclass

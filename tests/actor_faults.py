@@ -18,6 +18,7 @@ from dydit_dist.eval.actors import FeatureWorker
 from dydit_dist.sample.pool import SamplingWorker
 
 FLAG = ""  # "": every start fails; a path: only the first start to create that file (O_EXCL: one of many)
+STUCK_ON = 3  # the shard (sampling) or first sample (evaluation) a stuck actor hangs on
 
 
 def _start(where: str) -> None:
@@ -56,16 +57,45 @@ class SamplingWorkerWithDeviceError(SamplingWorker):
             if unit.index == 1 and self.ERROR == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
                                                   "total capacity of 79.10 GiB of which 1.2 GiB is free.")
-            if unit.index == 1 and self.ERROR == "fault":
-                try:
-                    os.close(os.open(FLAG, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    return generate(unit)
+            if unit.index == 1 and self.ERROR == "fault" and _first(FLAG):
                 raise getattr(torch, "AcceleratorError", RuntimeError)(
                     "CUDA error: an illegal memory access was encountered")
             return generate(unit)
 
         self.generator.generate = failing
+
+
+def _first(flag: str) -> bool:
+    """Whether this is the first process to claim `flag` (O_EXCL: one of many)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+class SamplingWorkerStuckOnce(SamplingWorker):
+    """Alive but stuck (a hung kernel) on shard STUCK_ON, in the first actor to claim FLAG."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        generate = self.generator.generate
+
+        def stuck(unit):
+            if unit.index == STUCK_ON and _first(FLAG):
+                time.sleep(3600)
+            return generate(unit)
+
+        self.generator.generate = stuck
+
+
+class FeatureWorkerStuckOnce(FeatureWorker):
+    """Alive but stuck on the samples starting at STUCK_ON, in the first actor to claim FLAG."""
+
+    def features(self, url, record, captions):
+        if record["start"] == STUCK_ON and _first(FLAG):
+            time.sleep(3600)
+        return super().features(url, record, captions)
 
 
 class FeatureWorkerWithoutGpu(FeatureWorker):

@@ -161,6 +161,33 @@ def test_a_live_actor_reported_lost_has_its_shards_made_again_once(tmp_path, ray
         torch.testing.assert_close(part["64"], local(url, record, None)["64"], rtol=0, atol=0)
 
 
+def test_a_stuck_evaluation_actor_is_replaced(tmp_path, ray_local, monkeypatch, caplog):
+    """An evaluation actor alive but stuck on a shard: once its call runs ray.stall_factor x the median
+    finished call, it is replaced and its shards made again; the features equal the in-process pass's."""
+    import actor_faults
+    from actor_faults import FeatureWorkerStuckOnce, swapped_actor
+
+    from dydit_dist import capacity
+    from dydit_dist.sample import SamplesManifest
+
+    cfg = _digits_config(tmp_path, "eval.num_actors=2", "eval.batch_size=3", "ray.stall_factor=3")
+    torch.set_num_threads(1)
+    url = f"file://{tmp_path}/runs/t/samples"
+    write_samples(cfg, url)
+    records = SamplesManifest.read(url).records()
+    monkeypatch.setattr(capacity, "POLL_S", 0.2)
+    monkeypatch.setattr(capacity, "STALL_FLOOR_S", 1.0)
+    monkeypatch.setattr(actor_faults, "FLAG", str(tmp_path / "stuck-once"))
+    monkeypatch.setattr(actor_faults, "STUCK_ON", records[-1]["start"])
+    with (swapped_actor(monkeypatch, eval_actors, "FeatureWorker", FeatureWorkerStuckOnce),
+          caplog.at_level(logging.INFO, logger="dydit_dist.eval.actors")):
+        parts = eval_actors._on_actors(cfg, url, records, lambda record: None)
+    assert "a call stalled: running for" in caplog.text and "(1 replaced)" in caplog.text
+    local = eval_actors.make_pass(cfg, "cpu")
+    for part, record in zip(parts, records, strict=True):
+        torch.testing.assert_close(part["64"], local(url, record, None)["64"], rtol=0, atol=0)
+
+
 def test_eval_actors_need_a_gpu_when_configured_for_one(tmp_path, ray_local):
     """ray.use_gpu=true on a cluster without GPUs: the capacity wait fails naming the resource."""
     from dydit_dist.capacity import CapacityError

@@ -151,6 +151,24 @@ def test_a_device_fault_replaces_the_actor_and_out_of_memory_stops_the_job(ray_l
     assert SamplesManifest.read(str(tmp_path / "oom" / "runs/t/samples")).done() == {0}  # kept: a rerun resumes
 
 
+def test_a_stuck_actor_is_replaced_and_its_shard_made_again(ray_local, tmp_path, checkpoint, monkeypatch):
+    """An actor alive but stuck in a unit (a hung kernel) with no speculative copy to cover it: once its call
+    runs ray.stall_factor x the median finished call, it is killed and replaced and its unit made again."""
+    import actor_faults
+
+    from dydit_dist import capacity
+
+    monkeypatch.setattr(capacity, "POLL_S", 0.2)
+    monkeypatch.setattr(capacity, "STALL_FLOOR_S", 1.0)
+    monkeypatch.setattr(actor_faults, "FLAG", str(tmp_path / "stuck-once"))
+    cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoint}", "sample.num_actors=2", "sample.speculate=false",
+                      "ray.stall_factor=3")
+    with swapped_actor(monkeypatch, pool, "SamplingWorker", actor_faults.SamplingWorkerStuckOnce):
+        manifest = run_sampling(cfg)
+    assert (tmp_path / "stuck-once").exists() and manifest.stats["actor_failures"] == 1
+    assert manifest.complete and sorted(_samples(str(tmp_path / "runs/t/samples"))) == list(range(16))
+
+
 def test_an_input_rewritten_under_the_job_stops_it_instead_of_mixing_two_settings(ray_local, tmp_path, checkpoint,
                                                                                    monkeypatch):
     """An EB-Cache table rewritten at its URL (a calibration run again) after the driver read it: the actors

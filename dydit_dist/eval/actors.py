@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, on_device_error
+from dydit_dist.capacity import (
+    ActorPool,
+    Need,
+    Stalled,
+    StallWatch,
+    check_gpu,
+    connect_ray,
+    death_cause,
+    on_device_error,
+)
 from dydit_dist.config import Config
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
@@ -205,6 +214,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                 r.gpus_per_worker if r.use_gpu else 0.0, keys)
     pool = ActorPool(FeatureWorker, (cfg.to_dict(), r.use_gpu), need, r.use_gpu, r.capacity_timeout_s, r.max_failures,
                      "evaluation actor")
+    watch = StallWatch(r.stall_factor)  # each actor's running call: the one queued behind it starts after it
     try:  # no barrier on `ready`: an actor that dies starting (GpuUnavailable, a lost node) is replaced below
         todo = list(enumerate(records))[::-1]  # popped from the end: index order
         parts: dict[int, dict] = {}
@@ -214,22 +224,37 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
             for actor in pool.actors:
                 while todo and sum(a == actor for a, _ in pending.values()) < 2:
                     k, record = todo.pop()
-                    pending[actor.features.remote(url, record, caption_slice(record))] = (actor, k)
+                    ref = actor.features.remote(url, record, caption_slice(record))
+                    if not any(a == actor for a, _ in pending.values()):
+                        watch.start(ref)
+                    pending[ref] = (actor, k)
+
+        def lose(actor, k: int | None, err: Exception) -> None:
+            """The actor dead, unreachable or stuck (its result's node lost): its shards back in the queue."""
+            its = [ref for ref, (a, _) in pending.items() if a == actor]
+            for ref in its:
+                watch.forget(ref)
+            lost = ([k] if k is not None else []) + [pending.pop(ref)[1] for ref in its]
+            todo.extend((j, records[j]) for j in sorted(lost, reverse=True))
+            log.warning("evaluation actor died (%s); %d shards go back to the queue", death_cause(err), len(lost))
+            pool.replace(actor, err)
 
         top_up()
         while pending:
-            done = pool.wait(list(pending))
+            try:
+                done = pool.wait(list(pending), watch)
+            except Stalled as err:
+                lose(pending[err.ref][0], None, err)
+                top_up()
+                continue
             actor, k = pending.pop(done)
             try:
                 parts[k] = ray.get(done)
             except (RayActorError, ObjectLostError) as err:  # the actor, or the node holding its result, lost
-                its = [ref for ref, (a, _) in pending.items() if a == actor]  # its other queued shard
-                lost = [k] + [pending.pop(ref)[1] for ref in its]
-                todo.extend((j, records[j]) for j in sorted(lost, reverse=True))
-                log.warning("evaluation actor died (%s); %d shards go back to the queue", type(err).__name__,
-                            len(lost))
-                pool.replace(actor, err)
+                lose(actor, k, err)
             else:
+                for ref in [ref for ref, (a, _) in pending.items() if a == actor]:  # its queued shard starts now
+                    watch.restart(ref)
                 if on_part is not None:
                     on_part(pool.actors)
             top_up()

@@ -40,7 +40,16 @@ import torch
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.accel.options import parse_eps_scale
-from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause, on_device_error
+from dydit_dist.capacity import (
+    ActorPool,
+    Need,
+    Stalled,
+    StallWatch,
+    check_gpu,
+    connect_ray,
+    death_cause,
+    on_device_error,
+)
 from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.config_files import remote_cause
 from dydit_dist.data.manifest import CAPTION_PREPROCESSING
@@ -308,7 +317,7 @@ def run_sampling(cfg: Config, url: str | None = None,
     sampling_start = time.monotonic()
     dispatch = Dispatcher(todo, speculate=cfg.sample.speculate)
     try:
-        _fan_out(pool, dispatch, manifest, url, cfg.sample.num_samples, on_shard)
+        _fan_out(pool, dispatch, manifest, url, cfg.sample.num_samples, on_shard, StallWatch(cfg.ray.stall_factor))
     finally:
         manifest.write(url)  # what finished survives an interruption
         pool.shutdown()
@@ -334,14 +343,24 @@ def _method_stats(manifest: SamplesManifest) -> bool:
 
 
 def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest, url: str, num_samples: int,
-             on_shard: Callable[[SamplingPool, dict], None] | None) -> None:
-    """Drive the actors until every unit of `dispatch` is written; records go into `manifest`."""
+             on_shard: Callable[[SamplingPool, dict], None] | None, watch: StallWatch) -> None:
+    """Drive the actors until every unit of `dispatch` is written; records go into `manifest`. `watch`
+    times the `sample` calls: an actor whose call stalls is lost (`capacity.StallWatch`)."""
     import ray
     from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     pending: dict = {}  # ObjectRef -> (actor, "sample" | "write", unit index)
     digest = settings_digest(manifest.settings)  # every record's, as each actor works it out
+
+    def lose(actor, err: Exception) -> None:
+        """An actor dead, unreachable or stuck: its calls dropped, its units back in the queue, replaced."""
+        for lost in [r for r, (a, _, _) in pending.items() if a == actor]:
+            del pending[lost]
+            watch.forget(lost)
+        back = dispatch.lost(actor)
+        log.warning("sampling actor lost (%s); %d units go back to the queue", death_cause(err), len(back))
+        pool.replace(actor, err)
 
     def feed() -> None:
         """Every actor that samples nothing and has fewer than two writes queued pulls a unit."""
@@ -350,14 +369,21 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
             if "sample" not in calls and calls.count("write") < 2:
                 unit = dispatch.assign(actor)
                 if unit is not None:
-                    pending[actor.sample.remote(unit)] = (actor, "sample", unit.index)
+                    ref = actor.sample.remote(unit)
+                    pending[ref] = (actor, "sample", unit.index)
+                    watch.start(ref)
 
     last_write = time.monotonic()
     with tqdm(total=num_samples, initial=manifest.num_samples, unit="img", desc="sample",
               mininterval=1.0, smoothing=0.1) as bar:
         feed()
         while not dispatch.finished:
-            ref = pool.wait(list(pending))
+            try:
+                ref = pool.wait(list(pending), watch)
+            except Stalled as err:
+                lose(pending[err.ref][0], err)
+                feed()
+                continue
             actor, kind, index = pending.pop(ref)
             try:
                 result = ray.get(ref)
@@ -369,11 +395,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                             manifest.add(written)
                 raise remote_cause(err) from None
             except RayActorError as err:
-                for lost in [r for r, (a, _, _) in pending.items() if a == actor]:
-                    del pending[lost]
-                back = dispatch.lost(actor)
-                log.warning("sampling actor died (%s); %d units go back to the queue", type(err).__name__, len(back))
-                pool.replace(actor, err)
+                lose(actor, err)
                 feed()
                 continue
             if kind == "sample":
