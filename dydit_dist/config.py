@@ -261,6 +261,9 @@ class RayConfig:
     # a sampling or evaluation actor whose call runs this many times the median finished call (at least 5 min)
     # is taken for stuck (a hung kernel): killed and replaced, its work requeued (0: never; `capacity.StallWatch`)
     stall_factor: float = bounded(10.0, "[0, inf)")
+    # training: a collective (NCCL / gloo) waiting longer ends its worker (a hung or dead rank), and Ray Train
+    # restarts the group from the last checkpoint (Ray's default; a recurring hang costs this per restart)
+    collective_timeout_s: float = bounded(1800.0, "[1, inf)")
 
 
 @dataclass

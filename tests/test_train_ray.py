@@ -183,9 +183,20 @@ def test_a_spent_failure_budget_is_one_line_and_preemptions_are_bounded(tmp_path
     assert cli.run_job("finetune", work, ()) == 1
     err = capsys.readouterr().err
     assert err.startswith("finetune: training stopped: the workers failed") and "Traceback" not in err
-    cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "ray.max_preemptions=7"])
+    cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "ray.max_preemptions=7", "ray.collective_timeout_s=600"])
     trainer = launcher.build_trainer(cfg)
     assert trainer.run_config.failure_config.max_preemption_failures == 7
+    assert trainer.backend_config.timeout_s == 600  # a hung rank ends its collective after this, then a restart
+
+    class Died:
+        def fit(self):
+            from ray.exceptions import ActorDiedError
+
+            raise WorkerGroupError("rank 0 died", {0: ActorDiedError()})
+
+    with pytest.raises(launcher.TrainingFailed, match=r"the last: ActorDiedError: .*; a worker process died or stopped "
+                                                      r"answering \(a collective hung past ray.collective_timeout_s"):
+        launcher.fit(Died(), 900)
 
 
 @pytest.mark.integration

@@ -152,7 +152,8 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     return TorchTrainer(
         loop, train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
-        run_config=run_config, torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        run_config=run_config, torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo",
+                                                        timeout_s=math.ceil(r.collective_timeout_s)),
     )
 
 
@@ -268,7 +269,11 @@ def fit(trainer, capacity_timeout_s: float | None = None):
         raise
     except WorkerGroupError as err:  # the failure budget spent: one line naming it, not Ray's traceback
         causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in err.worker_failures.values()}
+        died = any(name == "ActorDiedError" or "health check" in text for name, text in causes.items())
         raise TrainingFailed(f"training stopped: the workers failed more than ray.max_failures times (preemptions "
                              f"count apart, ray.max_preemptions); the last: "
-                             f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}; a rerun resumes from the "
-                             "last committed checkpoint") from err
+                             f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}"
+                             + ("; a worker process died or stopped answering (a collective hung past "
+                                "ray.collective_timeout_s, a GPU fault, the host out of memory: the worker's log in "
+                                "the Ray dashboard says which)" if died else "")
+                             + "; a rerun resumes from the last committed checkpoint") from err
