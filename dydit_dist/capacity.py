@@ -20,13 +20,8 @@ versions are logged. That is a fault of the host Ray placed the process on (it a
 cannot use: a driver that fell over, a wrong CUDA_VISIBLE_DEVICES), not of the job's input, so it is
 retried like a lost worker within ray.max_failures: a training worker is not stopped as on an input error
 (`train.worker.NOT_RETRIED`), a sampling or evaluation actor is replaced, a prepare task is tried again.
-`check_gpu` also allocates on the device, so a GPU that is present but busy or broken is found there.
-
-A device error while working (`device_failure`) is one of two kinds. Out of memory: the same work meets
-it again, so the job stops with one line naming the config keys that size the work (`on_device_error`
-raises the caller's input error). A CUDA error (an illegal access; an ECC or Xid error surfacing as one):
-the process's CUDA context is unusable, so the actor's process ends and the pool replaces it, within
-ray.max_failures, as a lost actor.
+`check_gpu` also runs a kernel, so a GPU that is present but busy or broken is found there. Failures while
+working (device errors, stuck actors) are `dydit_dist.faults`'.
 """
 
 from __future__ import annotations
@@ -37,20 +32,18 @@ import os
 import re
 import signal
 import socket
-import statistics
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
+from dydit_dist import faults
 from dydit_dist.config import ConfigError, JobFailed
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
 POLL_S = 30.0  # how often `ActorPool.wait` checks that replacement actors have started and calls have not stalled
-STALL_FLOOR_S = 300.0  # a call is never taken for stalled sooner than this
-STALL_MIN_FINISHED = 3  # finished calls before any is taken for stalled (their median sets the limit)
 
 
 def connect_ray(address: str | None) -> None:
@@ -75,85 +68,11 @@ class GpuUnavailable(RuntimeError):
     """A GPU-configured worker or actor on a host whose GPU torch cannot use (retried, see above)."""
 
 
-def device_failure(err: BaseException) -> str | None:
-    """"oom" (out of device memory), "fault" (a CUDA error: the process's device is unusable) or None. A Ray
-    task's or actor's error is read through to its cause."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException):
-        err = cause
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "oom"
-    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8: CUDA errors have their own type
-    text = str(err)
-    if isinstance(err, accelerator_error) or (isinstance(err, RuntimeError) and any(
-            marker in text for marker in ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error"))):
-        return "fault"
-    return None
-
-
-def on_device_error(err: BaseException, where: str, advice: str, input_error: type[Exception]) -> None:
-    """In an actor, on an exception of its work: out of device memory raises `input_error` (the job stops,
-    one line) saying `where` and `advice` (the keys that size the work); a CUDA fault ends this process,
-    which its pool replaces; any other error returns (the caller re-raises it)."""
-    kind = device_failure(err)
-    if kind == "oom":
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
-        raise input_error(f"{where} ran out of GPU memory ({first}): {advice}") from None
-    if kind == "fault":
-        log.error("%s on %s: %s: %s; its CUDA context is unusable, so the process ends and is replaced", where,
-                  socket.gethostname(), type(err).__name__, str(err).strip().splitlines()[0])
-        logging.shutdown()
-        os._exit(70)  # EX_SOFTWARE: the driver sees the actor die
-
-
 def death_cause(err: Exception) -> str:
     """The last line of a Ray actor's death: its error's type and message without Ray's framing, the
     creation task's traceback and its terminal colours."""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
     return lines[-1] if lines else type(err).__name__
-
-
-class Stalled(Exception):
-    """A call on a pool's actor that has run far longer than the finished ones (`StallWatch`): an actor
-    alive but stuck (a hung kernel, a wedged NCCL or storage call) is taken for lost."""
-
-    def __init__(self, ref, seconds: float, limit: float):
-        self.ref = ref
-        super().__init__(f"a call stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor x "
-                         "the median finished call, at least 5 min)")
-
-
-class StallWatch:
-    """When each work call on a pool's actors started, and how long the finished ones took. Once
-    `STALL_MIN_FINISHED` have finished, a call running longer than `factor` x their median (and at least
-    `STALL_FLOOR_S`) is stalled (`ActorPool.wait` raises `Stalled`); `factor` 0 never. A call queued
-    behind another on its actor is `restart`ed when that one finishes."""
-
-    def __init__(self, factor: float):
-        self.factor = factor
-        self.started: dict = {}  # ObjectRef -> time.monotonic() it started
-        self.durations: list[float] = []
-
-    def start(self, ref) -> None:
-        self.started[ref] = time.monotonic()
-
-    restart = start
-
-    def finish(self, ref) -> None:
-        since = self.started.pop(ref, None)
-        if since is not None:
-            self.durations.append(time.monotonic() - since)
-
-    def forget(self, ref) -> None:
-        self.started.pop(ref, None)
-
-    def stalled(self) -> Stalled | None:
-        if not self.factor or len(self.durations) < STALL_MIN_FINISHED:
-            return None
-        limit = max(self.factor * statistics.median(self.durations), STALL_FLOOR_S)
-        now = time.monotonic()
-        oldest = min(self.started.items(), key=lambda item: item[1], default=None)
-        return Stalled(oldest[0], now - oldest[1], limit) if oldest and now - oldest[1] > limit else None
 
 
 @dataclass(frozen=True)
@@ -252,7 +171,7 @@ class ActorPool:
 
     def replace(self, actor, err: Exception) -> None:
         """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
-        first call); RuntimeError naming the cause `err` once the budget is spent and no actor is left. The
+        first call); JobFailed naming the cause `err` once the budget is spent and no actor is left. The
         lost one is killed: Ray reports an actor that is only unavailable for the moment
         (`ActorUnavailableError`) as lost too, and one still alive would go on working on what is now
         requeued and holding its GPU (killing a dead actor does nothing)."""
@@ -267,25 +186,30 @@ class ActorPool:
             raise JobFailed(f"every {self.noun} died ({self.failures} failures > ray.max_failures="
                             f"{self.max_failures}), the last with {death_cause(err)}") from None
 
-    def wait(self, refs: list, watch: StallWatch | None = None):
+    def wait(self, refs: list, watch: faults.StallWatch | None = None):
         """The first of `refs` (calls on this pool's actors) to finish, as `ray.wait`; meanwhile, every
         POLL_S, a CapacityError once an actor has waited for room longer than ray.capacity_timeout_s (a
         replacement whose node is lost and none back; a first one whose room another job took after
         `acquire`): the calls on it would wait forever. An actor placed on a node and still loading (its
         `__init__`: a network, T5-XXL) is not waiting for room, however long it takes. With `watch`, the
-        work calls it times: `Stalled` for one that runs far too long (the caller replaces its actor)."""
+        work calls it times: `Stalled` for one that runs far too long (`faults.StallWatch`; the caller
+        replaces its actor), checked on every call and every POLL_S; the caller reports each call's end to it."""
         import ray
 
         while True:
-            done, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
-            if done:
-                if watch is not None:
-                    watch.finish(done[0])
-                return done[0]
-            self._check_started()
-            if watch is not None and (stalled := watch.stalled()) is not None:
+            if watch is not None and (stalled := watch.stalled(self._still_starting())) is not None:
                 watch.forget(stalled.ref)
                 raise stalled
+            done, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+            if done:
+                return done[0]
+            self._check_started()
+
+    def _still_starting(self) -> set:
+        """The actors not ready yet (being placed, or in their `__init__`): their calls have not begun."""
+        import ray
+
+        return {actor for actor, ref, _, _ in self._starting if actor in self.actors and not ray.wait([ref], timeout=0)[0]}
 
     def _check_started(self) -> None:
         import ray

@@ -377,7 +377,12 @@ def writable(root: str, key: str = "storage.root") -> Input:
         else:
             probe = storage.join(root, f".preflight-{uuid.uuid4().hex}")
             storage.write_bytes(probe, b"preflight probe")
+            conditional = not storage.create(probe, b"a second probe")  # a store that ignores If-None-Match: True
             storage.remove(probe)
+            if not conditional:
+                return Input(key, root, note="writable, but its store ignores If-None-Match (a create-only PUT "
+                                             "overwrote the probe): the run's lease is advisory only, and a worker "
+                                             "taken for lost that still writes can replace a shard")
     except OSError as err:
         return Input(key, root, problem=f"not writable ({type(err).__name__}: {err}); expected a folder or bucket "
                                         "this job may write")

@@ -60,6 +60,18 @@ def is_transient(err: Exception) -> bool:
     return isinstance(err, _transient_types())
 
 
+def precondition_failed(err: BaseException | None) -> bool:
+    """Whether `err` (or a cause of it) is S3's 412 PreconditionFailed: a create-only PUT (`If-None-Match: *`)
+    that found the object. s3fs turns it into FileExistsError only when the answer names the condition."""
+    while err is not None:
+        answer = getattr(err, "response", None)
+        if isinstance(answer, dict) and "Error" in answer:
+            return answer["Error"].get("Code") == "PreconditionFailed" or \
+                answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        err = err.__cause__
+    return False
+
+
 def _dropped(err: BaseException) -> bool:
     """Whether `err` (or a cause of it) is botocore's EndpointConnectionError over a connection that was made
     and then reset or closed (aiobotocore raises it for any aiohttp ClientConnectionError, a keep-alive

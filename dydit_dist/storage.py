@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from dydit_dist.s3_errors import is_transient
+from dydit_dist.s3_errors import is_transient, precondition_failed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -399,6 +399,10 @@ def create(url: str, data: bytes) -> bool:
     try:
         _retry(url, "creating", put, len(data))
     except FileExistsError:
+        return len(attempts) > 1 and read_bytes(url) == data
+    except StorageError as err:
+        if not precondition_failed(err.__cause__):  # a 412 whose answer does not name the condition
+            raise
         return len(attempts) > 1 and read_bytes(url) == data
     except FileNotFoundError as err:  # only a missing container makes a PUT "not found"
         raise StorageError(f"creating {url} failed: {err}") from err

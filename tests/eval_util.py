@@ -68,6 +68,6 @@ def write_caption_samples(url: str, images: np.ndarray, prompts: list[str], shar
     for i, start in enumerate(range(0, len(images), shard_size)):
         samples = [GeneratedSample(k, images[k], {"index": k, "prompt": prompts[k], "prompt_index": k})
                    for k in range(start, min(start + shard_size, len(images)))]
-        record = write_shard(url, i, pack(samples), len(samples))
+        record = write_shard(url, i, pack(samples), len(samples), replace=True)  # a rewrite replaces
         manifest.add({**record, "start": start, "timing": {"sample_s": 1.0}})
     manifest.write(url)

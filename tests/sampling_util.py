@@ -42,7 +42,7 @@ def write_samples(cfg: config.Config, url: str) -> None:
     manifest = SamplesManifest(sampling_settings(cfg), len(shards))
     for shard in shards:
         samples, timing = gen.generate(shard)
-        record = write_shard(url, shard.index, pack(samples), shard.count)  # name, count, sha256, bytes
+        record = write_shard(url, shard.index, pack(samples), shard.count, replace=True)  # a rewrite replaces
         manifest.add({**record, "start": shard.start, "timing": timing})
     manifest.stats.update(gen.stats())
     manifest.write(url)

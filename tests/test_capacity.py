@@ -10,9 +10,8 @@ import pytest
 import torch
 from sampling_util import tiny_config
 
-from dydit_dist import capacity as capacity_lib
 from dydit_dist import config as config_lib
-from dydit_dist import storage
+from dydit_dist import faults, storage
 from dydit_dist.capacity import CapacityError, GpuUnavailable, Need, check_gpu
 from dydit_dist.paths import RunPaths
 
@@ -56,7 +55,7 @@ def test_a_gpu_that_is_there_but_unusable_is_found_by_the_check(monkeypatch):
 def test_device_errors_are_out_of_memory_or_a_fault():
     """Out of memory: the same work meets it again, so the job stops naming the keys that size it; a CUDA
     error: the process's context is gone, so the process ends and its pool replaces it."""
-    from dydit_dist.capacity import device_failure, on_device_error
+    from dydit_dist.faults import device_failure, on_device_error
 
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
                                       "of 79.10 GiB\nmore")
@@ -64,6 +63,9 @@ def test_device_errors_are_out_of_memory_or_a_fault():
     assert device_failure(oom) == "oom" and device_failure(illegal) == "fault"
     assert device_failure(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx")) == "fault"
     assert device_failure(RuntimeError("shape mismatch")) is None and device_failure(ValueError("CUDA error")) is None
+    # allocation failures outside torch's caching allocator are out of memory too, not a broken device
+    assert device_failure(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ...")) == "oom"
+    assert device_failure(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")) == "oom"
 
     class Wrapped(Exception):  # as Ray's RayTaskError carries a remote error
         cause = oom
@@ -80,11 +82,37 @@ def test_device_errors_are_out_of_memory_or_a_fault():
         raise SystemExit(code)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(capacity_lib.os, "_exit", exit_)
+        m.setattr(faults.os, "_exit", exit_)
         with pytest.raises(SystemExit):
             on_device_error(illegal, "sampling actor on shard 3", "", ValueError)
         on_device_error(RuntimeError("shape mismatch"), "sampling actor on shard 3", "", ValueError)  # returns
     assert ended == [70]
+
+
+def test_a_stalled_call_is_timed_from_when_its_actor_is_ready(monkeypatch):
+    """The limit is stall_factor x the median of the finished calls (at least the floor), once 3 finished; an
+    actor still being placed or loading its model has not begun its call; failed calls do not count."""
+    clock = [0.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(faults, "STALL_FLOOR_S", 5.0)
+    watch = faults.StallWatch(factor=3)
+    for ref in ("a", "b", "c", "quick-failure"):
+        watch.start(ref, "actor-1")
+    clock[0] = 4.0
+    for ref in ("a", "b", "c"):
+        watch.finish(ref)  # 4 s each: the limit is max(3 x 4, 5) = 12 s
+    watch.forget("quick-failure")
+    watch.start("stuck", "actor-1")
+    watch.start("loading", "actor-2")
+    clock[0] = 15.0
+    assert watch.stalled(starting={"actor-2"}) is None  # 11 s: not yet; actor-2's clock restarts at 15
+    clock[0] = 16.5
+    stalled = watch.stalled(starting=set())
+    assert stalled.ref == "stuck" and "running for 12 s, more than 12 s" in str(stalled)
+    watch.forget("stuck")
+    clock[0] = 27.5
+    assert watch.stalled().ref == "loading"  # 12.5 s after its actor was ready: past the limit
+    assert faults.StallWatch(factor=0).stalled() is None
 
 
 @pytest.mark.integration

@@ -64,7 +64,7 @@ def test_a_killed_actor_is_replaced_and_its_shards_made_again(tmp_path, ray_loca
         parts = _on_actors(cfg, url, records, lambda record: None, on_part=kill_one)
     local = make_pass(cfg, "cpu")
     assert killed and len(parts) == len(records) == 4
-    assert "evaluation actor died (" in caplog.text and "(1 replaced)" in caplog.text
+    assert "evaluation actor lost (" in caplog.text and "(1 replaced)" in caplog.text
     for part, record in zip(parts, records, strict=True):
         expected = local(url, record, None)
         assert part.keys() == expected.keys()
@@ -153,7 +153,7 @@ def test_a_live_actor_reported_lost_has_its_shards_made_again_once(tmp_path, ray
     monkeypatch.setattr(eval_actors, "FeatureWorker", UnavailableOnce)
     with caplog.at_level(logging.INFO, logger="dydit_dist.eval.actors"):
         parts = eval_actors._on_actors(cfg, url, records, lambda record: None)
-    assert caplog.text.count("evaluation actor died (") == 1 and "2 shards go back to the queue" in caplog.text
+    assert caplog.text.count("evaluation actor lost (") == 1 and "2 shards go back to the queue" in caplog.text
     assert "(1 replaced)" in caplog.text
     local = eval_actors.make_pass(cfg, "cpu")
     assert len(parts) == len(records) == 4
@@ -167,7 +167,7 @@ def test_a_stuck_evaluation_actor_is_replaced(tmp_path, ray_local, monkeypatch, 
     import actor_faults
     from actor_faults import FeatureWorkerStuckOnce, swapped_actor
 
-    from dydit_dist import capacity
+    from dydit_dist import capacity, faults
     from dydit_dist.sample import SamplesManifest
 
     cfg = _digits_config(tmp_path, "eval.num_actors=2", "eval.batch_size=3", "ray.stall_factor=3")
@@ -176,7 +176,7 @@ def test_a_stuck_evaluation_actor_is_replaced(tmp_path, ray_local, monkeypatch, 
     write_samples(cfg, url)
     records = SamplesManifest.read(url).records()
     monkeypatch.setattr(capacity, "POLL_S", 0.2)
-    monkeypatch.setattr(capacity, "STALL_FLOOR_S", 1.0)
+    monkeypatch.setattr(faults, "STALL_FLOOR_S", 1.0)
     monkeypatch.setattr(actor_faults, "FLAG", str(tmp_path / "stuck-once"))
     monkeypatch.setattr(actor_faults, "STUCK_ON", records[-1]["start"])
     with (swapped_actor(monkeypatch, eval_actors, "FeatureWorker", FeatureWorkerStuckOnce),

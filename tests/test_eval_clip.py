@@ -196,8 +196,18 @@ def test_a_caption_reference_records_what_it_was_made_from(tmp_path, monkeypatch
     with pytest.raises(pipeline.OutputsDiffer, match=r"r.npz is a caption reference made from other settings "
                                                      r"\(reference_images: 4 there vs 5 now\); remove it and"):
         pipeline.reference_done(other)
-    (tmp_path / "coco" / "captions.csv").write_text((tmp_path / "coco" / "captions.csv").read_text() + "img/0.png,x\n")
+    listing = (tmp_path / "coco" / "captions.csv").read_text()
+    (tmp_path / "coco" / "captions.csv").write_text(listing + "\nimg/0.png,x")  # one row more
     assert [c.split(":")[0] for c in reference_changes(cfg)] == ["inputs_digest"]  # the source's listing changed
+    # one made before its settings were recorded: judged by what it holds (captions, size)
+    legacy = dict(np.load(tmp_path / "refs/r.npz"))
+    del legacy["settings"]
+    np.savez(tmp_path / "refs/r.npz", **legacy)
+    (tmp_path / "coco" / "captions.csv").write_text(listing)
+    assert reference_changes(cfg) == [] and pipeline.reference_done(cfg)
+    assert reference_changes(tiny_config(root, *overrides, "model.image_size=8")) == ["image_size: 16 there vs 8 now"]
+    assert reference_changes(other) == ["captions: not those of the 5 images of data.source=" + source +
+                                        " (eval.reference_images=5)"]
     with pytest.raises(EvalInputError, match=r"eval.reference_images=1\) gives 1 image; a reference needs at least 2"):
         prepare_caption_reference(tiny_config(root, *overrides[:-2], "eval.reference_images=1",
                                               f"eval.reference={root}/refs/one.npz"))

@@ -189,7 +189,7 @@ def _samples_folder(url: str, index_lists: list[list[int]], counts: list[int]) -
     for i, (indices, count) in enumerate(zip(index_lists, counts, strict=True)):
         samples = [GeneratedSample(k, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), {"index": k, "class": k % 10})
                    for k in indices]
-        manifest.add({**write_shard(url, i, pack(samples), count), "start": start, "timing": {"sample_s": 1.0}})
+        manifest.add({**write_shard(url, i, pack(samples), count, replace=True), "start": start, "timing": {"sample_s": 1.0}})
         start += count
     manifest.write(url)
 

@@ -19,7 +19,7 @@ def _samples(url: str, stats: dict) -> None:
     rng = np.random.default_rng(0)
     samples = [GeneratedSample(k, rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), {"index": k, "class": k % 10})
                for k in range(12)]
-    record = write_shard(url, 0, pack(samples), 12)  # name, count, sha256, bytes
+    record = write_shard(url, 0, pack(samples), 12, replace=True)  # name, count, sha256, bytes
     manifest = SamplesManifest({"method": "x"}, 1, stats=stats)
     manifest.add({**record, "start": 0, "timing": {"sample_s": 1.0}})
     manifest.write(url)

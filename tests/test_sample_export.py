@@ -24,7 +24,7 @@ def _folder(url: str) -> None:
     for i in range(2):
         samples = [GeneratedSample(k, rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), {"index": k})
                    for k in range(3 * i, 3 * i + 3)]
-        manifest.add({**write_shard(url, i, pack(samples), 3), "start": 3 * i})
+        manifest.add({**write_shard(url, i, pack(samples), 3, replace=True), "start": 3 * i})
     manifest.write(url)
 
 

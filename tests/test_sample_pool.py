@@ -156,10 +156,10 @@ def test_a_stuck_actor_is_replaced_and_its_shard_made_again(ray_local, tmp_path,
     runs ray.stall_factor x the median finished call, it is killed and replaced and its unit made again."""
     import actor_faults
 
-    from dydit_dist import capacity
+    from dydit_dist import capacity, faults
 
     monkeypatch.setattr(capacity, "POLL_S", 0.2)
-    monkeypatch.setattr(capacity, "STALL_FLOOR_S", 1.0)
+    monkeypatch.setattr(faults, "STALL_FLOOR_S", 1.0)
     monkeypatch.setattr(actor_faults, "FLAG", str(tmp_path / "stuck-once"))
     cfg = tiny_config(str(tmp_path), f"model.checkpoint={checkpoint}", "sample.num_actors=2", "sample.speculate=false",
                       "ray.stall_factor=3")

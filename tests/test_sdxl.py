@@ -242,7 +242,7 @@ def test_sample_and_evaluate_end_to_end(tmp_path, pipeline_folder):
         samples, timing = gen.generate(shard)
         assert [s.meta["prompt"] for s in samples] == [PROMPTS[k % 3] for k in shard.indices]
         assert all(s.image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and s.image.dtype == np.uint8 for s in samples)
-        manifest.add({**write_shard(url, shard.index, pack(samples), shard.count), "start": shard.start, "timing": timing})
+        manifest.add({**write_shard(url, shard.index, pack(samples), shard.count, replace=True), "start": shard.start, "timing": timing})
     manifest.stats.update(gen.stats())
     manifest.write(url)
     assert 0 < manifest.stats["gflops"] < unet_macs(tiny_unet(), **unet_inputs(tiny_unet(), LATENT, text_tokens=16)) / 1e9

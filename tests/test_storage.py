@@ -178,3 +178,15 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.integration
+def test_the_writable_check_says_when_a_store_ignores_conditional_writes(s3_bucket, monkeypatch):
+    """The lease and the shards rely on create-only PUTs; a store that overwrites instead is named in the plan."""
+    from dydit_dist import resolve
+
+    assert resolve.writable(f"{s3_bucket}/runs").note == "writable (probe written and deleted)"
+    monkeypatch.setattr(storage, "create", lambda url, data: storage.write_bytes(url, data) or True)
+    found = resolve.writable(f"{s3_bucket}/runs")
+    assert found.problem is None and "its store ignores If-None-Match" in found.note
+    assert storage.listdir(f"{s3_bucket}/runs") == []  # the probe removed

@@ -145,19 +145,25 @@ def test_input_errors_stop_the_run_and_others_are_retried():
 
 def test_a_second_out_of_memory_stops_the_run_naming_the_keys(tmp_path):
     """A worker out of GPU memory is retried once (fragmentation clears on a restart from the checkpoint);
-    the second time the step does not fit: the run ends naming the micro-batch and the ZeRO stage."""
+    out of memory again before the run got past that point, the step does not fit: the run ends naming the
+    micro-batch and the ZeRO stage. One that comes after the run went further is a first one again."""
     cfg = config_lib.load("debug", [f"storage.root={tmp_path}", "train.micro_batch_size=2", "deepspeed.zero_stage=2"])
     callback = launcher.StopOnInputError(launcher.oom_advice(cfg))
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore lines")
+    callback.after_report(None, [{"step": 500, "loss": 0.1}], None)
     callback.after_exception(None, {0: RuntimeError("collective aborted"), 1: oom})  # retried
+    callback.after_report(None, [{"step": 600}], None)  # resumed at 400, went past 500: trained on
+    callback.after_exception(None, {1: oom})  # retried: a first one again
     callback.after_exception(None, {0: OSError("connection reset")})
+    callback.after_report(None, [{"step": 550}], None)  # resumed, not past 600
     with pytest.raises(launcher.InputFailure) as caught:
         callback.after_exception(None, {1: oom})
     assert str(caught.value) == (
         "training worker 1: DeviceOutOfMemory: CUDA out of memory. Tried to allocate 20.00 GiB.; "
         "train.micro_batch_size=2 does not fit; lower it with the same train.global_batch_size=8 (more accumulation "
         "steps; a new storage.run: the data order depends on it), or shard more state (deepspeed.zero_stage=2 -> 3); "
-        "not retried, the second time it ran out of GPU memory (a restart meets it again)")
+        "not retried, out of GPU memory again before the run got past step 600, after which it ran out the time "
+        "before (a restart meets it again)")
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
 
 

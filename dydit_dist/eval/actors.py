@@ -27,17 +27,9 @@ import numpy as np
 import torch
 
 from dydit_dist import storage
-from dydit_dist.capacity import (
-    ActorPool,
-    Need,
-    Stalled,
-    StallWatch,
-    check_gpu,
-    connect_ray,
-    death_cause,
-    on_device_error,
-)
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config
+from dydit_dist.faults import Stalled, StallWatch, on_device_error
 from dydit_dist.sample.shards import iter_shard, to_rgb
 
 from .clip import ClipScorer
@@ -226,7 +218,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                     k, record = todo.pop()
                     ref = actor.features.remote(url, record, caption_slice(record))
                     if not any(a == actor for a, _ in pending.values()):
-                        watch.start(ref)
+                        watch.start(ref, actor)
                     pending[ref] = (actor, k)
 
         def lose(actor, k: int | None, err: Exception) -> None:
@@ -236,7 +228,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
                 watch.forget(ref)
             lost = ([k] if k is not None else []) + [pending.pop(ref)[1] for ref in its]
             todo.extend((j, records[j]) for j in sorted(lost, reverse=True))
-            log.warning("evaluation actor died (%s); %d shards go back to the queue", death_cause(err), len(lost))
+            log.warning("evaluation actor lost (%s); %d shards go back to the queue", death_cause(err), len(lost))
             pool.replace(actor, err)
 
         top_up()
@@ -251,10 +243,12 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
             try:
                 parts[k] = ray.get(done)
             except (RayActorError, ObjectLostError) as err:  # the actor, or the node holding its result, lost
+                watch.forget(done)
                 lose(actor, k, err)
             else:
+                watch.finish(done)
                 for ref in [ref for ref, (a, _) in pending.items() if a == actor]:  # its queued shard starts now
-                    watch.restart(ref)
+                    watch.start(ref, actor)
                 if on_part is not None:
                     on_part(pool.actors)
             top_up()

@@ -40,7 +40,7 @@ from dydit_dist.data.sources import Chunk, iter_chunk, load_image, plan_captions
 from dydit_dist.sample.export import npz_keys, read_npz_small
 
 from .extractors import SPATIAL, resolve_extractor
-from .features import extract_features
+from .features import extract_features, npz_images_shape
 from .metrics import EvalInputError, statistics
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,28 @@ def reference_settings(cfg, inputs_digest: str) -> dict:
 
 def reference_changes(cfg) -> list[str]:
     """How the caption reference at eval.reference differs from the one `cfg` would make ("key: there vs
-    now"; a reference made before its settings were recorded differs in every one)."""
+    now"). One made before its settings were recorded is compared by what it holds: its captions (those of
+    the subset `cfg` takes, in order) and its image size."""
     url = cfg.eval.reference
-    made = json.loads(str(read_npz_small(url, "settings"))) if "settings" in npz_keys(url) else {}
-    expected = reference_settings(cfg, plan_captions(cfg.data.source, shard_size=1 << 30).digest)
-    return [f"{k}: {made.get(k)!r} there vs {v!r} now" for k, v in expected.items() if made.get(k) != v]
+    plan = plan_captions(cfg.data.source, shard_size=1 << 30)
+    if "settings" in npz_keys(url):
+        made = json.loads(str(read_npz_small(url, "settings")))
+        expected = reference_settings(cfg, plan.digest)
+        return [f"{k}: {made.get(k)!r} there vs {v!r} now" for k, v in expected.items() if made.get(k) != v]
+    items = sorted((it for chunk in plan.chunks for it in chunk.items), key=lambda it: it.key)
+    captions = [one_line(it.caption) for it in subset(items, cfg.eval.reference_images, cfg.data.source)]
+    changes = []
+    if [str(c) for c in read_npz_small(url, "captions")] != captions:
+        changes.append(f"captions: not those of the {len(captions)} images of data.source={cfg.data.source} "
+                       f"(eval.reference_images={cfg.eval.reference_images})")
+    shape = npz_images_shape(url)
+    size = None if shape is None else shape[1]
+    if size != cfg.model.image_size:
+        changes.append(f"image_size: {size} there vs {cfg.model.image_size} now")
+    if not changes:
+        log.warning("%s: a caption reference made before its settings were recorded; its captions and image size are "
+                    "this config's, so it is used", url)
+    return changes
 
 
 def _remove_abandoned_temporaries() -> None:
@@ -72,10 +89,10 @@ def _remove_abandoned_temporaries() -> None:
     for name in os.listdir(folder):
         if not (name.startswith(TEMP_PREFIX) and name.endswith(".npz")):
             continue
-        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
+        path, pid = os.path.join(folder, name), name[len(TEMP_PREFIX):].split("-", 1)[0]
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's in a shared /tmp: left alone
+            if pid.isdigit() and os.stat(path).st_uid == os.getuid() and not _alive(int(pid)):
+                os.remove(path)
                 log.info("removed %s, left by a reference job that was stopped", name)
 
 

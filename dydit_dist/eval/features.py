@@ -64,11 +64,11 @@ def count_images(url: str) -> int:
 
 
 def _npz_rows(url: str) -> int:
-    shape = _npz_images_shape(url)
+    shape = npz_images_shape(url)
     return 0 if shape is None else int(shape[0])
 
 
-def _npz_images_shape(url: str) -> tuple[int, ...] | None:
+def npz_images_shape(url: str) -> tuple[int, ...] | None:
     """The shape of an .npz's `arr_0` from its header (None without one); EvalInputError naming the file
     when it is no readable .npz (not a zip, cut short, a member that is no .npy)."""
     import zipfile
@@ -100,7 +100,7 @@ def image_size(url: str) -> tuple[int, int] | None:
     """(H, W) of a reference's images (an .npz's arr_0, a samples or data folder's image_size); None when
     it holds statistics only."""
     if source_kind(url) == "npz":
-        shape = _npz_images_shape(url)
+        shape = npz_images_shape(url)
         return None if shape is None or len(shape) != 4 else (shape[1], shape[2])
     size = storage.read_json(manifest_url(url))["settings"].get("image_size")
     return None if size is None else (int(size), int(size))

@@ -66,7 +66,8 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
     captions = family(cfg.model.name) != "dit"
     if captions:  # the trajectories of the run's captions (the null caption's are unconditional ones)
         pretrained.mirror(cfg, captions=True, vae=False)
-    x, kwargs = calibration_inputs(conditioner(cfg, model, device), num_samples, s.cfg_scale != 1.0, noise)
+    with torch.no_grad():  # the conditions of a PixArt hold its learned null caption (a parameter)
+        x, kwargs = calibration_inputs(conditioner(cfg, model, device), num_samples, s.cfg_scale != 1.0, noise)
     with sampling_autocast(s.precision, device):
         table = calibrate(Backend(model), x, kwargs, sampler=s.sampler, steps=s.steps, tolerance=tolerance,
                           tolerance_at_zero=tolerance_at_zero, criterion=criterion, cfg_scale=s.cfg_scale,
@@ -79,7 +80,8 @@ def run_calibration(cfg: Config, *, tolerance: float = 0.05, tolerance_at_zero: 
     # the trajectory's and the network's settings in the name: calibrations of one run for other methods,
     # weights or guidance do not overwrite each other
     identity = {k: table[k] for k in ("checkpoint", "cfg_scale", "guidance_channels", "eps_scale_factors",
-                                      "tolerance_at_zero", "precision", "image_size", "seed")}
+                                      "tolerance_at_zero", "precision", "image_size", "seed", "num_samples",
+                                      "conditioning")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     name = (f"{cfg.model.name.replace('/', '_')}_{cfg.model.method}_{s.sampler}{s.steps}_{criterion}_tol{tolerance:g}"
             f"_{digest}.json")

@@ -20,7 +20,7 @@ Shards already recorded, whose object is there at its recorded size, are skipped
 actor that died go back to the queue and the actor is killed (it may only be unreachable) and replaced,
 `ray.max_failures` times at most (one that dies starting, on a host whose GPU is unusable, say, is
 replaced the same way; so is one whose device fails with a CUDA error: its process ends,
-`capacity.on_device_error`); an error raised by the sampling code itself (a bad checkpoint or config, in a
+`faults.on_device_error`; so is one stuck in a unit, `faults.StallWatch`); an error raised by the sampling code itself (a bad checkpoint or config, in a
 first actor or a replacement; a wrong shape; a unit out of GPU memory, named with sample.batch_size) stops
 the job, once the shards being written are recorded.
 """
@@ -40,20 +40,12 @@ import torch
 from dydit_dist import config as config_lib
 from dydit_dist import pretrained, storage
 from dydit_dist.accel.options import parse_eps_scale
-from dydit_dist.capacity import (
-    ActorPool,
-    Need,
-    Stalled,
-    StallWatch,
-    check_gpu,
-    connect_ray,
-    death_cause,
-    on_device_error,
-)
+from dydit_dist.capacity import ActorPool, Need, check_gpu, connect_ray, death_cause
 from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.config_files import remote_cause
 from dydit_dist.data.manifest import CAPTION_PREPROCESSING
 from dydit_dist.diffusion.noise import stream_kind
+from dydit_dist.faults import Stalled, StallWatch, on_device_error
 from dydit_dist.models import CheckpointError, family
 from dydit_dist.network import resolve_checkpoint
 from dydit_dist.paths import RunPaths
@@ -332,6 +324,18 @@ def run_sampling(cfg: Config, url: str | None = None,
     return manifest
 
 
+def _record_writes(writes: list, manifest: SamplesManifest, digest: str, timeout_s: float = 120.0) -> None:
+    """Record in `manifest` the shards whose `write` calls finish within `timeout_s` (a job about to stop
+    keeps what its actors were writing); the others, and failed writes, are made again by a rerun."""
+    import ray
+
+    done, _ = ray.wait(writes, num_returns=len(writes), timeout=timeout_s) if writes else ([], [])
+    for write in done:
+        with contextlib.suppress(Exception):  # its actor lost, or storage failing: nothing to record
+            if (written := ray.get(write))["settings_sha256"] == digest:
+                manifest.add(written)
+
+
 def _method_stats(manifest: SamplesManifest) -> bool:
     """Set the stats the report reads of the method from the records, where the done-markers keep them:
     the GFLOPs as the mean over every shard's samples, and the width per timestep that shard 0's record
@@ -345,7 +349,7 @@ def _method_stats(manifest: SamplesManifest) -> bool:
 def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest, url: str, num_samples: int,
              on_shard: Callable[[SamplingPool, dict], None] | None, watch: StallWatch) -> None:
     """Drive the actors until every unit of `dispatch` is written; records go into `manifest`. `watch`
-    times the `sample` calls: an actor whose call stalls is lost (`capacity.StallWatch`)."""
+    times the `sample` calls: an actor whose call stalls is lost (`faults.StallWatch`)."""
     import ray
     from ray.exceptions import RayActorError
     from tqdm import tqdm
@@ -371,7 +375,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 if unit is not None:
                     ref = actor.sample.remote(unit)
                     pending[ref] = (actor, "sample", unit.index)
-                    watch.start(ref)
+                    watch.start(ref, actor)
 
     last_write = time.monotonic()
     with tqdm(total=num_samples, initial=manifest.num_samples, unit="img", desc="sample",
@@ -389,15 +393,14 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 result = ray.get(ref)
             except LOAD_ERRORS as err:  # a replacement that could not load (no `ready` before its first unit), or
                 # a unit the actors cannot make (out of GPU memory): the writes under way land and are recorded first
-                for write in [r for r, (_, k, _) in pending.items() if k == "write"]:
-                    with contextlib.suppress(RayActorError):  # its actor lost as well: made again by a rerun
-                        if (written := ray.get(write))["settings_sha256"] == digest:
-                            manifest.add(written)
+                _record_writes([r for r, (_, k, _) in pending.items() if k == "write"], manifest, digest)
                 raise remote_cause(err) from None
             except RayActorError as err:
+                watch.forget(ref)
                 lose(actor, err)
                 feed()
                 continue
+            watch.finish(ref)
             if kind == "sample":
                 if dispatch.sampled(actor, index):
                     pending[actor.write.remote(index)] = (actor, "write", index)

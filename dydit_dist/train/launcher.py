@@ -29,9 +29,10 @@ from collections.abc import Callable
 from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
-from dydit_dist.capacity import CapacityError, Need, acquire, device_failure
+from dydit_dist.capacity import CapacityError, Need, acquire
 from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.data import ManifestError, verify_manifest
+from dydit_dist.faults import device_failure
 from dydit_dist.models import family
 from dydit_dist.network import latest_ema
 from dydit_dist.paths import CHECKPOINTS, RunPaths
@@ -189,8 +190,9 @@ class DeviceOutOfMemory(ConfigError):
 
 class StopOnInputError(UserCallback):
     """Ends the run, without Ray Train's retries, when a worker failed on an input error, or ran out of GPU
-    memory a second time (the first may be fragmentation, which a restart from the checkpoint clears; the
-    second is the config: `advice` names the keys that size a step).
+    memory again before the run got past the step where it did so the last time (the first may be
+    fragmentation, which a restart from the checkpoint clears; the second is the config: `advice` names
+    the keys that size a step).
 
     Runs in Ray Train's controller after each poll of the workers that found errors: raising here is a
     controller error of a kind the controller's failure policy does not retry, so the run ends and
@@ -198,7 +200,12 @@ class StopOnInputError(UserCallback):
 
     def __init__(self, advice: str = ""):
         self.advice = advice
-        self.out_of_memory = 0  # polls that found a worker out of GPU memory
+        self.step = -1  # the last step reported
+        self.out_of_memory_after: int | None = None  # the last step reported before the last OOM
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "step" in metrics[0]:
+            self.step = int(metrics[0]["step"])
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]):
         errors = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, NOT_RETRIED)}
@@ -207,12 +214,14 @@ class StopOnInputError(UserCallback):
             raise InputFailure(errors)
         oom = {rank: e for rank, e in worker_exceptions.items() if device_failure(e) == "oom"}
         if oom:
-            self.out_of_memory += 1
-            if self.out_of_memory >= 2:
+            if self.out_of_memory_after is not None and self.step <= self.out_of_memory_after:
                 quiet_input_failure_tracebacks()
                 raise InputFailure({rank: DeviceOutOfMemory(f"{str(e).strip().splitlines()[0]}; {self.advice}")
                                     for rank, e in oom.items()},
-                                   why="the second time it ran out of GPU memory (a restart meets it again)")
+                                   why=f"out of GPU memory again before the run got past step "
+                                       f"{self.out_of_memory_after}, after which it ran out the time before (a restart "
+                                       "meets it again)")
+            self.out_of_memory_after = self.step
 
 
 def oom_advice(cfg: Config) -> str:

@@ -1,0 +1,107 @@
+"""What a failing sampling, evaluation or training process means for its job: device errors and stalls.
+
+A device error while working (`device_failure`) is one of two kinds. Out of memory: the same work meets
+it again, so the job stops with one line naming the config keys that size the work (`on_device_error`
+raises the caller's input error; a training run stops the second time without progress in between,
+`train.launcher.StopOnInputError`). A CUDA error (an illegal access; an ECC or Xid error surfacing as
+one): the process's CUDA context is unusable, so the actor's process ends and its pool replaces it,
+within ray.max_failures, as a lost actor.
+
+An actor alive but stuck (a hung kernel, a wedged storage call) never fails its call: `StallWatch` times
+the work calls on a pool's actors from when their actor is ready and the call is at the head of its
+queue, and once `STALL_MIN_FINISHED` have finished, a call running `ray.stall_factor` x their median (and
+at least `STALL_FLOOR_S`) is stalled: `capacity.ActorPool.wait` raises `Stalled`, and the job replaces the
+actor and requeues its work as for a lost one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import statistics
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+STALL_FLOOR_S = 300.0  # a call is never taken for stalled sooner than this
+STALL_MIN_FINISHED = 3  # finished calls before any is taken for stalled (their median sets the limit)
+_OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")  # CUDA / cuBLAS / cuDNN allocation failures outside torch's allocator
+_CUDA_ERRORS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error")
+
+
+def device_failure(err: BaseException) -> str | None:
+    """"oom" (out of device memory), "fault" (a CUDA error: the process's device is unusable) or None. A Ray
+    task's or actor's error is read through to its cause."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "oom"
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8: CUDA errors have their own type
+    text = str(err)
+    if not (isinstance(err, accelerator_error) or (isinstance(err, RuntimeError) and any(m in text for m in _CUDA_ERRORS))):
+        return None
+    return "oom" if any(m in text for m in _OUT_OF_MEMORY) else "fault"
+
+
+def on_device_error(err: BaseException, where: str, advice: str, input_error: type[Exception]) -> None:
+    """In an actor, on an exception of its work: out of device memory raises `input_error` (the job stops,
+    one line) saying `where` and `advice` (the keys that size the work); a CUDA fault ends this process,
+    which its pool replaces; any other error returns (the caller re-raises it)."""
+    kind = device_failure(err)
+    if kind == "oom":
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        raise input_error(f"{where} ran out of GPU memory ({first}): {advice}") from None
+    if kind == "fault":
+        log.error("%s on %s: %s: %s; its CUDA context is unusable, so the process ends and is replaced", where,
+                  socket.gethostname(), type(err).__name__, str(err).strip().splitlines()[0])
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE: the driver sees the actor die
+
+
+class Stalled(Exception):
+    """A work call on a pool's actor that has run far longer than the finished ones (`StallWatch`)."""
+
+    def __init__(self, ref, seconds: float, limit: float):
+        self.ref = ref
+        super().__init__(f"a call stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor x "
+                         f"the median finished call, at least {STALL_FLOOR_S:g} s)")
+
+
+class StallWatch:
+    """The running work calls on a pool's actors and how long the finished ones took (see the module
+    docstring); `factor` 0 never stalls. A call's clock starts when it is `start`ed (at the head of its
+    actor's queue: a call queued behind another is started when that one finishes) and runs only while
+    its actor is ready: `stalled(starting)` restarts the clocks of the actors still being placed or loading."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.started: dict = {}  # ObjectRef -> (actor, time.monotonic() its clock started)
+        self.durations: list[float] = []
+
+    def start(self, ref, actor) -> None:
+        self.started[ref] = (actor, time.monotonic())
+
+    def finish(self, ref) -> None:
+        """A call that returned its result: its time counts toward the median."""
+        actor, since = self.started.pop(ref, (None, None))
+        if since is not None:
+            self.durations.append(time.monotonic() - since)
+
+    def forget(self, ref) -> None:
+        """A call that failed, or was dropped with its actor: its time does not count."""
+        self.started.pop(ref, None)
+
+    def stalled(self, starting: set = frozenset()) -> Stalled | None:
+        """The longest-running call past the limit, if any; the clocks of `starting` actors restart."""
+        now = time.monotonic()
+        for ref, (actor, _) in list(self.started.items()):
+            if actor in starting:
+                self.started[ref] = (actor, now)
+        if not self.factor or len(self.durations) < STALL_MIN_FINISHED or not self.started:
+            return None
+        limit = max(self.factor * statistics.median(self.durations), STALL_FLOOR_S)
+        ref, (_, since) = min(self.started.items(), key=lambda item: item[1][1])
+        return Stalled(ref, now - since, limit) if now - since > limit else None
