@@ -3,7 +3,7 @@
 Every `import` and `from ... import` is read from the source with `ast`, function bodies included (a
 lazy import that dodges a cycle is still a cycle). The layers, lowest first:
 
-    s3_errors, precision, faults  <  storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config, config_files  <  paths, shardset, network,
+    s3_errors, precision, faults  <  endpoints, storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config, config_files  <  paths, shardset, network,
     lease, run_config, capacity  <  data, train, sample, eval  <  pipeline, preflight, resolve, cli  <  jobs
 
 Modules of one layer may import each other as long as no cycle forms.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
     ("s3_errors", "precision", "faults"),
-    ("storage", "models", "diffusion"),
+    ("endpoints", "storage", "models", "diffusion"),
     ("flops",),
     ("dynamic",),
     ("accel",),

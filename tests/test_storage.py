@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dydit_dist import storage
+from dydit_dist import endpoints, storage
 from dydit_dist.storage import StorageError
 
 
@@ -103,7 +103,7 @@ def _slow_down() -> OSError:
 def test_transient_errors_are_retried_then_reported(monkeypatch):
     from botocore.exceptions import ReadTimeoutError
 
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(endpoints.time, "sleep", lambda s: None)
     flaky = _FlakyFS([_slow_down(), ReadTimeoutError(endpoint_url="http://s3")])
     monkeypatch.setattr(storage, "filesystem", lambda url: (flaky, "b/x"))
     assert storage.read_bytes("s3://b/x") == b"ok" and flaky.calls == 3

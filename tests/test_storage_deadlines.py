@@ -95,7 +95,7 @@ def test_retries_stay_within_the_deadline_and_are_logged(stalled, caplog):
     timeout_s = 3 * TIMEOUT_S
     storage.configure(endpoint_url=stalled.url, retries=5, timeout_s=timeout_s)
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"), pytest.raises(StorageError) as err:
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.endpoints"), pytest.raises(StorageError) as err:
         storage.write_bytes("s3://bucket/key", b"x")
     elapsed = time.monotonic() - start
     assert elapsed < timeout_s + SLACK_S, f"took {elapsed:.1f} s"
@@ -194,7 +194,7 @@ def test_a_retry_that_no_longer_fits_in_the_deadline_is_reported_as_the_deadline
         raise ReadTimeoutError(endpoint_url="http://s3")
 
     with pytest.raises(StorageError) as err:
-        storage._retry("s3://bucket/key", "reading", slow_failure)
+        storage.retry("s3://bucket/key", "reading", slow_failure)
     assert str(err.value).startswith("reading s3://bucket/key failed: no answer within the deadline of 0.3 s")
     assert "storage.timeout_s=0.3, 1 attempt in 0.2 s; the last attempt: ReadTimeoutError: Read timeout" in str(err.value)
 

@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
-from dydit_dist import s3_errors, storage
+from dydit_dist import endpoints, s3_errors, storage
 from dydit_dist.sample.export import iter_npz_array
 from dydit_dist.storage import StorageError
 
@@ -183,7 +183,7 @@ def proxy(s3_bucket, s3_endpoint, monkeypatch):
     """(bucket URL, FaultyProxy): `storage` talks to the moto server through the proxy; no backoff sleeps."""
     faulty = FaultyProxy(s3_endpoint)
     storage.configure(endpoint_url=faulty.url, retries=3, timeout_s=20)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(endpoints.time, "sleep", lambda s: None)
     yield s3_bucket, faulty
     faulty.close()
     storage.configure()
@@ -196,7 +196,7 @@ def test_a_throttled_request_is_retried_and_logged(proxy, caplog, status, code, 
     url = f"{bucket}/x.bin"
     storage.write_bytes(url, b"payload")
     faulty.faults.append(Fault("GET", "/x.bin", status=status, code=code, message=message))
-    with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"):
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.endpoints"):
         assert storage.read_bytes(url) == b"payload"
     assert faulty.seen("GET") == 2
     assert f"reading {url}: attempt 1 of 4 failed (OSError: [Errno" in caplog.text and message in caplog.text
@@ -282,7 +282,7 @@ def test_a_streamed_read_cut_mid_body_resumes_where_it_stopped(proxy, caplog):
     storage.write_bytes(url, data)
     faulty.faults += [Fault("GET", "/shard.tar", cut_after=10_000, times=1)]
     out = bytearray()
-    with caplog.at_level(logging.WARNING, logger="dydit_dist.storage"), \
+    with caplog.at_level(logging.WARNING, logger="dydit_dist.endpoints"), \
             storage.open_file(url, block_size=1 << 16) as f:
         out += f.read(50_000)
         faulty.faults.append(Fault("GET", "/shard.tar", cut_after=0, times=1))
