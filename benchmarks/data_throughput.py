@@ -12,7 +12,7 @@
    training step consumes, ESTIMATED as the README's cost table does: 3 x 2 x the network's analytic
    MACs per image (forward + backward; DyDiT trains its masked network, the static cost, and stage 1
    runs the complete model once more: twice) at 400 TFLOP/s sustained
-   (`preflight.SUSTAINED_FLOPS`, 40% of an H100's dense bf16 peak). A CPU training step is no yardstick:
+   (`estimate.SUSTAINED_FLOPS`, 40% of an H100's dense bf16 peak). A CPU training step is no yardstick:
    it consumes ~10^4 times less than a GPU. `benchmarks/gpu_check.py` measures the GPU step itself.
 
 The reader should deliver at least 2x what the GPU consumes per the workers it runs with (it runs ahead
@@ -87,9 +87,9 @@ PRESETS = [("dit_xl2_256", "static fine-tune; DyDiT stage 2 costs the same", 1),
 
 def gpu_rows(reader: list[dict]) -> list[dict]:
     """Per preset: the images/s one GPU's training step consumes, estimated from analytic FLOPs as the cost
-    table (`preflight.training_flop`: DyDiT trains its masked network, the static cost; stage 1 twice), against
+    table (`estimate.training_flop`: DyDiT trains its masked network, the static cost; stage 1 twice), against
     the measured reader of the preset's own storage."""
-    from dydit_dist.preflight import SUSTAINED_FLOPS, training_flop
+    from dydit_dist.estimate import SUSTAINED_FLOPS, training_flop
 
     def rate(kind: str, source: str) -> float | None:
         rates = [r["samples_per_s"] for r in reader if r["storage"] == kind and r["source"] == source]

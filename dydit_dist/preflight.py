@@ -27,28 +27,35 @@ is mirrored under storage.root, in the local Hugging Face cache, or answered for
 HF_HUB_OFFLINE set); the job mirrors an id once before its workers start.
 
 The plan lists the stages with their sample and step counts and an **estimate** of GPU-hours from
-the analytic FLOPs (`dydit_dist.flops`, 2 FLOPs per multiply-accumulate) at an assumed sustained
-400 TFLOP/s (40% of an H100's dense bf16 peak), as in the README's cost table; not a measurement.
+the analytic FLOPs at an assumed sustained rate (`dydit_dist.estimate`), as in the README's cost table;
+not a measurement. An SD-XL pipeline folder resolves in `resolve.sdxl_pipeline`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from dydit_dist import flops, pipeline, pretrained, resolve, storage
+from dydit_dist import pipeline, resolve, storage
 from dydit_dist.accel.methods import METHODS
 from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
+from dydit_dist.estimate import (
+    INCEPTION_FLOP,
+    SUSTAINED_FLOPS,
+    format_flop,
+    format_macs,
+    network_macs,
+    routed_share,
+    training_flop,
+)
 from dydit_dist.eval import digits, extractors
 from dydit_dist.eval.captions import caption_reference_problems
 from dydit_dist.eval.metrics import needs_reference
 from dydit_dist.models import family
-from dydit_dist.models.registry import arch, sdxl_mismatches
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
@@ -57,9 +64,6 @@ from dydit_dist.sample.plan import PromptsError
 from dydit_dist.sample.pool import absolute_root
 from dydit_dist.train import launcher
 from dydit_dist.train.checkpoints import exported_step, has_checkpoint
-
-SUSTAINED_FLOPS = 400e12  # FLOP/s assumed sustained on one GPU (40% of an H100's dense bf16 peak)
-INCEPTION_FLOP = 6e9  # per image: Inception-v3 at 299 x 299
 
 
 class PreflightError(ValueError):
@@ -189,9 +193,9 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
     macs = network_macs(m)
     flop = (t.max_steps + stage1) * t.global_batch_size * training_flop(m)
     work = (f"{m.name} {m.method} at {m.image_size}px, {t.max_steps:,} steps x {t.global_batch_size} images x "
-            f"3 (forward + backward) x {_macs(macs)} x 2"
+            f"3 (forward + backward) x {format_macs(macs)} x 2"
             + (f", + {stage1:,} steps of the complete model (DyDiT stage 1)" if stage1 else "")
-            + f" = {_flop(flop)} on {cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage} -> {RunPaths(cfg).url}")
+            + f" = {format_flop(flop)} on {cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage} -> {RunPaths(cfg).url}")
     p.stages.append(Stage(name, "outputs exist, skipped" if done else work, None if done else flop))
     if done:
         return False
@@ -232,14 +236,14 @@ def _sample(p: Plan, cfg: Config, weights_made_by: str | None = None, prompts_by
         how = (f"x {scale:.3f}: lambda {m.dynamic.target_lambda} of the routed self-attention + MLP, {share:.1%} of "
                "the MACs (FLOPs-ideal)")
     flop = s.num_samples * s.steps * guidance * macs * scale * 2
-    work = (f"{s.num_samples:,} samples x {s.steps} {s.sampler} steps x {guidance} (guidance) x {_macs(macs)} "
-            f"x 2 = {_flop(flop)}, {how}; {m.name} {m.method} at {m.image_size}px, sample.method={s.method} "
+    work = (f"{s.num_samples:,} samples x {s.steps} {s.sampler} steps x {guidance} (guidance) x {format_macs(macs)} "
+            f"x 2 = {format_flop(flop)}, {how}; {m.name} {m.method} at {m.image_size}px, sample.method={s.method} "
             f"-> {samples}")
     p.stages.append(Stage(f"sample {s.method}", "outputs exist, skipped" if done else work, None if done else flop))
     if done:
         return
     if sdxl:  # the pipeline folder holds the VAE and the text encoders
-        p.add(sdxl_pipeline(cfg))
+        p.add(resolve.sdxl_pipeline(cfg))
     else:
         p.add(resolve.sampling_weights(cfg, weights_made_by, allow_random=False))
         p.add(resolve.hf_model("data.vae", cfg.data.vae, cfg.storage.root))
@@ -308,7 +312,7 @@ def _evaluate(p: Plan, cfg: Config, samples_made: bool = False, reference_by: st
     count = cfg.sample.num_samples if samples_made else resolve.samples_count(samples)
     flop = (count or 0) * INCEPTION_FLOP if inception else None
     work = (f"{', '.join(e.metrics)} of {samples} against {e.reference} with {e.feature_extractor}"
-            + (f": {count or '?'} images x {_flop(INCEPTION_FLOP)}" if inception else " (not estimated)"))
+            + (f": {count or '?'} images x {format_flop(INCEPTION_FLOP)}" if inception else " (not estimated)"))
     name = f"evaluate {cfg.sample.method}" if p.job == "reproduce" else "evaluate"
     p.stages.append(Stage(name, "outputs exist, skipped" if done else work, None if done else flop))
     if done:
@@ -387,8 +391,8 @@ def _calibrate(p: Plan, cfg: Config, allow_random: bool = False, num_samples: in
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.stages.append(Stage("calibrate", f"EB-Cache table of {m.name} for {s.sampler} {s.steps} steps on this process's "
                                        f"{'GPU' if device == 'cuda' else 'CPU'}: {num_samples} samples x {s.steps} x "
-                                       f"{guidance} x {_macs(macs)} x 2 x 4 (no cache and the three cached states, "
-                                       f"at most) = {_flop(flop)}", flop))
+                                       f"{guidance} x {format_macs(macs)} x 2 x 4 (no cache and the three cached states, "
+                                       f"at most) = {format_flop(flop)}", flop))
     if not m.checkpoint and not allow_random:  # even the debug models: random weights make a meaningless table
         p.add(Input("model.checkpoint", None, problem="unset: calibrating random weights gives a meaningless table "
                                                       "(pass --random-init to do it anyway)"))
@@ -488,92 +492,3 @@ def _reproduce(p: Plan, cfg: Config) -> None:
                   prompts_by=prompts_by, reference=bad_reference)
     # 4. Report
     p.stages.append(Stage("report", RunPaths(cfg).report))
-
-
-# ----------------------------------------------------------------------------- the estimate
-
-
-def training_flop(model_cfg) -> float:
-    """FLOPs of one training image: forward + backward (3 x) of the network's MACs x 2. A DyDiT trains its
-    masked network, which computes every head, group and token before masking: the static cost, not lambda
-    of it (DyDiT stage 1 runs the complete model once more: twice this)."""
-    return 3 * network_macs(model_cfg) * 2
-
-
-def network_macs(model_cfg) -> float:
-    """Analytic MACs of one forward pass of the static network of a `ModelConfig` on one image (an SD-XL
-    UNet: counted by FlopCounterMode on the meta device, `sdxl_macs`)."""
-    m = model_cfg
-    if family(m.name) == "sdxl":
-        return sdxl_macs(m.name, m.input_size)
-    return _static_count(m).total
-
-
-def routed_share(model_cfg) -> float:
-    """The share of a static forward's MACs in the layers DyDiT's width and token routers scale (the blocks'
-    self-attention and MLP), to which its lambda (`dynamic.losses.flops_ratio`) refers: ~all of a DiT's,
-    ~79% of PixArt-XL/2's at 256 px (cross-attention, the caption projection and adaLN stay whole)."""
-    parts = _static_count(model_cfg).by_component
-    return (parts["attn"] + parts["mlp"]) / sum(parts.values())
-
-
-def _static_count(m) -> flops.FlopsReport:
-    kwargs = dict(in_channels=m.in_channels, learn_sigma=m.learn_sigma)
-    if family(m.name) != "dit":
-        kwargs.update(caption_channels=m.caption_channels, model_max_length=m.model_max_length)
-    return flops.count(m.name, m.image_size, vae_downsample=m.vae_downsample, **kwargs)
-
-
-@functools.lru_cache(maxsize=8)
-def sdxl_macs(name: str, latent_size: int) -> float:
-    """MACs of one forward of the registry's SD-XL UNet `name` on one latent of `latent_size` (77 text
-    tokens), counted by torch's FlopCounterMode on the meta device (no weights, a few seconds)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from dydit_dist.accel.at_edm_unet import unet_inputs, unet_macs
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**arch(name))
-    return unet_macs(unet, **unet_inputs(unet, latent_size, device="meta"))
-
-
-def sdxl_pipeline(cfg: Config) -> Input:
-    """model.checkpoint of model.family sdxl: a StableDiffusionXLPipeline folder (local, on storage, or a
-    Hugging Face id mirrored, cached or on the Hub) with model_index.json and a unet/config.json that
-    matches the registry's model.name."""
-    key, value, root = "model.checkpoint", cfg.model.checkpoint, cfg.storage.root
-    if not value:
-        return Input(key, value, problem="unset; model.family sdxl samples from a StableDiffusionXLPipeline folder "
-                                         "(a local or storage folder, or a Hugging Face id)")
-    folder = value
-    if pretrained.is_hub_id(value):
-        folder = pretrained.mirror_url(value, root)
-        if not resolve.quietly(storage.exists, storage.join(folder, pretrained.COMPLETE)):
-            from huggingface_hub import try_to_load_from_cache
-
-            if isinstance(try_to_load_from_cache(value, "model_index.json"), str):
-                return Input(key, value, note=f"in the local Hugging Face cache; mirrored to {folder} when the job starts")
-            unreachable = resolve._hub_unreachable(value)
-            if unreachable:
-                return Input(key, value, problem=f"not mirrored, not in the local Hugging Face cache and {unreachable}")
-            return Input(key, value, note=f"on the Hub; mirrored to {folder} when the job starts")
-    missing = [name for name in ("model_index.json", "unet/config.json")
-               if not resolve.quietly(storage.exists, storage.join(folder, name))]
-    if missing:
-        return Input(key, value, problem=f"not a StableDiffusionXLPipeline folder: no {', '.join(missing)}")
-    mismatches = sdxl_mismatches(cfg.model.name, storage.read_json(storage.join(folder, "unet/config.json")))
-    if mismatches:
-        return Input(key, value, problem=f"its unet/config.json is not {cfg.model.name}'s: {'; '.join(mismatches)}")
-    return Input(key, value, note="StableDiffusionXLPipeline folder")
-
-
-def _macs(macs: float) -> str:
-    return f"{macs / 1e9:.2f} GMAC" if macs >= 1e8 else f"{macs / 1e6:.2f} MMAC"
-
-
-def _flop(flop: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if flop >= scale:
-            return f"{flop / scale:,.1f} {unit}"
-    return f"{flop / 1e6:,.1f} MFLOP"

@@ -28,6 +28,7 @@ from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors, features
 from dydit_dist.eval.metrics import EvalInputError
 from dydit_dist.models import read_shapes
+from dydit_dist.models.registry import sdxl_mismatches
 from dydit_dist.network import build_network, read_ema_pointer
 from dydit_dist.paths import ema_pointer
 from dydit_dist.sample import SamplesManifest
@@ -389,3 +390,31 @@ def writable(root: str, key: str = "storage.root") -> Input:
     return Input(key, root, note="writable (probe written and deleted)")
 
 
+def sdxl_pipeline(cfg: Config) -> Input:
+    """model.checkpoint of model.family sdxl: a StableDiffusionXLPipeline folder (local, on storage, or a
+    Hugging Face id mirrored, cached or on the Hub) with model_index.json and a unet/config.json that
+    matches the registry's model.name."""
+    key, value, root = "model.checkpoint", cfg.model.checkpoint, cfg.storage.root
+    if not value:
+        return Input(key, value, problem="unset; model.family sdxl samples from a StableDiffusionXLPipeline folder "
+                                         "(a local or storage folder, or a Hugging Face id)")
+    folder = value
+    if pretrained.is_hub_id(value):
+        folder = pretrained.mirror_url(value, root)
+        if not quietly(storage.exists, storage.join(folder, pretrained.COMPLETE)):
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(value, "model_index.json"), str):
+                return Input(key, value, note=f"in the local Hugging Face cache; mirrored to {folder} when the job starts")
+            unreachable = _hub_unreachable(value)
+            if unreachable:
+                return Input(key, value, problem=f"not mirrored, not in the local Hugging Face cache and {unreachable}")
+            return Input(key, value, note=f"on the Hub; mirrored to {folder} when the job starts")
+    missing = [name for name in ("model_index.json", "unet/config.json")
+               if not quietly(storage.exists, storage.join(folder, name))]
+    if missing:
+        return Input(key, value, problem=f"not a StableDiffusionXLPipeline folder: no {', '.join(missing)}")
+    mismatches = sdxl_mismatches(cfg.model.name, storage.read_json(storage.join(folder, "unet/config.json")))
+    if mismatches:
+        return Input(key, value, problem=f"its unet/config.json is not {cfg.model.name}'s: {'; '.join(mismatches)}")
+    return Input(key, value, note="StableDiffusionXLPipeline folder")

@@ -4,7 +4,7 @@ Every `import` and `from ... import` is read from the source with `ast`, functio
 lazy import that dodges a cycle is still a cycle). The layers, lowest first:
 
     s3_errors, precision, faults  <  endpoints, storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config, config_files  <  paths, shardset, network,
-    lease, run_config, capacity  <  data, train, sample, eval  <  pipeline, preflight, resolve, cli  <  jobs
+    lease, run_config, capacity, estimate  <  data, train, sample, eval  <  pipeline, preflight, resolve, cli  <  jobs
 
 Modules of one layer may import each other as long as no cycle forms.
 """
@@ -23,7 +23,7 @@ LAYERS = [
     ("dynamic",),
     ("accel",),
     ("config", "config_files"),
-    ("paths", "shardset", "network", "pretrained", "lease", "run_config", "capacity"),
+    ("paths", "shardset", "network", "pretrained", "lease", "run_config", "capacity", "estimate"),
     ("data", "train", "sample", "eval"),
     ("pipeline", "preflight", "resolve", "cli"),
     ("jobs",),

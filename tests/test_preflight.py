@@ -335,7 +335,7 @@ def test_a_dydit_sampling_estimate_scales_only_the_layers_its_routers_scale():
     cross-attention, caption projection and adaLN stay whole, so a lambda-0.5 DyPixArt costs ~0.6 of static,
     as the analytic count of half the heads and MLP groups says (a DiT: ~0.5)."""
     from dydit_dist import flops
-    from dydit_dist.preflight import network_macs, routed_share
+    from dydit_dist.estimate import network_macs, routed_share
 
     for preset, name, at_least, at_most in [("dydit_xl2_256_lambda0.5", "DiT-XL/2", 0.99, 1.0),
                                              ("pixart_xl2_256", "PixArt-XL/2", 0.75, 0.85)]:
