@@ -7,7 +7,7 @@ A preset is a YAML file in `dydit_dist/configs/` (or any path). It may name anot
 keeps the text it is given (`storage.run=2024` is the string '2024'). Every key is checked
 against the schema: an unknown key, a wrong type, a value outside its choices or a number outside
 its range raises `ConfigError` naming the key and the valid choices or range; cross-field rules are
-checked once, in `Config.validate`.
+checked once, in `Config.validate`. The checks against the annotations are `config_types.build`.
 
 Every number declares its range with the field, as an interval in the field's metadata ("range"):
 `bounded(32, "[1, inf)")` here, `field(default=..., metadata={"range": ...})` in the option sections
@@ -17,12 +17,9 @@ that live below this module (`DyDiTOptions`, `FlexOptions`, the sampling methods
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -41,6 +38,7 @@ from dydit_dist.config_files import (  # noqa: F401 - PRESET_DIR, presets, JobFa
     read_preset,
     refuse_interpolations,
 )
+from dydit_dist.config_types import accepts, bounded, build, field_type
 from dydit_dist.dynamic import DyDiTOptions, FlexOptions
 from dydit_dist.dynamic.flexdit_schedule import parse_layout
 from dydit_dist.models.registry import arch, family
@@ -49,38 +47,6 @@ SDXL_SAMPLERS = ("ddim", "dpm-solver++")  # diffusers schedulers of model.family
 SDXL_METHODS = ("static", "at_edm")
 SampleMethod = Literal[tuple(METHODS)]  # the sampling methods of `accel.methods.METHODS`
 Metric = Literal["fid", "sfid", "isc", "prc", "clip"]  # eval.metrics: FID, sFID, Inception Score, precision/recall, CLIP score
-_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
-
-
-def _interval(allowed: str) -> tuple[float, bool, float, bool]:
-    """"[1, inf)" -> (1.0, False, inf, True): (low, low excluded, high, high excluded)."""
-    match = _INTERVAL.match(allowed)
-    if not match:
-        raise ValueError(f"range {allowed!r} is not an interval like '[1, inf)' or '(0, 1]'")
-    return float(match[2]), match[1] == "(", float(match[3]), match[4] == ")"
-
-
-def bounded(default: Any, allowed: str) -> Any:
-    """A field whose value must lie in the interval `allowed` ("[1, inf)", "(0, 1]"; for a list, each
-    item), checked when the config is built; None passes for an optional field."""
-    _interval(allowed)  # a malformed range fails at import
-    return field(default=default, metadata={"range": allowed})
-
-
-def _check_range(value: Any, allowed: str | None, key: str) -> None:
-    if allowed is None or value is None:
-        return
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_range(item, allowed, f"{key}[{i}]")
-        return
-    low, low_open, high, high_open = _interval(allowed)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # a NaN is neither
-        raise ConfigError(f"{key}={value!r} is outside its allowed range {allowed}")
-
-
 # ----------------------------------------------------------------------------- components
 
 
@@ -403,70 +369,9 @@ class Config:
 # ----------------------------------------------------------------------------- building
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`; ints become floats where a float is expected."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of the valid choices {list(choices)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} fits none of {tp}")
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            hint = f", e.g. {key}=[{value}]" if isinstance(value, str | int | float) else ""
-            raise ConfigError(f"{key}={value!r} must be a list{hint}")
-        item_tp = typing.get_args(tp)[0]  # list[T] or tuple[T, ...]
-        return origin(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}")
-        return _build(tp, value, key)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        # only a YAML file gets here with a number for a string: an override keeps the text it was given
-        leaf = key.rsplit(".", 1)[-1]
-        hint = f" (quote it in the YAML file: {leaf}: '...')" if tp is str and isinstance(value, int | float) else ""
-        raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}, got {type(value).__name__}{hint}")
-    return value
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs = {}
-    for key, value in values.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            where = f"section {prefix!r}" if prefix else "the top level"
-            close = difflib.get_close_matches(str(key), names, n=1)
-            guess = f"did you mean {(f'{prefix}.' if prefix else '') + close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown config key {full!r}; {guess}valid keys in {where}: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-        _check_range(kwargs[key], fields[key].metadata.get("range"), full)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # a section's own checks (`__post_init__`), e.g. model.dynamic, sample.eb_cache
-        raise ConfigError(f"{prefix or 'config'}: {err}") from None
-
-
 def from_dict(values: dict) -> Config:
     """A validated Config from a plain dict (what a Ray worker receives)."""
-    return _build(Config, values).validate()
+    return build(Config, values).validate()
 
 
 def load(name_or_path: str = "debug", overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -493,35 +398,18 @@ def _override(item: str) -> dict:
         raise ConfigError(f"override {item!r}: its value is no YAML ({reason}); quote a string that holds "
                           "YAML's characters, e.g. key='a, b'") from None
     key, _, text = item.partition("=")
-    tp = _field_type(key)
+    tp = field_type(Config, key)
     if tp is None:  # not a field of the schema: `_build` names the valid keys
         return values
     *sections, leaf = key.split(".")
     inner = values
     for section in sections:
         inner = inner[section]
-    if text == "" and not _accepts(tp, type(None)):
+    if text == "" and not accepts(tp, type(None)):
         raise ConfigError(f"{key} must not be empty (got {item!r})")
-    if isinstance(inner[leaf], int | float) and _accepts(tp, str):  # bool is an int too
+    if isinstance(inner[leaf], int | float) and accepts(tp, str):  # bool is an int too
         inner[leaf] = text
     return values
-
-
-def _field_type(key: str) -> Any:
-    """The annotation of the field a dotted key names (`sample.eb_cache.schedule` -> str), None if none."""
-    tp: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(tp):
-            return None
-        tp = typing.get_type_hints(tp).get(part)
-    return tp
-
-
-def _accepts(tp: Any, kind: type) -> bool:
-    """Whether annotation `tp` is `kind` or a union with it (`str | None` accepts str and NoneType)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return kind in typing.get_args(tp)
-    return tp is kind
 
 
 def save(cfg: Config, url: str) -> None:

@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from dydit_dist import config
+from dydit_dist import config, config_types
 from dydit_dist.config import Config, ConfigError, load
 
 # Inputs from issue 19 that were accepted, or crashed later without naming the key.
@@ -98,13 +98,13 @@ def test_every_default_lies_within_its_range():
         value = defaults
         for part in key.split("."):
             value = getattr(value, part)
-        config._check_range(value, f.metadata["range"], key)  # raises ConfigError
+        config_types.check_range(value, f.metadata["range"], key)  # raises ConfigError
 
 
 def test_a_malformed_range_fails_where_it_is_declared():
     with pytest.raises(ValueError, match=r"range '1..10' is not an interval like '\[1, inf\)'"):
-        config.bounded(1, "1..10")
-    assert math.isinf(config._interval("(-inf, inf)")[0])
+        config_types.bounded(1, "1..10")
+    assert math.isinf(config_types.interval("(-inf, inf)")[0])
 
 
 @pytest.mark.parametrize("name", config.presets())

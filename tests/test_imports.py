@@ -3,7 +3,7 @@
 Every `import` and `from ... import` is read from the source with `ast`, function bodies included (a
 lazy import that dodges a cycle is still a cycle). The layers, lowest first:
 
-    s3_errors, precision, faults  <  endpoints, storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config, config_files  <  paths, shardset, network,
+    s3_errors, precision, faults  <  endpoints, storage, models, diffusion  <  flops  <  dynamic  <  accel  <  config, config_files, config_types  <  paths, shardset, network,
     lease, run_config, capacity, estimate  <  data, train, sample, eval  <  pipeline, preflight, resolve, cli  <  jobs
 
 Modules of one layer may import each other as long as no cycle forms.
@@ -22,7 +22,7 @@ LAYERS = [
     ("flops",),
     ("dynamic",),
     ("accel",),
-    ("config", "config_files"),
+    ("config", "config_files", "config_types"),
     ("paths", "shardset", "network", "pretrained", "lease", "run_config", "capacity", "estimate"),
     ("data", "train", "sample", "eval"),
     ("pipeline", "preflight", "resolve", "cli"),
