@@ -7,7 +7,8 @@ prepare otherwise (`data_done`), a finished or resumable fine-tune whose config 
 decides its weights (`run_config.WEIGHTS`), or samples made with other sampling settings or weights, stop
 the job before stage 1 with `OutputsDiffer` / `SamplesError` naming each change (another storage.run, or
 removing that folder, starts over); metrics of other samples (by their shards' sha256s) or evaluation
-settings are computed again. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
+settings are computed again. report.md is removed when the job starts and written when its last stage is
+done: one that is there describes a run that finished. For `storage.run=R`, each stage is a run of its own, laid out as `RunPaths` says:
 
     storage.run                     what it holds
     R                               the data folder (unless data.uri is set), report.md with plots/
@@ -315,6 +316,11 @@ def reproduce(cfg: Config) -> str:
     """Run every stage (see the module docstring); returns the report's URL."""
     connect_ray(cfg.ray.address)
     cfg = absolute_root(cfg)
+    # 0. An earlier run's report describes what this run may make again: it is written anew at the end
+    report = RunPaths(cfg).report
+    if storage.exists(report):
+        storage.remove(report)
+        print(f"[reproduce] {report}: an earlier run's, removed; written again once every stage is done", flush=True)
     # 1. Data (or the caption reference, for a comparison that trains nothing)
     if needs_data(cfg):
         cfg = prepare_stage(cfg)

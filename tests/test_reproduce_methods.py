@@ -1,6 +1,6 @@
 """What `jobs.reproduce` runs for each preset: the paper's comparison (static against the preset's
 method), a fine-tune per trained method (DyDiT, FlexDiT) from the static weights, and no data
-preparation when nothing needs it. Plans only (`preflight.plan`): no Ray, nothing written."""
+preparation when nothing needs it. Plans (`preflight.plan`), and the pipeline with its Ray stages faked."""
 
 from __future__ import annotations
 
@@ -116,3 +116,27 @@ def test_each_stage_holds_the_lease_of_the_folder_it_writes(tmp_path, monkeypatc
         assert "sample fora" not in held
     finally:
         other.release()
+
+
+def test_an_earlier_report_is_removed_when_the_job_starts(tmp_path, monkeypatch):
+    """A rerun that fails part-way must not leave the last run's report.md describing samples or weights it
+    has started to make again: the report is removed first and written only when every stage is done."""
+    from dydit_dist import storage
+
+    cfg = config.load("debug", [f"storage.root=file://{tmp_path}", "storage.run=r", "eval.methods=[static]",
+                                f"eval.reference={tmp_path}/ref.npz", "eval.feature_extractor_weights=w.pth"])
+    report = RunPaths(cfg).report
+    storage.write_bytes(report, b"# an earlier run's numbers")
+    monkeypatch.setattr(pipeline, "connect_ray", lambda address: None)
+
+    def sampling_fails(c):
+        raise RuntimeError("the cluster went away")
+
+    monkeypatch.setattr(pipeline, "run_sampling", sampling_fails)
+    with pytest.raises(RuntimeError, match="the cluster went away"):
+        pipeline.reproduce(cfg)
+    assert not storage.exists(report)
+    monkeypatch.setattr(pipeline, "run_sampling", lambda c: None)
+    monkeypatch.setattr(pipeline, "evaluate", lambda c: {})
+    monkeypatch.setattr(pipeline, "write_report", lambda paths, *args: storage.write_bytes(paths.report, b"new") or paths.report)
+    assert pipeline.reproduce(cfg) == report and storage.read_bytes(report) == b"new"
