@@ -360,6 +360,7 @@ def reproduce(cfg: Config) -> str:
             records.append(storage.read_json(m_paths.metrics))
         else:
             with stage_lease(m_cfg):
+                run_config.save(m_cfg, "evaluate")  # as jobs.evaluate records it beside metrics.json
                 records.append(evaluate(m_cfg))
     # 4. Report
     title = f"{cfg.model.name} at {cfg.model.image_size}px: {', '.join(cfg.eval.methods)}"

@@ -140,3 +140,6 @@ def test_an_earlier_report_is_removed_when_the_job_starts(tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline, "evaluate", lambda c: {})
     monkeypatch.setattr(pipeline, "write_report", lambda paths, *args: storage.write_bytes(paths.report, b"new") or paths.report)
     assert pipeline.reproduce(cfg) == report and storage.read_bytes(report) == b"new"
+    static = RunPaths(pipeline.method_config(cfg, "static", "w.pt", {}))
+    for job in ("sample", "evaluate"):  # each stage's config beside its outputs, as its own job writes it
+        assert storage.exists(static.config(job)), job
