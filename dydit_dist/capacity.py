@@ -43,7 +43,7 @@ from dydit_dist.config import ConfigError, JobFailed
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0  # a progress line while waiting
-POLL_S = 30.0  # how often `ActorPool.wait` checks that replacement actors have started and calls have not stalled
+POLL_S = 30.0  # how often `ActorPool.wait` checks that actors have started and calls have not stalled
 
 
 def connect_ray(address: str | None) -> None:
@@ -149,25 +149,29 @@ def acquire(needs: list[Need], use_gpu: bool, timeout_s: float) -> None:
 class ActorPool:
     """The actors of one kind a job runs: once the cluster has room for all of them (`acquire`), `need.count`
     actors `worker_cls(*args)` of `need`'s CPUs and GPUs each (`options`: more `ray.remote` options). A lost
-    one is replaced (`replace`), `max_failures` times in all."""
+    one is replaced (`replace`), `max_failures` times in all. One placed on a node and still in its
+    `__init__` `stall_factor` x the median load of the pool's started actors (at least
+    `faults.STALL_FLOOR_S`) is stuck: it is killed, and its calls fail as a lost actor's."""
 
     def __init__(self, worker_cls: type, args: tuple, need: Need, use_gpu: bool, timeout_s: float,
-                 max_failures: int, noun: str, **options):
+                 max_failures: int, noun: str, stall_factor: float = 0.0, **options):
         import ray
 
         acquire([need], use_gpu, timeout_s)
         self.actor_cls = ray.remote(worker_cls).options(num_cpus=need.cpus, num_gpus=need.gpus, max_restarts=0, **options)
         self.args, self.max_failures, self.noun = args, max_failures, noun
-        self.need, self.timeout_s = need, timeout_s
+        self.need, self.timeout_s, self.stall_factor = need, timeout_s, stall_factor
         self.failures = 0
         self.actors = []
-        self._starting: list[tuple] = []  # (actor, its __ray_ready__ ref, when asked for, a replacement?)
+        self.load_seconds_seen: list[float] = []  # placed (or asked for) -> ready, of each started actor
+        self._starting: list[_Starting] = []
+        self._checked = time.monotonic()
         for _ in range(need.count):  # `acquire` reserved nothing: another job may take the room before these
             self._start(replacement=False)
 
     def _start(self, replacement: bool) -> None:
         self.actors.append(self.actor_cls.remote(*self.args))
-        self._starting.append((self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic(), replacement))
+        self._starting.append(_Starting(self.actors[-1], self.actors[-1].__ray_ready__.remote(), time.monotonic(), replacement))
 
     def replace(self, actor, err: Exception) -> None:
         """Drop a lost actor; start another while the failure budget lasts (it loads while it waits for its
@@ -191,47 +195,61 @@ class ActorPool:
         POLL_S, a CapacityError once an actor has waited for room longer than ray.capacity_timeout_s (a
         replacement whose node is lost and none back; a first one whose room another job took after
         `acquire`): the calls on it would wait forever. An actor placed on a node and still loading (its
-        `__init__`: a network, T5-XXL) is not waiting for room, however long it takes. With `watch`, the
-        work calls it times: `Stalled` for one that runs far too long (`faults.StallWatch`; the caller
-        replaces its actor), checked on every call and every POLL_S; the caller reports each call's end to it."""
+        `__init__`: a network, T5-XXL) is not waiting for room; it is killed once stuck there (see the class
+        docstring). With `watch`, the work calls it times: `Stalled` for one that runs far too long
+        (`faults.StallWatch`; the caller replaces its actor), checked on every call and every POLL_S; the
+        caller reports each call's end to it."""
         import ray
 
         while True:
+            if time.monotonic() - self._checked >= POLL_S:  # also while calls keep finishing
+                self._check_started()
+                self._checked = time.monotonic()
             if watch is not None and (stalled := watch.stalled(self._still_starting())) is not None:
                 watch.forget(stalled.ref)
                 raise stalled
-            done, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+            done, _ = ray.wait(refs, num_returns=1, timeout=max(POLL_S - (time.monotonic() - self._checked), 0.01))
             if done:
                 return done[0]
-            self._check_started()
 
     def _still_starting(self) -> set:
         """The actors not ready yet (being placed, or in their `__init__`): their calls have not begun."""
         import ray
 
-        return {actor for actor, ref, _, _ in self._starting if actor in self.actors and not ray.wait([ref], timeout=0)[0]}
+        return {s.actor for s in self._starting if s.actor in self.actors and not ray.wait([s.ref], timeout=0)[0]}
 
     def _check_started(self) -> None:
         import ray
 
         waiting = []
-        for actor, ref, since, replacement in self._starting:
-            if actor not in self.actors or ray.wait([ref], timeout=0)[0]:
-                continue  # replaced again, or started
-            waited = time.monotonic() - since
-            if waited > self.timeout_s:
-                where = placed(actor)
-                if where is None and waited > 2 * self.timeout_s:
-                    where = False  # the actor table would not say for a whole timeout more
-                if where is False:
-                    which, why = ("a replacement", "its node lost and none back") if replacement else \
-                        ("a", "taken by other work after the cluster had room for all")
-                    raise CapacityError(f"{which} {self.noun} found no room within ray.capacity_timeout_s="
-                                        f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: "
-                                        f"{why}); what is done is kept, rerun to go on")
-                if where:  # placed, loading on its node (its __init__): waited for however long it takes
+        for s in self._starting:
+            now = time.monotonic()
+            if s.actor not in self.actors:
+                continue  # replaced
+            if ray.wait([s.ref], timeout=0)[0]:  # started: how long its load took (to this check)
+                self.load_seconds_seen.append(now - (s.placed_at or s.asked))
+                continue
+            where = placed(s.actor)
+            if where and s.placed_at is None:
+                s.placed_at = now
+            if where:  # placed, loading on its node (its __init__: a network, T5-XXL): until it is stuck
+                limit = faults.stall_limit(self.stall_factor, self.load_seconds_seen, min_finished=1)
+                if limit is not None and now - s.placed_at > limit:
+                    log.warning("a %s has been loading on its node for %.0f s, more than %.0f s (ray.stall_factor x "
+                                "the median load of the others, at least %g s): stuck, killed, and replaced as a "
+                                "lost one", self.noun, now - s.placed_at, limit, faults.STALL_FLOOR_S)
+                    ray.kill(s.actor, no_restart=True)  # its calls fail; the caller replaces it
                     continue
-            waiting.append((actor, ref, since, replacement))
+            elif now - s.asked > self.timeout_s:
+                if where is None and now - s.asked <= 2 * self.timeout_s:
+                    waiting.append(s)  # the actor table does not answer: wait a whole timeout more
+                    continue
+                which, why = ("a replacement", "its node lost and none back") if s.replacement else \
+                    ("a", "taken by other work after the cluster had room for all")
+                raise CapacityError(f"{which} {self.noun} found no room within ray.capacity_timeout_s="
+                                    f"{self.timeout_s:g} s ({self.need.cpus:g} CPUs, {self.need.gpus:g} GPUs: "
+                                    f"{why}); what is done is kept, rerun to go on")
+            waiting.append(s)
         self._starting = waiting
 
     def shutdown(self) -> None:
@@ -240,6 +258,18 @@ class ActorPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+@dataclass
+class _Starting:
+    """An actor of a pool not known to be ready: its `__ray_ready__` call, when it was asked for and when it
+    was first seen placed on a node (its `__init__` running there)."""
+
+    actor: object
+    ref: object
+    asked: float
+    replacement: bool
+    placed_at: float | None = None
 
 
 def placed(actor) -> bool | None:

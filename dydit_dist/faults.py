@@ -11,7 +11,9 @@ An actor alive but stuck (a hung kernel, a wedged storage call) never fails its 
 the work calls on a pool's actors from when their actor is ready and the call is at the head of its
 queue, and once `STALL_MIN_FINISHED` have finished, a call running `ray.stall_factor` x their median (and
 at least `STALL_FLOOR_S`) is stalled: `capacity.ActorPool.wait` raises `Stalled`, and the job replaces the
-actor and requeues its work as for a lost one.
+actor and requeues its work as for a lost one. An actor stuck in its `__init__` (a hung CUDA init, a wedged
+download) is found the same way, against how long the pool's other actors took to load, from when it was
+placed on a node (`capacity.ActorPool`; one load finished is enough, since the first ones load at once).
 """
 
 from __future__ import annotations
@@ -100,8 +102,16 @@ class StallWatch:
         for ref, (actor, _) in list(self.started.items()):
             if actor in starting:
                 self.started[ref] = (actor, now)
-        if not self.factor or len(self.durations) < STALL_MIN_FINISHED or not self.started:
+        limit = stall_limit(self.factor, self.durations)
+        if limit is None or not self.started:
             return None
-        limit = max(self.factor * statistics.median(self.durations), STALL_FLOOR_S)
         ref, (_, since) = min(self.started.items(), key=lambda item: item[1][1])
         return Stalled(ref, now - since, limit) if now - since > limit else None
+
+
+def stall_limit(factor: float, durations: list[float], min_finished: int = STALL_MIN_FINISHED) -> float | None:
+    """How long work like `durations` (the finished ones) may run before it counts as stuck: `factor` x their
+    median, at least STALL_FLOOR_S; None (no limit) with `factor` 0 or fewer than `min_finished` finished."""
+    if not factor or len(durations) < max(min_finished, 1):
+        return None
+    return max(factor * statistics.median(durations), STALL_FLOOR_S)

@@ -4,6 +4,7 @@ resource when it does not come; a GPU job never falls back to CPU (`dydit_dist.c
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -266,3 +267,46 @@ def test_a_first_actor_whose_room_was_taken_ends_the_wait_but_a_slow_loader_does
     finally:
         for blocker in blockers:
             ray.kill(blocker)
+
+
+def test_an_actor_stuck_in_its_start_is_killed_once_the_others_have_loaded(ray_local, monkeypatch, tmp_path):
+    """An actor placed on a node whose `__init__` hangs (a hung CUDA init, a wedged download) used to be
+    waited for forever; once another actor of the pool has loaded, one loading ray.stall_factor x as long
+    (at least STALL_FLOOR_S) is killed, so its calls fail as a lost actor's and the caller replaces it."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from dydit_dist import capacity
+
+    flag = str(tmp_path / "stuck")
+
+    class HangsOnce:
+        def __init__(self, flag: str):
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                time.sleep(0.2)
+                return
+            time.sleep(120)  # without the load watch the wait below waits it out
+
+        def work(self) -> str:
+            return "done"
+
+    monkeypatch.setattr(capacity, "POLL_S", 0.2)
+    monkeypatch.setattr(faults, "STALL_FLOOR_S", 2.0)
+    pool = capacity.ActorPool(HangsOnce, (flag,), Need("test actors", 2, cpus=0.5), False, 60.0, 1, "test actor", 3.0)
+    try:
+        start = time.monotonic()
+        refs = [actor.work.remote() for actor in pool.actors]
+        outcomes = []
+        while refs:
+            ref = pool.wait(refs)
+            refs.remove(ref)
+            try:
+                outcomes.append(ray.get(ref))
+            except RayActorError:
+                outcomes.append("lost")
+        assert sorted(outcomes) == ["done", "lost"] and time.monotonic() - start < 60
+        assert len(pool.load_seconds_seen) == 1
+    finally:
+        pool.shutdown()

@@ -205,7 +205,7 @@ def _on_actors(cfg: Config, url: str, records: list[dict], caption_slice,
     need = Need("evaluation actors", min(cfg.eval.num_actors, len(records)), r.cpus_per_worker,
                 r.gpus_per_worker if r.use_gpu else 0.0, keys)
     pool = ActorPool(FeatureWorker, (cfg.to_dict(), r.use_gpu), need, r.use_gpu, r.capacity_timeout_s, r.max_failures,
-                     "evaluation actor")
+                     "evaluation actor", r.stall_factor)
     watch = StallWatch(r.stall_factor)  # each actor's running call: the one queued behind it starts after it
     try:  # no barrier on `ready`: an actor that dies starting (GpuUnavailable, a lost node) is replaced below
         todo = list(enumerate(records))[::-1]  # popped from the end: index order

@@ -247,7 +247,7 @@ class SamplingPool(ActorPool):
         keys = "sample.num_actors, sample.cpus_per_actor" + (", sample.gpus_per_actor" if self.use_gpu else "")
         need = Need("sampling actors", self.num_actors, s.cpus_per_actor, s.gpus_per_actor if self.use_gpu else 0.0, keys)
         super().__init__(SamplingWorker, (cfg.to_dict(), url, self.use_gpu), need, self.use_gpu,
-                         cfg.ray.capacity_timeout_s, cfg.ray.max_failures, "sampling actor",
+                         cfg.ray.capacity_timeout_s, cfg.ray.max_failures, "sampling actor", cfg.ray.stall_factor,
                          max_concurrency=2)  # `sample` and `write` at once
         # Every actor ready before the first unit. An input error (a bad checkpoint) stops the job; an actor
         # that died starting (its host's GPU unusable, `GpuUnavailable`; a lost node) is replaced, as later.
