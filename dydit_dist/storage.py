@@ -14,12 +14,14 @@ through the same retries, each read one operation, resumed at its offset (`_Retr
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import posixpath
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -259,9 +261,23 @@ class _RetryingReader(io.RawIOBase):
 
 
 def remove(url: str) -> None:
+    """Remove the object or folder `url` (everything under it), if it is there. On S3 a folder goes in
+    DeleteObjects batches, whose answer lists the keys S3 failed to delete (throttled, an internal error)
+    under a 200, which s3fs does not raise: what is left is listed again, and removed again by the retry."""
     fs, path = filesystem(url)
-    if retry(url, "checking", timed(fs, "exists", path)):
-        retry(url, "removing", timed(fs, "rm", path, True))
+    if not retry(url, "checking", timed(fs, "exists", path)):
+        return
+
+    def rm(left: float) -> None:
+        start = time.monotonic()
+        timed(fs, "rm", path, True)(left)
+        if protocol(url) == "s3":
+            kept = timed(fs, "find", path)(left - (time.monotonic() - start))
+            if kept:  # errno EBUSY, as s3fs gives throttling: transient, so removed again
+                raise OSError(errno.EBUSY, f"the store answered the delete but kept {len(kept)} object(s), "
+                                           f"e.g. {to_url('s3', kept[0])}")
+
+    retry(url, "removing", rm)
 
 
 def upload(local_path: str, url: str) -> None:

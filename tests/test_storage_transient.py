@@ -96,6 +96,7 @@ class Fault:
     times: int = 1
     exact: bool = False  # the path is `path` itself (a bucket's HEAD: its objects' paths start with it)
     after: bool = False  # the request reaches the server (a PUT lands), then the client gets the error
+    body: bytes | None = None  # answered 200 with this body, the request not forwarded
 
 
 class FaultyProxy:
@@ -117,6 +118,13 @@ class FaultyProxy:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 fault = proxy._take(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and fault.body is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(fault.body)))
+                    self.end_headers()
+                    self.wfile.write(fault.body)
+                    return
                 if fault is not None and fault.cut_after is None and not fault.after:
                     return self._s3_error(fault)
                 host = urlsplit(upstream)
@@ -383,3 +391,39 @@ def test_a_checkpoint_upload_retries_a_throttled_put_and_raises_what_it_cannot_w
     with fs.open_output_stream(f"{path}/checkpoint_manager_snapshot.json") as f:
         f.write(b"{}")
     assert storage.read_bytes(f"{bucket}/runs/r/checkpoints/checkpoint_manager_snapshot.json") == b"{}"
+
+
+def _delete_result(*keys: str) -> bytes:
+    """DeleteObjects' 200 answer listing `keys` as not deleted (S3 answers so for a key it throttled)."""
+    errors = "".join(f"<Error><Key>{k}</Key><Code>InternalError</Code><Message>We encountered an internal error. "
+                     "Please try again.</Message></Error>" for k in keys)
+    return (f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"{errors}</DeleteResult>").encode()
+
+
+@pytest.mark.integration
+def test_keys_a_delete_answer_lists_as_failed_are_removed_again(proxy):
+    """DeleteObjects answers 200 with a per-key <Error> for what it did not delete, which s3fs does not
+    raise: `remove` looked done while a stale shard (then kept by the create-only write and recorded) or
+    a checkpoint step's files stayed. What is left is removed by the retry; a store that keeps it past the
+    retries is an error naming the URL."""
+    from dydit_dist import shardset
+
+    bucket, faulty = proxy
+    samples = f"{bucket}/samples"
+    storage.write_bytes(shardset.shard_url(samples, 3), b"stale bytes of a lost run")
+    faulty.faults.append(Fault("POST", "?delete", body=_delete_result("samples/shard-000003.tar")))
+    assert shardset.remove_shards(samples, [3]) and not storage.exists(shardset.shard_url(samples, 3))
+    assert shardset.write_shard(samples, 3, b"this run's bytes", 1)["bytes"] == len(b"this run's bytes")
+
+    step = f"{bucket}/runs/r/checkpoints/step-0000100"
+    for name in ("rank0.pt", "rank1.pt"):
+        storage.write_bytes(f"{step}/{name}", b"zero shard")
+    faulty.faults.append(Fault("POST", "?delete", body=_delete_result("runs/r/checkpoints/step-0000100/rank1.pt")))
+    storage.remove(step)
+    assert storage.find(step) == []
+
+    storage.write_bytes(f"{step}/rank0.pt", b"zero shard")
+    faulty.faults.append(Fault("POST", "?delete", times=10, body=_delete_result("runs/r/checkpoints/step-0000100/rank0.pt")))
+    with pytest.raises(StorageError, match=r"removing .*step-0000100 failed: .*kept 1 object\(s\), e\.g\. s3://"):
+        storage.remove(step)
