@@ -87,6 +87,16 @@ def listdir(url: str) -> list[str]:
     return sorted(to_url(protocol(url), n) for n in names)
 
 
+def entries(url: str) -> list[dict]:
+    """What is directly under a folder URL, as fsspec describes it (`name`: the URL, `type`: "file" or
+    "directory", `size`), sorted by name; empty when it does not exist."""
+    fs, path = filesystem(url)
+    if not exists(url):
+        return []
+    found = retry(url, "listing", timed(fs, "ls", path, True))
+    return sorted(({**e, "name": to_url(protocol(url), e["name"])} for e in found), key=lambda e: e["name"])
+
+
 def find(url: str) -> list[str]:
     """URLs of every object under a folder URL, recursively (sorted); empty when it does not exist."""
     fs, path = filesystem(url)

@@ -427,3 +427,18 @@ def test_keys_a_delete_answer_lists_as_failed_are_removed_again(proxy):
     faulty.faults.append(Fault("POST", "?delete", times=10, body=_delete_result("runs/r/checkpoints/step-0000100/rank0.pt")))
     with pytest.raises(StorageError, match=r"removing .*step-0000100 failed: .*kept 1 object\(s\), e\.g\. s3://"):
         storage.remove(step)
+
+
+@pytest.mark.integration
+def test_listing_an_image_folder_source_is_retried(proxy, monkeypatch):
+    """`data.sources.class_folders` (prepare and its preflight) listed S3 through s3fs directly: one throttled
+    LIST failed the job with "[Errno 16] Please reduce your request rate." and no URL."""
+    from dydit_dist.data.sources import class_folders
+
+    bucket, faulty = proxy
+    for name in ("cat/0.png", "dog/0.png"):
+        storage.write_bytes(f"{bucket}/images/{name}", b"png")
+    monkeypatch.setattr(storage, "is_folder", lambda url: True)  # its own listing is retried: not this test's
+    faulty.faults.append(Fault("GET", "delimiter=%2F&encoding-type"))  # the full listing, not exists' max-keys=1
+    assert class_folders(f"{bucket}/images", 2) == ["cat", "dog"]
+    assert faulty.faults[-1].times == 0

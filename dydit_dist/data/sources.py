@@ -102,13 +102,12 @@ def class_folders(source: str, num_classes: int) -> list[str]:
     """The sorted class folder names of an ImageFolder source, from one listing (the preflight's check
     too); DataError for a missing source, a file, images beside the class folders or a folder count other
     than `num_classes`."""
-    fs, root = storage.filesystem(source)
     if not storage.exists(source):
         raise DataError(f"data.source={source} does not exist")
     if not storage.is_folder(source):
         raise DataError(f"data.source={source} is a file; data.source_format=imagefolder reads a folder with one "
                         "subfolder of images per class (a .csv / .jsonl of captions is data.source_format=captions)")
-    entries = fs.ls(root, detail=True)
+    entries = storage.entries(source)
     folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
     stray = [e["name"] for e in entries if e["type"] != "directory" and _is_image(e["name"])]
     if stray:
