@@ -127,6 +127,12 @@ def test_transient_errors_are_retried_then_reported(monkeypatch):
         with pytest.raises(StorageError, match="NoCredentialsError: .*; no S3 credentials found: set AWS_ACCESS_KEY_ID"):
             storage.read_bytes("s3://b/x")
         assert anonymous.calls == 1
+        # a 301 without the bucket's region (an S3-compatible gateway): botocore's redirector recurses
+        redirected = _FlakyFS([RecursionError("maximum recursion depth exceeded in comparison")])
+        monkeypatch.setattr(storage, "filesystem", lambda url: (redirected, "b/x"))
+        with pytest.raises(StorageError, match="another region or endpoint .*: set storage.region to the bucket's"):
+            storage.read_bytes("s3://b/x")
+        assert redirected.calls == 1
     finally:
         storage.configure()
 
