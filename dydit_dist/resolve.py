@@ -373,8 +373,15 @@ def writable(root: str, key: str = "storage.root") -> Input:
             folder = os.path.abspath(root.removeprefix("file://"))
             while not os.path.exists(folder):
                 folder = os.path.dirname(folder)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight-"):
-                pass
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight-") as probe:
+                linked = f"{probe.name}.link"
+                try:  # `storage.create` places files with a hard link (create-only, as O_EXCL)
+                    os.link(probe.name, linked)
+                except OSError as err:
+                    return Input(key, root, problem=f"{folder} has no hard links ({type(err).__name__}: {err}), which "
+                                                    "this job's create-only writes (shards, the lease) need; use a "
+                                                    "POSIX file system (not a FUSE mount of a bucket) or s3://")
+                os.remove(linked)
         else:
             probe = storage.join(root, f".preflight-{uuid.uuid4().hex}")
             storage.write_bytes(probe, b"preflight probe")

@@ -196,3 +196,19 @@ def test_the_writable_check_says_when_a_store_ignores_conditional_writes(s3_buck
     found = resolve.writable(f"{s3_bucket}/runs")
     assert found.problem is None and "its store ignores If-None-Match" in found.note
     assert storage.listdir(f"{s3_bucket}/runs") == []  # the probe removed
+
+
+def test_a_local_root_without_hard_links_is_refused_by_the_writable_check(tmp_path, monkeypatch):
+    """`create` places a local file with a hard link: on a mount without them (a FUSE mount of a bucket,
+    SMB) every create, the lease's first, failed with a raw error naming a temporary file."""
+    from dydit_dist import resolve
+
+    assert resolve.writable(str(tmp_path)).problem is None
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    found = resolve.writable(f"file://{tmp_path}/runs")
+    assert found.problem.startswith(f"{tmp_path} has no hard links (PermissionError: [Errno 1] Operation not permitted)")
+    assert "use a POSIX file system" in found.problem and os.listdir(tmp_path) == []
