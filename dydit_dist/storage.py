@@ -1,8 +1,8 @@
 """Object storage through fsspec URLs: `file://` (the default for bare paths), `s3://`, `memory://`.
 
 Every write is whole: local files are written to a temporary name in the same folder and renamed;
-S3 objects are written with one PUT (s3fs uploads a small object at close, a multipart upload only
-completes at close), so a reader never sees half an object. A missing *object* raises
+S3 objects are written with one PUT (`upload`: a file of 100 MiB or more in parts, which become the object
+only when the upload completes), so a reader never sees half an object. A missing *object* raises
 `FileNotFoundError`, a missing *bucket* raises `StorageError`: the first is a state a job can handle
 (nothing written yet), the second is a configuration error it must not paper over.
 
@@ -303,6 +303,9 @@ def upload(local_path: str, url: str) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return
+    # A file of 100 MiB or more goes up in parts: botocore retries each part's request (`retrying_filesystem`),
+    # so that one throttled part of a 2 GB checkpoint does not fail the upload and send it all again.
+    fs, path = retrying_filesystem(url)
     retry(url, "uploading to", timed(fs, "put_file", local_path, path), os.path.getsize(local_path))
 
 

@@ -442,3 +442,20 @@ def test_listing_an_image_folder_source_is_retried(proxy, monkeypatch):
     faulty.faults.append(Fault("GET", "delimiter=%2F&encoding-type"))  # the full listing, not exists' max-keys=1
     assert class_folders(f"{bucket}/images", 2) == ["cat", "dog"]
     assert faulty.faults[-1].times == 0
+
+
+@pytest.mark.integration
+def test_a_throttled_part_of_a_multipart_upload_is_sent_again_alone(proxy, tmp_path, monkeypatch):
+    """A checkpoint file of 100 MiB or more goes up in parts. With one attempt per request, one throttled part
+    failed the whole upload and the retry sent every part again (a 2 GB ZeRO file: 41 parts)."""
+    import s3fs.core
+
+    monkeypatch.setattr(s3fs.core, "calculate_chunksize", lambda size, chunksize=None: 5 * 2**20)  # not 50 MiB
+    bucket, faulty = proxy
+    local = tmp_path / "rank-00000.pt"
+    local.write_bytes(_object(12 * 2**20))  # 3 parts
+    faulty.faults.append(Fault("PUT", "partNumber=2"))
+    storage.upload(str(local), f"{bucket}/ck/rank-00000.pt")
+    assert storage.read_bytes(f"{bucket}/ck/rank-00000.pt") == local.read_bytes()
+    parts = [p for m, p, _ in faulty.requests if m == "PUT" and "partNumber=" in p]
+    assert len(parts) == 4, parts  # parts 1 and 3 once, part 2 twice
