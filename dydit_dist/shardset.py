@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -393,7 +394,9 @@ class ShardManifest:
         holds at another size than recorded (a truncated or replaced object), so they are made again.
         """
         manifest = cls.read(uri) if storage.exists(manifest_url(uri)) else None  # a missing bucket fails here
-        markers = [cls._read_marker(url) for url in storage.listdir(storage.join(uri, MARKERS)) if url.endswith(".json")]
+        marker_urls = [url for url in storage.listdir(storage.join(uri, MARKERS)) if url.endswith(".json")]
+        with ThreadPoolExecutor(max_workers=32) as pool:  # ImageNet's 1,282 markers: ~40 rounds of reads, not 1,282
+            markers = list(pool.map(cls._read_marker, marker_urls))
         if manifest is None or (not manifest.shards and not markers):
             manifest = cls(settings, num_shards)
         if manifest.settings != settings:
@@ -433,16 +436,10 @@ class ShardManifest:
 
 
 def stored_sizes(uri: str, records: list[dict]) -> list[int | None]:
-    """The stored size of each recorded shard (None: missing), one parallel HEAD request per shard."""
-
-    def size(record: dict) -> int | None:
-        try:
-            return storage.size(storage.join(uri, record["name"]))
-        except FileNotFoundError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=32) as pool:  # 1,000 shards on S3: ~30 rounds of HEADs, not 1,000
-        return list(pool.map(size, records))
+    """The stored size of each recorded shard (None: missing), from one listing of the folder (on S3 a
+    request per 1,000 objects, not a HEAD per shard)."""
+    sizes = {posixpath.basename(e["name"]): e["size"] for e in storage.entries(uri) if e["type"] == "file"}
+    return [sizes.get(record["name"]) for record in records]
 
 
 def unverified(uri: str, records: list[dict]) -> list[str]:

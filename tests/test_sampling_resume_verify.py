@@ -69,6 +69,20 @@ def test_resume_forgets_shards_that_are_missing_or_truncated(tmp_path, caplog):
     assert "shard-000000.tar, shard-000002.tar" in caplog.text
 
 
+def test_resume_reads_the_stored_sizes_from_one_listing(tmp_path, monkeypatch):
+    """A rerun verifies every recorded shard: one request per shard (a HEAD each, 1,282 for ImageNet's data
+    set, on every rerun) became one listing of the folder."""
+    url = str(tmp_path / "samples")
+    _finished_folder(url)
+    os.remove(tmp_path / "samples" / "shard-000001.tar")
+
+    def no_head(url: str) -> int:
+        raise AssertionError(f"a request per shard: {url}")
+
+    monkeypatch.setattr(storage, "size", no_head)
+    assert sorted(SamplesManifest.resume(url, SETTINGS, 3, drop_missing=True).shards) == [0, 2]
+
+
 def test_a_manifest_that_records_nothing_does_not_hold_the_folder(tmp_path):
     url = str(tmp_path / "samples")
     SamplesManifest({"seed": 0, "checkpoint": "bad.safetensors"}, 3).write(url)  # a start that failed
