@@ -7,16 +7,19 @@
 The lease is a folder of numbered objects, `{run}/lease/0000000001.json`, `0000000002.json`, ...,
 each `{"host", "pid", "job", "since", "renewed", "ttl_s", "token", "released"}`. The highest number is
 the lease; the others are leftovers. It is free when that object is released or has expired (not
-renewed for `ttl_s` seconds: its holder died; wall clock, hosts are assumed to agree to well within
-`ttl_s`). Objects are only ever *created if absent* (`storage.create`), the one conditional operation
+renewed for `ttl_s` seconds: its holder died). Holders stamp `renewed` with their wall clock, which need
+not agree with the reader's: a lease whose stamp looks between ttl/2 and `_SKEW_TTLS` x ttl old is watched
+on the reader's monotonic clock and taken over only once it stayed unchanged for a whole `ttl_s` (a live
+holder renews every ttl/4); older than that it is expired at once (the hosts' clocks are assumed to agree
+to within `ttl_s`). Objects are only ever *created if absent* (`storage.create`), the one conditional operation
 every backend has: `os.link` on local disk, a PUT with `If-None-Match: *` on S3 (botocore >= 1.35.20;
 AWS S3 and moto answer 412 when the object exists), a check under a lock on `memory://`.
 
 Acquire: list; none -> create number 1; the highest, n, held -> LeaseHeld (after polling for up to
 `wait_s`, `storage.lease_wait_s`, for it to be released: a KubeRay retry starts while the lost attempt's
-driver still renews), but when it was not renewed for half its ttl (its holder missed beats: killed
-without releasing it, as a retry after a crash finds it) the job waits until it expires and decides
-again; free -> create n + 1. A failed create means another job took n + 1 first: decide again (at
+driver still renews), but when it looks not renewed for half its ttl (its holder missed beats: killed
+without releasing it, as a retry after a crash finds it; or the clocks disagree) the job watches it for
+a ttl as above: unchanged, it is taken; renewed, it is held; free -> create n + 1. A failed create means another job took n + 1 first: decide again (at
 most `_ATTEMPTS` times, the waits for expiry included). After a create, list again: a higher
 number means this job's view was stale (its number had been taken and cleaned up, see below), so it
 removes its own object and decides again. Otherwise it holds the lease and removes the lower numbers.
@@ -57,6 +60,7 @@ the create a plain overwrite: the lease is then advisory only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +82,7 @@ _NAME = re.compile(r"^(\d{10})\.json$")
 _ATTEMPTS = 8  # each failed attempt means another job created a number meanwhile
 _HELD: list[Lease] = []  # the leases this process holds, newest last (`held`)
 _POLL_S = 5.0  # how often a job waiting for a held lease (`wait_s`) looks again
+_SKEW_TTLS = 2.0  # a lease not renewed for this many ttl_s by this host's clock is expired at once (module docstring)
 FENCE = 0.75  # a holder whose last confirmed renewal is this many ttl_s old stops (module docstring)
 
 
@@ -104,8 +109,11 @@ class Holder:
 
     def describe(self, now: float) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
-        return (f"job {self.job!r} (pid {self.pid} on host {self.host}) since {since}, "
-                f"last renewed {now - self.renewed:.0f} s ago, expires after {self.ttl_s:g} s without renewal")
+        age = now - self.renewed
+        renewed = (f"last renewed {age:.0f} s ago" if age >= -1 else
+                   f"last renewed {-age:.0f} s in the future by this host's clock (the hosts' clocks disagree)")
+        return (f"job {self.job!r} (pid {self.pid} on host {self.host}) since {since}, {renewed}, expires after "
+                f"{self.ttl_s:g} s without renewal")
 
 
 def _protocol(url: str) -> str:
@@ -133,6 +141,21 @@ def _read(url: str, number: int) -> Holder | None:
 def _remove(url: str, number: int) -> None:
     with contextlib.suppress(FileNotFoundError):  # another job cleaned it up first
         storage.remove(_object(url, number))
+
+
+def _changes_within(url: str, number: int, seen: Holder) -> Holder | None:
+    """Lease object `number` as it is once it differs from `seen` (renewed or released; a removed one, or a
+    higher number: released, for the caller to decide again), watched for `seen.ttl_s` seconds of this host's
+    monotonic clock; None when it stayed unchanged that long (its holder is gone, whatever the clocks say)."""
+    end = time.monotonic() + seen.ttl_s
+    while time.monotonic() < end:
+        time.sleep(min(_POLL_S, seen.ttl_s / 8, max(end - time.monotonic(), 0.0)))
+        current = _read(url, number)
+        if current is None or max(_numbers(url), default=number) > number:
+            return dataclasses.replace(seen, released=True)
+        if current.renewed != seen.renewed or current.released or current.token != seen.token:
+            return current
+    return None
 
 
 def read(url: str) -> Holder | None:
@@ -179,21 +202,31 @@ class Lease:
                     continue  # cleaned up after the listing: a higher one exists now
                 now = time.time()
                 age = now - current.renewed
-                if not current.free(now) and age > current.ttl_s / 2:
-                    # a live holder renews every ttl/4 (and stops itself at 3/4): this one missed beats,
-                    # most likely killed without releasing it (an OOM-killed pod, a SIGKILL): wait it out
-                    wait = current.ttl_s - age + 1.0
-                    log.warning("%s: the lease of %s; waiting %.0f s for it to expire", url, current.describe(now),
-                                wait)
-                    time.sleep(wait)
-                    attempts += 1  # a holder whose beats keep landing late is not waited for forever
-                    continue
-                if not current.free(now):
+                renews = False  # seen renewing while its stamps look stale here: the hosts' clocks disagree
+                if not current.released and current.ttl_s / 2 < age <= _SKEW_TTLS * current.ttl_s:
+                    # A live holder renews every ttl/4 (and stops itself at 3/4): by this host's clock this one
+                    # missed beats (killed without releasing it: an OOM-killed pod, a SIGKILL), or the two
+                    # clocks disagree. Expiry is decided on this host's monotonic clock: a whole ttl unchanged.
+                    log.warning("%s: the lease of %s; watching it for %.0f s: taken over if it is not renewed", url,
+                                current.describe(now), current.ttl_s)
+                    changed = _changes_within(url, top, current)
+                    if changed is None:
+                        log.warning("%s: taking over the lease of %s: not renewed for %.0f s by this host's clock",
+                                    url, current.describe(time.time()), current.ttl_s)
+                        current.released = True  # free: taken below
+                    elif changed.released or changed.renewed == current.renewed:
+                        attempts += 1  # released, or another number: decide again
+                        continue
+                    else:
+                        current, renews, now = changed, True, time.time()
+                if not current.free(now) or renews:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         waited = f" after waiting {wait_s:g} s (storage.lease_wait_s)" if wait_s else ""
-                        raise LeaseHeld(f"{url}: the run is held by {current.describe(now)}{waited}; wait for it to "
-                                        f"finish, stop it, or use another storage.run")
+                        skew = (f" (it renews, but its renewals look {now - current.renewed:.0f} s old by this host's "
+                                "clock: the hosts' clocks disagree, or its writes land late)") if renews else ""
+                        raise LeaseHeld(f"{url}: the run is held by {current.describe(now)}{skew}{waited}; wait for "
+                                        f"it to finish, stop it, or use another storage.run")
                     if not waiting:  # a KubeRay retry: the lost attempt's driver may renew until Ray kills it
                         log.warning("%s: the run is held by %s; waiting up to %.0f s (storage.lease_wait_s) for "
                                     "it to be released or to expire", url, current.describe(now), left)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -414,3 +415,45 @@ def test_a_lease_that_cannot_be_released_leaves_the_jobs_outcome_as_it_was(tmp_p
     assert out.strip() == "done"
     assert f"evaluate: could not release the lease {RunPaths(cfg).lease} (writing the lease failed" in err
     assert "it expires 120 s after its last renewal" in err
+
+
+_HOLDER = """
+import sys, time
+from dydit_dist.lease import Lease
+lost = []
+lease = Lease.acquire(sys.argv[1], "finetune", ttl_s=4.0, on_lost=lambda lease: lost.append(1))
+print("holds", lease.number, flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end and not lost:
+    time.sleep(0.1)
+print("lost" if lost else "held", flush=True)
+if not lost:
+    lease.release()
+"""
+
+
+@pytest.mark.parametrize("skew_s", [3.5, 6.0])
+def test_a_live_holder_is_not_taken_over_by_a_host_whose_clock_runs_ahead(tmp_path, monkeypatch, skew_s):
+    """The holder stamps `renewed` with its wall clock. A job on a host whose clock ran 0.875 ttl (3.5 s of a
+    4 s ttl) ahead read the live lease as expired, took it over and so stopped a healthy job; at 1.5 ttl it
+    waited, then ended with "the lease changed hands 8 times". It now watches the lease on its own
+    monotonic clock and finds it renewed: held, and the message says the clocks disagree."""
+    import types
+
+    url = f"file://{tmp_path}/runs/r/lease"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url, "6"], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        assert holder.stdout.readline().strip() == "holds 1"
+        monkeypatch.setattr(lease_lib, "time", types.SimpleNamespace(
+            time=lambda: time.time() + skew_s, monotonic=time.monotonic, sleep=time.sleep,
+            strftime=time.strftime, gmtime=time.gmtime))
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match="it renews, but its renewals look .* the hosts' clocks disagree"):
+            Lease.acquire(url, "sample", ttl_s=4.0)
+        assert time.monotonic() - start < 12.0  # found renewed (every ttl/4), not waited on for ever
+        monkeypatch.undo()
+        assert _numbers(url) == [1] and not read(url).released
+    finally:
+        out = holder.communicate(timeout=60)[0]  # it holds for 6 s, then releases
+    assert out.split() == ["held"]  # never taken over
