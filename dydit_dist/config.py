@@ -275,6 +275,10 @@ class Config:
             fam = family(m.name)
         except ValueError as err:
             raise ConfigError(f"model.name: {err}") from None
+        if fam == "pixart_ms":  # the network (models.PixArtMS) loads its weights; the jobs would need more
+            raise ConfigError(f"model.name={m.name!r}: multi-scale PixArt (1024 px) is not supported by the jobs: its "
+                              "sampling needs per-sample image size and aspect-ratio conditions, which neither the "
+                              "sampler nor the training data pass; PixArt-XL/2 (256 and 512 px) is")
         if fam == "sdxl":
             self._check_sdxl()
         patch, depth = (1, None) if fam == "sdxl" else (arch(m.name)["patch_size"], arch(m.name)["depth"])

@@ -57,9 +57,6 @@ def build_network(model_cfg: ModelConfig) -> nn.Module:
     """
     m = model_cfg
     fam = family(m.name)
-    if fam == "pixart_ms":
-        raise ValueError(f"model.name={m.name!r}: multi-scale PixArt needs per-sample sizes the data does not carry; "
-                         "fine-tune PixArt-XL/2 (or PixArt-debug)")
     kwargs = dict(input_size=m.input_size, in_channels=m.in_channels, class_dropout_prob=m.class_dropout_prob)
     if fam == "dit":
         kwargs.update(num_classes=m.num_classes, learn_sigma=m.learn_sigma)

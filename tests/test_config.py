@@ -183,3 +183,12 @@ def test_a_mistyped_override_is_named_with_what_was_meant(override, message):
     with pytest.raises(ConfigError) as err:
         load("debug", [override])
     assert message in str(err.value)
+
+
+def test_multi_scale_pixart_is_refused_when_the_config_is_built():
+    """PixArtMS-XL/2 (1024 px) needs per-sample image size and aspect-ratio conditions that neither the sampler
+    nor the data pass: its sample job was planned by the preflight, then every actor failed with a message
+    about fine-tuning."""
+    with pytest.raises(ConfigError, match=r"model.name='PixArtMS-XL/2': multi-scale PixArt \(1024 px\) is not "
+                                          r"supported by the jobs: its sampling needs per-sample image size"):
+        load("pixart_xl2_512", ["model.name=PixArtMS-XL/2", "model.image_size=1024"])

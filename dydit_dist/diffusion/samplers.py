@@ -1,8 +1,10 @@
 """Samplers: IDDPM ancestral DDPM, DDIM and two DPM-Solver++(2M), behind one ``sample`` entry point.
 
 ``dpm-solver`` is the DPM-Solver authors' continuous-time solver as PixArt-alpha's own sampling runs it
-(``dpm_solver.py``); ``dpm-solver++`` is diffusers' DPMSolverMultistepScheduler as PixArt-alpha's
-diffusers pipeline runs it (integer timesteps, a last step to sigma 0). The two differ per sample.
+(``dpm_solver.py``); ``dpm-solver++`` is diffusers' DPMSolverMultistepScheduler's stepping (integer
+timesteps, a last step to sigma 0). The two differ per sample. Either is guided as the caller conditions it:
+PixArt's unconditional rows are the learned null caption with the prompt's mask (the official code's), not
+the T5 features of an empty prompt that diffusers' PixArtAlphaPipeline uses.
 
 Randomness contract (what makes a 50k-sample job reproducible from sample indices alone): ``generator``
 may be a ``CounterNoise`` (``noise.py``: row b's noise of draw i is a function of (row b's key, i),

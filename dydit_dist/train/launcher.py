@@ -33,7 +33,6 @@ from dydit_dist.capacity import CapacityError, Need, acquire
 from dydit_dist.config import Config, ConfigError, JobFailed
 from dydit_dist.data import ManifestError, verify_manifest
 from dydit_dist.faults import device_failure
-from dydit_dist.models import family
 from dydit_dist.network import latest_ema
 from dydit_dist.paths import CHECKPOINTS, RunPaths
 from dydit_dist.train.checkpoints import has_checkpoint
@@ -52,8 +51,6 @@ def preflight(cfg) -> None:
     check_deepspeed(cfg)
     if m.method not in ("static", "dydit", "flexdit"):
         raise ConfigError(f"model.method={m.method!r} cannot be fine-tuned by this job; use 'static', 'dydit' or 'flexdit'")
-    if family(m.name) == "pixart_ms":
-        raise ConfigError(f"model.name={m.name!r}: multi-scale PixArt is not supported for fine-tuning")
     paths = RunPaths(cfg)
     if paths.url.startswith("memory://"):
         raise ConfigError(f"storage.root={cfg.storage.root!r}: Ray workers are separate processes; use a folder or s3://")
