@@ -52,7 +52,7 @@ from dydit_dist.paths import RunPaths
 from dydit_dist.sample.generate import ShardGenerator
 from dydit_dist.sample.sdxl import SCHEDULERS as SDXL_SCHEDULERS
 from dydit_dist.sample.sdxl import SDXLShardGenerator
-from dydit_dist.shardset import remove_shards, settings_digest, write_marker, write_shard
+from dydit_dist.shardset import PeriodicWriter, remove_shards, settings_digest, write_marker, write_shard
 
 from .dispatch import Dispatcher
 from .manifest import SamplesError, SamplesManifest
@@ -377,7 +377,7 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                     pending[ref] = (actor, "sample", unit.index)
                     watch.start(ref, actor)
 
-    last_write = time.monotonic()
+    write_manifest = PeriodicWriter(manifest, url, MANIFEST_EVERY_S)
     with tqdm(total=num_samples, initial=manifest.num_samples, unit="img", desc="sample",
               mininterval=1.0, smoothing=0.1) as bar:
         feed()
@@ -416,8 +416,6 @@ def _fan_out(pool: SamplingPool, dispatch: Dispatcher, manifest: SamplesManifest
                 bar.update(result["count"])
                 if on_shard is not None:
                     on_shard(pool, result)
-                if time.monotonic() - last_write > MANIFEST_EVERY_S:
-                    manifest.write(url)
-                    last_write = time.monotonic()
+                write_manifest()
             feed()
     _method_stats(manifest)
