@@ -1,5 +1,7 @@
 """The streaming reader: rank/worker split, determinism, exact resume, values, and shard errors."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -191,16 +193,55 @@ def test_missing_shard_raises_naming_it(pixels):
 def test_a_missing_shard_is_skipped_too(pixels):
     uri, _ = pixels
     storage.remove(shard_url(uri, 2))  # samples 14..20
-    stream = LatentStream(uri, batch_size=4, num_workers=0, on_error="skip", seed=0)
+    stream = LatentStream(uri, batch_size=4, num_workers=0, on_error="skip", seed=0, max_bad_fraction=0.2)
     batches = take(stream, 10)
     assert not set(range(14, 21)) & set(indices(batches)) and stream.metrics()["data/skipped_samples"] > 0
+
+
+def test_skipping_a_shard_over_max_bad_fraction_of_the_data_raises_naming_it(pixels):
+    """7 of 50 samples (14%) gone: the 6th skipped is over data.max_bad_fraction=0.1 of the data set, a
+    systematic cause."""
+    uri, _ = pixels
+    storage.remove(shard_url(uri, 2))
+    with pytest.raises(ShardError, match=r"data.on_error=skip: reader 0 of 1 .* 6 of its 50 samples of epoch 0 "
+                                         r"skipped, over data.max_bad_fraction=0.1 of the 50 samples of the data set; "
+                                         f"last shards skipped: {shard_url(uri, 2)} "):
+        take(LatentStream(uri, batch_size=4, num_workers=0, on_error="skip", max_bad_fraction=0.1), 30)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_stops_when_every_shard_is_gone(pixels, num_workers):
+    """The data prefix deleted after the stream was built: on_error=skip raises within the first epoch
+    (it used to skip forever, yielding nothing), naming the last shards it skipped, also when
+    max_bad_fraction=1 accepts any share."""
+    uri, _ = pixels
+    stream = LatentStream(uri, batch_size=4, world_size=2, num_workers=num_workers, on_error="skip",
+                          max_bad_fraction=1.0)
+    for index in range(8):
+        storage.remove(shard_url(uri, index))
+    result = {}
+
+    def first_batch():
+        try:
+            result["batch"] = next(iter(stream))
+        except Exception as err:  # noqa: BLE001 - the test looks at it
+            result["error"] = err
+
+    reader = threading.Thread(target=first_batch, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "on_error=skip still skipping after 30 s"
+    error = result.get("error")
+    assert isinstance(error, ShardError), result
+    assert "a whole epoch of its" in str(error) and "last shards skipped: " in str(error)
+    assert "missing shard" in str(error) and shard_url(uri, 0).rsplit("/", 1)[0] in str(error)
 
 
 def test_skip_counts_and_resumes(pixels):
     uri, _ = pixels
     _corrupt(uri, 3)
     bad = set(range(21, 28))  # shard 3 holds samples 21..27
-    kwargs = dict(batch_size=4, num_workers=2, on_error="skip", seed=0, shuffle_buffer=8)
+    kwargs = dict(batch_size=4, num_workers=2, on_error="skip", seed=0, shuffle_buffer=8, max_bad_fraction=0.2)
     stream = LatentStream(uri, **kwargs)
     batches = take(stream, 24)  # two epochs of 48 (the corrupt shard is met in each)
     assert not bad & set(indices(batches)) and all(len(b["x"]) == 4 for b in batches)
@@ -244,7 +285,7 @@ def test_a_sample_of_another_shape_dtype_or_label_is_a_shard_error_naming_it(pix
         with pytest.raises(ShardError, match=f"corrupt shard {url}: sample '{key}': {message}"):
             take(LatentStream(uri, batch_size=4, num_workers=num_workers), 30)
     # a ShardError like any other: data.on_error=skip passes over that shard
-    batches = take(LatentStream(uri, batch_size=4, num_workers=num_workers, on_error="skip"), 12)
+    batches = take(LatentStream(uri, batch_size=4, num_workers=num_workers, on_error="skip", max_bad_fraction=0.2), 12)
     assert not set(range(14, 21)) & set(indices(batches))
 
 

@@ -2,7 +2,7 @@
 
     stream = LatentStream(cfg.data.uri, batch_size=32, rank=rank, world_size=world, seed=cfg.train.seed,
                           num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                          on_error=cfg.data.on_error)
+                          on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
     stream.load_state_dict(checkpoint["data"])     # or LatentStream(..., start_step=step)
     for batch in stream:                           # batch["x"]: (B, C, H, W) float32, ready for the model
         ...                                        # batch["y"]: (B,) int64, or batch["t5"]: (B, 1, L, C) as stored (fp16)
@@ -28,7 +28,11 @@ once per log window): about as many as i.i.d. draws when the shards are mixed (s
 `data.sources`), far fewer when they are class-sorted.
 
 A missing or corrupt shard raises `ShardError` naming it; with `on_error="skip"` it is skipped,
-logged and counted, and later batches fill up from the next samples. The counters count a skipped
+logged and counted, and later batches fill up from the next samples. Skipping is bounded, as prepare
+bounds unusable inputs: a consumer that skips more than `max_bad_fraction` of the data set's samples in
+one epoch (that share of the data is then unusable: a systematic cause), or a whole epoch's worth of
+samples in a row without yielding one (its shards are gone: skipping would spin forever), raises a
+`ShardError` naming the last shards it skipped. The counters count a skipped
 sample where the stream passes its position (and a shard at the first of its samples), so they ride
 with the batches and a resume, which starts after the positions passed, never counts one twice. A resume is
 exact with skips too when it goes through `state_dict`, which records each worker's position and
@@ -42,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +71,7 @@ class _Consumer:
     """The sample stream of one DataLoader worker of one rank: (position, sample) pairs, forever."""
 
     def __init__(self, uri: str, manifest: Manifest, seed: int, consumer: int, num_consumers: int,
-                 shuffle_buffer: int, on_error: str, prefetch: int):
+                 shuffle_buffer: int, on_error: str, prefetch: int, max_bad_fraction: float):
         self.uri, self.settings, self.shards = uri, manifest.settings, manifest.records()
         self.counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
         self.first_index = np.cumsum(self.counts) - self.counts  # global index of each shard's first sample
@@ -74,6 +79,12 @@ class _Consumer:
         self.seed, self.consumer, self.num_consumers = seed, consumer, num_consumers
         self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, max(1, prefetch)
         self.skipped = (0, 0)  # (shards, samples) passed over since the last take_skipped()
+        # on_error=skip's bound: more skipped samples in one epoch than max_bad_fraction of the data set
+        self.max_bad_fraction = max_bad_fraction
+        self.max_skipped = math.floor(max_bad_fraction * int(self.counts.sum()))
+        self.unyielded = 0  # positions passed in a row without a sample yielded (across epochs)
+        self.last_skipped: deque[str] = deque(maxlen=3)  # the last shards skipped, and why the last one was
+        self.last_error = ""
 
     def take_skipped(self) -> tuple[int, int]:
         skipped, self.skipped = self.skipped, (0, 0)
@@ -100,7 +111,7 @@ class _Consumer:
         pending: dict[int, tuple[Decoded, int]] = {}
         missing: set[int] = set()  # the slots of the shards skipped
         first_missing: set[int] = set()  # the slot of each skipped piece emitted first: its shard counts there
-        position = start
+        position, skipped = start, 0
         for i, piece in enumerate(pieces):
             future = futures.popleft()
             if i + self.prefetch < len(pieces):
@@ -113,17 +124,39 @@ class _Consumer:
                     raise
                 lost = sum(1 for p in positions if emitted_at[p] >= start)
                 log.warning("skipping %s (%d samples): %s", shard_url(self.uri, piece.shard), lost, err)
+                self.last_skipped.append(shard_url(self.uri, piece.shard))
+                self.last_error = str(err)
                 missing.update(positions)
                 first_missing.add(min(positions, key=lambda p: emitted_at[p]))
             while position < q and (int(order[position]) in pending or int(order[position]) in missing):
                 item = pending.pop(int(order[position]), None)
                 if item is not None:
+                    self.unyielded = 0
                     yield epoch * q + position, self._transform(*item, epoch)
                 else:  # counted where the stream passes it, so a resume (which starts after it) never counts it again
                     shards, samples = self.skipped
                     self.skipped = (shards + (int(order[position]) in first_missing), samples + 1)
+                    skipped, self.unyielded = skipped + 1, self.unyielded + 1
+                    self._bound_skips(skipped, epoch)
                 position += 1
         assert position == q, f"consumer {self.consumer} stopped at {position} of {q} in epoch {epoch}"
+
+    def _bound_skips(self, skipped: int, epoch: int) -> None:
+        """ShardError once `skipped` samples of this epoch exceed max_bad_fraction of the data set, or a whole
+        epoch's worth of positions passed without a sample: without it on_error=skip would loop forever over
+        shards that are all gone, yielding nothing and raising nothing."""
+        remedy = "rerun the prepare job with the same config to remake them"
+        if self.unyielded >= self.q:
+            why = f"no sample in {self.unyielded} positions in a row, a whole epoch of its {self.q}"
+        elif skipped > self.max_skipped:
+            why = (f"{skipped} of its {self.q} samples of epoch {epoch} skipped, over data.max_bad_fraction="
+                   f"{self.max_bad_fraction:g} of the {int(self.counts.sum())} samples of the data set")
+            remedy += ", or set data.max_bad_fraction higher to train without them"
+        else:
+            return
+        raise ShardError(f"data.on_error=skip: reader {self.consumer} of {self.num_consumers} (rank x data.num_workers "
+                         f"+ worker) gave up: {why}; last shards skipped: {', '.join(self.last_skipped)} (the last: "
+                         f"{self.last_error}); {remedy}")
 
     def _load(self, data: bytes, piece, positions: range, start: int, emitted_at: np.ndarray) -> dict:
         url = shard_url(self.uri, piece.shard)
@@ -181,18 +214,19 @@ class _Batches(IterableDataset):
     """Batches of one rank's workers; DataLoader worker j plays logical worker (j + rotation) mod W."""
 
     def __init__(self, uri, manifest, batch_size, rank, num_workers, world_size, seed, shuffle_buffer,
-                 on_error, prefetch, positions, rotation):
+                 on_error, prefetch, positions, rotation, max_bad_fraction):
         super().__init__()
         self.uri, self.manifest, self.batch_size = uri, manifest, batch_size
         self.rank, self.num_workers, self.world_size, self.seed = rank, num_workers, world_size, seed
         self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, prefetch
-        self.positions, self.rotation = positions, rotation
+        self.positions, self.rotation, self.max_bad_fraction = positions, rotation, max_bad_fraction
 
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
         consumer = _Consumer(self.uri, self.manifest, self.seed, self.rank * self.num_workers + worker,
-                             self.world_size * self.num_workers, self.shuffle_buffer, self.on_error, self.prefetch)
+                             self.world_size * self.num_workers, self.shuffle_buffer, self.on_error, self.prefetch,
+                             self.max_bad_fraction)
         batch = []
         for position, sample in consumer.samples(self.positions[worker]):
             batch.append(sample)
@@ -208,7 +242,8 @@ class LatentStream:
 
     def __init__(self, uri: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_step: int = 0, num_workers: int = 2, shuffle_buffer: int = 1000, on_error: str = "raise",
-                 prefetch_shards: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None):
+                 prefetch_shards: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None,
+                 max_bad_fraction: float = 0.01):
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or start_step < 0:
             raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, start_step >= 0; "
                              f"got {batch_size}, {rank}, {world_size}, {num_workers}, {start_step}")
@@ -218,6 +253,7 @@ class LatentStream:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.loader_workers = max(1, num_workers), num_workers
         self.shuffle_buffer, self.on_error, self.prefetch = shuffle_buffer, on_error, prefetch_shards
+        self.max_bad_fraction = max_bad_fraction  # on_error=skip: the share of the data an epoch may skip
         self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
         self.samples_per_epoch = self.num_workers * per_consumer(self.manifest.num_samples,
                                                                  world_size * self.num_workers)
@@ -272,7 +308,7 @@ class LatentStream:
     def __iter__(self):
         dataset = _Batches(self.uri, self.manifest, self.batch_size, self.rank, self.num_workers, self.world_size,
                            self.seed, self.shuffle_buffer, self.on_error, self.prefetch, list(self.positions),
-                           rotation=self.step % self.num_workers)
+                           rotation=self.step % self.num_workers, max_bad_fraction=self.max_bad_fraction)
         if self.loader_workers == 0:
             batches = iter(dataset)
         else:

@@ -83,7 +83,8 @@ class Trainer:
         d = cfg.data
         self.stream = LatentStream(self.paths.data, cfg.train.micro_batch_size, self.rank, self.world_size,
                                    cfg.train.seed, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                                   on_error=d.on_error, pin_memory=self.device.type == "cuda")
+                                   on_error=d.on_error, max_bad_fraction=d.max_bad_fraction,
+                                   pin_memory=self.device.type == "cuda")
         if self.state.data is not None:
             self.stream.load_state_dict(self.state.data)
         self.batches = iter(self.stream)
