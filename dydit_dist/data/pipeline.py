@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +54,18 @@ from dydit_dist.data.manifest import (
 )
 from dydit_dist.data.shards import DataError, sample_files
 from dydit_dist.paths import RunPaths
-from dydit_dist.shardset import pack, remove_shards, settings_digest, unverified, write_marker, write_shard
+from dydit_dist.shardset import (
+    PeriodicWriter,
+    pack,
+    remove_shards,
+    settings_digest,
+    unverified,
+    write_marker,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
-MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs
+MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while the job runs, at most (`PeriodicWriter`)
 LARGE_TAR = 4  # an input tar of more than this many data.shard_size samples is warned about
 # a run stops once, after 1000 inputs or more, over half of those it read (or data.max_bad_fraction) are unusable
 EARLY_INPUTS, SYSTEMATIC_BAD = 1000, 0.5
@@ -262,7 +269,7 @@ def prepare(cfg: Config) -> PrepareResult:
         retry_exceptions=[GpuUnavailable])  # a host whose GPU is unusable: another try (capacity.py)
     cfg_ref, queue, running = ray.put(cfg.to_dict()), list(reversed(todo)), []
     log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
-    last_write, warned_large, seen_inputs, seen_bad = time.monotonic(), False, 0, 0
+    write_manifest, warned_large, seen_inputs, seen_bad = PeriodicWriter(manifest, uri, MANIFEST_EVERY_S), False, 0, 0
     images = sum(c.size_hint for c in todo)  # 0 for input tars, whose image counts are not known before
     systematic = max(SYSTEMATIC_BAD, cfg.data.max_bad_fraction)  # the bad share that stops the run early
     try:
@@ -291,9 +298,7 @@ def prepare(cfg: Config) -> PrepareResult:
                 if record["bad"]:
                     log.warning("%s: %d unreadable inputs, e.g. %s", record["name"], len(record["bad"]),
                                 record["bad"][0])
-                if time.monotonic() - last_write > MANIFEST_EVERY_S:
-                    manifest.write(uri)
-                    last_write = time.monotonic()
+                write_manifest()
     finally:
         # what finished survives an interruption, also tasks done beside the one that failed
         for ref in ray.wait(running, num_returns=len(running), timeout=0)[0] if running else []:
