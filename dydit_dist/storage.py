@@ -177,18 +177,27 @@ def create(url: str, data: bytes) -> bool:
     return True
 
 
-def _place_local(path: str, data: bytes, place: Callable[[str, str], None]) -> None:
-    """Write `data` to a temporary file beside `path`, synced, then `place(tmp, path)` (os.replace: an
-    overwrite; os.link: a create that fails when `path` exists): a reader never sees half a file."""
+def _place_local(path: str, data: bytes | None, place: Callable[[str, str], None], source: str | None = None) -> None:
+    """Write `data` (or copy the file `source`) to a temporary file beside `path`, synced, then
+    `place(tmp, path)` (os.replace: an overwrite; os.link: a create that fails when `path` exists) and sync
+    the folder, so that the name survives a power loss once this returns: a reader never sees half a file."""
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if source is not None:
+            shutil.copyfile(source, tmp)
+        with open(tmp, "ab" if source is not None else "wb") as f:
+            if data is not None:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         place(tmp, path)
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -294,14 +303,7 @@ def upload(local_path: str, url: str) -> None:
     """Copy a local file to `url` whole (a file of any size: streamed, never read into memory)."""
     fs, path = filesystem(url)
     if protocol(url) == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _place_local(path, None, os.replace, source=local_path)
         return
     # A file of 100 MiB or more goes up in parts: botocore retries each part's request (`retrying_filesystem`),
     # so that one throttled part of a 2 GB checkpoint does not fail the upload and send it all again.

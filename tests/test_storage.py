@@ -212,3 +212,26 @@ def test_a_local_root_without_hard_links_is_refused_by_the_writable_check(tmp_pa
     found = resolve.writable(f"file://{tmp_path}/runs")
     assert found.problem.startswith(f"{tmp_path} has no hard links (PermissionError: [Errno 1] Operation not permitted)")
     assert "use a POSIX file system" in found.problem and os.listdir(tmp_path) == []
+
+
+def test_local_writes_sync_the_file_and_its_folder(tmp_path, monkeypatch):
+    """A whole-object write on local disk syncs the file's bytes and, once it is renamed or linked into
+    place, the folder holding the name (a power loss could lose a rename that had returned); an upload of a
+    local file too (it synced nothing)."""
+    synced = []
+    fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    source = tmp_path / "rank0.pt"
+    source.write_bytes(b"zero shard")
+    for i, write in enumerate((lambda url: storage.write_bytes(url, b"x"), lambda url: storage.create(url, b"x"),
+                               lambda url: storage.upload(str(source), url))):
+        synced.clear()
+        folder = tmp_path / f"out{i}"
+        write(str(folder / "object"))
+        assert len(synced) == 2 and synced[-1] == str(folder), synced
+    assert (tmp_path / "out2" / "object").read_bytes() == b"zero shard"
