@@ -141,3 +141,36 @@ def test_a_flush_after_an_upload_decided_to_end_is_uploaded_without_waiting_for_
     assert _scalars(url) == pytest.approx({1: 1.0, 2: 0.5})  # before close
     go_on.set()
     tb.close()
+
+
+def _close_on_rank(rank: int, init_file: str, results) -> None:
+    """One rank of a 2-rank gloo group: a window of one step whose rank-own skip counters differ."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        train = config_lib.load("debug", ["train.max_steps=10", "train.global_batch_size=8"]).train
+        window = MetricsWindow(train, TensorBoardLog("memory://unused", enabled=False), torch.device("cpu"),
+                               rank=rank, world_size=2, min_report_interval_s=0.0)
+        window.add({"loss": torch.tensor([1.0, 3.0][rank])})
+        skipped = {"data/skipped_shards": [0, 3][rank], "data/skipped_samples": [0, 20_000_001][rank]}
+        metrics, _ = window.close(1, {"lr": 1e-4, **skipped})
+        results[rank] = {k: metrics[k] for k in ("loss", "data/skipped_shards", "data/skipped_samples")}
+        results[f"line{rank}"] = progress_line(metrics, 10)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_skip_counters_are_summed_over_the_ranks(tmp_path):
+    """Rank 0's metrics are what the session, TensorBoard and the progress line get: they carry every rank's
+    skipped shards and samples (rank 1 alone skipped here), exactly, while the loss stays the ranks' mean."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_close_on_rank, args=(str(tmp_path / "init"), results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank] == {"loss": 2.0, "data/skipped_shards": 3, "data/skipped_samples": 20_000_001}
+    assert "| skipped 3 shards (20000001 samples)" in results["line0"]

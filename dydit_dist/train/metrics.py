@@ -1,7 +1,8 @@
 """Training metrics: the log window of the trainer, and TensorBoard event files under `{run}/tensorboard/`.
 
 `MetricsWindow` collects the loss terms of the steps since the last log line and times them; every
-`train.log_every` steps (and at the last) it averages them over the ranks, writes the progress line
+`train.log_every` steps (and at the last) it averages them over the ranks (and sums the ranks' skip
+counters, `SUMMED`, in the same all-reduce), writes the progress line
 (rank 0) and the TensorBoard scalars, and says whether they also go to the session.
 
 The TensorBoard writer (rank 0) logs to a local folder; after every flush each event file is uploaded
@@ -27,6 +28,10 @@ import torch.distributed as dist
 from dydit_dist import storage
 
 log = logging.getLogger(__name__)
+
+# Counters of `extra` summed over the ranks in `MetricsWindow.close`: each rank counts only the shards and
+# samples its own readers skipped, and rank 0's metrics are the ones reported, logged and written.
+SUMMED = ("data/skipped_shards", "data/skipped_samples")
 
 
 class TensorBoardLog:
@@ -99,6 +104,9 @@ def progress_line(metrics: dict, max_steps: int) -> str:
     parts += [f"{metrics['samples_per_s']:.1f} samples/s", f"lr {metrics['lr']:.2e}"]
     if metrics.get("grad_norm") is not None:
         parts.append(f"grad norm {metrics['grad_norm']:.3f}")
+    if metrics.get("data/skipped_shards"):
+        parts.append(f"skipped {metrics['data/skipped_shards']:.0f} shards "
+                     f"({metrics.get('data/skipped_samples', 0):.0f} samples)")
     if metrics.get("eta_s") is not None:
         parts.append(f"eta {duration(metrics['eta_s'])}")
     return " | ".join(parts)
@@ -153,19 +161,22 @@ class MetricsWindow:
 
     def close(self, step: int, extra: dict) -> tuple[dict, bool]:
         """End the window at `step` (collective): loss terms averaged over the window and the ranks,
-        `extra` (learning rate, gradient norm, ...), throughput (samples/s of the whole job;
+        `extra` (learning rate, gradient norm, ...; its `SUMMED` counters summed over the ranks), throughput (samples/s of the whole job;
         cpu_s_per_step: this process's CPU seconds per step, rank 0's kept), eta_s (the steps left at this
         window's throughput, plus the checkpoints left at the last one's duration). The progress line (rank 0) and TensorBoard get them. -> (metrics, whether
         they go to the session too)."""
         now, now_cpu = time.perf_counter(), time.process_time()
         names = sorted(self.sums)
-        values = torch.stack([self.sums[k] / self.steps for k in names]).to(self.device)
-        values = torch.cat([values, values.new_tensor([now - self.reported_at])])
-        if self.world_size > 1:
+        # float64: the summed counters stay exact past float32's 2^24
+        values = torch.stack([self.sums[k] / self.steps for k in names]).to(self.device, torch.float64)
+        summed = [k for k in SUMMED if extra.get(k) is not None]
+        values = torch.cat([values, values.new_tensor([now - self.reported_at] + [float(extra[k]) for k in summed])])
+        if self.world_size > 1:  # one all-reduce: the mean of the terms and the time, the sum of the counters
             dist.all_reduce(values)
-            values /= self.world_size
-        *terms, since_report = values.tolist()
+            values[: len(names) + 1] /= self.world_size
+        *terms, since_report = values[: len(names) + 1].tolist()
         metrics = dict(zip(names, terms, strict=True))
+        extra = {**extra, **{k: round(v) for k, v in zip(summed, values[len(names) + 1 :].tolist(), strict=True)}}
         steps_per_s = self.steps / max(now - self.start, 1e-9)
         metrics.update(step=step, **extra, samples_per_s=self.global_batch_size * steps_per_s,
                        cpu_s_per_step=(now_cpu - self.start_cpu) / self.steps,
