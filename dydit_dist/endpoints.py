@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from dydit_dist.s3_errors import is_transient
+from dydit_dist.s3_errors import is_transient, redirected
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -246,21 +246,10 @@ def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float,
     elif type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's, not OSErrors
         hint = ("; no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run "
                 "where an instance role or IRSA provides them (on every Ray node)")
-    elif isinstance(err, RecursionError) or _redirected(err):  # botocore follows a region-less 301 until it recurses
+    elif isinstance(err, RecursionError) or redirected(err):  # botocore follows a region-less 301 until it recurses
         hint = ("; the bucket answered from another region or endpoint (a redirect): set storage.region to the "
                 "bucket's region, or storage.endpoint_url to the endpoint that serves it")
     return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries}){hint}")
-
-
-def _redirected(err: BaseException | None) -> bool:
-    """Whether S3 answered `err` (or a cause of it) with a redirect to another region or endpoint (301)."""
-    while err is not None:
-        answer = getattr(err, "response", None)
-        if isinstance(answer, dict) and "Error" in answer:
-            return answer["Error"].get("Code") == "PermanentRedirect" or \
-                answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 301
-        err = err.__cause__
-    return False
 
 
 def timed(fs, method: str, *args) -> Callable[[float], Any]:

@@ -63,11 +63,20 @@ def is_transient(err: Exception) -> bool:
 def precondition_failed(err: BaseException | None) -> bool:
     """Whether `err` (or a cause of it) is S3's 412 PreconditionFailed: a create-only PUT (`If-None-Match: *`)
     that found the object. s3fs turns it into FileExistsError only when the answer names the condition."""
+    return _answered(err, "PreconditionFailed", 412)
+
+
+def redirected(err: BaseException | None) -> bool:
+    """Whether S3 answered `err` (or a cause of it) with a redirect to another region or endpoint (301)."""
+    return _answered(err, "PermanentRedirect", 301)
+
+
+def _answered(err: BaseException | None, code: str, status: int) -> bool:
+    """Whether the first S3 answer among `err` and its causes has error `code` or HTTP `status`."""
     while err is not None:
         answer = getattr(err, "response", None)
         if isinstance(answer, dict) and "Error" in answer:
-            return answer["Error"].get("Code") == "PreconditionFailed" or \
-                answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+            return answer["Error"].get("Code") == code or answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == status
         err = err.__cause__
     return False
 
