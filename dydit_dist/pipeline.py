@@ -291,10 +291,11 @@ def metrics_done(cfg: Config) -> bool:
 
 
 def pretrain_config(cfg: Config) -> Config:
-    """`eval.pretrain_config` with this job's storage, Ray address and data."""
+    """`eval.pretrain_config` with this job's storage, Ray address and data (data.flip too: the data are
+    prepared with this job's, and a fine-tune refuses data prepared with another)."""
     s = cfg.storage
     overrides = [f"storage.root={s.root}", f"storage.run={s.run}/pretrain",
-                 f"data.uri={cfg.data.uri}", f"data.source={cfg.data.source}"]
+                 f"data.uri={cfg.data.uri}", f"data.source={cfg.data.source}", f"data.flip={str(cfg.data.flip).lower()}"]
     base = config_lib.load(cfg.eval.pretrain_config, overrides)
     shared = {k: v for k, v in dataclasses.asdict(s).items() if k != "run"}  # endpoint, retries, deadline, lease
     return with_values(base, storage=shared, ray={"address": cfg.ray.address})

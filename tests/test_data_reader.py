@@ -346,3 +346,21 @@ def test_a_manifest_that_cannot_be_read_is_an_error_naming_it(pixels):
         storage.write_bytes(url, content)
         with pytest.raises(ManifestError, match=f"{url}.*{message}"):
             LatentStream(uri, batch_size=4)
+
+
+@pytest.mark.parametrize(("prepared", "wanted"), [(False, True), (True, False)])
+def test_verify_manifest_refuses_another_flip(tmp_path, prepared, wanted):
+    """The reader flips as the data were prepared: a config asking for the other augmentation is refused,
+    naming both values and the two ways out, and the data prepared as it asks passes."""
+    uri = str(tmp_path / "data")
+    random_dataset(uri, config.load("debug", [f"data.flip={str(prepared).lower()}"]), num_samples=8)
+    cfg = config.load("debug", [f"data.flip={str(wanted).lower()}"])
+    p, w = str(prepared).lower(), str(wanted).lower()
+    with pytest.raises(ManifestError, match=rf"does not match the model config: prepared with flip={p} != "
+                                            rf"data.flip={w} \(prepare again with data.flip={w} into another "
+                                            rf"data.uri, or set data.flip={p}\)"):
+        verify_manifest(uri, cfg.model, cfg.data)
+    random_dataset(str(tmp_path / "again"), cfg, num_samples=8)
+    verify_manifest(str(tmp_path / "again"), cfg.model, cfg.data)
+    assert read_manifest(str(tmp_path / "again")).settings["flip"] is wanted
+    assert len(take(LatentStream(str(tmp_path / "again"), batch_size=4, num_workers=0), 3)) == 3

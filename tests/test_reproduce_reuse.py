@@ -91,6 +91,16 @@ def test_a_fine_tune_of_static_weights_a_stage_makes_again_is_refused(tmp_path):
     assert run.endswith("/runs/r/finetune")
 
 
+@pytest.mark.parametrize("flip", ["true", "false"])
+def test_the_pretrain_run_trains_with_the_flip_the_data_are_prepared_with(tmp_path, flip):
+    """The data are prepared with this job's data.flip and a fine-tune refuses data of another flip
+    (`verify_manifest`): the pretrain config (its own file) takes this job's, as it takes its data.uri."""
+    cfg = load(tmp_path, "eval.pretrain_config=reproduce_debug_pretrain", f"data.flip={flip}")
+    pretrain = pipeline.pretrain_config(cfg)
+    assert (pretrain.data.uri, pretrain.data.flip) == (cfg.data.uri, flip == "true")
+    assert pipeline.finetune_config(cfg, None, "dydit").data.flip is (flip == "true")
+
+
 def test_samples_are_reused_only_with_their_settings(tmp_path):
     cfg = load(tmp_path)
     trained = {"dydit": finish_finetune(cfg)}

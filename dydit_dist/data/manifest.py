@@ -120,8 +120,8 @@ def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
     """The complete manifest under `uri`, checked against a `ModelConfig` and `DataConfig`.
 
     Raises ManifestError listing every mismatch: conditioning (class labels for DiT, T5 features for
-    PixArt), latent shape (in_channels, image_size / vae_downsample), VAE id and scale factor, number
-    of classes, text encoder id, caption length, width and preprocessing.
+    PixArt), latent shape (in_channels, image_size / vae_downsample), VAE id and scale factor, flip
+    augmentation, number of classes, text encoder id, caption length, width and preprocessing.
     """
     manifest = read_manifest(uri)
     s, m = manifest.settings, model_cfg
@@ -140,6 +140,12 @@ def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
     scale = 1.0 if data_cfg.vae == "none" else data_cfg.vae_scale_factor
     if not math.isclose(s["scale_factor"], scale, rel_tol=1e-6):
         problems.append(f"scale factor {s['scale_factor']} != data.vae_scale_factor={scale}")
+    # The reader flips as the manifest says (the flipped latents exist only when prepared with data.flip), so a
+    # config that says otherwise would train with another augmentation than it records (run_config.WEIGHTS)
+    if bool(s.get("flip")) != data_cfg.flip:
+        prepared, wanted = str(bool(s.get("flip"))).lower(), str(data_cfg.flip).lower()
+        problems.append(f"prepared with flip={prepared} != data.flip={wanted} (prepare again with data.flip={wanted} "
+                        f"into another data.uri, or set data.flip={prepared})")
     if cond == "class" and s["conditioning"] == "class" and s["num_classes"] != m.num_classes:
         problems.append(f"{s['num_classes']} classes != model.num_classes={m.num_classes}")
     if cond == "caption" and s["conditioning"] == "caption":

@@ -55,7 +55,8 @@ def write_dataset(uri: str, latents: np.ndarray, *, labels: np.ndarray | None = 
 
 def random_dataset(uri: str, cfg, num_samples: int, shard_size: int | None = None, seed: int = 0,
                    dtype: str = "float16") -> Manifest:
-    """Random data shaped for `cfg` (a Config): pixels in [-1, 1] for `data.vae: none`, else latent samples."""
+    """Random data shaped for `cfg` (a Config): pixels in [-1, 1] for `data.vae: none`, else latent samples;
+    with `data.flip`, their mirror images as the flipped latents (as prepare stores them)."""
     rng = np.random.default_rng(seed)
     shape = expected_latent_shape(cfg.model)
     pixels = cfg.data.vae == "none"
@@ -66,6 +67,8 @@ def random_dataset(uri: str, cfg, num_samples: int, shard_size: int | None = Non
     kwargs: dict = {"shard_size": shard_size or cfg.data.shard_size, "vae": cfg.data.vae,
                     "scale_factor": 1.0 if pixels else cfg.data.vae_scale_factor,
                     "latent_storage": "pixels" if pixels else "sample"}
+    if cfg.data.flip:
+        kwargs["latent_flips"] = latents[..., ::-1].astype(dtype)
     if conditioning(cfg.model.name) == "class":
         kwargs.update(labels=rng.integers(0, cfg.model.num_classes, size=num_samples),
                       num_classes=cfg.model.num_classes)
