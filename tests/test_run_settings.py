@@ -279,11 +279,11 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert resumed.resumed_from == 2
-    # the first run (each report gives the lr after its step, as below): 2/8 and 3/8 of lr scaled linearly
-    # to the global batch, 1e-4 * 4 / 2
-    assert [r["lr"] for r in first_session.reports] == pytest.approx([0.5e-4, 0.75e-4])
-    # warm-up over 8 steps: after steps 3 and 4 the lr is 4/8 and 5/8 of the NEW lr (0.5e-3 scaled by 2)
-    assert [r["lr"] for r in session.reports] == pytest.approx([0.5e-3, 0.625e-3])
+    # the first run (each report gives the lr its step ran at; PixArt's warm-up, step s at s / 8): 0 and 1/8
+    # of lr scaled linearly to the global batch, 1e-4 * 4 / 2
+    assert [r["lr"] for r in first_session.reports] == pytest.approx([0.0, 0.25e-4])
+    # warm-up over 8 steps: steps 3 and 4 ran at 2/8 and 3/8 of the NEW lr (0.5e-3 scaled by 2)
+    assert [r["lr"] for r in session.reports] == pytest.approx([0.25e-3, 0.375e-3])
     # torch's load_state_dict took every group's settings from the checkpoint; the config's win
     groups = (resumed.engine.lr_scheduler or resumed.engine).optimizer.param_groups
     assert {(g["weight_decay"], g["eps"]) for g in groups} == {(0.05, 1e-10)}

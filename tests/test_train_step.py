@@ -146,8 +146,9 @@ def test_ds_config_errors_name_the_numbers():
 
 
 def test_warmup_then_constant():
+    """PixArt-alpha's schedule (diffusers' get_constant_schedule_with_warmup): step s at s / warmup, from 0."""
     f = warmup_then_constant(4)
-    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [f(s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_then_constant(0)(0) == 1.0
 
 

@@ -11,7 +11,8 @@
   small-t noise the network must learn to predict.
 - AdamW from torch, handed to DeepSpeed: the same code runs on CPU (DS_ACCELERATOR=cpu, gloo), where
   DeepSpeed's fused Adam kernels do not exist, and on GPUs. The learning rate warms up linearly over
-  `train.warmup_steps`, then stays constant (PixArt-alpha's recipe: 1000 steps; DiT and DyDiT: none).
+  `train.warmup_steps` from 0 at the first step, then stays constant (PixArt-alpha's recipe: 1000
+  scheduler steps; DiT and DyDiT: none).
 - Gradient norm: clipped at `train.grad_clip` by DeepSpeed, or (DyDiT) the update skipped when it
   reaches `train.skip_grad_norm` (`skip_on_grad_norm`).
 - global batch = world size x micro-batch x gradient accumulation, checked against the actual world.
@@ -116,10 +117,12 @@ def zero3_unneeded(num_params: int, world_size: int, device_bytes: int, share: f
 
 
 def warmup_then_constant(warmup_steps: int):
-    """LR factor for optimizer step s (0-based): (s + 1) / warmup during warm-up, then 1."""
+    """LR factor for optimizer step s (0-based): s / warmup during warm-up, then 1. As PixArt-alpha's
+    (diffusers' `get_constant_schedule_with_warmup`, factor current_step / num_warmup_steps): its first
+    update runs at lr 0, which still moves Adam's moments."""
 
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
     return factor
 

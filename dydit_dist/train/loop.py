@@ -78,6 +78,7 @@ class Trainer:
         self._grad_scale = 1.0  # fp16: the loss scale the last step's gradients carried
         self._scaler = checkpoints.grad_scaler(self.engine)
         self._indices: list[list[int]] = []  # sample indices of the current step's micro-batches
+        self._lr = 0.0  # the lr the last step ran at (the engine's has moved on to the next step's when it ends)
 
         # 3. Data, continuing where the checkpoint left it
         d = cfg.data
@@ -113,6 +114,7 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches; the EMA follows. -> mean loss terms."""
         self._indices = []
+        self._lr = float(self.engine.get_lr()[0])  # DeepSpeed steps the scheduler with the optimizer
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
             for k, v in self.forward_backward_step(micro).items():
@@ -158,11 +160,12 @@ class Trainer:
         return last
 
     def step_metrics(self) -> dict:
-        """What the metrics window adds to the loss terms: learning rate, gradient norm, data counters."""
+        """What the metrics window adds to the loss terms: the learning rate the last step ran at, gradient
+        norm, data counters."""
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self._grad_norm
         if grad_norm is not None and self.cfg.deepspeed.zero_stage:  # fp16 under ZeRO: DeepSpeed's is scaled
             grad_norm = float(grad_norm) / self._grad_scale
-        metrics = dict(lr=float(self.engine.get_lr()[0]), grad_norm=None if grad_norm is None else float(grad_norm),
+        metrics = dict(lr=self._lr, grad_norm=None if grad_norm is None else float(grad_norm),
                        resumed_from=self.resumed_from, **self.stream.metrics())
         if self.cfg.model.method == "dydit":
             metrics["flops_target"] = self.cfg.model.dynamic.target_lambda
