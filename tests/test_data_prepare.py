@@ -1,6 +1,7 @@
 """The prepare job on a local Ray instance, into a local folder and an S3 bucket, and reading it back."""
 
 import io
+import json
 import os
 import time
 
@@ -249,3 +250,32 @@ def test_a_chunk_is_encoded_batch_by_batch_to_the_same_shard(image_source, tiny_
         assert names  # the latents: the same up to the batch's float order
         for name in names:
             np.testing.assert_allclose(np.load(io.BytesIO(x[name])), np.load(io.BytesIO(y[name])), rtol=1e-4, atol=1e-5)
+
+
+def test_an_input_encoded_to_a_non_finite_latent_is_a_bad_input(image_source, tiny_vae, tmp_path, monkeypatch):
+    """A latent that comes out NaN or inf (a float16 overflow) is not written, which the reader would refuse
+    with its whole shard: it is listed as an unusable input under its shard and left out of the counts."""
+    from dydit_dist.data import encoders, pipeline
+    from dydit_dist.shardset import unpack
+
+    encode = encoders.ImageEncoder.__call__
+
+    def overflowing(self, images, indices, flipped=False):
+        latents = encode(self, images, indices, flipped)
+        latents[1] = np.inf if flipped else latents[1]  # the second image's flipped latent overflows
+        return latents
+
+    monkeypatch.setattr(encoders.ImageEncoder, "__call__", overflowing)
+    uri = f"{tmp_path}/latents"
+    cfg = _dit(image_source, uri, tiny_vae, "data.flip=true")
+    settings, plan = pipeline.plan(cfg)
+    chunk = plan.chunks[0]
+    record = pipeline.ShardEncoder(cfg.to_dict(), settings).encode(chunk, uri)
+    nonfinite = [b for b in record["bad"] if "NaN or inf" in b["error"]]
+    assert len(nonfinite) == 1 and nonfinite[0]["error"] == ("latent_flip holding NaN or inf after encoding "
+                                                             "(data.latent_dtype=float16)")
+    samples = unpack(storage.read_bytes(shard_url(uri, chunk.index)), uri)
+    assert record["count"] == len(samples) and record["inputs"] == len(samples) + len(record["bad"])
+    assert nonfinite[0]["source"] not in [json.loads(s["json"])["source"] for s in samples]
+    assert sum(record["classes"].values()) == len(samples)  # the histogram counts what was written
+    assert all(np.isfinite(np.load(io.BytesIO(s[name]))).all() for s in samples for name in s if name.endswith(".npy"))

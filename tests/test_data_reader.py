@@ -289,6 +289,48 @@ def test_a_sample_of_another_shape_dtype_or_label_is_a_shard_error_naming_it(pix
     assert not set(range(14, 21)) & set(indices(batches))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_non_finite_sample_is_a_shard_error_naming_it(pixels, num_workers):
+    """A NaN or inf (e.g. a float16 overflow) in a latent would make every weight NaN under ZeRO-0: the
+    reader refuses it by shard and key, and on_error=skip passes over its shard."""
+    uri, x = pixels
+    good = [sample_files(f"{i:09d}", x[i], label=i % 10) for i in range(14, 21)]  # shard 2
+    for value in (np.nan, np.inf):
+        latent = x[16].copy()
+        latent[1, 2, 3] = value
+        _rewrite_shard(uri, 2, [sample_files("000000016", latent, label=6) if s["__key__"] == b"000000016" else s
+                                for s in good])
+        with pytest.raises(ShardError, match=f"corrupt shard {shard_url(uri, 2)}: sample '000000016': latent holding "
+                                             "NaN or inf, expected finite values"):
+            take(LatentStream(uri, batch_size=4, num_workers=num_workers), 30)
+    batches = take(LatentStream(uri, batch_size=4, num_workers=num_workers, on_error="skip", max_bad_fraction=0.2), 12)
+    assert not set(range(14, 21)) & set(indices(batches))
+    assert all(torch.isfinite(b["x"]).all() for b in batches)
+
+
+def test_a_non_finite_flipped_latent_or_t5_feature_is_a_shard_error(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4, 2, 2)).astype(np.float16)
+    uri = str(tmp_path / "flip")
+    write_dataset(uri, x, labels=np.arange(8), latent_flips=x[..., ::-1], shard_size=4, num_classes=8)
+    flip = x[5, ..., ::-1].copy()
+    flip[0, 0, 0] = np.inf
+    _rewrite_shard(uri, 1, [sample_files(f"{i:09d}", x[i], label=i, latent_flip=flip if i == 5 else x[i, ..., ::-1])
+                            for i in range(4, 8)])
+    with pytest.raises(ShardError, match=f"corrupt shard {shard_url(uri, 1)}: sample '000000005': latent_flip holding "
+                                         "NaN or inf"):
+        take(LatentStream(uri, batch_size=2, num_workers=0), 4)
+
+    masks = np.ones((2, 3), np.uint8)
+    t5 = [rng.standard_normal((3, 8)).astype(np.float16) for _ in range(2)]
+    uri = str(tmp_path / "captions")
+    write_dataset(uri, x[:2], t5=t5, t5_masks=masks, shard_size=2, text_encoder="t5")
+    t5[1][2, 7] = np.nan
+    _rewrite_shard(uri, 0, [sample_files(f"{i:09d}", x[i], t5=t5[i], t5_mask=masks[i]) for i in range(2)])
+    with pytest.raises(ShardError, match=r"sample '000000001': t5 holding NaN or inf, expected finite values"):
+        take(LatentStream(uri, batch_size=2, num_workers=0), 1)
+
+
 def test_a_sample_without_its_flipped_latent_or_t5_features_is_a_shard_error(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 4, 2, 2)).astype(np.float16)

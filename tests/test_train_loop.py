@@ -338,3 +338,47 @@ def test_flexdit_draws_a_rank_interval_only_with_a_grid_per_interval(one_rank, t
                    f"model.flexdit.num_intervals={intervals}")
         random_dataset(f"{root}/data", cfg, num_samples=16)
         assert Trainer(cfg, LocalSession(str(tmp_path / str(intervals)))).t_range == expected
+
+
+def _non_finite_first_step(monkeypatch):
+    """NaN inputs in the first micro-batch only: step 1's loss and gradient are NaN, step 2's finite."""
+    from dydit_dist.train import loop
+
+    draw, calls = loop.draw_inputs, []
+
+    def poisoned(*args, **kwargs):
+        inputs = draw(*args, **kwargs)
+        if not calls:
+            inputs["x0"] = torch.full_like(inputs["x0"], float("nan"))
+        calls.append(1)
+        return inputs
+
+    monkeypatch.setattr(loop, "draw_inputs", poisoned)
+
+
+@pytest.mark.parametrize("rule", ["skip", "official"])
+def test_a_non_finite_gradient_norm_is_skipped_not_taken_nor_repeated(one_rank, tmp_path, monkeypatch, rule):
+    """Under ZeRO-0 nothing else stops a NaN gradient: DyDiT's skip rule skips it (NaN >= threshold is false),
+    the stage-1 rule neither takes nor repeats it; the weights stay finite and the report counts the skip."""
+    _non_finite_first_step(monkeypatch)
+    root = _root()
+    cfg = _cfg(root, "deepspeed.zero_stage=0", "train.max_steps=2", "train.grad_clip=null",
+               "train.skip_grad_norm=1e12", f"train.stage1_update={rule}")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    trainer, session = _run(cfg, tmp_path)
+    adamw = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+    assert (adamw.skipped_steps, adamw.repeated_steps) == (1, 1 if rule == "official" else 0)  # step 2 repeated
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+    assert [r["train/skipped_steps"] for r in session.reports] == [1, 1]
+
+
+def test_steps_deepspeed_skips_are_reported(one_rank, tmp_path, monkeypatch):
+    """ZeRO-2 drops a step whose gradient holds NaN (on every rank): train/skipped_steps says so."""
+    _non_finite_first_step(monkeypatch)
+    root = _root()
+    cfg = _cfg(root, "deepspeed.zero_stage=2", "train.max_steps=3", "model.method=static")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    trainer, session = _run(cfg, tmp_path)
+    assert trainer.engine.skipped_steps == 1
+    assert [r["train/skipped_steps"] for r in session.reports] == [1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())

@@ -52,7 +52,7 @@ from dydit_dist.data.manifest import (
     conditioning,
     expected_latent_shape,
 )
-from dydit_dist.data.shards import DataError, sample_files
+from dydit_dist.data.shards import DataError, nonfinite, sample_files
 from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import (
     PeriodicWriter,
@@ -170,7 +170,7 @@ class ShardEncoder:
         `data.encode_batch_size` batch ahead of the encoder, not a whole chunk (1,000 images at 512 px are
         0.8 GB decoded)."""
         cond, num_classes = self.settings["conditioning"], self.cfg.model.num_classes
-        batch, bad, samples, labels = [], [], [], []
+        batch, bad, samples = [], [], []
         for item, data, error in sources.iter_chunk(chunk, cond):
             image = None
             if error is None and cond == "class" and not 0 <= item.label < num_classes:
@@ -185,33 +185,42 @@ class ShardEncoder:
                 bad.append({"source": item.url, "error": error})
                 continue
             batch.append((item, image))
-            labels.append(item.label)
             if len(batch) == self.cfg.data.encode_batch_size:
-                samples += self._encode_batch(batch)
+                samples += self._encode_batch(batch, bad)
                 batch = []
         if batch:
-            samples += self._encode_batch(batch)
+            samples += self._encode_batch(batch, bad)
         record = write_shard(uri, chunk.index, pack(samples), len(samples))
         record.update(bad=bad, inputs=len(samples) + len(bad), settings_sha256=settings_digest(self.settings))
         if cond == "class":
-            values, counts = np.unique(labels, return_counts=True)
+            values, counts = np.unique([int(s["cls"]) for s in samples], return_counts=True)
             record["classes"] = {str(label): int(count) for label, count in zip(values, counts, strict=True)}
         write_marker(uri, record)  # a driver killed before its next manifest write loses no finished shard
         return record
 
-    def _encode_batch(self, batch: list) -> list[dict]:
-        """The shard files of a batch of (item, decoded image)."""
+    def _encode_batch(self, batch: list, bad: list) -> list[dict]:
+        """The shard files of a batch of (item, decoded image); an input whose latent or T5 features came out
+        NaN or inf (a float16 overflow) is added to `bad` instead, as an unusable input: the reader refuses it."""
         images = np.stack([image for _, image in batch])  # (B, H, W, C) uint8
         seeds = [_seed_of(item.key) for item, _ in batch]
         latents = self.images(images, seeds)
         flipped = self.images(images[:, :, ::-1], seeds, flipped=True) if self.cfg.data.flip else None
         t5, masks = self.text([item.caption for item, _ in batch]) if self.text else (None, None)
-        return [sample_files(
-            item.key, latents[j], label=item.label,
-            latent_flip=None if flipped is None else flipped[j],
-            t5=None if t5 is None else t5[j], t5_mask=None if masks is None else masks[j],
-            meta={"source": item.url, **({"caption": item.caption} if item.caption is not None else {})},
-        ) for j, (item, _) in enumerate(batch)]
+        samples = []
+        for j, (item, _) in enumerate(batch):
+            broken = nonfinite(latent=latents[j], latent_flip=None if flipped is None else flipped[j],
+                               t5=None if t5 is None else t5[j])
+            if broken:
+                bad.append({"source": item.url, "error": f"{' and '.join(broken)} holding NaN or inf after encoding "
+                                                         f"(data.latent_dtype={self.cfg.data.latent_dtype})"})
+                continue
+            samples.append(sample_files(
+                item.key, latents[j], label=item.label,
+                latent_flip=None if flipped is None else flipped[j],
+                t5=None if t5 is None else t5[j], t5_mask=None if masks is None else masks[j],
+                meta={"source": item.url, **({"caption": item.caption} if item.caption is not None else {})},
+            ))
+        return samples
 
 
 def _concurrency(cfg: Config, num_chunks: int) -> int:

@@ -113,10 +113,17 @@ def decode_sample(files: dict[str, bytes], url: str) -> Decoded:
 
 
 
+def nonfinite(**arrays: np.ndarray | None) -> list[str]:
+    """The names of `arrays` holding NaN or inf (None: absent, passed)."""
+    return [name for name, array in arrays.items() if array is not None and not np.isfinite(array).all()]
+
+
 def check_sample(sample: Decoded, settings: dict, url: str, key: str) -> None:
     """ShardError naming the shard and the sample when `sample` is not what the manifest's `settings`
     describe: the latent's shape and dtype (`stored_shape`, `latent_dtype`; the flipped one too with `flip`),
-    the class label for class conditioning (in [0, num_classes)), the T5 features and mask for captions.
+    the class label for class conditioning (in [0, num_classes)), the T5 features and mask for captions,
+    and finite latents and T5 features (one NaN or inf, e.g. a float16 overflow, would make every weight NaN
+    under ZeRO-0, or have ZeRO-1/2 drop each step it is in).
     A sample that fails here would otherwise fail as a stacking error with no name, or train silently on
     arrays of another shape; as a ShardError, `data.on_error=skip` can skip its shard."""
     problems = []
@@ -145,5 +152,9 @@ def check_sample(sample: Decoded, settings: dict, url: str, key: str) -> None:
         elif sample.t5.ndim != 2 or sample.t5.shape[1] != width or sample.t5.shape[0] != int(sample.t5_mask.sum()):
             problems.append(f"T5 features of shape {list(sample.t5.shape)}, expected [{int(sample.t5_mask.sum())}, "
                             f"{width}] (the mask's tokens x text_dim)")
+    broken = nonfinite(latent=sample.latent, latent_flip=sample.latent_flip if settings["flip"] else None,
+                       t5=sample.t5)
+    if broken:
+        problems.append(f"{' and '.join(broken)} holding NaN or inf, expected finite values")
     if problems:
         raise ShardError(f"corrupt shard {url}: sample {key!r}: {'; '.join(problems)}")

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import types
@@ -177,10 +178,12 @@ def initialize(objective: nn.Module, cfg, world_size: int):
 def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partitioned: bool,
                       repeat: Callable[[], bool] | None = None) -> None:
     """DyDiT's rule (`train_without_completemodel.py`): an optimizer step whose global gradient norm is
-    `threshold` or more is skipped (parameters and Adam moments unchanged; the EMA still updates). While
+    `threshold` or more, or not finite, is skipped (parameters and Adam moments unchanged; the EMA still
+    updates: a NaN norm compares false with any threshold, and its update would make every weight NaN). While
     `repeat()` is true, DyDiT's stage-1 rule instead (`train.py:284-287`): a step with the gradient
-    whatever its norm, then a second step with the same gradient when the norm is below `threshold`
-    (two Adam updates; the official clipping that follows the first step changes no gradient it repeats).
+    whatever its finite norm, then a second step with the same gradient when the norm is below `threshold`
+    (two Adam updates; the official clipping that follows the first step changes no gradient it repeats);
+    a non-finite norm is skipped there too, never repeated.
 
     Wraps `optimizer.step` before DeepSpeed sees the optimizer. Under ZeRO-1/2 DeepSpeed calls it with
     this rank's partition of the averaged gradients in the optimizer's parameters, so the squared norms
@@ -197,6 +200,10 @@ def skip_on_grad_norm(optimizer: torch.optim.Optimizer, threshold: float, partit
             squared = collective_ready(squared)
             torch.distributed.all_reduce(squared)
         norm = float(squared.sqrt())
+        if not math.isfinite(norm):
+            self.skipped_steps += 1
+            log.warning("gradient norm %s: update skipped (a NaN or inf in the loss, the data or the weights)", norm)
+            return None
         if repeat is not None and repeat():
             out = step(*args, **kwargs)
             if norm < threshold:

@@ -161,15 +161,24 @@ class Trainer:
 
     def step_metrics(self) -> dict:
         """What the metrics window adds to the loss terms: the learning rate the last step ran at, gradient
-        norm, data counters."""
+        norm, the steps not applied (`train/skipped_steps`), data counters."""
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self._grad_norm
         if grad_norm is not None and self.cfg.deepspeed.zero_stage:  # fp16 under ZeRO: DeepSpeed's is scaled
             grad_norm = float(grad_norm) / self._grad_scale
         metrics = dict(lr=self._lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                       resumed_from=self.resumed_from, **self.stream.metrics())
+                       resumed_from=self.resumed_from, **{"train/skipped_steps": self.skipped_steps()},
+                       **self.stream.metrics())
         if self.cfg.model.method == "dydit":
             metrics["flops_target"] = self.cfg.model.dynamic.target_lambda
         return metrics
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps whose update was not applied, the same on every rank: DeepSpeed's (a gradient
+        with NaN or inf under ZeRO-1/2 or an fp16 loss-scale overflow; `engine.skipped_steps`, kept in its
+        checkpoints) and `skip_on_grad_norm`'s (train.skip_grad_norm, or a non-finite norm; since this
+        worker started)."""
+        adamw = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
+        return int(self.engine.skipped_steps) + int(getattr(adamw, "skipped_steps", 0))
 
     def checkpoint(self, metrics: dict) -> None:
         """Every rank writes its part locally and hands it to the session, which uploads it (in the
