@@ -99,7 +99,9 @@ class DataConfig:
     shuffle_buffer: int = bounded(1000, "[0, inf)")
     num_workers: int = bounded(2, "[0, inf)")  # reader: DataLoader worker processes per rank
     on_error: Literal["raise", "skip"] = "raise"  # reader: a corrupt or missing shard
-    max_bad_fraction: float = bounded(0.01, "[0, 1]")  # prepare: more unusable inputs than this fraction is an error
+    # prepare: more unusable inputs than this fraction is an error; reader with on_error=skip: so is one reader
+    # skipping more than this fraction of the data set's samples in an epoch (reader.py)
+    max_bad_fraction: float = bounded(0.01, "[0, 1]")
 
 
 @dataclass
