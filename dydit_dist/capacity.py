@@ -151,7 +151,7 @@ class ActorPool:
     actors `worker_cls(*args)` of `need`'s CPUs and GPUs each (`options`: more `ray.remote` options). A lost
     one is replaced (`replace`), `max_failures` times in all. One placed on a node and still in its
     `__init__` `stall_factor` x the median load of the pool's started actors (at least
-    `faults.STALL_FLOOR_S`) is stuck: it is killed, and its calls fail as a lost actor's."""
+    `faults.STALL_LOAD_FLOOR_S`) is stuck: it is killed, and its calls fail as a lost actor's."""
 
     def __init__(self, worker_cls: type, args: tuple, need: Need, use_gpu: bool, timeout_s: float,
                  max_failures: int, noun: str, stall_factor: float = 0.0, **options):
@@ -229,15 +229,16 @@ class ActorPool:
             if ray.wait([s.ref], timeout=0)[0]:  # started: how long its load took (to this check)
                 self.load_seconds_seen.append(now - (s.placed_at or s.asked))
                 continue
-            where = placed(s.actor)
+            where = placed(s.actor) if s.placed_at is None else True  # once placed, a table hiccup changes nothing
             if where and s.placed_at is None:
                 s.placed_at = now
             if where:  # placed, loading on its node (its __init__: a network, T5-XXL): until it is stuck
-                limit = faults.stall_limit(self.stall_factor, self.load_seconds_seen, min_finished=1)
+                limit = faults.stall_limit(self.stall_factor, self.load_seconds_seen, min_finished=1,
+                                           floor_s=faults.STALL_LOAD_FLOOR_S)
                 if limit is not None and now - s.placed_at > limit:
                     log.warning("a %s has been loading on its node for %.0f s, more than %.0f s (ray.stall_factor x "
                                 "the median load of the others, at least %g s): stuck, killed, and replaced as a "
-                                "lost one", self.noun, now - s.placed_at, limit, faults.STALL_FLOOR_S)
+                                "lost one", self.noun, now - s.placed_at, limit, faults.STALL_LOAD_FLOOR_S)
                     ray.kill(s.actor, no_restart=True)  # its calls fail; the caller replaces it
                     continue
             elif now - s.asked > self.timeout_s:

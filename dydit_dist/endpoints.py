@@ -7,7 +7,8 @@ Failures on S3 are bounded and retried in one place, `retry`:
   also has connect and read timeouts of half of it, so one hung connection leaves time for a retry;
 - transient errors (throttling, 5xx, timeouts, a dropped connection, a body cut short: `s3_errors.is_transient`)
   are retried `storage.retries` times with exponential backoff, each retry logged; botocore and s3fs
-  make one attempt each, so the layers do not multiply;
+  make one attempt each, so the layers do not multiply (but in `storage.upload`, whose multipart requests
+  botocore retries too: one throttled part is then sent again alone);
 - PUTs are sent without `Expect: 100-continue` (aiohttp waits for the `100 Continue` with no timeout,
   so a stalled endpoint would hang a write forever);
 - an unreachable endpoint, a missing bucket or denied access raises `StorageError` (an OSError) with
@@ -174,7 +175,7 @@ def _bounded_s3_class():
 
 
 def __getattr__(name: str):
-    """`storage.BoundedS3FileSystem`, made on first use (s3fs is imported only where S3 is used); this is
+    """`endpoints.BoundedS3FileSystem`, made on first use (s3fs is imported only where S3 is used); this is
     how an unpickling process finds the class."""
     if name == "BoundedS3FileSystem":
         return _bounded_s3_class()

@@ -13,7 +13,8 @@ queue, and once `STALL_MIN_FINISHED` have finished, a call running `ray.stall_fa
 at least `STALL_FLOOR_S`) is stalled: `capacity.ActorPool.wait` raises `Stalled`, and the job replaces the
 actor and requeues its work as for a lost one. An actor stuck in its `__init__` (a hung CUDA init, a wedged
 download) is found the same way, against how long the pool's other actors took to load, from when it was
-placed on a node (`capacity.ActorPool`; one load finished is enough, since the first ones load at once).
+placed on a node, and never before `STALL_LOAD_FLOOR_S` (`capacity.ActorPool`; one load finished is enough,
+since the first ones load at once).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import torch
 log = logging.getLogger(__name__)
 STALL_FLOOR_S = 300.0  # a call is never taken for stalled sooner than this
 STALL_MIN_FINISHED = 3  # finished calls before any is taken for stalled (their median sets the limit)
+# an actor's start is never taken for stuck sooner than this: a node with a cold cache may copy T5-XXL or a
+# checkpoint for many minutes while another, warm, loads in seconds
+STALL_LOAD_FLOOR_S = 1800.0
 _OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")  # CUDA / cuBLAS / cuDNN allocation failures outside torch's allocator
 _CUDA_ERRORS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error")
 
@@ -109,9 +113,11 @@ class StallWatch:
         return Stalled(ref, now - since, limit) if now - since > limit else None
 
 
-def stall_limit(factor: float, durations: list[float], min_finished: int = STALL_MIN_FINISHED) -> float | None:
+def stall_limit(factor: float, durations: list[float], min_finished: int = STALL_MIN_FINISHED,
+                floor_s: float | None = None) -> float | None:
     """How long work like `durations` (the finished ones) may run before it counts as stuck: `factor` x their
-    median, at least STALL_FLOOR_S; None (no limit) with `factor` 0 or fewer than `min_finished` finished."""
+    median, at least `floor_s` (STALL_FLOOR_S); None (no limit) with `factor` 0 or fewer than `min_finished`
+    finished."""
     if not factor or len(durations) < max(min_finished, 1):
         return None
-    return max(factor * statistics.median(durations), STALL_FLOOR_S)
+    return max(factor * statistics.median(durations), STALL_FLOOR_S if floor_s is None else floor_s)

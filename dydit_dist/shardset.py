@@ -460,9 +460,23 @@ class PeriodicWriter:
 
 def stored_sizes(uri: str, records: list[dict]) -> list[int | None]:
     """The stored size of each recorded shard (None: missing), from one listing of the folder (on S3 a
-    request per 1,000 objects, not a HEAD per shard)."""
-    sizes = {posixpath.basename(e["name"]): e["size"] for e in storage.entries(uri) if e["type"] == "file"}
+    request per 1,000 objects, not a HEAD per shard); where listing is denied (a read-only data bucket that
+    grants GetObject only), one HEAD per shard, 32 at a time."""
+    try:
+        sizes = {posixpath.basename(e["name"]): e["size"] for e in storage.entries(uri) if e["type"] == "file"}
+    except storage.StorageError as err:
+        if not isinstance(err.__cause__, PermissionError):
+            raise
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            return list(pool.map(lambda record: _stored_size(storage.join(uri, record["name"])), records))
     return [sizes.get(record["name"]) for record in records]
+
+
+def _stored_size(url: str) -> int | None:
+    try:
+        return storage.size(url)
+    except FileNotFoundError:
+        return None
 
 
 def unverified(uri: str, records: list[dict]) -> list[str]:

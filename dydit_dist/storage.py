@@ -88,8 +88,9 @@ def listdir(url: str) -> list[str]:
 
 
 def entries(url: str) -> list[dict]:
-    """What is directly under a folder URL, as fsspec describes it (`name`: the URL, `type`: "file" or
-    "directory", `size`), sorted by name; empty when it does not exist."""
+    """What is directly under a folder URL, as fsspec describes it (`name`: the URL, `type`: "file",
+    "directory", or locally "other" for a special file, `size`), sorted by name; empty when it does not
+    exist. On S3 a zero-byte folder marker object (`folder/`) may be listed as a "file"."""
     fs, path = filesystem(url)
     if not exists(url):
         return []
@@ -194,8 +195,9 @@ def _place_local(path: str, data: bytes | None, place: Callable[[str, str], None
             os.fsync(f.fileno())
         place(tmp, path)
         handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(handle)
+        try:  # best effort: some file systems refuse to sync a folder (EINVAL), and the file is in place
+            with contextlib.suppress(OSError):
+                os.fsync(handle)
         finally:
             os.close(handle)
     finally:
@@ -289,7 +291,8 @@ def remove(url: str) -> None:
 
     def rm(left: float) -> None:
         start = time.monotonic()
-        timed(fs, "rm", path, True)(left)
+        with contextlib.suppress(FileNotFoundError):  # removed by an attempt whose check below then failed
+            timed(fs, "rm", path, True)(left)
         if protocol(url) == "s3":
             kept = timed(fs, "find", path)(left - (time.monotonic() - start))
             if kept:  # errno EBUSY, as s3fs gives throttling: transient, so removed again

@@ -293,7 +293,7 @@ def test_an_actor_stuck_in_its_start_is_killed_once_the_others_have_loaded(ray_l
             return "done"
 
     monkeypatch.setattr(capacity, "POLL_S", 0.2)
-    monkeypatch.setattr(faults, "STALL_FLOOR_S", 2.0)
+    monkeypatch.setattr(faults, "STALL_LOAD_FLOOR_S", 2.0)
     pool = capacity.ActorPool(HangsOnce, (flag,), Need("test actors", 2, cpus=0.5), False, 60.0, 1, "test actor", 3.0)
     try:
         start = time.monotonic()

@@ -191,3 +191,19 @@ def test_a_running_job_rewrites_its_manifest_at_most_a_small_share_of_its_time()
         writer()
         time.sleep(0.001)
     assert manifest.writes == 1
+
+
+def test_stored_sizes_fall_back_to_one_request_per_shard_where_listing_is_denied(tmp_path, monkeypatch):
+    """A data bucket that grants GetObject but not ListBucket: the sizes come from a HEAD per shard."""
+    from dydit_dist.shardset import stored_sizes
+
+    url = str(tmp_path / "samples")
+    records = _finished_folder(url).records()
+    os.remove(tmp_path / "samples" / "shard-000001.tar")
+
+    def denied(url: str):
+        raise storage.StorageError(f"listing {url} failed: PermissionError: Access Denied") from PermissionError("denied")
+
+    monkeypatch.setattr(storage, "entries", denied)
+    sizes = stored_sizes(url, records)
+    assert sizes[1] is None and sizes[0] == records[0]["bytes"] and sizes[2] == records[2]["bytes"]

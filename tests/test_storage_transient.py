@@ -97,6 +97,7 @@ class Fault:
     exact: bool = False  # the path is `path` itself (a bucket's HEAD: its objects' paths start with it)
     after: bool = False  # the request reaches the server (a PUT lands), then the client gets the error
     body: bytes | None = None  # answered 200 with this body, the request not forwarded
+    skip: int = 0  # the first `skip` matching requests pass
 
 
 class FaultyProxy:
@@ -174,6 +175,9 @@ class FaultyProxy:
             for fault in self.faults:
                 if fault.times > 0 and fault.method == method and (
                         path == fault.path if fault.exact else fault.path in path):
+                    if fault.skip:
+                        fault.skip -= 1
+                        continue
                     fault.times -= 1
                     return fault
         return None
@@ -459,3 +463,15 @@ def test_a_throttled_part_of_a_multipart_upload_is_sent_again_alone(proxy, tmp_p
     assert storage.read_bytes(f"{bucket}/ck/rank-00000.pt") == local.read_bytes()
     parts = [p for m, p, _ in faulty.requests if m == "PUT" and "partNumber=" in p]
     assert len(parts) == 4, parts  # parts 1 and 3 once, part 2 twice
+
+
+@pytest.mark.integration
+def test_a_remove_whose_check_listing_was_throttled_is_done_not_missing(proxy):
+    """The listing after the delete throttled: the retry found nothing left to delete and raised
+    FileNotFoundError for what it had just removed."""
+    bucket, faulty = proxy
+    storage.write_bytes(f"{bucket}/runs/r/report.md", b"# old")
+    # exists' HEAD, then the delete's own listing and HEAD; the check after the delete is the third HEAD
+    faulty.faults.append(Fault("HEAD", "/runs/r/report.md", skip=2))
+    storage.remove(f"{bucket}/runs/r/report.md")
+    assert not storage.exists(f"{bucket}/runs/r/report.md") and faulty.faults[-1].times == 0
