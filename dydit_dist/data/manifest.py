@@ -165,7 +165,7 @@ def verify_manifest(uri: str, model_cfg, data_cfg) -> Manifest:
 
 
 def check_shards(uri: str, manifest: Manifest, shown: int = 10) -> None:
-    """Every shard of the manifest is stored at its recorded size (`bytes`; parallel HEAD requests, no
+    """Every shard of the manifest is stored at its recorded size (`bytes`; one listing of the folder, no
     download): ManifestError naming each missing or truncated shard (the first `shown` of them) before
     a worker would find it in the middle of training."""
     records = manifest.records()
