@@ -382,3 +382,30 @@ def test_steps_deepspeed_skips_are_reported(one_rank, tmp_path, monkeypatch):
     assert trainer.engine.skipped_steps == 1
     assert [r["train/skipped_steps"] for r in session.reports] == [1, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+
+
+def test_a_loss_that_stays_non_finite_stops_the_run_before_nan_weights_are_checkpointed(one_rank, tmp_path, monkeypatch):
+    """ZeRO-0 without a skip rule takes a NaN gradient: the weights and the EMA became NaN, and the run went on
+    to the end, checkpointed and published them, and exited 0. A non-finite window is reported, not
+    checkpointed; DIVERGED_WINDOWS of them in a row raise Diverged, an input error (not retried)."""
+    from dydit_dist.train import loop
+    from dydit_dist.train.worker import NOT_RETRIED
+
+    draw = loop.draw_inputs
+
+    def poisoned(*args, **kwargs):
+        inputs = draw(*args, **kwargs)
+        inputs["x0"] = torch.full_like(inputs["x0"], float("nan"))
+        return inputs
+
+    monkeypatch.setattr(loop, "draw_inputs", poisoned)
+    root = _root()
+    cfg = _cfg(root, "deepspeed.zero_stage=0", "train.max_steps=8", "model.method=static")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    session = LocalSession(str(tmp_path))
+    with pytest.raises(loop.Diverged, match=r"training diverged: the loss was NaN or infinite for 3 metrics window\(s\) "
+                                            r"in a row, up to step 3 .*lower train.lr"):
+        Trainer(cfg, session).train()
+    assert issubclass(loop.Diverged, NOT_RETRIED)
+    assert len(session.reports) == 2 and session.checkpoints() == []  # step 2's checkpoint: reported only
+    assert not storage.find(f"{root}/runs/{cfg.storage.run}/checkpoints")

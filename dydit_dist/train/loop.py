@@ -10,13 +10,17 @@ closed (`train.metrics.MetricsWindow`) and, when the session takes reports that 
 every `checkpoint_every` steps and at the last step a checkpoint is reported and the EMA weights
 exported (`train.checkpoints`), both uploaded while training goes on (`train.async_checkpoint`). Every
 rank reports at the same steps. A resumed run first exports the EMA of its checkpoint when the export
-of that step was lost (the worker died between the commit and the export's write).
+of that step was lost (the worker died between the commit and the export's write). A window whose loss
+(all-reduced: every rank decides alike) is not finite is reported but not checkpointed, and
+`DIVERGED_WINDOWS` of them in a row stop the run (`Diverged`): the weights are NaN or about to be, and a
+restart from the last checkpoint would meet the same steps again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 
 import torch
@@ -37,6 +41,11 @@ from dydit_dist.train.state import TrainerState
 from dydit_dist.train.step import DiffusionObjective, draw_inputs, step_generator
 
 log = logging.getLogger(__name__)
+DIVERGED_WINDOWS = 3  # metrics windows in a row whose loss is not finite stop the run
+
+
+class Diverged(config_lib.ConfigError):
+    """The loss stayed NaN or infinite (`DIVERGED_WINDOWS` windows): not retried, the job says how to go on."""
 
 
 class Trainer:
@@ -92,6 +101,7 @@ class Trainer:
         self.tensorboard = TensorBoardLog(self.paths.tensorboard, enabled=self.rank == 0)
         self.exports = checkpoints.Background("ema-export")  # rank 0 writes the EMA weights here
         self._unpublished: int | None = None  # rank 0: the step of an export the pointer does not name yet
+        self._diverging = 0  # metrics windows in a row whose loss was not finite
 
     # ------------------------------------------------------------------ one step
 
@@ -144,10 +154,14 @@ class Trainer:
             if not (window.due(step) or checkpoint_now):
                 continue
             last, report_due = window.close(step, self.step_metrics())
-            if checkpoint_now:
+            finite = math.isfinite(last["loss"])  # all-reduced: every rank decides alike
+            self._diverging = 0 if finite else self._diverging + 1
+            if not finite:
+                self._check_divergence(step, t)
+            if checkpoint_now and finite:  # the weights of a non-finite window may be NaN: only reported
                 self.checkpoint(last)
                 window.restart()  # the checkpoint is not part of throughput
-            elif report_due:
+            elif report_due or checkpoint_now:
                 self.session.report(last)
             else:
                 continue
@@ -158,6 +172,16 @@ class Trainer:
         self.exports.close()
         self.tensorboard.close()
         return last
+
+    def _check_divergence(self, step: int, t) -> None:
+        """A window whose loss is not finite; the `DIVERGED_WINDOWS`-th in a row raises `Diverged`."""
+        log.warning("rank %d: the loss of the steps up to %d is not finite (%d of %d windows in a row before the run "
+                    "stops); this window is not checkpointed", self.rank, step, self._diverging, DIVERGED_WINDOWS)
+        if self._diverging >= DIVERGED_WINDOWS or step >= t.max_steps:  # nor ends a run on NaN weights
+            raise Diverged(f"training diverged: the loss was NaN or infinite for {self._diverging} metrics window(s) in a "
+                           f"row, up to step {step} (the data are checked finite, so the weights or the numerics "
+                           f"are); lower train.lr ({t.lr:g}), set train.grad_clip or train.skip_grad_norm, or use "
+                           "train.precision=bf16; the checkpoints before it are kept")
 
     def step_metrics(self) -> dict:
         """What the metrics window adds to the loss terms: the learning rate the last step ran at, gradient
