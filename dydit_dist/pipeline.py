@@ -321,7 +321,8 @@ def reproduce(cfg: Config) -> str:
     report = RunPaths(cfg).report
     if storage.exists(report):
         storage.remove(report)
-        print(f"[reproduce] {report}: an earlier run's, removed; written again once every stage is done", flush=True)
+        print(f"reproduce: {report}, an earlier run's report, removed; written again once every stage is done",
+              flush=True)
     # 1. Data (or the caption reference, for a comparison that trains nothing)
     if needs_data(cfg):
         cfg = prepare_stage(cfg)
