@@ -25,6 +25,24 @@ from dydit_dist.train.ray_session import FaultySession
 from jobs import finetune
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_of_its_own(ray_local):
+    """These Ray Train runs start in a Ray instance of their own, left running for the session's later tests.
+    In the suite's shared instance, after some 40 other jobs, the first run's TrainController was seen to
+    wait forever before it created its worker group (twice, at the same test; not with this module alone):
+    a defect of the shared test instance still unexplained, recorded in the session notes."""
+    import atexit
+    import shutil
+    import tempfile
+
+    ray_local.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
+    ray_local.init(address="local", num_cpus=2, _temp_dir=temp_dir, include_dashboard=False,
+                   object_store_memory=256 * 2**20)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def fast_controller_polls():
     """Ray Train's controller collects reports (and commits checkpoints) at its health-check interval."""
