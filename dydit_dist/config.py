@@ -228,7 +228,8 @@ class RayConfig:
     capacity_timeout_s: float = bounded(900.0, "(0, inf)")  # how long a job waits for its workers / actors (`capacity`)
     # a sampling or evaluation actor whose call runs this many times the median finished call (at least 5 min)
     # is taken for stuck (a hung kernel): killed and replaced, its work requeued (0: never; `faults.StallWatch`);
-    # so is one still loading on its node this many times the median load of the pool's others (at least 30 min)
+    # so is one still loading on its node this many times the median load of the pool's others (at least 30 min),
+    # and a prepare task running this many times the median finished one (at least 30 min: it may load the encoders)
     stall_factor: float = bounded(10.0, "[0, inf)")
     # training: a collective (NCCL / gloo) waiting longer ends its worker (a hung or dead rank), and Ray Train
     # restarts the group from the last checkpoint (Ray's default; a recurring hang costs this per restart)

@@ -14,7 +14,8 @@ at least `STALL_FLOOR_S`) is stalled: `capacity.ActorPool.wait` raises `Stalled`
 actor and requeues its work as for a lost one. An actor stuck in its `__init__` (a hung CUDA init, a wedged
 download) is found the same way, against how long the pool's other actors took to load, from when it was
 placed on a node, and never before `STALL_LOAD_FLOOR_S` (`capacity.ActorPool`; one load finished is enough,
-since the first ones load at once).
+since the first ones load at once). The prepare job's encoder tasks are watched alike, with that floor, as a
+worker process's first task loads the encoders (`data.pipeline`): a stuck one is killed and tried again.
 """
 
 from __future__ import annotations
@@ -70,20 +71,20 @@ def on_device_error(err: BaseException, where: str, advice: str, input_error: ty
 class Stalled(Exception):
     """A work call on a pool's actor that has run far longer than the finished ones (`StallWatch`)."""
 
-    def __init__(self, ref, seconds: float, limit: float):
+    def __init__(self, ref, seconds: float, limit: float, floor_s: float = STALL_FLOOR_S, what: str = "call"):
         self.ref = ref
-        super().__init__(f"a call stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor x "
-                         f"the median finished call, at least {STALL_FLOOR_S:g} s)")
+        super().__init__(f"a {what} stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor "
+                         f"x the median finished {what}, at least {floor_s:g} s)")
 
 
 class StallWatch:
-    """The running work calls on a pool's actors and how long the finished ones took (see the module
-    docstring); `factor` 0 never stalls. A call's clock starts when it is `start`ed (at the head of its
+    """The running work calls on a pool's actors (or tasks: `actor` None) and how long the finished ones took
+    (see the module docstring); `factor` 0 never stalls, `floor_s` is the least limit. A call's clock starts when it is `start`ed (at the head of its
     actor's queue: a call queued behind another is started when that one finishes) and runs only while
     its actor is ready: `stalled(starting)` restarts the clocks of the actors still being placed or loading."""
 
-    def __init__(self, factor: float):
-        self.factor = factor
+    def __init__(self, factor: float, floor_s: float = STALL_FLOOR_S, what: str = "call"):
+        self.factor, self.floor_s, self.what = factor, floor_s, what
         self.started: dict = {}  # ObjectRef -> (actor, time.monotonic() its clock started)
         self.durations: list[float] = []
 
@@ -106,11 +107,11 @@ class StallWatch:
         for ref, (actor, _) in list(self.started.items()):
             if actor in starting:
                 self.started[ref] = (actor, now)
-        limit = stall_limit(self.factor, self.durations)
+        limit = stall_limit(self.factor, self.durations, floor_s=self.floor_s)
         if limit is None or not self.started:
             return None
         ref, (_, since) = min(self.started.items(), key=lambda item: item[1][1])
-        return Stalled(ref, now - since, limit) if now - since > limit else None
+        return Stalled(ref, now - since, limit, self.floor_s, self.what) if now - since > limit else None
 
 
 def stall_limit(factor: float, durations: list[float], min_finished: int = STALL_MIN_FINISHED,

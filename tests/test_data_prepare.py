@@ -1,8 +1,10 @@
 """The prepare job on a local Ray instance, into a local folder and an S3 bucket, and reading it back."""
 
+import contextlib
 import io
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -279,3 +281,90 @@ def test_an_input_encoded_to_a_non_finite_latent_is_a_bad_input(image_source, ti
     assert nonfinite[0]["source"] not in [json.loads(s["json"])["source"] for s in samples]
     assert sum(record["classes"].values()) == len(samples)  # the histogram counts what was written
     assert all(np.isfinite(np.load(io.BytesIO(s[name]))).all() for s in samples for name in s if name.endswith(".npy"))
+
+
+
+def _stuck_on_a_fifo() -> set[int]:
+    """The Ray worker processes waiting to open a FIFO (no writer): the tasks stuck on `_hanging_source`."""
+    stuck = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if (open(f"/proc/{pid}/wchan").read() == "wait_for_partner"
+                    and b"ray::" in open(f"/proc/{pid}/cmdline", "rb").read()):
+                stuck.add(int(pid))
+    return stuck
+
+
+def _gone(pids: set[int], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def _hanging_source(tmp_path):
+    """An image folder one of whose images is a FIFO nobody writes: opening it hangs, as a read from a stale
+    NFS or FUSE mount does."""
+    from conftest import write_images
+
+    root = tmp_path / "src"
+    write_images(root)
+    fifo = root / "class_1" / "img_99.png"
+    os.mkfifo(fifo)
+    return root, fifo
+
+
+def _stall_quickly(monkeypatch):
+    from dydit_dist import capacity, faults
+
+    monkeypatch.setattr(faults, "STALL_LOAD_FLOOR_S", 3.0)
+    monkeypatch.setattr(capacity, "POLL_S", 0.5)
+
+
+def _hanging_cfg(root, uri, tiny_vae):
+    return _cfg("debug", str(root), uri, "model.num_classes=3", "model.image_size=32", "model.vae_downsample=8",
+                f"data.vae={tiny_vae}", "ray.stall_factor=2", "ray.max_failures=1")
+
+
+def test_a_stuck_encoder_task_is_killed_and_its_shard_encoded_again(ray_local, tiny_vae, tmp_path, monkeypatch):
+    """A task stuck on its source (no error, ever) is taken for stalled once it ran far longer than the finished
+    ones: its process is killed and the shard is encoded by a new task; nothing is lost or encoded twice."""
+    from dydit_dist.data import pipeline
+
+    root, fifo = _hanging_source(tmp_path)
+    _stall_quickly(monkeypatch)
+    stalled, original = [], pipeline._stalled_task
+
+    def seen(*args):
+        stalled.append(_stuck_on_a_fifo())  # the stuck task's process, before it is killed
+        (tmp_path / "img.png").write_bytes((root / "class_1" / "img_00.png").read_bytes())
+        os.replace(tmp_path / "img.png", fifo)  # the mount is back: the next try reads an image
+        original(*args)
+
+    monkeypatch.setattr(pipeline, "_stalled_task", seen)
+    uri = str(tmp_path / "latents")
+    result = prepare(_hanging_cfg(root, uri, tiny_vae))
+    assert len(stalled) == 1 and stalled[0], "the stuck task was not taken for stalled, or was not stuck on the FIFO"
+    assert _gone(stalled[0]), "the stuck task's process was not killed"
+    assert result.manifest.complete and result.manifest.num_samples == 49 and result.manifest.bad_inputs == 0
+    assert result.encoded == 7 and len([u for u in storage.find(uri) if u.endswith(".tar")]) == 7
+
+
+def test_a_task_that_stalls_past_ray_max_failures_ends_the_job_naming_its_shard(ray_local, tiny_vae, tmp_path,
+                                                                                monkeypatch):
+    from dydit_dist.config_files import JobFailed
+    from dydit_dist.data import Manifest
+
+    root, _ = _hanging_source(tmp_path)
+    _stall_quickly(monkeypatch)
+    uri = str(tmp_path / "latents")
+    with pytest.raises(JobFailed, match=r"the encoder task of shard (\d+) \(8 inputs from .*\): a shard stalled: "
+                                        r"running for \d+ s.*that is 2 stalled tasks this run \(ray.max_failures=1\)"
+                       ) as failed:
+        prepare(_hanging_cfg(root, uri, tiny_vae))
+    stuck = int(re.search(r"shard (\d+)", str(failed.value)).group(1))
+    done = Manifest.read(uri).done()
+    assert done and stuck not in done  # what finished is recorded, and the stuck shard was never written
+    stored = sorted(u.rsplit("/", 1)[1] for u in storage.find(uri) if u.endswith(".tar"))
+    assert stored == sorted(shard_url(uri, i).rsplit("/", 1)[1] for i in done)
+    assert _gone(_stuck_on_a_fifo()), "a process is left hanging on the source"

@@ -11,7 +11,10 @@
        the cluster has room for them: `capacity.acquire`). Each task writes its shard itself; a
        worker process loads the VAE / T5 once and keeps them for the next chunks (Ray reuses worker
        processes, which also spares each task the imports). The driver records each finished shard in the manifest and
-       shows images/s and ETA.
+       shows images/s and ETA. A task stuck without an error (a source read hanging on a stale NFS or FUSE
+       mount, a hung GPU) is taken for stalled once it ran `ray.stall_factor` x the median finished task (at
+       least `faults.STALL_LOAD_FLOOR_S`, as a first task also loads the models): its process is killed and
+       the shard encoded again, up to `ray.max_failures` times a run, then a JobFailed names the shard.
     4. Mark the manifest complete, and warn when its shards are class-sorted (a data set prepared
        before samples were permuted, or class-sorted input tars): the reader's batches would then
        hold far fewer classes than i.i.d. ones.
@@ -39,10 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dydit_dist import capacity, faults, pretrained, storage
 from dydit_dist import config as config_lib
-from dydit_dist import pretrained, storage
 from dydit_dist.capacity import GpuUnavailable, Need, acquire, check_gpu, connect_ray
 from dydit_dist.config import Config
+from dydit_dist.config_files import JobFailed
 from dydit_dist.data import sources
 from dydit_dist.data.encoders import ImageEncoder, TextEncoder, text_properties, vae_properties
 from dydit_dist.data.manifest import (
@@ -53,6 +57,7 @@ from dydit_dist.data.manifest import (
     expected_latent_shape,
 )
 from dydit_dist.data.shards import DataError, nonfinite, sample_files
+from dydit_dist.faults import Stalled, StallWatch
 from dydit_dist.paths import RunPaths
 from dydit_dist.shardset import (
     PeriodicWriter,
@@ -279,6 +284,9 @@ def prepare(cfg: Config) -> PrepareResult:
     cfg_ref, queue, running = ray.put(cfg.to_dict()), list(reversed(todo)), []
     log.info("%s: encoding %d shards, %d at a time (%d already done)", uri, len(todo), concurrency, len(done))
     write_manifest, warned_large, seen_inputs, seen_bad = PeriodicWriter(manifest, uri, MANIFEST_EVERY_S), False, 0, 0
+    # a task's clock runs from its submission: the capacity for `concurrency` tasks was there before; its floor
+    # is the load floor, since a worker process's first task also loads the VAE (and T5-XXL, maybe over a cold cache)
+    watch, chunks, stalls = StallWatch(cfg.ray.stall_factor, faults.STALL_LOAD_FLOOR_S, "shard"), {}, 0
     images = sum(c.size_hint for c in todo)  # 0 for input tars, whose image counts are not known before
     systematic = max(SYSTEMATIC_BAD, cfg.data.max_bad_fraction)  # the bad share that stops the run early
     try:
@@ -286,8 +294,23 @@ def prepare(cfg: Config) -> PrepareResult:
                   mininterval=2.0) as bar:
             while queue or running:
                 while queue and len(running) < concurrency:
-                    running.append(task.remote(cfg_ref, settings, queue.pop(), uri))
-                finished, running = ray.wait(running, num_returns=1)
+                    chunk = queue.pop()
+                    ref = task.remote(cfg_ref, settings, chunk, uri)
+                    running.append(ref)
+                    chunks[ref] = chunk
+                    watch.start(ref, None)
+                finished, running = ray.wait(running, num_returns=1, timeout=capacity.POLL_S)
+                for ref in finished:  # before the stall check, which also runs while other tasks keep finishing
+                    watch.finish(ref)
+                    chunks.pop(ref)
+                stalled = watch.stalled()
+                if stalled is not None:
+                    stalls += 1
+                    watch.forget(stalled.ref)
+                    running.remove(stalled.ref)
+                    _stalled_task(stalled, chunks.pop(stalled.ref), queue, uri, stalls, cfg.ray.max_failures)
+                if not finished:
+                    continue
                 record = ray.get(finished[0])  # a bad input tar: DataError (cli prints its cause's message)
                 manifest.add(record)
                 if record["inputs"] > LARGE_TAR * cfg.data.shard_size and not warned_large:
@@ -324,6 +347,30 @@ def prepare(cfg: Config) -> PrepareResult:
              manifest.num_shards, manifest.bad_inputs)
     warn_if_class_sorted(uri, manifest)
     return PrepareResult(uri, manifest, len(todo), len(done))
+
+
+def _stalled_task(stalled: Stalled, chunk: sources.Chunk, queue: list, uri: str, stalls: int,
+                  max_failures: int) -> None:
+    """An encoder task stuck (a source read that hangs on an NFS or FUSE mount, a hung GPU): its worker
+    process is killed, so it writes nothing later, and its chunk goes back to the queue's head; the
+    `max_failures + 1`-th stall of the job is a JobFailed naming the shard."""
+    import ray
+
+    ray.cancel(stalled.ref, force=True)
+    where = f"{uri}: the encoder task of shard {chunk.index} ({_chunk_source(chunk)})"
+    if stalls > max_failures:
+        raise JobFailed(f"{where}: {stalled}; that is {stalls} stalled tasks this run (ray.max_failures="
+                        f"{max_failures}): look for a source read that hangs (a stale NFS or FUSE mount) or a "
+                        "hung GPU on its node; a rerun resumes with the shards recorded")
+    log.warning("%s: %s; its process is killed and the shard encoded again (%d of ray.max_failures=%d)", where,
+                stalled, stalls, max_failures)
+    queue.append(chunk)
+
+
+def _chunk_source(chunk: sources.Chunk) -> str:
+    if chunk.tar is not None:
+        return chunk.tar
+    return f"{len(chunk.items)} inputs from {chunk.items[0].url}" if chunk.items else "no inputs"
 
 
 def _bad_examples(manifest: Manifest, count: int = 3) -> str:
