@@ -127,6 +127,32 @@ def test_zero3_second_submission_resumes(ray_local, s3_bucket, s3_endpoint):
 
 
 @pytest.mark.integration
+def test_relative_local_paths_are_read_and_written_where_the_job_runs(ray_local):
+    """train.init_from, data.uri and storage.root relative to the job's folder (the presets name the official
+    checkpoints so): the training workers read and write them there, as the driver's preflight did (Ray Train
+    moves its workers into a folder of their own unless told not to)."""
+    import os
+    import shutil
+    import uuid
+
+    from safetensors.torch import save_file
+
+    rel = f"outputs/test-relative-{uuid.uuid4().hex[:8]}"  # where Ray's workers run: the folder it started in
+    try:
+        argv = ["--config", "debug", "ray.num_workers=1", "train.global_batch_size=2", "train.micro_batch_size=2",
+                "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=2", "data.num_workers=0",
+                f"data.uri={rel}/data", f"storage.root={rel}", "storage.run=rel", "ray.max_failures=0",
+                f"train.init_from={rel}/start.safetensors"]
+        cfg = config_lib.load("debug", argv[2:])
+        random_dataset(f"{rel}/data", cfg, num_samples=8)
+        save_file(build_network(cfg.model).state_dict(), f"{rel}/start.safetensors")
+        assert finetune.run(argv).metrics["step"] == 2
+        assert os.path.exists(f"{rel}/runs/rel/checkpoints/ema-0000002.safetensors")
+    finally:
+        shutil.rmtree(rel, ignore_errors=True)
+
+
+@pytest.mark.integration
 def test_preflight_fails_before_workers_start(ray_local, s3_bucket, s3_endpoint, capsys):
     argv = _overrides(s3_bucket, s3_endpoint, "storage.run=bad")
     _data(s3_bucket, argv, num_samples=8)

@@ -133,6 +133,10 @@ def build_trainer(cfg, wrap_session: Callable | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
 
+    # Ray Train moves each worker into a working folder of its own by default: a relative model.checkpoint,
+    # train.init_from, data.uri or storage.root, which the driver's preflight found, would then be looked for
+    # there. The workers stay where the job runs, like the sampling actors and the prepare tasks.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     path, filesystem = ray_storage(RunPaths(cfg).url)
