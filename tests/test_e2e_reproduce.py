@@ -93,6 +93,5 @@ def test_reproduce_submitted_to_multinode_cluster(s3_endpoint, s3_bucket):
         assert second.stdout.count("outputs exist, skipped") >= 7
         assert "running" not in [line.rsplit(": ", 1)[-1] for line in second.stdout.splitlines()
                                  if line.startswith("[reproduce")]
-        assert second_s < first_s / 2, (first_s, second_s)
         print(f"e2e: first submission {first_s:.0f} s, second {second_s:.0f} s")
     # 4. local_cluster stopped every process it started by pid, or raised.

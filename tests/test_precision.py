@@ -56,7 +56,9 @@ def test_bf16_sampling_stays_near_fp32(tmp_path, checkpoints, method):
     assert torch.equal(gen.latents([0, 1, 2, 3]), bf16)
     distance = float((bf16 - fp32).norm() / fp32.norm())
     print(f"{method}: bf16 vs fp32 relative L2 of the final samples = {distance:.4f}")
-    assert 0 < distance < 0.1
+    # About twice the distance measured here (0.0018 static, 0.0020 dydit): a sampler state rounded to bf16
+    # after each step, not only the network's output, measured 0.0053 and must fail.
+    assert 0 < distance < 0.004
 
 
 def test_the_sampling_network_casts_its_weights_once_per_autocast_region(tmp_path, monkeypatch):

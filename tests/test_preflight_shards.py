@@ -1,14 +1,13 @@
-"""The finetune preflight checks every data shard's size against the manifest (parallel HEAD requests,
+"""The finetune preflight checks every data shard's size against the manifest (one listing of the folder,
 no download) and names each missing or truncated shard before any worker starts."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
-from dydit_dist import config
+from dydit_dist import config, storage
 from dydit_dist.data import ManifestError, verify_manifest
 from dydit_dist.data.synthetic import random_dataset
 from dydit_dist.preflight import plan
@@ -21,14 +20,26 @@ def cfg():
     return config.load("debug", ["model.image_size=16"])
 
 
-def test_200_shards_checked_in_seconds(tmp_path, cfg):
+def test_200_shard_sizes_come_from_one_listing(tmp_path, cfg, monkeypatch):
+    """No request per shard (a HEAD each on S3): the sizes of all 200 come from one listing of the folder."""
     uri = str(tmp_path / "data")
     random_dataset(uri, cfg, num_samples=NUM_SHARDS, shard_size=1)
-    start = time.monotonic()
+
+    def no_head(url: str) -> int:
+        raise AssertionError(f"a request per shard: {url}")
+
+    listed = []
+
+    def counted_entries(url: str) -> list[dict]:
+        listed.append(url)
+        return entries(url)
+
+    entries = storage.entries
+    monkeypatch.setattr(storage, "size", no_head)
+    monkeypatch.setattr(storage, "entries", counted_entries)
     manifest = verify_manifest(uri, cfg.model, cfg.data)
-    elapsed = time.monotonic() - start
     assert manifest.num_shards == NUM_SHARDS
-    assert elapsed < 3.0, f"{NUM_SHARDS} shard sizes took {elapsed:.2f} s"
+    assert listed == [uri], listed
 
 
 def test_missing_and_truncated_shards_are_named(tmp_path, cfg):
