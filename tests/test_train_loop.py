@@ -3,6 +3,7 @@ initialization from a static checkpoint. Data are shards in memory:// written by
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -243,6 +244,35 @@ def test_a_corrupt_checkpoint_is_an_input_error_naming_the_file(one_rank, tmp_pa
                             "checkpoint_manager_snapshot.json (checkpoint_results, latest_checkpoint_result: Ray "
                             "refuses a snapshot naming a missing folder), or start a new storage.run with "
                             "train.init_from set to an earlier EMA export")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resume_into_another_network_is_an_input_error_naming_the_checkpoint(one_rank, tmp_path, stage):
+    """Model settings that change the network's tensors (here learn_sigma: the output layer's width), let through
+    by train.allow_changed_settings: DeepSpeed's strict load fails the same way on every restart, so it is a
+    CheckpointError (not retried) naming the checkpoint and what to do, not a bare RuntimeError retried
+    ray.max_failures times."""
+    from dydit_dist.models import CheckpointError
+    from dydit_dist.train.worker import NOT_RETRIED
+
+    root = _root()
+    cfg = _cfg(root, "train.max_steps=2", f"deepspeed.zero_stage={stage}")
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    _run(cfg, tmp_path / "run")
+    with pytest.raises(CheckpointError) as err:
+        _run(_cfg(root, f"deepspeed.zero_stage={stage}", "model.learn_sigma=false"), tmp_path / "run")
+    assert isinstance(err.value, NOT_RETRIED)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {root}/runs/{cfg.storage.run}/checkpoints/step-0000002 holds another "
+                              "network than this run's model settings make (")
+    assert "network.final_layer.linear.weight [32, 64] -> [16, 64]" in message
+    assert message.endswith("or start a new storage.run with train.init_from set to this run (its EMA weights)")
+    if stage == 2:  # a checkpoint written before meta.json recorded the shapes: torch's strict load tells
+        meta = tmp_path / "run" / "step-0000002" / "meta.json"
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "shapes"}))
+        with pytest.raises(CheckpointError, match=r"step-0000002 holds another network than this run's model "
+                                                  r"settings make \(size mismatch for network.final_layer"):
+            _run(_cfg(root, f"deepspeed.zero_stage={stage}", "model.learn_sigma=false"), tmp_path / "run")
 
 
 def test_a_resume_with_another_shuffle_buffer_is_an_input_error_naming_it(one_rank, tmp_path):

@@ -5,7 +5,7 @@ merges the parts into `{run}/checkpoints/step-{step:07d}/`:
 
     deepspeed/...               DeepSpeed's files: model, ZeRO optimizer partitions, LR scheduler
     trainer/rank-{r:05d}.pt     TrainerState of rank r: step, data position, RNG, EMA slice
-    meta.json                   step, world size, ZeRO stage, precision (rank 0)
+    meta.json                   step, world size, ZeRO stage, precision, tensor shapes (rank 0)
 
 The EMA weights are exported next to them, once per checkpoint, for the sampling job:
 
@@ -69,9 +69,35 @@ def save(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         torch.save(scaler.state_dict(), os.path.join(directory, "trainer", f"grad-scaler-{rank:05d}.pt"))
     if rank == 0:
         meta = {"step": state.step, "world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "precision": cfg.train.precision}
+                "precision": cfg.train.precision, "shapes": tensor_shapes(engine.module)}
         with open(os.path.join(directory, "meta.json"), "w") as f:
             json.dump(meta, f)
+
+
+OTHER_NETWORK = "Error(s) in loading state_dict"  # torch's strict load: keys or shapes other than the network's
+
+
+def tensor_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's and buffer's shape (a ZeRO-3 partitioned parameter's whole shape)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: list(getattr(t, "ds_shape", t.shape)) for name, t in tensors}
+
+
+def shape_differences(saved: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    """'' when the two networks' tensors agree; else the first differences, `name [saved] -> [now]`."""
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in saved if k in now and saved[k] != now[k]]
+    changed += [f"{k} {saved[k]} -> none" for k in saved if k not in now]
+    changed += [f"{k} none -> {now[k]}" for k in now if k not in saved]
+    return "; ".join(changed[:3]) + (f"; ... ({len(changed)} in all)" if len(changed) > 3 else "")
+
+
+def other_network(where: str, differences: str) -> CheckpointError:
+    """A resume whose model settings make another network (`train.allow_changed_settings` let the change
+    through): every restart would fail to load it."""
+    return CheckpointError(f"checkpoint {where} holds another network than this run's model settings make "
+                           f"({differences[:300]}): a resume keeps the network's tensors (train.allow_changed_settings "
+                           "applies only changes that keep them); resume with the model settings the run was written "
+                           "with, or start a new storage.run with train.init_from set to this run (its EMA weights)")
 
 
 def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size: int) -> None:
@@ -84,6 +110,9 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         raise CheckpointError(f"checkpoint {directory} cannot be resumed by this run ({'; '.join(changed)}): keep "
                          f"ray.num_workers={meta['world_size']} and deepspeed.zero_stage={meta['zero_stage']}, "
                          "or start a new storage.run with train.init_from set to this run")
+    where = storage.join(RunPaths(cfg).checkpoints, checkpoint_name(meta["step"]))
+    if "shapes" in meta and (differences := shape_differences(meta["shapes"], tensor_shapes(engine.module))):
+        raise other_network(where, differences)
     try:
         path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
@@ -92,10 +121,11 @@ def load(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
         state.load(os.path.join(directory, "trainer", f"rank-{rank:05d}.pt"))
         _load_grad_scaler(engine, os.path.join(directory, "trainer", f"grad-scaler-{rank:05d}.pt"))
     except Exception as err:  # a file of the committed checkpoint went bad: every restart would meet it again
+        if isinstance(err, RuntimeError) and str(err).startswith(OTHER_NETWORK):  # a checkpoint without shapes
+            raise other_network(where, "; ".join(line.strip() for line in str(err).splitlines()[1:4])) from None
         bad = unreadable_files(directory)
         if not bad:
             raise  # not the files (a lost peer in a collective, say): retried like any other failure
-        where = storage.join(RunPaths(cfg).checkpoints, checkpoint_name(meta["step"]))
         cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise CheckpointError(f"checkpoint {where} is unreadable: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
                               f"not a whole torch file ({cause[:200]}); a restart would read the same bytes: to "

@@ -75,8 +75,10 @@ def check_settings(cfg) -> list[str]:
                                          ignore=("train.max_steps", "train.init_from"))
     if changes and not cfg.train.allow_changed_settings:
         raise ConfigError(f"{paths.url} resumes from a checkpoint made with other settings ({'; '.join(changes)}); "
-                          "rerun with train.allow_changed_settings=true to apply them from the checkpoint on, "
-                          "or use a new storage.run")
+                          "rerun with train.allow_changed_settings=true to apply them from the checkpoint on "
+                          "(a change of the network's tensors cannot resume: model.name, image_size, method, "
+                          "learn_sigma, num_classes, ...), or use a new storage.run (with train.init_from set to "
+                          "this run to start from its EMA weights)")
     if changes:
         log.warning("%s: resuming with changed settings (train.allow_changed_settings=true): %s", paths.url,
                     "; ".join(changes))
