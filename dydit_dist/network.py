@@ -18,6 +18,7 @@ Weights are read from and written to any URL `dydit_dist.storage` knows (`file:/
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -148,7 +149,8 @@ def init_weights(network: nn.Module, cfg: Config) -> LoadResult | None:
     """Load `train.init_from` (else `model.checkpoint`) into `network`; None when neither is set.
 
     A static checkpoint loads into a dynamic network with only the router keys missing (they keep
-    their all-on initialization); any other missing key, extra key or shape is a ValueError naming
+    their all-on initialization); a file holding some of the added tensors but not all (a DyDiT export
+    that lost routers) is a CheckpointError, and so is any other missing key, extra key or shape, naming
     the file.
     """
     source = cfg.train.init_from or cfg.model.checkpoint
@@ -158,6 +160,12 @@ def init_weights(network: nn.Module, cfg: Config) -> LoadResult | None:
     url = resolve_weights(source)
     allow = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
     result = load_weights(network, url, allow_missing=allow)
+    added = [k for k in network.state_dict() if any(fnmatch.fnmatchcase(k, p) for p in allow)]
+    if 0 < len(result.missing) < len(added):  # a static file has none of them, a dynamic one all
+        raise CheckpointError(f"{url} holds {len(added) - len(result.missing)} of the {len(added)} tensors that "
+                              f"model.method={cfg.model.method} adds to the static network (missing e.g. "
+                              f"{', '.join(result.missing[:3])}): expected a static checkpoint (none of them) or one "
+                              f"of this method (all of them)")
     if result.missing:
         log.info("initialized from %s; %d added tensors (routers, FlexDiT W1 / W2) start fresh", url, len(result.missing))
     else:

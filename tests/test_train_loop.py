@@ -83,6 +83,8 @@ def test_exported_ema_loads_into_the_sampler_network(one_rank, tmp_path):
 
 
 def test_init_from_static_checkpoint_only_routers_missing(one_rank, tmp_path):
+    from dydit_dist.models import CheckpointError
+
     root = _root()
     cfg = _cfg(root, "train.max_steps=1", f"model.checkpoint={root}/static.safetensors")
     random_dataset(f"{root}/data", cfg, num_samples=8)
@@ -92,6 +94,15 @@ def test_init_from_static_checkpoint_only_routers_missing(one_rank, tmp_path):
     session = LocalSession(str(tmp_path))
     trainer = Trainer(cfg, session)
     assert torch.equal(trainer.network.blocks[1].mlp.fc1.weight, static.blocks[1].mlp.fc1.weight)
+
+    # A DyDiT file that lost some of its routers: neither a static checkpoint nor a whole DyDiT one
+    dynamic = {k: v for k, v in trainer.network.state_dict().items() if not k.startswith("blocks.0.attn_rate.")}
+    save_weights(dynamic, f"{root}/partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"partial.safetensors holds (\d+) of the \d+ tensors that "
+                                              r"model.method=dydit adds to the static network \(missing e.g. "
+                                              r"blocks.0.attn_rate.router.weight"):
+        Trainer(_cfg(root, f"train.init_from={root}/partial.safetensors", "storage.run=partial"),
+                LocalSession(str(tmp_path / "p")))
 
     wrong = build_model("debug", input_size=8, num_classes=10)  # another latent size: pos_embed differs
     save_weights(wrong, f"{root}/wrong.safetensors")
