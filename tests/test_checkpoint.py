@@ -200,3 +200,23 @@ def test_a_dit_training_checkpoint_loads_with_torch_2_4s_serialization_api(tmp_p
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, path)
     monkeypatch.delattr(torch.serialization, "safe_globals")
     assert _same(load_state_dict_file(path), sd)
+
+
+def test_a_safetensors_file_named_pt_is_read_as_safetensors(tmp_path):
+    """The format comes from the file's first bytes as well as its name: a safetensors export renamed `.pt`
+    loads (torch.load would refuse it, advising weights_only=False), and a PyTorch file keeps torch.load."""
+    from dydit_dist.models.checkpoint import parse_state_dict
+
+    sd = _model(seed=1).state_dict()
+    save_weights(sd, tmp_path / "export.safetensors")
+    renamed = tmp_path / "export.pt"
+    (tmp_path / "export.safetensors").rename(renamed)
+    assert _same(load_state_dict_file(renamed), sd)
+    assert _same(parse_state_dict(renamed.read_bytes(), str(renamed)), sd)
+    with open(renamed, "rb") as f:
+        assert _same(parse_state_dict(f, str(renamed)), sd)
+        f.seek(0)
+        assert read_shapes(f, str(renamed)) == {k: list(v.shape) for k, v in sd.items()}
+    torch.save(sd, tmp_path / "plain.pt")
+    with open(tmp_path / "plain.pt", "rb") as f:
+        assert read_shapes(f, "plain.pt") == {k: list(v.shape) for k, v in sd.items()}

@@ -39,12 +39,14 @@ class CheckpointError(ValueError):
 def parse_state_dict(data: bytes | BinaryIO, name: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict, on CPU, from a checkpoint's bytes (or a binary file object).
 
-    `name` (the file's name or URL) picks the format: `.safetensors` is read with safetensors,
-    anything else with `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`,
+    A `.safetensors` name or a safetensors header is read with safetensors, anything else with
+    `torch.load(weights_only=True)`. Official containers (`{"state_dict": ...}`,
     `{"ema": ...}`, `{"model": ...}`) are unwrapped. Raises CheckpointError naming `name`.
     """
-    if name.endswith(".safetensors"):
-        obj = _safetensors(safetensors.torch.load, data if isinstance(data, bytes) else data.read(), name=name)
+    if isinstance(data, bytes) and _safetensors_named_or_shaped(name, data[:9]):
+        obj = _safetensors(safetensors.torch.load, data, name=name)
+    elif not isinstance(data, bytes) and _safetensors_named_or_shaped(name, _peek(data)):
+        obj = _safetensors(safetensors.torch.load, data.read(), name=name)
     else:
         obj = _torch_load(io.BytesIO(data) if isinstance(data, bytes) else data, name)
     return _unwrap(obj, name)
@@ -62,7 +64,9 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
         raise ValueError(f"{name}: a URL; models read local files only (dydit_dist.network.read_weights reads URLs)")
     if not os.path.isfile(local):
         raise FileNotFoundError(f"{name}: no such checkpoint file")
-    if local.endswith(".safetensors"):
+    with open(local, "rb") as f:
+        head = f.read(9)
+    if _safetensors_named_or_shaped(local, head):
         return _unwrap(_safetensors(safetensors.torch.load_file, local, device="cpu", name=name), name)
     return _unwrap(_torch_load(local, name), name)
 
@@ -72,7 +76,7 @@ def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
     length, then JSON; the file's size must be the one the header describes), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
     multi-GB file; a URL's file object reads by range). Official containers are unwrapped as in
     `parse_state_dict`. Raises CheckpointError naming `name`."""
-    if name.endswith(".safetensors"):
+    if _safetensors_named_or_shaped(name, _peek(f)):
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size < 100_000_000:
             raise CheckpointError(f"{name}: not a safetensors file (header size {size})")
@@ -89,6 +93,23 @@ def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
                                   f"{described}; truncated or corrupt")
         return shapes
     return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
+
+
+def _safetensors_named_or_shaped(name: str, head: bytes) -> bool:
+    """Whether to read a file as safetensors: its name says so, or its first bytes do (an 8-byte header
+    length, then the header's JSON): a safetensors file named `.pt` would otherwise meet torch.load, whose
+    error advises weights_only=False. A PyTorch zip ("PK...") or pickle (0x80 ...) never reads so."""
+    if name.endswith(".safetensors"):
+        return True
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
+def _peek(f: BinaryIO) -> bytes:
+    """The first 9 bytes of a seekable file object, which is left where it was."""
+    where = f.tell()
+    head = f.read(9)
+    f.seek(where)
+    return head
 
 
 def _safetensors(load, source, name: str, **kwargs) -> dict[str, torch.Tensor]:
