@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import logging
 import os
 import tempfile
 import uuid
@@ -27,7 +29,7 @@ from dydit_dist.data import DataError, sources
 from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
 from dydit_dist.eval import digits, extractors, features
 from dydit_dist.eval.metrics import EvalInputError
-from dydit_dist.models import read_shapes
+from dydit_dist.models import read_metadata, read_shapes
 from dydit_dist.models.registry import sdxl_mismatches
 from dydit_dist.network import build_network, read_ema_pointer
 from dydit_dist.paths import ema_pointer
@@ -35,6 +37,7 @@ from dydit_dist.sample import SamplesManifest
 from dydit_dist.sample.plan import PromptsError, parse_prompts
 from dydit_dist.shardset import MARKERS, manifest_url
 
+log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 HUB_TIMEOUT_S = 5.0
 HEADER_BLOCK = 1 << 18  # bytes a remote checkpoint fetches per read: its header or pickle, not its tensors
@@ -201,10 +204,11 @@ def _hub_unreachable(repo: str) -> str | None:
     return None
 
 
-def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
+def weights(key: str, source: str, cfg: Config, allow_missing=(), sampling: bool = False) -> Input:
     """A weights file or a run folder with an EMA pointer (`network.resolve_weights`); the file's keys
     and shapes (a safetensors header, or a `.pt` pickle loaded onto the meta device: a few KB read) are
-    checked against the network of `cfg.model` (strict but `allow_missing`)."""
+    checked against the network of `cfg.model` (strict but `allow_missing`). `sampling`: an export's recorded
+    model settings that differ from `cfg.model` are named in the note and logged as a warning."""
     expected = "a weights file (.pt, .pth, .safetensors) or a run folder with checkpoints/ema-latest.json"
     try:
         url = source
@@ -218,6 +222,8 @@ def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
                                               f"EMA weights yet?); expected {expected}")
         with storage.open_file(url, "rb", block_size=HEADER_BLOCK) as f:
             shapes = read_shapes(f, url)
+            f.seek(0)
+            recorded = read_metadata(f, url).get("model")
         unfit = _unfit_keys(shapes, cfg, allow_missing)
     except (OSError, ValueError, KeyError) as err:
         return Input(key, source, problem=f"{type(err).__name__}: {err}; expected {expected}")
@@ -226,7 +232,32 @@ def weights(key: str, source: str, cfg: Config, allow_missing=()) -> Input:
     if unfit:
         return Input(key, source, problem=f"{url} does not fit {cfg.model.name} ({cfg.model.method}, "
                                           f"{cfg.model.image_size}px): {unfit}")
-    return Input(key, source, note=f"{url}: every key and shape fits the network")
+    note = f"{url}: every key and shape fits the network"
+    if sampling and (differ := _other_model_settings(recorded, cfg)):
+        note += f"; BUT it was exported with other model settings ({differ}): the weights were trained for those"
+        log.warning("%s=%s: %s", key, source, note)
+    return Input(key, source, note=note)
+
+
+# what an export's recorded model settings may differ in without a word: where the weights come from, and
+# the label dropout of training (sampling guides with the null class whatever its training rate)
+_RECORDED_ONLY = ("checkpoint", "class_dropout_prob")
+
+
+def _other_model_settings(recorded: str | None, cfg: Config) -> str:
+    """`key: exported -> now` for the model settings an export (safetensors metadata "model", written by
+    `train.checkpoints.write_ema`) recorded otherwise than `cfg` has them; settings that change no tensor's
+    shape (PixArt's image_size and lewei_scale, FlexDiT's schedule, DyDiT's options) would load silently."""
+    try:
+        before = json.loads(recorded) if recorded else None
+    except ValueError:
+        return ""
+    if not isinstance(before, dict):
+        return ""
+    now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as lists, as the export wrote them
+    changes = [f"model.{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before)
+               if k in now and k not in _RECORDED_ONLY and before[k] != now[k]]
+    return "; ".join(changes[:4]) + (f"; ... ({len(changes)} in all)" if len(changes) > 4 else "")
 
 
 def sampling_weights(cfg: Config, made_by: str | None, allow_random: bool) -> Input:
@@ -235,7 +266,7 @@ def sampling_weights(cfg: Config, made_by: str | None, allow_random: bool) -> In
     if made_by:
         return Input("model.checkpoint", checkpoint, note=f"made by the {made_by} stage")
     if checkpoint:
-        return weights("model.checkpoint", checkpoint, cfg)
+        return weights("model.checkpoint", checkpoint, cfg, sampling=True)
     if allow_random:
         return Input("model.checkpoint", None, note="unset: random weights (--random-init)")
     if cfg.model.name.endswith("debug"):

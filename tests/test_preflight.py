@@ -459,3 +459,26 @@ def test_the_plan_notes_where_eb_caches_released_correction_was_not_tuned():
     assert "untuned here" in notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}")[0]
     assert "untuned here" in notes("model.image_size=512")[0]
     assert notes("sample.steps=25", f"sample.eb_cache.schedule={'0' * 25}", "sample.eb_cache.eps_scale=none") == []
+
+
+def test_an_export_made_with_other_shape_neutral_model_settings_is_named_for_sampling(tmp_path, caplog):
+    """PixArt's position table is computed, not loaded: an export of another image_size or lewei_scale loads
+    into the sampler without a key or shape differing. The model settings it recorded are compared and named."""
+    from dydit_dist.network import sampling_network, save_weights
+
+    pixart = ["model.name=PixArt-debug", "model.caption_channels=32", f"storage.root={tmp_path}"]
+    trained = config.load("debug", [*pixart, "model.lewei_scale=2.0"])
+    url = str(tmp_path / "ema-0000004.safetensors")
+    save_weights(sampling_network(trained), url, metadata={"step": "4", "model": json.dumps(trained.to_dict()["model"])})
+    (same,) = [i for i in plan(config.load("debug", [*pixart, "model.lewei_scale=2.0", f"model.checkpoint={url}"]),
+                               "sample").inputs if i.key == "model.checkpoint"]
+    assert same.problem is None and same.note == f"{url}: every key and shape fits the network"
+    cfg = config.load("debug", [*pixart, f"model.checkpoint={url}"])
+    (other,) = [i for i in plan(cfg, "sample").inputs if i.key == "model.checkpoint"]
+    assert other.problem is None
+    assert other.note.endswith(f"BUT it was exported with other model settings (model.lewei_scale: 2.0 -> "
+                               f"{cfg.model.lewei_scale!r}): the weights were trained for those")
+    assert "exported with other model settings" in caplog.text
+    (init,) = [i for i in plan(config.load("debug", [*pixart, f"train.init_from={url}"]), "finetune").inputs
+               if i.key == "train.init_from"]
+    assert "BUT" not in init.note  # a fine-tune may start from another model's weights

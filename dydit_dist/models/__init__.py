@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_state_dict_file": "checkpoint",
     "parse_state_dict": "checkpoint",
     "read_shapes": "checkpoint",
+    "read_metadata": "checkpoint",
     "safetensors_bytes": "checkpoint",
 }
 __all__ = list(_EXPORTS)

@@ -95,6 +95,19 @@ def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in _unwrap(_torch_load(f, name, device="meta"), name).items()}
 
 
+def read_metadata(f: BinaryIO, name: str) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (our exports record `step` and `model` there); {} for other files
+    and for a header that does not parse (`read_shapes` says why)."""
+    if not _safetensors_named_or_shaped(name, _peek(f)):
+        return {}
+    try:
+        size = int.from_bytes(f.read(8), "little")
+        metadata = json.loads(f.read(size)).get("__metadata__") if 0 < size < 100_000_000 else None
+    except (ValueError, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _safetensors_named_or_shaped(name: str, head: bytes) -> bool:
     """Whether to read a file as safetensors: its name says so, or its first bytes do (an 8-byte header
     length, then the header's JSON): a safetensors file named `.pt` would otherwise meet torch.load, whose
