@@ -26,7 +26,8 @@ from dydit_dist import pipeline, pretrained, storage
 from dydit_dist.accel.options import load_table, parse_eps_scale
 from dydit_dist.config import Config
 from dydit_dist.data import DataError, sources
-from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
+from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS, ROUTER_KEYS
+from dydit_dist.dynamic.flexdit_schedule import parse_layout
 from dydit_dist.eval import digits, extractors, features
 from dydit_dist.eval.metrics import EvalInputError
 from dydit_dist.models import read_metadata, read_shapes
@@ -275,11 +276,23 @@ def sampling_weights(cfg: Config, made_by: str | None, allow_random: bool) -> In
                                                    "(only the debug models may): expected a weights file or a run folder")
 
 
+def added_keys(cfg: Config, depth: int) -> set[str]:
+    """The tensors model.method adds to the static network of `depth` blocks: DyDiT's routers on every block,
+    FlexDiT's W1 / W2 on each R block of its layout."""
+    m = cfg.model
+    if m.method == "dydit":
+        return {f"blocks.{i}.{key}" for i in range(depth) for key in ROUTER_KEYS}
+    if m.method == "flexdit":
+        return {f"blocks.{i}.merged_layer{j}.{w}" for i, role in enumerate(parse_layout(m.flexdit.layout, depth))
+                if role == "R" for j in (1, 2) for w in ("weight", "bias")}
+    return set()
+
+
 def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str | None:
     """'' when `shapes` fits the network of `cfg.model` (as `models.load_into` would load it); else the
     differences; None when the network cannot be built on the meta device. The static keys are checked
     against the static network (DyDiT and FlexDiT keep them); the added tensors (routers, FlexDiT
-    modules) only by name pattern: each pattern must be present unless `allow_missing` names it."""
+    modules) by name (`added_keys`): all of them, or with `allow_missing` naming their patterns none."""
     added = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialization cost
@@ -290,10 +303,13 @@ def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str
     except (RuntimeError, NotImplementedError, ValueError):  # an initializer that needs real values
         return None
     missing = [k for k in own if k not in shapes and not any(fnmatch.fnmatchcase(k, p) for p in allow_missing)]
-    # The added modules (not on the meta device: built from the static network's values) by name: each
-    # pattern must match some key, unless the caller allows them missing (a static checkpoint to fine-tune).
-    missing += [p for p in added if p not in allow_missing and not any(fnmatch.fnmatchcase(k, p) for k in shapes)]
-    unexpected = [k for k in shapes if k not in own and not any(fnmatch.fnmatchcase(k, p) for p in added)]
+    # The added modules (not on the meta device: built from the static network's values) by name: every one,
+    # unless the caller allows them missing (a static checkpoint to fine-tune: then none or all of them).
+    expected = added_keys(cfg, len(static.blocks)) if added else set()
+    present = {k for k in shapes if any(fnmatch.fnmatchcase(k, p) for p in added)}
+    if not (present == set() and all(p in allow_missing for p in added)):
+        missing += sorted(expected - present)
+    unexpected = [k for k in shapes if k not in own and k not in expected]
     mismatched = [f"{k} {shapes[k]} vs {v}" for k, v in own.items() if k in shapes and shapes[k] != v]
     parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
              (("mismatched shapes", mismatched), ("missing keys", missing), ("unexpected keys", unexpected)) if keys]

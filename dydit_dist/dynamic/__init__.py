@@ -11,6 +11,7 @@ from dydit_dist import lazy_exports
 _EXPORTS = {
     "FLEXDIT_KEY_PATTERNS": "flexdit",
     "ROUTER_KEY_PATTERNS": "dydit",
+    "ROUTER_KEYS": "dydit",
     "DyDiT": "dydit",
     "DyDiTOptions": "dydit_options",
     "DyPixArt": "dydit",
