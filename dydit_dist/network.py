@@ -107,8 +107,10 @@ def sampling_network(cfg: Config, device: str | torch.device = "cpu") -> nn.Modu
 
 
 def read_ema_pointer(pointer: str) -> dict:
-    """A run's `ema-latest.json` ({"url", "step", ...}); FileNotFoundError when there is none, CheckpointError
-    naming it when it is not such a pointer (cut short, or edited by hand)."""
+    """A run's `ema-latest.json` ({"url", "step", "file", ...}); FileNotFoundError when there is none,
+    CheckpointError naming it when it is not such a pointer (cut short, or edited by hand). Its "url" is the
+    export `file` beside the pointer, where the pointer names one: a run folder copied elsewhere (another
+    bucket, a local disk) names its own export, not the one where it was written."""
     try:
         value = storage.read_json(pointer)
         if not isinstance(value, dict) or not isinstance(value.get("url"), str) or not isinstance(value.get("step"), int):
@@ -116,6 +118,9 @@ def read_ema_pointer(pointer: str) -> dict:
     except ValueError as err:  # JSONDecodeError too
         raise CheckpointError(f"{pointer}: not an EMA pointer ({err}); remove it, and a resumed run writes it "
                               "again from its last committed checkpoint") from None
+    file = value.get("file")
+    if isinstance(file, str) and file and "/" not in file:
+        value["url"] = storage.join(pointer.rsplit("/", 1)[0], file)
     return value
 
 

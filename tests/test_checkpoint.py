@@ -220,3 +220,23 @@ def test_a_safetensors_file_named_pt_is_read_as_safetensors(tmp_path):
     torch.save(sd, tmp_path / "plain.pt")
     with open(tmp_path / "plain.pt", "rb") as f:
         assert read_shapes(f, "plain.pt") == {k: list(v.shape) for k, v in sd.items()}
+
+
+def test_a_run_folder_copied_elsewhere_names_its_own_ema_export(tmp_path):
+    """ema-latest.json names its export by file name beside it: a copy of the run folder resolves to the copy's
+    export, not to the place the run was written (which may be gone)."""
+    import shutil
+
+    from dydit_dist.network import latest_ema, resolve_weights
+
+    sd = _model(seed=1).state_dict()
+    first = tmp_path / "bucket-a" / "runs" / "r"
+    save_weights(sd, first / "checkpoints" / "ema-0000004.safetensors")
+    storage.write_json(str(first / "checkpoints" / "ema-latest.json"),
+                       {"step": 4, "file": "ema-0000004.safetensors", "url": f"file://{first}/checkpoints/ema-0000004.safetensors"})
+    copy = tmp_path / "bucket-b" / "runs" / "r"
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    assert latest_ema(str(copy)).endswith("bucket-b/runs/r/checkpoints/ema-0000004.safetensors")
+    assert resolve_weights(str(copy)) == latest_ema(str(copy))
+    assert _same(read_weights(latest_ema(str(copy))), sd)
