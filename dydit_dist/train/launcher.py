@@ -20,10 +20,13 @@ snapshot and the exported EMA weights sit side by side. A second submission with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 
 from ray.train import UserCallback
@@ -261,31 +264,51 @@ class TrainingFailed(JobFailed):
     """Ray Train gave up on the run: its failure budget is spent (the message names the last errors)."""
 
 
+@contextlib.contextmanager
+def _own_sigint():
+    """The process's SIGINT handler as it was before `trainer.fit()`: Ray Train installs its own (aborting
+    the run's controller) and never removes it, so after the run its closure kept the finished controller
+    actor alive, and the job's handler (lease release, exit 130) was gone. A controller released only when a
+    later job replaced that handler died while the next run's controller was starting, and that run was
+    seen to wait forever for its controller (the start notice lost); the handler restored, the controller
+    ends with its own run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which Python cannot restore
+            signal.signal(signal.SIGINT, previous)
+
+
 def fit(trainer, capacity_timeout_s: float | None = None):
     """`trainer.fit()`, with an input error in a worker raised as `InputFailure` (one line, no retry), and
     workers that never started again within `ray.capacity_timeout_s` as `CapacityError`."""
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    try:
-        return trainer.fit()
-    except ControllerError as err:
-        if isinstance(err.controller_failure, InputFailure):
-            raise err.controller_failure from None
-        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError) and capacity_timeout_s is not None:
-            tries = worker_start_retries(capacity_timeout_s)
-            raise CapacityError(f"the training workers ({err.controller_failure.num_workers}) did not start: the "
-                                f"run's {tries} start attempts (about ray.capacity_timeout_s={capacity_timeout_s:g} s, "
-                                "counted over the whole run by Ray) are spent (a node lost, or its GPUs taken by "
-                                "another job); rerun to resume from the last checkpoint") from None
-        raise
-    except WorkerGroupError as err:  # the failure budget spent: one line naming it, not Ray's traceback
-        causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in err.worker_failures.values()}
-        died = any(name == "ActorDiedError" or "health check" in text for name, text in causes.items())
-        raise TrainingFailed(f"training stopped: the workers failed more than ray.max_failures times (preemptions "
-                             f"count apart, ray.max_preemptions); the last: "
-                             f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}"
-                             + ("; a worker process died or stopped answering (a collective hung past "
-                                "ray.collective_timeout_s, a GPU fault, the host out of memory: the worker's log in "
-                                "the Ray dashboard says which)" if died else "")
-                             + "; a rerun resumes from the last committed checkpoint") from err
+    with _own_sigint():
+        try:
+            return trainer.fit()
+        except ControllerError as err:
+            if isinstance(err.controller_failure, InputFailure):
+                raise err.controller_failure from None
+            if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError) and capacity_timeout_s is not None:
+                tries = worker_start_retries(capacity_timeout_s)
+                raise CapacityError(f"the training workers ({err.controller_failure.num_workers}) did not start: the "
+                                    f"run's {tries} start attempts (about ray.capacity_timeout_s={capacity_timeout_s:g} s, "
+                                    "counted over the whole run by Ray) are spent (a node lost, or its GPUs taken by "
+                                    "another job); rerun to resume from the last checkpoint") from None
+            raise
+        except WorkerGroupError as err:  # the failure budget spent: one line naming it, not Ray's traceback
+            causes = {type(e).__name__: str(e).splitlines()[0] if str(e) else "" for e in err.worker_failures.values()}
+            died = any(name == "ActorDiedError" or "health check" in text for name, text in causes.items())
+            raise TrainingFailed(f"training stopped: the workers failed more than ray.max_failures times (preemptions "
+                                 f"count apart, ray.max_preemptions); the last: "
+                                 f"{'; '.join(f'{k}: {v}' for k, v in causes.items()) or err}"
+                                 + ("; a worker process died or stopped answering (a collective hung past "
+                                    "ray.collective_timeout_s, a GPU fault, the host out of memory: the worker's log in "
+                                    "the Ray dashboard says which)" if died else "")
+                                 + "; a rerun resumes from the last committed checkpoint") from err
