@@ -74,3 +74,25 @@ def test_the_session_deletes_the_local_folder_once_uploaded(tmp_path):
     assert not source.exists()
     assert session.checkpoints() == ["step-0000001"]
     assert (tmp_path / "session" / "step-0000001" / "deepspeed" / "x.pt").read_bytes() == b"123"
+
+
+def test_staging_folders_of_ended_processes_are_removed_at_a_worker_start(tmp_path, monkeypatch):
+    """A worker killed before its checkpoint upload ended leaves its local staging folder (a rank's DeepSpeed
+    state, GBs): the next worker on the node removes those of processes that no longer run, and only those."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from dydit_dist.train import checkpoints
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"dydit-ckpt-{int(ended.stdout)}-x1y2"
+    (dead / "deepspeed").mkdir(parents=True)
+    (dead / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"0" * 1024)
+    live = checkpoints.staging_folder()
+    assert os.path.basename(live).startswith(f"dydit-ckpt-{os.getpid()}-")
+    other = tmp_path / "dydit-ckpt-notapid"  # not ours to judge
+    other.mkdir()
+    assert checkpoints.remove_stale_staging() == [str(dead)]
+    assert not dead.exists() and os.path.isdir(live) and other.exists()

@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -54,6 +56,43 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of committ
 def due(step: int, train_cfg) -> bool:
     """A checkpoint is written every `train.checkpoint_every` steps and at the last step."""
     return step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps
+
+
+STAGING_PREFIX = "dydit-ckpt-"  # + "{pid}-": a rank's local checkpoint folder until the session uploads it
+
+
+def staging_folder() -> str:
+    """A new local folder for this rank's part of a checkpoint, named after this process (see
+    `remove_stale_staging`); the session deletes it once uploaded."""
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_staging() -> list[str]:
+    """Remove the staging folders of processes that no longer run (a worker killed before its upload ended:
+    a preemption, a lost node's restart): each holds a rank's DeepSpeed state, GBs, and restarts of a
+    multi-day run would fill the node's disk. Folders of live processes (another job's too) stay. Returns
+    the folders removed."""
+    removed = []
+    for name in os.listdir(tempfile.gettempdir()):
+        found = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+)-.+", name)
+        if found and not _running(int(found.group(1))):
+            path = os.path.join(tempfile.gettempdir(), name)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d checkpoint staging folders of processes that ended before uploading them",
+                 len(removed))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def checkpoint_name(step: int) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -61,6 +60,7 @@ class Trainer:
             raise config_lib.ConfigError(f"ray.num_workers={cfg.ray.num_workers} but {self.world_size} workers started")
         if cfg.ray.use_gpu:
             check_gpu(f"training worker {self.rank}")
+        checkpoints.remove_stale_staging()  # of workers killed on this node before their upload ended
         self.device = session.device(cfg.ray.use_gpu)
         if self.device.type == "cuda":
             if self.device.index is None:  # "cuda" (a session outside Ray): the current device, made explicit
@@ -216,7 +216,7 @@ class Trainer:
         self.state.data = self.stream.state_dict()
         synchronous = not self.cfg.train.async_checkpoint
         self.export_ema(wait=synchronous)
-        folder = tempfile.mkdtemp(prefix="dydit-ckpt-")  # the session deletes it once uploaded
+        folder = checkpoints.staging_folder()  # the session deletes it once uploaded
         checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
         self.session.report(metrics, checkpoint_dir=folder, name=checkpoints.checkpoint_name(self.state.step))
         if synchronous:  # the report returned once committed
