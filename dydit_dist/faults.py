@@ -122,3 +122,15 @@ def stall_limit(factor: float, durations: list[float], min_finished: int = STALL
     if not factor or len(durations) < max(min_finished, 1):
         return None
     return max(factor * statistics.median(durations), STALL_FLOOR_S if floor_s is None else floor_s)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (another user's counts as running): the owner of a
+    temporary file or folder named after its process id (`train.checkpoints.remove_stale_staging`)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

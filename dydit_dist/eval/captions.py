@@ -37,6 +37,7 @@ import torch
 from dydit_dist import storage
 from dydit_dist.data.shards import DataError
 from dydit_dist.data.sources import Chunk, iter_chunk, load_image, plan_captions
+from dydit_dist.faults import process_alive
 from dydit_dist.sample.export import npz_keys, read_npz_small
 
 from .extractors import SPATIAL, resolve_extractor
@@ -91,19 +92,9 @@ def _remove_abandoned_temporaries() -> None:
             continue
         path, pid = os.path.join(folder, name), name[len(TEMP_PREFIX):].split("-", 1)[0]
         with contextlib.suppress(OSError):  # gone meanwhile, or another user's in a shared /tmp: left alone
-            if pid.isdigit() and os.stat(path).st_uid == os.getuid() and not _alive(int(pid)):
+            if pid.isdigit() and os.stat(path).st_uid == os.getuid() and not process_alive(int(pid)):
                 os.remove(path)
                 log.info("removed %s, left by a reference job that was stopped", name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def one_line(caption: str) -> str:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dydit_dist import storage
+from dydit_dist.faults import process_alive
 from dydit_dist.models import CheckpointError
 from dydit_dist.network import read_ema_pointer, save_weights
 from dydit_dist.paths import EMA_POINTER, RunPaths
@@ -75,7 +76,7 @@ def remove_stale_staging() -> list[str]:
     removed = []
     for name in os.listdir(tempfile.gettempdir()):
         found = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+)-.+", name)
-        if found and not _running(int(found.group(1))):
+        if found and not process_alive(int(found.group(1))):
             path = os.path.join(tempfile.gettempdir(), name)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -83,16 +84,6 @@ def remove_stale_staging() -> list[str]:
         log.info("removed %d checkpoint staging folders of processes that ended before uploading them",
                  len(removed))
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def checkpoint_name(step: int) -> str:
