@@ -148,7 +148,7 @@ def install_signal_handlers(job: str, cfg: Config | None) -> None:
 
     The process ends with `os._exit`: nothing half-written can follow (objects are written whole), and
     Ray's own shutdown path is what turned a SIGTERM into rc 134. Ray's processes started by this driver
-    and the actors it owns end with it. Ray Train's `fit` installs its own SIGINT handler (a graceful
+    are stopped first (`stop_own_ray`), and the actors it owns end with it. Ray Train's `fit` installs its own SIGINT handler (a graceful
     abort) while it runs; SIGTERM stays here."""
     paths = RunPaths(cfg) if cfg is not None else None
     kept = KEPT.get(job, "every object written so far (each whole); rerun the same command")
@@ -164,11 +164,27 @@ def install_signal_handlers(job: str, cfg: Config | None) -> None:
             except OSError as err:
                 print(f"{job}: could not release the lease {lease.url} ({err}); it expires after "
                       f"{lease.holder.ttl_s:g} s", file=sys.stderr, flush=True)
+        stop_own_ray()
         sys.stdout.flush()
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def stop_own_ray() -> None:
+    """Stop the Ray processes this driver started (a local instance, `ray.address` unset), raylet first so that
+    it ends its workers and agents: left to `os._exit`, the driver took its raylet down abruptly and Ray's
+    dashboard agent outlived it (an orphan per stopped job). A cluster the driver joined is left alone (this
+    process started none of its processes)."""
+    worker = sys.modules.get("ray._private.worker")
+    node = getattr(worker, "_global_node", None)
+    if node is None or not getattr(node, "all_processes", None):
+        return
+    try:
+        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+    except Exception as err:  # noqa: BLE001 - stopping anyway: say so, exit with the signal's status
+        print(f"could not stop the local Ray instance ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
 
 
 def _lease_url(cfg: Config, job: str) -> str:

@@ -4,6 +4,7 @@ and SIGINT print what was kept and how to resume, release the run's lease and ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -115,15 +116,58 @@ def test_a_signal_says_what_was_kept_and_releases_the_lease(sig, rc, on_ray, tmp
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_TMPDIR": ray_dir})
     assert proc.stdout.readline() == "working\n"
     assert read(lease).job == "sample" and not read(lease).released
+    started = _descendants(proc.pid, wait_for="ray::DashboardAgent" if on_ray else None)
+    assert not on_ray or {"raylet", "gcs_server"} <= {name for *_, name in started}
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == rc
+    # the Ray processes the job started (raylet, GCS, its agents, workers) end with it: none left orphaned
+    deadline = time.monotonic() + 10
+    while [p for p in started if _runs(*p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if _runs(*p)], f"left running: {[p for p in started if _runs(*p)]}"
     assert (f"sample: stopped by {signal.Signals(sig).name}; kept: every finished shard under "
             f"{tmp_path}/runs/stopped/samples") in err
     assert "rerun the same command to make only the missing ones" in err and "Traceback" not in err
     assert read(lease).released  # by the signal handler: the next job takes it at once
     assert read(f"{tmp_path}/runs/stopped/static/lease").released  # and every stage's lease the job held
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(name, parent pid, start time) of a process, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, int(rest[1]), int(rest[19])
+
+
+def _runs(pid: int, starttime: int, name: str) -> bool:
+    found = _stat(pid)
+    return found is not None and found[2] == starttime
+
+
+def _descendants(root: int, wait_for: str | None = None, seconds: float = 30.0) -> list[tuple[int, int, str]]:
+    """(pid, start time, name) of every process under `root`; with `wait_for`, once one of that name is there."""
+    deadline = time.monotonic() + seconds
+    while True:
+        stats = {int(p): _stat(int(p)) for p in os.listdir("/proc") if p.isdigit()}
+        below, frontier = [], [root]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, st in stats.items() if st is not None and st[1] == parent]
+            below += [(pid, stats[pid][2], stats[pid][0]) for pid in children]
+            frontier += children
+        cmdlines = []
+        for pid, _, _ in below:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdlines.append(f.read().decode(errors="replace"))
+        if wait_for is None or any(wait_for in c for c in cmdlines) or time.monotonic() > deadline:
+            return below
+        time.sleep(0.5)
 
 
 def test_an_input_error_raised_in_a_ray_task_is_its_own_message():
