@@ -71,19 +71,21 @@ def on_device_error(err: BaseException, where: str, advice: str, input_error: ty
 class Stalled(Exception):
     """A work call on a pool's actor that has run far longer than the finished ones (`StallWatch`)."""
 
-    def __init__(self, ref, seconds: float, limit: float, floor_s: float = STALL_FLOOR_S, what: str = "call"):
+    def __init__(self, ref, seconds: float, limit: float, floor_s: float | None = None, what: str = "call"):
         self.ref = ref
+        floor_s = STALL_FLOOR_S if floor_s is None else floor_s
         super().__init__(f"a {what} stalled: running for {seconds:.0f} s, more than {limit:.0f} s (ray.stall_factor "
                          f"x the median finished {what}, at least {floor_s:g} s)")
 
 
 class StallWatch:
     """The running work calls on a pool's actors (or tasks: `actor` None) and how long the finished ones took
-    (see the module docstring); `factor` 0 never stalls, `floor_s` is the least limit. A call's clock starts when it is `start`ed (at the head of its
+    (see the module docstring); `factor` 0 never stalls, `floor_s` is the least limit (None: STALL_FLOOR_S as
+    it is when checked). A call's clock starts when it is `start`ed (at the head of its
     actor's queue: a call queued behind another is started when that one finishes) and runs only while
     its actor is ready: `stalled(starting)` restarts the clocks of the actors still being placed or loading."""
 
-    def __init__(self, factor: float, floor_s: float = STALL_FLOOR_S, what: str = "call"):
+    def __init__(self, factor: float, floor_s: float | None = None, what: str = "call"):
         self.factor, self.floor_s, self.what = factor, floor_s, what
         self.started: dict = {}  # ObjectRef -> (actor, time.monotonic() its clock started)
         self.durations: list[float] = []
