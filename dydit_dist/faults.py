@@ -131,7 +131,7 @@ def process_alive(pid: int) -> bool:
     temporary file or folder named after its process id (`train.checkpoints.remove_stale_staging`)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process can have that number
         return False
     except PermissionError:  # another user's process
         return True

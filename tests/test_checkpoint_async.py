@@ -79,6 +79,7 @@ def test_the_session_deletes_the_local_folder_once_uploaded(tmp_path):
 def test_staging_folders_of_ended_processes_are_removed_at_a_worker_start(tmp_path, monkeypatch):
     """A worker killed before its checkpoint upload ended leaves its local staging folder (a rank's DeepSpeed
     state, GBs): the next worker on the node removes those of processes that no longer run, and only those."""
+    import socket
     import subprocess
     import sys
     import tempfile
@@ -86,13 +87,18 @@ def test_staging_folders_of_ended_processes_are_removed_at_a_worker_start(tmp_pa
     from dydit_dist.train import checkpoints
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f"dydit-ckpt-{int(ended.stdout)}-x1y2"
+    dead = tmp_path / f"dydit-ckpt-{host}-{int(ended.stdout)}-x1y2"
     (dead / "deepspeed").mkdir(parents=True)
     (dead / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"0" * 1024)
+    absurd = tmp_path / f"dydit-ckpt-{host}-{10**30}-x"  # no process has that number
+    absurd.mkdir()
     live = checkpoints.staging_folder()
-    assert os.path.basename(live).startswith(f"dydit-ckpt-{os.getpid()}-")
-    other = tmp_path / "dydit-ckpt-notapid"  # not ours to judge
-    other.mkdir()
-    assert checkpoints.remove_stale_staging() == [str(dead)]
-    assert not dead.exists() and os.path.isdir(live) and other.exists()
+    assert os.path.basename(live).startswith(f"dydit-ckpt-{host}-{os.getpid()}-")
+    others = [tmp_path / "dydit-ckpt-notapid", tmp_path / f"dydit-ckpt-{host}x-{int(ended.stdout)}-x",  # not ours
+              tmp_path / f"dydit-ckpt-another-host-{int(ended.stdout)}-x"]  # a temp folder shared between nodes
+    for other in others:
+        other.mkdir()
+    assert sorted(checkpoints.remove_stale_staging()) == sorted([str(dead), str(absurd)])
+    assert not dead.exists() and os.path.isdir(live) and all(other.exists() for other in others)

@@ -321,9 +321,9 @@ def _stall_quickly(monkeypatch):
     monkeypatch.setattr(capacity, "POLL_S", 0.5)
 
 
-def _hanging_cfg(root, uri, tiny_vae):
+def _hanging_cfg(root, uri, tiny_vae, max_failures=1):
     return _cfg("debug", str(root), uri, "model.num_classes=3", "model.image_size=32", "model.vae_downsample=8",
-                f"data.vae={tiny_vae}", "ray.stall_factor=2", "ray.max_failures=1")
+                f"data.vae={tiny_vae}", "ray.stall_factor=2", f"ray.max_failures={max_failures}")
 
 
 def test_a_stuck_encoder_task_is_killed_and_its_shard_encoded_again(ray_local, tiny_vae, tmp_path, monkeypatch):
@@ -337,14 +337,17 @@ def test_a_stuck_encoder_task_is_killed_and_its_shard_encoded_again(ray_local, t
 
     def seen(*args):
         stalled.append(_stuck_on_a_fifo())  # the stuck task's process, before it is killed
-        (tmp_path / "img.png").write_bytes((root / "class_1" / "img_00.png").read_bytes())
-        os.replace(tmp_path / "img.png", fifo)  # the mount is back: the next try reads an image
+        if fifo.is_fifo():  # the mount is back: the next try reads an image
+            (tmp_path / "img.png").write_bytes((root / "class_1" / "img_00.png").read_bytes())
+            os.replace(tmp_path / "img.png", fifo)
         original(*args)
 
     monkeypatch.setattr(pipeline, "_stalled_task", seen)
     uri = str(tmp_path / "latents")
-    result = prepare(_hanging_cfg(root, uri, tiny_vae))
-    assert len(stalled) == 1 and stalled[0], "the stuck task was not taken for stalled, or was not stuck on the FIFO"
+    # the try after the stuck one may land on a new worker process, which can take longer than the test's 3-s
+    # floor to import torch on a loaded machine: taken for stalled too, it is tried again (hence the budget)
+    result = prepare(_hanging_cfg(root, uri, tiny_vae, max_failures=4))
+    assert 1 <= len(stalled) <= 4 and stalled[0], "the stuck task was not taken for stalled, or not stuck on the FIFO"
     assert _gone(stalled[0]), "the stuck task's process was not killed"
     assert result.manifest.complete and result.manifest.num_samples == 49 and result.manifest.bad_inputs == 0
     assert result.encoded == 7 and len([u for u in storage.find(uri) if u.endswith(".tar")]) == 7

@@ -27,11 +27,13 @@ resumed run exports it (`exported_step` is behind the checkpoint's step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,27 +61,28 @@ def due(step: int, train_cfg) -> bool:
     return step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps
 
 
-STAGING_PREFIX = "dydit-ckpt-"  # + "{pid}-": a rank's local checkpoint folder until the session uploads it
+STAGING_PREFIX = "dydit-ckpt-"  # + "{host}-{pid}-": a rank's local checkpoint folder until the session uploads it
 
 
 def staging_folder() -> str:
-    """A new local folder for this rank's part of a checkpoint, named after this process (see
+    """A new local folder for this rank's part of a checkpoint, named after this host and process (see
     `remove_stale_staging`); the session deletes it once uploaded."""
-    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
 
 
 def remove_stale_staging() -> list[str]:
-    """Remove the staging folders of processes that no longer run (a worker killed before its upload ended:
-    a preemption, a lost node's restart): each holds a rank's DeepSpeed state, GBs, and restarts of a
-    multi-day run would fill the node's disk. Folders of live processes (another job's too) stay. Returns
-    the folders removed."""
-    removed = []
-    for name in os.listdir(tempfile.gettempdir()):
-        found = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+)-.+", name)
-        if found and not process_alive(int(found.group(1))):
-            path = os.path.join(tempfile.gettempdir(), name)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    """Remove this host's and this user's staging folders whose process no longer runs (a worker killed before
+    its upload ended: a preemption, a restart after a lost node): each holds a rank's DeepSpeed state, GBs,
+    and restarts of a multi-day run would fill the node's disk. Folders of live processes (another job's
+    too), of other hosts (a temp folder shared between nodes) and of other users stay. Returns those removed."""
+    removed, temp = [], tempfile.gettempdir()
+    mine = re.compile(rf"{re.escape(STAGING_PREFIX + socket.gethostname())}-(\d+)-.+")
+    for name in os.listdir(temp):
+        path, found = os.path.join(temp, name), mine.fullmatch(name)
+        with contextlib.suppress(OSError):  # gone meanwhile: its process cleaned up
+            if found and os.stat(path).st_uid == os.getuid() and not process_alive(int(found.group(1))):
+                shutil.rmtree(path)
+                removed.append(path)
     if removed:
         log.info("removed %d checkpoint staging folders of processes that ended before uploading them",
                  len(removed))
