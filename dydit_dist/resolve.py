@@ -240,15 +240,17 @@ def weights(key: str, source: str, cfg: Config, allow_missing=(), sampling: bool
     return Input(key, source, note=note)
 
 
-# what an export's recorded model settings may differ in without a word: where the weights come from, and
-# the label dropout of training (sampling guides with the null class whatever its training rate)
-_RECORDED_ONLY = ("checkpoint", "class_dropout_prob")
+# the model settings an export records that change what sampling computes without changing a tensor's shape
+# (which the keys and shapes check already compares); DyDiT's options shape its training, not its sampling
+_SAMPLING_RELEVANT = {"static": ("image_size", "vae_downsample", "lewei_scale", "model_max_length")}
+_SAMPLING_RELEVANT |= {"dydit": _SAMPLING_RELEVANT["static"], "flexdit": (*_SAMPLING_RELEVANT["static"], "flexdit")}
 
 
 def _other_model_settings(recorded: str | None, cfg: Config) -> str:
-    """`key: exported -> now` for the model settings an export (safetensors metadata "model", written by
-    `train.checkpoints.write_ema`) recorded otherwise than `cfg` has them; settings that change no tensor's
-    shape (PixArt's image_size and lewei_scale, FlexDiT's schedule, DyDiT's options) would load silently."""
+    """`model.key: exported -> now` for the model settings (`_SAMPLING_RELEVANT`) an export (safetensors
+    metadata "model", written by `train.checkpoints.write_ema`) recorded otherwise than `cfg` has them: PixArt's
+    image_size and lewei_scale and FlexDiT's schedule change no tensor's shape, so such an export would load
+    silently."""
     try:
         before = json.loads(recorded) if recorded else None
     except ValueError:
@@ -256,8 +258,16 @@ def _other_model_settings(recorded: str | None, cfg: Config) -> str:
     if not isinstance(before, dict):
         return ""
     now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as lists, as the export wrote them
-    changes = [f"model.{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before)
-               if k in now and k not in _RECORDED_ONLY and before[k] != now[k]]
+
+    def leaves(values: dict, prefix: str = "model.") -> dict:
+        out = {}
+        for key, value in values.items():
+            out |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+
+    keys = _SAMPLING_RELEVANT.get(cfg.model.method, ())
+    old, new = leaves({k: before[k] for k in keys if k in before}), leaves({k: now[k] for k in keys})
+    changes = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old) if k in new and old[k] != new[k]]
     return "; ".join(changes[:4]) + (f"; ... ({len(changes)} in all)" if len(changes) > 4 else "")
 
 

@@ -511,3 +511,11 @@ def test_an_export_made_with_other_shape_neutral_model_settings_is_named_for_sam
     (init,) = [i for i in plan(config.load("debug", [*pixart, f"train.init_from={url}"]), "finetune").inputs
                if i.key == "train.init_from"]
     assert "BUT" not in init.note  # a fine-tune may start from another model's weights
+    # DyDiT's options shape its training, not its sampling: a stage-1 export sampled with other targets is fine
+    dydit = config.load("debug", [f"storage.root={tmp_path}", "model.method=dydit", "model.dynamic.target_lambda=0.7"])
+    exported = str(tmp_path / "dydit.safetensors")
+    save_weights(sampling_network(dydit), exported, metadata={"model": json.dumps(dydit.to_dict()["model"])})
+    sampled = config.load("debug", [f"storage.root={tmp_path}", "model.method=dydit", "sample.method=dydit",
+                                    "model.dynamic.target_lambda=0.5", f"model.checkpoint={exported}"])
+    (weights,) = [i for i in plan(sampled, "sample").inputs if i.key == "model.checkpoint"]
+    assert weights.problem is None and "BUT" not in weights.note
