@@ -25,7 +25,6 @@ from sampling_util import random_checkpoint, write_samples
 
 from dydit_dist import config, pretrained, storage
 from dydit_dist.data.synthetic import random_dataset
-from dydit_dist.dynamic import ROUTER_KEY_PATTERNS
 from dydit_dist.models.registry import arch
 from dydit_dist.network import build_network
 from dydit_dist.paths import RunPaths, ema_pointer
@@ -57,14 +56,17 @@ def overrides(argv: list[str]) -> dict[str, str]:
 
 
 def _static_keys(cfg: config.Config, routers: bool) -> dict[str, torch.Tensor]:
-    """The preset network's state dict on the meta device (no memory), plus router-named tensors."""
+    """The preset network's state dict on the meta device (no memory), plus every router tensor's name (the
+    preflight checks the added tensors by name only)."""
     import dataclasses
 
+    from dydit_dist.resolve import added_keys
+
     with torch.device("meta"):
-        sd = dict(build_network(dataclasses.replace(cfg.model, method="static")).state_dict())
+        network = build_network(dataclasses.replace(cfg.model, method="static"))
+        sd = dict(network.state_dict())
     if routers:
-        sd.update({p.replace("*", "0", 1).replace(".*", ".weight"): torch.empty(1, device="meta")
-                   for p in ROUTER_KEY_PATTERNS})
+        sd.update({key: torch.empty(1, device="meta") for key in added_keys(cfg, len(network.blocks))})
     return sd
 
 
