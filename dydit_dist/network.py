@@ -28,7 +28,7 @@ from torch import nn
 
 from dydit_dist import storage
 from dydit_dist.config import Config, ModelConfig
-from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS, DyDiT, DyPixArt, flexdit_from_static
+from dydit_dist.dynamic import DyDiT, DyPixArt, added_key_patterns, flexdit_from_static
 from dydit_dist.models import (
     CheckpointError,
     LoadResult,
@@ -163,7 +163,7 @@ def init_weights(network: nn.Module, cfg: Config) -> LoadResult | None:
         log.warning("no train.init_from or model.checkpoint: fine-tuning from random weights")
         return None
     url = resolve_weights(source)
-    allow = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
+    allow = added_key_patterns(cfg.model.method)
     result = load_weights(network, url, allow_missing=allow)
     added = [k for k in network.state_dict() if any(fnmatch.fnmatchcase(k, p) for p in allow)]
     if 0 < len(result.missing) < len(added):  # a static file has none of them, a dynamic one all

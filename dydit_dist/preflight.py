@@ -42,7 +42,7 @@ from dydit_dist import pipeline, resolve, storage
 from dydit_dist.accel.methods import METHODS
 from dydit_dist.config import SDXL_METHODS, Config, ConfigError
 from dydit_dist.data import DataError
-from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS
+from dydit_dist.dynamic import added_key_patterns
 from dydit_dist.estimate import (
     INCEPTION_FLOP,
     SUSTAINED_FLOPS,
@@ -214,7 +214,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
     elif source is None:
         p.add(Input(key, None, note=f"unset: {name} starts from random weights"))
     else:
-        allow = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(m.method, ())
+        allow = added_key_patterns(m.method)
         p.add(resolve.weights(key, source, cfg, allow))
     return True
 

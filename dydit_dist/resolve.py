@@ -26,7 +26,7 @@ from dydit_dist import pipeline, pretrained, storage
 from dydit_dist.accel.options import load_table, parse_eps_scale
 from dydit_dist.config import Config
 from dydit_dist.data import DataError, sources
-from dydit_dist.dynamic import FLEXDIT_KEY_PATTERNS, ROUTER_KEY_PATTERNS, ROUTER_KEYS
+from dydit_dist.dynamic import ROUTER_KEYS, added_key_patterns
 from dydit_dist.dynamic.flexdit_schedule import parse_layout
 from dydit_dist.eval import digits, extractors, features
 from dydit_dist.eval.metrics import EvalInputError
@@ -303,7 +303,7 @@ def _unfit_keys(shapes: dict[str, list[int]], cfg: Config, allow_missing) -> str
     differences; None when the network cannot be built on the meta device. The static keys are checked
     against the static network (DyDiT and FlexDiT keep them); the added tensors (routers, FlexDiT
     modules) by name (`added_keys`): all of them, or with `allow_missing` naming their patterns none."""
-    added = {"dydit": ROUTER_KEY_PATTERNS, "flexdit": FLEXDIT_KEY_PATTERNS}.get(cfg.model.method, ())
+    added = added_key_patterns(cfg.model.method)
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialization cost
             static = build_network(dataclasses.replace(cfg.model, method="static"))

@@ -10,7 +10,6 @@ from dydit_dist import config, flops
 from dydit_dist.accel import build_runner
 from dydit_dist.diffusion import sample
 from dydit_dist.dynamic.flexdit import (
-    FLEXDIT_KEY_PATTERNS,
     FlexBranches,
     FlexDiT,
     FlexOptions,
@@ -23,6 +22,7 @@ from dydit_dist.dynamic.flexdit import (
 )
 from dydit_dist.dynamic.flexdit_flops import RELEASED, flexdit_flops, model_flops, paper_comparison
 from dydit_dist.dynamic.flexdit_schedule import GridSchedule, flexdit_timestep_interval
+from dydit_dist.dynamic.keys import FLEXDIT_KEY_PATTERNS
 from dydit_dist.models import DiT, PixArt, block_forward, load_into
 from dydit_dist.models.layers import Attention
 

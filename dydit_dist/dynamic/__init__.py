@@ -9,9 +9,10 @@ from __future__ import annotations
 from dydit_dist import lazy_exports
 
 _EXPORTS = {
-    "FLEXDIT_KEY_PATTERNS": "flexdit",
-    "ROUTER_KEY_PATTERNS": "dydit",
-    "ROUTER_KEYS": "dydit",
+    "FLEXDIT_KEY_PATTERNS": "keys",
+    "ROUTER_KEY_PATTERNS": "keys",
+    "ROUTER_KEYS": "keys",
+    "added_key_patterns": "keys",
     "DyDiT": "dydit",
     "DyDiTOptions": "dydit_options",
     "DyPixArt": "dydit",

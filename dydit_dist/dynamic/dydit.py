@@ -39,13 +39,6 @@ class DynamicOutput:
     token_masks: torch.Tensor
 
 
-ROUTER_KEY_PATTERNS = ("blocks.*.attn_rate.*", "blocks.*.mlp_rate.*", "blocks.*.token_selection.*")  # fnmatch
-# every block's router tensors (the official names, /work/shared/reference/dydit_xl2_256_router_keys.tsv)
-ROUTER_KEYS = ("attn_rate.router.weight", "attn_rate.router.bias", "mlp_rate.router.weight", "mlp_rate.router.bias",
-               "token_selection.mlp_head.0.weight", "token_selection.mlp_head.0.bias",
-               "token_selection.mlp_head.2.weight", "token_selection.mlp_head.2.bias")
-
-
 class MaskedBranches(Branches):
     """The masked (training) path of one forward pass: every head, MLP channel and token is computed,
     then multiplied by its router's mask. Collects the masks of every block, in block order."""

@@ -13,7 +13,7 @@ The pretrained blocks are used one to one, in order; a layout string gives each 
 The DiT-XL/2 layout is "PP" + "CSSSRD" * 4 + "DD" (`default_layout(28)`). Queries, keys and values
 come from the pretrained `qkv` split in three; the static keys are unchanged and only W1 and W2
 (`blocks.{i}.merged_layer1` / `merged_layer2` of each R block: the released code's leaf names) are added,
-so a static checkpoint loads with only those missing (`FLEXDIT_KEY_PATTERNS`). The released code nests its
+so a static checkpoint loads with only those missing (`keys.FLEXDIT_KEY_PATTERNS`). The released code nests its
 blocks (`dumbbell_blocks.{k}.token_recover_blocks.0...`, q / kv split): a checkpoint of it would need a key
 converter, which nothing here has, since no FlexDiT checkpoint is published. PixArt keeps its
 cross-attention to the caption in every block, on whichever tokens the block carries.
@@ -44,7 +44,7 @@ from .adopt import adopt
 from .flexdit_schedule import FlexOptions, parse_layout
 from .flexdit_schedule import default_layout as default_layout  # the layout grammar lives with FlexOptions
 
-FLEXDIT_KEY_PATTERNS = ("blocks.*.merged_layer1.*", "blocks.*.merged_layer2.*")  # fnmatch: the added keys
+
 def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], g: int) -> torch.Tensor:
     """AdaptiveAvgPool2d(g) over the token grid: (B, h*w, D) -> (B, g*g, D); the identity when g == h == w."""
     h, w = grid
