@@ -154,3 +154,27 @@ def test_weights_of_another_network_are_refused_when_resolved(tmp_path):
     with pytest.raises(ExtractorWeightsRefused, match=r"eval.feature_extractor_weights=.*linear.safetensors: not a "
                                                       r"state dict of digits-cnn \(Error\(s\) in loading state_dict"):
         resolve_extractor(cfg.eval)
+
+
+def test_extractor_weights_format_is_read_from_content_not_name(tmp_path, weights):
+    """digits-cnn weights as a safetensors file named `.pt` (passed the pickle check by name and was refused
+    with torch.load's advice to unpickle) and as a tensors-only torch `.pt` (the extractor read every file
+    with safetensors): both give the features of the original file."""
+    import shutil
+
+    from dydit_dist import config
+    from dydit_dist.models import load_state_dict_file
+
+    images = torch.from_numpy(_images(1)).permute(0, 3, 1, 2).contiguous()
+    renamed = tmp_path / "digits-safetensors.pt"
+    shutil.copy(weights["digits"], renamed)
+    pickled = tmp_path / "digits-torch.pt"
+    torch.save(load_state_dict_file(weights["digits"]), pickled)
+    features = {}
+    for path in (weights["digits"], renamed, pickled):
+        cfg = config.load("debug", ["eval.feature_extractor=digits-cnn", f"eval.feature_extractor_weights={path}"])
+        extractor = resolve_extractor(cfg.eval).create("cpu", ["fid"])
+        features[path] = extractor(images)[0]
+    first, *others = features.values()
+    for other in others:
+        torch.testing.assert_close(other, first, rtol=0, atol=0)

@@ -23,6 +23,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from dydit_dist import storage
+from dydit_dist.models import load_state_dict_file
 from dydit_dist.network import save_weights
 
 from .metrics import EvalInputError
@@ -86,10 +87,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise EvalInputError(f"{NAME}: weights are required (eval.feature_extractor_weights); train them with "
                                  "dydit_dist.eval.digits.train_digits_classifier")
-        from safetensors.torch import load_file
-
-        self.net = DigitsNet()
-        self.net.load_state_dict(load_file(feature_extractor_weights_path))
+        self.net = DigitsNet()  # safetensors or a tensors-only .pt, told apart by content
+        self.net.load_state_dict(load_state_dict_file(feature_extractor_weights_path))
         self.requires_grad_(False)
         self.eval()
 

@@ -22,6 +22,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from dydit_dist import storage
+from dydit_dist.models import is_safetensors_file
 
 from . import digits
 from .metrics import EvalInputError, needs_reference
@@ -245,7 +246,7 @@ def resolve_extractor(eval_cfg) -> Extractor:
         raise EvalInputError(f"eval.feature_extractor={name} needs eval.feature_extractor_weights "
                              "(train them with dydit_dist.eval.digits.train_digits_classifier)")
     weights = _local_copy(source, "eval.feature_extractor_weights") if source else None
-    if weights and not weights.endswith(".safetensors"):
+    if weights and not is_safetensors_file(weights):  # by content: a safetensors file named .pt is no pickle
         _check_tensors_only(weights, "eval.feature_extractor_weights")
     extractor = Extractor(name, weights, source, LABELS.get(name, f"{name} (torch-fidelity extractor, NOT Inception)"))
     if weights:

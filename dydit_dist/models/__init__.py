@@ -29,6 +29,7 @@ _EXPORTS = {
     "arch": "registry",
     "build_model": "factory",
     "family": "registry",
+    "is_safetensors_file": "checkpoint",
     "load_into": "checkpoint",
     "load_state_dict_file": "checkpoint",
     "parse_state_dict": "checkpoint",

@@ -71,6 +71,12 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     return _unwrap(_torch_load(local, name), name)
 
 
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether a local file is read as safetensors: by its name or, whatever its name, its first bytes."""
+    with open(path, "rb") as f:
+        return _safetensors_named_or_shaped(os.fspath(path), f.read(9))
+
+
 def read_shapes(f: BinaryIO, name: str) -> dict[str, list[int]]:
     """{key: shape} of a checkpoint file object without reading its tensors: a safetensors header (8-byte
     length, then JSON; the file's size must be the one the header describes), or a PyTorch zip file's pickle loaded onto the meta device (a few KB of a
