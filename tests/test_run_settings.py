@@ -122,8 +122,29 @@ def test_only_a_committed_checkpoint_locks_the_settings(tmp_path):
     assert storage.exists(f"{checkpoints}/step-0000002/deepspeed/mp_rank_00_model_states.pt")
     assert not storage.exists(f"{checkpoints}/step-0000004") and remove_uncommitted(checkpoints) == []
     storage.write_bytes(f"{checkpoints}/{RAY_SNAPSHOT}", b'{"checkpoint_res')  # cut short
-    with pytest.raises(CheckpointError, match=rf"{RAY_SNAPSHOT} is not the JSON Ray Train writes"):
+    with pytest.raises(CheckpointError, match=rf"{RAY_SNAPSHOT} is not the JSON Ray Train writes.*Do not delete it"):
         has_checkpoint(checkpoints)
+
+
+def test_a_lost_snapshot_never_discards_committed_checkpoints(tmp_path):
+    """Ray Train rewrites its snapshot in place: a full disk truncates it, and the advice was to remove it,
+    after which the next run removed every step folder as an upload cut short. With the EMA pointer showing a
+    commit, a missing snapshot is an error and nothing is removed."""
+    from dydit_dist.models import CheckpointError
+    from dydit_dist.paths import EMA_POINTER
+    from dydit_dist.train.checkpoints import has_checkpoint, remove_uncommitted
+
+    checkpoints = f"{tmp_path}/runs/r/checkpoints"
+    storage.write_bytes(f"{checkpoints}/step-0000002/deepspeed/mp_rank_00_model_states.pt", b"committed")
+    assert remove_uncommitted(checkpoints) != []  # no pointer: never committed, removed
+    storage.write_bytes(f"{checkpoints}/step-0000004/deepspeed/mp_rank_00_model_states.pt", b"committed")
+    storage.write_json(f"{checkpoints}/{EMA_POINTER}", {"step": 4, "file": "ema-0000004.safetensors",
+                                                   "url": f"{checkpoints}/ema-0000004.safetensors"})
+    with pytest.raises(CheckpointError, match=rf"is missing, but .*{EMA_POINTER} names the export of step 4.*"
+                                              rf"train.init_from={tmp_path}/runs/r\b"):
+        has_checkpoint(checkpoints)
+    assert remove_uncommitted(checkpoints) == []
+    assert storage.exists(f"{checkpoints}/step-0000004/deepspeed/mp_rank_00_model_states.pt")
 
 
 def test_a_corrupt_ray_snapshot_is_an_input_error_of_the_job(tmp_path, capsys, ray_calls):

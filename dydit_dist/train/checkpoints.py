@@ -274,28 +274,46 @@ def has_checkpoint(checkpoints_url: str) -> bool:
     (`RAY_SNAPSHOT`, written at each commit) names, which is what it resumes from. A `step-NNNNNNN`
     folder the snapshot does not name is an upload cut short (a worker lost before the commit): the next
     run starts from scratch, so its settings are free. CheckpointError for a snapshot that is not JSON
-    (Ray Train would fail on it too)."""
+    (Ray Train would fail on it too), or that is gone although the EMA pointer says a checkpoint was
+    committed: Ray rewrites the file in place, so a full disk truncates it, and starting again would
+    discard every committed step folder (`remove_uncommitted`)."""
     url = storage.join(checkpoints_url, RAY_SNAPSHOT)
     try:
         snapshot = storage.read_json(url)
     except FileNotFoundError:
+        step = exported_step(checkpoints_url)
+        if step >= 0:
+            raise CheckpointError(f"{url} is missing, but {storage.join(checkpoints_url, EMA_POINTER)} names the "
+                                  f"export of step {step}, made only once a checkpoint was committed: "
+                                  f"{_lost_snapshot_advice(checkpoints_url)}") from None
         return False
     except ValueError as err:
-        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({str(err)[:100]}); unless a job is "
-                              "writing it now, remove it to start this storage.run again from scratch") from None
+        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({str(err)[:100]}; Ray rewrites it in place "
+                              "at each commit, so a full disk or a cut write truncates it): "
+                              f"{_lost_snapshot_advice(checkpoints_url)}") from None
     if not isinstance(snapshot, dict):
         raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (a JSON object)")
     return bool(snapshot.get("latest_checkpoint_result"))
+
+
+def _lost_snapshot_advice(checkpoints_url: str) -> str:
+    run = checkpoints_url.rstrip("/").rsplit("/", 1)[0]
+    return ("unless a job is writing it now, restore it from a copy (free the disk first); or continue from the "
+            f"run's EMA weights in a new storage.run with train.init_from={run}. Do not delete it: the next run "
+            "would then discard the committed step-* folders as uploads cut short")
 
 
 def remove_uncommitted(checkpoints_url: str) -> list[str]:
     """Remove the `step-NNNNNNN` folders Ray Train's snapshot does not list (uploads cut short by a lost
     worker or job) and return their URLs. Ray writes a checkpoint into its folder without clearing it,
     so a later run of another world size would resume from a folder that still holds the old ranks'
-    ZeRO files beside its own. Only while this job holds the run's lease (no upload is in flight)."""
+    ZeRO files beside its own. Only while this job holds the run's lease (no upload is in flight). Nothing
+    is removed without a readable snapshot once the EMA pointer shows a commit (`has_checkpoint` refuses)."""
     try:
         snapshot = storage.read_json(storage.join(checkpoints_url, RAY_SNAPSHOT))
     except FileNotFoundError:
+        if exported_step(checkpoints_url) >= 0:
+            return []  # the snapshot is lost, not never written: the step folders may be committed ones
         snapshot = {}
     except ValueError:
         return []  # `has_checkpoint` names the file; nothing here can tell which folders are committed
