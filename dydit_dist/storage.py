@@ -178,14 +178,19 @@ def create(url: str, data: bytes) -> bool:
     return True
 
 
+_DISK_ERRORS = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EIO: "the disk failed a read or write",
+                errno.EACCES: "this user may not write there"}
+
+
 def _place_local(path: str, data: bytes | None, place: Callable[[str, str], None], source: str | None = None) -> None:
     """Write `data` (or copy the file `source`) to a temporary file beside `path`, synced, then
     `place(tmp, path)` (os.replace: an overwrite; os.link: a create that fails when `path` exists) and sync
     the folder, so that the name survives a power loss once this returns: a reader never sees half a file."""
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         if source is not None:
             shutil.copyfile(source, tmp)
         with open(tmp, "ab" if source is not None else "wb") as f:
@@ -200,6 +205,13 @@ def _place_local(path: str, data: bytes | None, place: Callable[[str, str], None
                 os.fsync(handle)
         finally:
             os.close(handle)
+    except OSError as err:
+        if err.errno not in _DISK_ERRORS:
+            raise  # FileExistsError is `create`'s answer; the rest keep their own type
+        failure = StorageError(f"writing {path} failed: {errno.errorcode[err.errno]} ({err.strerror}); "
+                               f"{_DISK_ERRORS[err.errno]}; nothing was written there (a rerun resumes)")
+        failure.errno = err.errno
+        raise failure from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
