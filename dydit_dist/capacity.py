@@ -12,7 +12,8 @@ fails with a `CapacityError` naming the resource; a job configured for GPUs neve
 
 Every driver joins (or starts) Ray through `connect_ray(address)`, which keeps the process's SIGTERM
 and SIGINT handlers: `ray.init` replaces them, and the jobs' own (exit 143 / 130 saying what was kept,
-`dydit_dist.cli`) must stay in force while the job runs.
+`dydit_dist.cli`) must stay in force while the job runs. When it starts a local Ray (no address), the token
+Ray writes to `~/.ray/auth_token` is made readable by this user only (`keep_ray_token_private`).
 
 Inside a worker or actor configured for a GPU, `check_gpu(where)` is the first thing that runs: a
 GPU-configured process without a usable GPU raises `GpuUnavailable`, and the device, driver and CUDA
@@ -26,15 +27,18 @@ working (device errors, stuck actors) are `dydit_dist.faults`'.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import signal
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,10 +58,39 @@ def connect_ray(address: str | None) -> None:
         return
     main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    starts_local = address in (None, "local")
+    if starts_local:
+        keep_ray_token_private()
     ray.init(address=address)
+    if starts_local:
+        keep_ray_token_private()
     for sig, handler in handlers.items():
         if handler is not None:  # None: set from outside Python, nothing to restore
             signal.signal(sig, handler)
+
+
+def keep_ray_token_private() -> None:
+    """`~/.ray` mode 0700 (created so when missing) and `~/.ray/auth_token` 0600, when they are this user's.
+
+    A local Ray that `ray.init` starts (Ray 2.60) turns token authentication on and writes its token to
+    `~/.ray/auth_token` with a plain `open`: mode 0644 under the usual umask, in a 0755 `~/.ray`. Whoever
+    reads the token can submit jobs to the instance, and those run with this job's environment (its AWS keys).
+    Called before `ray.init`, so that the token is never written into a folder others can enter, and after it.
+    """
+    folder = Path.home() / ".ray"
+    with contextlib.suppress(OSError):  # no home, or one not writable: Ray cannot write the token there either
+        folder.mkdir(mode=0o700, exist_ok=True)
+    for path, private in ((folder, 0o700), (folder / "auth_token", 0o600)):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():  # chmod would follow the link
+            log.debug("%s is not this user's (or a link): its mode is left as it is", path)
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & ~private:  # only ever narrowed: a 0400 token stays 0400
+            os.chmod(path, mode & private)
 
 
 class CapacityError(ConfigError):

@@ -348,14 +348,18 @@ class Config:
                 raise ConfigError(f"sample.at_edm: {err}") from None
 
     def _check_locations(self) -> None:
-        """Storage URLs that parse (`s3:/bucket` is a scheme typo, not a local folder) and a run name that
-        stays inside `{root}/runs/`."""
+        """Storage URLs that parse (`s3:/bucket` is a scheme typo, not a local folder), an endpoint without
+        credentials in it and a run name that stays inside `{root}/runs/`."""
         for key, url in (("storage.root", self.storage.root), ("data.uri", self.data.uri)):
             if url is not None:
                 try:
                     storage.check_url(url)
                 except storage.StorageError as err:
                     raise ConfigError(f"{key}: {err}") from None
+        if "@" in (self.storage.endpoint_url or ""):  # the value is not echoed: it holds a secret
+            raise ConfigError("storage.endpoint_url holds credentials (user:password@ before the host); give the "
+                              "endpoint without them and put the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                              "(on Kubernetes, in the dydit-s3 Secret), not in the URL")
         run = self.storage.run
         # "/" joins names: the reproduce pipeline keeps each stage in `{run}/{stage}`
         if run.startswith("/") or "\\" in run or any(part in ("", ".", "..") for part in run.split("/")):

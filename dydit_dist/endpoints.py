@@ -12,7 +12,7 @@ Failures on S3 are bounded and retried in one place, `retry`:
 - PUTs are sent without `Expect: 100-continue` (aiohttp waits for the `100 Continue` with no timeout,
   so a stalled endpoint would hang a write forever);
 - an unreachable endpoint, a missing bucket or denied access raises `StorageError` (an OSError) with
-  the URL and the endpoint in the message;
+  the URL and the endpoint in the message (credentials written into a URL, `user:password@`, shown as `***`);
 - `with deadline(at):` ends every operation of this thread by `at` (time.monotonic()) as well (the
   lease's heartbeat: its renewal is worthless after the holder's fence).
 Local and `memory://` operations have no deadline.
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("file", "s3", "memory")
 SLOWEST_BYTES_PER_S = 1 << 20  # an object moving slower than this counts as stalled (see the deadline)
 _SCHEME_TYPO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)/*")  # `s3:/bucket`, `s3:bucket`, `file:/tmp`
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # `user:password@` before a URL's host (to the last `@`)
 
 # Options for s3fs, set once per process from the config (`configure`) or the AWS environment.
 _S3_OPTIONS: dict[str, Any] = {}
@@ -183,8 +184,26 @@ def __getattr__(name: str):
 
 
 def _endpoint(url: str) -> str:
-    """The S3 endpoint `url` is sent to, for messages."""
-    return _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    """The S3 endpoint `url` is sent to, for messages: credentials written into it shown as `***`."""
+    endpoint = _S3_OPTIONS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    return _redacted(endpoint) if endpoint else "the AWS default endpoint"
+
+
+def _redacted(endpoint: str) -> str:
+    """`endpoint` with everything between its scheme and its last `@` as `***` (an AWS secret key may hold `/`)."""
+    if "@" not in endpoint:
+        return endpoint
+    scheme = endpoint.split("://", 1)[0] + "://" if "://" in endpoint else ""
+    return f"{scheme}***@{endpoint.rsplit('@', 1)[1]}"
+
+
+def without_userinfo(text: str) -> str:
+    """`text` (an exception's message) with the credentials of the endpoints in use, and of any other URL in
+    it (`scheme://user:password@host`), replaced by `***`."""
+    for endpoint in (_S3_OPTIONS.get("endpoint_url"), os.environ.get("AWS_ENDPOINT_URL")):
+        if endpoint:
+            text = text.replace(endpoint, _redacted(endpoint))
+    return _USERINFO.sub("***@", text)
 
 
 _THREAD = threading.local()  # .at: the `deadline` of this thread's operations, if any
@@ -222,7 +241,7 @@ def retry(url: str, what: str, fn: Callable[[float], T], nbytes: int = 0) -> T:
             left = budget - (time.monotonic() - start)
             if attempt <= _RETRIES and is_transient(err) and left > delay:
                 log.warning("%s %s: attempt %d of %d failed (%s: %s); retrying in %.1f s",
-                            what, url, attempt, _RETRIES + 1, type(err).__name__, err, delay)
+                            what, url, attempt, _RETRIES + 1, type(err).__name__, without_userinfo(str(err)), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -237,7 +256,7 @@ def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float,
     tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f} s"
     fsspec_deadline = isinstance(err, TimeoutError) and not str(err)
     if fsspec_deadline or out_of_time:
-        last = "" if fsspec_deadline else f"; the last attempt: {type(err).__name__}: {err}"
+        last = "" if fsspec_deadline else f"; the last attempt: {type(err).__name__}: {without_userinfo(str(err))}"
         return StorageError(f"{what} {url} failed: no answer within the deadline of {budget:.3g} s "
                             f"({where}storage.timeout_s={_TIMEOUT_S:g}, {tries}{last})")
     hint = ""
@@ -250,7 +269,7 @@ def _failure(url: str, what: str, err: Exception, attempts: int, elapsed: float,
     elif isinstance(err, RecursionError) or redirected(err):  # botocore follows a region-less 301 until it recurses
         hint = ("; the bucket answered from another region or endpoint (a redirect): set storage.region to the "
                 "bucket's region, or storage.endpoint_url to the endpoint that serves it")
-    return StorageError(f"{what} {url} failed: {type(err).__name__}: {err} ({where}{tries}){hint}")
+    return StorageError(f"{what} {url} failed: {type(err).__name__}: {without_userinfo(str(err))} ({where}{tries}){hint}")
 
 
 def timed(fs, method: str, *args) -> Callable[[float], Any]:

@@ -310,3 +310,50 @@ def test_an_actor_stuck_in_its_start_is_killed_once_the_others_have_loaded(ray_l
         assert len(pool.load_seconds_seen) == 1
     finally:
         pool.shutdown()
+
+
+def test_the_token_of_a_local_ray_is_readable_by_this_user_only(tmp_path, monkeypatch):
+    """Ray writes `~/.ray/auth_token` with mode 0644 in a 0755 `~/.ray` when `ray.init` starts a local
+    instance; whoever reads it can run jobs with this job's AWS keys. connect_ray leaves both private."""
+    import stat
+    import sys
+    import types
+
+    from dydit_dist.capacity import connect_ray, keep_ray_token_private
+
+    def mode(path):
+        return stat.S_IMODE(path.lstat().st_mode)
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder, token = tmp_path / ".ray", tmp_path / ".ray" / "auth_token"
+
+    def init_like_ray(address=None):  # what Ray 2.60 does: mkdir and a plain open() under umask 022
+        folder.mkdir(mode=0o755, exist_ok=True)
+        token.write_text("token")
+        os.chmod(token, 0o644)
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: False, init=init_like_ray)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    connect_ray(None)
+    assert (mode(folder), mode(token)) == (0o700, 0o600)
+
+    os.chmod(folder, 0o755)  # an existing token from an earlier run: narrowed, not only new ones
+    os.chmod(token, 0o644)
+    keep_ray_token_private()
+    assert (mode(folder), mode(token)) == (0o700, 0o600)
+    os.chmod(token, 0o400)  # only ever narrowed
+    keep_ray_token_private()
+    assert mode(token) == 0o400
+
+    elsewhere = tmp_path / "elsewhere"  # a link: chmod would change what it points to
+    elsewhere.write_text("x")
+    os.chmod(elsewhere, 0o644)
+    token.unlink()
+    token.symlink_to(elsewhere)
+    keep_ray_token_private()
+    assert mode(elsewhere) == 0o644
+
+    os.chmod(folder, 0o755)  # another user's folder (a shared HOME): left as it is
+    monkeypatch.setattr(os, "getuid", lambda: folder.stat().st_uid + 1)
+    keep_ray_token_private()
+    assert mode(folder) == 0o755

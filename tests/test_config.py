@@ -192,3 +192,11 @@ def test_multi_scale_pixart_is_refused_when_the_config_is_built():
     with pytest.raises(ConfigError, match=r"model.name='PixArtMS-XL/2': multi-scale PixArt \(1024 px\) is not "
                                           r"supported by the jobs: its sampling needs per-sample image size"):
         load("pixart_xl2_512", ["model.name=PixArtMS-XL/2", "model.image_size=1024"])
+
+
+def test_endpoint_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(ConfigError) as err:
+        load("debug", ["storage.endpoint_url=http://AKIACANARY:CanarySecret0001@127.0.0.1:9000"])
+    assert "put the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(err.value)
+    assert "AKIACANARY" not in str(err.value) and "CanarySecret" not in str(err.value)
+    assert load("debug", ["storage.endpoint_url=http://127.0.0.1:9000"]).storage.endpoint_url == "http://127.0.0.1:9000"

@@ -137,6 +137,31 @@ def test_transient_errors_are_retried_then_reported(monkeypatch):
         storage.configure()
 
 
+def test_credentials_in_the_endpoint_are_never_shown(monkeypatch, caplog):
+    """An endpoint written as http://KEY:SECRET@host (which S3 refuses anyway) appears with `***` in the
+    retry warnings and the error, whether it came from storage.endpoint_url or AWS_ENDPOINT_URL."""
+    from botocore.exceptions import ReadTimeoutError
+
+    secret = "CanarySecret/0001@x"  # a `/` and an `@` too: nothing before the last `@` may show
+    endpoint = f"http://AKIACANARY:{secret}@127.0.0.1:9"
+    monkeypatch.setattr(endpoints.time, "sleep", lambda s: None)
+    for configured in (True, False):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        storage.configure(endpoint_url=endpoint if configured else None, retries=1)
+        try:
+            timeouts = _FlakyFS([ReadTimeoutError(endpoint_url=endpoint) for _ in range(2)])  # botocore names it
+            monkeypatch.setattr(storage, "filesystem", lambda url, fs=timeouts: (fs, "b/x"))
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="dydit_dist.endpoints"), pytest.raises(StorageError) as err:
+                storage.read_bytes("s3://b/x")
+        finally:
+            storage.configure()
+        assert timeouts.calls == 2 and caplog.records  # one retry, logged
+        for message in (str(err.value), caplog.text):
+            assert "http://***@127.0.0.1:9" in message
+            assert "AKIACANARY" not in message and "CanarySecret" not in message
+
+
 @pytest.mark.integration
 def test_s3_round_trip(s3_bucket):
     url = f"{s3_bucket}/data/shard-000000.tar"
