@@ -55,7 +55,7 @@ from dydit_dist.estimate import (
 from dydit_dist.eval import digits, extractors
 from dydit_dist.eval.captions import caption_reference_problems
 from dydit_dist.eval.metrics import needs_reference
-from dydit_dist.models import family
+from dydit_dist.models import CheckpointError, family
 from dydit_dist.paths import RunPaths
 from dydit_dist.resolve import Input
 from dydit_dist.sample import SamplesError
@@ -172,6 +172,8 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
             launcher.check_settings(cfg)
         except ConfigError as err:
             differ = str(err)
+        except CheckpointError as err:  # a lost or cut Ray snapshot (`checkpoints.has_checkpoint`)
+            p.add(Input("storage.run", RunPaths(cfg).checkpoints, problem=str(err)))
         except OSError:  # storage trouble: the storage.root check reports it
             pass
     trained = RunPaths(cfg).checkpoints

@@ -35,6 +35,9 @@ def finish_finetune(cfg, static: str | None = None) -> str:
     url = storage.join(RunPaths(finetune).checkpoints, f"ema-{step:07d}.safetensors")
     storage.write_bytes(url, b"weights")
     storage.write_json(RunPaths(finetune).ema_pointer, {"step": step, "file": url.rsplit("/", 1)[-1], "url": url})
+    committed = {"checkpoint_dir_name": f"step-{step:07d}", "metrics": {}}  # Ray Train's snapshot of that commit
+    storage.write_json(storage.join(RunPaths(finetune).checkpoints, "checkpoint_manager_snapshot.json"),
+                       {"checkpoint_results": [committed], "latest_checkpoint_result": committed})
     return RunPaths(finetune).url
 
 
@@ -306,3 +309,15 @@ def test_a_data_set_whose_manifest_lacks_a_setting_counts_as_other_settings(tmp_
     manifest.write(cfg.data.uri)
     with pytest.raises(pipeline.OutputsDiffer, match=r"\(seed: None there vs 0 now\).*or set data.source=null"):
         pipeline.data_done(cfg)
+
+
+def test_a_lost_ray_snapshot_is_a_problem_of_the_plan(tmp_path):
+    """A fine-tune whose Ray snapshot was cut by a full disk: the plan names it (the preflight crashed with the
+    CheckpointError's traceback) and nothing is removed."""
+    cfg = load(tmp_path)
+    run = finish_finetune(cfg)
+    storage.write_bytes(f"{run}/checkpoints/checkpoint_manager_snapshot.json", b'{"checkpoint_res')
+    storage.write_bytes(f"{run}/checkpoints/step-0000020/meta.json", b"{}")
+    found = problems(load(tmp_path, "train.max_steps=40"))["storage.run"]
+    assert "checkpoint_manager_snapshot.json is not the JSON Ray Train writes" in found, found
+    assert storage.exists(f"{run}/checkpoints/step-0000020/meta.json")
