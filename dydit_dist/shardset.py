@@ -298,9 +298,16 @@ def record_problem(record) -> str | None:
     return None
 
 
+_ABSENT = object()
+
+
 def _differences(a: dict, b: dict) -> list[str]:
+    def shown(v) -> str:
+        return "absent" if v is _ABSENT else repr(v)
+
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {shown(a.get(k, _ABSENT))} there vs {shown(b.get(k, _ABSENT))} now" for k in keys
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
 @dataclass
@@ -316,6 +323,9 @@ class ShardManifest:
     FORMAT: ClassVar[str]
     error: ClassVar[type[ValueError]]
     ELSEWHERE: ClassVar[str]  # how to start over, in the settings mismatch error
+    # Settings keys added after folders of this kind were first written: {key: what a folder written before
+    # meant by it} where the key is not None now (None now: the key means nothing for these settings).
+    LEGACY: ClassVar[dict] = {}
 
     settings: dict
     num_shards: int
@@ -403,13 +413,19 @@ class ShardManifest:
             markers = list(pool.map(cls._read_marker, marker_urls))
         if manifest is None or (not manifest.shards and not markers):
             manifest = cls(settings, num_shards)
+        digests = {settings_digest(settings)}
         if manifest.settings != settings:
-            raise cls.error(f"{uri} already holds shards prepared with other settings "
-                            f"({'; '.join(_differences(manifest.settings, settings))}); "
-                            f"{cls.ELSEWHERE} or remove that folder")
-        digest = settings_digest(settings)
+            written = cls._as_now(manifest.settings, settings)
+            if written != settings:
+                raise cls.error(f"{uri} already holds shards prepared with other settings "
+                                f"({'; '.join(_differences(written, settings))}); "
+                                f"{cls.ELSEWHERE} or remove that folder")
+            log.info("%s: settings recorded before %s were; the same settings, resumed", uri,
+                     ", ".join(sorted(settings.keys() - manifest.settings.keys())))
+            digests.add(settings_digest(manifest.settings))  # the markers written before
+            manifest.settings = settings
         for record in markers:
-            if record.get("settings_sha256") != digest:
+            if record.get("settings_sha256") not in digests:
                 raise cls.error(f"{marker_url(uri, record['index'])} records a shard made with other settings; "
                                 f"{cls.ELSEWHERE} or remove that folder")
             known = manifest.shards.get(int(record["index"]))
@@ -423,6 +439,18 @@ class ShardManifest:
             manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] not in bad}
         return manifest
 
+
+    @classmethod
+    def _as_now(cls, written: dict, settings: dict) -> dict:
+        """`written` (a folder's settings) with the keys added since filled in as such a folder meant them
+        (`LEGACY`; None where `settings` holds None), so that it compares with `settings`."""
+        filled = dict(written)
+        for key in settings.keys() - written.keys():
+            if settings[key] is None:
+                filled[key] = None
+            elif key in cls.LEGACY:
+                filled[key] = cls.LEGACY[key]
+        return filled
 
     @classmethod
     def _read_marker(cls, url: str) -> dict:

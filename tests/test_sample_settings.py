@@ -98,3 +98,31 @@ def test_eb_cache_paper_correction_counts_by_its_factors():
     assert "eps_scale_factors" not in settings("eb_cache_dit_xl2_256_50")["method_options"]
     assert settings("eb_cache_dit_xl2_256_50")["method_options"] == {
         "schedule": "00000000000000000000002020202020202020202220220220", "eps_scale": "released"}
+
+
+def test_a_folder_of_before_a_settings_key_resumes_as_it_was_made(tmp_path):
+    """Samples folders written before `sample.labels` lack the key. DiT's classes were then k % num_classes:
+    `balanced` resumes such a folder (its markers included) and `random` is refused saying it was balanced;
+    for a family where the key is None now, the folder resumes as it is (it was refused with an empty
+    reason, "other settings ()")."""
+    from dydit_dist.shardset import settings_digest, write_marker
+
+    def old_folder(name: str, settings: dict) -> str:
+        url = f"{tmp_path}/{name}"
+        written = {k: v for k, v in settings.items() if k != "labels"}
+        write_marker(url, {"index": 0, "name": "shard-000000.tar", "count": 8, "sha256": "a" * 64,
+                           "settings_sha256": settings_digest(written)})
+        SamplesManifest(written, 4).write(url)
+        return url
+
+    balanced = sampling_settings(config.load("debug", ["sample.labels=balanced"]))
+    url = old_folder("dit", balanced)
+    manifest = SamplesManifest.resume(url, balanced, 4)
+    assert manifest.settings == balanced and list(manifest.shards) == [0]
+    random = {**balanced, "labels": "random"}
+    with pytest.raises(SamplesError, match=r"other settings \(labels: 'balanced' there vs 'random' now\)"):
+        SamplesManifest.resume(old_folder("dit-random", balanced), random, 4)
+    with pytest.raises(SamplesError, match=r"other settings \(new_key: absent there vs 1 now\)"):  # no legacy meaning
+        SamplesManifest.resume(old_folder("dit-new", balanced), {**balanced, "new_key": 1}, 4)
+    unread = {**balanced, "labels": None}  # as PixArt's and SD-XL's settings hold it
+    assert list(SamplesManifest.resume(old_folder("pixart", unread), unread, 4).shards) == [0]

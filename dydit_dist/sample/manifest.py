@@ -42,6 +42,7 @@ class SamplesManifest(ShardManifest):
     FORMAT: ClassVar[str] = "dydit_dist.samples/1"
     error: ClassVar[type[ValueError]] = SamplesError
     ELSEWHERE: ClassVar[str] = "sample into another storage.run"
+    LEGACY: ClassVar[dict] = {"labels": "balanced"}  # classes were k % num_classes before `sample.labels`
 
     stats: dict = field(default_factory=dict)
 
