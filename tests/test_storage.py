@@ -1,5 +1,6 @@
 """Storage: whole-object writes, listing, retries, and errors that name the URL (local, memory, S3)."""
 
+import errno
 import os
 
 import pytest
@@ -260,3 +261,24 @@ def test_local_writes_sync_the_file_and_its_folder(tmp_path, monkeypatch):
         write(str(folder / "object"))
         assert len(synced) == 2 and synced[-1] == str(folder), synced
     assert (tmp_path / "out2" / "object").read_bytes() == b"zero shard"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EIO])
+def test_a_full_or_failing_local_disk_names_the_object(tmp_path, monkeypatch, code):
+    """A write that the disk refuses (full, read-only, failing) was a bare OSError without a path, which the
+    jobs print as a bug (a traceback, exit 1): now a StorageError naming the object, what to do, the errno
+    kept, and neither the object nor a temporary file left."""
+    url = f"{tmp_path}/out/shard-000001.tar"
+
+    def refuse(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(storage.os, "fsync", refuse)
+    for write in (storage.write_bytes, storage.create):
+        with pytest.raises(StorageError, match=rf"writing {url} failed: {errno.errorcode[code]} .*a rerun resumes") as err:
+            write(url, b"samples")
+        assert err.value.errno == code
+        assert os.listdir(tmp_path / "out") == []
+    monkeypatch.undo()
+    storage.write_bytes(url, b"samples")  # space freed: the same write goes through
+    assert storage.read_bytes(url) == b"samples"
