@@ -203,8 +203,9 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
         return False
     if data_ready:
         try:
-            launcher.preflight(cfg)
-            p.add(Input("data.uri", RunPaths(cfg).data, note="complete manifest, fits the model"))
+            order = launcher.preflight(cfg).class_order()  # data prepared by an older version, in class order
+            p.add(Input("data.uri", RunPaths(cfg).data, note="complete manifest, fits the model"
+                        + (f"; WARNING: {order}" if order else "")))
         except (DataError, OSError) as err:
             p.add(Input("data.uri", RunPaths(cfg).data, problem=str(err)))
         except ValueError as err:  # ConfigError: batch arithmetic, DeepSpeed options, storage.root

@@ -132,6 +132,12 @@ def test_a_data_set_prepared_in_class_order_is_kept_with_a_warning(ten_classes, 
         result = prepare(cfg)  # complete: nothing to encode, so no Ray
     assert result.encoded == 0 and result.skipped == 10
     assert f"{uri}: shards are in class order" in caplog.text
+    # a fine-tune on it says so too (only jobs.prepare did: a lab that upgraded the training code never saw it)
+    from dydit_dist import preflight
+
+    noted = [i for i in preflight.plan(cfg, "finetune").inputs if i.key == "data.uri"]
+    assert len(noted) == 1 and noted[0].problem is None, noted
+    assert "complete manifest, fits the model; WARNING: shards are in class order" in noted[0].note
     os.remove(f"{uri}/shard-000003.tar")  # remade now, it would be in the new order among the old ones
     with pytest.raises(ManifestError, match=rf"{uri} was prepared before samples were permuted, and 1 of its shards "
                                             r"are missing or not of their recorded size \(shard-000003.tar\)"):

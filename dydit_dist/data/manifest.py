@@ -48,6 +48,9 @@ class ManifestError(DataError):
     """A missing or incomplete manifest, or one that does not match the model config."""
 
 
+CLASS_SORTED_BELOW = 0.5  # Manifest.class_mixing under which the shards count as class-sorted
+
+
 @dataclass
 class Manifest(ShardManifest):
     """A data folder's manifest; `complete` is set by the prepare job once every shard is written."""
@@ -78,6 +81,24 @@ class Manifest(ShardManifest):
         p = counts.sum(0) / counts.sum()  # (K,)
         expected = (1 - (1 - p)[None, :] ** counts.sum(1)[:, None]).sum()
         return float((counts > 0).sum() / expected)
+
+    def class_order(self) -> str | None:
+        """Why the shards' classes are not mixed (class labels only), or None: prepared in class order
+        before samples were permuted, or `class_mixing` below CLASS_SORTED_BELOW."""
+        s = self.settings
+        if s["conditioning"] != "class" or self.num_shards < 2:
+            return None
+        advice = ("the reader's batches will hold far fewer classes than i.i.d. draws; prepare it again into "
+                  "another data.uri (or remove that folder)")
+        if "sample_order" not in s and s["source_format"] == "imagefolder":
+            return f"shards are in class order (prepared before samples were permuted): {advice}"
+        mixing = self.class_mixing()
+        if mixing is None or mixing >= CLASS_SORTED_BELOW:
+            return None
+        hint = "; a webdataset source keeps its input's order: shuffle the input tars" \
+            if s["source_format"] == "webdataset" else ""
+        return (f"shards are class-sorted (they hold {100 * mixing:.0f}% of the distinct classes of random draws "
+                f"of their size): {advice}{hint}")
 
     def _extra_json(self) -> dict:
         return {"bad_inputs": self.bad_inputs}

@@ -74,7 +74,6 @@ MANIFEST_EVERY_S = 10.0  # how often the driver records finished shards while th
 LARGE_TAR = 4  # an input tar of more than this many data.shard_size samples is warned about
 # a run stops once, after 1000 inputs or more, over half of those it read (or data.max_bad_fraction) are unusable
 EARLY_INPUTS, SYSTEMATIC_BAD = 1000, 0.5
-CLASS_SORTED_BELOW = 0.5  # Manifest.class_mixing under which the shards count as class-sorted
 
 
 @dataclass
@@ -411,18 +410,6 @@ def _resume(uri: str, settings: dict, num_shards: int) -> Manifest:
 
 
 def warn_if_class_sorted(uri: str, manifest: Manifest) -> None:
-    """log.warning naming `uri` when its shards are class-sorted (see `Manifest.class_mixing`)."""
-    s = manifest.settings
-    if s["conditioning"] != "class" or manifest.num_shards < 2:
-        return
-    advice = ("the reader's batches will hold far fewer classes than i.i.d. draws; prepare it again into "
-              "another data.uri (or remove that folder)")
-    if "sample_order" not in s and s["source_format"] == "imagefolder":
-        log.warning("%s: shards are in class order (prepared before samples were permuted): %s", uri, advice)
-        return
-    mixing = manifest.class_mixing()
-    if mixing is not None and mixing < CLASS_SORTED_BELOW:
-        hint = "; a webdataset source keeps its input's order: shuffle the input tars" \
-            if s["source_format"] == "webdataset" else ""
-        log.warning("%s: shards are class-sorted (they hold %.0f%% of the distinct classes of random draws "
-                    "of their size): %s%s", uri, 100 * mixing, advice, hint)
+    """log.warning naming `uri` when its shards are class-sorted (`Manifest.class_order`)."""
+    if (found := manifest.class_order()) is not None:
+        log.warning("%s: %s", uri, found)

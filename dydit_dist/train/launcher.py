@@ -46,8 +46,9 @@ from dydit_dist.train.worker import NOT_RETRIED, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg) -> None:
-    """Config and data checks, before Ray is even contacted; ConfigError / ManifestError with the numbers."""
+def preflight(cfg):
+    """Config and data checks, before Ray is even contacted; ConfigError / ManifestError with the numbers.
+    Returns the data's manifest."""
     r, m = cfg.ray, cfg.model
     # 1. Batch arithmetic and DeepSpeed options
     grad_accumulation(cfg, r.num_workers)
@@ -63,6 +64,7 @@ def preflight(cfg) -> None:
     if manifest.num_samples < consumers:
         raise ManifestError(f"{paths.data} has {manifest.num_samples} samples, fewer than ray.num_workers x "
                           f"data.num_workers = {r.num_workers} x {max(1, cfg.data.num_workers)} = {consumers}")
+    return manifest
 
 
 def check_settings(cfg) -> list[str]:
