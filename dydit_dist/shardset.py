@@ -392,6 +392,17 @@ class ShardManifest:
     def write(self, uri: str) -> None:
         storage.write_json(manifest_url(uri), self.to_json())
 
+    def write_in_finally(self, uri: str) -> None:
+        """`write` in a `finally` that a job's error may be passing through (the full disk that failed a shard
+        fails this too): a failed write is logged, so that the first error is the one reported, and the rest
+        of the clean-up runs. The done-markers keep every finished shard (`resume` merges them); a job that
+        goes on writes its manifest again, and fails then."""
+        try:
+            self.write(uri)
+        except OSError as err:
+            log.warning("%s: could not record the finished shards in its manifest (%s); their done-markers keep "
+                        "them for the next run", uri, err)
+
     def is_stored(self, uri: str) -> bool:
         """Whether `{uri}/manifest.json` holds exactly this manifest (then there is nothing to write)."""
         url = manifest_url(uri)

@@ -126,3 +126,26 @@ def test_a_folder_of_before_a_settings_key_resumes_as_it_was_made(tmp_path):
         SamplesManifest.resume(old_folder("dit-new", balanced), {**balanced, "new_key": 1}, 4)
     unread = {**balanced, "labels": None}  # as PixArt's and SD-XL's settings hold it
     assert list(SamplesManifest.resume(old_folder("pixart", unread), unread, 4).shards) == [0]
+
+
+def test_a_manifest_write_in_finally_leaves_the_first_error_in_charge(tmp_path, monkeypatch):
+    """A full disk fails a shard, then the manifest written in the sampling / prepare `finally`: that second
+    error was reported instead of the first, and the pool's shutdown after it was skipped."""
+    import errno
+
+    from dydit_dist import storage
+
+    manifest = SamplesManifest({"labels": "random"}, 2)
+    shut_down = []
+
+    def full(url, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "write_json", full)
+    with pytest.raises(SamplesError, match="the shard's own error"):
+        try:
+            raise SamplesError("the shard's own error")
+        finally:
+            manifest.write_in_finally(str(tmp_path))
+            shut_down.append(True)
+    assert shut_down == [True]

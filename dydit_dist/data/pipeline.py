@@ -335,7 +335,7 @@ def prepare(cfg: Config) -> PrepareResult:
         for ref in ray.wait(running, num_returns=len(running), timeout=0)[0] if running else []:
             with contextlib.suppress(Exception):
                 manifest.add(ray.get(ref, timeout=0))
-        manifest.write(uri)
+        manifest.write_in_finally(uri)
         for ref in running:
             ray.cancel(ref)
     # 3. Complete

@@ -311,7 +311,7 @@ def run_sampling(cfg: Config, url: str | None = None,
     try:
         _fan_out(pool, dispatch, manifest, url, cfg.sample.num_samples, on_shard, StallWatch(cfg.ray.stall_factor))
     finally:
-        manifest.write(url)  # what finished survives an interruption
+        manifest.write_in_finally(url)  # what finished survives an interruption
         pool.shutdown()
     # 4. Complete
     manifest.stats["sampling_wall_s"] = time.monotonic() - sampling_start  # actors ready to last shard
