@@ -14,6 +14,7 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -422,6 +423,9 @@ def extractor(cfg: Config, made: bool) -> Input:
     return exists("eval.feature_extractor_weights", e.feature_extractor_weights, "the feature extractor's weights")
 
 
+PROBE_BYTES = 64 * 1024  # what the local probe writes
+
+
 def writable(root: str, key: str = "storage.root") -> Input:
     """`key`'s folder `root` can be written: a probe object written and deleted (locally, in the nearest
     existing folder, so that a dry run creates nothing)."""
@@ -431,6 +435,9 @@ def writable(root: str, key: str = "storage.root") -> Input:
             while not os.path.exists(folder):
                 folder = os.path.dirname(folder)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight-") as probe:
+                probe.write(bytes(PROBE_BYTES))  # blocks, not only an inode: an empty probe fits on a full disk
+                probe.flush()
+                os.fsync(probe.fileno())
                 linked = f"{probe.name}.link"
                 try:  # `storage.create` places files with a hard link (create-only, as O_EXCL)
                     os.link(probe.name, linked)
@@ -439,6 +446,8 @@ def writable(root: str, key: str = "storage.root") -> Input:
                                                     "this job's create-only writes (shards, the lease) need; use a "
                                                     "POSIX file system (not a FUSE mount of a bucket) or s3://")
                 os.remove(linked)
+            free = shutil.disk_usage(folder).free
+            return Input(key, root, note=f"writable (probe written and deleted; {free / 2**30:.1f} GiB free)")
         else:
             probe = storage.join(root, f".preflight-{uuid.uuid4().hex}")
             storage.write_bytes(probe, b"preflight probe")

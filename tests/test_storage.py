@@ -282,3 +282,21 @@ def test_a_full_or_failing_local_disk_names_the_object(tmp_path, monkeypatch, co
     monkeypatch.undo()
     storage.write_bytes(url, b"samples")  # space freed: the same write goes through
     assert storage.read_bytes(url) == b"samples"
+
+
+def test_the_writable_check_finds_a_full_disk(tmp_path, monkeypatch):
+    """A full disk still has inodes: an empty probe and its hard link fitted, the plan said `writable`, and the
+    first real write (the lease) failed. The probe now holds data and is synced; a disk without free blocks
+    (stood in for by an fsync that refuses any file holding data) is a problem of storage.root."""
+    from dydit_dist import resolve
+
+    assert "GiB free" in resolve.writable(str(tmp_path / "runs")).note
+
+    def no_blocks(fd):
+        if os.fstat(fd).st_size > 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_blocks)
+    found = resolve.writable(str(tmp_path / "runs"))
+    assert found.problem and "No space left on device" in found.problem, found
+    assert os.listdir(tmp_path) == []  # no probe left
