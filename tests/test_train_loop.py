@@ -450,3 +450,35 @@ def test_a_loss_that_stays_non_finite_stops_the_run_before_nan_weights_are_check
     assert issubclass(loop.Diverged, NOT_RETRIED)
     assert len(session.reports) == 2 and session.checkpoints() == []  # step 2's checkpoint: reported only
     assert not storage.find(f"{root}/runs/{cfg.storage.run}/checkpoints")
+
+
+def test_a_full_staging_disk_names_the_folder_and_leaves_nothing(one_rank, tmp_path, monkeypatch):
+    """A temp disk that fills while a rank stages its checkpoint: torch says only "[enforce fail at
+    inline_container.cc:672] unexpected pos 576 vs 534" (as measured on a full tmpfs). The error now names the
+    staging folder, its free space and TMPDIR, and the half-written folder is removed."""
+    import errno
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from dydit_dist.train import checkpoints
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    root = _root()
+    cfg = _cfg(root)
+    random_dataset(f"{root}/data", cfg, num_samples=24)
+    real_save = checkpoints.save
+
+    def fills_the_disk(engine, state, directory, *args):
+        real_save(engine, state, directory, *args)  # what a full disk leaves: files, then torch's error
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints, "save", fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=rf"staging this rank's part of a checkpoint in {tmp_path}/tmp/\S+ failed "
+                                      r"\(\[enforce fail .*unexpected pos 576 vs 534\): 1 MiB free .*set TMPDIR") as err:
+        _run(cfg, tmp_path / "session")
+    assert err.value.errno == errno.ENOSPC
+    assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith(checkpoints.STAGING_PREFIX)] == []

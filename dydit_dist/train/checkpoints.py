@@ -28,6 +28,7 @@ resumed run exports it (`exported_step` is behind the checkpoint's step).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -105,6 +106,25 @@ def save(engine, state: TrainerState, directory: str, cfg, rank: int, world_size
                 "precision": cfg.train.precision, "shapes": tensor_shapes(engine.module)}
         with open(os.path.join(directory, "meta.json"), "w") as f:
             json.dump(meta, f)
+
+
+STAGING_LOW_BYTES = 256 * 2**20  # free space under which a failed staging write is taken for a full disk
+
+
+def staging_failed(folder: str, err: BaseException) -> BaseException:
+    """The error to raise for `save` failing into the staging `folder`, which is removed (nothing half
+    written stays on the node). A full disk is an OSError(ENOSPC) naming the folder, the free space and
+    TMPDIR: torch says only "[enforce fail at inline_container.cc] unexpected pos ..." and DeepSpeed
+    nothing better. Any other error is returned as it is."""
+    free = shutil.disk_usage(os.path.dirname(folder)).free
+    shutil.rmtree(folder, ignore_errors=True)
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or free < STAGING_LOW_BYTES
+    if not full:
+        return err
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return OSError(errno.ENOSPC, f"staging this rank's part of a checkpoint in {folder} failed ({first}): "
+                                 f"{free / 2**20:.0f} MiB free in {os.path.dirname(folder)}; set TMPDIR on the "
+                                 "workers to a local disk with room for a rank's DeepSpeed state")
 
 
 OTHER_NETWORK = "Error(s) in loading state_dict"  # torch's strict load: keys or shapes other than the network's

@@ -217,7 +217,13 @@ class Trainer:
         synchronous = not self.cfg.train.async_checkpoint
         self.export_ema(wait=synchronous)
         folder = checkpoints.staging_folder()  # the session deletes it once uploaded
-        checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
+        try:
+            checkpoints.save(self.engine, self.state, folder, self.cfg, self.rank, self.world_size)
+        except (OSError, RuntimeError) as err:  # a full temp disk: torch's "unexpected pos", retried elsewhere
+            failure = checkpoints.staging_failed(folder, err)
+            if failure is err:
+                raise
+            raise failure from err
         self.session.report(metrics, checkpoint_dir=folder, name=checkpoints.checkpoint_name(self.state.step))
         if synchronous:  # the report returned once committed
             self.session.wait_committed()
