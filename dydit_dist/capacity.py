@@ -51,13 +51,16 @@ POLL_S = 30.0  # how often `ActorPool.wait` checks that actors have started and 
 
 
 def connect_ray(address: str | None) -> None:
-    """Join (or start) Ray at `address` unless this process already did, keeping its signal handlers."""
+    """Join (or start) Ray at `address` unless this process already did, keeping its signal handlers. No address:
+    the cluster of `RAY_ADDRESS` (a job `ray job submit` started), else a local instance of its own."""
     import ray
 
     if ray.is_initialized():
         return
     main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    if address is None and not os.environ.get("RAY_ADDRESS"):  # a job Ray did not start: a local instance, not
+        address = "local"  # the host's latest `ray start` (ray.init(None) joins it, whoever's it is)
     starts_local = address in (None, "local")
     if starts_local:
         keep_ray_token_private()

@@ -357,3 +357,24 @@ def test_the_token_of_a_local_ray_is_readable_by_this_user_only(tmp_path, monkey
     monkeypatch.setattr(os, "getuid", lambda: folder.stat().st_uid + 1)
     keep_ray_token_private()
     assert mode(folder) == 0o755
+
+
+def test_no_address_starts_a_local_ray_unless_ray_address_names_one(monkeypatch):
+    """ray.init(None) joins the host's latest `ray start` (/tmp/ray/ray_current_cluster), maybe another user's,
+    and sends it this job's work and token; ray.address unset means a local instance, as the README says,
+    except in a job `ray job submit` started (RAY_ADDRESS set)."""
+    import sys
+    import types
+
+    from dydit_dist import capacity
+
+    asked = []
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False,
+                                                                  init=lambda address=None: asked.append(address)))
+    monkeypatch.setattr(capacity, "keep_ray_token_private", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    capacity.connect_ray(None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    capacity.connect_ray(None)
+    capacity.connect_ray("ray://head:10001")
+    assert asked == ["local", None, "ray://head:10001"]
