@@ -482,3 +482,17 @@ def test_a_full_staging_disk_names_the_folder_and_leaves_nothing(one_rank, tmp_p
         _run(cfg, tmp_path / "session")
     assert err.value.errno == errno.ENOSPC
     assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith(checkpoints.STAGING_PREFIX)] == []
+
+
+def test_skipped_updates_are_counted_across_a_resume(one_rank, tmp_path):
+    """train/skipped_steps counts the run's skips: skip_on_grad_norm's own count starts at 0 in each worker, so
+    a resumed run reported only those since its restart (DeepSpeed's own count is in its checkpoint)."""
+    root = _root()
+    cfg = _cfg(root, "deepspeed.zero_stage=2", "train.max_steps=2", "train.grad_clip=null", "train.skip_grad_norm=1e-12")
+    random_dataset(f"{root}/data", cfg, num_samples=16)
+    first, _ = _run(cfg, tmp_path / "run")
+    assert first.skipped_steps() == 2
+    resumed, session = _run(_cfg(root, "deepspeed.zero_stage=2", "train.grad_clip=null", "train.skip_grad_norm=1e-12"),
+                            tmp_path / "run")
+    assert resumed.resumed_from == 2 and resumed.skipped_steps() == 4
+    assert session.reports[-1]["train/skipped_steps"] == 4

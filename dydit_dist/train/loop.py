@@ -83,6 +83,7 @@ class Trainer:
                 checkpoints.load(self.engine, self.state, folder, cfg, self.rank, self.world_size)
                 log.info("rank %d resumed at step %d from %s", self.rank, self.state.step, folder)
         self.resumed_from = self.state.step
+        self._norm_skips_before = self.state.norm_skips
         self._grad_norm: float | None = None  # ZeRO-0 only; DeepSpeed reports it under ZeRO
         self._grad_scale = 1.0  # fp16: the loss scale the last step's gradients carried
         self._scaler = checkpoints.grad_scaler(self.engine)
@@ -199,10 +200,14 @@ class Trainer:
     def skipped_steps(self) -> int:
         """Optimizer steps whose update was not applied, the same on every rank: DeepSpeed's (a gradient
         with NaN or inf under ZeRO-1/2 or an fp16 loss-scale overflow; `engine.skipped_steps`, kept in its
-        checkpoints) and `skip_on_grad_norm`'s (train.skip_grad_norm, or a non-finite norm; since this
-        worker started)."""
+        checkpoints) and `skip_on_grad_norm`'s (train.skip_grad_norm, or a non-finite norm; kept in
+        `TrainerState.norm_skips`)."""
+        return int(self.engine.skipped_steps) + self.norm_skips()
+
+    def norm_skips(self) -> int:
+        """`skip_on_grad_norm`'s skips of the whole run: the resumed state's, and this worker's."""
         adamw = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
-        return int(self.engine.skipped_steps) + int(getattr(adamw, "skipped_steps", 0))
+        return self._norm_skips_before + int(getattr(adamw, "skipped_steps", 0))
 
     def checkpoint(self, metrics: dict) -> None:
         """Every rank writes its part locally and hands it to the session, which uploads it (in the
@@ -214,6 +219,7 @@ class Trainer:
         self.exports.wait()
         self.publish_ema()
         self.state.data = self.stream.state_dict()
+        self.state.norm_skips = self.norm_skips()
         synchronous = not self.cfg.train.async_checkpoint
         self.export_ema(wait=synchronous)
         folder = checkpoints.staging_folder()  # the session deletes it once uploaded

@@ -44,18 +44,23 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass
 class TrainerState:
-    """step: optimizer steps done; data: `LatentStream.state_dict()` after them; ema: this rank's slice."""
+    """step: optimizer steps done; data: `LatentStream.state_dict()` after them; ema: this rank's slice;
+    norm_skips: the updates `skip_on_grad_norm` skipped in the run's earlier workers (its own count starts at 0
+    in each; 0 in checkpoints written before it was recorded)."""
 
     ema: PartitionedEMA
     step: int = 0
     data: dict | None = None
+    norm_skips: int = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "data": self.data, "rng": rng_state(), "ema": self.ema.state_dict()}
+        return {"step": self.step, "data": self.data, "rng": rng_state(), "ema": self.ema.state_dict(),
+                "norm_skips": self.norm_skips}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.data = state["data"]
+        self.norm_skips = int(state.get("norm_skips", 0))
         set_rng_state(state["rng"])
         self.ema.load_state_dict(state["ema"])
 
