@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -435,8 +436,11 @@ class ShardManifest:
                      ", ".join(sorted(settings.keys() - manifest.settings.keys())))
             digests.add(settings_digest(manifest.settings))  # the markers written before
             manifest.settings = settings
+        earlier: set[str] | None = None  # computed once, and only for a marker of another digest
         for record in markers:
             if record.get("settings_sha256") not in digests:
+                earlier = cls._earlier_digests(settings) if earlier is None else earlier
+            if record.get("settings_sha256") not in digests | (earlier or set()):
                 raise cls.error(f"{marker_url(uri, record['index'])} records a shard made with other settings; "
                                 f"{cls.ELSEWHERE} or remove that folder")
             known = manifest.shards.get(int(record["index"]))
@@ -462,6 +466,15 @@ class ShardManifest:
             elif key in cls.LEGACY:
                 filled[key] = cls.LEGACY[key]
         return filled
+
+    @classmethod
+    def _earlier_digests(cls, settings: dict) -> set[str]:
+        """The digests of `settings` as versions before some of its keys recorded them (`_as_now` reversed:
+        without any of the keys that are None, or hold their `LEGACY` meaning): the done-markers such a
+        version wrote, in a folder whose manifest has since been brought up to date."""
+        optional = [k for k, v in settings.items() if v is None or (k in cls.LEGACY and cls.LEGACY[k] == v)]
+        return {settings_digest({k: v for k, v in settings.items() if k not in dropped})
+                for n in range(1, len(optional) + 1) for dropped in itertools.combinations(optional, n)}
 
     @classmethod
     def _read_marker(cls, url: str) -> dict:
