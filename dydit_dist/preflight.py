@@ -177,7 +177,7 @@ def _finetune(p: Plan, cfg: Config, name: str = "finetune", data_ready: bool = T
         except OSError:  # storage trouble: the storage.root check reports it
             pass
     trained = RunPaths(cfg).checkpoints
-    if init_made_by and resolve.quietly(lambda: has_checkpoint(trained) or exported_step(trained) >= 0):
+    if init_made_by and resolve.quietly(lambda: exported_step(trained) >= 0 or has_checkpoint(trained)):
         differ = (f"holds a {name} of earlier {init_key or 'train.init_from'} weights, and the {init_made_by} "
                   "stage makes new ones; use another storage.run, or remove that folder")
     if differ:

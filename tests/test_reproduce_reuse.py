@@ -321,3 +321,12 @@ def test_a_lost_ray_snapshot_is_a_problem_of_the_plan(tmp_path):
     found = problems(load(tmp_path, "train.max_steps=40"))["storage.run"]
     assert "checkpoint_manager_snapshot.json is not the JSON Ray Train writes" in found, found
     assert storage.exists(f"{run}/checkpoints/step-0000020/meta.json")
+
+
+def test_a_fine_tune_of_earlier_weights_is_refused_also_when_its_snapshot_is_lost(tmp_path):
+    """has_checkpoint raises for a lost snapshot (the EMA pointer shows a commit); checked first, it hid the
+    pointer that decides this refusal, and the old fine-tune was reused without a word."""
+    cfg = load(tmp_path, "eval.pretrain_config=reproduce_debug_pretrain")
+    run = finish_finetune(cfg, RunPaths(pipeline.pretrain_config(cfg)).url)
+    storage.remove(f"{run}/checkpoints/checkpoint_manager_snapshot.json")
+    assert "holds a finetune of earlier model.checkpoint weights" in problems(cfg)["storage.run"]
