@@ -482,6 +482,10 @@ def test_a_full_staging_disk_names_the_folder_and_leaves_nothing(one_rank, tmp_p
         _run(cfg, tmp_path / "session")
     assert err.value.errno == errno.ENOSPC
     assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith(checkpoints.STAGING_PREFIX)] == []
+    # on the same nearly full disk, a device error stays itself (faults tells it apart), and so does any other
+    for other in (RuntimeError("CUDA error: an illegal memory access was encountered"), ValueError("a bug")):
+        folder = checkpoints.staging_folder()
+        assert checkpoints.staging_failed(folder, other) is other and not os.path.exists(folder)
 
 
 def test_skipped_updates_are_counted_across_a_resume(one_rank, tmp_path):
