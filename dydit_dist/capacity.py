@@ -61,7 +61,7 @@ def connect_ray(address: str | None) -> None:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     if address is None and not os.environ.get("RAY_ADDRESS"):  # a job Ray did not start: a local instance, not
         address = "local"  # the host's latest `ray start` (ray.init(None) joins it, whoever's it is)
-    starts_local = address in (None, "local")
+    starts_local = address == "local"  # None here: the cluster of RAY_ADDRESS
     if starts_local:
         keep_ray_token_private()
     ray.init(address=address)

@@ -356,7 +356,7 @@ class Config:
                     storage.check_url(url)
                 except storage.StorageError as err:
                     raise ConfigError(f"{key}: {err}") from None
-        if "@" in (self.storage.endpoint_url or ""):  # the value is not echoed: it holds a secret
+        if "@" in (self.storage.endpoint_url or ""):  # not echoed; any @: a secret may hold a /
             raise ConfigError("storage.endpoint_url holds credentials (user:password@ before the host); give the "
                               "endpoint without them and put the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                               "(on Kubernetes, in the dydit-s3 Secret), not in the URL")
