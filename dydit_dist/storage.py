@@ -206,8 +206,8 @@ def _place_local(path: str, data: bytes | None, place: Callable[[str, str], None
         finally:
             os.close(handle)
     except OSError as err:
-        if err.errno not in _DISK_ERRORS:
-            raise  # FileExistsError is `create`'s answer; the rest keep their own type
+        if err.errno not in _DISK_ERRORS or (source is not None and err.filename == source):
+            raise  # FileExistsError is `create`'s answer; an unreadable source is no fault of the target's disk
         failure = StorageError(f"writing {path} failed: {errno.errorcode[err.errno]} ({err.strerror}); "
                                f"{_DISK_ERRORS[err.errno]}; nothing was written there (a rerun resumes)")
         failure.errno = err.errno

@@ -300,3 +300,18 @@ def test_the_writable_check_finds_a_full_disk(tmp_path, monkeypatch):
     found = resolve.writable(str(tmp_path / "runs"))
     assert found.problem and "No space left on device" in found.problem, found
     assert os.listdir(tmp_path) == []  # no probe left
+
+
+def test_an_unreadable_upload_source_is_not_blamed_on_the_target(tmp_path, monkeypatch):
+    """An upload whose local source cannot be read keeps the source's error (it was reported as the target
+    disk refusing writes: "this user may not write there")."""
+    import shutil
+
+    def deny(src, dst):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), src)
+
+    (tmp_path / "src").write_bytes(b"x")
+    monkeypatch.setattr(shutil, "copyfile", deny)
+    with pytest.raises(PermissionError) as err:
+        storage.upload(str(tmp_path / "src"), str(tmp_path / "out" / "obj"))
+    assert not isinstance(err.value, StorageError) and err.value.filename == str(tmp_path / "src")
