@@ -310,3 +310,37 @@ def test_a_resume_with_a_new_lr_trains_at_the_new_lr(tmp_path, monkeypatch):
     assert {(g["weight_decay"], g["eps"]) for g in groups} == {(0.05, 1e-10)}
     # ZeRO-2's checkpoint load put the old clip back into its optimizer (the engine said the new one)
     assert resumed.engine.gradient_clipping() == resumed.engine.optimizer.clip_grad == 0.5
+
+
+def test_ray_writes_whole_files_or_none_into_a_local_run(tmp_path, monkeypatch):
+    """Ray Train's snapshot is rewritten through the filesystem `ray_storage` gives it: a write that fails (a
+    full disk) leaves the old file as it was, where pyarrow's local file system left it cut."""
+    import errno
+
+    from dydit_dist.train.launcher import ray_storage
+
+    path, fs = ray_storage(f"{tmp_path}/runs/r/checkpoints")
+    target = f"{path}/checkpoint_manager_snapshot.json"
+    with fs.open_output_stream(target) as f:
+        f.write(b'{"checkpoint_results": []}')
+    with fs.open_input_stream(target) as f:
+        assert f.read() == b'{"checkpoint_results": []}'
+
+    class FillsUp:  # a file on a disk that fills after 5 bytes
+        def __init__(self, path, mode):
+            self.real = open(path, mode)  # noqa: SIM115
+
+        def write(self, data):
+            self.real.write(bytes(data)[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    from dydit_dist.train import launcher
+
+    monkeypatch.setattr(launcher, "open", FillsUp, raising=False)
+    with pytest.raises(OSError, match="No space left"), fs.open_output_stream(target) as f:
+        f.write(b'{"checkpoint_results": [{"checkpoint_dir_name": "step-0000002"}]}')
+    assert open(target, "rb").read() == b'{"checkpoint_results": []}'
+    assert sorted(os.listdir(path)) == ["checkpoint_manager_snapshot.json"]  # no temporary left

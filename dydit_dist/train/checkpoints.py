@@ -302,8 +302,9 @@ def has_checkpoint(checkpoints_url: str) -> bool:
     folder the snapshot does not name is an upload cut short (a worker lost before the commit): the next
     run starts from scratch, so its settings are free. CheckpointError for a snapshot that is not JSON
     (Ray Train would fail on it too), or that is gone although the EMA pointer says a checkpoint was
-    committed: Ray rewrites the file in place, so a full disk truncates it, and starting again would
-    discard every committed step folder (`remove_uncommitted`)."""
+    committed: starting again would discard every committed step folder (`remove_uncommitted`). Ray
+    rewrites the file in place; on a local root `launcher.ray_storage` makes that a rename, but a copy,
+    another writer or a crash of an older version may still leave it cut."""
     url = storage.join(checkpoints_url, RAY_SNAPSHOT)
     try:
         snapshot = storage.read_json(url)
@@ -315,8 +316,8 @@ def has_checkpoint(checkpoints_url: str) -> bool:
                                   f"{_lost_snapshot_advice(checkpoints_url)}") from None
         return False
     except ValueError as err:
-        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({str(err)[:100]}; Ray rewrites it in place "
-                              "at each commit, so a full disk or a cut write truncates it): "
+        raise CheckpointError(f"{url} is not the JSON Ray Train writes ({str(err)[:100]}; a full disk or a cut "
+                              "write can leave it so): "
                               f"{_lost_snapshot_advice(checkpoints_url)}") from None
     if not isinstance(snapshot, dict):
         raise CheckpointError(f"{url}: expected Ray Train's checkpoint snapshot (a JSON object)")

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import math
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 
+import pyarrow.fs
 from ray.train import UserCallback
 
 from dydit_dist import run_config, storage
@@ -117,11 +120,54 @@ def ray_storage(url: str):
     Checkpoints are uploaded through `storage` instead (`ray_session.upload_checkpoint`)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     fs, path = storage.retrying_filesystem(url)
-    if protocol == "file":
-        return path, None
-    import pyarrow.fs
-
+    if protocol == "file":  # Ray rewrites its run snapshot in place: a full disk cut it (`checkpoints.has_checkpoint`)
+        return path, pyarrow.fs.PyFileSystem(_ReplacingLocalHandler(fs))
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+class _ReplacingLocalHandler(pyarrow.fs.FSSpecHandler):
+    """A local file system for Ray Train whose written files appear whole or not at all: each output stream
+    writes a temporary file beside its target and renames it over the target on close, unless a write
+    failed (then the target keeps its old content)."""
+
+    def open_output_stream(self, path, metadata):
+        from pyarrow import PythonFile
+
+        return PythonFile(_ReplaceOnClose(path), mode="w")
+
+
+class _ReplaceOnClose(io.RawIOBase):
+    def __init__(self, path: str):
+        super().__init__()
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        self.path, self.tmp, self.failed = path, os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp"), False
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed (and renamed) by close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self.failed:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.replace(self.tmp, self.path)
+        finally:
+            self.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp)
+            super().close()
 
 
 def worker_start_retries(capacity_timeout_s: float) -> int:
