@@ -454,7 +454,6 @@ class ShardManifest:
             manifest.shards = {i: r for i, r in manifest.shards.items() if r["name"] not in bad}
         return manifest
 
-
     @classmethod
     def _as_now(cls, written: dict, settings: dict) -> dict:
         """`written` (a folder's settings) with the keys added since filled in as such a folder meant them
