@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import threading
-import uuid
 from collections.abc import Callable
 
 import pyarrow.fs
@@ -126,48 +125,26 @@ def ray_storage(url: str):
 
 
 class _ReplacingLocalHandler(pyarrow.fs.FSSpecHandler):
-    """A local file system for Ray Train whose written files appear whole or not at all: each output stream
-    writes a temporary file beside its target and renames it over the target on close, unless a write
-    failed (then the target keeps its old content)."""
+    """A local file system for Ray Train whose written files appear whole or not at all: an output stream is
+    kept in memory (Ray writes only its small run snapshot and markers here; checkpoints go through
+    `storage`) and written on close with `storage.write_bytes`, a temporary file renamed over the target."""
 
     def open_output_stream(self, path, metadata):
         from pyarrow import PythonFile
 
-        return PythonFile(_ReplaceOnClose(path), mode="w")
+        return PythonFile(_WrittenOnClose(path), mode="w")
 
 
-class _ReplaceOnClose(io.RawIOBase):
+class _WrittenOnClose(io.BytesIO):
     def __init__(self, path: str):
         super().__init__()
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        self.path, self.tmp, self.failed = path, os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp"), False
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed (and renamed) by close()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except BaseException:
-            self.failed = True
-            raise
+        self.path = path
 
     def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            if not self.failed:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-                self.file.close()
-                os.replace(self.tmp, self.path)
-        finally:
-            self.file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.tmp)
+        if not self.closed:
+            data = self.getvalue()
             super().close()
+            storage.write_bytes(self.path, data)
 
 
 def worker_start_retries(capacity_timeout_s: float) -> int:
